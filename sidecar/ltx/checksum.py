@@ -13,12 +13,12 @@ _go_iso = crc64.go_iso
 
 def crc(data: BytesLike, value: int | None = None) -> int:
     """CRC-64/GO-ISO of `data`, continuing from `value` (a previous result) when given."""
-    return _go_iso(data) if value is None else _go_iso(data, value)  # type: ignore[no-any-return]
+    return _go_iso(data) if value is None else _go_iso(data, value)
 
 
 def page_checksum(pgno: int, data: BytesLike) -> int:
     """FLAG | CRC64(be32(pgno) ‖ page): one page's contribution to the database checksum."""
-    return CHECKSUM_FLAG | _go_iso(data, _go_iso(pgno.to_bytes(4, "big")))  # type: ignore[no-any-return]
+    return CHECKSUM_FLAG | _go_iso(data, _go_iso(pgno.to_bytes(4, "big")))
 
 
 def database_checksum(pages: Iterable[tuple[int, BytesLike]], page_size: int) -> int:

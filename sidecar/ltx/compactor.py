@@ -1,0 +1,123 @@
+"""Compaction: merge N contiguous LTX files into one, as if applying them in order (spec/ltx.md §9).
+
+A streaming k-way merge by page number holding one page per input: the latest input wins a page, and
+pages beyond the last input's Commit are dropped (a shrinking database truncates). Header fields are set
+as the reference compactor sets them. Input checksums are verified after the page block is merged, so
+callers write the output to a temporary file and keep it only if `compact` returns.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
+
+from sidecar.ltx.decoder import Decoder
+from sidecar.ltx.encoder import Encoder
+from sidecar.ltx.errors import CompactionError, LTXError
+from sidecar.ltx.types import FLAG_NO_CHECKSUM, BytesLike, Header, Trailer, Version
+
+
+def check_contiguous(headers: Sequence[Header], trailers: Sequence[Trailer] | None = None, *,
+                     allow_overlap: bool = False) -> None:
+    """Raise CompactionError unless each header starts right after the previous one ends.
+
+    With `trailers`, also require each file's pre-apply checksum to equal the previous post-apply
+    checksum (files without checksums are exempt). `allow_overlap` accepts v3-style overlap.
+    """
+    for i in range(1, len(headers)):
+        prev, cur = headers[i - 1], headers[i]
+        if cur.page_size != prev.page_size:
+            raise CompactionError(f"input files have mismatched page sizes: {prev.page_size} != {cur.page_size}",
+                                  field="page_size")
+        ok = (cur.min_txid <= prev.max_txid + 1 and cur.max_txid > prev.max_txid) if allow_overlap \
+            else cur.min_txid == prev.max_txid + 1
+        if not ok:
+            raise CompactionError(
+                f"non-contiguous transaction ids in input files: ({prev.min_txid:016x},{prev.max_txid:016x}) -> "
+                f"({cur.min_txid:016x},{cur.max_txid:016x})", field="min_txid")
+        if trailers is not None and not cur.is_snapshot and not (cur.no_checksum or prev.no_checksum):
+            post = trailers[i - 1].post_apply_checksum
+            if cur.min_txid == prev.max_txid + 1 and cur.pre_apply_checksum != post:
+                raise CompactionError(
+                    f"input {i} ({cur.min_txid:016x}) pre-apply checksum {cur.pre_apply_checksum:016x} != "
+                    f"previous post-apply checksum {post:016x}", field="pre_apply_checksum")
+
+
+def compacted_header(headers: Sequence[Header], flags: int) -> Header:
+    """The output header of compacting `headers` in order (spec/ltx.md §9 table)."""
+    first, last = headers[0], headers[-1]
+    return Header(
+        page_size=first.page_size, commit=last.commit, min_txid=first.min_txid, max_txid=last.max_txid,
+        timestamp=last.timestamp, pre_apply_checksum=0 if first.is_snapshot or flags & FLAG_NO_CHECKSUM
+        else first.pre_apply_checksum, flags=flags)
+
+
+def merge_pages(decoders: Sequence[Decoder], commit: int) -> Iterator[tuple[int, memoryview]]:
+    """Yield the winning (pgno, page) across decoders in pgno order: the latest input wins, > commit drops."""
+    if len(decoders) == 1:
+        for pgno, page in decoders[0].pages():
+            if pgno <= commit:
+                yield pgno, page
+        return
+    iters = [d.pages() for d in decoders]
+    heap: list[tuple[int, int, memoryview]] = []
+    for i, it in enumerate(iters):
+        for pgno, page in it:
+            heap.append((pgno, -i, page))
+            break
+    heapq.heapify(heap)
+    pop, replace = heapq.heappop, heapq.heapreplace
+    while heap:
+        pgno, neg, page = heap[0]
+        if pgno <= commit:
+            yield pgno, page
+        # Advance the winner and every older input holding the same page.
+        while heap and heap[0][0] == pgno:
+            _, neg, _ = heap[0]
+            nxt = next(iters[-neg], None)
+            if nxt is None:
+                pop(heap)
+            else:
+                replace(heap, (nxt[0], neg, nxt[1]))
+
+
+def compact(inputs: Sequence[BinaryIO | BytesLike], out: BinaryIO, *, version: Version | int,
+            flags: int | None = None, out_version: Version | int | None = None,
+            allow_overlap: bool | None = None) -> tuple[Header, Trailer]:
+    """Merge `inputs` (in TXID order, all of `version`) into one file written to `out`.
+
+    `flags` defaults to the first input's flags; `out_version` to `version`. Raises CompactionError for
+    no input, a TXID gap or a checksum break, and the decoder's errors for corrupt input.
+    """
+    if not inputs:
+        raise CompactionError("no input files")
+    version = Version(version)
+    out_version = Version(out_version if out_version is not None else version)
+    decoders = []
+    for i, src in enumerate(inputs):
+        try:
+            decoders.append(Decoder(src, version))
+        except LTXError as err:
+            raise type(err)(f"decode header for input {i}: {err}", field=err.field) from err
+    headers = [d.header for d in decoders]
+    if allow_overlap is None:
+        allow_overlap = version == Version.V3
+    check_contiguous(headers, allow_overlap=allow_overlap)
+    if flags is None:
+        flags = headers[0].flags
+    out_header = compacted_header(headers, flags)
+    enc = Encoder(out, out_header, out_version)
+    for pgno, page in merge_pages(decoders, out_header.commit):
+        enc.write_page(pgno, page)
+    trailers = [d.close() for d in decoders]
+    check_contiguous(headers, trailers, allow_overlap=allow_overlap)
+    post = trailers[-1].post_apply_checksum
+    if out_header.no_checksum:
+        post = 0
+    elif headers[-1].no_checksum:
+        raise CompactionError("cannot write database checksums from inputs that have none", field="flags")
+    return out_header, enc.close(post)
+
+
+__all__ = ["check_contiguous", "compact", "compacted_header", "merge_pages"]

@@ -1,0 +1,263 @@
+"""Streaming LTX decoder for v2 (raw and LZ4-framed) and v3 (per-page LZ4 blocks with an index).
+
+    dec = Decoder(f, Version.V2)          # reads and validates the header
+    for pgno, page in dec.pages():        # page views are reused: copy one to keep it
+        ...
+    trailer = dec.close()                 # verifies the file checksum (and a snapshot's database checksum)
+
+Memory is one frame of the file's page size plus, for v3, the page index: never the file. Every failure
+raises an `LTXError` naming the field or byte offset (spec/ltx.md §8), and the decoder is stricter than
+Go's: pages must ascend, stay within Commit, skip the lock page, and snapshots must hold every page.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import lz4.block
+
+from sidecar.ltx.checksum import crc
+from sidecar.ltx.errors import ChecksumMismatch, CorruptCompression, InvalidHeader, InvalidPage, LTXError, TruncatedFile
+from sidecar.ltx.reader import BufferSource, LZ4FrameSource, Source, StreamSource
+from sidecar.ltx.types import (
+    CHECKSUM_FLAG,
+    FLAG_COMPRESS_LZ4,
+    FLAG_NO_CHECKSUM,
+    HEADER_SIZE,
+    TRAILER_SIZE,
+    BytesLike,
+    Header,
+    Trailer,
+    Version,
+    lock_pgno,
+)
+
+_V3_PAGE_HEADER = struct.Struct(">IHI")  # pgno, flags, compressed size
+_V3_FLAG_SIZE = 0x0001
+_from_bytes = int.from_bytes
+
+
+def lz4_block_bound(page_size: int) -> int:
+    """The largest LZ4 block a page of `page_size` bytes can compress to (LZ4_COMPRESSBOUND)."""
+    return page_size + page_size // 255 + 16
+
+
+def detect_version(head: BytesLike, size: int | None = None) -> Version:
+    """Guess the flavour from the first ≥ 112 bytes (and the size, if known) (spec/ltx.md §0)."""
+    view = memoryview(head).cast("B")
+    if len(view) < HEADER_SIZE:
+        raise TruncatedFile(f"file is {len(view)} bytes, shorter than the {HEADER_SIZE}-byte header", offset=0)
+    header = Header.unpack(view)
+    if header.flags & FLAG_COMPRESS_LZ4:
+        return Version.V2
+    if header.flags & FLAG_NO_CHECKSUM:
+        return Version.V3
+    if size is not None and header.page_size > 0:
+        body = size - HEADER_SIZE - 4 - TRAILER_SIZE
+        if body >= 0 and body % (4 + header.page_size) == 0:
+            return Version.V2  # exactly the size of an uncompressed v2 file
+        return Version.V3
+    if bytes(view[100:104]) == b"\0\0\0\0" and len(view) > 104:
+        return Version.V2 if view[104] & 0x80 else Version.V3  # v2: a flagged checksum follows the end marker
+    return Version.V3 if bytes(view[104:106]) == b"\0\x01" else Version.V2
+
+
+class Decoder:
+    """Decode one LTX file from a binary stream or a buffer (zero copy for buffers such as mmap)."""
+
+    def __init__(self, src: BinaryIO | BytesLike, version: Version | int, *, verify_snapshot: bool = True) -> None:
+        self.version = Version(version)
+        self._raw: Source = BufferSource(src) if not hasattr(src, "readinto") else StreamSource(src)  # type: ignore[arg-type]
+        head = self._raw.read(HEADER_SIZE)
+        self.header = Header.unpack(head)
+        self.header.validate(self.version)
+        self._crc = crc(head)
+        self._body: Source = self._raw
+        self._lz4: LZ4FrameSource | None = None
+        if self.version == Version.V2 and self.header.flags & FLAG_COMPRESS_LZ4:
+            self._lz4 = LZ4FrameSource(self._raw)
+            self._body = self._lz4
+        self._verify_snapshot = verify_snapshot and self.header.is_snapshot and not self.header.no_checksum
+        self._db_crc = 0
+        self._index: list[tuple[int, int, int]] = []
+        self._pages_done = False
+        self._closed = False
+        self.page_count = 0
+        self.trailer: Trailer | None = None
+
+    # -- pages -----------------------------------------------------------------------------------------
+
+    def pages(self) -> Iterator[tuple[int, memoryview]]:
+        """Yield (pgno, page) in file order; each view is valid only until the next item."""
+        if self._pages_done:
+            raise LTXError("pages already read")
+        page_size = self.header.page_size
+        commit = self.header.commit
+        lock = lock_pgno(page_size)
+        snapshot = self.header.is_snapshot
+        verify_db = self._verify_snapshot
+        body = self._body
+        prev = 0
+        read_page = self._read_v3_page if self.version == Version.V3 else None
+        while True:
+            frame_off = self._raw.offset
+            if read_page is None:
+                hdr = body.read(4)
+                self._crc = crc(hdr, self._crc)
+                pgno = _from_bytes(hdr, "big")
+                if pgno == 0:
+                    break
+                page = body.read(page_size)
+                self._crc = crc(page, self._crc)
+            else:
+                pgno, page = read_page(frame_off, page_size)
+                if pgno == 0:
+                    break
+            if pgno <= prev:
+                raise InvalidPage(f"page {pgno} out of order after page {prev}", offset=frame_off)
+            if pgno > commit:
+                raise InvalidPage(f"page {pgno} beyond commit {commit}", offset=frame_off)
+            if pgno == lock:
+                raise InvalidPage(f"page {pgno} is the lock page", offset=frame_off)
+            if snapshot:
+                want = prev + 2 if prev + 1 == lock else prev + 1
+                if pgno != want:
+                    raise InvalidPage(f"snapshot is missing page {want}: next page is {pgno}", offset=frame_off)
+            if verify_db:
+                self._db_crc ^= crc(page, crc(pgno.to_bytes(4, "big")))
+            prev = pgno
+            self.page_count += 1
+            yield pgno, page
+        if snapshot and commit and prev != commit and not (prev + 1 == lock == commit):
+            raise InvalidPage(f"snapshot ends at page {prev}, commit is {commit}", offset=self._raw.offset)
+        if self._lz4 is not None:
+            self._lz4.finish()
+        self._pages_done = True
+
+    def _read_v3_page(self, frame_off: int, page_size: int) -> tuple[int, memoryview]:
+        raw = self._raw
+        ph = raw.read(6)
+        pgno, flags = _from_bytes(ph[:4], "big"), _from_bytes(ph[4:6], "big")
+        if pgno == 0:
+            if flags:
+                raise InvalidPage("page number required", offset=frame_off)
+            self._crc = crc(ph, self._crc)
+            return 0, ph
+        if flags != _V3_FLAG_SIZE:
+            raise InvalidPage(f"invalid page header flags: 0x{flags:04x}", offset=frame_off)
+        size_bytes = raw.read(4)
+        csize = _from_bytes(size_bytes, "big")
+        if csize == 0 or csize > lz4_block_bound(page_size):
+            raise InvalidPage(f"page {pgno}: compressed size {csize} out of range", offset=frame_off + 6)
+        block = raw.read(csize)
+        try:
+            page = lz4.block.decompress(block, uncompressed_size=page_size)
+        except lz4.block.LZ4BlockError as err:
+            raise CorruptCompression(f"page {pgno}: decompress block: {err}", offset=frame_off + 10) from err
+        if len(page) != page_size:
+            raise CorruptCompression(f"page {pgno}: block decompressed to {len(page)} bytes, want {page_size}",
+                                     offset=frame_off + 10)
+        self._crc = crc(page, crc(size_bytes, crc(ph, self._crc)))
+        self._index.append((pgno, frame_off, 10 + csize))
+        return pgno, memoryview(page)
+
+    # -- close -----------------------------------------------------------------------------------------
+
+    def close(self) -> Trailer:
+        """Read the rest (index, trailer) and verify every checksum; returns the trailer."""
+        if self._closed:
+            assert self.trailer is not None
+            return self.trailer
+        if not self._pages_done:
+            for _ in self.pages():
+                pass
+        if self.version == Version.V3:
+            self._read_index()
+        off = self._raw.offset
+        post_bytes = self._raw.read(8)
+        self._crc = crc(post_bytes, self._crc)
+        file_bytes = self._raw.read(8)
+        trailer = Trailer.unpack(bytes(post_bytes) + bytes(file_bytes))
+        if not self._raw.at_eof():
+            raise LTXError("unexpected data after the trailer", offset=self._raw.offset)
+        self._check_trailer(trailer, off)
+        self._closed = True
+        self.trailer = trailer
+        return trailer
+
+    def _check_trailer(self, trailer: Trailer, off: int) -> None:
+        h = self.header
+        if h.no_checksum:
+            if trailer.post_apply_checksum:
+                raise ChecksumMismatch("post-apply checksum must be zero with the no-checksum flag",
+                                       field="post_apply_checksum", offset=off)
+        elif not trailer.post_apply_checksum & CHECKSUM_FLAG:
+            raise ChecksumMismatch(f"invalid post-apply checksum format: {trailer.post_apply_checksum:016x}",
+                                   field="post_apply_checksum", offset=off)
+        if h.commit == 0 and trailer.post_apply_checksum != CHECKSUM_FLAG and not h.no_checksum:
+            raise ChecksumMismatch("post-apply checksum of an empty database must be 8000000000000000",
+                                   field="post_apply_checksum", offset=off)
+        want = CHECKSUM_FLAG | self._crc
+        if trailer.file_checksum != want:
+            raise ChecksumMismatch(
+                f"file checksum mismatch: trailer has {trailer.file_checksum:016x}, data gives {want:016x}",
+                field="file_checksum", offset=off + 8)
+        if self._verify_snapshot:
+            got = CHECKSUM_FLAG | self._db_crc
+            if got != trailer.post_apply_checksum:
+                raise ChecksumMismatch(
+                    f"post-apply checksum in trailer ({trailer.post_apply_checksum:016x}) does not match "
+                    f"calculated checksum ({got:016x})", field="post_apply_checksum", offset=off)
+
+    def _read_index(self) -> None:
+        """Read the v3 page index and require it to describe exactly the frames we read."""
+        raw = self._raw
+        start = raw.offset
+        entries: list[tuple[int, int, int]] = []
+        while True:
+            pgno = self._uvarint()
+            if pgno == 0:
+                break
+            entries.append((pgno, self._uvarint(), self._uvarint()))
+            if len(entries) > len(self._index):
+                raise InvalidPage("page index has more entries than the file has pages", offset=raw.offset)
+        index_len = raw.offset - start
+        size_bytes = raw.read(8)
+        self._crc = crc(size_bytes, self._crc)
+        if _from_bytes(size_bytes, "big") != index_len:
+            raise InvalidPage(f"page index size {_from_bytes(size_bytes, 'big')} != {index_len}", offset=start)
+        if entries != self._index:
+            raise InvalidPage("page index does not match the page frames", offset=start)
+
+    def _uvarint(self) -> int:
+        value = shift = 0
+        while True:
+            b = self._raw.read(1)
+            self._crc = crc(b, self._crc)
+            byte = b[0]
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise InvalidPage("page index varint overflows 64 bits", offset=self._raw.offset)
+
+
+def decode(data: BinaryIO | BytesLike, version: Version | int) -> tuple[Header, list[tuple[int, bytes]], Trailer]:
+    """Decode a whole file into (header, [(pgno, page bytes)], trailer); for tests and small files."""
+    dec = Decoder(data, version)
+    pages = [(pgno, bytes(page)) for pgno, page in dec.pages()]
+    return dec.header, pages, dec.close()
+
+
+def verify(data: BinaryIO | BytesLike, version: Version | int) -> tuple[Header, Trailer]:
+    """Fully decode and check one file; raises LTXError naming the problem."""
+    dec = Decoder(data, version)
+    for _ in dec.pages():
+        pass
+    return dec.header, dec.close()
+
+
+__all__ = ["Decoder", "InvalidHeader", "decode", "detect_version", "lz4_block_bound", "verify"]

@@ -1,0 +1,172 @@
+"""Byte sources for the decoder: a buffer (zero copy), a stream, and an LZ4 frame over either.
+
+Each source hands out memoryviews that stay valid until the next `read` on the same source, and never
+allocates more than the largest read it was asked for (at most one frame of the largest page size).
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Protocol
+
+import lz4.frame
+
+from sidecar.ltx.errors import CorruptCompression, TruncatedFile
+from sidecar.ltx.types import BytesLike
+
+_CHUNK = 1 << 20  # stream read size
+_LZ4_OUT = 1 << 18  # decompressed bytes produced per refill
+_LZ4_IN = 1 << 16  # compressed bytes fed per refill
+
+
+class Source(Protocol):
+    """A sequential reader of exact-length views."""
+
+    offset: int  # bytes consumed so far, in this source's own coordinates
+
+    def read(self, n: int) -> memoryview:
+        """Return exactly `n` bytes, or raise TruncatedFile."""
+
+    def at_eof(self) -> bool:
+        """Whether no byte remains."""
+
+
+class BufferSource:
+    """Reads from an in-memory buffer or mmap without copying."""
+
+    def __init__(self, data: BytesLike, offset: int = 0) -> None:
+        self._view = memoryview(data).cast("B")
+        self.offset = offset
+
+    def read(self, n: int) -> memoryview:
+        start = self.offset
+        end = start + n
+        if end > len(self._view):
+            raise TruncatedFile(f"unexpected end of file: want {n} bytes", offset=len(self._view))
+        self.offset = end
+        return self._view[start:end]
+
+    def at_eof(self) -> bool:
+        return self.offset >= len(self._view)
+
+    def remaining(self) -> memoryview:
+        """Everything not read yet, consumed."""
+        view = self._view[self.offset:]
+        self.offset = len(self._view)
+        return view
+
+
+class StreamSource:
+    """Reads a binary stream through one reused window buffer."""
+
+    def __init__(self, f: BinaryIO, offset: int = 0) -> None:
+        self._f = f
+        self._buf = bytearray(_CHUNK)
+        self._start = 0  # first unread byte in _buf
+        self._end = 0  # end of valid bytes in _buf
+        self._eof = False
+        self.offset = offset
+
+    def _fill(self, n: int) -> None:
+        """Make at least `n` unread bytes available, or as many as the stream has."""
+        if self._end - self._start >= n:
+            return
+        if n > len(self._buf):
+            # Only reached for frames larger than a chunk (64 KiB pages never are); bounded by the caller.
+            grown = bytearray(max(n, 2 * len(self._buf)))
+            grown[: self._end - self._start] = self._buf[self._start : self._end]
+            self._buf, self._end, self._start = grown, self._end - self._start, 0
+        elif self._start:
+            # Keep the window a fixed size: views handed out earlier stay valid objects, only stale.
+            size = self._end - self._start
+            self._buf[:size] = self._buf[self._start : self._end]
+            self._start, self._end = 0, size
+        view = memoryview(self._buf)
+        while self._end - self._start < n and not self._eof:
+            got = self._f.readinto(view[self._end :])  # type: ignore[attr-defined]
+            if not got:
+                self._eof = True
+            else:
+                self._end += got
+
+    def read(self, n: int) -> memoryview:
+        self._fill(n)
+        if self._end - self._start < n:
+            raise TruncatedFile(f"unexpected end of file: want {n} bytes", offset=self.offset + self._end - self._start)
+        start = self._start
+        self._start += n
+        self.offset += n
+        return memoryview(self._buf)[start : start + n]
+
+    def at_eof(self) -> bool:
+        self._fill(1)
+        return self._end == self._start
+
+
+class LZ4FrameSource:
+    """Decompresses one LZ4 frame read from `inner`, handing out exact-length views of the output."""
+
+    def __init__(self, inner: StreamSource | BufferSource) -> None:
+        self._inner = inner
+        self._d = lz4.frame.LZ4FrameDecompressor()
+        self._buf = b""  # immutable, so views handed out earlier never block a refill
+        self._start = 0
+        self._done = False
+        self.offset = 0  # decompressed bytes consumed
+        self.unused = b""  # bytes after the end of the frame
+
+    def _feed(self) -> None:
+        d = self._d
+        try:
+            if d.needs_input:
+                inner = self._inner
+                if isinstance(inner, BufferSource):
+                    data: BytesLike = inner.read(min(_LZ4_IN, len(inner._view) - inner.offset)) \
+                        if not inner.at_eof() else b""
+                else:
+                    inner._fill(_LZ4_IN)
+                    avail = min(_LZ4_IN, inner._end - inner._start)
+                    data = inner.read(avail) if avail else b""
+                if not data:
+                    raise TruncatedFile("unexpected end of LZ4 frame", offset=inner.offset)
+                out = d.decompress(data, max_length=_LZ4_OUT)
+            else:
+                out = d.decompress(b"", max_length=_LZ4_OUT)
+        except RuntimeError as err:  # lz4 raises RuntimeError for corrupt frames
+            raise CorruptCompression(f"corrupt LZ4 frame: {err}", offset=self._inner.offset) from err
+        if d.eof:
+            self._done = True
+            self.unused = d.unused_data
+        if out:
+            self._buf = self._buf[self._start :] + out if self._start < len(self._buf) else out
+            self._start = 0
+
+    def read(self, n: int) -> memoryview:
+        while len(self._buf) - self._start < n:
+            if self._done:
+                raise TruncatedFile(f"LZ4 frame ended early: want {n} bytes", offset=self._inner.offset)
+            self._feed()
+        start = self._start
+        self._start += n
+        self.offset += n
+        return memoryview(self._buf)[start : start + n]
+
+    def finish(self) -> None:
+        """Require the frame to end exactly here (spec/ltx.md §2.2: the frame ends after the end marker)."""
+        while not self._done:
+            if len(self._buf) - self._start:
+                break
+            self._feed()
+        if len(self._buf) - self._start:
+            raise CorruptCompression("expected lz4 end frame: data continues after the end marker",
+                                     offset=self._inner.offset)
+        if self.unused:
+            # Bytes the decompressor read past the frame belong to the trailer: give them back.
+            inner = self._inner
+            if isinstance(inner, BufferSource):
+                inner.offset -= len(self.unused)
+            else:
+                inner._start -= len(self.unused)
+                inner.offset -= len(self.unused)
+
+    def at_eof(self) -> bool:
+        return self._done and len(self._buf) == self._start
