@@ -15,7 +15,7 @@ from typing import BinaryIO
 from sidecar.ltx.decoder import Decoder
 from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.errors import CompactionError, LTXError
-from sidecar.ltx.types import FLAG_NO_CHECKSUM, BytesLike, Header, Trailer, Version
+from sidecar.ltx.types import FLAG_NO_CHECKSUM, TRAILER_SIZE, BytesLike, Header, Trailer, Version, db_checksums
 
 
 def check_contiguous(headers: Sequence[Header], trailers: Sequence[Trailer] | None = None, *,
@@ -36,21 +36,39 @@ def check_contiguous(headers: Sequence[Header], trailers: Sequence[Trailer] | No
             raise CompactionError(
                 f"non-contiguous transaction ids in input files: ({prev.min_txid:016x},{prev.max_txid:016x}) -> "
                 f"({cur.min_txid:016x},{cur.max_txid:016x})", field="min_txid")
-        if trailers is not None and not cur.is_snapshot and not (cur.no_checksum or prev.no_checksum):
-            post = trailers[i - 1].post_apply_checksum
-            if cur.min_txid == prev.max_txid + 1 and cur.pre_apply_checksum != post:
+        if trailers is not None and not cur.is_snapshot and cur.min_txid == prev.max_txid + 1:
+            before, after = db_checksums(prev, trailers[i - 1]), db_checksums(cur, trailers[i])
+            if before is not None and after is not None and after[0] != before[1]:
                 raise CompactionError(
-                    f"input {i} ({cur.min_txid:016x}) pre-apply checksum {cur.pre_apply_checksum:016x} != "
-                    f"previous post-apply checksum {post:016x}", field="pre_apply_checksum")
+                    f"input {i} ({cur.min_txid:016x}) pre-apply checksum {after[0]:016x} != "
+                    f"previous post-apply checksum {before[1]:016x}", field="pre_apply_checksum")
 
 
-def compacted_header(headers: Sequence[Header], flags: int) -> Header:
-    """The output header of compacting `headers` in order (spec/ltx.md §9 table)."""
+def compacted_header(headers: Sequence[Header], flags: int, post_apply_checksum: int | None = None) -> Header:
+    """The output header of compacting `headers` in order (spec/ltx.md §9 table).
+
+    A no-checksum output keeps the database checksums in the header extension when the inputs have
+    them and the final post-apply checksum is known up front.
+    """
     first, last = headers[0], headers[-1]
-    return Header(
+    pre = 0 if first.is_snapshot else (first.pre_apply_checksum if not first.no_checksum
+                                        else first.ext_pre_apply_checksum)
+    header = Header(
         page_size=first.page_size, commit=last.commit, min_txid=first.min_txid, max_txid=last.max_txid,
-        timestamp=last.timestamp, pre_apply_checksum=0 if first.is_snapshot or flags & FLAG_NO_CHECKSUM
-        else first.pre_apply_checksum, flags=flags)
+        timestamp=last.timestamp, pre_apply_checksum=0 if flags & FLAG_NO_CHECKSUM else pre, flags=flags)
+    if flags & FLAG_NO_CHECKSUM and post_apply_checksum and (first.is_snapshot or pre):
+        header = header.replace(ext_pre_apply_checksum=pre, ext_post_apply_checksum=post_apply_checksum)
+    return header
+
+
+def final_checksum_hint(src: BinaryIO | BytesLike, header: Header) -> int | None:
+    """The post-apply database checksum of a file, read without decoding it (None for streams)."""
+    if header.no_checksum:
+        return header.ext_post_apply_checksum or None
+    if hasattr(src, "readinto"):
+        return None
+    view = memoryview(src).cast("B")  # type: ignore[arg-type]
+    return Trailer.unpack(view[-TRAILER_SIZE:]).post_apply_checksum
 
 
 def merge_pages(decoders: Sequence[Decoder], commit: int) -> Iterator[tuple[int, memoryview]]:
@@ -106,18 +124,21 @@ def compact(inputs: Sequence[BinaryIO | BytesLike], out: BinaryIO, *, version: V
     check_contiguous(headers, allow_overlap=allow_overlap)
     if flags is None:
         flags = headers[0].flags
-    out_header = compacted_header(headers, flags)
+    out_header = compacted_header(headers, flags, final_checksum_hint(inputs[-1], headers[-1]))
     enc = Encoder(out, out_header, out_version)
     for pgno, page in merge_pages(decoders, out_header.commit):
         enc.write_page(pgno, page)
     trailers = [d.close() for d in decoders]
     check_contiguous(headers, trailers, allow_overlap=allow_overlap)
-    post = trailers[-1].post_apply_checksum
+    last = db_checksums(headers[-1], trailers[-1])
+    if out_header.db_checksums and (last is None or last[1] != out_header.ext_post_apply_checksum):
+        raise CompactionError("last input's post-apply checksum differs from its trailer",
+                              field="post_apply_checksum")
     if out_header.no_checksum:
-        post = 0
-    elif headers[-1].no_checksum:
+        return out_header, enc.close(0)
+    if last is None:
         raise CompactionError("cannot write database checksums from inputs that have none", field="flags")
-    return out_header, enc.close(post)
+    return out_header, enc.close(last[1])
 
 
-__all__ = ["check_contiguous", "compact", "compacted_header", "merge_pages"]
+__all__ = ["check_contiguous", "compact", "compacted_header", "final_checksum_hint", "merge_pages"]

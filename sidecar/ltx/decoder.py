@@ -58,10 +58,11 @@ def detect_version(head: BytesLike, size: int | None = None) -> Version:
         body = size - HEADER_SIZE - 4 - TRAILER_SIZE
         if body >= 0 and body % (4 + header.page_size) == 0:
             return Version.V2  # exactly the size of an uncompressed v2 file
-        return Version.V3
-    if bytes(view[100:104]) == b"\0\0\0\0" and len(view) > 104:
-        return Version.V2 if view[104] & 0x80 else Version.V3  # v2: a flagged checksum follows the end marker
-    return Version.V3 if bytes(view[104:106]) == b"\0\x01" else Version.V2
+    first = bytes(view[100:106])
+    if first[:4] != b"\0\0\0\0":
+        return Version.V3 if first[4:6] == b"\0\x01" else Version.V2  # v3 frames carry flags 0x0001
+    # No pages: v2 has a flagged post-apply checksum right after its 4-byte end marker.
+    return Version.V2 if len(first) > 4 and first[4] & 0x80 else Version.V3
 
 
 class Decoder:

@@ -23,6 +23,7 @@ from sidecar.ltx.types import (
     Pos,
     Trailer,
     Version,
+    db_checksums,
     lock_pgno,
     valid_page_size,
 )
@@ -152,10 +153,10 @@ class Applier:
                 raise ChecksumMismatch(
                     f"file {h.min_txid:016x}-{h.max_txid:016x} does not continue position {self.pos}",
                     field="min_txid")
-            if not h.no_checksum and self.pos.post_apply_checksum and \
-                    h.pre_apply_checksum != self.pos.post_apply_checksum:
+            pre = h.ext_pre_apply_checksum if h.no_checksum else h.pre_apply_checksum
+            if pre and self.pos.post_apply_checksum and pre != self.pos.post_apply_checksum:
                 raise ChecksumMismatch(
-                    f"pre-apply checksum {h.pre_apply_checksum:016x} != position checksum "
+                    f"pre-apply checksum {pre:016x} != position checksum "
                     f"{self.pos.post_apply_checksum:016x}", field="pre_apply_checksum")
         if h.is_snapshot:
             self.page_size, self.commit = h.page_size, 0  # a snapshot replaces every page
@@ -190,11 +191,12 @@ class Applier:
         self.commit = h.commit
         self._checksum = value
         got = CHECKSUM_FLAG | value
-        if not h.no_checksum and got != trailer.post_apply_checksum:
+        sums = db_checksums(h, trailer)
+        if sums is not None and got != sums[1]:
             raise ChecksumMismatch(
                 f"post-apply checksum mismatch after {h.min_txid:016x}-{h.max_txid:016x}: file says "
-                f"{trailer.post_apply_checksum:016x}, database gives {got:016x}", field="post_apply_checksum")
-        self.pos = Pos(h.max_txid, trailer.post_apply_checksum if not h.no_checksum else 0)
+                f"{sums[1]:016x}, database gives {got:016x}", field="post_apply_checksum")
+        self.pos = Pos(h.max_txid, sums[1] if sums is not None else 0)
         return self.pos
 
 

@@ -27,6 +27,11 @@ FLAG_NO_CHECKSUM = 0x2
 BytesLike = bytes | bytearray | memoryview | mmap.mmap
 
 _HEADER = struct.Struct(">4sIIIQQqQqqIIQ20x")
+# litefs-sidecar extension: v3 files with the no-checksum flag (so Litestream can restore them) keep the
+# database checksums in the reserved bytes, which every ltx decoder ignores (spec/ltx.md §2.1) but the
+# file checksum covers: pre-apply at 80, post-apply at 88, then this marker at 96.
+EXT_MAGIC = b"LFSC"
+_EXT = struct.Struct(">QQ4s")
 _TRAILER = struct.Struct(">QQ")
 
 
@@ -107,6 +112,8 @@ class Header:
     wal_salt1: int = 0
     wal_salt2: int = 0
     node_id: int = 0
+    ext_pre_apply_checksum: int = 0  # extension, see EXT_MAGIC
+    ext_post_apply_checksum: int = 0
 
     @property
     def is_snapshot(self) -> bool:
@@ -124,12 +131,23 @@ class Header:
     def replace(self, **changes: int) -> Header:
         return replace(self, **changes)
 
+    @property
+    def db_checksums(self) -> tuple[int, int] | None:
+        """(pre, post) database checksums carried by the extension, or None."""
+        if self.ext_post_apply_checksum:
+            return self.ext_pre_apply_checksum, self.ext_post_apply_checksum
+        return None
+
     def pack(self) -> bytes:
-        return _HEADER.pack(
+        packed = _HEADER.pack(
             MAGIC, self.flags, self.page_size, self.commit, self.min_txid, self.max_txid, self.timestamp,
             self.pre_apply_checksum, self.wal_offset, self.wal_size, self.wal_salt1, self.wal_salt2,
             self.node_id,
         )
+        if self.ext_post_apply_checksum:
+            ext = _EXT.pack(self.ext_pre_apply_checksum, self.ext_post_apply_checksum, EXT_MAGIC)
+            packed = packed[:80] + ext
+        return packed
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
@@ -140,8 +158,11 @@ class Header:
          node_id) = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise InvalidHeader(f"invalid LTX file: magic {bytes(magic)!r}, want b'LTX1'", field="magic")
+        ext_pre = ext_post = 0
+        if bytes(data[96:100]) == EXT_MAGIC:
+            ext_pre, ext_post, _ = _EXT.unpack_from(data, 80)
         return cls(page_size, commit, min_txid, max_txid, ts, pre, flags, wal_offset, wal_size, salt1, salt2,
-                   node_id)
+                   node_id, ext_pre, ext_post)
 
     def validate(self, version: Version) -> None:
         """Raise InvalidHeader naming the first field that breaks the rules of `version` (§8)."""
@@ -181,6 +202,19 @@ class Header:
             raise InvalidHeader("pre-apply checksum required on non-snapshot files", field="pre_apply_checksum")
         elif not self.pre_apply_checksum & CHECKSUM_FLAG:
             raise InvalidHeader("invalid pre-apply checksum format", field="pre_apply_checksum")
+        if self.ext_post_apply_checksum:
+            if not self.ext_post_apply_checksum & CHECKSUM_FLAG:
+                raise InvalidHeader("invalid extension post-apply checksum format", field="ext_post_apply_checksum")
+            if self.is_snapshot != (self.ext_pre_apply_checksum == 0) or (
+                    self.ext_pre_apply_checksum and not self.ext_pre_apply_checksum & CHECKSUM_FLAG):
+                raise InvalidHeader("invalid extension pre-apply checksum", field="ext_pre_apply_checksum")
+
+
+def db_checksums(header: Header, trailer: Trailer) -> tuple[int, int] | None:
+    """A file's (pre-apply, post-apply) database checksums, wherever it keeps them; None if it has none."""
+    if not header.no_checksum:
+        return header.pre_apply_checksum, trailer.post_apply_checksum
+    return header.db_checksums
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,61 @@
+"""litefs-sidecar's command line: `main(argv) -> int` dispatches to one module per command group.
+
+Each module in `sidecar.commands` exposes `register(subparsers)`, which adds its subcommands and sets
+`func(args) -> int` on them. Errors print one line to stderr (plus a hint when there is one); exit 1 on
+failure, 2 on bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from sidecar import __version__
+from sidecar.commands import COMMAND_MODULES
+from sidecar.errors import ConfigError, SidecarError
+from sidecar.ltx import LTXError
+
+EPILOG = """\
+examples:
+  litefs-sidecar demo                                    emulated LiteFS node + sidecar + engine, then a restore
+  litefs-sidecar run --data-dir /var/lib/litefs --upstream file:///var/lib/litefs-sidecar/backups
+  litefs-sidecar serve --tokens /etc/litefs-sidecar/tokens --storage s3://bucket/backups
+  litefs-sidecar restore --timestamp 2026-11-24T09:00:00Z -o app.db file:///backups/default/app.db
+  litefs-sidecar ltx verify /var/lib/litefs/dbs/app.db/ltx/*.ltx
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    parser = argparse.ArgumentParser(
+        prog="litefs-sidecar", description="Back up and restore LiteFS clusters.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"litefs-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args))
+    except ConfigError as err:
+        print(f"litefs-sidecar: {err}", file=sys.stderr)
+        return 2
+    except (SidecarError, LTXError) as err:
+        print(f"litefs-sidecar: {err}", file=sys.stderr)
+        hint = getattr(err, "hint", None)
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,7 @@
+"""One module per command group; each exposes `register(subparsers)`."""
+
+from types import ModuleType
+
+from sidecar.commands import ltx
+
+COMMAND_MODULES: list[ModuleType] = [ltx]

@@ -1,0 +1,35 @@
+"""Shared test helpers: fixture paths and small builders of real SQLite databases."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GO_V2 = FIXTURES / "go-ltx-v2"
+LITEFS = FIXTURES / "litefs-0.5.14"
+LITESTREAM = FIXTURES / "litestream-0.5.17"
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def make_db(path: Path, rows: int = 200, page_size: int = 4096, seed: int = 0) -> Path:
+    """A real SQLite database with a table of `rows` rows (rollback journal, so the file is complete)."""
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA page_size={page_size}")
+    con.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+    con.executemany("INSERT INTO t (v) VALUES (?)", [(f"row-{seed}-{i}-" + "x" * (i % 50),) for i in range(rows)])
+    con.commit()
+    con.close()
+    return path
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    return tmp_path
