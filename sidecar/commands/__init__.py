@@ -2,6 +2,6 @@
 
 from types import ModuleType
 
-from sidecar.commands import ltx
+from sidecar.commands import backup, ltx
 
-COMMAND_MODULES: list[ModuleType] = [ltx]
+COMMAND_MODULES: list[ModuleType] = [backup, ltx]

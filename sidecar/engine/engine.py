@@ -1,0 +1,511 @@
+"""The backup engine: accepts LTX uploads, makes them durable, flushes them to the object store as L0,
+compacts levels on schedule, applies retention, and restores.
+
+Where a transaction lives, in order:
+
+    accepted upload ──fsync──▶ <state>/<cluster>/<db>/pending/  (acknowledged: durable on this host)
+                    ──flush──▶ store L0 (every l0_interval)       (now counted in the HWM)
+                    ──compact─▶ L1 (5 min), L2 (1 h), L9 (daily snapshot)
+
+The store is the source of truth; the state directory holds the pending uploads and a cache of the
+store's index (`index.json`), which `scan` rebuilds when it is lost. The high-water mark (HWM) is the
+highest TXID durable in the store. All store objects are LTX v3 with the no-checksum flag that
+Litestream requires, carrying LiteFS's database checksums in the header extension.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from sidecar.engine.index import DbIndex, FileEntry, restore_points, scan
+from sidecar.engine.levels import Levels, due
+from sidecar.engine.restore import RestoreResult, plan_restore, restore
+from sidecar.errors import PosMismatch, SidecarError, StorageError, validate_db_name
+from sidecar.ltx import FLAG_NO_CHECKSUM, Header, LTXError, Pos, Trailer, Version, format_filename, parse_filename
+from sidecar.ltx.compactor import compact
+from sidecar.ltx.decoder import Decoder
+from sidecar.storage.base import SNAPSHOT_LEVEL, Storage, parse_ltx_key
+
+log = structlog.get_logger("sidecar.engine")
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Pending:
+    """An accepted upload waiting in the state directory for the next flush."""
+
+    path: Path
+    header: Header
+    post: int
+    arrived: float
+
+
+@dataclass
+class DbState:
+    """Everything the engine knows about one database."""
+
+    cluster: str
+    name: str
+    dir: Path
+    index: DbIndex
+    pending: list[Pending] = field(default_factory=list)
+    pos: Pos = field(default_factory=Pos)
+    page_size: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_run: dict[int, float] = field(default_factory=dict)
+    last_upload: float = 0.0
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.cluster}/{self.name}"
+
+    @property
+    def hwm(self) -> int:
+        return self.index.max_txid
+
+
+@dataclass(frozen=True, slots=True)
+class DbStatus:
+    """A database's position, HWM and size, for the operator API and metrics."""
+
+    cluster: str
+    name: str
+    pos: Pos
+    hwm: int
+    pending_files: int
+    stored_bytes: int
+    files: int
+    last_upload: float
+
+
+class Engine:
+    """One engine per store. Use `await Engine.open(...)`, then `write_tx`, `tick` (or `run`), `close`."""
+
+    def __init__(self, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
+                 clock: Clock = time.time) -> None:
+        self.storage = storage
+        self.state_dir = Path(state_dir)
+        self.levels = levels or Levels()
+        self.clock = clock
+        self.dbs: dict[tuple[str, str], DbState] = {}
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
+                   clock: Clock = time.time) -> Engine:
+        engine = cls(storage, state_dir, levels, clock=clock)
+        await engine._load()
+        return engine
+
+    async def _load(self) -> None:
+        """Read every database's index and pending uploads; rebuild lost indexes from the store."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        known: set[tuple[str, str]] = set()
+        for cluster_dir in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for db_dir in sorted(p for p in cluster_dir.iterdir() if p.is_dir()):
+                known.add((cluster_dir.name, db_dir.name))
+        indexes: dict[tuple[str, str], DbIndex] = {}
+        missing = [k for k in known if DbIndex.load(self._db_dir(*k) / "index.json") is None]
+        if not known or missing:
+            indexes.update(await self._scan_store())
+        for key in known:
+            idx = DbIndex.load(self._db_dir(*key) / "index.json")
+            if idx is not None:
+                indexes[key] = idx
+        for (cluster, name), idx in indexes.items():
+            st = DbState(cluster, name, self._db_dir(cluster, name), idx)
+            idx.save(st.dir / "index.json")
+            self.dbs[(cluster, name)] = st
+        for cluster, name in known - set(indexes):
+            self.dbs[(cluster, name)] = DbState(cluster, name, self._db_dir(cluster, name), DbIndex())
+        for st in self.dbs.values():
+            self._load_pending(st)
+            self._refresh_pos(st)
+
+    async def _scan_store(self) -> dict[tuple[str, str], DbIndex]:
+        """One LIST of the whole store, then each database's headers."""
+        objects = await self.storage.list("")
+        prefixes = set()
+        for obj in objects:
+            parsed = parse_ltx_key(self.storage.kind, obj.key)
+            if parsed and parsed[0].count("/") == 1:
+                prefixes.add(parsed[0])
+        out = {}
+        for prefix in sorted(prefixes):
+            cluster, name = prefix.split("/")
+            out[(cluster, name)] = await scan(self.storage, prefix)
+            log.info("index rebuilt from store", cluster=cluster, db=name, files=len(out[(cluster, name)]))
+        return out
+
+    def _load_pending(self, st: DbState) -> None:
+        pdir = st.dir / "pending"
+        if not pdir.is_dir():
+            return
+        for path in sorted(pdir.iterdir()):
+            if parse_filename(path.name) is None:
+                path.unlink()  # an upload that never finished: it was never acknowledged
+                continue
+            data = path.read_bytes()
+            dec = Decoder(data, Version.V2)
+            for _pgno, _page in dec.pages():
+                pass
+            trailer = dec.close()
+            if dec.header.max_txid <= st.index.max_txid:
+                path.unlink()  # flushed before a crash, not yet removed
+                continue
+            st.pending.append(Pending(path, dec.header, trailer.post_apply_checksum, self.clock()))
+
+    def _refresh_pos(self, st: DbState) -> None:
+        if st.pending:
+            last = st.pending[-1]
+            st.pos, st.page_size = Pos(last.header.max_txid, last.post), last.header.page_size
+        else:
+            head = st.index.head()
+            st.pos = Pos(head.max_txid, head.post) if head else Pos()
+            st.page_size = head.page_size if head else 0
+
+    async def close(self) -> None:
+        """Flush every pending upload to the store."""
+        if self._closed:
+            return
+        await self.flush_all()
+        self._closed = True
+
+    async def run(self, stop: asyncio.Event, period: float = 1.0) -> None:
+        """Tick until `stop` is set; a failing tick is logged and retried on the next one."""
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except (SidecarError, LTXError, OSError) as err:
+                log.error("engine tick failed", error=str(err))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period)
+
+    # -- queries --------------------------------------------------------------------------------------
+
+    def _db_dir(self, cluster: str, name: str) -> Path:
+        return self.state_dir / cluster / name
+
+    def get(self, cluster: str, name: str) -> DbState | None:
+        return self.dbs.get((cluster, name))
+
+    def _state(self, cluster: str, name: str, create: bool = False) -> DbState:
+        validate_db_name(cluster)
+        validate_db_name(name)
+        st = self.dbs.get((cluster, name))
+        if st is None:
+            if not create:
+                raise SidecarError(f"unknown database {cluster}/{name}")
+            st = DbState(cluster, name, self._db_dir(cluster, name), DbIndex())
+            self.dbs[(cluster, name)] = st
+        return st
+
+    def clusters(self) -> list[str]:
+        return sorted({c for c, _ in self.dbs})
+
+    def databases(self, cluster: str) -> list[str]:
+        return sorted(n for c, n in self.dbs if c == cluster)
+
+    def positions(self, cluster: str) -> dict[str, Pos]:
+        return {n: st.pos for (c, n), st in sorted(self.dbs.items()) if c == cluster and not st.pos.is_zero}
+
+    def pos(self, cluster: str, name: str) -> Pos:
+        st = self.dbs.get((cluster, name))
+        return st.pos if st else Pos()
+
+    def hwm(self, cluster: str, name: str) -> int:
+        st = self.dbs.get((cluster, name))
+        return st.hwm if st else 0
+
+    def status(self, cluster: str, name: str) -> DbStatus:
+        st = self._state(cluster, name)
+        return DbStatus(cluster, name, st.pos, st.hwm, len(st.pending), st.index.size, len(st.index), st.last_upload)
+
+    def index(self, cluster: str, name: str) -> DbIndex:
+        return self._state(cluster, name).index
+
+    def restore_points(self, cluster: str, name: str) -> list[tuple[int, int, int]]:
+        return restore_points(self._state(cluster, name).index)
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    async def write_tx(self, cluster: str, name: str, data: bytes) -> int:
+        """Validate one LTX v2 upload, make it durable, and return the HWM.
+
+        Contiguous means min TXID = current TXID + 1 and pre-apply checksum = current post-apply
+        checksum; a snapshot (min TXID 1) beyond the current TXID is also accepted. Anything else raises
+        PosMismatch with the current position, and nothing is stored.
+        """
+        st = self._state(cluster, name, create=True)
+        header, post = await _validate_upload(data, f"{cluster}/{name}")
+        async with st.lock:
+            if st.page_size and header.page_size != st.page_size and not header.is_snapshot:
+                raise PosMismatch(name, st.pos, f"page size {header.page_size} differs from the database's "
+                                                f"{st.page_size}")
+            if header.is_snapshot:
+                if header.max_txid <= st.pos.txid:
+                    raise PosMismatch(name, st.pos, f"snapshot at TXID {header.max_txid:016x} is not ahead")
+                if st.pending:
+                    await self._flush(st)
+            elif header.min_txid != st.pos.txid + 1 or header.pre_apply_checksum != st.pos.post_apply_checksum:
+                raise PosMismatch(name, st.pos, f"upload {header.min_txid:016x}-{header.max_txid:016x} with "
+                                                f"pre-apply checksum {header.pre_apply_checksum:016x} does not "
+                                                f"continue")
+            pdir = st.dir / "pending"
+            path = pdir / format_filename(header.min_txid, header.max_txid)
+            await asyncio.to_thread(_write_durably, path, data)
+            now = self.clock()
+            st.pending.append(Pending(path, header, post, now))
+            st.pos, st.page_size, st.last_upload = Pos(header.max_txid, post), header.page_size, now
+            if self.levels.l0_interval <= 0:
+                await self._flush(st)
+            return st.hwm
+
+    async def flush_all(self) -> None:
+        for st in list(self.dbs.values()):
+            if st.pending:
+                async with st.lock:
+                    await self._flush(st)
+
+    async def flush(self, cluster: str, name: str) -> int:
+        st = self._state(cluster, name)
+        async with st.lock:
+            await self._flush(st)
+        return st.hwm
+
+    async def _flush(self, st: DbState) -> None:
+        """Compact pending uploads into one L0 file in the store; caller holds st.lock."""
+        if not st.pending:
+            return
+        batch = list(st.pending)
+        entry = await self._compact_to_store(st, 0, [p.path for p in batch], Version.V2)
+        st.index.add(entry)
+        st.index.save(st.dir / "index.json")
+        for p in batch:
+            p.path.unlink(missing_ok=True)
+        st.pending = [p for p in st.pending if p not in batch]
+        log.info("flushed", cluster=st.cluster, db=st.name, level=0, min_txid=f"{entry.min_txid:016x}",
+                 max_txid=f"{entry.max_txid:016x}", uploads=len(batch), bytes=entry.size)
+
+    async def _compact_to_store(self, st: DbState, level: int, paths: Sequence[Path], version: Version) -> FileEntry:
+        """Merge local files into one v3 file and store it at `level`; returns its index entry."""
+        tmpdir = self.state_dir / ".tmp"
+        tmpdir.mkdir(exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix="compact-", suffix=".ltx", dir=tmpdir)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            header, _ = await asyncio.to_thread(_compact_files, paths, tmp, version)
+            entry = FileEntry.from_header(level, header, tmp.stat().st_size)
+            await self.storage.put_file(entry.key(self.storage.kind, st.prefix), tmp, timestamp=header.timestamp)
+            return entry
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # -- levels ---------------------------------------------------------------------------------------
+
+    async def tick(self, now: float | None = None) -> None:
+        """Run what is due: flushes, compactions at their boundaries, snapshots, retention."""
+        now = self.clock() if now is None else now
+        lv = self.levels
+        for st in list(self.dbs.values()):
+            async with st.lock:
+                if st.pending and now - st.pending[0].arrived >= lv.l0_interval:
+                    await self._flush(st)
+                for level in (*lv.compacted, SNAPSHOT_LEVEL):
+                    if due(st.last_run.get(level), now, lv.interval(level)):
+                        await self._compact_level(st, level)
+                        st.last_run[level] = now
+                await self._retain(st, now)
+
+    async def compact_level(self, cluster: str, name: str, level: int) -> FileEntry | None:
+        st = self._state(cluster, name)
+        async with st.lock:
+            return await self._compact_level(st, level)
+
+    async def _compact_level(self, st: DbState, level: int) -> FileEntry | None:
+        """Build one file of `level` from what its source level holds beyond it; None if nothing new."""
+        idx = st.index
+        if level == SNAPSHOT_LEVEL:
+            newest = idx.newest(SNAPSHOT_LEVEL)
+            if idx.max_txid == 0 or (newest and newest.max_txid >= idx.max_txid):
+                return None
+            plan = plan_restore([e for e in idx if e.level != SNAPSHOT_LEVEL or e.max_txid <= idx.max_txid])
+            if len(plan) == 1 and plan[0].level == SNAPSHOT_LEVEL:
+                return None
+            sources = plan
+        else:
+            newest = idx.newest(level)
+            seek = newest.max_txid + 1 if newest else 1
+            sources = [e for e in idx.level(level - 1) if e.min_txid >= seek or (e.is_snapshot and e.max_txid >= seek)]
+            snaps = [i for i, e in enumerate(sources) if e.is_snapshot]
+            if snaps:
+                sources = sources[snaps[-1]:]  # a snapshot supersedes everything before it
+            if not sources:
+                return None
+            if not sources[0].is_snapshot and sources[0].min_txid != seek:
+                log.error("cannot compact: gap in source level", cluster=st.cluster, db=st.name, level=level,
+                          want=f"{seek:016x}", got=f"{sources[0].min_txid:016x}")
+                return None
+        t0 = time.perf_counter()
+        async with self._local_copies(st, sources) as paths:
+            entry = await self._compact_to_store(st, level, paths, Version.V3)
+        idx.add(entry)
+        idx.save(st.dir / "index.json")
+        log.info("compacted", cluster=st.cluster, db=st.name, level=level, min_txid=f"{entry.min_txid:016x}",
+                 max_txid=f"{entry.max_txid:016x}", inputs=len(sources), bytes=entry.size,
+                 seconds=round(time.perf_counter() - t0, 3))
+        return entry
+
+    @asynccontextmanager
+    async def _local_copies(self, st: DbState, entries: Sequence[FileEntry]) -> AsyncIterator[list[Path]]:
+        """Local paths of stored files: the files themselves for file://, downloads otherwise."""
+        keys = [e.key(self.storage.kind, st.prefix) for e in entries]
+        root = getattr(self.storage, "root", None)
+        if self.storage.kind == "file" and root is not None:
+            yield [Path(root) / k for k in keys]
+            return
+        (self.state_dir / ".tmp").mkdir(exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix="inputs-", dir=self.state_dir / ".tmp"))
+        try:
+            paths = [tmpdir / f"{i:05d}.ltx" for i in range(len(keys))]
+            sem = asyncio.Semaphore(16)
+
+            async def fetch(key: str, path: Path) -> None:
+                async with sem:
+                    await self.storage.download(key, path)
+            await asyncio.gather(*(fetch(k, p) for k, p in zip(keys, paths, strict=True)))
+            yield paths
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    # -- retention ------------------------------------------------------------------------------------
+
+    async def _retain(self, st: DbState, now: float) -> None:
+        """Delete what no retained restore point needs (spec/compaction-levels.md §8, made safe)."""
+        doomed = retention_victims(st.index, self.levels, now)
+        if not doomed:
+            return
+        st.index.remove(doomed)
+        st.index.save(st.dir / "index.json")  # forget first: a crash leaves orphans, never dangling entries
+        try:
+            await self.storage.delete([e.key(self.storage.kind, st.prefix) for e in doomed])
+        except StorageError as err:
+            log.warning("retention delete failed; orphans remain until the index is rebuilt", error=str(err))
+        log.info("retention", cluster=st.cluster, db=st.name, deleted=len(doomed))
+
+    # -- restore --------------------------------------------------------------------------------------
+
+    async def restore_to(self, cluster: str, name: str, out: str | os.PathLike[str], *, txid: int | None = None,
+                         timestamp: int | None = None, integrity_check: bool = False) -> RestoreResult:
+        """Restore a stored database into the SQLite file `out` (pending uploads are flushed first)."""
+        st = self._state(cluster, name)
+        async with st.lock:
+            await self._flush(st)
+            plan = plan_restore(st.index, txid=txid, timestamp=timestamp)
+            return await restore(self.storage, st.prefix, plan, out, integrity_check=integrity_check)
+
+
+def retention_victims(index: DbIndex, levels: Levels, now: float) -> list[FileEntry]:
+    """The files retention may delete at `now` (seconds); pure.
+
+    - Snapshots older than their retention go, except the newest and the newest one before the window
+      (the base that restore points at the start of the window are built on).
+    - L1/L2 files older than their retention go only when the base snapshot covers them.
+    - L0 files older than L0 retention go, oldest first with no holes, only when L1 covers them.
+    Each level's newest file always stays.
+    """
+    ms = int(now * 1000)
+    doomed: list[FileEntry] = []
+    snaps = index.level(SNAPSHOT_LEVEL)
+    cutoff = ms - int(levels.snapshot_retention * 1000)
+    old = [e for e in snaps[:-1] if e.timestamp < cutoff]
+    base = old[-1] if old else None
+    doomed += old[:-1]
+    floor = base.max_txid if base else 0
+    for level in levels.compacted:
+        files = index.level(level)
+        cut = ms - int(levels.retention(level) * 1000)
+        doomed += [e for e in files[:-1] if e.timestamp < cut and e.max_txid <= floor]
+    l1 = index.newest(1)
+    covered = max(l1.max_txid if l1 else 0, floor)
+    cut = ms - int(levels.l0_retention * 1000)
+    for e in index.level(0)[:-1]:
+        if e.timestamp >= cut or e.max_txid > covered:
+            break
+        doomed.append(e)
+    return doomed
+
+
+async def _validate_upload(data: bytes, what: str) -> tuple[Header, int]:
+    """Decode and verify a whole v2 upload; return its header and post-apply checksum."""
+    def check() -> tuple[Header, int]:
+        try:
+            dec = Decoder(data, Version.V2)
+            for _pgno, _page in dec.pages():
+                pass
+            trailer = dec.close()
+        except LTXError as err:
+            raise LTXError(f"{what}: invalid LTX upload: {err}", field=err.field) from err
+        return dec.header, trailer.post_apply_checksum
+    if len(data) > 1 << 20:
+        return await asyncio.to_thread(check)
+    return check()
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """temp, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _compact_files(paths: Sequence[Path], out: Path, version: Version) -> tuple[Header, Trailer]:
+    """Compact local LTX files (all of `version`) into one v3 no-checksum file with extension checksums."""
+    with ExitStack() as stack:
+        maps = []
+        for p in paths:
+            f = stack.enter_context(open(p, "rb"))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            stack.callback(_close_quietly, mm)
+            maps.append(mm)
+        with open(out, "wb") as dst:
+            header, trailer = compact(maps, dst, version=version, flags=FLAG_NO_CHECKSUM, out_version=Version.V3,
+                                      allow_overlap=True)
+            dst.flush()
+            os.fsync(dst.fileno())
+    return header, trailer
+
+
+def _close_quietly(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass
+
+
+__all__ = ["DbState", "DbStatus", "Engine", "retention_victims"]

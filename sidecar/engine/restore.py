@@ -1,0 +1,234 @@
+"""Point-in-time restore: a pure planner, and a streaming merge of the plan into a SQLite file.
+
+`plan_restore` picks the latest snapshot at or before the target, then repeatedly the file that reaches
+furthest without passing the target (which takes hourly files, then 5-minute files, then L0 flushes for
+the tail): the fewest files that rebuild the state. `restore` merges them by page number, one page per
+input in memory, into `<out>.tmp`, checks the database checksum against the last file's when it has one,
+fsyncs and renames. Nothing is left at `out` unless every check passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import sqlite3
+import tempfile
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.engine.index import DbIndex, FileEntry
+from sidecar.errors import RestoreError
+from sidecar.ltx import CHECKSUM_FLAG, LTXError, Version, format_timestamp, lock_pgno
+from sidecar.ltx.checksum import crc
+from sidecar.ltx.compactor import merge_pages
+from sidecar.ltx.decoder import Decoder
+from sidecar.storage.base import Storage
+
+Progress = Callable[[int, int], None]  # (bytes of input done, bytes of input in all)
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    """What a restore produced: the TXID and time it actually restored, and the database checksum."""
+
+    txid: int
+    timestamp: int
+    checksum: int
+    pages: int
+    page_size: int
+    files: int
+    verified: bool  # the checksum was compared with one stored in the backup
+
+
+def describe(e: FileEntry) -> str:
+    return f"{e.max_txid:016x} at {format_timestamp(e.timestamp)} (L{e.level})"
+
+
+def plan_restore(index: DbIndex | Sequence[FileEntry], *, txid: int | None = None,
+                 timestamp: int | None = None) -> list[FileEntry]:
+    """The files to merge, in order, to rebuild the state at `txid`, at `timestamp` (ms), or the latest.
+
+    Raises RestoreError (naming the oldest and newest restore points) when the target is before every
+    snapshot, when a TXID target is not a restore point, or when a gap breaks the chain.
+    """
+    if txid is not None and timestamp is not None:
+        raise RestoreError("give a TXID or a timestamp, not both")
+    entries = list(index)
+
+    def fits(e: FileEntry) -> bool:
+        return (txid is None or e.max_txid <= txid) and (timestamp is None or e.timestamp <= timestamp)
+
+    if not entries:
+        raise RestoreError("no backup files found")
+    snapshots = [e for e in entries if e.is_snapshot and fits(e)]
+    if not snapshots:
+        oldest = min((e for e in entries if e.is_snapshot), key=lambda e: e.max_txid, default=None)
+        where = f"; the oldest restore point is {describe(oldest)}" if oldest else "; the backup has no snapshot"
+        target = f"TXID {txid:016x}" if txid is not None else f"{format_timestamp(timestamp or 0)}"
+        raise RestoreError(f"target {target} is before every snapshot{where}")
+    plan = [max(snapshots, key=lambda e: (e.max_txid, e.level, -e.timestamp))]
+    cur = plan[0].max_txid
+    while txid is None or cur < txid:
+        eligible = [e for e in entries if e.min_txid <= cur + 1 and e.max_txid > cur and fits(e)]
+        if not eligible:
+            break
+        best = max(eligible, key=lambda e: (e.max_txid, -e.min_txid, e.level))
+        plan.append(best)
+        cur = best.max_txid
+    beyond = [e for e in entries if fits(e) and e.max_txid > cur]
+    if txid is not None and cur != txid:
+        if beyond:
+            raise RestoreError(f"TXID {txid:016x} is not a restore point (nearest below: {describe(plan[-1])}); "
+                               f"see `litefs-sidecar ls`")
+        newest = max(entries, key=lambda e: e.max_txid)
+        raise RestoreError(f"TXID {txid:016x} is beyond the newest restore point {describe(newest)}")
+    if beyond:
+        gap = min(e.min_txid for e in beyond)
+        raise RestoreError(f"the backup has a gap: TXIDs {cur + 1:016x}..{gap - 1:016x} are missing "
+                           f"after {describe(plan[-1])}")
+    return plan
+
+
+async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out: str | os.PathLike[str], *,
+                  integrity_check: bool = False, progress: Progress | None = None,
+                  concurrency: int = 16) -> RestoreResult:
+    """Merge `plan` (from `plan_restore`) into the SQLite file `out`, atomically."""
+    if not plan:
+        raise RestoreError("empty restore plan")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.restore-tmp")
+    local_root = getattr(storage, "root", None) if storage.kind == "file" else None
+    keys = [e.key(storage.kind, prefix) for e in plan]
+    with tempfile.TemporaryDirectory(prefix=".restore-", dir=out.parent) as tmpdir:
+        if local_root is not None:
+            paths = [Path(local_root) / k for k in keys]
+        else:
+            paths = [Path(tmpdir) / f"{i:05d}.ltx" for i in range(len(keys))]
+            sem = asyncio.Semaphore(concurrency)
+
+            async def fetch(key: str, path: Path) -> None:
+                async with sem:
+                    await storage.download(key, path)
+            await asyncio.gather(*(fetch(k, p) for k, p in zip(keys, paths, strict=True)))
+        try:
+            result = await asyncio.to_thread(_merge_into, paths, plan, tmp, progress)
+            if integrity_check:
+                await asyncio.to_thread(check_integrity, tmp)
+            await asyncio.to_thread(_publish, tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return result
+
+
+def _merge_into(paths: Sequence[Path], plan: Sequence[FileEntry], tmp: Path,
+                progress: Progress | None) -> RestoreResult:
+    total = sum(e.size for e in plan)
+    last = plan[-1]
+    with ExitStack() as stack:
+        maps = []
+        for path in paths:
+            f = stack.enter_context(open(path, "rb"))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            stack.callback(_close_map, mm)
+            maps.append(mm)
+        try:
+            decoders = [Decoder(mm, Version.V3) for mm in maps]
+            headers = [d.header for d in decoders]
+            commit, page_size = headers[-1].commit, headers[-1].page_size
+            if any(h.page_size != page_size for h in headers):
+                raise RestoreError("restore plan mixes page sizes")
+            value, pages = _write_pages(decoders, commit, page_size, tmp, total, progress)
+            for d, path in zip(decoders, paths, strict=True):
+                try:
+                    d.close()
+                except LTXError as err:
+                    raise LTXError(f"{path.name}: {err}") from err
+            del decoders
+        except LTXError as err:
+            raise RestoreError(f"corrupt backup file: {err}") from err
+    checksum = CHECKSUM_FLAG | value
+    verified = bool(last.post)
+    if verified and checksum != last.post:
+        raise RestoreError(f"restored database checksum {checksum:016x} != {last.post:016x} stored for TXID "
+                           f"{last.max_txid:016x}; nothing was written")
+    return RestoreResult(last.max_txid, last.timestamp, checksum, pages, page_size, len(plan), verified)
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass  # a decoder's page view outlives the map only on error paths; GC releases it
+
+
+def _write_pages(decoders: list[Decoder], commit: int, page_size: int, tmp: Path, total: int,
+                 progress: Progress | None) -> tuple[int, int]:
+    """Stream the merged pages into `tmp` in large contiguous writes; return (checksum value, pages)."""
+    lock = lock_pgno(page_size)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, commit * page_size)  # unwritten pages (the lock page) read as zeros
+        buf = bytearray()
+        run_start = 0
+        value = 0
+        n = 0
+        flush_at = 8 << 20
+        expect = 1
+        for pgno, page in merge_pages(decoders, commit):
+            if pgno != expect and pgno != lock:
+                if pgno > expect and not (expect == lock and pgno == lock + 1):
+                    raise RestoreError(f"restore plan is missing page {expect} (next is {pgno})")
+            if buf and pgno != run_start + len(buf) // page_size:
+                os.pwrite(fd, buf, (run_start - 1) * page_size)
+                buf.clear()
+            if not buf:
+                run_start = pgno
+            buf += page
+            value ^= crc(page, crc(pgno.to_bytes(4, "big")))
+            n += 1
+            expect = pgno + 1
+            if len(buf) >= flush_at:
+                os.pwrite(fd, buf, (run_start - 1) * page_size)
+                buf.clear()
+                if progress:
+                    progress(n * page_size, total)
+        if buf:
+            os.pwrite(fd, buf, (run_start - 1) * page_size)
+        if n and expect <= commit and not (expect == lock and commit == lock):
+            raise RestoreError(f"restore plan is missing pages {expect}..{commit}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if progress:
+        progress(total, total)
+    return value, n
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    os.replace(tmp, out)
+    dfd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def check_integrity(path: Path) -> None:
+    """Run `PRAGMA integrity_check`; raise RestoreError with SQLite's first complaint."""
+    con = sqlite3.connect(path)  # read-write: a WAL-mode database needs its -shm even to read
+    try:
+        rows = con.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        con.close()
+    for suffix in ("-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if rows != [("ok",)]:
+        raise RestoreError(f"restored database fails integrity_check: {rows[0][0]}")
+
+
+__all__ = ["RestoreResult", "check_integrity", "plan_restore", "restore"]

@@ -1,0 +1,282 @@
+"""S3-compatible object storage through aiobotocore: the only module that imports botocore.
+
+Our own retry loop governs (botocore's is set to one attempt): exponential backoff with full jitter on
+5xx, SlowDown and throttling, timeouts and dropped connections. Large files go up as multipart uploads;
+reads resume with a ranged GET when a connection drops mid-body. LTX objects carry the
+`litestream-timestamp` metadata Litestream reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from sidecar.errors import NotFound, StorageError
+from sidecar.storage.base import ObjectInfo, format_rfc3339_nano, parse_rfc3339
+
+T = TypeVar("T")
+
+MIN_PART = 5 << 20  # S3's smallest part, except the last
+RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError",
+                   "ServiceUnavailable", "RequestTimeTooSkewed", "503", "500", "502", "504"}
+TIMESTAMP_KEY = "litestream-timestamp"
+
+
+class S3Storage:
+    """Objects under `s3://bucket/prefix/`. Credentials come from the environment or the AWS chain."""
+
+    kind = "s3"
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
+                 force_path_style: bool | None = None, multipart_threshold: int = 16 << 20,
+                 part_size: int = 16 << 20, max_attempts: int = 8, backoff_base: float = 0.1,
+                 backoff_cap: float = 10.0, connect_timeout: float = 10.0, read_timeout: float = 60.0) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self.force_path_style = bool(force_path_style)
+        self.multipart_threshold = max(multipart_threshold, MIN_PART)
+        self.part_size = max(part_size, MIN_PART)
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self._timeouts = (connect_timeout, read_timeout)
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+        self.requests = 0  # every HTTP request attempted, for cost tests and metrics
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    async def _get_client(self) -> Any:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    plain_http = bool(self.endpoint_url and self.endpoint_url.startswith("http://"))
+                    s3_cfg: dict[str, Any] = {"addressing_style": "path" if self.force_path_style else "auto"}
+                    if plain_http:
+                        s3_cfg["payload_signing_enabled"] = False
+                    config = AioConfig(
+                        retries={"max_attempts": 1, "mode": "standard"}, s3=s3_cfg,
+                        connect_timeout=self._timeouts[0], read_timeout=self._timeouts[1],
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required", max_pool_connections=64)
+                    stack = AsyncExitStack()
+                    self._client = await stack.enter_async_context(get_session().create_client(
+                        "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config))
+                    self._stack = stack
+        return self._client
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/") or "\x00" in key or ".." in key.split("/"):
+            raise StorageError(key, "invalid key: empty, absolute, or escaping the store")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    async def _call(self, key: str, op: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `op(client)` with retries; map failures to StorageError/NotFound."""
+        client = await self._get_client()
+        attempt = 0
+        while True:
+            attempt += 1
+            self.requests += 1
+            try:
+                return await op(client)
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+                if status == 404 or code in ("NoSuchKey", "404", "NotFound"):
+                    raise NotFound(key) from None
+                retryable = status >= 500 or status == 429 or code in RETRYABLE_CODES
+                if not retryable or attempt >= self.max_attempts:
+                    raise StorageError(key, f"S3 {code or status}: {err}", retryable=retryable) from err
+            except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as err:
+                if attempt >= self.max_attempts:
+                    raise StorageError(key, f"S3 request failed: {type(err).__name__}: {err}",
+                                       retryable=True) from err
+            await asyncio.sleep(random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))))
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    def _metadata(self, timestamp: int | None) -> dict[str, str]:
+        return {TIMESTAMP_KEY: format_rfc3339_nano(timestamp)} if timestamp is not None else {}
+
+    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None) -> None:
+        full, meta = self._key(key), self._metadata(timestamp)
+        await self._call(key, lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=data, Metadata=meta))
+
+    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None) -> None:
+        size = os.path.getsize(path)
+        if size < self.multipart_threshold:
+            data = await asyncio.to_thread(Path(path).read_bytes)
+            await self.put_bytes(key, data, timestamp=timestamp)
+            return
+        full, meta = self._key(key), self._metadata(timestamp)
+        created = await self._call(key, lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=full,
+                                                                              Metadata=meta))
+        upload_id = created["UploadId"]
+        try:
+            parts = []
+            with open(path, "rb") as f:
+                number = 0
+                while chunk := await asyncio.to_thread(f.read, self.part_size):
+                    number += 1
+
+                    async def part(c: Any, n: int = number, body: bytes = chunk) -> Any:
+                        return await c.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id,
+                                                   PartNumber=n, Body=body)
+                    resp = await self._call(key, part)
+                    parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+            await self._call(key, lambda c: c.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}))
+        except BaseException:
+            try:
+                await self._call(key, lambda c: c.abort_multipart_upload(Bucket=self.bucket, Key=full,
+                                                                         UploadId=upload_id))
+            except StorageError:
+                pass  # the bucket's lifecycle rules clean up what we could not
+            raise
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        keys = list(keys)
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
+
+            async def op(c: Any, objects: builtins.list[dict[str, str]] = batch) -> Any:
+                return await c.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+            resp = await self._call(keys[i], op)
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(first.get("Key", keys[i]), f"delete failed: {first.get('Message')}",
+                                   retryable=True)
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    async def get_bytes(self, key: str) -> bytes:
+        out = bytearray()
+        async for chunk in self.stream(key):
+            out += chunk
+        return bytes(out)
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        out = bytearray()
+        async for chunk in self._ranged(key, start, start + length - 1):
+            out += chunk
+        return bytes(out)
+
+    async def stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        async for chunk in self._ranged(key, 0, None, chunk_size):
+            yield chunk
+
+    async def _ranged(self, key: str, start: int, end: int | None, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """Bytes start..end (inclusive; None = to the end), resuming after a drop mid-body."""
+        full = self._key(key)
+        pos = start
+        drops = 0
+        while end is None or pos <= end:
+            rng = f"bytes={pos}-{'' if end is None else end}"
+            try:
+                async def get(c: Any, r: str = rng) -> Any:
+                    return await c.get_object(Bucket=self.bucket, Key=full, Range=r)
+                resp = await self._call(key, get)
+            except StorageError as err:
+                if "InvalidRange" in str(err) and pos > start:
+                    return  # the object ended exactly where we stopped
+                raise
+            body = resp["Body"]
+            total = _total_size(resp)
+            try:
+                while True:
+                    chunk = await body.read(chunk_size)
+                    if not chunk:
+                        break
+                    pos += len(chunk)
+                    yield chunk
+            except (aiohttp.ClientError, BotoCoreError, TimeoutError, OSError) as err:
+                drops += 1
+                if drops >= self.max_attempts:
+                    raise StorageError(key, f"S3 read dropped {drops} times: {err}", retryable=True) from err
+                await asyncio.sleep(random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** drops)))
+                continue
+            finally:
+                body.close()
+            want = (end + 1) if end is not None else total
+            if want is not None and pos < want:
+                drops += 1  # the body ended early without an error: resume
+                if drops >= self.max_attempts:
+                    raise StorageError(key, f"S3 read ended at byte {pos} of {want}", retryable=True)
+                continue
+            return
+
+    async def download(self, key: str, path: str | os.PathLike[str]) -> int:
+        dst = Path(path)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        n = 0
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in self.stream(key):
+                    f.write(chunk)
+                    n += len(chunk)
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return n
+
+    async def head(self, key: str) -> ObjectInfo:
+        full = self._key(key)
+        resp = await self._call(key, lambda c: c.head_object(Bucket=self.bucket, Key=full))
+        meta = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
+        ts = parse_rfc3339(meta[TIMESTAMP_KEY]) if TIMESTAMP_KEY in meta else \
+            int(resp["LastModified"].timestamp() * 1000)
+        return ObjectInfo(key, int(resp.get("ContentLength", 0)), ts)
+
+    async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        out: builtins.list[ObjectInfo] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            async def page(c: Any, kw: dict[str, Any] = kwargs) -> Any:
+                return await c.list_objects_v2(**kw)
+            resp = await self._call(prefix or "/", page)
+            for obj in resp.get("Contents", []):
+                out.append(ObjectInfo(obj["Key"][len(base):], int(obj["Size"]),
+                                      int(obj["LastModified"].timestamp() * 1000)))
+            if not resp.get("IsTruncated"):
+                break
+            token = resp.get("NextContinuationToken")
+        out.sort(key=lambda o: o.key)
+        return out
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+        self._stack = None
+        self._client = None
+
+
+def _total_size(resp: dict[str, Any]) -> int | None:
+    """The object's whole size from Content-Range (`bytes a-b/total`), when the answer has one."""
+    rng = resp.get("ContentRange")
+    if rng and "/" in rng:
+        tail = rng.rsplit("/", 1)[1]
+        return int(tail) if tail.isdigit() else None
+    return None
