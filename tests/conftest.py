@@ -33,3 +33,6 @@ def make_db(path: Path, rows: int = 200, page_size: int = 4096, seed: int = 0) -
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+from tests.s3server import moto_server  # noqa: E402, F401  (a session fixture for every test package)

@@ -35,13 +35,6 @@ async def open_engine(tmp: Path, clock: Clock, levels: Levels | None = None) -> 
     return await Engine.open(storage, tmp / "state", levels or Levels(), clock=clock)
 
 
-@pytest.fixture
-def history(tmp_path: Path) -> History:
-    h = History(tmp_path / "live.db")
-    yield h  # type: ignore[misc]
-    h.close()
-
-
 async def test_accepts_snapshot_then_contiguous_and_refuses_the_rest(tmp_path: Path, history: History) -> None:
     clock = Clock()
     engine = await open_engine(tmp_path, clock)

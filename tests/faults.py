@@ -1,0 +1,80 @@
+"""A fault-injecting HTTP proxy for S3 tests: SlowDown every Nth request, 500s, bodies cut mid-way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+@dataclass
+class Faults:
+    slowdown_every: int = 0  # every Nth request answers 503 SlowDown
+    down: bool = False  # every request answers 500 InternalError
+    cut_gets: int = 0  # this many GETs with a body are cut...
+    cut_after: int = 100  # ...after this many bytes
+
+
+class FaultProxy:
+    """Forwards to `upstream` (moto) on 127.0.0.1, injecting `faults`; counts requests."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.faults = Faults()
+        self.requests = 0
+        self.injected = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> str:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        return self.url
+
+    async def stop(self) -> None:
+        if self._session:
+            await self._session.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        f = self.faults
+        if f.down:
+            self.injected += 1
+            return web.Response(status=500, body=SLOWDOWN.replace(b"SlowDown", b"InternalError"),
+                                content_type="application/xml")
+        if f.slowdown_every and self.requests % f.slowdown_every == 0:
+            self.injected += 1
+            return web.Response(status=503, body=SLOWDOWN, content_type="application/xml")
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        assert self._session is not None
+        async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
+                                         data=body) as resp:
+            data = await resp.read()
+            out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}
+        if request.method == "GET" and f.cut_gets > 0 and len(data) > f.cut_after and resp.status < 300:
+            f.cut_gets -= 1
+            self.injected += 1
+            stream = web.StreamResponse(status=resp.status, headers=out_headers)
+            stream.content_length = len(data)
+            await stream.prepare(request)
+            await stream.write(data[:f.cut_after])
+            assert request.transport is not None
+            request.transport.close()  # the connection drops mid-body
+            return stream
+        return web.Response(status=resp.status, headers=out_headers, body=data)

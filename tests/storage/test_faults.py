@@ -1,0 +1,62 @@
+"""S3 through a proxy that answers SlowDown, fails, or cuts bodies mid-way: retries and resumes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import StorageError
+from sidecar.storage.s3 import S3Storage
+from tests.faults import FaultProxy
+from tests.s3server import MotoServer
+
+
+@pytest.fixture
+async def proxied(moto_server: MotoServer) -> AsyncIterator[tuple[S3Storage, FaultProxy]]:
+    proxy = FaultProxy(moto_server.url)
+    url = await proxy.start()
+    bucket = moto_server.create_bucket()
+    store = S3Storage(bucket, "p", endpoint_url=url, force_path_style=True, backoff_base=0.001, backoff_cap=0.01,
+                      max_attempts=6)
+    yield store, proxy
+    await store.close()
+    await proxy.stop()
+
+
+async def test_slowdown_every_third_request_is_retried(proxied: tuple[S3Storage, FaultProxy]) -> None:
+    store, proxy = proxied
+    proxy.faults.slowdown_every = 3
+    for i in range(10):
+        await store.put_bytes(f"k{i}", f"v{i}".encode())
+    assert [o.key for o in await store.list("")] == [f"k{i}" for i in range(10)]
+    assert all([await store.get_bytes(f"k{i}") == f"v{i}".encode() for i in range(10)])
+    assert proxy.injected >= 6
+
+
+async def test_get_cut_mid_body_resumes(proxied: tuple[S3Storage, FaultProxy], tmp_path: Path) -> None:
+    store, proxy = proxied
+    data = os.urandom(200_000)
+    await store.put_bytes("obj", data)
+    proxy.faults.cut_gets, proxy.faults.cut_after = 2, 50_000
+    assert await store.get_bytes("obj") == data
+    proxy.faults.cut_gets = 3
+    await store.download("obj", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert proxy.injected == 5
+
+
+async def test_persistent_failure_is_retryable_error_and_writes_nothing(
+        proxied: tuple[S3Storage, FaultProxy], tmp_path: Path) -> None:
+    store, proxy = proxied
+    proxy.faults.down = True
+    with pytest.raises(StorageError, match="k") as err:
+        await store.put_bytes("k", b"v")
+    assert err.value.retryable
+    with pytest.raises(StorageError):
+        await store.download("k", tmp_path / "k")
+    assert not (tmp_path / "k").exists()
+    proxy.faults.down = False
+    assert await store.list("") == []
