@@ -82,7 +82,7 @@ class Decoder:
             self._body = self._lz4
         self._verify_snapshot = verify_snapshot and self.header.is_snapshot and not self.header.no_checksum
         self._db_crc = 0
-        self._index: list[tuple[int, int, int]] = []
+        self._index: list[int] = []  # flat (pgno, offset, size) per frame, as the page index should list them
         self._pages_done = False
         self._closed = False
         self.page_count = 0
@@ -139,17 +139,29 @@ class Decoder:
 
     def _read_v3_page(self, frame_off: int, page_size: int) -> tuple[int, memoryview]:
         raw = self._raw
-        ph = raw.read(6)
-        pgno, flags = _from_bytes(ph[:4], "big"), _from_bytes(ph[4:6], "big")
-        if pgno == 0:
-            if flags:
-                raise InvalidPage("page number required", offset=frame_off)
-            self._crc = crc(ph, self._crc)
-            return 0, ph
+        if isinstance(raw, BufferSource) and frame_off + 10 <= len(raw.view):
+            # Fast path for buffers: page header and size in one unpack, one CRC call.
+            pgno, flags, csize = _V3_PAGE_HEADER.unpack_from(raw.view, frame_off)
+            if pgno == 0:
+                ph = raw.read(6)
+                if flags:
+                    raise InvalidPage("page number required", offset=frame_off)
+                self._crc = crc(ph, self._crc)
+                return 0, ph
+            head = raw.read(10)
+        else:
+            ph = raw.read(6)
+            pgno, flags = _from_bytes(ph[:4], "big"), _from_bytes(ph[4:6], "big")
+            if pgno == 0:
+                if flags:
+                    raise InvalidPage("page number required", offset=frame_off)
+                self._crc = crc(ph, self._crc)
+                return 0, ph
+            size_bytes = raw.read(4)
+            csize = _from_bytes(size_bytes, "big")
+            head = memoryview(bytes(ph) + bytes(size_bytes))
         if flags != _V3_FLAG_SIZE:
             raise InvalidPage(f"invalid page header flags: 0x{flags:04x}", offset=frame_off)
-        size_bytes = raw.read(4)
-        csize = _from_bytes(size_bytes, "big")
         if csize == 0 or csize > lz4_block_bound(page_size):
             raise InvalidPage(f"page {pgno}: compressed size {csize} out of range", offset=frame_off + 6)
         block = raw.read(csize)
@@ -160,8 +172,8 @@ class Decoder:
         if len(page) != page_size:
             raise CorruptCompression(f"page {pgno}: block decompressed to {len(page)} bytes, want {page_size}",
                                      offset=frame_off + 10)
-        self._crc = crc(page, crc(size_bytes, crc(ph, self._crc)))
-        self._index.append((pgno, frame_off, 10 + csize))
+        self._crc = crc(page, crc(head, self._crc))
+        self._index += (pgno, frame_off, 10 + csize)
         return pgno, memoryview(page)
 
     # -- close -----------------------------------------------------------------------------------------
@@ -216,20 +228,31 @@ class Decoder:
         """Read the v3 page index and require it to describe exactly the frames we read."""
         raw = self._raw
         start = raw.offset
-        entries: list[tuple[int, int, int]] = []
-        while True:
-            pgno = self._uvarint()
-            if pgno == 0:
-                break
-            entries.append((pgno, self._uvarint(), self._uvarint()))
-            if len(entries) > len(self._index):
-                raise InvalidPage("page index has more entries than the file has pages", offset=raw.offset)
+        if isinstance(raw, BufferSource) and len(raw.view) - start >= 24:
+            # The index runs up to its 8-byte size and the 16-byte trailer: decode it in one pass.
+            data = raw.read(len(raw.view) - start - 24)
+            self._crc = crc(data, self._crc)
+            values = _uvarints(data, start)
+            if not values or values[-1] != 0 or len(values) % 3 != 1:
+                raise InvalidPage("page index is malformed", offset=start)
+            values.pop()
+            if 0 in values[::3]:
+                raise InvalidPage("page index has data after its terminator", offset=start)
+        else:
+            values = []
+            while True:
+                pgno = self._uvarint()
+                if pgno == 0:
+                    break
+                values += (pgno, self._uvarint(), self._uvarint())
+                if len(values) > len(self._index):
+                    raise InvalidPage("page index has more entries than the file has pages", offset=raw.offset)
         index_len = raw.offset - start
         size_bytes = raw.read(8)
         self._crc = crc(size_bytes, self._crc)
         if _from_bytes(size_bytes, "big") != index_len:
             raise InvalidPage(f"page index size {_from_bytes(size_bytes, 'big')} != {index_len}", offset=start)
-        if entries != self._index:
+        if values != self._index:
             raise InvalidPage("page index does not match the page frames", offset=start)
 
     def _uvarint(self) -> int:
@@ -244,6 +267,25 @@ class Decoder:
             shift += 7
             if shift > 63:
                 raise InvalidPage("page index varint overflows 64 bits", offset=self._raw.offset)
+
+
+def _uvarints(data: BytesLike, offset: int) -> list[int]:
+    """Every unsigned LEB128 varint in `data`; raises InvalidPage if the last one is cut short."""
+    out: list[int] = []
+    append = out.append
+    value = shift = 0
+    for byte in bytes(data):
+        if byte < 0x80:
+            append(value | (byte << shift))
+            value = shift = 0
+        else:
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if shift > 63:
+                raise InvalidPage("page index varint overflows 64 bits", offset=offset)
+    if shift:
+        raise InvalidPage("page index ends inside a varint", offset=offset + len(bytes(data)))
+    return out
 
 
 def decode(data: BinaryIO | BytesLike, version: Version | int) -> tuple[Header, list[tuple[int, bytes]], Trailer]:

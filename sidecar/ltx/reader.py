@@ -34,7 +34,7 @@ class BufferSource:
     """Reads from an in-memory buffer or mmap without copying."""
 
     def __init__(self, data: BytesLike, offset: int = 0) -> None:
-        self._view = memoryview(data).cast("B")
+        self.view = self._view = memoryview(data).cast("B")
         self.offset = offset
 
     def read(self, n: int) -> memoryview:
