@@ -2,6 +2,6 @@
 
 from types import ModuleType
 
-from sidecar.commands import backup, ltx
+from sidecar.commands import backup, ltx, serve
 
-COMMAND_MODULES: list[ModuleType] = [backup, ltx]
+COMMAND_MODULES: list[ModuleType] = [serve, backup, ltx]

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
@@ -33,9 +34,22 @@ from sidecar.engine.index import DbIndex, FileEntry, restore_points, scan
 from sidecar.engine.levels import Levels, due
 from sidecar.engine.restore import RestoreResult, plan_restore, restore
 from sidecar.errors import PosMismatch, SidecarError, StorageError, validate_db_name
-from sidecar.ltx import FLAG_NO_CHECKSUM, Header, LTXError, Pos, Trailer, Version, format_filename, parse_filename
+from sidecar.ltx import (
+    FLAG_COMPRESS_LZ4,
+    FLAG_NO_CHECKSUM,
+    Header,
+    LTXError,
+    Pos,
+    Trailer,
+    Version,
+    format_filename,
+    lock_pgno,
+    parse_filename,
+)
 from sidecar.ltx.compactor import compact
 from sidecar.ltx.decoder import Decoder
+from sidecar.ltx.encoder import Encoder
+from sidecar.ltx.sqlite import database_checksum_of, encode_db, sqlite_page_size
 from sidecar.storage.base import SNAPSHOT_LEVEL, Storage, parse_ltx_key
 
 log = structlog.get_logger("sidecar.engine")
@@ -64,7 +78,9 @@ class DbState:
     pending: list[Pending] = field(default_factory=list)
     pos: Pos = field(default_factory=Pos)
     page_size: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # uploads and flushes
+    maint: asyncio.Lock = field(default_factory=asyncio.Lock)  # compaction, retention, restores
+    uploading: int = 0  # uploads being validated or written right now
     last_run: dict[int, float] = field(default_factory=dict)
     last_upload: float = 0.0
 
@@ -252,7 +268,14 @@ class Engine:
         PosMismatch with the current position, and nothing is stored.
         """
         st = self._state(cluster, name, create=True)
-        header, post = await _validate_upload(data, f"{cluster}/{name}")
+        st.uploading += 1
+        try:
+            return await self._write_tx(st, name, data)
+        finally:
+            st.uploading -= 1
+
+    async def _write_tx(self, st: DbState, name: str, data: bytes) -> int:
+        header, post = await _validate_upload(data, f"{st.cluster}/{name}")
         async with st.lock:
             if st.page_size and header.page_size != st.page_size and not header.is_snapshot:
                 raise PosMismatch(name, st.pos, f"page size {header.page_size} differs from the database's "
@@ -324,9 +347,12 @@ class Engine:
         now = self.clock() if now is None else now
         lv = self.levels
         for st in list(self.dbs.values()):
-            async with st.lock:
-                if st.pending and now - st.pending[0].arrived >= lv.l0_interval:
+            if st.pending and now - st.pending[0].arrived >= lv.l0_interval:
+                async with st.lock:
                     await self._flush(st)
+            # Compaction only adds files and retention only removes what flushes never touch, so
+            # uploads go on meanwhile; restores take `maint` so their inputs stay put.
+            async with st.maint:
                 for level in (*lv.compacted, SNAPSHOT_LEVEL):
                     if due(st.last_run.get(level), now, lv.interval(level)):
                         await self._compact_level(st, level)
@@ -335,7 +361,7 @@ class Engine:
 
     async def compact_level(self, cluster: str, name: str, level: int) -> FileEntry | None:
         st = self._state(cluster, name)
-        async with st.lock:
+        async with st.maint:
             return await self._compact_level(st, level)
 
     async def _compact_level(self, st: DbState, level: int) -> FileEntry | None:
@@ -417,8 +443,107 @@ class Engine:
         st = self._state(cluster, name)
         async with st.lock:
             await self._flush(st)
+        async with st.maint:
             plan = plan_restore(st.index, txid=txid, timestamp=timestamp)
             return await restore(self.storage, st.prefix, plan, out, integrity_check=integrity_check)
+
+
+    async def snapshot_file(self, cluster: str, name: str, out: str | os.PathLike[str], *,
+                            timestamp: int | None = None, txid: int | None = None,
+                            compress: bool = True) -> tuple[Header, Trailer]:
+        """Write an LTX v2 snapshot (TXIDs 1..N) of the stored state, latest or at a target, to `out`.
+
+        This is what `GET /db/snapshot` serves to LiteFS: its MaxTXID and post-apply checksum equal
+        the position it represents.
+        """
+        with tempfile.TemporaryDirectory(prefix="snap-", dir=self._tmp()) as tmp:
+            db = Path(tmp) / "db"
+            result = await self.restore_to(cluster, name, db, timestamp=timestamp, txid=txid)
+
+            def encode() -> tuple[Header, Trailer]:
+                with open(db, "rb") as src, open(out, "wb") as dst:
+                    h, t = encode_db(src, dst, version=Version.V2, compress=compress, txid=result.txid,
+                                     timestamp=result.timestamp)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                return h, t
+            header, trailer = await asyncio.to_thread(encode)
+        if trailer.post_apply_checksum != result.checksum:
+            raise SidecarError(f"{cluster}/{name}: snapshot checksum {trailer.post_apply_checksum:016x} != restored "
+                               f"{result.checksum:016x}")
+        return header, trailer
+
+    async def write_state(self, cluster: str, name: str, db_path: str | os.PathLike[str]) -> Pos:
+        """Append the SQLite file at `db_path` as the next transaction: every page, one new TXID.
+
+        Operator restores and uploads use this, as LiteFS Cloud did: history is kept (the previous
+        state stays restorable) and a LiteFS primary finds the server ahead and pulls the snapshot.
+        """
+        st = self._state(cluster, name, create=True)
+        with tempfile.TemporaryDirectory(prefix="state-", dir=self._tmp()) as tmp:
+            ltx = Path(tmp) / "next.ltx"
+            pos = st.pos
+
+            def encode() -> None:
+                with open(db_path, "rb") as src, open(ltx, "wb") as dst:
+                    encode_head(src, dst, pos, int(self.clock() * 1000))
+            await asyncio.to_thread(encode)
+            data = await asyncio.to_thread(ltx.read_bytes)
+        await self.write_tx(cluster, name, data)
+        async with st.lock:
+            await self._flush(st)
+        return st.pos
+
+    async def delete_database(self, cluster: str, name: str) -> int:
+        """Forget a database and delete every stored file of it; returns how many files were deleted."""
+        st = self._state(cluster, name)
+        async with st.lock, st.maint:
+            files = list(st.index)
+            await self.storage.delete([e.key(self.storage.kind, st.prefix) for e in files])
+            shutil.rmtree(st.dir, ignore_errors=True)
+            del self.dbs[(cluster, name)]
+        return len(files)
+
+    async def clone(self, cluster: str, name: str, to_cluster: str, to_name: str) -> Pos:
+        """Copy a database's latest state into another cluster/name as its new head."""
+        with tempfile.TemporaryDirectory(prefix="clone-", dir=self._tmp()) as tmp:
+            db = Path(tmp) / "db"
+            await self.restore_to(cluster, name, db)
+            return await self.write_state(to_cluster, to_name, db)
+
+    def _tmp(self) -> Path:
+        path = self.state_dir / ".tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def encode_head(src: BinaryIO, dst: BinaryIO, pos: Pos, timestamp: int) -> tuple[Header, Trailer]:
+    """An LTX v2 file taking a database at `pos` to the state in `src`: every page, TXID pos+1.
+
+    At position zero this is a plain snapshot. Otherwise it is an incremental file that writes every
+    page (and truncates to the new size), which any LTX reader applies on top of `pos`.
+    """
+    if pos.is_zero:
+        return encode_db(src, dst, version=Version.V2, compress=True, txid=1, timestamp=timestamp)
+    src.seek(0, os.SEEK_END)
+    size = src.tell()
+    src.seek(0)
+    page_size = sqlite_page_size(src.read(100))
+    if size % page_size:
+        raise SidecarError(f"database size {size} is not a multiple of its page size {page_size}")
+    commit = size // page_size
+    header = Header(page_size=page_size, commit=commit, min_txid=pos.txid + 1, max_txid=pos.txid + 1,
+                    timestamp=timestamp, pre_apply_checksum=pos.post_apply_checksum, flags=FLAG_COMPRESS_LZ4)
+    enc = Encoder(dst, header, Version.V2)
+    lock = lock_pgno(page_size)
+    src.seek(0)
+    for pgno in range(1, commit + 1):
+        page = src.read(page_size)
+        if pgno != lock:
+            enc.write_page(pgno, page)
+    src.seek(0)
+    post, _ = database_checksum_of(src, page_size)
+    return header, enc.close(post)
 
 
 def retention_victims(index: DbIndex, levels: Levels, now: float) -> list[FileEntry]:
@@ -508,4 +633,4 @@ def _close_quietly(mm: mmap.mmap) -> None:
         pass
 
 
-__all__ = ["DbState", "DbStatus", "Engine", "retention_victims"]
+__all__ = ["DbState", "DbStatus", "Engine", "encode_head", "retention_victims"]

@@ -1,0 +1,144 @@
+"""The operator API (JSON): list, restore as a new head, download, upload, clone, delete.
+
+    GET    /api/databases                     clusters and databases: position, HWM, lag, size, restore points
+    GET    /api/db?db=NAME                    one database, with its restore points
+    POST   /api/restore?db=NAME               {"timestamp": RFC 3339} or {"txid": hex}: append that state as head
+    GET    /api/download?db=NAME[&timestamp=|&txid=][&format=sqlite|ltx]
+    POST   /api/upload?db=NAME                body: a SQLite file, appended as the new head
+    POST   /api/clone?db=NAME&to_cluster=C[&to_db=N]
+    DELETE /api/db?db=NAME
+
+A cluster token sees and changes only its own cluster; the admin token (`?cluster=` to choose) all.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from sidecar.errors import RestoreError, SidecarError, validate_db_name
+from sidecar.ltx import format_timestamp
+from sidecar.ltx.sqlite import sqlite_page_size
+from sidecar.server.app import ADMIN, CLUSTER
+from sidecar.storage.base import parse_rfc3339
+
+if TYPE_CHECKING:
+    from sidecar.server.app import Server
+
+
+def add_routes(server: Server, app: web.Application) -> None:
+    api = OperatorAPI(server)
+    r = app.router
+    r.add_get("/api/databases", api.list_databases)
+    r.add_get("/api/db", api.get_db)
+    r.add_delete("/api/db", api.delete_db)
+    r.add_post("/api/restore", api.restore)
+    r.add_get("/api/download", api.download)
+    r.add_post("/api/upload", api.upload)
+    r.add_post("/api/clone", api.clone)
+
+
+def _target(params: Any) -> tuple[int | None, int | None]:
+    ts = params.get("timestamp") or None
+    txid = params.get("txid") or None
+    if ts and txid:
+        raise RestoreError("give timestamp or txid, not both")
+    try:
+        return (int(txid, 16) if txid else None), (parse_rfc3339(ts) if ts else None)
+    except ValueError:
+        raise RestoreError(f"invalid target: timestamp={ts!r} txid={txid!r}") from None
+
+
+class OperatorAPI:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.engine = server.engine
+
+    def _db(self, request: web.Request) -> tuple[str, str]:
+        return self.server._db(request)
+
+    def _describe(self, cluster: str, name: str, points: bool = False) -> dict[str, Any]:
+        st = self.engine.status(cluster, name)
+        out: dict[str, Any] = {
+            "cluster": cluster, "name": name, "txid": f"{st.pos.txid:016x}",
+            "postApplyChecksum": f"{st.pos.post_apply_checksum:016x}", "hwm": f"{st.hwm:016x}",
+            "lag": st.pos.txid - st.hwm, "size": st.stored_bytes, "files": st.files,
+            "lastUpload": st.last_upload or None}
+        rp = self.engine.restore_points(cluster, name)
+        out["restorePoints"] = len(rp)
+        if rp:
+            out["oldest"] = format_timestamp(rp[0][1])
+            out["newest"] = format_timestamp(rp[-1][1])
+        if points:
+            out["points"] = [{"txid": f"{t:016x}", "timestamp": format_timestamp(ts), "level": lv}
+                             for t, ts, lv in rp]
+        return out
+
+    async def list_databases(self, request: web.Request) -> web.Response:
+        cluster = request[CLUSTER]
+        clusters = self.engine.clusters() if cluster == "*" else [cluster]
+        return web.json_response({"clusters": [
+            {"name": c, "databases": [self._describe(c, n) for n in self.engine.databases(c)]} for c in clusters]})
+
+    async def get_db(self, request: web.Request) -> web.Response:
+        cluster, name = self._db(request)
+        if self.engine.get(cluster, name) is None:
+            raise SidecarError(f"unknown database {cluster}/{name}")
+        return web.json_response(self._describe(cluster, name, points=True))
+
+    async def delete_db(self, request: web.Request) -> web.Response:
+        cluster, name = self._db(request)
+        n = await self.engine.delete_database(cluster, name)
+        return web.json_response({"deleted": n})
+
+    async def restore(self, request: web.Request) -> web.Response:
+        cluster, name = self._db(request)
+        body = await request.json() if request.can_read_body else {}
+        if not isinstance(body, dict):
+            raise RestoreError("body must be a JSON object")
+        txid, ts = _target(body)
+        with tempfile.TemporaryDirectory(prefix="api-", dir=self.engine._tmp()) as tmp:
+            db = Path(tmp) / "db"
+            result = await self.engine.restore_to(cluster, name, db, txid=txid, timestamp=ts, integrity_check=True)
+            pos = await self.engine.write_state(cluster, name, db)
+        return web.json_response({"restored": {"txid": f"{result.txid:016x}",
+                                               "timestamp": format_timestamp(result.timestamp)},
+                                  "txid": f"{pos.txid:016x}", "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        cluster, name = self._db(request)
+        txid, ts = _target(request.query)
+        fmt = request.query.get("format", "sqlite")
+        if fmt not in ("sqlite", "ltx"):
+            raise SidecarError(f"format {fmt!r}: want sqlite or ltx")
+        return await self.server.send_snapshot(request, cluster, name, timestamp=ts, txid=txid, sqlite=fmt == "sqlite")
+
+    async def upload(self, request: web.Request) -> web.Response:
+        cluster, name = self._db(request)
+        data = await self.server._read_body(request)
+        try:
+            page_size = sqlite_page_size(data[:100])
+        except Exception as err:
+            raise SidecarError(f"upload of {name!r}: not a SQLite database ({err})") from None
+        if len(data) % page_size:
+            raise SidecarError(f"upload of {name!r}: size {len(data)} is not a multiple of page size {page_size}")
+        with tempfile.TemporaryDirectory(prefix="api-", dir=self.engine._tmp()) as tmp:
+            db = Path(tmp) / "db"
+            db.write_bytes(data)
+            pos = await self.engine.write_state(cluster, name, db)
+        return web.json_response({"txid": f"{pos.txid:016x}", "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
+
+    async def clone(self, request: web.Request) -> web.Response:
+        cluster, name = self._db(request)
+        to_cluster = request.query.get("to_cluster", "")
+        to_db = request.query.get("to_db") or name
+        validate_db_name(to_cluster)
+        validate_db_name(to_db)
+        if not request.get(ADMIN) and to_cluster != cluster:
+            from sidecar.server.app import error
+            return error(401, "EINVALIDAUTH", f"token does not grant cluster {to_cluster!r}")
+        pos = await self.engine.clone(cluster, name, to_cluster, to_db)
+        return web.json_response({"cluster": to_cluster, "name": to_db, "txid": f"{pos.txid:016x}"})

@@ -1,0 +1,58 @@
+"""A real backup server on 127.0.0.1 for each test, over a local store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from sidecar.engine import Engine, Levels
+from sidecar.server import ServerConfig, serve
+from sidecar.storage import open_storage
+
+TOKEN = "tok-default-0123456789abcdef"
+OTHER = "tok-other-0123456789abcdef0"
+ADMIN = "tok-admin-0123456789abcdef0"
+
+
+@dataclass
+class Running:
+    url: str
+    engine: Engine
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    root: Path
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await self.task
+
+
+async def start_server(root: Path, *, l0_interval: float = 0.0, max_body: int = 1 << 30) -> Running:
+    storage = open_storage(f"file://{root / 'store'}")
+    engine = await Engine.open(storage, root / "state", Levels(l0_interval=l0_interval))
+    config = ServerConfig(tokens={TOKEN: "default", OTHER: "other"}, admin_token=ADMIN, max_body_size=max_body)
+    stop = asyncio.Event()
+    started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(engine, config, "127.0.0.1", 0, stop=stop, grace=5,
+                                     started=started.set_result))
+    url = await asyncio.wait_for(started, 10)
+    return Running(url, engine, stop, task, root)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Running]:
+    srv = await start_server(tmp_path)
+    yield srv
+    if not srv.task.done():
+        await srv.shutdown()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

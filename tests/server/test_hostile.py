@@ -1,0 +1,99 @@
+"""Hostile and malformed requests: each gets a clear JSON error, and nothing is stored."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import LITEFS
+from tests.server.conftest import OTHER, TOKEN, Running, start_server
+
+SNAPSHOT = sorted((LITEFS / "uploads").glob("*fx-wal.db-0000000000000001-*.ltx"))[0].read_bytes()
+
+
+async def post(http: aiohttp.ClientSession, url: str, db: str, body: bytes, auth: str | None = TOKEN,
+               **params: str) -> tuple[int, dict[str, object]]:
+    headers = {"Authorization": auth} if auth is not None else {}
+    async with http.post(f"{url}/db/tx", params={"db": db, **params}, data=body, headers=headers) as resp:
+        return resp.status, (await resp.json() if resp.status != 200 else {"hwm": resp.headers["Litefs-Hwm"]})
+
+
+@pytest.mark.parametrize(("auth", "params"), [
+    (None, {}), ("wrong-token-0123456789", {}), (f"FlyV1 {TOKEN}x", {}), (f"Bearer {OTHER}", {"cluster": "default"}),
+    (f"Basic {TOKEN}", {})])
+async def test_bad_credentials_are_refused(server: Running, http: aiohttp.ClientSession, auth: str | None,
+                                           params: dict[str, str]) -> None:
+    status, body = await post(http, server.url, "app.db", SNAPSHOT, auth, **params)
+    assert status == 401 and body["code"] == "EINVALIDAUTH"
+    async with http.get(f"{server.url}/pos", headers={"Authorization": auth or ""}, params=params) as resp:
+        assert resp.status == 401
+    assert server.engine.databases("default") == [] and server.engine.databases("other") == []
+
+
+async def test_a_token_reaches_only_its_cluster(server: Running, http: aiohttp.ClientSession) -> None:
+    assert (await post(http, server.url, "app.db", SNAPSHOT, OTHER))[0] == 200
+    async with http.get(f"{server.url}/pos", headers={"Authorization": TOKEN}) as resp:
+        assert await resp.json() == {}
+    async with http.get(f"{server.url}/pos", headers={"Authorization": f"Bearer {OTHER}"}) as resp:
+        assert list(await resp.json()) == ["app.db"]
+    async with http.get(f"{server.url}/db/snapshot", params={"db": "app.db"},
+                        headers={"Authorization": TOKEN}) as resp:
+        assert resp.status == 404
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "..", ".", "a\\b", "x\x00y", "tab\there", "n" * 256, ""])
+async def test_bad_database_names(server: Running, http: aiohttp.ClientSession, name: str) -> None:
+    status, body = await post(http, server.url, name, SNAPSHOT)
+    assert status == 400 and body["code"] == "EBADDB", body
+    assert not list((server.root / "store").rglob("*.ltx"))
+
+
+async def test_malformed_bodies(server: Running, http: aiohttp.ClientSession) -> None:
+    for body in (b"", b"not an ltx file", SNAPSHOT[:-1], SNAPSHOT[:100], SNAPSHOT[:-8] + b"\0" * 8):
+        status, reply = await post(http, server.url, "app.db", body)
+        assert (status == 400 and reply["code"] == "EBADLTX" and "app.db" in str(reply["error"])) or \
+            reply["error"] == "empty request body: want an LTX file", reply
+    assert server.engine.pos("default", "app.db").is_zero
+    increment = sorted((LITEFS / "uploads").glob("*fx-wal.db-0000000000000011-*.ltx"))[0].read_bytes()
+    status, reply = await post(http, server.url, "app.db", increment)  # not a snapshot on an empty database
+    assert status == 409 and reply["code"] == "EPOSMISMATCH"
+    assert reply["pos"] == {"txid": "0000000000000000", "postApplyChecksum": "0000000000000000"}
+    assert not list((server.root / "store").rglob("*.ltx"))
+
+
+async def test_body_size_limit(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    srv = await start_server(tmp_path, max_body=1000)
+    try:
+        status, body = await post(http, srv.url, "app.db", SNAPSHOT)
+        assert status == 413 and body["code"] == "ETOOLARGE"
+    finally:
+        await srv.shutdown()
+
+
+async def test_health_ready_and_metrics(server: Running, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{server.url}/healthz") as resp:
+        assert resp.status == 200
+    async with http.get(f"{server.url}/readyz") as resp:
+        assert resp.status == 200
+    await post(http, server.url, "app.db", SNAPSHOT)
+    await post(http, server.url, "app.db", SNAPSHOT, "nope-nope-nope-nope")
+    async with http.get(f"{server.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'lfsc_uploads_total{cluster="default"} 1.0' in text
+    assert 'lfsc_rejections_total{code="EINVALIDAUTH"} 1.0' in text
+    assert "lfsc_hwm_lag_txids" in text and "lfsc_request_seconds_bucket" in text
+
+
+def test_serve_refuses_to_start_without_tokens(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--storage", f"file://{tmp_path}/s",
+                           "--state-dir", str(tmp_path / "st")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "no tokens configured" in proc.stderr
+    (tmp_path / "tokens").write_text("default short\n")
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--tokens", str(tmp_path / "tokens")],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "shorter than 16" in proc.stderr
