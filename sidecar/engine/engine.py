@@ -49,6 +49,7 @@ from sidecar.ltx import (
 from sidecar.ltx.compactor import compact
 from sidecar.ltx.decoder import Decoder
 from sidecar.ltx.encoder import Encoder
+from sidecar.ltx.errors import InvalidHeader
 from sidecar.ltx.sqlite import database_checksum_of, encode_db, sqlite_page_size
 from sidecar.storage.base import SNAPSHOT_LEVEL, Storage, parse_ltx_key
 
@@ -278,8 +279,8 @@ class Engine:
         header, post = await _validate_upload(data, f"{st.cluster}/{name}")
         async with st.lock:
             if st.page_size and header.page_size != st.page_size and not header.is_snapshot:
-                raise PosMismatch(name, st.pos, f"page size {header.page_size} differs from the database's "
-                                                f"{st.page_size}")
+                raise InvalidHeader(f"{st.cluster}/{name}: page size {header.page_size} differs from the "
+                                    f"database's {st.page_size}", field="page_size")
             if header.is_snapshot:
                 if header.max_txid <= st.pos.txid:
                     raise PosMismatch(name, st.pos, f"snapshot at TXID {header.max_txid:016x} is not ahead")

@@ -97,3 +97,41 @@ def test_serve_refuses_to_start_without_tokens(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--tokens", str(tmp_path / "tokens")],
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "shorter than 16" in proc.stderr
+
+
+async def test_page_size_change_gap_and_the_backup_stays_intact(server: Running, http: aiohttp.ClientSession,
+                                                                 tmp_path: Path) -> None:
+    """A page size change (422), a TXID gap (409): refused, and `verify` and a restore still agree."""
+    import asyncio
+
+    from sidecar.cli import main
+    from tests.engine.history import History
+    history = History(tmp_path / "live.db")
+    for _ in range(3):
+        history.write()
+        assert (await post(http, server.url, "app.db", history.commit(1)))[0] == 200
+    history.write()
+    history.commit(2)  # TXID 4 is never sent
+    history.write()
+    status, body = await post(http, server.url, "app.db", history.commit(3))
+    assert status == 409 and body["code"] == "EPOSMISMATCH" and body["pos"]["txid"] == "0000000000000003"
+    other = History(tmp_path / "other.db", page_size=1024)
+    for _ in range(4):
+        other.write()
+        data = other.commit(1)
+    from sidecar.ltx import Version
+    from sidecar.ltx.decoder import decode
+    from sidecar.ltx.encoder import encode
+    h, pages, t = decode(data, Version.V2)
+    pos = server.engine.pos("default", "app.db")
+    forged = encode(h.replace(pre_apply_checksum=pos.post_apply_checksum), pages, Version.V2, t.post_apply_checksum)
+    status, body = await post(http, server.url, "app.db", forged)
+    assert status == 422 and body["code"] == "EBADHEADER" and "page size 1024" in str(body["error"])
+    assert server.engine.pos("default", "app.db") == pos
+    out = tmp_path / "out.db"
+    result = await server.engine.restore_to("default", "app.db", out, integrity_check=True)
+    assert result.txid == 3 and result.checksum == history.checksums[3]
+    url = f"file://{server.root / 'store' / 'default' / 'app.db'}"
+    assert await asyncio.to_thread(main, ["verify", url]) == 0
+    history.close()
+    other.close()
