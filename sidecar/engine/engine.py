@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import mmap
 import os
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ import structlog
 
 from sidecar.engine.index import DbIndex, FileEntry, restore_points, scan
 from sidecar.engine.levels import Levels, due
-from sidecar.engine.restore import RestoreResult, plan_restore, restore
+from sidecar.engine.restore import RestoreResult, map_files, plan_restore, restore
 from sidecar.errors import PosMismatch, SidecarError, StorageError, validate_db_name
 from sidecar.ltx import (
     FLAG_COMPRESS_LZ4,
@@ -613,25 +612,13 @@ def _write_durably(path: Path, data: bytes) -> None:
 def _compact_files(paths: Sequence[Path], out: Path, version: Version) -> tuple[Header, Trailer]:
     """Compact local LTX files (all of `version`) into one v3 no-checksum file with extension checksums."""
     with ExitStack() as stack:
-        maps = []
-        for p in paths:
-            f = stack.enter_context(open(p, "rb"))
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            stack.callback(_close_quietly, mm)
-            maps.append(mm)
+        maps = map_files(stack, paths)
         with open(out, "wb") as dst:
             header, trailer = compact(maps, dst, version=version, flags=FLAG_NO_CHECKSUM, out_version=Version.V3,
                                       allow_overlap=True)
             dst.flush()
             os.fsync(dst.fileno())
     return header, trailer
-
-
-def _close_quietly(mm: mmap.mmap) -> None:
-    try:
-        mm.close()
-    except BufferError:
-        pass
 
 
 __all__ = ["DbState", "DbStatus", "Engine", "encode_head", "retention_victims"]

@@ -130,12 +130,7 @@ def _merge_into(paths: Sequence[Path], plan: Sequence[FileEntry], tmp: Path,
     total = sum(e.size for e in plan)
     last = plan[-1]
     with ExitStack() as stack:
-        maps = []
-        for path in paths:
-            f = stack.enter_context(open(path, "rb"))
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            stack.callback(_close_map, mm)
-            maps.append(mm)
+        maps = map_files(stack, paths)
         try:
             decoders = [Decoder(mm, Version.V3) for mm in maps]
             headers = [d.header for d in decoders]
@@ -157,6 +152,17 @@ def _merge_into(paths: Sequence[Path], plan: Sequence[FileEntry], tmp: Path,
         raise RestoreError(f"restored database checksum {checksum:016x} != {last.post:016x} stored for TXID "
                            f"{last.max_txid:016x}; nothing was written")
     return RestoreResult(last.max_txid, last.timestamp, checksum, pages, page_size, len(plan), verified)
+
+
+def map_files(stack: ExitStack, paths: Sequence[Path]) -> list[mmap.mmap]:
+    """Map each file read-only; the maps close when `stack` does."""
+    maps = []
+    for path in paths:
+        f = stack.enter_context(open(path, "rb"))
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        stack.callback(_close_map, mm)
+        maps.append(mm)
+    return maps
 
 
 def _close_map(mm: mmap.mmap) -> None:
