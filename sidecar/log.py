@@ -1,38 +1,82 @@
-"""The only structlog.configure() call: JSON lines in production, colour at a TTY."""
+"""The only structlog.configure() call: JSON lines in production, colour at a TTY, one stream for everything.
+
+structlog events and stdlib records (aiohttp's access log, botocore, asyncio) pass through the same chain:
+context variables, logger name, level and an ISO UTC timestamp, then one renderer. structlog hands its events
+to stdlib logging, so a single handler on the root logger writes every line.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 import structlog
+from structlog.processors import ExceptionRenderer
+from structlog.tracebacks import ExceptionDictTransformer
+from structlog.typing import FilteringBoundLogger, Processor
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+FORMATS = ("json", "console", "auto")
+
+# Chatty libraries stay at INFO even when we debug: botocore logs every request's signature at DEBUG.
+_NOISY = ("botocore", "aiobotocore", "s3transfer", "urllib3")
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Ours, so that a second setup() replaces it and leaves other handlers (pytest's caplog) alone."""
 
 
 def setup(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Configure structlog and stdlib logging (aiohttp, botocore) to render through one processor chain."""
+    """Route structlog and stdlib logging through one renderer on `stream` (default: the current sys.stderr).
+
+    `fmt` is "json" (one object per line), "console", or "auto": console at a TTY, JSON otherwise.
+    Calling it again replaces the previous setup.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"log level {level!r}: must be one of {', '.join(LEVELS)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format {fmt!r}: must be one of {', '.join(FORMATS)}")
     stream = stream or sys.stderr
+    tty = stream.isatty()
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
-    shared: list[Any] = [
+        fmt = "console" if tty else "json"
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    # Tracebacks as data, without locals: a frame's locals may hold a token.
+    tracebacks = ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+    render: list[Processor] = (
+        [tracebacks, structlog.processors.JSONRenderer(default=str)] if fmt == "json"
+        else [structlog.dev.ConsoleRenderer(colors=tty)])
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        processors=[*shared, structlog.processors.StackInfoRenderer(),
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        # Not cached: module-level loggers must see a later setup() (tests, or a --log-level change).
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(processors=[
-        structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer], foreign_pre_chain=shared))
+    handler = _Handler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render]))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS[level])
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(max(LEVELS[level], logging.INFO))
 
 
-def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+def get_logger(name: str) -> FilteringBoundLogger:
+    """A structlog logger named `name` (the stdlib logger it writes through has the same name)."""
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger
+
+
+__all__ = ["FORMATS", "LEVELS", "get_logger", "setup"]
