@@ -283,9 +283,12 @@ def env_name(section: str, name: str) -> str:
     return (ENV_PREFIX + ("" if section == "sidecar" else f"{section}_") + name).upper()
 
 
-def flag_name(name: str) -> str:
-    """The command-line flag of one setting: `batch_interval` → `--batch-interval`."""
-    return "--" + name.replace("_", "-")
+def flag_name(name: str, section: str = "") -> str:
+    """The command-line flag of one setting: `batch_interval` → `--batch-interval`; `[log] level` → `--log-level`."""
+    return "--" + (f"{section}-" if section in _PREFIXED else "") + name.replace("_", "-")
+
+
+_PREFIXED = {"log"}  # sections whose short field names would be ambiguous as flags
 
 
 def section_fields(section: str) -> tuple[dataclasses.Field[Any], ...]:
@@ -401,7 +404,7 @@ def _from_flags(flags: Mapping[str, Any], wanted: Sequence[str], given: dict[str
         if section not in wanted or name not in {f.name for f in section_fields(section)}:
             raise ValueError(f"flag for {key!r}: not a setting of the loaded sections {list(wanted)}")
         if value is not None:
-            given[key] = _Given(value, f"flag {flag_name(name)}")
+            given[key] = _Given(value, f"flag {flag_name(name, section)}")
 
 
 def _check_engine(cfg: EngineConfig, given: Mapping[str, _Given], problems: list[str]) -> None:
@@ -502,7 +505,7 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, section
             kwargs["choices"] = meta["choices"]
         else:
             kwargs["metavar"] = _METAVARS.get(meta["type"], name.upper())
-        parser.add_argument(flag_name(name), **kwargs)
+        parser.add_argument(flag_name(name, section), **kwargs)
 
 
 def flags_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ Every setting is taken from, later sources winning:
 1. its default, below;
 2. the TOML file given with `--config FILE`, as `key = value` in the section's table;
 3. its environment variable: `{ENV_PREFIX}<KEY>` for `[sidecar]`, `{ENV_PREFIX}<SECTION>_<KEY>` for the others;
-4. its command-line flag, `--key-name`, where the command has one.
+4. its command-line flag, `--key-name` (`--log-level`, `--log-format` for `[log]`), where the command has one.
 
 Secrets are read only from the environment: a secret in the file is an error, and secrets have no flags.
 Unknown tables, keys and `{ENV_PREFIX}*` variables are errors too, and every problem is reported at once,

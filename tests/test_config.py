@@ -387,9 +387,9 @@ class TestFlags:
     def test_bool_and_choice_flags(self) -> None:
         """Booleans get --x/--no-x; choices are checked by argparse."""
         assert self.parse(["--no-s3-force-path-style"], "engine") == {"engine.s3_force_path_style": False}
-        assert self.parse(["--level", "debug"], "log") == {"log.level": "debug"}
+        assert self.parse(["--log-level", "debug"], "log") == {"log.level": "debug"}
         with pytest.raises(SystemExit):
-            self.parse(["--level", "loud"], "log")
+            self.parse(["--log-level", "loud"], "log")
 
     def test_subset_of_fields(self) -> None:
         """Only the named fields get flags, so two sections can share a parser."""

@@ -1,0 +1,127 @@
+"""Upload bodies: local LTX files compacted into one LTX v2 file, renumbered into upstream's TXIDs when needed.
+
+LiteFS's own backup client compacts up to 256 per-transaction files into one upload with NodeID 0, zero WAL
+fields and the last transaction's timestamp (spec/litefs.md §10). We do the same, and can also give the result
+other TXIDs and another pre-apply checksum. That is only sound when the first input holds every page (a
+snapshot, or the transaction LiteFS writes for `POST /import`): such a file takes any state to its own.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+from sidecar.engine.restore import map_files
+from sidecar.ltx import FLAG_COMPRESS_LZ4, Header, LTXError, Pos, Version
+from sidecar.ltx.compactor import check_contiguous, compacted_header, merge_pages
+from sidecar.ltx.decoder import Decoder
+from sidecar.ltx.encoder import Encoder
+from sidecar.ltx.sqlite import Applier, database_checksum_of, sqlite_page_size
+from sidecar.ltx.types import lock_pgno
+
+_MAP_AT = 4 << 20
+
+
+def compact_files(paths: Sequence[Path], *, min_txid: int | None = None, max_txid: int | None = None,
+                  pre: int | None = None) -> tuple[bytes, Header, int]:
+    """Compact `paths` (one unbroken chain) into one LTX v2 upload; returns (body, header, post-apply checksum).
+
+    `min_txid`, `max_txid` and `pre` renumber the result; the caller guarantees the first input holds every
+    page. Every input's checksums are verified; a broken file raises LTXError naming it.
+    """
+    with ExitStack() as stack:
+        decoders = []
+        for path in paths:
+            try:
+                decoders.append(Decoder(_load(stack, path), Version.V2))
+            except LTXError as err:
+                raise type(err)(f"{path}: {err}", field=err.field) from err
+        headers = [d.header for d in decoders]
+        check_contiguous(headers)
+        header = compacted_header(headers, headers[0].flags & FLAG_COMPRESS_LZ4)
+        changes = {k: v for k, v in (("min_txid", min_txid), ("max_txid", max_txid), ("pre_apply_checksum", pre))
+                   if v is not None}
+        header = header.replace(**changes)
+        out = io.BytesIO()
+        enc = Encoder(out, header, Version.V2)
+        for pgno, page in merge_pages(decoders, header.commit):
+            enc.write_page(pgno, page)
+        trailers = []
+        for path, d in zip(paths, decoders, strict=True):
+            try:
+                trailers.append(d.close())
+            except LTXError as err:
+                raise type(err)(f"{path}: {err}", field=err.field) from err
+        check_contiguous(headers, trailers)
+        post = trailers[-1].post_apply_checksum
+        if changes and not (header.is_snapshot or is_full(decoders[0].header, decoders[0].page_count)):
+            raise LTXError(f"{paths[0]}: cannot renumber onto another state: the first file does not hold "
+                           f"every page", field="min_txid")
+        enc.close(post)
+        return out.getvalue(), header, post
+
+
+def _load(stack: ExitStack, path: Path) -> bytes | mmap.mmap:
+    """Small files (every per-transaction file) are read; big ones (snapshots) are mapped."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < _MAP_AT:
+            return f.read()
+    return map_files(stack, [path])[0]
+
+
+def is_full(header: Header, page_count: int) -> bool:
+    """Whether a file holds every page 1..commit (the lock page excepted)."""
+    lock = lock_pgno(header.page_size)
+    return page_count == header.commit - (1 if header.commit >= lock else 0)
+
+
+def encode_state(db: bytes, *, onto: Pos, max_txid: int, timestamp: int, compress: bool = True) -> tuple[bytes, int]:
+    """A SQLite file as one LTX v2 file taking upstream at `onto` to it; a snapshot when `onto` is zero.
+
+    Returns (body, post-apply checksum).
+    """
+    page_size = sqlite_page_size(db[:100])
+    if len(db) % page_size:
+        raise LTXError(f"database size {len(db)} is not a multiple of its page size {page_size}", field="page_size")
+    commit = len(db) // page_size
+    header = Header(page_size=page_size, commit=commit, min_txid=onto.txid + 1, max_txid=max_txid,
+                    timestamp=timestamp, pre_apply_checksum=onto.post_apply_checksum,
+                    flags=FLAG_COMPRESS_LZ4 if compress else 0)
+    out = io.BytesIO()
+    enc = Encoder(out, header, Version.V2)
+    lock, view = lock_pgno(page_size), memoryview(db)
+    for pgno in range(1, commit + 1):
+        if pgno != lock:
+            enc.write_page(pgno, view[(pgno - 1) * page_size:pgno * page_size])
+    post, _ = database_checksum_of(io.BytesIO(db), page_size)
+    enc.close(post)
+    return out.getvalue(), post
+
+
+def snapshot_to_db(data: bytes) -> tuple[bytes, Pos]:
+    """The SQLite file an LTX v2 snapshot describes, and its position (checksums verified)."""
+    out = io.BytesIO()
+    pos = Applier(out).apply(data, Version.V2)
+    return out.getvalue(), pos
+
+
+def import_checksums(db: bytes) -> set[int]:
+    """The post-apply checksums LiteFS may record after `POST /import` of `db`.
+
+    LiteFS zeroes page 1's change counter (bytes 24–27) and schema cookie (40–43) before writing the import
+    (spec/litefs.md §3); both variants are accepted.
+    """
+    page_size = sqlite_page_size(db[:100])
+    commit = int.from_bytes(db[28:32], "big") or len(db) // page_size
+    body = bytearray(db[:commit * page_size])
+    plain, _ = database_checksum_of(io.BytesIO(body), page_size)
+    body[24:28] = body[40:44] = bytes(4)
+    zeroed, _ = database_checksum_of(io.BytesIO(body), page_size)
+    return {plain, zeroed}
+
+
+__all__ = ["compact_files", "encode_state", "import_checksums", "is_full", "snapshot_to_db"]

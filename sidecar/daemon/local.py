@@ -1,0 +1,166 @@
+"""One LiteFS database's `ltx/` directory as the sidecar sees it: which files exist, their headers, pruning.
+
+LiteFS writes `<T>-<T>.ltx` per transaction (a temp name first, then a rename), and a `1-<N>` snapshot after
+a restore, when every other file vanishes (spec/litefs.md §3). Names that do not match the pattern are
+someone else's temp files and are ignored. A file whose header or checksums do not verify is reported once
+and never shipped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.ltx import HEADER_SIZE, TRAILER_SIZE, Header, LTXError, Trailer, Version, parse_filename
+from sidecar.ltx.decoder import verify
+
+
+@dataclass(slots=True)
+class LocalFile:
+    """One LTX file in `ltx/`; its header is read on first use."""
+
+    path: Path
+    min_txid: int
+    max_txid: int
+    mtime: float
+    size: int
+    header: Header | None = None
+    trailer: Trailer | None = None
+
+    def read_header(self) -> tuple[Header, Trailer]:
+        """The header and trailer, read from the file's two ends (the body is verified when it is shipped)."""
+        if self.header is None or self.trailer is None:
+            with open(self.path, "rb") as f:
+                head = f.read(HEADER_SIZE)
+                f.seek(-TRAILER_SIZE, os.SEEK_END)
+                tail = f.read(TRAILER_SIZE)
+            self.header = Header.unpack(head)
+            self.trailer = Trailer.unpack(tail)
+            if (self.header.min_txid, self.header.max_txid) != (self.min_txid, self.max_txid):
+                raise LTXError(f"header TXIDs {self.header.min_txid:016x}-{self.header.max_txid:016x} differ "
+                               f"from the file name", field="min_txid")
+        return self.header, self.trailer
+
+    @property
+    def post(self) -> int:
+        return self.read_header()[1].post_apply_checksum
+
+    @property
+    def pre(self) -> int:
+        return self.read_header()[0].pre_apply_checksum
+
+
+@dataclass
+class LocalDB:
+    """The LTX files of one database, keyed by max TXID, kept in step with the directory by `scan()`."""
+
+    name: str
+    dir: Path
+    files: dict[int, LocalFile] = field(default_factory=dict)
+    bad: set[Path] = field(default_factory=set)  # reported once, never shipped
+
+    def scan(self) -> None:
+        """Re-read the directory listing; headers already read are kept for files still present."""
+        found: dict[int, LocalFile] = {}
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            txids = parse_filename(entry.name)
+            if txids is None:
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue  # pruned by LiteFS or replaced by a snapshot while we listed
+            old = self.files.get(txids[1])
+            if old is not None and old.min_txid == txids[0] and old.size == st.st_size:
+                old.mtime = st.st_mtime
+                found[txids[1]] = old
+            else:
+                found[txids[1]] = LocalFile(Path(entry.path), txids[0], txids[1], st.st_mtime, st.st_size)
+        self.files = found
+
+    def add(self, path: Path) -> None:
+        """A file the watcher saw appear (cheaper than a scan of a large directory)."""
+        txids = parse_filename(path.name)
+        if txids is None or txids[1] in self.files:
+            return
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        self.files[txids[1]] = LocalFile(path, txids[0], txids[1], st.st_mtime, st.st_size)
+
+    def discard(self, path: Path) -> None:
+        """A file the watcher saw disappear."""
+        txids = parse_filename(path.name)
+        if txids is not None and (f := self.files.get(txids[1])) is not None and f.path == path:
+            del self.files[txids[1]]
+
+    def sorted(self) -> list[LocalFile]:
+        return [self.files[k] for k in sorted(self.files)]
+
+    @property
+    def head(self) -> LocalFile | None:
+        return self.files[max(self.files)] if self.files else None
+
+    def chain_from(self, txid: int, limit: int) -> list[LocalFile]:
+        """Up to `limit` files forming an unbroken chain that starts at TXID `txid`; [] if none starts there."""
+        by_min = {f.min_txid: f for f in self.files.values() if f.path not in self.bad}
+        out: list[LocalFile] = []
+        while len(out) < limit and (f := by_min.get(txid)) is not None:
+            out.append(f)
+            txid = f.max_txid + 1
+        return out
+
+    def check(self, f: LocalFile) -> str | None:
+        """Verify one file end to end; returns why it is bad, or None. A bad file is remembered."""
+        try:
+            with open(f.path, "rb") as fp:
+                header, trailer = verify(fp, Version.V2)
+            f.header, f.trailer = header, trailer
+            if (header.min_txid, header.max_txid) != (f.min_txid, f.max_txid):
+                raise LTXError("header TXIDs differ from the file name", field="min_txid")
+        except FileNotFoundError:
+            return None
+        except (LTXError, OSError, ValueError) as err:
+            self.bad.add(f.path)
+            return str(err)
+        return None
+
+    def delete(self, victims: list[LocalFile]) -> None:
+        """Unlink files and fsync the directory once."""
+        for f in victims:
+            f.path.unlink(missing_ok=True)
+            self.files.pop(f.max_txid, None)
+        if victims:
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def prune_victims(files: list[LocalFile], hwm: int | None, now: float, retention: float) -> list[LocalFile]:
+    """The files the sidecar may delete: older than `retention`, max TXID ≤ `hwm`, and never the newest.
+
+    `hwm` is in local TXIDs; None means upstream has confirmed nothing yet, so nothing is deleted.
+    """
+    if hwm is None or len(files) < 2:
+        return []
+    newest = max(f.max_txid for f in files)
+    return [f for f in files if f.max_txid != newest and f.max_txid <= hwm and f.mtime < now - retention]
+
+
+def list_databases(data_dir: Path) -> list[str]:
+    """Names of the databases under `<data-dir>/dbs/` that have an `ltx/` directory."""
+    try:
+        return sorted(e.name for e in os.scandir(data_dir / "dbs") if e.is_dir() and (Path(e.path) / "ltx").is_dir())
+    except FileNotFoundError:
+        return []
+
+
+__all__ = ["LocalDB", "LocalFile", "list_databases", "prune_victims"]

@@ -1,0 +1,61 @@
+"""The sidecar's `/metrics` (Prometheus) and `/healthz` on a local port."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+if TYPE_CHECKING:
+    from sidecar.daemon.sidecar import Sidecar
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.uploads = Counter("litefs_sidecar_uploads", "Uploads accepted upstream", ["db", "kind"], registry=r)
+        self.bytes = Counter("litefs_sidecar_upload_bytes", "Bytes of accepted uploads", ["db"], registry=r)
+        self.errors = Counter("litefs_sidecar_errors", "Failures by kind", ["kind"], registry=r)
+        self.pruned = Counter("litefs_sidecar_pruned_files", "Local LTX files deleted under the HWM", ["db"],
+                              registry=r)
+        self.lag = Gauge("litefs_sidecar_lag_seconds", "Age of the oldest local file upstream lacks", ["db"],
+                         registry=r)
+        self.pending_files = Gauge("litefs_sidecar_pending_files", "Local LTX files upstream lacks", ["db"],
+                                   registry=r)
+        self.pending_bytes = Gauge("litefs_sidecar_pending_bytes", "Bytes of local LTX files upstream lacks", ["db"],
+                                   registry=r)
+        self.hwm = Gauge("litefs_sidecar_hwm_txid", "High-water mark upstream reported (upstream TXID)", ["db"],
+                         registry=r)
+        self.last_ship = Gauge("litefs_sidecar_last_ship_timestamp_seconds", "When the last upload was accepted",
+                               ["db"], registry=r)
+        self.diverged = Gauge("litefs_sidecar_db_error", "1 while a database cannot be shipped", ["db"], registry=r)
+        self.primary = Gauge("litefs_sidecar_primary", "1 on the primary, 0 on a replica", registry=r)
+
+
+async def start_metrics(sidecar: Sidecar, addr: str) -> tuple[web.AppRunner, str]:
+    """Serve `/metrics` and `/healthz` on `addr` (host:port; port 0 picks one); returns (runner, url)."""
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(sidecar.metrics.registry),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def healthz(request: web.Request) -> web.Response:
+        dbs = {name: {"remote": str(db.remote) if db.remote else None,
+                      "local": f"{db.local.head.max_txid:016x}" if db.local.head else None,
+                      "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None}
+               for name, db in sorted(sidecar.dbs.items())}
+        return web.json_response({"ok": True, "databases": dbs})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = addr.rpartition(":")
+    site = web.TCPSite(runner, host, int(port))
+    await site.start()
+    bound = runner.addresses[0]
+    return runner, f"http://{bound[0]}:{bound[1]}"
+
+
+__all__ = ["Metrics", "start_metrics"]

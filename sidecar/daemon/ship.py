@@ -1,0 +1,246 @@
+"""One database's shipping: decide what upstream needs next, build it, send it, learn the HWM.
+
+Upstream and the node usually count TXIDs alike. After upstream wins a divergence (an operator restore), the
+node imports upstream's state as its own next transaction, and from then on upstream TXID = local TXID +
+`offset`. The link (offset, and an import waiting to be shipped) is kept in the state directory, so a
+restart continues the same history.
+
+    upstream empty                          ship files 1..k if the node still has them, else an export snapshot
+    upstream = a local position             ship the next ≤256 local files, compacted
+    upstream behind, next file gone         ship the node's current state (export) as one transaction
+    upstream ahead, or other checksum       never overwrite it: import upstream's state on the primary, ship on
+                                            from upstream's head
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sidecar.daemon.build import compact_files, encode_state, import_checksums, snapshot_to_db
+from sidecar.daemon.litefs import LiteFSError, LiteFSNode
+from sidecar.daemon.local import LocalDB, LocalFile
+from sidecar.daemon.upstream import Upstream
+from sidecar.errors import PosMismatch, SidecarError
+from sidecar.ltx import LTXError, Pos
+from sidecar.ltx.types import format_txid
+
+
+class Diverged(SidecarError):
+    """Upstream holds a history the node does not; shipping this database stops until it is resolved."""
+
+    code = "EDIVERGED"
+
+
+@dataclass
+class Link:
+    """How this database's local TXIDs map onto upstream's; persisted."""
+
+    offset: int = 0  # upstream TXID = local TXID + offset
+    rebase: int = 0  # local TXID of an imported full-state transaction to ship onto `onto`
+    onto: tuple[int, int] | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> Link:
+        try:
+            doc = json.loads(path.read_text())
+            return cls(int(doc["offset"]), int(doc["rebase"]), tuple(doc["onto"]) if doc["onto"] else None)
+        except FileNotFoundError:
+            return cls()
+        except (ValueError, KeyError, TypeError) as err:
+            raise SidecarError(f"{path}: unreadable sidecar state ({err}); remove it to start over") from err
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(self), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True, slots=True)
+class Shipped:
+    """One accepted upload."""
+
+    kind: str  # "files", "snapshot", "export", "import"
+    min_txid: int
+    max_txid: int
+    files: int
+    bytes: int
+    hwm: int
+    oldest: float  # mtime of the oldest local file shipped (ship lag), or 0
+
+
+@dataclass
+class DbShipper:
+    """The shipping state of one database; `step()` sends at most one upload."""
+
+    name: str
+    local: LocalDB
+    upstream: Upstream
+    node: LiteFSNode | None
+    state_path: Path
+    max_files: int = 256
+    remote: Pos | None = None  # upstream's position, None when it must be re-read
+    hwm: int | None = None  # upstream's HWM in upstream TXIDs; None until upstream reports one
+    link: Link = field(default_factory=Link)
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        self.link = Link.load(self.state_path)
+
+    @property
+    def local_hwm(self) -> int | None:
+        """The HWM in local TXIDs: every local file at or below it is durable upstream."""
+        return None if self.hwm is None else self.hwm - self.link.offset
+
+    def behind(self) -> bool:
+        """Whether the node has transactions upstream lacks (as far as we know)."""
+        head = self.local.head
+        if head is None:
+            return False
+        return self.remote is None or head.max_txid + self.link.offset > self.remote.txid or \
+            bool(self.link.rebase)
+
+    async def step(self) -> Shipped | None:
+        """Ship what upstream needs next; None when in sync. Raises UpstreamError, Diverged, LiteFSError."""
+        head = self.local.head
+        if head is None or self.remote is None:
+            return None
+        remote, link = self.remote, self.link
+        if link.rebase and link.onto == (remote.txid, remote.post_apply_checksum):
+            chain = self.local.chain_from(link.rebase, self.max_files)
+            if chain:
+                return await self._ship(chain, "import", renumber=True)
+            raise Diverged(f"{self.name}: the imported transaction {format_txid(link.rebase)} is gone from "
+                           f"{self.local.dir}")
+        if link.rebase:  # upstream moved again since the import: judge afresh
+            self._save(Link(link.offset))
+        if remote.is_zero:
+            if link.offset:
+                self._save(Link())
+            chain = self.local.chain_from(1, self.max_files)
+            if chain:
+                try:
+                    return await self._ship(chain, "snapshot")
+                except LTXError:
+                    if any(f.path in self.local.bad for f in chain):
+                        raise
+                    # TXID 1 holds only the pages its transaction wrote: not a snapshot; export instead.
+            return await self._ship_export(remote)
+        r_local = remote.txid - self.link.offset
+        if r_local > head.max_txid:
+            return await self._recover(f"upstream is ahead at {format_txid(remote.txid)}")
+        at = self.local.files.get(r_local)
+        if at is not None and at.path not in self.local.bad and at.post != remote.post_apply_checksum:
+            return await self._recover(f"upstream has checksum {remote.post_apply_checksum:016x} at TXID "
+                                       f"{format_txid(remote.txid)}, the node has {at.post:016x}")
+        if r_local == head.max_txid:
+            return None
+        chain = self.local.chain_from(r_local + 1, self.max_files)
+        if chain:
+            if chain[0].pre != remote.post_apply_checksum:
+                return await self._recover(f"the next local transaction {format_txid(chain[0].min_txid)} does not "
+                                           f"continue upstream's checksum {remote.post_apply_checksum:016x}")
+            return await self._ship(chain, "files")
+        snap = [f for f in self.local.files.values() if f.min_txid == 1 and f.max_txid > r_local
+                and f.path not in self.local.bad]
+        if snap:  # LiteFS replaced ltx/ with a snapshot (a restore, or a replica promoted)
+            chain = self.local.chain_from(1, self.max_files)
+            if chain:
+                return await self._ship(chain, "snapshot", renumber=True)
+        return await self._ship_export(remote)
+
+    async def _ship(self, chain: list[LocalFile], kind: str, *, renumber: bool = False) -> Shipped:
+        remote = self.remote or Pos()
+        off = self.link.offset
+        try:
+            if renumber:
+                body, header, post = await asyncio.to_thread(
+                    compact_files, [f.path for f in chain], min_txid=remote.txid + 1,
+                    max_txid=chain[-1].max_txid + off, pre=remote.post_apply_checksum)
+            elif off:
+                body, header, post = await asyncio.to_thread(
+                    compact_files, [f.path for f in chain], min_txid=chain[0].min_txid + off,
+                    max_txid=chain[-1].max_txid + off)
+            else:
+                body, header, post = await asyncio.to_thread(compact_files, [f.path for f in chain])
+        except (LTXError, OSError) as err:
+            self._find_bad(chain, err)
+            raise
+        hwm = await self._upload(body)
+        if kind == "import":
+            self._save(Link(off))
+        self.remote = Pos(header.max_txid, post)
+        return Shipped(kind, header.min_txid, header.max_txid, len(chain), len(body), hwm,
+                       min(f.mtime for f in chain))
+
+    async def _ship_export(self, remote: Pos) -> Shipped:
+        """Ship the node's current state as one transaction onto `remote` (a snapshot when it is zero)."""
+        if self.node is None:
+            raise LiteFSError(f"{self.name}: upstream needs the database's current state (the LTX files after "
+                              f"{format_txid(remote.txid - self.link.offset)} are gone), and no LiteFS API is "
+                              f"configured to export it")
+        db, pos = await self.node.export(self.name)
+        if pos.txid + self.link.offset <= remote.txid:
+            raise Diverged(f"{self.name}: exported state at {format_txid(pos.txid)} is not ahead of upstream "
+                           f"{format_txid(remote.txid)}")
+        body, post = await asyncio.to_thread(encode_state, db, onto=remote, max_txid=pos.txid + self.link.offset,
+                                             timestamp=int(time.time() * 1000))
+        if post != pos.post_apply_checksum:
+            raise LiteFSError(f"{self.name}: export checksum {post:016x} differs from {self.node.mount_dir}/"
+                              f"{self.name}-pos {pos.post_apply_checksum:016x}")
+        hwm = await self._upload(body)
+        self.remote = Pos(pos.txid + self.link.offset, post)
+        return Shipped("export" if remote.txid else "snapshot", remote.txid + 1, self.remote.txid, 0, len(body),
+                       hwm, 0.0)
+
+    async def _upload(self, body: bytes) -> int:
+        try:
+            hwm = await self.upstream.upload(self.name, body)
+        except PosMismatch as err:
+            self.remote = None if err.pos.is_zero else err.pos  # judged afresh on the next step
+            raise
+        self.hwm = hwm
+        return hwm
+
+    async def _recover(self, why: str) -> Shipped:
+        """Upstream wins: bring the primary to upstream's state through `POST /import`, then ship the import."""
+        if self.node is None:
+            raise Diverged(f"{self.name}: {why}; no LiteFS API is configured to bring the node to upstream's state")
+        snap = await self.upstream.snapshot(self.name)
+        db, onto = await asyncio.to_thread(snapshot_to_db, snap)
+        expect = await asyncio.to_thread(import_checksums, db)
+        before = self.node.pos(self.name) or Pos()
+        await self.node.import_db(self.name, db)
+        # The import is the node's next transaction; find it by checksum (writes may land around it).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.local.scan()
+            for f in self.local.sorted():
+                if f.max_txid > before.txid and f.min_txid == f.max_txid and f.post in expect:
+                    self._save(Link(onto.txid + 1 - f.max_txid, f.max_txid, (onto.txid, onto.post_apply_checksum)))
+                    self.remote = onto
+                    return await self.step() or Shipped("import", 0, 0, 0, 0, self.hwm or 0, 0.0)
+            await asyncio.sleep(0.05)
+        raise Diverged(f"{self.name}: {why}; imported upstream's state but its transaction did not appear in "
+                       f"{self.local.dir}")
+
+    def _find_bad(self, chain: list[LocalFile], err: Exception) -> None:
+        for f in chain:
+            if self.local.check(f) is not None:
+                return
+        # No single file is broken: the chain itself is (a checksum break between files).
+
+    def _save(self, link: Link) -> None:
+        self.link = link
+        link.save(self.state_path)
+
+
+__all__ = ["DbShipper", "Diverged", "Link", "Shipped"]

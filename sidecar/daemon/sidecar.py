@@ -1,0 +1,277 @@
+"""The sidecar: watch `<data-dir>/dbs/*/ltx/`, ship each database once per batch interval, prune under the HWM.
+
+    sidecar = await Sidecar.open(config.sidecar, config.engine)
+    await sidecar.run(stop)          # until `stop` is set; then ships what is batched within the grace period
+
+One task watches the directory (watchfiles), one ticks every `batch_interval`. A tick, per database: learn
+upstream's position when it is unknown or stale, ship until upstream holds the node's head (≤ 256 files per
+upload), then delete local files that are older than `retention` and at or below the HWM, never the newest.
+On a replica (`.primary` exists) nothing is shipped; the HWM is polled and the same pruning rule applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import watchfiles
+
+from sidecar.config import EngineConfig, SidecarConfig
+from sidecar.daemon.litefs import LiteFSError, LiteFSNode
+from sidecar.daemon.local import LocalDB, list_databases, prune_victims
+from sidecar.daemon.metrics import Metrics, start_metrics
+from sidecar.daemon.ship import DbShipper, Diverged, Shipped
+from sidecar.daemon.upstream import Upstream, open_upstream
+from sidecar.errors import PosMismatch, SidecarError, UpstreamError
+from sidecar.log import get_logger
+from sidecar.ltx import LTXError, Pos
+
+log = get_logger("sidecar.daemon")
+
+_CATCH_UP = 64  # uploads per database per tick while catching up after an outage
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    until: float = 0.0
+
+    def fail(self, now: float, cap: float) -> float:
+        """Full-jitter exponential backoff: the next attempt waits a random time up to min(cap, 0.5 s × 2ⁿ)."""
+        self.failures += 1
+        delay = random.uniform(0, min(cap, 0.5 * 2 ** min(self.failures, 16)))
+        self.until = now + delay
+        return delay
+
+    def ok(self) -> None:
+        self.failures, self.until = 0, 0.0
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig, upstream: Upstream, node: LiteFSNode | None, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.node = node
+        self.clock = clock
+        self.dbs: dict[str, DbShipper] = {}
+        self.backoff: dict[str, _Backoff] = {}
+        self.metrics = Metrics()
+        self.positions_at = -1e18  # when upstream's positions were last read (monotonic)
+        self.dirty = asyncio.Event()
+        self.url = ""  # the metrics server's, once started
+        self._reported: set[Path] = set()
+        self.shipped: collections.deque[tuple[str, Shipped]] = collections.deque(maxlen=100_000)  # recent uploads
+
+    @classmethod
+    async def open(cls, config: SidecarConfig, engine: EngineConfig) -> Sidecar:
+        upstream = await open_upstream(config.upstream, cluster=config.cluster, token=config.token,
+                                       state_dir=config.state_dir, engine=engine)
+        node = LiteFSNode(config.litefs_url, config.mount_dir) if config.litefs_url else None
+        return cls(config, upstream, node)
+
+    # -- databases ---------------------------------------------------------------------------------------
+
+    def _db(self, name: str) -> DbShipper:
+        db = self.dbs.get(name)
+        if db is None:
+            local = LocalDB(name, self.config.data_dir / "dbs" / name / "ltx")
+            local.scan()
+            state = self.config.state_dir / "links" / self.config.cluster / f"{name}.json"
+            db = DbShipper(name, local, self.upstream, self.node, state, self.config.max_files_per_upload)
+            self.dbs[name] = db
+            self.backoff[name] = _Backoff()
+            log.info("database found", db=name, files=len(local.files),
+                     head=f"{local.head.max_txid:016x}" if local.head else None)
+        return db
+
+    def rescan(self) -> None:
+        for name in list_databases(self.config.data_dir):
+            self._db(name).local.scan()
+
+    def _changed(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
+        dbs = self.config.data_dir / "dbs"
+        for change, raw in changes:
+            path = Path(raw)
+            try:
+                name, ltx = path.relative_to(dbs).parts[:2]
+            except ValueError:
+                continue
+            if ltx != "ltx":
+                continue
+            db = self._db(name)
+            if change == watchfiles.Change.deleted:
+                db.local.discard(path)
+            else:
+                db.local.add(path)
+        self.dirty.set()
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Feed file events to the databases; the periodic rescan catches anything missed."""
+        def wanted(change: watchfiles.Change, path: str) -> bool:
+            return path.endswith(".ltx")
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        async for changes in watchfiles.awatch(self.config.data_dir, watch_filter=wanted, step=5, debounce=50,
+                                               stop_event=stop, recursive=True):
+            self._changed(changes)
+
+    # -- one tick ------------------------------------------------------------------------------------------
+
+    async def refresh_positions(self) -> None:
+        positions = await self.upstream.positions()
+        for name, db in self.dbs.items():
+            db.remote = positions.get(name, Pos())
+        self.positions_at = time.monotonic()
+
+    async def tick(self) -> list[Shipped]:
+        """One batch: ship every database that is behind, then prune. Returns what was shipped."""
+        primary = self.node.is_primary() if self.node else True
+        self.metrics.primary.set(1 if primary else 0)
+        stale = time.monotonic() - self.positions_at >= self.config.position_interval
+        if primary and (stale or any(db.remote is None for db in self.dbs.values())):
+            try:
+                await self.refresh_positions()
+            except UpstreamError as err:
+                self._error("upstream", err, db=None)
+                return []
+        if not primary and stale:
+            await self._poll_hwm()
+        results = await asyncio.gather(*(self._tick_db(db, primary) for db in list(self.dbs.values())))
+        return [s for r in results for s in r]
+
+    async def _tick_db(self, db: DbShipper, primary: bool) -> list[Shipped]:
+        shipped: list[Shipped] = []
+        backoff = self.backoff[db.name]
+        now = time.monotonic()
+        if primary and db.remote is not None and now >= backoff.until:
+            try:
+                while len(shipped) < _CATCH_UP and (s := await db.step()) is not None:
+                    shipped.append(s)
+                    self._shipped(db, s)
+                backoff.ok()
+                db.error = ""
+            except PosMismatch as err:
+                self._error("pos_mismatch", err, db=db.name)
+            except (UpstreamError, LiteFSError, Diverged, SidecarError, OSError) as err:
+                kind = "diverged" if isinstance(err, Diverged) else \
+                    "litefs" if isinstance(err, LiteFSError) else "upstream"
+                db.error = str(err)
+                delay = backoff.fail(now, self.config.backoff_max)
+                self._error(kind, err, db=db.name, retry_in=round(delay, 2))
+            except LTXError as err:
+                self._report_bad(db, err)
+        self._prune(db)
+        self._gauges(db)
+        return shipped
+
+    async def _poll_hwm(self) -> None:
+        """Replicas: learn each database's HWM, and how local TXIDs map onto upstream's (by checksum)."""
+        self.positions_at = time.monotonic()
+        for db in self.dbs.values():
+            try:
+                hwm, pos = await self.upstream.hwm(db.name)
+            except (UpstreamError, SidecarError) as err:
+                self._error("upstream", err, db=db.name)
+                continue
+            match = [f for f in db.local.sorted() if f.path not in db.local.bad and f.post == pos.post_apply_checksum]
+            if pos.txid and match:
+                db.link.offset = pos.txid - match[-1].max_txid
+                db.hwm = hwm
+            elif db.hwm is not None:
+                db.hwm = hwm
+
+    def _prune(self, db: DbShipper) -> None:
+        victims = prune_victims(db.local.sorted(), db.local_hwm, self.clock(), self.config.retention)
+        if victims:
+            db.local.delete(victims)
+            self.metrics.pruned.labels(db.name).inc(len(victims))
+            log.debug("pruned", db=db.name, files=len(victims), upto=f"{max(f.max_txid for f in victims):016x}")
+
+    # -- reporting -----------------------------------------------------------------------------------------
+
+    def _shipped(self, db: DbShipper, s: Shipped) -> None:
+        now = self.clock()
+        self.shipped.append((db.name, s))
+        lag_ms = round((now - s.oldest) * 1000) if s.oldest else None
+        self.metrics.uploads.labels(db.name, s.kind).inc()
+        self.metrics.bytes.labels(db.name).inc(s.bytes)
+        self.metrics.last_ship.labels(db.name).set(now)
+        log.info("batch_shipped", db=db.name, kind=s.kind, txid=f"{s.min_txid:016x}-{s.max_txid:016x}",
+                 files=s.files, bytes=s.bytes, hwm=f"{s.hwm:016x}", lag_ms=lag_ms)
+
+    def _gauges(self, db: DbShipper) -> None:
+        m, name = self.metrics, db.name
+        remote_local = (db.remote.txid - db.link.offset) if db.remote is not None else 0
+        pending = [f for f in db.local.files.values() if f.max_txid > remote_local]
+        m.pending_files.labels(name).set(len(pending))
+        m.pending_bytes.labels(name).set(sum(f.size for f in pending))
+        m.lag.labels(name).set(max(0.0, self.clock() - min(f.mtime for f in pending)) if pending else 0.0)
+        m.hwm.labels(name).set(db.hwm or 0)
+        m.diverged.labels(name).set(1 if db.error else 0)
+
+    def _error(self, kind: str, err: Exception, *, db: str | None, **extra: object) -> None:
+        self.metrics.errors.labels(kind).inc()
+        log.warning("ship failed", kind=kind, db=db, error=str(err), **extra)
+
+    def _report_bad(self, db: DbShipper, err: LTXError) -> None:
+        new = db.local.bad - self._reported
+        self._reported |= new
+        for path in sorted(new):
+            self.metrics.errors.labels("bad_file").inc()
+            log.error("bad LTX file skipped; it will not be shipped", db=db.name, path=str(path), error=str(err))
+        if not new:
+            self._error("ltx", err, db=db.name)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, started: Callable[[Sidecar], None] | None = None) -> None:
+        """Watch and ship until `stop`; then ship what is batched within `shutdown_grace` and close."""
+        runner = None
+        if self.config.metrics_addr:
+            runner, self.url = await start_metrics(self, self.config.metrics_addr)
+        self.rescan()
+        watcher = asyncio.create_task(self.watch(stop), name="watch")
+        log.info("sidecar started", data_dir=str(self.config.data_dir), upstream=self.config.upstream,
+                 cluster=self.config.cluster, databases=sorted(self.dbs), metrics=self.url or None)
+        if started:
+            started(self)
+        loop = asyncio.get_running_loop()
+        next_tick, next_scan = loop.time(), loop.time() + self.config.rescan_interval
+        try:
+            while not stop.is_set():
+                await self.tick()
+                if loop.time() >= next_scan:
+                    self.rescan()
+                    next_scan = loop.time() + self.config.rescan_interval
+                next_tick = max(next_tick + self.config.batch_interval, loop.time())
+                try:
+                    async with asyncio.timeout(next_tick - loop.time()):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+            log.info("stopping: shipping what is batched", grace_s=self.config.shutdown_grace)
+            try:
+                async with asyncio.timeout(self.config.shutdown_grace):
+                    self.rescan()
+                    await self.tick()
+            except TimeoutError:
+                log.warning("shutdown grace period ended before everything was shipped")
+        finally:
+            await watcher
+            await self.close()
+            if runner is not None:
+                await runner.cleanup()
+            log.info("sidecar stopped")
+
+    async def close(self) -> None:
+        await self.upstream.close()
+        if self.node is not None:
+            await self.node.close()
+
+
+__all__ = ["Sidecar"]

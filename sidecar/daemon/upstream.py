@@ -1,0 +1,171 @@
+"""Where the sidecar ships: a backup server over the LiteFS Cloud protocol, or an engine in-process.
+
+Both answer the same four questions, in upstream TXIDs:
+
+    await up.positions()            {db: Pos}; a database upstream has never seen is absent
+    await up.upload(db, ltx)        the HWM after accepting one contiguous LTX v2 file (PosMismatch if not)
+    await up.snapshot(db)           an LTX v2 snapshot (1..N) of upstream's latest state
+    await up.hwm(db)                (HWM, Pos) without uploading (replicas poll it)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from sidecar.config import EngineConfig
+from sidecar.engine import Engine, Levels
+from sidecar.errors import ConfigError, PosMismatch, UpstreamError
+from sidecar.ltx import Pos, parse_txid
+from sidecar.storage import open_storage
+
+
+class Upstream(Protocol):
+    url: str
+
+    async def positions(self) -> dict[str, Pos]: ...
+
+    async def upload(self, db: str, data: bytes) -> int: ...
+
+    async def snapshot(self, db: str) -> bytes: ...
+
+    async def hwm(self, db: str) -> tuple[int, Pos]: ...
+
+    async def close(self) -> None: ...
+
+
+class HTTPUpstream:
+    """A LiteFS Cloud compatible server; the cluster comes from the token (or `--cluster` without auth)."""
+
+    def __init__(self, url: str, token: str, cluster: str, *, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.cluster = cluster
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=10))
+
+    def _headers(self) -> dict[str, str]:
+        # Without a token the server (in --insecure-no-auth mode) takes the cluster from this header, as lfsb does.
+        return {"Authorization": self.token or f"cluster {self.cluster}"}
+
+    async def _request(self, method: str, path: str, db: str | None = None, data: bytes | None = None
+                       ) -> tuple[int, dict[str, str], bytes]:
+        params = {"db": db} if db is not None else {}
+        try:
+            async with self._session.request(method, self.url + path, params=params, data=data,
+                                             headers=self._headers()) as resp:
+                body = await resp.read()
+                if resp.status == 200:
+                    return resp.status, dict(resp.headers), body
+                _raise(resp.status, body, db or "", method + " " + path)
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            raise UpstreamError(0, "ECONN", f"{method} {self.url}{path}: {err or type(err).__name__}") from err
+        raise AssertionError("unreachable")
+
+    async def positions(self) -> dict[str, Pos]:
+        _, _, body = await self._request("GET", "/pos")
+        try:
+            return {db: Pos(parse_txid(p["txid"]), parse_txid(p["postApplyChecksum"]))
+                    for db, p in json.loads(body).items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UpstreamError(200, "EBADPOS", f"GET {self.url}/pos: unreadable position map: {err}") from err
+
+    async def upload(self, db: str, data: bytes) -> int:
+        _, headers, _ = await self._request("POST", "/db/tx", db, data)
+        try:
+            return parse_txid(headers["Litefs-Hwm"])
+        except (KeyError, ValueError) as err:
+            raise UpstreamError(200, "EBADHWM", f"POST {self.url}/db/tx?db={db}: no valid Litefs-Hwm header") from err
+
+    async def snapshot(self, db: str) -> bytes:
+        return (await self._request("GET", "/db/snapshot", db))[2]
+
+    async def hwm(self, db: str) -> tuple[int, Pos]:
+        body = (await self._request("GET", "/db/hwm", db))[2]
+        try:
+            doc = json.loads(body)
+            return parse_txid(doc["hwm"]), Pos(parse_txid(doc["txid"]), parse_txid(doc["postApplyChecksum"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise UpstreamError(200, "EBADHWM", f"GET {self.url}/db/hwm?db={db}: {err}") from err
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _raise(status: int, body: bytes, db: str, what: str) -> None:
+    try:
+        doc = json.loads(body)
+        code, message = str(doc.get("code", "")), str(doc.get("error", ""))
+        pos = doc.get("pos") or {}
+    except (ValueError, AttributeError):
+        code, message, pos = "", body[:200].decode("utf-8", "replace"), {}
+    if status == 409 and code == "EPOSMISMATCH":
+        try:
+            current = Pos(parse_txid(pos["txid"]), parse_txid(pos["postApplyChecksum"]))
+        except (KeyError, ValueError, TypeError):
+            current = Pos()
+        raise PosMismatch(db, current, message or "position mismatch")
+    raise UpstreamError(status, code or "EHTTP", f"{what}?db={db}: {message}")
+
+
+class EngineUpstream:
+    """The backup engine in this process, on `file://ROOT` or `s3://bucket/prefix`: `ROOT/<cluster>/<db>`."""
+
+    def __init__(self, url: str, engine: Engine, cluster: str) -> None:
+        self.url = url
+        self.engine = engine
+        self.cluster = cluster
+        self._stop = asyncio.Event()
+        self._ticker = asyncio.create_task(engine.run(self._stop), name="engine ticker")
+
+    @classmethod
+    async def open(cls, url: str, cluster: str, state_dir: Path, config: EngineConfig) -> EngineUpstream:
+        storage = open_storage(url, endpoint_url=config.s3_endpoint or None, region=config.s3_region or None,
+                               force_path_style=config.s3_force_path_style or None)
+        levels = Levels(l0_interval=config.l0_interval, l1_interval=config.l1_interval,
+                        l2_interval=config.l2_interval, snapshot_interval=config.snapshot_interval,
+                        l0_retention=config.l0_retention, l1_retention=config.l1_retention,
+                        l2_retention=config.l2_retention, snapshot_retention=config.snapshot_retention)
+        engine = await Engine.open(storage, state_dir, levels)
+        return cls(url, engine, cluster)
+
+    async def positions(self) -> dict[str, Pos]:
+        return self.engine.positions(self.cluster)
+
+    async def upload(self, db: str, data: bytes) -> int:
+        return await self.engine.write_tx(self.cluster, db, data)
+
+    async def snapshot(self, db: str) -> bytes:
+        tmp = self.engine.state_dir / ".tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        out = tmp / f"sidecar-snapshot-{db}"
+        try:
+            await self.engine.snapshot_file(self.cluster, db, out)
+            return await asyncio.to_thread(out.read_bytes)
+        finally:
+            out.unlink(missing_ok=True)
+
+    async def hwm(self, db: str) -> tuple[int, Pos]:
+        return self.engine.hwm(self.cluster, db), self.engine.pos(self.cluster, db)
+
+    async def close(self) -> None:
+        self._stop.set()
+        await self._ticker
+        await self.engine.close()
+
+
+async def open_upstream(url: str, *, cluster: str, token: str, state_dir: Path, engine: EngineConfig) -> Upstream:
+    """The upstream for `url`: http(s):// → a backup server; file:// or s3:// → an engine in-process."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        return HTTPUpstream(url, token, cluster)
+    if scheme in ("file", "s3"):
+        return await EngineUpstream.open(url, cluster, state_dir / "engine", engine)
+    raise ConfigError([f"sidecar.upstream = {url!r}: scheme must be http, https, file or s3"])
+
+
+__all__ = ["EngineUpstream", "HTTPUpstream", "Upstream", "open_upstream"]
