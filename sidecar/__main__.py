@@ -1,4 +1,4 @@
-"""python -m sidecar → cli.main()."""
+"""`python -m sidecar` is `litefs-sidecar`."""
 
 import sys
 

@@ -229,7 +229,8 @@ class SidecarConfig:
 class EngineConfig:
     """The backup engine: compaction levels and retention, in `serve` and for `file://`/`s3://` upstreams."""
 
-    l0_interval: float = _duration("10s", "how often uploads are flushed to one L0 file")
+    l0_interval: float = _duration("10s", "how often uploads are flushed to one L0 file; 0 flushes each upload "
+                                   "(every upload is then a restore point)", check=None)
     l1_interval: float = _duration("5m", "how often L0 files are compacted into L1")
     l2_interval: float = _duration("1h", "how often L1 files are compacted into L2")
     snapshot_interval: float = _duration("24h", "how often a full snapshot is written")

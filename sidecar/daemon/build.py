@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -58,7 +59,8 @@ def compact_files(paths: Sequence[Path], *, min_txid: int | None = None, max_txi
                 raise type(err)(f"{path}: {err}", field=err.field) from err
         check_contiguous(headers, trailers)
         post = trailers[-1].post_apply_checksum
-        if changes and not (header.is_snapshot or is_full(decoders[0].header, decoders[0].page_count)):
+        rebased = pre is not None and pre != decoders[0].header.pre_apply_checksum
+        if rebased and not (decoders[0].header.is_snapshot or is_full(decoders[0].header, decoders[0].page_count)):
             raise LTXError(f"{paths[0]}: cannot renumber onto another state: the first file does not hold "
                            f"every page", field="min_txid")
         enc.close(post)
@@ -104,9 +106,10 @@ def encode_state(db: bytes, *, onto: Pos, max_txid: int, timestamp: int, compres
 
 def snapshot_to_db(data: bytes) -> tuple[bytes, Pos]:
     """The SQLite file an LTX v2 snapshot describes, and its position (checksums verified)."""
-    out = io.BytesIO()
-    pos = Applier(out).apply(data, Version.V2)
-    return out.getvalue(), pos
+    with tempfile.TemporaryFile() as out:  # the applier needs a real file (it truncates)
+        pos = Applier(out).apply(data, Version.V2)
+        out.seek(0)
+        return out.read(), pos
 
 
 def import_checksums(db: bytes) -> set[int]:

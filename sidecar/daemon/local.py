@@ -105,7 +105,16 @@ class LocalDB:
 
     @property
     def head(self) -> LocalFile | None:
-        return self.files[max(self.files)] if self.files else None
+        """The newest file that is not known to be bad."""
+        if not self.bad:
+            return self.files[max(self.files)] if self.files else None
+        good = [k for k, f in self.files.items() if f.path not in self.bad]
+        return self.files[max(good)] if good else None
+
+    def verify_above(self, txid: int) -> list[tuple[LocalFile, str]]:
+        """Verify every file past `txid`; returns the bad ones with why (each is then skipped)."""
+        return [(f, why) for f in self.sorted() if f.max_txid > txid and f.path not in self.bad
+                and (why := self.check(f)) is not None]
 
     def chain_from(self, txid: int, limit: int) -> list[LocalFile]:
         """Up to `limit` files forming an unbroken chain that starts at TXID `txid`; [] if none starts there."""

@@ -36,6 +36,10 @@ class Diverged(SidecarError):
     code = "EDIVERGED"
 
 
+class _Stale(Exception):
+    """The decision needs a fresh directory listing."""
+
+
 @dataclass
 class Link:
     """How this database's local TXIDs map onto upstream's; persisted."""
@@ -110,6 +114,13 @@ class DbShipper:
 
     async def step(self) -> Shipped | None:
         """Ship what upstream needs next; None when in sync. Raises UpstreamError, Diverged, LiteFSError."""
+        try:
+            return await self._step(fresh=False)
+        except _Stale:
+            self.local.scan()  # the watcher's view may lag; drastic paths are only taken on a fresh listing
+            return await self._step(fresh=True)
+
+    async def _step(self, fresh: bool) -> Shipped | None:
         head = self.local.head
         if head is None or self.remote is None:
             return None
@@ -133,21 +144,22 @@ class DbShipper:
                     if any(f.path in self.local.bad for f in chain):
                         raise
                     # TXID 1 holds only the pages its transaction wrote: not a snapshot; export instead.
-            return await self._ship_export(remote)
+            return await self._ship_export(remote, fresh)
         r_local = remote.txid - self.link.offset
         if r_local > head.max_txid:
-            return await self._recover(f"upstream is ahead at {format_txid(remote.txid)}")
+            return await self._recover(fresh, f"upstream is ahead at {format_txid(remote.txid)}")
         at = self.local.files.get(r_local)
         if at is not None and at.path not in self.local.bad and at.post != remote.post_apply_checksum:
-            return await self._recover(f"upstream has checksum {remote.post_apply_checksum:016x} at TXID "
+            return await self._recover(fresh, f"upstream has checksum {remote.post_apply_checksum:016x} at TXID "
                                        f"{format_txid(remote.txid)}, the node has {at.post:016x}")
         if r_local == head.max_txid:
             return None
         chain = self.local.chain_from(r_local + 1, self.max_files)
         if chain:
             if chain[0].pre != remote.post_apply_checksum:
-                return await self._recover(f"the next local transaction {format_txid(chain[0].min_txid)} does not "
-                                           f"continue upstream's checksum {remote.post_apply_checksum:016x}")
+                return await self._recover(fresh, f"the next local transaction {format_txid(chain[0].min_txid)} "
+                                                  f"does not continue upstream's checksum "
+                                                  f"{remote.post_apply_checksum:016x}")
             return await self._ship(chain, "files")
         snap = [f for f in self.local.files.values() if f.min_txid == 1 and f.max_txid > r_local
                 and f.path not in self.local.bad]
@@ -155,7 +167,10 @@ class DbShipper:
             chain = self.local.chain_from(1, self.max_files)
             if chain:
                 return await self._ship(chain, "snapshot", renumber=True)
-        return await self._ship_export(remote)
+        bad = self.local.verify_above(r_local)
+        if bad:  # a foreign or broken file past upstream's position: skip it, judge afresh next time
+            raise LTXError(f"{bad[0][0].path}: {bad[0][1]}")
+        return await self._ship_export(remote, fresh)
 
     async def _ship(self, chain: list[LocalFile], kind: str, *, renumber: bool = False) -> Shipped:
         remote = self.remote or Pos()
@@ -181,8 +196,10 @@ class DbShipper:
         return Shipped(kind, header.min_txid, header.max_txid, len(chain), len(body), hwm,
                        min(f.mtime for f in chain))
 
-    async def _ship_export(self, remote: Pos) -> Shipped:
+    async def _ship_export(self, remote: Pos, fresh: bool) -> Shipped:
         """Ship the node's current state as one transaction onto `remote` (a snapshot when it is zero)."""
+        if not fresh:
+            raise _Stale
         if self.node is None:
             raise LiteFSError(f"{self.name}: upstream needs the database's current state (the LTX files after "
                               f"{format_txid(remote.txid - self.link.offset)} are gone), and no LiteFS API is "
@@ -210,8 +227,10 @@ class DbShipper:
         self.hwm = hwm
         return hwm
 
-    async def _recover(self, why: str) -> Shipped:
+    async def _recover(self, fresh: bool, why: str) -> Shipped:
         """Upstream wins: bring the primary to upstream's state through `POST /import`, then ship the import."""
+        if not fresh:
+            raise _Stale
         if self.node is None:
             raise Diverged(f"{self.name}: {why}; no LiteFS API is configured to bring the node to upstream's state")
         snap = await self.upstream.snapshot(self.name)

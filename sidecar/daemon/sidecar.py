@@ -61,6 +61,7 @@ class Sidecar:
         self.clock = clock
         self.dbs: dict[str, DbShipper] = {}
         self.backoff: dict[str, _Backoff] = {}
+        self.positions_backoff = _Backoff()
         self.metrics = Metrics()
         self.positions_at = -1e18  # when upstream's positions were last read (monotonic)
         self.dirty = asyncio.Event()
@@ -133,12 +134,14 @@ class Sidecar:
         primary = self.node.is_primary() if self.node else True
         self.metrics.primary.set(1 if primary else 0)
         stale = time.monotonic() - self.positions_at >= self.config.position_interval
-        if primary and (stale or any(db.remote is None for db in self.dbs.values())):
+        wanted = stale or any(db.remote is None for db in self.dbs.values())
+        if primary and wanted and time.monotonic() >= self.positions_backoff.until:
             try:
                 await self.refresh_positions()
+                self.positions_backoff.ok()
             except UpstreamError as err:
-                self._error("upstream", err, db=None)
-                return []
+                delay = self.positions_backoff.fail(time.monotonic(), self.config.backoff_max)
+                self._error("upstream", err, db=None, retry_in=round(delay, 2))
         if not primary and stale:
             await self._poll_hwm()
         results = await asyncio.gather(*(self._tick_db(db, primary) for db in list(self.dbs.values())))

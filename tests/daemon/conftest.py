@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,9 @@ class Env:
                              position_interval=2.0, rescan_interval=5.0, backoff_max=0.5, shutdown_grace=5.0)
         return dataclasses.replace(base, **changes)
 
-    async def start(self, upstream: Upstream | None = None, **changes: Any) -> Sidecar:
+    async def start(self, to: Upstream | None = None, **changes: Any) -> Sidecar:
         config = self.config(**changes)
-        if upstream is None:
-            upstream = await EngineUpstream.open(config.upstream, config.cluster, config.state_dir / "engine",
+        upstream = to or await EngineUpstream.open(config.upstream, config.cluster, config.state_dir / "engine",
                                                  EngineConfig(l0_interval=0.0))
         started = asyncio.Event()
         self.sidecar = Sidecar(config, upstream, LiteFSNode(config.litefs_url, config.mount_dir))
@@ -75,6 +74,15 @@ class Env:
 
     async def restore(self, db: str, out: Path, **target: Any) -> RestoreResult:
         return await self.engine_upstream.engine.restore_to("default", db, out, **target)
+
+
+async def eventually(condition: Callable[[], bool], within: float = 30.0) -> None:
+    """Wait until `condition()` holds, polling; TimeoutError after `within` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.05)
 
 
 @asynccontextmanager

@@ -1,0 +1,41 @@
+"""A corrupt or foreign file in ltx/ is reported once with its path, never shipped, and stops nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from sidecar.ltx import Pos
+from tests.daemon.conftest import Env
+from tests.daemon.test_recovery import write
+
+
+def bad_files_reported(env: Env) -> float:
+    assert env.sidecar is not None
+    return env.sidecar.metrics.errors.labels("bad_file")._value.get()  # type: ignore[no-any-return]
+
+
+async def test_corrupt_and_foreign_files_are_skipped(env: Env, tmp_path: Path) -> None:
+    write(env, "broken.db", 12)
+    write(env, "fine.db", 12)
+    victim = env.node.ltx_files("broken.db")[6]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(data)
+    foreign = env.node.ltx_dir("fine.db") / "00000000000000ff-00000000000000ff.ltx"
+    foreign.write_text("not an LTX file\n")
+    sidecar = await env.start()
+    await env.synced("broken.db")
+    await env.synced("fine.db")
+    assert {victim, foreign} <= sidecar.dbs["broken.db"].local.bad | sidecar.dbs["fine.db"].local.bad
+    for db in ("broken.db", "fine.db"):
+        got = await env.restore(db, tmp_path / db)
+        assert Pos(got.txid, got.checksum) == env.node.pos(db)  # the good history, nothing from the bad files
+    write(env, "broken.db", 3, start=12)  # both keep shipping afterwards
+    write(env, "fine.db", 3, start=12)
+    await env.synced("broken.db")
+    await env.synced("fine.db")
+    await asyncio.sleep(0.3)  # a few more ticks: the same files are not reported again
+    assert bad_files_reported(env) == 2
+    assert foreign.exists()  # skipped, not touched: it is not ours to delete
+    assert sidecar.dbs["fine.db"].remote == env.node.pos("fine.db")

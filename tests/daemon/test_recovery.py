@@ -1,0 +1,101 @@
+"""Recovery paths end to end: an empty upstream after local pruning, a local gap, an operator restore upstream."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from sidecar.emulator import LoadWriter
+from sidecar.ltx import Pos
+from tests.daemon.conftest import Env, eventually
+
+
+def rows(path: Path) -> list[tuple[object, ...]]:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT * FROM t ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+def write(env: Env, db: str, n: int, start: int = 0) -> None:
+    env.node.execute(db, "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(start, start + n):
+        env.node.execute(db, "INSERT INTO t (v) VALUES (?)", (f"row {i}",))
+
+
+def drop_files(env: Env, db: str, upto: int) -> None:
+    """What LiteFS's own retention would have done before the sidecar ran: delete files ≤ `upto`."""
+    for path in env.node.ltx_files(db):
+        if int(path.name[17:33], 16) <= upto:
+            path.unlink()
+
+
+async def test_empty_upstream_and_pruned_files_ships_an_export_snapshot(env: Env, tmp_path: Path) -> None:
+    write(env, "app.db", 30)
+    drop_files(env, "app.db", 20)  # TXID 1 is gone: a chain from 1 is impossible
+    sidecar = await env.start()
+    await env.synced("app.db")
+    kinds = [s.kind for n, s in sidecar.shipped if n == "app.db"]
+    assert kinds[0] == "snapshot" and sidecar.shipped[0][1].files == 0  # from /export, not from files
+    got = await env.restore("app.db", tmp_path / "out")
+    assert Pos(got.txid, got.checksum) == env.node.pos("app.db")
+    write(env, "app.db", 5, start=30)  # and the history goes on from there, file by file
+    await env.synced("app.db")
+    assert [s.kind for n, s in sidecar.shipped][-1] == "files"
+    got = await env.restore("app.db", tmp_path / "out2")
+    assert Pos(got.txid, got.checksum) == env.node.pos("app.db")
+    assert len(rows(tmp_path / "out2")) == 35
+
+
+async def test_local_gap_ships_the_current_state_onto_upstream(env: Env, tmp_path: Path) -> None:
+    write(env, "app.db", 10)
+    await env.start()
+    await env.synced("app.db")
+    shipped_to = env.node.pos("app.db").txid
+    await env.stop()
+    write(env, "app.db", 20, start=10)
+    drop_files(env, "app.db", shipped_to + 5)  # files the sidecar never shipped are gone
+    sidecar = await env.start()
+    await env.synced("app.db")
+    last = [s for n, s in sidecar.shipped if n == "app.db"][-1]
+    assert (last.kind, last.min_txid, last.max_txid) == ("export", shipped_to + 1, env.node.pos("app.db").txid)
+    got = await env.restore("app.db", tmp_path / "out")
+    assert Pos(got.txid, got.checksum) == env.node.pos("app.db")
+    before = await env.restore("app.db", tmp_path / "before", txid=shipped_to)  # the old history is kept
+    assert len(rows(tmp_path / "before")) == 10 and before.txid == shipped_to
+
+
+async def test_operator_restore_upstream_while_the_node_keeps_writing(env: Env, tmp_path: Path) -> None:
+    write(env, "app.db", 10)
+    sidecar = await env.start()
+    await env.synced("app.db")
+    good = env.node.pos("app.db")
+    write(env, "app.db", 10, start=10)  # a "bad migration"
+    await env.synced("app.db")
+    engine = env.engine_upstream.engine
+    async with LoadWriter(env.node, "other.db", rate=100, seed=3):  # the node keeps writing elsewhere too
+        # The operator restores app.db to `good` as a new head, while app.db keeps taking writes.
+        await engine.restore_to("default", "app.db", tmp_path / "good.db", txid=good.txid)
+        head = await engine.write_state("default", "app.db", tmp_path / "good.db")
+        assert head.txid == env.node.pos("app.db").txid + 1  # upstream is now ahead of the node
+        write(env, "app.db", 3, start=100)
+        await eventually(lambda: rows(env.node.path("app.db"))[:10] == rows(tmp_path / "good.db")
+                         and len(rows(env.node.path("app.db"))) <= 13)
+    # The node holds the restored state; later writes land on top and are backed up on top of the restore.
+    write(env, "app.db", 2, start=200)
+    await env.synced("app.db")
+    got = await env.restore("app.db", tmp_path / "final")
+    assert got.checksum == env.node.pos("app.db").post_apply_checksum
+    assert got.txid > head.txid  # upstream's history went on from its head: nothing was overwritten
+    final = rows(tmp_path / "final")
+    assert final[:10] == rows(tmp_path / "good.db")
+    later = [v for _, v in final[10:]]
+    assert later[-2:] == ["row 200", "row 201"]
+    # Writes racing the restore may survive or be discarded (upstream wins, as with LiteFS Cloud); the "bad
+    # migration" rows never come back.
+    assert set(later) <= {"row 100", "row 101", "row 102", "row 200", "row 201"}
+    kinds = [s.kind for n, s in sidecar.shipped if n == "app.db"]
+    assert "import" in kinds
+    restored = await env.restore("app.db", tmp_path / "at-head", txid=head.txid)  # the restore point is kept
+    assert rows(tmp_path / "at-head") == rows(tmp_path / "good.db") and restored.txid == head.txid
