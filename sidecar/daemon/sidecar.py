@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import random
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from sidecar.daemon.upstream import Upstream, open_upstream
 from sidecar.errors import PosMismatch, SidecarError, UpstreamError
 from sidecar.log import get_logger
 from sidecar.ltx import LTXError, Pos
+from sidecar.sdnotify import Notifier
 
 log = get_logger("sidecar.daemon")
 
@@ -100,22 +102,39 @@ class Sidecar:
         for change, raw in changes:
             path = Path(raw)
             try:
-                name, ltx = path.relative_to(dbs).parts[:2]
+                parts = path.relative_to(dbs).parts
             except ValueError:
                 continue
+            if len(parts) < 3:  # a new database directory, or its ltx/: files may predate the watch on it
+                if change == watchfiles.Change.added and (self.config.data_dir / "dbs" / parts[0] / "ltx").is_dir():
+                    self._db(parts[0]).local.scan()
+                continue
+            name, ltx = parts[:2]
             if ltx != "ltx":
                 continue
             db = self._db(name)
             if change == watchfiles.Change.deleted:
+                self._deleted_elsewhere(db, path)
                 db.local.discard(path)
             else:
                 db.local.add(path)
         self.dirty.set()
 
+    def _deleted_elsewhere(self, db: DbShipper, path: Path) -> None:
+        """Someone else deleted a file upstream lacks: LiteFS's own retention is on (it should be off)."""
+        f = db.local.files.get(int(path.name[17:33], 16)) if len(path.name) == 37 else None
+        remote = db.remote.txid - db.link.offset if db.remote is not None else 0
+        if f is not None and f.path == path and f.max_txid > remote and f.min_txid != 1:
+            self.metrics.errors.labels("deleted_unshipped").inc()
+            log.error("an LTX file was deleted before it was shipped; run LiteFS with data.retention <= 0 and no "
+                      "backup section beside the sidecar", db=db.name, path=str(path))
+
     async def watch(self, stop: asyncio.Event) -> None:
         """Feed file events to the databases; the periodic rescan catches anything missed."""
+        dbs = str(self.config.data_dir / "dbs")
+
         def wanted(change: watchfiles.Change, path: str) -> bool:
-            return path.endswith(".ltx")
+            return path.endswith((".ltx", "/ltx")) or os.path.dirname(path) == dbs
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         async for changes in watchfiles.awatch(self.config.data_dir, watch_filter=wanted, step=5, debounce=50,
                                                stop_event=stop, recursive=True):
@@ -243,6 +262,9 @@ class Sidecar:
                  cluster=self.config.cluster, databases=sorted(self.dbs), metrics=self.url or None)
         if started:
             started(self)
+        notifier = Notifier.from_env()
+        notifier.notify("READY=1", f"STATUS=watching {self.config.data_dir}, shipping to {self.config.upstream}")
+        pinger = asyncio.create_task(notifier.watchdog(stop), name="watchdog")
         loop = asyncio.get_running_loop()
         next_tick, next_scan = loop.time(), loop.time() + self.config.rescan_interval
         try:
@@ -257,6 +279,7 @@ class Sidecar:
                         await stop.wait()
                 except TimeoutError:
                     pass
+            notifier.notify("STOPPING=1")
             log.info("stopping: shipping what is batched", grace_s=self.config.shutdown_grace)
             try:
                 async with asyncio.timeout(self.config.shutdown_grace):
@@ -265,7 +288,9 @@ class Sidecar:
             except TimeoutError:
                 log.warning("shutdown grace period ended before everything was shipped")
         finally:
+            stop.set()
             await watcher
+            await pinger
             await self.close()
             if runner is not None:
                 await runner.cleanup()

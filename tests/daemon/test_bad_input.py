@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from sidecar.ltx import Pos
-from tests.daemon.conftest import Env
+from tests.daemon.conftest import Env, eventually
 from tests.daemon.test_recovery import write
 
 
@@ -39,3 +39,13 @@ async def test_corrupt_and_foreign_files_are_skipped(env: Env, tmp_path: Path) -
     assert bad_files_reported(env) == 2
     assert foreign.exists()  # skipped, not touched: it is not ours to delete
     assert sidecar.dbs["fine.db"].remote == env.node.pos("fine.db")
+
+
+async def test_a_file_deleted_by_someone_else_before_shipping_is_reported(env: Env) -> None:
+    sidecar = await env.start(batch_interval=3600.0)  # the first tick has run; the next is an hour away
+    write(env, "app.db", 5)
+    victim = env.node.ltx_files("app.db")[2]
+    await eventually(lambda: "app.db" in sidecar.dbs and
+                     victim in [f.path for f in sidecar.dbs["app.db"].local.files.values()])
+    victim.unlink()  # what LiteFS's retention monitor would do with data.retention on
+    await eventually(lambda: sidecar.metrics.errors.labels("deleted_unshipped")._value.get() == 1)

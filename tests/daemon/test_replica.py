@@ -1,0 +1,61 @@
+"""Replicas ship nothing and prune under the HWM they poll; SIGTERM ships what is batched first."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+from sidecar.daemon import Sidecar
+from sidecar.daemon.litefs import LiteFSNode
+from sidecar.emulator import EmulatedNode
+from sidecar.ltx import Pos
+from tests.daemon.conftest import Env, eventually
+from tests.daemon.test_recovery import write
+
+
+def txids(node: EmulatedNode, db: str) -> set[int]:
+    return {int(p.name[17:33], 16) for p in node.ltx_files(db)}
+
+
+async def test_replica_prunes_under_the_polled_hwm_and_ships_nothing(env: Env, tmp_path: Path) -> None:
+    replica = EmulatedNode(tmp_path / "replica-data", tmp_path / "replica-mount", primary=False,
+                           primary_hostname="primary")
+    try:
+        write(env, "app.db", 3)
+        env.node.add_replica(replica)
+        write(env, "app.db", 20, start=3)
+        assert txids(replica, "app.db")  # the replica holds files of its own
+        assert (replica.mount_dir / ".primary").exists()
+        primary = await env.start()
+        config = dataclasses.replace(primary.config, data_dir=replica.data_dir, mount_dir=replica.mount_dir,
+                                     state_dir=tmp_path / "replica-sidecar", position_interval=0.2)
+        side = Sidecar(config, primary.upstream, LiteFSNode("", replica.mount_dir))
+        stop = asyncio.Event()
+        task = asyncio.create_task(side.run(stop))
+        try:
+            await env.synced("app.db")
+            shipped_before = len(primary.shipped)
+            await eventually(lambda: txids(replica, "app.db") == {env.node.pos("app.db").txid})
+            assert not side.shipped  # a replica never uploads
+            write(env, "app.db", 5, start=50)  # files past the HWM stay until upstream holds them
+            newest = env.node.pos("app.db").txid
+            assert newest in txids(replica, "app.db")
+            await env.synced("app.db")
+            await eventually(lambda: txids(replica, "app.db") == {newest})
+            assert len(primary.shipped) > shipped_before and not side.shipped
+        finally:
+            stop.set()
+            await task
+    finally:
+        replica.close()
+
+
+async def test_stop_ships_what_is_batched(env: Env, tmp_path: Path) -> None:
+    sidecar = await env.start(batch_interval=3600.0)  # no tick would come for an hour
+    write(env, "app.db", 7)
+    await asyncio.sleep(0.2)
+    assert not sidecar.shipped or sidecar.dbs["app.db"].remote != env.node.pos("app.db")
+    await env.stop()
+    engine = env.engine_upstream.engine
+    assert engine.pos("default", "app.db") == env.node.pos("app.db") != Pos()
