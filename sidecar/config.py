@@ -216,7 +216,8 @@ class SidecarConfig:
     max_files_per_upload: int = _setting("int", 256, "most LTX files in one upload", check=_at_least(1, "1"))
     retention: float = _duration("10m", "keep local LTX files at least this long", check=None)
     rescan_interval: float = _duration("30s", "how often `data_dir` is rescanned for files the watcher missed")
-    position_interval: float = _duration("30s", "how often upstream's position is re-read")
+    position_interval: float = _duration("10s", "how often upstream's position is re-read (notices operator restores "
+                                         "on an idle node, as LiteFS's 10 s full sync does)")
     metrics_addr: str = _addr("127.0.0.1:9091", 'where to serve `/metrics`; "" disables', empty=True,
                               example="0.0.0.0:9091")
     shutdown_grace: float = _duration("10s", "on stop, how long to ship what is batched; keep it below the "

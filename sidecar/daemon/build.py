@@ -27,24 +27,7 @@ from sidecar.ltx.types import lock_pgno
 _MAP_AT = 4 << 20
 
 
-_T = [0.0, 0.0, 0, 0.0]
-
-
 def compact_files(paths: Sequence[Path], *, min_txid: int | None = None, max_txid: int | None = None,
-                  pre: int | None = None) -> tuple[bytes, Header, int]:
-    import time
-    t0, w0 = time.thread_time(), time.perf_counter()
-    try:
-        return _compact_files(paths, min_txid=min_txid, max_txid=max_txid, pre=pre)
-    finally:
-        _T[0] += time.thread_time() - t0
-        _T[1] += time.perf_counter() - w0
-        _T[2] += len(paths)
-        with open(f"/tmp/compact-{os.getpid()}.txt", "w") as f:
-            f.write(f"files {_T[2]} cpu {_T[0]:.3f} wall {_T[1]:.3f} per-file cpu {_T[0]/_T[2]*1e6:.1f}us\n")
-
-
-def _compact_files(paths: Sequence[Path], *, min_txid: int | None = None, max_txid: int | None = None,
                   pre: int | None = None) -> tuple[bytes, Header, int]:
     """Compact `paths` (one unbroken chain) into one LTX v2 upload; returns (body, header, post-apply checksum).
 

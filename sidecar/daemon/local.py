@@ -8,12 +8,16 @@ and never shipped.
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 from sidecar.ltx import HEADER_SIZE, TRAILER_SIZE, Header, LTXError, Trailer, Version, parse_filename
 from sidecar.ltx.decoder import verify
+
+_max_txid = attrgetter("max_txid")
 
 
 @dataclass(slots=True)
@@ -53,12 +57,50 @@ class LocalFile:
 
 @dataclass
 class LocalDB:
-    """The LTX files of one database, keyed by max TXID, kept in step with the directory by `scan()`."""
+    """The LTX files of one database, keyed by max TXID, kept in step with the directory by `scan()`.
+
+    Change `files` only through `scan`, `add`, `discard` and `delete`: they keep two indexes in step, so that
+    `head` and `chain_from` cost O(files returned) instead of O(files held). That matters: at 1,000 tx/s and a
+    10-minute retention a database holds 600,000 files, and every tick asks for both several times.
+    """
 
     name: str
     dir: Path
     files: dict[int, LocalFile] = field(default_factory=dict)
     bad: set[Path] = field(default_factory=set)  # reported once, never shipped
+    _keys: list[int] = field(default_factory=list, init=False, repr=False, compare=False)  # sorted(files)
+    # Files by min TXID, in `files` order; more than one only while a snapshot and the chain it replaces coexist.
+    _by_min: dict[int, list[LocalFile]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._keys = sorted(self.files)
+        self._by_min = {}
+        for f in self.files.values():
+            self._by_min.setdefault(f.min_txid, []).append(f)
+
+    def _in_step(self) -> None:
+        """Rebuild the indexes if `files` was changed directly (a safety net: O(1) when they are in step)."""
+        if len(self._keys) != len(self.files):
+            self._reindex()
+
+    def _insert(self, f: LocalFile) -> None:
+        self._in_step()
+        self.files[f.max_txid] = f
+        if not self._keys or f.max_txid > self._keys[-1]:
+            self._keys.append(f.max_txid)  # the usual case: the next transaction
+        else:
+            bisect.insort(self._keys, f.max_txid)
+        self._by_min.setdefault(f.min_txid, []).append(f)
+
+    def _unindex(self, f: LocalFile) -> None:
+        """Drop `f` (already gone from `files`) from `_by_min`; `_keys` is the caller's."""
+        same = self._by_min[f.min_txid]
+        del same[next(i for i, g in enumerate(same) if g is f)]
+        if not same:
+            del self._by_min[f.min_txid]
 
     def scan(self) -> None:
         """Re-read the directory listing; headers already read are kept for files still present."""
@@ -82,6 +124,7 @@ class LocalDB:
             else:
                 found[txids[1]] = LocalFile(Path(entry.path), txids[0], txids[1], st.st_mtime, st.st_size)
         self.files = found
+        self._reindex()
 
     def add(self, path: Path) -> None:
         """A file the watcher saw appear (cheaper than a scan of a large directory)."""
@@ -92,24 +135,29 @@ class LocalDB:
             st = path.stat()
         except FileNotFoundError:
             return
-        self.files[txids[1]] = LocalFile(path, txids[0], txids[1], st.st_mtime, st.st_size)
+        self._insert(LocalFile(path, txids[0], txids[1], st.st_mtime, st.st_size))
 
     def discard(self, path: Path) -> None:
         """A file the watcher saw disappear."""
         txids = parse_filename(path.name)
         if txids is not None and (f := self.files.get(txids[1])) is not None and f.path == path:
+            self._in_step()
             del self.files[txids[1]]
+            del self._keys[bisect.bisect_left(self._keys, txids[1])]
+            self._unindex(f)
 
     def sorted(self) -> list[LocalFile]:
-        return [self.files[k] for k in sorted(self.files)]
+        self._in_step()
+        return [self.files[k] for k in self._keys]
 
     @property
     def head(self) -> LocalFile | None:
         """The newest file that is not known to be bad."""
-        if not self.bad:
-            return self.files[max(self.files)] if self.files else None
-        good = [k for k, f in self.files.items() if f.path not in self.bad]
-        return self.files[max(good)] if good else None
+        self._in_step()
+        for k in reversed(self._keys):
+            if (f := self.files[k]).path not in self.bad:
+                return f
+        return None
 
     def verify_above(self, txid: int) -> list[tuple[LocalFile, str]]:
         """Verify every file past `txid`; returns the bad ones with why (each is then skipped)."""
@@ -118,9 +166,13 @@ class LocalDB:
 
     def chain_from(self, txid: int, limit: int) -> list[LocalFile]:
         """Up to `limit` files forming an unbroken chain that starts at TXID `txid`; [] if none starts there."""
-        by_min = {f.min_txid: f for f in self.files.values() if f.path not in self.bad}
+        self._in_step()
         out: list[LocalFile] = []
-        while len(out) < limit and (f := by_min.get(txid)) is not None:
+        while len(out) < limit:
+            # Of several files starting at `txid`, the last one in `files` order that is not bad wins.
+            f = next((g for g in reversed(self._by_min.get(txid, ())) if g.path not in self.bad), None)
+            if f is None:
+                break
             out.append(f)
             txid = f.max_txid + 1
         return out
@@ -142,9 +194,16 @@ class LocalDB:
 
     def delete(self, victims: list[LocalFile]) -> None:
         """Unlink files and fsync the directory once."""
+        self._in_step()
+        gone: list[int] = []
         for f in victims:
             f.path.unlink(missing_ok=True)
-            self.files.pop(f.max_txid, None)
+            if (held := self.files.pop(f.max_txid, None)) is not None:
+                self._unindex(held)
+                gone.append(held.max_txid)
+        if gone:  # victims are the oldest files: splice one range of `_keys` instead of deleting one by one
+            lo, hi = bisect.bisect_left(self._keys, min(gone)), bisect.bisect_right(self._keys, max(gone))
+            self._keys[lo:hi] = [k for k in self._keys[lo:hi] if k in self.files]
         if victims:
             fd = os.open(self.dir, os.O_RDONLY)
             try:
@@ -160,8 +219,10 @@ def prune_victims(files: list[LocalFile], hwm: int | None, now: float, retention
     """
     if hwm is None or len(files) < 2:
         return []
-    newest = max(f.max_txid for f in files)
-    return [f for f in files if f.max_txid != newest and f.max_txid <= hwm and f.mtime < now - retention]
+    newest = max(map(_max_txid, files))
+    cutoff = now - retention
+    # Most files are younger than the retention: test that first (this runs over every file, every tick).
+    return [f for f in files if f.mtime < cutoff and f.max_txid <= hwm and f.max_txid != newest]
 
 
 def list_databases(data_dir: Path) -> list[str]:

@@ -156,6 +156,7 @@ class EngineUpstream:
         self._stop.set()
         await self._ticker
         await self.engine.close()
+        await self.engine.storage.close()
 
 
 async def open_upstream(url: str, *, cluster: str, token: str, state_dir: Path, engine: EngineConfig) -> Upstream:

@@ -14,15 +14,22 @@ import pytest
 from sidecar.config import EngineConfig, SidecarConfig
 from sidecar.daemon import Sidecar
 from sidecar.daemon.litefs import LiteFSNode
-from sidecar.daemon.upstream import EngineUpstream, Upstream
+from sidecar.daemon.upstream import EngineUpstream, HTTPUpstream, Upstream
 from sidecar.emulator import EmulatedNode, start_http
+from sidecar.engine import Engine
 from sidecar.engine.restore import RestoreResult
+from tests.s3server import MotoServer
+from tests.server.conftest import TOKEN, Running, start_server
 
 
 class Env:
     """A node, its HTTP API, and where the sidecar keeps things; `start()` runs a sidecar until `stop()`."""
 
-    def __init__(self, tmp: Path, node: EmulatedNode, litefs_url: str) -> None:
+    def __init__(self, tmp: Path, node: EmulatedNode, litefs_url: str, kind: str = "file",
+                 moto: MotoServer | None = None) -> None:
+        self.kind = kind  # where backups go: "file" (engine in-process), "s3" (engine on moto), "http" (`serve`)
+        self.moto = moto
+        self.server: Running | None = None
         self.tmp = tmp
         self.node = node
         self.litefs_url = litefs_url
@@ -38,10 +45,27 @@ class Env:
                              position_interval=2.0, rescan_interval=5.0, backoff_max=0.5, shutdown_grace=5.0)
         return dataclasses.replace(base, **changes)
 
+    async def upstream(self, config: SidecarConfig) -> tuple[SidecarConfig, Upstream]:
+        if self.kind == "http":
+            if self.server is None:
+                self.server = await start_server(self.tmp / "server")
+            config = dataclasses.replace(config, upstream=self.server.url, token=TOKEN)
+            return config, HTTPUpstream(self.server.url, TOKEN, config.cluster)
+        engine = EngineConfig(l0_interval=0.0)
+        if self.kind == "s3":
+            assert self.moto is not None
+            if not self.backups.exists():
+                self.bucket = self.moto.create_bucket()
+                self.backups.mkdir()
+            config = dataclasses.replace(config, upstream=f"s3://{self.bucket}/backups")
+            engine = EngineConfig(l0_interval=0.0, s3_endpoint=self.moto.url, s3_force_path_style=True)
+        return config, await EngineUpstream.open(config.upstream, config.cluster, config.state_dir / "engine", engine)
+
     async def start(self, to: Upstream | None = None, **changes: Any) -> Sidecar:
         config = self.config(**changes)
-        upstream = to or await EngineUpstream.open(config.upstream, config.cluster, config.state_dir / "engine",
-                                                 EngineConfig(l0_interval=0.0))
+        if to is None:
+            config, to = await self.upstream(config)
+        upstream = to
         started = asyncio.Event()
         self.sidecar = Sidecar(config, upstream, LiteFSNode(config.litefs_url, config.mount_dir))
         self._stop = asyncio.Event()
@@ -60,6 +84,13 @@ class Env:
         assert self.sidecar is not None and isinstance(self.sidecar.upstream, EngineUpstream)
         return self.sidecar.upstream
 
+    @property
+    def engine(self) -> Engine:
+        """The engine that holds the backups, in-process or the server's."""
+        if self.server is not None:
+            return self.server.engine
+        return self.engine_upstream.engine
+
     async def synced(self, db: str, within: float = 30.0) -> None:
         """Wait until upstream holds the node's position of `db`."""
         assert self.sidecar is not None
@@ -73,7 +104,7 @@ class Env:
                 await asyncio.sleep(0.05)
 
     async def restore(self, db: str, out: Path, **target: Any) -> RestoreResult:
-        return await self.engine_upstream.engine.restore_to("default", db, out, **target)
+        return await self.engine.restore_to("default", db, out, **target)
 
 
 async def eventually(condition: Callable[[], bool], within: float = 30.0) -> None:
@@ -86,14 +117,17 @@ async def eventually(condition: Callable[[], bool], within: float = 30.0) -> Non
 
 
 @asynccontextmanager
-async def environment(tmp: Path, **node_options: Any) -> AsyncIterator[Env]:
+async def environment(tmp: Path, kind: str = "file", moto: MotoServer | None = None,
+                      **node_options: Any) -> AsyncIterator[Env]:
     node = EmulatedNode(tmp / "data", tmp / "mount", **node_options)
     runner, url = await start_http(node)
-    env = Env(tmp, node, url)
+    env = Env(tmp, node, url, kind, moto)
     try:
         yield env
     finally:
         await env.stop()
+        if env.server is not None:
+            await env.server.shutdown()
         await runner.cleanup()
         node.close()
 
@@ -101,4 +135,12 @@ async def environment(tmp: Path, **node_options: Any) -> AsyncIterator[Env]:
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     async with environment(tmp_path) as e:
+        yield e
+
+
+@pytest.fixture(params=["file", "s3", "http"])
+async def any_env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+    """The same environment with each kind of upstream: file://, s3:// (moto over HTTP), and `serve` over HTTP."""
+    moto = request.getfixturevalue("moto_server") if request.param == "s3" else None
+    async with environment(tmp_path, request.param, moto) as e:
         yield e

@@ -31,7 +31,8 @@ def drop_files(env: Env, db: str, upto: int) -> None:
             path.unlink()
 
 
-async def test_empty_upstream_and_pruned_files_ships_an_export_snapshot(env: Env, tmp_path: Path) -> None:
+async def test_empty_upstream_and_pruned_files_ships_an_export_snapshot(any_env: Env, tmp_path: Path) -> None:
+    env = any_env
     write(env, "app.db", 30)
     drop_files(env, "app.db", 20)  # TXID 1 is gone: a chain from 1 is impossible
     sidecar = await env.start()
@@ -48,7 +49,8 @@ async def test_empty_upstream_and_pruned_files_ships_an_export_snapshot(env: Env
     assert len(rows(tmp_path / "out2")) == 35
 
 
-async def test_local_gap_ships_the_current_state_onto_upstream(env: Env, tmp_path: Path) -> None:
+async def test_local_gap_ships_the_current_state_onto_upstream(any_env: Env, tmp_path: Path) -> None:
+    env = any_env
     write(env, "app.db", 10)
     await env.start()
     await env.synced("app.db")
@@ -66,14 +68,15 @@ async def test_local_gap_ships_the_current_state_onto_upstream(env: Env, tmp_pat
     assert len(rows(tmp_path / "before")) == 10 and before.txid == shipped_to
 
 
-async def test_operator_restore_upstream_while_the_node_keeps_writing(env: Env, tmp_path: Path) -> None:
+async def test_operator_restore_upstream_while_the_node_keeps_writing(any_env: Env, tmp_path: Path) -> None:
+    env = any_env
     write(env, "app.db", 10)
     sidecar = await env.start()
     await env.synced("app.db")
     good = env.node.pos("app.db")
     write(env, "app.db", 10, start=10)  # a "bad migration"
     await env.synced("app.db")
-    engine = env.engine_upstream.engine
+    engine = env.engine
     async with LoadWriter(env.node, "other.db", rate=100, seed=3):  # the node keeps writing elsewhere too
         # The operator restores app.db to `good` as a new head, while app.db keeps taking writes.
         await engine.restore_to("default", "app.db", tmp_path / "good.db", txid=good.txid)

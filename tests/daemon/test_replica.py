@@ -57,5 +57,5 @@ async def test_stop_ships_what_is_batched(env: Env, tmp_path: Path) -> None:
     await asyncio.sleep(0.2)
     assert not sidecar.shipped or sidecar.dbs["app.db"].remote != env.node.pos("app.db")
     await env.stop()
-    engine = env.engine_upstream.engine
+    engine = env.engine
     assert engine.pos("default", "app.db") == env.node.pos("app.db") != Pos()
