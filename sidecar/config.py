@@ -206,6 +206,9 @@ class SidecarConfig:
     data_dir: Path = _setting("path", "/var/lib/litefs", "LiteFS data directory, holding `dbs/<db>/ltx/`")  # noqa: RUF009
     mount_dir: Path = _setting("path", "/litefs", "LiteFS FUSE mount, holding `<db>-pos` and `.primary`")  # noqa: RUF009
     litefs_url: str = _url("http://127.0.0.1:20202", "LiteFS HTTP API", "http", "https")
+    litefs_config: Path | None = _setting("optional path", "", "LiteFS's `litefs.yml`, checked at start for "  # noqa: RUF009
+                                          "`data.retention` > 0 or a `backup:` section; empty: where LiteFS looks",
+                                          example="/etc/litefs.yml")
     upstream: str = _url("file:///var/lib/litefs-sidecar/backups", "where backups go: a backup server, or an "
                          "engine in-process over `file://` or `s3://` storage", "http", "https", "file", "s3",
                          example="https://backups.internal:20203")

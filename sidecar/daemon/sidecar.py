@@ -23,6 +23,7 @@ from pathlib import Path
 import watchfiles
 
 from sidecar.config import EngineConfig, SidecarConfig
+from sidecar.daemon import litefs_config
 from sidecar.daemon.litefs import LiteFSError, LiteFSNode
 from sidecar.daemon.local import LocalDB, list_databases, prune_victims
 from sidecar.daemon.metrics import Metrics, start_metrics
@@ -256,8 +257,10 @@ class Sidecar:
         runner = None
         if self.config.metrics_addr:
             runner, self.url = await start_metrics(self, self.config.metrics_addr)
-        self.rescan()
+        self.check_litefs()
         watcher = asyncio.create_task(self.watch(stop), name="watch")
+        await asyncio.sleep(0.05)  # let the watcher start before the first listing (a fresh scan backs it anyway)
+        self.rescan()
         log.info("sidecar started", data_dir=str(self.config.data_dir), upstream=self.config.upstream,
                  cluster=self.config.cluster, databases=sorted(self.dbs), metrics=self.url or None)
         if started:
@@ -295,6 +298,16 @@ class Sidecar:
             if runner is not None:
                 await runner.cleanup()
             log.info("sidecar stopped")
+
+    def check_litefs(self) -> None:
+        """Warn if LiteFS would prune unshipped files or back up on its own (see `litefs_config`)."""
+        path = litefs_config.find(self.config.litefs_config)
+        if path is None:
+            log.info("no litefs.yml found to check; LiteFS must run with data.retention: 0s and no backup section")
+            return
+        for problem in litefs_config.check(path):
+            self.metrics.errors.labels("litefs_config").inc()
+            log.error("LiteFS is configured against the sidecar", problem=problem)
 
     async def close(self) -> None:
         await self.upstream.close()
