@@ -218,7 +218,7 @@ class SidecarConfig:
     batch_interval: float = _duration("1s", "how long to gather LTX files into one upload (sub-second allowed)")
     max_files_per_upload: int = _setting("int", 256, "most LTX files in one upload", check=_at_least(1, "1"))
     retention: float = _duration("10m", "keep local LTX files at least this long", check=None)
-    rescan_interval: float = _duration("30s", "how often `data_dir` is rescanned for files the watcher missed")
+    rescan_interval: float = _duration("5m", "how often `data_dir` is rescanned for files the watcher missed")
     position_interval: float = _duration("10s", "how often upstream's position is re-read (notices operator restores "
                                          "on an idle node, as LiteFS's 10 s full sync does)")
     metrics_addr: str = _addr("127.0.0.1:9091", 'where to serve `/metrics`; "" disables', empty=True,

@@ -71,6 +71,8 @@ def setup(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) 
     root.setLevel(LEVELS[level])
     for name in _NOISY:
         logging.getLogger(name).setLevel(max(LEVELS[level], logging.INFO))
+    # watchfiles logs every batch of file events at INFO: many lines a second under load.
+    logging.getLogger("watchfiles").setLevel(max(LEVELS[level], logging.WARNING))
 
 
 def get_logger(name: str) -> FilteringBoundLogger:

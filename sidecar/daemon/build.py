@@ -69,9 +69,17 @@ def compact_files(paths: Sequence[Path], *, min_txid: int | None = None, max_txi
 
 def _load(stack: ExitStack, path: Path) -> bytes | mmap.mmap:
     """Small files (every per-transaction file) are read; big ones (snapshots) are mapped."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size < _MAP_AT:
-            return f.read()
+    # os.open/os.read rather than open().read(): 5 µs instead of 8 per file, and the sidecar reads every file.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size < _MAP_AT:
+            data = os.read(fd, size)
+            while more := os.read(fd, 1 << 16):  # to the end, as f.read() does, should the file be longer
+                data += more
+            return data
+    finally:
+        os.close(fd)
     return map_files(stack, [path])[0]
 
 

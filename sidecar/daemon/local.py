@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 
 from sidecar.ltx import HEADER_SIZE, TRAILER_SIZE, Header, LTXError, Trailer, Version, parse_filename
 from sidecar.ltx.decoder import verify
-
-_max_txid = attrgetter("max_txid")
 
 
 @dataclass(slots=True)
@@ -59,9 +57,9 @@ class LocalFile:
 class LocalDB:
     """The LTX files of one database, keyed by max TXID, kept in step with the directory by `scan()`.
 
-    Change `files` only through `scan`, `add`, `discard` and `delete`: they keep two indexes in step, so that
-    `head` and `chain_from` cost O(files returned) instead of O(files held). That matters: at 1,000 tx/s and a
-    10-minute retention a database holds 600,000 files, and every tick asks for both several times.
+    Change `files` only through `scan`, `add`, `discard` and `delete`: they keep two small indexes in step, so
+    that `head` and `chain_from` cost O(files returned) instead of O(files held). That matters: at 1,000 tx/s
+    and a 10-minute retention a database holds 600,000 files, and every tick asks for both several times.
     """
 
     name: str
@@ -69,17 +67,18 @@ class LocalDB:
     files: dict[int, LocalFile] = field(default_factory=dict)
     bad: set[Path] = field(default_factory=set)  # reported once, never shipped
     _keys: list[int] = field(default_factory=list, init=False, repr=False, compare=False)  # sorted(files)
-    # Files by min TXID, in `files` order; more than one only while a snapshot and the chain it replaces coexist.
-    _by_min: dict[int, list[LocalFile]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Files holding more than one TXID (snapshots), by min TXID; a per-transaction file T is files[T].
+    _spans: dict[int, list[LocalFile]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._reindex()
 
     def _reindex(self) -> None:
         self._keys = sorted(self.files)
-        self._by_min = {}
+        self._spans = {}
         for f in self.files.values():
-            self._by_min.setdefault(f.min_txid, []).append(f)
+            if f.min_txid != f.max_txid:
+                self._spans.setdefault(f.min_txid, []).append(f)
 
     def _in_step(self) -> None:
         """Rebuild the indexes if `files` was changed directly (a safety net: O(1) when they are in step)."""
@@ -93,14 +92,16 @@ class LocalDB:
             self._keys.append(f.max_txid)  # the usual case: the next transaction
         else:
             bisect.insort(self._keys, f.max_txid)
-        self._by_min.setdefault(f.min_txid, []).append(f)
+        if f.min_txid != f.max_txid:
+            self._spans.setdefault(f.min_txid, []).append(f)
 
     def _unindex(self, f: LocalFile) -> None:
-        """Drop `f` (already gone from `files`) from `_by_min`; `_keys` is the caller's."""
-        same = self._by_min[f.min_txid]
-        del same[next(i for i, g in enumerate(same) if g is f)]
-        if not same:
-            del self._by_min[f.min_txid]
+        """Drop `f` (already gone from `files`) from `_spans`; `_keys` is the caller's."""
+        if f.min_txid != f.max_txid:
+            same = self._spans[f.min_txid]
+            del same[next(i for i, g in enumerate(same) if g is f)]
+            if not same:
+                del self._spans[f.min_txid]
 
     def scan(self) -> None:
         """Re-read the directory listing; headers already read are kept for files still present."""
@@ -150,6 +151,16 @@ class LocalDB:
         self._in_step()
         return [self.files[k] for k in self._keys]
 
+    def oldest(self) -> Iterator[LocalFile]:
+        """Files in TXID order, lazily (do not change the files while iterating)."""
+        self._in_step()
+        return (self.files[k] for k in self._keys)
+
+    def above(self, txid: int) -> list[LocalFile]:
+        """Files whose max TXID is above `txid`, in TXID order."""
+        self._in_step()
+        return [self.files[k] for k in self._keys[bisect.bisect_right(self._keys, txid):]]
+
     @property
     def head(self) -> LocalFile | None:
         """The newest file that is not known to be bad."""
@@ -169,8 +180,14 @@ class LocalDB:
         self._in_step()
         out: list[LocalFile] = []
         while len(out) < limit:
-            # Of several files starting at `txid`, the last one in `files` order that is not bad wins.
-            f = next((g for g in reversed(self._by_min.get(txid, ())) if g.path not in self.bad), None)
+            if txid in self._spans:
+                # Rare (a snapshot): of the files starting at `txid`, the last good one in `files` order wins.
+                f = next((g for g in reversed(self.files.values()) if g.min_txid == txid and g.path not in self.bad),
+                         None)
+            else:
+                f = self.files.get(txid)
+                if f is not None and (f.min_txid != txid or f.path in self.bad):
+                    f = None
             if f is None:
                 break
             out.append(f)
@@ -212,17 +229,26 @@ class LocalDB:
                 os.close(fd)
 
 
-def prune_victims(files: list[LocalFile], hwm: int | None, now: float, retention: float) -> list[LocalFile]:
+def prune_victims(files: Iterable[LocalFile], hwm: int | None, now: float, retention: float) -> list[LocalFile]:
     """The files the sidecar may delete: older than `retention`, max TXID ≤ `hwm`, and never the newest.
 
-    `hwm` is in local TXIDs; None means upstream has confirmed nothing yet, so nothing is deleted.
+    `files` come in TXID order (`LocalDB.sorted()` or `.oldest()`); `hwm` is in local TXIDs, None meaning
+    upstream has confirmed nothing yet. The walk stops at the first file that is too new or above the HWM, so
+    a tick costs O(victims), not O(files held): LiteFS writes files in TXID order, so a later file is not
+    older, and should one be (a clock step), it is only kept a little longer.
     """
-    if hwm is None or len(files) < 2:
+    if hwm is None:
         return []
-    newest = max(map(_max_txid, files))
     cutoff = now - retention
-    # Most files are younger than the retention: test that first (this runs over every file, every tick).
-    return [f for f in files if f.mtime < cutoff and f.max_txid <= hwm and f.max_txid != newest]
+    out: list[LocalFile] = []
+    prev: LocalFile | None = None
+    for f in files:
+        if prev is not None:
+            out.append(prev)  # `prev` is not the newest: `f` comes after it
+        if f.max_txid > hwm or f.mtime >= cutoff:
+            return out
+        prev = f
+    return out  # the last file walked is the newest: never deleted
 
 
 def list_databases(data_dir: Path) -> list[str]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +67,9 @@ class Sidecar:
         self.positions_backoff = _Backoff()
         self.metrics = Metrics()
         self.positions_at = -1e18  # when upstream's positions were last read (monotonic)
-        self.dirty = asyncio.Event()
+        self._rewatch = threading.Event()  # read by the watcher's thread
+        self._rewatch_async = asyncio.Event()
+        self._watched: set[str] = set()
         self.url = ""  # the metrics server's, once started
         self._reported: set[Path] = set()
         self.shipped: collections.deque[tuple[str, Shipped]] = collections.deque(maxlen=100_000)  # recent uploads
@@ -106,9 +108,7 @@ class Sidecar:
                 parts = path.relative_to(dbs).parts
             except ValueError:
                 continue
-            if len(parts) < 3:  # a new database directory, or its ltx/: files may predate the watch on it
-                if change == watchfiles.Change.added and (self.config.data_dir / "dbs" / parts[0] / "ltx").is_dir():
-                    self._db(parts[0]).local.scan()
+            if len(parts) != 3:
                 continue
             name, ltx = parts[:2]
             if ltx != "ltx":
@@ -119,7 +119,6 @@ class Sidecar:
                 db.local.discard(path)
             else:
                 db.local.add(path)
-        self.dirty.set()
 
     def _deleted_elsewhere(self, db: DbShipper, path: Path) -> None:
         """Someone else deleted a file upstream lacks: LiteFS's own retention is on (it should be off)."""
@@ -131,15 +130,33 @@ class Sidecar:
                       "backup section beside the sidecar", db=db.name, path=str(path))
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Feed file events to the databases; the periodic rescan catches anything missed."""
-        dbs = str(self.config.data_dir / "dbs")
-
+        """Feed file events from each database's `ltx/` (non-recursive: LiteFS's page writes elsewhere in the data
+        directory would cost more CPU than the shipping itself); restarted when a database appears."""
         def wanted(change: watchfiles.Change, path: str) -> bool:
-            return path.endswith((".ltx", "/ltx")) or os.path.dirname(path) == dbs
-        self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        async for changes in watchfiles.awatch(self.config.data_dir, watch_filter=wanted, step=5, debounce=50,
-                                               stop_event=stop, recursive=True):
-            self._changed(changes)
+            return path.endswith(".ltx")
+
+        while not stop.is_set():
+            self._rewatch.clear()
+            self._rewatch_async.clear()
+            dirs = [db.local.dir for db in self.dbs.values() if db.local.dir.is_dir()]
+            self._watched = {db.name for db in self.dbs.values() if db.local.dir.is_dir()}
+            if not dirs:
+                await _first(stop, self._rewatch_async)
+                continue
+            async for changes in watchfiles.awatch(*dirs, watch_filter=wanted, step=50, debounce=400,
+                                                   stop_event=_Either(stop, self._rewatch), recursive=False):
+                self._changed(changes)
+            for name in self._watched:  # files that came while the watch was being rebuilt
+                self.dbs[name].local.scan()
+
+    def discover(self) -> None:
+        """Pick up databases that appeared since the last look; the watcher then follows their `ltx/` too."""
+        new = [name for name in list_databases(self.config.data_dir) if name not in self.dbs]
+        for name in new:
+            self._db(name)
+        if new or set(self.dbs) - self._watched:
+            self._rewatch.set()
+            self._rewatch_async.set()
 
     # -- one tick ------------------------------------------------------------------------------------------
 
@@ -151,6 +168,7 @@ class Sidecar:
 
     async def tick(self) -> list[Shipped]:
         """One batch: ship every database that is behind, then prune. Returns what was shipped."""
+        self.discover()
         primary = self.node.is_primary() if self.node else True
         self.metrics.primary.set(1 if primary else 0)
         stale = time.monotonic() - self.positions_at >= self.config.position_interval
@@ -209,7 +227,7 @@ class Sidecar:
                 db.hwm = hwm
 
     def _prune(self, db: DbShipper) -> None:
-        victims = prune_victims(db.local.sorted(), db.local_hwm, self.clock(), self.config.retention)
+        victims = prune_victims(db.local.oldest(), db.local_hwm, self.clock(), self.config.retention)
         if victims:
             db.local.delete(victims)
             self.metrics.pruned.labels(db.name).inc(len(victims))
@@ -230,10 +248,10 @@ class Sidecar:
     def _gauges(self, db: DbShipper) -> None:
         m, name = self.metrics, db.name
         remote_local = (db.remote.txid - db.link.offset) if db.remote is not None else 0
-        pending = [f for f in db.local.files.values() if f.max_txid > remote_local]
+        pending = db.local.above(remote_local)
         m.pending_files.labels(name).set(len(pending))
         m.pending_bytes.labels(name).set(sum(f.size for f in pending))
-        m.lag.labels(name).set(max(0.0, self.clock() - min(f.mtime for f in pending)) if pending else 0.0)
+        m.lag.labels(name).set(max(0.0, self.clock() - pending[0].mtime) if pending else 0.0)
         m.hwm.labels(name).set(db.hwm or 0)
         m.diverged.labels(name).set(1 if db.error else 0)
 
@@ -259,8 +277,7 @@ class Sidecar:
             runner, self.url = await start_metrics(self, self.config.metrics_addr)
         self.check_litefs()
         watcher = asyncio.create_task(self.watch(stop), name="watch")
-        await asyncio.sleep(0.05)  # let the watcher start before the first listing (a fresh scan backs it anyway)
-        self.rescan()
+        self.discover()
         log.info("sidecar started", data_dir=str(self.config.data_dir), upstream=self.config.upstream,
                  cluster=self.config.cluster, databases=sorted(self.dbs), metrics=self.url or None)
         if started:
@@ -313,6 +330,29 @@ class Sidecar:
         await self.upstream.close()
         if self.node is not None:
             await self.node.close()
+
+
+class _Either:
+    """For watchfiles' `stop_event`: set when the sidecar stops or the watch must be rebuilt."""
+
+    def __init__(self, stop: asyncio.Event, rewatch: threading.Event) -> None:
+        self.stop, self.rewatch = stop, rewatch
+
+    def is_set(self) -> bool:
+        return self.stop.is_set() or self.rewatch.is_set()
+
+    def set(self) -> None:
+        self.rewatch.set()
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until any of `events` is set."""
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 __all__ = ["Sidecar"]

@@ -50,7 +50,7 @@ def test_nothing_above_the_hwm_is_ever_deleted(ops: list[tuple[str, int]], reten
             else:
                 now += n
                 before = {f.max_txid for f in local.files.values()}
-                victims = prune_victims(local.sorted(), shipper.local_hwm, now, retention)
+                victims = prune_victims(local.oldest(), shipper.local_hwm, now, retention)
                 local.delete(victims)
                 for f in victims:
                     assert f.max_txid <= durable, f"deleted {f.max_txid:x} above the HWM {durable:x}"
