@@ -46,6 +46,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from sidecar.config import SidecarConfig
 from sidecar.daemon.local import LocalDB, LocalFile, prune_victims
 from sidecar.ltx.names import format_filename
 
@@ -571,7 +572,8 @@ def main() -> None:
     ap.add_argument("--sidecar-cmd", metavar="CMD", help="run this instead of `python -m sidecar` (A/B of a patch)")
     ap.add_argument("--no-steady", action="store_true", help="skip the steady-state bookkeeping figures")
     ap.add_argument("--retention", type=float, default=600.0, help="steady state: files held = rate × this (s)")
-    ap.add_argument("--rescan-interval", type=float, default=30.0, help="steady state: the sidecar's rescan (s)")
+    ap.add_argument("--rescan-interval", type=float, default=SidecarConfig().rescan_interval,
+                    help="steady state: the sidecar's rescan (s)")
     ap.add_argument("--dir", default=None, help="where to work (default: a temp dir)")
     args = ap.parse_args()
     rates = [float(x) for x in args.rates.split(",") if x]

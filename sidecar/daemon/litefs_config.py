@@ -54,6 +54,14 @@ def check(path: Path, env: Mapping[str, str] = os.environ) -> list[str]:
                             f"prunes, under the HWM")
     except ValueError:
         problems.append(f"{path}: data.retention {retention!r} is not a duration")
+    http = doc.get("http") or {}
+    timeout = http.get("snapshot-timeout", 0) if isinstance(http, dict) else 0
+    try:
+        if not problems and go_duration(str(retention)) <= 0 and go_duration(str(timeout)) <= 0:
+            problems.append(f"{path}: http.snapshot-timeout defaults to data.retention, which is off; set it (for "
+                            f"example to 10m) or every snapshot sent to a new replica times out at once")
+    except ValueError:
+        problems.append(f"{path}: http.snapshot-timeout {timeout!r} is not a duration")
     backup = doc.get("backup") or {}
     if isinstance(backup, dict) and backup.get("type"):
         problems.append(f"{path}: backup.type is {backup['type']!r}; remove the backup section when the sidecar ships")

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.ltx import HEADER_SIZE, TRAILER_SIZE, Header, LTXError, Trailer, Version, parse_filename
+from sidecar.ltx import HEADER_SIZE, TRAILER_SIZE, Header, LTXError, Trailer, Version, format_filename, parse_filename
 from sidecar.ltx.decoder import verify
 
 
@@ -137,6 +137,26 @@ class LocalDB:
         except FileNotFoundError:
             return
         self._insert(LocalFile(path, txids[0], txids[1], st.st_mtime, st.st_size))
+
+    def probe(self) -> int:
+        """Look for the next per-transaction files by name (`<T+1>-<T+1>.ltx`, …) after the head; returns how many
+        were found. LiteFS names them predictably, so this sees a new file as soon as it is renamed into place,
+        without waiting for the watcher's batch of events, at the cost of one failed stat per tick."""
+        head = self._keys[-1] if self._keys else None
+        if head is None:
+            return 0
+        found = 0
+        txid = head + 1
+        while True:
+            path = self.dir / format_filename(txid, txid)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return found
+            if txid not in self.files:
+                self._insert(LocalFile(path, txid, txid, st.st_mtime, st.st_size))
+                found += 1
+            txid += 1
 
     def discard(self, path: Path) -> None:
         """A file the watcher saw disappear."""

@@ -52,7 +52,7 @@ async def start_metrics(sidecar: Sidecar, addr: str) -> tuple[web.AppRunner, str
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, _, port = addr.rpartition(":")
-    site = web.TCPSite(runner, host, int(port))
+    site = web.TCPSite(runner, host.strip("[]"), int(port))  # "[::]:9091" listens on every IPv6 address
     await site.start()
     bound = runner.addresses[0]
     return runner, f"http://{bound[0]}:{bound[1]}"

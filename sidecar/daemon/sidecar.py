@@ -187,6 +187,7 @@ class Sidecar:
 
     async def _tick_db(self, db: DbShipper, primary: bool) -> list[Shipped]:
         shipped: list[Shipped] = []
+        db.local.probe()  # files the watcher has not reported yet
         backoff = self.backoff[db.name]
         now = time.monotonic()
         if primary and db.remote is not None and now >= backoff.until:

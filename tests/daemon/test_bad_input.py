@@ -43,7 +43,8 @@ async def test_corrupt_and_foreign_files_are_skipped(env: Env, tmp_path: Path) -
 
 async def test_a_file_deleted_by_someone_else_before_shipping_is_reported(env: Env) -> None:
     write(env, "app.db", 1)
-    sidecar = await env.start(batch_interval=3600.0)  # the first tick has run; the next is an hour away
+    sidecar = await env.start(batch_interval=3600.0)
+    await env.synced("app.db")  # the first tick has run; the next is an hour away
     write(env, "app.db", 5, start=1)
     victim = env.node.ltx_files("app.db")[-2]
     await eventually(lambda: "app.db" in sidecar.dbs and

@@ -11,6 +11,7 @@ from tests.daemon.conftest import Env
 
 GOOD = """\
 fuse: {dir: /litefs}
+http: {snapshot-timeout: 10m}
 data:
   dir: /var/lib/litefs
   retention: 0s
@@ -27,6 +28,7 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize("text, env, expect", [
     (GOOD, {}, []),
     (GOOD.replace("0s", "-1s"), {}, []),
+    (GOOD.replace("http: {snapshot-timeout: 10m}\n", ""), {}, ["http.snapshot-timeout defaults to data.retention"]),
     (GOOD.replace("  retention: 0s\n", ""), {}, ["data.retention is 10m (the default)"]),
     (GOOD.replace("0s", "10m"), {}, ["data.retention is 10m; set it to 0s"]),
     (GOOD.replace("0s", "soon"), {}, ["data.retention 'soon' is not a duration"]),
