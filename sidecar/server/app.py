@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import secrets
+import itertools
 import tempfile
 import time
 import uuid
@@ -46,6 +46,7 @@ class ServerConfig:
     insecure_no_auth: bool = False
     admin_token: str = ""
     max_body_size: int = 1 << 30
+    request_timeout: float = 300.0  # seconds to receive an upload's body
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -101,6 +102,7 @@ class Server:
         self.ready = False
         self.inflight = 0
         self._tmp = engine.state_dir / ".tmp"
+        self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_size,
@@ -121,7 +123,7 @@ class Server:
 
     @web.middleware
     async def _access_log(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-Id") or secrets.token_hex(8)
+        rid = request.headers.get("X-Request-Id") or f"{self.config.instance_id[:8]}{next(self._requests):08x}"
         t0 = time.perf_counter()
         status = 500
         try:
@@ -163,6 +165,9 @@ class Server:
         except web.HTTPRequestEntityTooLarge:
             self.metrics.rejections.labels("ETOOLARGE").inc()
             return error(413, "ETOOLARGE", f"request body exceeds {self.config.max_body_size} bytes")
+        except web.HTTPRequestTimeout:
+            self.metrics.rejections.labels("ETIMEOUT").inc()
+            return error(408, "ETIMEOUT", f"request body not received within {self.config.request_timeout:g}s")
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -240,10 +245,14 @@ class Server:
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
         buf = bytearray()
-        async for chunk in request.content.iter_chunked(1 << 20):
-            buf += chunk
-            if len(buf) > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(buf))
+        try:
+            async with asyncio.timeout(self.config.request_timeout):  # a slow or stalled sender holds nothing
+                async for chunk in request.content.iter_chunked(1 << 20):
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(buf))
+        except TimeoutError:
+            raise web.HTTPRequestTimeout() from None
         if not buf:
             raise LTXError("empty request body: want an LTX file")
         return bytes(buf)

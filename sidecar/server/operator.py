@@ -13,6 +13,7 @@ A cluster token sees and changes only its own cluster; the admin token (`?cluste
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,14 @@ class OperatorAPI:
     def _db(self, request: web.Request) -> tuple[str, str]:
         return self.server._db(request)
 
+    def _existing(self, request: web.Request) -> tuple[str, str]:
+        """The requested database; 404 ENODB (not the engine's 500) if the server has never seen it."""
+        cluster, name = self._db(request)
+        if self.engine.get(cluster, name) is None:
+            body = json.dumps({"code": "ENODB", "error": f"no database {name!r} in cluster {cluster!r}"})
+            raise web.HTTPNotFound(text=body, content_type="application/json")
+        return cluster, name
+
     def _describe(self, cluster: str, name: str, points: bool = False) -> dict[str, Any]:
         st = self.engine.status(cluster, name)
         out: dict[str, Any] = {
@@ -84,18 +93,16 @@ class OperatorAPI:
             {"name": c, "databases": [self._describe(c, n) for n in self.engine.databases(c)]} for c in clusters]})
 
     async def get_db(self, request: web.Request) -> web.Response:
-        cluster, name = self._db(request)
-        if self.engine.get(cluster, name) is None:
-            raise SidecarError(f"unknown database {cluster}/{name}")
+        cluster, name = self._existing(request)
         return web.json_response(self._describe(cluster, name, points=True))
 
     async def delete_db(self, request: web.Request) -> web.Response:
-        cluster, name = self._db(request)
+        cluster, name = self._existing(request)
         n = await self.engine.delete_database(cluster, name)
         return web.json_response({"deleted": n})
 
     async def restore(self, request: web.Request) -> web.Response:
-        cluster, name = self._db(request)
+        cluster, name = self._existing(request)
         body = await request.json() if request.can_read_body else {}
         if not isinstance(body, dict):
             raise RestoreError("body must be a JSON object")
@@ -109,7 +116,7 @@ class OperatorAPI:
                                   "txid": f"{pos.txid:016x}", "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
 
     async def download(self, request: web.Request) -> web.StreamResponse:
-        cluster, name = self._db(request)
+        cluster, name = self._existing(request)
         txid, ts = _target(request.query)
         fmt = request.query.get("format", "sqlite")
         if fmt not in ("sqlite", "ltx"):
@@ -132,7 +139,7 @@ class OperatorAPI:
         return web.json_response({"txid": f"{pos.txid:016x}", "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
 
     async def clone(self, request: web.Request) -> web.Response:
-        cluster, name = self._db(request)
+        cluster, name = self._existing(request)
         to_cluster = request.query.get("to_cluster", "")
         to_db = request.query.get("to_db") or name
         validate_db_name(to_cluster)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +32,12 @@ class Running:
         await self.task
 
 
-async def start_server(root: Path, *, l0_interval: float = 0.0, max_body: int = 1 << 30) -> Running:
+async def start_server(root: Path, *, l0_interval: float = 0.0, max_body: int = 1 << 30,
+                       request_timeout: float = 300.0) -> Running:
     storage = open_storage(f"file://{root / 'store'}")
     engine = await Engine.open(storage, root / "state", Levels(l0_interval=l0_interval))
-    config = ServerConfig(tokens={TOKEN: "default", OTHER: "other"}, admin_token=ADMIN, max_body_size=max_body)
+    config = ServerConfig(tokens={TOKEN: "default", OTHER: "other"}, admin_token=ADMIN, max_body_size=max_body,
+                          request_timeout=request_timeout)
     stop = asyncio.Event()
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(engine, config, "127.0.0.1", 0, stop=stop, grace=5,
@@ -56,3 +58,10 @@ async def server(tmp_path: Path) -> AsyncIterator[Running]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    """Poll `cond` (another process's state: no event to wait on) until it holds; TimeoutError if it never does."""
+    async with asyncio.timeout(within):
+        while not await cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
