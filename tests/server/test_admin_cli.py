@@ -1,0 +1,218 @@
+"""`litefs-sidecar admin …` against a real server on 127.0.0.1, through `sidecar.cli.main` as a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog
+
+from sidecar.cli import main
+from sidecar.ltx import Version, format_timestamp
+from sidecar.ltx.decoder import decode
+from tests.conftest import LITEFS, make_db
+from tests.engine.history import History
+from tests.server.client import BackupClient
+from tests.server.conftest import ADMIN, TOKEN, Running
+from tests.server.test_protocol import uploads
+
+T0 = 1_790_000_000_000  # ms: the timestamps of the test's transactions
+
+
+@pytest.fixture(autouse=True)
+def admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's shell holds the admin token, as the server's environment does."""
+    monkeypatch.setenv("LITEFS_SIDECAR_SERVER_ADMIN_TOKEN", ADMIN)
+
+
+class Admin:
+    """Runs `litefs-sidecar admin ARGS --server URL` in a thread (the server runs in this loop)."""
+
+    def __init__(self, server: Running, capsys: pytest.CaptureFixture[str]) -> None:
+        self.url, self.capsys = server.url, capsys
+
+    async def __call__(self, *args: str, server: bool = True) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        argv = ["admin", *args, *(["--server", self.url] if server else [])]
+        code = await asyncio.to_thread(main, argv)
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    async def json(self, *args: str) -> Any:
+        code, out, err = await self(*args, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+
+@pytest.fixture
+def admin(server: Running, capsys: pytest.CaptureFixture[str]) -> Iterator[Admin]:
+    with structlog.testing.capture_logs():  # the in-process server's log lines stay out of the command's stdout
+        yield Admin(server, capsys)
+
+
+async def backed_up(server: Running, http: aiohttp.ClientSession, tmp_path: Path, n: int = 3) -> History:
+    """`app.db` with `n` transactions, one second apart from T0, uploaded as LiteFS would."""
+    history = History(tmp_path / "live.db")
+    client = BackupClient(http, server.url, TOKEN)
+    for i in range(n):
+        history.write(n=4)
+        await client.write_tx("app.db", history.commit(T0 + i * 1000))
+    return history
+
+
+class TestList:
+    async def test_table_and_json(self, server: Running, http: aiohttp.ClientSession, admin: Admin) -> None:
+        """Every cluster's databases, with position, HWM, lag, size and restore points."""
+        for path in uploads("fx-wal.db"):
+            await BackupClient(http, server.url, TOKEN).write_tx("fx-wal.db", path.read_bytes())
+        pos = server.engine.pos("default", "fx-wal.db")
+        code, out, _ = await admin("list")
+        header, row = out.splitlines()
+        assert header.split() == ["CLUSTER", "DB", "TXID", "HWM", "LAG", "SIZE", "FILES", "POINTS", "OLDEST", "NEWEST"]
+        assert code == 0 and row.split()[:5] == ["default", "fx-wal.db", f"{pos.txid:016x}", f"{pos.txid:016x}", "0"]
+        data = await admin.json("list")
+        [db] = data["clusters"][0]["databases"]
+        assert db["txid"] == f"{pos.txid:016x}" and db["lag"] == 0 and db["restorePoints"] >= 5
+        assert (await admin.json("list", "--cluster", "other")) == {"clusters": [{"name": "other", "databases": []}]}
+
+    async def test_show_lists_restore_points(self, server: Running, http: aiohttp.ClientSession, admin: Admin,
+                                             tmp_path: Path) -> None:
+        """`show` prints one row per restore point."""
+        (await backed_up(server, http, tmp_path)).close()
+        code, out, _ = await admin("show", "--db", "app.db")
+        assert code == 0 and out.startswith("default/app.db: TXID 0000000000000003")
+        for i in range(3):
+            assert f"L0     {i + 1:016x}  {format_timestamp(T0 + i * 1000)}" in out
+        assert [p["txid"] for p in (await admin.json("show", "--db", "app.db"))["points"]] == [
+            f"{i:016x}" for i in (1, 2, 3)]
+
+
+class TestRestore:
+    async def test_restore_appends_a_head_and_can_be_undone(self, server: Running, http: aiohttp.ClientSession,
+                                                            admin: Admin, tmp_path: Path) -> None:
+        """Restoring TXID 2 writes TXID 4 with TXID 2's state; restoring TXID 3 then undoes it."""
+        history = await backed_up(server, http, tmp_path)
+        code, out, _ = await admin("restore", "--db", "app.db", "--txid", "2")
+        assert code == 0
+        assert out.strip() == (f"default/app.db: restored TXID 0000000000000002 ({format_timestamp(T0 + 1000)}) as "
+                               "the new head, TXID 0000000000000004; earlier states stay restorable")
+        assert server.engine.pos("default", "app.db").post_apply_checksum == history.checksums[2]
+        when = format_timestamp(T0 + 2500)  # after TXID 3, before the restore: TXID 3's state
+        data = await admin.json("restore", "--db", "app.db", "--timestamp", when)
+        assert data["restored"]["txid"] == "0000000000000003" and data["txid"] == "0000000000000005"
+        assert server.engine.pos("default", "app.db").post_apply_checksum == history.checksums[3]
+        history.close()
+
+    async def test_a_target_is_required(self, admin: Admin) -> None:
+        """Neither --timestamp nor --txid, or a malformed one, is a usage error."""
+        with pytest.raises(SystemExit) as info:
+            await admin("restore", "--db", "app.db")
+        assert info.value.code == 2
+        with pytest.raises(SystemExit):
+            await admin("restore", "--db", "app.db", "--timestamp", "yesterday")
+
+
+class TestFiles:
+    async def test_download_latest_and_at_a_txid(self, server: Running, http: aiohttp.ClientSession, admin: Admin,
+                                                 tmp_path: Path) -> None:
+        """A SQLite file equal to the database at that point; or an LTX v2 snapshot with --format ltx."""
+        for path in uploads("fx-wal.db"):
+            await BackupClient(http, server.url, TOKEN).write_tx("fx-wal.db", path.read_bytes())
+        out = tmp_path / "dl.db"
+        code, text, _ = await admin("download", "--db", "fx-wal.db", "-o", str(out))
+        assert code == 0 and text.startswith(f"wrote {out}: SQLite database of default/fx-wal.db at TXID ")
+        assert out.read_bytes() == (LITEFS / "db" / "fx-wal.db").read_bytes()
+        history = await backed_up(server, http, tmp_path)
+        data = await admin.json("download", "--db", "app.db", "--txid", "2", "-o", str(out))
+        assert data == {"path": str(out), "bytes": out.stat().st_size, "txid": "0000000000000002"}
+        check = tmp_path / "check.db"
+        await server.engine.restore_to("default", "app.db", check, txid=2)
+        assert out.read_bytes() == check.read_bytes()
+        await admin("download", "--db", "app.db", "--format", "ltx", "-o", str(tmp_path / "snap.ltx"))
+        header, _, trailer = decode((tmp_path / "snap.ltx").read_bytes(), Version.V2)
+        assert header.is_snapshot and header.max_txid == 3 and trailer.post_apply_checksum == history.checksums[3]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".dl.db")) == []  # no temp files left
+        history.close()
+
+    async def test_upload_then_download_round_trips(self, server: Running, admin: Admin, tmp_path: Path) -> None:
+        """An uploaded SQLite file becomes the head, byte for byte."""
+        db = make_db(tmp_path / "new.db", rows=500)
+        code, out, _ = await admin("upload", "--cluster", "staging", "--db", "new.db", str(db))
+        assert code == 0 and "uploaded" in out and "TXID 0000000000000001" in out
+        await admin("download", "--cluster", "staging", "--db", "new.db", "-o", str(tmp_path / "back.db"))
+        assert (tmp_path / "back.db").read_bytes() == db.read_bytes()
+        con = sqlite3.connect(tmp_path / "back.db")
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (500,)
+        con.close()
+
+
+class TestCloneAndDelete:
+    async def test_clone_a_database_and_a_whole_cluster(self, server: Running, http: aiohttp.ClientSession,
+                                                        admin: Admin, tmp_path: Path) -> None:
+        """One database under a new name, then every database of the cluster."""
+        history = await backed_up(server, http, tmp_path)
+        make_db(tmp_path / "b.db")
+        await admin("upload", "--db", "b.db", str(tmp_path / "b.db"))
+        code, out, _ = await admin("clone", "--db", "app.db", "--to-cluster", "staging", "--to-db", "copy.db")
+        assert code == 0 and out.strip() == "cloned default/app.db to staging/copy.db at TXID 0000000000000001"
+        assert server.engine.pos("staging", "copy.db").post_apply_checksum == history.checksums[3]
+        results = await admin.json("clone", "--to-cluster", "qa")
+        assert [r["name"] for r in results] == server.engine.databases("qa") == ["app.db", "b.db"]
+        history.close()
+
+    async def test_delete_needs_yes(self, server: Running, http: aiohttp.ClientSession, admin: Admin,
+                                    tmp_path: Path) -> None:
+        """Without --yes nothing is deleted (exit 2); with it, every stored file goes."""
+        (await backed_up(server, http, tmp_path)).close()
+        code, _, err = await admin("delete", "--db", "app.db")
+        assert code == 2 and "without --yes" in err and server.engine.databases("default") == ["app.db"]
+        code, out, _ = await admin("delete", "--db", "app.db", "--yes")
+        assert code == 0 and out.startswith("deleted default/app.db: ")
+        assert server.engine.databases("default") == []
+        assert not list((server.root / "store" / "default").rglob("*.ltx"))
+
+
+class TestErrors:
+    async def test_server_refusals_are_one_line_and_exit_1(self, server: Running, http: aiohttp.ClientSession,
+                                                           admin: Admin, tmp_path: Path) -> None:
+        """The server's {code, error} becomes one line on stderr, without a traceback."""
+        (await backed_up(server, http, tmp_path)).close()
+        code, out, err = await admin("show", "--db", "nope.db")
+        assert code == 1 and out == ""
+        assert err == (f"litefs-sidecar: upstream 404 ENODB: {server.url}/api/db: no database 'nope.db' in cluster "
+                       "'default'\n")
+        code, _, err = await admin("restore", "--db", "app.db", "--txid", "99")
+        assert code == 1 and err.startswith(f"litefs-sidecar: upstream 404 ENOTXID: {server.url}/api/restore: ")
+        assert len(err.splitlines()) == 1
+        code, _, err = await admin("show", "--db", "../x")
+        assert code == 1 and "400 EBADDB" in err
+
+    async def test_a_wrong_token_gets_a_hint(self, admin: Admin, monkeypatch: pytest.MonkeyPatch) -> None:
+        """401 names the variable to set."""
+        monkeypatch.setenv("LITEFS_SIDECAR_SERVER_ADMIN_TOKEN", "not-the-admin-token")
+        code, _, err = await admin("list")
+        assert code == 1 and err.splitlines() == [
+            f"litefs-sidecar: upstream 401 EINVALIDAUTH: {admin.url}/api/databases: missing or invalid Authorization",
+            "hint: set LITEFS_SIDECAR_SERVER_ADMIN_TOKEN to the server's admin token"]
+
+    async def test_an_unreachable_server(self, server: Running, admin: Admin) -> None:
+        """A server that is not there: one line and a hint."""
+        await server.shutdown()
+        code, _, err = await admin("list")
+        assert code == 1 and err.splitlines() == [
+            f"litefs-sidecar: cannot reach the backup server at {admin.url}: Connection refused",
+            "hint: is `litefs-sidecar serve` running there? Give its address with --server URL"]
+
+    async def test_default_server_is_the_configured_addr(self, server: Running, admin: Admin,
+                                                         tmp_path: Path) -> None:
+        """Without --server, the [server] addr of --config is used (as on the server's own host)."""
+        config = tmp_path / "sidecar.toml"
+        config.write_text(f'[server]\naddr = "{server.url.removeprefix("http://")}"\n')
+        code, out, err = await admin("list", "--config", str(config), server=False)
+        assert code == 0 and out.strip() == "no databases", err

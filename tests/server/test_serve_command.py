@@ -1,0 +1,199 @@
+"""`litefs-sidecar serve` as a real process: configuration from file, env and flags; systemd notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.server.conftest import ADMIN, OTHER, TOKEN, wait_until
+from tests.server.test_hostile import SNAPSHOT, post
+
+BASE_ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[2])}
+
+
+@dataclass
+class Served:
+    proc: asyncio.subprocess.Process
+    url: str
+    stderr: Path
+
+    def logs(self) -> list[dict[str, object]]:
+        """The JSON log lines written so far."""
+        return [json.loads(line) for line in self.stderr.read_text().splitlines() if line.startswith("{")]
+
+    async def stop(self) -> int:
+        """SIGTERM, as systemd stops a service; the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 60)
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Served]:
+    """`litefs-sidecar serve ARGS` on 127.0.0.1, once it prints the URL it listens on."""
+    stderr = tmp_path / "serve.stderr"
+    with open(stderr, "wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "serve", *args, env={**BASE_ENV, **(env or {})},
+            stdout=asyncio.subprocess.PIPE, stderr=err)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("litefs-sidecar serving on "), (line, stderr.read_text())
+        yield Served(proc, line.split()[-1], stderr)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket in the abstract namespace, standing in for systemd's NOTIFY_SOCKET."""
+    name = f"litefs-sidecar-serve-{secrets.token_hex(6)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(b"\0" + name.encode())
+        sock.setblocking(False)
+        yield sock, "@" + name
+
+
+async def received(sock: socket.socket) -> str:
+    return (await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 4096), 60)).decode()
+
+
+def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sidecar", "serve", *args], capture_output=True, text=True,
+                          env={**BASE_ENV, **(env or {})}, timeout=60)
+
+
+class TestConfiguration:
+    async def test_file_env_and_flags_reach_the_running_server(self, tmp_path: Path) -> None:
+        """Each setting takes its latest source: the file, then the environment, then flags."""
+        (tmp_path / "tokens").write_text(f"# cluster token\ndefault {TOKEN}\n")
+        config = tmp_path / "sidecar.toml"
+        config.write_text(f'[server]\naddr = "127.0.0.1:1"\nstorage = "file://{tmp_path}/store"\n'
+                          'max_body_size = "100"\n'
+                          f'[engine]\nl0_interval = "1h"\nstate_dir = "{tmp_path}/state"\n'
+                          '[log]\nformat = "json"\n')
+        env = {"LITEFS_SIDECAR_SERVER_MAX_BODY_SIZE": "200", "LITEFS_SIDECAR_ENGINE_L0_INTERVAL": "100ms",
+               "LITEFS_SIDECAR_SERVER_TOKENS": f"other {OTHER}", "LITEFS_SIDECAR_SERVER_ADMIN_TOKEN": ADMIN}
+        async with serving(tmp_path, "--config", str(config), "--addr", "127.0.0.1:0", "--max-body-size", "1MiB",
+                           "--tokens", str(tmp_path / "tokens"), env=env) as served, aiohttp.ClientSession() as http:
+            assert served.url != "http://127.0.0.1:1"  # the flag's addr, not the file's
+            # max_body_size: the flag's 1 MiB, not the environment's 200 bytes or the file's 100.
+            assert (await post(http, served.url, "app.db", SNAPSHOT))[0] == 200
+            assert (await post(http, served.url, "app.db", SNAPSHOT, OTHER))[0] == 200  # env tokens too
+
+            async def flushed() -> bool:  # l0_interval: the environment's 100 ms, not the file's hour
+                async with http.get(f"{served.url}/api/databases", params={"cluster": "default"},
+                                    headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+                    [db] = (await resp.json())["clusters"][0]["databases"]
+                    return bool(db["lag"] == 0)
+            await wait_until(flushed)
+            assert await served.stop() == 0
+        [loaded] = [e for e in served.logs() if e["event"] == "config_loaded"]
+        assert loaded["settings"] == {
+            "engine.l0_interval": "0.1 (env LITEFS_SIDECAR_ENGINE_L0_INTERVAL)",
+            "engine.state_dir": f"{tmp_path}/state (file {config})",
+            "log.format": f"json (file {config})",
+            "server.addr": "127.0.0.1:0 (flag --addr)",
+            "server.admin_token": "<secret> (env LITEFS_SIDECAR_SERVER_ADMIN_TOKEN)",
+            "server.max_body_size": "1048576 (flag --max-body-size)",
+            "server.storage": f"file://{tmp_path}/store (file {config})",
+            "server.tokens": "<secret> (env LITEFS_SIDECAR_SERVER_TOKENS)",
+            "server.tokens_file": f"{tmp_path}/tokens (flag --tokens-file)",
+        }
+        assert ADMIN not in served.stderr.read_text() and OTHER not in served.stderr.read_text()
+
+    def test_a_bad_configuration_names_every_problem_and_exits_2(self, tmp_path: Path) -> None:
+        """File, environment, flags, tokens, storage and the notify socket are checked before anything starts."""
+        config = tmp_path / "sidecar.toml"
+        config.write_text('[engine]\nl0_interval = "soon"\n[log]\nlevel = "loud"\n')
+        (tmp_path / "tokens").write_text("default short\n")
+        env = {"LITEFS_SIDECAR_ENGINE_S3_FORCE_PATH_STYLE": "perhaps", "NOTIFY_SOCKET": "relative/socket"}
+        proc = run_serve("--config", str(config), "--tokens-file", str(tmp_path / "tokens"), "--storage",
+                         "file://host/x", "--l1-retention", "forever", env=env)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.splitlines() == [
+            "litefs-sidecar: invalid configuration:",
+            f'  engine.l0_interval = "soon" (from file {config}): not a duration (examples: 500ms, 1s, 10m)',
+            '  engine.l1_retention = "forever" (from flag --l1-retention): not a duration (examples: 500ms, 1s, 10m)',
+            '  engine.s3_force_path_style = "perhaps" (from env LITEFS_SIDECAR_ENGINE_S3_FORCE_PATH_STYLE): '
+            "not a boolean (true/false, yes/no, 1/0)",
+            f'  log.level = "loud" (from file {config}): must be one of debug, info, warning, error',
+            f"  server.tokens_file (from flag --tokens-file): {tmp_path / 'tokens'}: line 1: token for cluster "
+            "'default' is shorter than 16 characters",
+            "  NOTIFY_SOCKET='relative/socket': want an absolute path or @abstract-name",
+            "  server.storage (from flag --storage): storage URL 'file://host/x': file URLs look like "
+            "file:///absolute/path",
+        ]
+
+    def test_unknown_and_misplaced_settings_are_named_together(self, tmp_path: Path) -> None:
+        """Typos in the file and the environment, and a secret in the file, come out in one run."""
+        config = tmp_path / "sidecar.toml"
+        config.write_text('[server]\nadr = "127.0.0.1:20203"\nadmin_token = "in-a-file"\n[engnie]\n')
+        proc = run_serve("--config", str(config), env={"LITEFS_SIDECAR_SERVR_ADDR": "x"})
+        assert proc.returncode == 2
+        assert proc.stderr.splitlines()[1:] == [
+            f"  server.adr (from file {config}): unknown key; did you mean addr?",
+            f"  server.admin_token (from file {config}): secrets are read only from the environment "
+            "(LITEFS_SIDECAR_SERVER_ADMIN_TOKEN)",
+            f"  engnie (from file {config}): unknown table; did you mean engine?",
+            "  LITEFS_SIDECAR_SERVR_ADDR (from env): unknown variable; did you mean LITEFS_SIDECAR_SERVER_ADDR?",
+        ]
+
+    def test_tokens_are_required_unless_auth_is_off(self, tmp_path: Path) -> None:
+        """No token at all refuses to start, with the way out in the message."""
+        proc = run_serve("--storage", f"file://{tmp_path}/s", "--state-dir", str(tmp_path / "st"))
+        assert proc.returncode == 2 and "no tokens configured: give --tokens-file FILE" in proc.stderr
+
+    def test_a_port_in_use_is_one_clear_line(self, tmp_path: Path) -> None:
+        """Failing to listen exits 1 naming the address, not with a traceback."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            addr = f"127.0.0.1:{taken.getsockname()[1]}"
+            proc = run_serve("--insecure-no-auth", "--addr", addr, "--storage", f"file://{tmp_path}/s",
+                             "--state-dir", str(tmp_path / "st"))
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.splitlines()[-1].startswith(f"litefs-sidecar: listen on {addr}: ")
+        assert "Traceback" not in proc.stderr
+
+
+class TestSystemd:
+    async def test_ready_watchdog_and_stopping(self, tmp_path: Path, notify_socket: tuple[socket.socket, str]) -> None:
+        """READY=1 once listening, WATCHDOG=1 while running, STOPPING=1 at SIGTERM, then a clean exit."""
+        sock, address = notify_socket
+        env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000",
+               "LITEFS_SIDECAR_SERVER_TOKENS": f"default {TOKEN}"}
+        async with serving(tmp_path, "--addr", "127.0.0.1:0", "--storage", f"file://{tmp_path}/s", "--state-dir",
+                           str(tmp_path / "st"), "--log-format", "json", env=env) as served:
+            messages = [await received(sock) for _ in range(4)]
+            ready = [m for m in messages if m.startswith("READY=1")]
+            assert ready == [f"READY=1\nSTATUS=serving on {served.url}"]
+            assert messages.count("WATCHDOG=1") == 3
+            assert await served.stop() == 0
+            while (message := await received(sock)) == "WATCHDOG=1":
+                pass
+            assert message == "STOPPING=1\nSTATUS=stopping: finishing in-flight uploads"
+        assert [e["event"] for e in served.logs()][-1] == "stopped"
+
+    async def test_without_notify_socket_nothing_is_sent(self, tmp_path: Path) -> None:
+        """Outside systemd the server runs and stops the same way."""
+        env = {"LITEFS_SIDECAR_SERVER_TOKENS": f"default {TOKEN}"}
+        async with serving(tmp_path, "--addr", "127.0.0.1:0", "--storage", f"file://{tmp_path}/s", "--state-dir",
+                           str(tmp_path / "st"), env=env) as served:
+            async with aiohttp.ClientSession() as http, http.get(f"{served.url}/readyz") as resp:
+                assert resp.status == 200
+            assert await served.stop() == 0
