@@ -228,6 +228,8 @@ def step(n: int, chain: list[bytes], args: argparse.Namespace, root: Path) -> St
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
         log.close()
+        if args.keep_logs:
+            shutil.copy(root / "server.log", Path(args.keep_logs) / f"server-{n}.log")
     span = window[1] - window[0]
     counted = sorted(lat for due, lat, status in results if window[0] <= due < window[1] and status == 200)
     done = sum(1 for due, lat, status in results if window[0] <= due + lat < window[1] and status == 200)
@@ -250,6 +252,7 @@ def main() -> None:
     parser.add_argument("--dir", default="/var/tmp", help="where the temporary store and state live (a real disk)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `serve` argument (repeatable)")
     parser.add_argument("--py-spy", metavar="PREFIX", help="profile the server with py-spy into PREFIX-N.txt")
+    parser.add_argument("--keep-logs", metavar="DIR", help="copy each step's server log into DIR")
     parser.add_argument("--stop-after-miss", action="store_true", help="stop at the first N that is not held")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="server-bench-", dir=args.dir))

@@ -3,20 +3,21 @@ compacts levels on schedule, applies retention, and restores.
 
 Where a transaction lives, in order:
 
-    accepted upload ──fsync──▶ <state>/<cluster>/<db>/pending/  (acknowledged: durable on this host)
+    accepted upload ──fsync──▶ <state>/log/ (uploadlog.py)       (acknowledged: durable on this host)
                     ──flush──▶ store L0 (every l0_interval)       (now counted in the HWM)
                     ──compact─▶ L1 (5 min), L2 (1 h), L9 (daily snapshot)
 
-The store is the source of truth; the state directory holds the pending uploads and a cache of the
-store's index (`index.json`), which `scan` rebuilds when it is lost. The high-water mark (HWM) is the
-highest TXID durable in the store. All store objects are LTX v3 with the no-checksum flag that
-Litestream requires, carrying LiteFS's database checksums in the header extension.
+The store is the source of truth; the state directory holds the log of pending uploads and a cache of
+each database's store index (`<state>/<cluster>/<db>/index.json`), which `scan` rebuilds when it is lost.
+The high-water mark (HWM) is the highest TXID durable in the store. All store objects are LTX v3 with the
+no-checksum flag that Litestream requires, carrying LiteFS's database checksums in the header extension.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -29,9 +30,10 @@ from typing import BinaryIO
 
 import structlog
 
-from sidecar.engine.index import DbIndex, FileEntry, restore_points, scan
+from sidecar.engine.index import DbIndex, FileEntry, restore_points, scan, write_atomically
 from sidecar.engine.levels import Levels, due
 from sidecar.engine.restore import RestoreResult, map_files, plan_restore, restore
+from sidecar.engine.uploadlog import Record, UploadLog
 from sidecar.errors import PosMismatch, SidecarError, StorageError, validate_db_name
 from sidecar.ltx import (
     FLAG_COMPRESS_LZ4,
@@ -41,9 +43,7 @@ from sidecar.ltx import (
     Pos,
     Trailer,
     Version,
-    format_filename,
     lock_pgno,
-    parse_filename,
 )
 from sidecar.ltx.compactor import compact
 from sidecar.ltx.decoder import Decoder
@@ -56,15 +56,21 @@ log = structlog.get_logger("sidecar.engine")
 
 Clock = Callable[[], float]
 
+BIG_UPLOAD = 8 << 20  # an upload this large (a snapshot) is flushed at once, not held in memory
+FLUSH_CONCURRENCY = 16  # databases flushed at once by a tick
+FLUSH_BUDGET = 0.25  # seconds of a tick after which no further flush starts (the rest wait for the next)
+SMALL_FLUSH = 4 << 20  # pending uploads up to this size are compacted in memory, without a temporary file
+
 
 @dataclass
 class Pending:
-    """An accepted upload waiting in the state directory for the next flush."""
+    """An accepted upload, durable in the upload log, waiting (in memory) for the next flush."""
 
-    path: Path
     header: Header
     post: int
     arrived: float
+    segment: int  # of the upload log, released once flushed
+    data: bytes
 
 
 @dataclass
@@ -78,8 +84,10 @@ class DbState:
     pending: list[Pending] = field(default_factory=list)
     pos: Pos = field(default_factory=Pos)
     page_size: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # uploads and flushes
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # uploads, and whatever needs no upload meanwhile
+    flushing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one flush at a time (taken after `lock`)
     maint: asyncio.Lock = field(default_factory=asyncio.Lock)  # compaction, retention, restores
+    saving: asyncio.Lock = field(default_factory=asyncio.Lock)  # index.json writes, in order
     uploading: int = 0  # uploads being validated or written right now
     last_run: dict[int, float] = field(default_factory=dict)
     last_upload: float = 0.0
@@ -117,6 +125,7 @@ class Engine:
         self.levels = levels or Levels()
         self.clock = clock
         self.dbs: dict[tuple[str, str], DbState] = {}
+        self.log = UploadLog(self.state_dir / "log")
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -150,8 +159,11 @@ class Engine:
         for cluster, name in known - set(indexes):
             self.dbs[(cluster, name)] = DbState(cluster, name, self._db_dir(cluster, name), DbIndex())
         for st in self.dbs.values():
-            self._load_pending(st)
             self._refresh_pos(st)
+        for record in self.log.replay():
+            await self._replay(record)
+        self.log.end_replay()
+        self.log.start()
 
     async def _scan_store(self) -> dict[tuple[str, str], DbIndex]:
         """One LIST of the whole store, then each database's headers."""
@@ -168,35 +180,36 @@ class Engine:
             log.info("index rebuilt from store", cluster=cluster, db=name, files=len(out[(cluster, name)]))
         return out
 
-    def _load_pending(self, st: DbState) -> None:
-        pdir = st.dir / "pending"
-        if not pdir.is_dir():
+    async def _replay(self, record: Record) -> None:
+        """Take back one logged upload: pending again unless already flushed; a deletion drops what came before."""
+        key = (record.cluster, record.name)
+        if not record.data:
+            st = self.dbs.get(key)
+            if st is not None:
+                self._drop_pending(st)
+                if not len(st.index):
+                    del self.dbs[key]
             return
-        paths = []
-        for path in sorted(pdir.iterdir()):
-            if parse_filename(path.name) is None:
-                path.unlink()  # an upload that never finished: it was never acknowledged
-            else:
-                paths.append(path)
-        for i, path in enumerate(paths):
-            data = path.read_bytes()
-            try:
-                dec = Decoder(data, Version.V2)
-                for _pgno, _page in dec.pages():
-                    pass
-                trailer = dec.close()
-            except LTXError as err:
-                if i < len(paths) - 1:
-                    raise LTXError(f"{path}: {err}", field=err.field) from err
-                # The newest upload, cut short by a crash: uploads of a database are written one at a time,
-                # and acknowledged only once fsynced, so only the last can be torn, and it was never acknowledged.
-                log.warning("torn upload removed", cluster=st.cluster, db=st.name, file=path.name, error=str(err))
-                path.unlink()
-                continue
-            if dec.header.max_txid <= st.index.max_txid:
-                path.unlink()  # flushed before a crash, not yet removed
-                continue
-            st.pending.append(Pending(path, dec.header, trailer.post_apply_checksum, self.clock()))
+        what = f"{self.log.path(record.segment)} at offset {record.offset} ({record.cluster}/{record.name})"
+        header, post = _check_upload(record.data, what)
+        st = self._state(record.cluster, record.name, create=True)
+        if header.max_txid <= st.index.max_txid:
+            return  # flushed before the crash
+        continues = header.min_txid == st.pos.txid + 1 and header.pre_apply_checksum == st.pos.post_apply_checksum
+        if not (continues or (header.is_snapshot and header.max_txid > st.pos.txid)):
+            log.error("upload log: record does not continue its database; skipped", record=what,
+                      pos=f"{st.pos.txid:016x}", min_txid=f"{header.min_txid:016x}")
+            return
+        if header.is_snapshot and st.pending:
+            await self._flush(st)
+        self.log.hold(record.segment)
+        st.pending.append(Pending(header, post, self.clock(), record.segment, bytes(record.data)))
+        st.pos, st.page_size = Pos(header.max_txid, post), header.page_size
+
+    def _drop_pending(self, st: DbState) -> None:
+        for p in st.pending:
+            self.log.release(p.segment)
+        st.pending = []
 
     def _refresh_pos(self, st: DbState) -> None:
         if st.pending:
@@ -212,6 +225,7 @@ class Engine:
         if self._closed:
             return
         await self.flush_all()
+        await self.log.close()
         self._closed = True
 
     async def run(self, stop: asyncio.Event, period: float = 1.0) -> None:
@@ -301,15 +315,23 @@ class Engine:
                 raise PosMismatch(name, st.pos, f"upload {header.min_txid:016x}-{header.max_txid:016x} with "
                                                 f"pre-apply checksum {header.pre_apply_checksum:016x} does not "
                                                 f"continue")
-            pdir = st.dir / "pending"
-            path = pdir / format_filename(header.min_txid, header.max_txid)
-            await asyncio.to_thread(_write_durably, path, data)
-            now = self.clock()
-            st.pending.append(Pending(path, header, post, now))
-            st.pos, st.page_size, st.last_upload = Pos(header.max_txid, post), header.page_size, now
-            if self.levels.l0_interval <= 0:
+            accept = asyncio.ensure_future(self._accept(st, header, post, data))
+            try:
+                await asyncio.shield(accept)  # once logged, the upload is accepted even if its request is gone
+            except asyncio.CancelledError:
+                await asyncio.wait([accept])
+                if not accept.cancelled():
+                    accept.exception()
+                raise
+            if self.levels.l0_interval <= 0 or len(data) > BIG_UPLOAD:
                 await self._flush(st)
             return st.hwm
+
+    async def _accept(self, st: DbState, header: Header, post: int, data: bytes) -> None:
+        segment = await self.log.append(st.cluster, st.name, data)
+        now = self.clock()
+        st.pending.append(Pending(header, post, now, segment, data))
+        st.pos, st.page_size, st.last_upload = Pos(header.max_txid, post), header.page_size, now
 
     async def flush_all(self) -> None:
         for st in list(self.dbs.values()):
@@ -324,28 +346,51 @@ class Engine:
         return st.hwm
 
     async def _flush(self, st: DbState) -> None:
-        """Compact pending uploads into one L0 file in the store; caller holds st.lock."""
-        if not st.pending:
-            return
-        batch = list(st.pending)
-        entry = await self._compact_to_store(st, 0, [p.path for p in batch], Version.V2)
-        st.index.add(entry)
-        st.index.save(st.dir / "index.json")
-        for p in batch:
-            p.path.unlink(missing_ok=True)
-        st.pending = [p for p in st.pending if p not in batch]
+        """Compact the uploads pending now into one L0 file in the store.
+
+        Uploads go on meanwhile (unless the caller holds `st.lock`): they only ever add to the end of
+        `st.pending`, and only a flush removes from its front.
+        """
+        async with st.flushing:
+            if not st.pending:
+                return
+            batch = list(st.pending)
+            entry = await self._compact_to_store(st, 0, [p.data for p in batch], Version.V2)
+            st.index.add(entry)
+            await self._save_index(st)
+            st.pending = st.pending[len(batch):]
+            for p in batch:
+                self.log.release(p.segment)
         log.info("flushed", cluster=st.cluster, db=st.name, level=0, min_txid=f"{entry.min_txid:016x}",
                  max_txid=f"{entry.max_txid:016x}", uploads=len(batch), bytes=entry.size)
 
-    async def _compact_to_store(self, st: DbState, level: int, paths: Sequence[Path], version: Version) -> FileEntry:
-        """Merge local files into one v3 file and store it at `level`; returns its index entry."""
+    async def _save_index(self, st: DbState) -> None:
+        """Write the index cache; flushes and compactions of a database may both be saving, so in turn, each
+        writing the state as of its turn."""
+        async with st.saving:
+            await asyncio.to_thread(write_atomically, st.dir / "index.json", st.index.to_json())
+
+    async def _compact_to_store(self, st: DbState, level: int, inputs: Sequence[Path | bytes],
+                                version: Version) -> FileEntry:
+        """Merge local files or uploads into one v3 file and store it at `level`; returns its index entry."""
+        size = sum(len(i) if isinstance(i, bytes) else SMALL_FLUSH + 1 for i in inputs)
+        if size <= SMALL_FLUSH:
+            out = io.BytesIO()
+            if size > 256 << 10:
+                header, _ = await asyncio.to_thread(_compact_inputs, inputs, out, version)
+            else:
+                header, _ = _compact_inputs(inputs, out, version)
+            data = out.getvalue()
+            entry = FileEntry.from_header(level, header, len(data))
+            await self.storage.put_bytes(entry.key(self.storage.kind, st.prefix), data, timestamp=header.timestamp)
+            return entry
         tmpdir = self.state_dir / ".tmp"
         tmpdir.mkdir(exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix="compact-", suffix=".ltx", dir=tmpdir)
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            header, _ = await asyncio.to_thread(_compact_files, paths, tmp, version)
+            header, _ = await asyncio.to_thread(_compact_file, inputs, tmp, version)
             entry = FileEntry.from_header(level, header, tmp.stat().st_size)
             await self.storage.put_file(entry.key(self.storage.kind, st.prefix), tmp, timestamp=header.timestamp)
             return entry
@@ -358,10 +403,23 @@ class Engine:
         """Run what is due: flushes, compactions at their boundaries, snapshots, retention."""
         now = self.clock() if now is None else now
         lv = self.levels
+        due_flush = [st for st in self.dbs.values() if st.pending and now - st.pending[0].arrived >= lv.l0_interval]
+        if due_flush:
+            # Many at a time, as each mostly waits on the store; oldest first, and no new one started once
+            # this tick has spent FLUSH_BUDGET seconds, so a wave of them (every database of a restarted
+            # server comes due at once) is spread over several ticks instead of stalling uploads.
+            due_flush.sort(key=lambda st: st.pending[0].arrived)
+            sem = asyncio.Semaphore(FLUSH_CONCURRENCY)
+            until = time.perf_counter() + FLUSH_BUDGET
+
+            async def flush(st: DbState) -> None:
+                async with sem:
+                    if time.perf_counter() < until:
+                        await self._flush(st)
+            failed = [r for r in await asyncio.gather(*map(flush, due_flush), return_exceptions=True) if r]
+            if failed:
+                raise failed[0]
         for st in list(self.dbs.values()):
-            if st.pending and now - st.pending[0].arrived >= lv.l0_interval:
-                async with st.lock:
-                    await self._flush(st)
             # Compaction only adds files and retention only removes what flushes never touch, so
             # uploads go on meanwhile; restores take `maint` so their inputs stay put.
             async with st.maint:
@@ -404,7 +462,7 @@ class Engine:
         async with self._local_copies(st, sources) as paths:
             entry = await self._compact_to_store(st, level, paths, Version.V3)
         idx.add(entry)
-        idx.save(st.dir / "index.json")
+        await self._save_index(st)
         log.info("compacted", cluster=st.cluster, db=st.name, level=level, min_txid=f"{entry.min_txid:016x}",
                  max_txid=f"{entry.max_txid:016x}", inputs=len(sources), bytes=entry.size,
                  seconds=round(time.perf_counter() - t0, 3))
@@ -440,7 +498,7 @@ class Engine:
         if not doomed:
             return
         st.index.remove(doomed)
-        st.index.save(st.dir / "index.json")  # forget first: a crash leaves orphans, never dangling entries
+        await self._save_index(st)  # forget first: a crash leaves orphans, never dangling entries
         try:
             await self.storage.delete([e.key(self.storage.kind, st.prefix) for e in doomed])
         except StorageError as err:
@@ -509,7 +567,11 @@ class Engine:
     async def delete_database(self, cluster: str, name: str) -> int:
         """Forget a database and delete every stored file of it; returns how many files were deleted."""
         st = self._state(cluster, name)
-        async with st.lock, st.maint:
+        async with st.lock, st.flushing, st.maint:
+            # The deletion's record: the pending uploads before it are not replayed. Segments go oldest
+            # first, so it stays on disk as long as any of them does.
+            self.log.release(await self.log.append(cluster, name, b""))
+            self._drop_pending(st)
             files = list(st.index)
             await self.storage.delete([e.key(self.storage.kind, st.prefix) for e in files])
             shutil.rmtree(st.dir, ignore_errors=True)
@@ -589,57 +651,38 @@ def retention_victims(index: DbIndex, levels: Levels, now: float) -> list[FileEn
     return doomed
 
 
-async def _validate_upload(data: bytes, what: str) -> tuple[Header, int]:
+def _check_upload(data: bytes | memoryview, what: str) -> tuple[Header, int]:
     """Decode and verify a whole v2 upload; return its header and post-apply checksum."""
-    def check() -> tuple[Header, int]:
-        try:
-            dec = Decoder(data, Version.V2)
-            for _pgno, _page in dec.pages():
-                pass
-            trailer = dec.close()
-        except LTXError as err:
-            raise LTXError(f"{what}: invalid LTX upload: {err}", field=err.field) from err
-        return dec.header, trailer.post_apply_checksum
+    try:
+        dec = Decoder(data, Version.V2)
+        for _pgno, _page in dec.pages():
+            pass
+        trailer = dec.close()
+    except LTXError as err:
+        raise LTXError(f"{what}: invalid LTX upload: {err}", field=err.field) from err
+    return dec.header, trailer.post_apply_checksum
+
+
+async def _validate_upload(data: bytes, what: str) -> tuple[Header, int]:
     if len(data) > 1 << 20:
-        return await asyncio.to_thread(check)
-    return check()
+        return await asyncio.to_thread(_check_upload, data, what)
+    return _check_upload(data, what)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write, fsync, fsync the directory; a failed write leaves no file.
-
-    No temp file and rename: a rename after the fsync is a second journal commit, and costs several times
-    the CPU and latency of the write itself (bench/server_bench.py). A crash mid-write can leave a torn
-    file under the final name; it was never acknowledged, and `_load_pending` drops it.
-    """
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        with open(fd, "wb", closefd=True) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)  # the file's fsync committed its directory entry too (ext4); this is then nearly free
-    finally:
-        os.close(dfd)
-
-
-def _compact_files(paths: Sequence[Path], out: Path, version: Version) -> tuple[Header, Trailer]:
-    """Compact local LTX files (all of `version`) into one v3 no-checksum file with extension checksums."""
+def _compact_inputs(inputs: Sequence[Path | bytes], dst: BinaryIO, version: Version) -> tuple[Header, Trailer]:
+    """Compact local files or uploads (all of `version`) into one v3 no-checksum file with extension checksums."""
     with ExitStack() as stack:
-        maps = map_files(stack, paths)
-        with open(out, "wb") as dst:
-            header, trailer = compact(maps, dst, version=version, flags=FLAG_NO_CHECKSUM, out_version=Version.V3,
-                                      allow_overlap=True)
-            dst.flush()
-            os.fsync(dst.fileno())
-    return header, trailer
+        paths = [i for i in inputs if isinstance(i, Path)]
+        maps = iter(map_files(stack, paths))
+        srcs = [next(maps) if isinstance(i, Path) else i for i in inputs]
+        return compact(srcs, dst, version=version, flags=FLAG_NO_CHECKSUM, out_version=Version.V3,
+                       allow_overlap=True)
+
+
+def _compact_file(inputs: Sequence[Path | bytes], out: Path, version: Version) -> tuple[Header, Trailer]:
+    """As `_compact_inputs`, into the file `out` (not fsynced: the store's put makes the copy it keeps durable)."""
+    with open(out, "wb") as dst:
+        return _compact_inputs(inputs, dst, version)
 
 
 __all__ = ["DbState", "DbStatus", "Engine", "encode_head", "retention_victims"]

@@ -109,14 +109,7 @@ class DbIndex:
         return cls(FileEntry(**e) for e in data["files"])
 
     def save(self, path: Path) -> None:
-        """Write atomically (temp, fsync, rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> DbIndex | None:
@@ -126,6 +119,17 @@ class DbIndex:
             return None
         except (ValueError, KeyError, TypeError):
             return None  # a damaged index is rebuilt from the store
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write a small file atomically: temp, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 async def scan(storage: Storage, prefix: str, *, concurrency: int = 32) -> DbIndex:

@@ -18,7 +18,7 @@ from pathlib import Path
 from sidecar.errors import NotFound, StorageError
 from sidecar.storage.base import ObjectInfo
 
-_BIG = 1 << 20  # files above this size are copied in a worker thread
+_BIG = 1 << 20  # files above this size are read in a worker thread
 
 
 class FileStorage:
@@ -36,19 +36,13 @@ class FileStorage:
             raise StorageError(key, "invalid key: empty, absolute, or escaping the store")
         return self.root.joinpath(*parts)
 
+    # Writes always run in a worker thread: however small, they end in fsyncs, which must not stall the loop.
+
     async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None) -> None:
-        dst = self._path(key)
-        if os.path.getsize(path) > _BIG:
-            await asyncio.to_thread(self._put, dst, key, None, Path(path), timestamp)
-        else:
-            self._put(dst, key, None, Path(path), timestamp)
+        await asyncio.to_thread(self._put, self._path(key), key, None, Path(path), timestamp)
 
     async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None) -> None:
-        dst = self._path(key)
-        if len(data) > _BIG:
-            await asyncio.to_thread(self._put, dst, key, data, None, timestamp)
-        else:
-            self._put(dst, key, data, None, timestamp)
+        await asyncio.to_thread(self._put, self._path(key), key, data, None, timestamp)
 
     def _put(self, dst: Path, key: str, data: bytes | None, src: Path | None, timestamp: int | None) -> None:
         try:

@@ -63,7 +63,14 @@ async def test_accepts_snapshot_then_contiguous_and_refuses_the_rest(tmp_path: P
     with pytest.raises(PosMismatch, match=r"not ahead"):
         await engine.write_tx("c", "app.db", first)  # a snapshot behind the position
     assert engine.pos("c", "app.db") == history.pos
-    assert len(list((tmp_path / "state" / "c" / "app.db" / "pending").iterdir())) == 3
+    assert engine.status("c", "app.db").pending_files == 3
+    # Acknowledged means durable: a second engine on the same state (the first never closed, as in a crash)
+    # replays the three uploads from the upload log, and nothing rejected.
+    again = await open_engine(tmp_path, clock)
+    assert again.pos("c", "app.db") == history.pos
+    assert again.status("c", "app.db").pending_files == 3
+    await again.flush("c", "app.db")
+    assert again.hwm("c", "app.db") == 3
 
 
 async def test_hwm_follows_flushes_and_survives_restart(tmp_path: Path, history: History) -> None:

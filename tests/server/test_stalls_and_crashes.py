@@ -10,7 +10,9 @@ import aiohttp
 import pytest
 import structlog
 
-from sidecar.ltx import LTXError, Pos, format_filename
+from sidecar.engine.uploadlog import encode_record
+from sidecar.errors import SidecarError
+from sidecar.ltx import Pos
 from tests.engine.history import History
 from tests.server.client import BackupClient
 from tests.server.conftest import TOKEN, start_server
@@ -42,7 +44,7 @@ class TestStalledUpload:
 
 class TestCrashMidWrite:
     async def prepare(self, tmp_path: Path, http: aiohttp.ClientSession) -> tuple[History, bytes, Path]:
-        """Three transactions stored; the fourth's upload, and the pending directory it would be written to."""
+        """Three transactions stored; the fourth's upload, and the next upload log segment it would go to."""
         history = History(tmp_path / "live.db")
         srv = await start_server(tmp_path)
         client = BackupClient(http, srv.url, TOKEN)
@@ -51,17 +53,20 @@ class TestCrashMidWrite:
             await client.write_tx("app.db", history.commit(i))
         await srv.shutdown()
         history.write()
-        return history, history.commit(3), tmp_path / "state" / "default" / "app.db" / "pending"
+        logdir = tmp_path / "state" / "log"
+        last = max((int(p.stem, 16) for p in logdir.glob("*.log")), default=0)
+        return history, history.commit(3), logdir / f"{last + 1:016x}.log"
 
     async def test_a_torn_newest_upload_is_dropped(self, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-        """The newest pending file cut short was never acknowledged: the server starts without it."""
-        history, fourth, pending = await self.prepare(tmp_path, http)
-        pending.mkdir(parents=True, exist_ok=True)
-        (pending / format_filename(4, 4)).write_bytes(fourth[: len(fourth) // 2])
+        """A record cut short at the end of the log was never acknowledged: the server starts without it."""
+        history, fourth, segment = await self.prepare(tmp_path, http)
+        record = b"".join(encode_record("default", "app.db", fourth))
+        segment.write_bytes(record[: len(record) // 2])
         with structlog.testing.capture_logs() as logs:
             srv = await start_server(tmp_path)
         try:
-            assert [e["file"] for e in logs if e["event"] == "torn upload removed"] == [format_filename(4, 4)]
+            torn = [e for e in logs if e["event"].startswith("upload log: torn record")]
+            assert [(e["file"], e["offset"]) for e in torn] == [(str(segment), 0)]
             assert srv.engine.pos("default", "app.db") == Pos(3, history.checksums[3])
             assert await BackupClient(http, srv.url, TOKEN).write_tx("app.db", fourth) == 4
         finally:
@@ -70,11 +75,11 @@ class TestCrashMidWrite:
 
     async def test_an_older_damaged_upload_stops_the_start(self, tmp_path: Path,
                                                            http: aiohttp.ClientSession) -> None:
-        """Damage anywhere but the newest file was acknowledged data: refuse to start, naming the file."""
-        history, fourth, pending = await self.prepare(tmp_path, http)
-        pending.mkdir(parents=True, exist_ok=True)
-        (pending / format_filename(4, 4)).write_bytes(fourth[: len(fourth) // 2])
-        (pending / format_filename(5, 5)).write_bytes(fourth)
-        with pytest.raises(LTXError, match=format_filename(4, 4)):
+        """Damage with an intact record after it is acknowledged data lost: refuse to start, naming the file."""
+        history, fourth, segment = await self.prepare(tmp_path, http)
+        damaged = bytearray(b"".join(encode_record("default", "app.db", fourth)))
+        damaged[-10] ^= 0xFF
+        segment.write_bytes(bytes(damaged) + b"".join(encode_record("default", "other.db", SNAPSHOT)))
+        with pytest.raises(SidecarError, match=rf"{segment}: damaged record at offset 0"):
             await start_server(tmp_path)
         history.close()

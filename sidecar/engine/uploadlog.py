@@ -1,0 +1,274 @@
+"""The upload log: every accepted upload, of every database, appended to one file and made durable together.
+
+An upload is acknowledged only once it is on disk. Written one file per upload, that costs a file creation
+and an fsync each: at a few thousand databases uploading every second, the disk's flushes, not Python, set
+the limit. Here concurrent uploads share one append and one `fdatasync` (group commit): while one batch is
+being synced, the next gathers.
+
+    <state>/log/<segment, 16 hex>.log      records, in acceptance order
+    record = magic "LSU1" | crc32 (u32) | data length (u64) | cluster length (u16) | name length (u16)
+             | cluster | name | data                          (big-endian; empty data = the database was deleted)
+
+A record stays live until its upload is flushed to the store. Segments roll at `segment_size` and are deleted
+oldest first, once nothing in them or before them is live; so a deletion's record outlives every older upload
+of that database. On open, the segments are replayed in order; a record cut short by a crash (it was never
+acknowledged) ends its segment, and the segment is truncated there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from sidecar.errors import SidecarError, StorageError
+
+log = structlog.get_logger("sidecar.engine")
+
+MAGIC = b"LSU1"
+HEAD = struct.Struct(">4sIQHH")
+SEGMENT_SIZE = 64 << 20
+IOV_MAX = 1024
+SLOW_COMMIT = 0.5  # seconds: a commit slower than this is logged (the disk is struggling)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One replayed record; `data` is a view into the mapped segment, valid while it is mapped."""
+
+    segment: int
+    offset: int
+    cluster: str
+    name: str
+    data: memoryview
+
+
+def encode_record(cluster: str, name: str, data: bytes) -> list[bytes]:
+    """The record as buffers for writev (the data itself is not copied)."""
+    c, n = cluster.encode(), name.encode()
+    crc = zlib.crc32(data, zlib.crc32(n, zlib.crc32(c)))
+    return [HEAD.pack(MAGIC, crc, len(data), len(c), len(n)) + c + n, data]
+
+
+def read_record(segment: int, buf: memoryview, offset: int) -> tuple[Record, int] | None:
+    """The whole, intact record at `offset` and where the next starts; None if there is none."""
+    if offset + HEAD.size > len(buf):
+        return None
+    magic, crc, size, clen, nlen = HEAD.unpack_from(buf, offset)
+    start = offset + HEAD.size
+    end = start + clen + nlen + size
+    if magic != MAGIC or end > len(buf):
+        return None
+    c, n, data = buf[start:start + clen], buf[start + clen:start + clen + nlen], buf[start + clen + nlen:end]
+    if zlib.crc32(data, zlib.crc32(n, zlib.crc32(c))) != crc:
+        return None
+    try:
+        return Record(segment, offset, bytes(c).decode(), bytes(n).decode(), data), end
+    except UnicodeDecodeError:
+        return None
+
+
+def read_records(path: Path, segment: int, mm: mmap.mmap) -> tuple[list[Record], int]:
+    """The records of a segment, and where its torn tail (a batch cut short by a crash) starts.
+
+    A damaged record with an intact one after it is not a torn tail but acknowledged data lost: an error.
+    """
+    buf = memoryview(mm)
+    out, offset = [], 0
+    while (found := read_record(segment, buf, offset)) is not None:
+        out.append(found[0])
+        offset = found[1]
+    at = offset
+    while (at := mm.find(MAGIC, at + 1)) >= 0:
+        if read_record(segment, buf, at) is not None:
+            raise SidecarError(f"{path}: damaged record at offset {offset}, followed by intact records: "
+                               "acknowledged uploads would be lost; restore this file from a copy or remove it "
+                               "to accept the loss")
+    return out, offset
+
+
+class UploadLog:
+    """Append with `await append(...)`; `hold`/`release` a segment per live record; `close` at the end."""
+
+    def __init__(self, directory: Path, *, segment_size: int = SEGMENT_SIZE) -> None:
+        self.dir = directory
+        self.segment_size = segment_size
+        self._live: dict[int, int] = {}  # segment -> live records; every segment on disk has a key
+        self._maps: list[mmap.mmap] = []
+        self._fd = -1
+        self._active = 0
+        self._size = 0
+        self._queue: list[tuple[list[bytes], asyncio.Future[int]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        # Its own thread: commits never queue behind the store's writes in the default executor.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="upload-log")
+        self.commits = 0  # group commits made (for metrics and tests)
+
+    def path(self, segment: int) -> Path:
+        return self.dir / f"{segment:016x}.log"
+
+    # -- open and replay --------------------------------------------------------------------------------
+
+    def replay(self) -> Iterator[Record]:
+        """Every whole record on disk, oldest first; torn tails are cut off. Call once, before `start`."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.dir.glob("*.log")):
+            try:
+                segment = int(path.stem, 16)
+            except ValueError:
+                continue
+            self._live[segment] = 0
+            size = path.stat().st_size
+            if size == 0:
+                continue
+            with open(path, "r+b") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps.append(mm)
+                records, good = read_records(path, segment, mm)
+                if good < size:
+                    log.warning("upload log: torn record dropped (it was never acknowledged)", file=str(path),
+                                offset=good, bytes=size - good)
+                    f.truncate(good)
+                    os.fsync(f.fileno())
+            yield from records
+
+    def start(self) -> None:
+        """Open a new segment for appends and delete the replayed segments that nothing holds."""
+        self._active = max(self._live, default=0) + 1
+        self._open_active()
+        self._collect()
+
+    def end_replay(self) -> None:
+        """Unmap the replayed segments: call once nothing refers to replayed `Record.data`."""
+        for mm in self._maps:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a view still exported: the map is released when it is
+        self._maps.clear()
+
+    def _open_active(self) -> None:
+        self._fd = os.open(self.path(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._size = os.fstat(self._fd).st_size
+        self._live.setdefault(self._active, 0)
+        _fsync_dir(self.dir)
+
+    # -- liveness ---------------------------------------------------------------------------------------
+
+    def hold(self, segment: int) -> None:
+        self._live[segment] += 1
+
+    def release(self, segment: int) -> None:
+        self._live[segment] -= 1
+        if self._live[segment] == 0:
+            self._collect()
+
+    def _collect(self) -> None:
+        """Delete the oldest segments while they hold nothing (never the active one)."""
+        for segment in sorted(self._live):
+            if segment == self._active or self._live[segment]:
+                break
+            self.path(segment).unlink(missing_ok=True)
+            del self._live[segment]
+
+    @property
+    def segments(self) -> int:
+        return len(self._live)
+
+    # -- appends ----------------------------------------------------------------------------------------
+
+    async def append(self, cluster: str, name: str, data: bytes) -> int:
+        """Append one record and return its segment once it is durable (held: `release` it later)."""
+        if self._fd < 0:
+            raise StorageError("upload log", "closed", retryable=False)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((encode_record(cluster, name, data), fut))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_loop())
+        return await fut
+
+    async def _commit_loop(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            if self._size >= self.segment_size:
+                await self._run(self._roll)
+            segment, start = self._active, self._size
+            buffers = [b for bufs, _ in batch for b in bufs]
+            t0 = time.perf_counter()
+            try:
+                await self._run(self._write, buffers)
+            except OSError as err:
+                self._size = start
+                try:
+                    os.ftruncate(self._fd, start)  # nothing of a failed batch stays to be replayed
+                except OSError:
+                    with contextlib.suppress(OSError):  # its tail is then torn, and later appends go elsewhere
+                        await self._run(self._roll)
+                failure = StorageError(str(self.path(segment)), f"upload log write failed: {err}")
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(failure)
+                continue
+            self.commits += 1
+            took = time.perf_counter() - t0
+            if took > SLOW_COMMIT:
+                log.warning("upload log: slow commit", seconds=round(took, 3), records=len(batch))
+            for _, fut in batch:
+                self._live[segment] += 1  # held even if the waiter is gone; its caller releases on cancel
+                if not fut.done():
+                    fut.set_result(segment)
+
+    async def _run(self, fn: Callable[..., None], *args: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _write(self, buffers: list[bytes]) -> None:
+        views = [memoryview(b) for b in buffers if b]
+        i = 0
+        while i < len(views):
+            n = os.writev(self._fd, views[i:i + IOV_MAX])
+            self._size += n
+            while i < len(views) and n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            if n:
+                views[i] = views[i][n:]  # a short write: go on from inside this buffer
+        os.fdatasync(self._fd)
+
+    def _roll(self) -> None:
+        os.close(self._fd)
+        self._active += 1
+        self._open_active()
+
+    async def close(self) -> None:
+        """Wait for the batch being committed, then close the active segment."""
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._thread.shutdown(wait=True)
+        self._collect_all_done()
+
+    def _collect_all_done(self) -> None:
+        if self._live and all(v == 0 for v in self._live.values()):
+            for segment in list(self._live):
+                self.path(segment).unlink(missing_ok=True)
+                del self._live[segment]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

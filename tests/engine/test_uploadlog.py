@@ -1,0 +1,74 @@
+"""The upload log: group commit, replay after a crash, segments deleted oldest first, deletions not undone."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from sidecar.engine import Engine, Levels
+from sidecar.engine.uploadlog import UploadLog, encode_record
+from sidecar.errors import SidecarError
+from sidecar.storage import open_storage
+from tests.engine.history import History
+
+
+def opened(path: Path, segment_size: int = 1 << 20) -> UploadLog:
+    log = UploadLog(path, segment_size=segment_size)
+    assert list(log.replay()) == []
+    log.end_replay()
+    log.start()
+    return log
+
+
+async def test_concurrent_appends_share_commits_and_replay_in_order(tmp_path: Path) -> None:
+    log = opened(tmp_path)
+    payloads = [f"upload {i}".encode() * (i + 1) for i in range(200)]
+    segments = await asyncio.gather(*(log.append("c", f"db{i % 7}", p) for i, p in enumerate(payloads)))
+    assert set(segments) == {1}
+    assert 1 <= log.commits < 200  # appends made while a commit was under way went out together
+    again = UploadLog(tmp_path)  # the first is never closed: as after a crash
+    records = list(again.replay())
+    assert [(r.name, bytes(r.data)) for r in records] == [(f"db{i % 7}", p) for i, p in enumerate(payloads)]
+    again.end_replay()
+
+
+async def test_segments_roll_and_go_oldest_first_once_released(tmp_path: Path) -> None:
+    log = opened(tmp_path, segment_size=100)
+    first = await log.append("c", "a", b"x" * 150)  # fills segment 1
+    second = await log.append("c", "b", b"y" * 150)  # rolls to segment 2
+    third = await log.append("c", "c", b"z" * 10)  # segment 3
+    assert (first, second, third) == (1, 2, 3)
+    log.release(second)
+    assert log.path(2).exists()  # segment 1 before it is still held
+    log.release(first)
+    assert not log.path(1).exists() and not log.path(2).exists()
+    assert log.path(3).exists()
+    await log.close()
+
+
+async def test_a_damaged_record_followed_by_intact_ones_is_refused(tmp_path: Path) -> None:
+    record = bytearray(b"".join(encode_record("c", "a", b"payload" * 10)))
+    record[-3] ^= 1
+    (tmp_path / f"{1:016x}.log").write_bytes(bytes(record) + b"".join(encode_record("c", "b", b"fine")))
+    with pytest.raises(SidecarError, match=r"0000000000000001\.log: damaged record at offset 0"):
+        list(UploadLog(tmp_path).replay())
+
+
+async def test_a_deleted_database_is_not_brought_back_by_replay(tmp_path: Path, history: History) -> None:
+    """Uploads pending when the database was deleted stay in an older segment; the deletion's record wins."""
+    storage = open_storage(f"file://{tmp_path / 'store'}")
+    engine = await Engine.open(storage, tmp_path / "state", Levels(l0_interval=3600))
+    history.write()
+    first = history.commit(1)
+    await engine.write_tx("c", "gone.db", first)
+    await engine.write_tx("c", "kept.db", first)
+    await engine.delete_database("c", "gone.db")
+    assert engine.get("c", "gone.db") is None
+    # No close: a crash. The next start replays the log.
+    again = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state",
+                              Levels(l0_interval=3600))
+    assert again.get("c", "gone.db") is None
+    assert again.status("c", "kept.db").pending_files == 1
+    await again.close()
