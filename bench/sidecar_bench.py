@@ -252,7 +252,7 @@ class SidecarProc:
                "--metrics-addr", "127.0.0.1:0", "--log-format", "json", "--log-level", "info",
                "--litefs-url", "http://127.0.0.1:9"]  # never called while the chain is unbroken
         if profile is not None:
-            cmd = ["py-spy", "record", "--threads", "--native", "-r", "200", "-f", "raw", "-o", str(profile), "--",
+            cmd = ["py-spy", "record", "--threads", "-r", "200", "-f", "raw", "-o", str(profile), "--",
                    *cmd]
         env = {k: v for k, v in os.environ.items() if not k.startswith("LITEFS_SIDECAR_")}
         me = cls(subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env))

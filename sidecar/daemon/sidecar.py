@@ -31,7 +31,7 @@ from sidecar.daemon.ship import DbShipper, Diverged, Shipped
 from sidecar.daemon.upstream import Upstream, open_upstream
 from sidecar.errors import PosMismatch, SidecarError, UpstreamError
 from sidecar.log import get_logger
-from sidecar.ltx import LTXError, Pos
+from sidecar.ltx import LTXError, Pos, parse_filename
 from sidecar.sdnotify import Notifier
 
 log = get_logger("sidecar.daemon")
@@ -101,24 +101,19 @@ class Sidecar:
             self._db(name).local.scan()
 
     def _changed(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
-        dbs = self.config.data_dir / "dbs"
-        for change, raw in changes:
-            path = Path(raw)
-            try:
-                parts = path.relative_to(dbs).parts
-            except ValueError:
+        prefix = f"{self.config.data_dir / 'dbs'}/"
+        for change, raw in changes:  # plain string work: there are several events per transaction
+            if not raw.startswith(prefix):
                 continue
-            if len(parts) != 3:
+            parts = raw[len(prefix):].split("/")
+            if len(parts) != 3 or parts[1] != "ltx":
                 continue
-            name, ltx = parts[:2]
-            if ltx != "ltx":
-                continue
-            db = self._db(name)
+            db = self._db(parts[0])
             if change == watchfiles.Change.deleted:
-                self._deleted_elsewhere(db, path)
-                db.local.discard(path)
-            else:
-                db.local.add(path)
+                self._deleted_elsewhere(db, Path(raw))
+                db.local.discard(Path(raw))
+            elif (txids := parse_filename(parts[2])) is not None and txids[1] not in db.local.files:
+                db.local.add(Path(raw))  # not yet found by the tick's probe
 
     def _deleted_elsewhere(self, db: DbShipper, path: Path) -> None:
         """Someone else deleted a file upstream lacks: LiteFS's own retention is on (it should be off)."""

@@ -16,6 +16,7 @@ from sidecar.ltx.types import BytesLike
 _CHUNK = 1 << 20  # stream read size
 _LZ4_OUT = 1 << 18  # decompressed bytes produced per refill
 _LZ4_IN = 1 << 16  # compressed bytes fed per refill
+_LZ4_WHOLE = 1 << 18  # an in-memory frame up to this size (compressed) is decompressed in one call
 
 
 class Source(Protocol):
@@ -120,15 +121,18 @@ class LZ4FrameSource:
             if d.needs_input:
                 inner = self._inner
                 if isinstance(inner, BufferSource):
-                    data: BytesLike = inner.read(min(_LZ4_IN, len(inner._view) - inner.offset)) \
-                        if not inner.at_eof() else b""
+                    left = len(inner._view) - inner.offset
+                    data: BytesLike = inner.read(left if left <= _LZ4_WHOLE else _LZ4_IN) if left > 0 else b""
                 else:
                     inner._fill(_LZ4_IN)
                     avail = min(_LZ4_IN, inner._end - inner._start)
                     data = inner.read(avail) if avail else b""
                 if not data:
                     raise TruncatedFile("unexpected end of LZ4 frame", offset=inner.offset)
-                out = d.decompress(data, max_length=_LZ4_OUT)
+                # A small file in memory (every per-transaction file) decompresses in one call: a fixed
+                # cost per call dominates at that size.
+                out = d.decompress(data) if len(data) <= _LZ4_WHOLE and isinstance(inner, BufferSource) \
+                    else d.decompress(data, max_length=_LZ4_OUT)
             else:
                 out = d.decompress(b"", max_length=_LZ4_OUT)
         except RuntimeError as err:  # lz4 raises RuntimeError for corrupt frames
