@@ -103,6 +103,8 @@ class Server:
         self.inflight = 0
         self._tmp = engine.state_dir / ".tmp"
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
+        from sidecar.server.ui import Dashboard
+        self.dashboard = Dashboard(self)
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_size,
@@ -117,6 +119,7 @@ class Server:
         r.add_get("/readyz", self.readyz)
         from sidecar.server.operator import add_routes
         add_routes(self, app)
+        self.dashboard.add_routes(app)
         return app
 
     # -- middlewares ----------------------------------------------------------------------------------
@@ -171,9 +174,19 @@ class Server:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in ("/healthz", "/readyz", "/metrics"):
-            return await handler(request)
-        cluster = self._authenticate(request)
+        if request.path in ("/healthz", "/readyz", "/metrics") or request.path == "/ui" \
+                or request.path.startswith("/ui/"):
+            return await handler(request)  # the dashboard's own routes check its session themselves
+        cluster = None
+        if "Authorization" not in request.headers and request.path.startswith("/api/"):
+            from sidecar.server.ui import SessionError
+            try:
+                cluster = self.dashboard.scope(request)  # the dashboard's pages call the operator API
+            except SessionError as err:
+                self.metrics.rejections.labels(err.code).inc()
+                return error(err.status, err.code, str(err))
+        if cluster is None:
+            cluster = self._authenticate(request)
         if cluster is None:
             self.metrics.rejections.labels("EINVALIDAUTH").inc()
             return error(401, "EINVALIDAUTH", "missing or invalid Authorization")
@@ -198,7 +211,10 @@ class Server:
         for scheme in ("FlyV1 ", "Bearer "):
             if header.startswith(scheme):
                 token = header[len(scheme):]
-        token = token.strip()
+        return self.token_scope(token.strip())
+
+    def token_scope(self, token: str) -> str | None:
+        """The cluster a token grants ("*" for the admin token), or None."""
         if not token:
             return None
         found = None

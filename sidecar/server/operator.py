@@ -4,6 +4,7 @@
     GET    /api/db?db=NAME                    one database, with its restore points
     POST   /api/restore?db=NAME               {"timestamp": RFC 3339} or {"txid": hex}: append that state as head
     GET    /api/download?db=NAME[&timestamp=|&txid=][&format=sqlite|ltx]
+    GET    /api/preview?db=NAME(&timestamp=|&txid=)  what a restore would bring back: tables and row counts
     POST   /api/upload?db=NAME                body: a SQLite file, appended as the new head
     POST   /api/clone?db=NAME&to_cluster=C[&to_db=N]
     DELETE /api/db?db=NAME
@@ -13,7 +14,9 @@ A cluster token sees and changes only its own cluster; the admin token (`?cluste
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +41,21 @@ def add_routes(server: Server, app: web.Application) -> None:
     r.add_delete("/api/db", api.delete_db)
     r.add_post("/api/restore", api.restore)
     r.add_get("/api/download", api.download)
+    r.add_get("/api/preview", api.preview)
     r.add_post("/api/upload", api.upload)
     r.add_post("/api/clone", api.clone)
+
+
+def describe_tables(path: Path) -> list[dict[str, Any]]:
+    """Each table of a SQLite file, with its row count (read-only; the file is a private temporary copy)."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        names = [r[0] for r in con.execute(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        return [{"name": n, "rows": con.execute(f'SELECT count(*) FROM "{n.replace(chr(34), chr(34) * 2)}"')
+                 .fetchone()[0]} for n in names]
+    finally:
+        con.close()
 
 
 def _target(params: Any) -> tuple[int | None, int | None]:
@@ -114,6 +130,20 @@ class OperatorAPI:
         return web.json_response({"restored": {"txid": f"{result.txid:016x}",
                                                "timestamp": format_timestamp(result.timestamp)},
                                   "txid": f"{pos.txid:016x}", "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
+
+    async def preview(self, request: web.Request) -> web.Response:
+        """Restore the target into a temporary file and describe it: the restore page shows this before asking."""
+        cluster, name = self._existing(request)
+        txid, ts = _target(request.query)
+        if txid is None and ts is None:
+            raise RestoreError("preview needs a timestamp or a txid")
+        with tempfile.TemporaryDirectory(prefix="preview-", dir=self.engine._tmp()) as tmp:
+            db = Path(tmp) / "db"
+            result = await self.engine.restore_to(cluster, name, db, txid=txid, timestamp=ts, integrity_check=True)
+            tables = await asyncio.to_thread(describe_tables, db)
+        return web.json_response({"restored": {"txid": f"{result.txid:016x}",
+                                               "timestamp": format_timestamp(result.timestamp)},
+                                  "tables": tables, "size": result.pages * result.page_size})
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         cluster, name = self._existing(request)

@@ -1,0 +1,140 @@
+"""The dashboard at /ui: static pages (package data, no build step) over the operator API, behind a session.
+
+Signing in exchanges a token (the admin token, or a cluster token, which then sees only its cluster) for a
+session: a random id in an HttpOnly, SameSite=Strict cookie, kept in memory (a restart signs everyone out). The
+pages then call the operator API (/api/...) with that cookie. Anything that changes data (POST, PUT, DELETE)
+must also carry the session's CSRF token in `X-CSRF-Token`, which only a page of this origin can read (from
+GET /ui/session); without it the request gets 403 ECSRF and changes nothing.
+
+    GET  /ui/                 the single page (login, overview, database)
+    POST /ui/login            {"token"} -> sets the cookie, returns {"scope", "csrf"}
+    GET  /ui/session          {"scope", "csrf"} of the current session, or 401
+    POST /ui/logout           ends the session (CSRF required)
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from sidecar.server.app import Server
+
+STATIC = Path(__file__).with_name("ui")
+COOKIE = "litefs_sidecar_session"
+SESSION_TTL = 12 * 3600.0
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass
+class Session:
+    scope: str  # a cluster, or "*" for the admin token
+    csrf: str
+    expires: float
+
+
+class SessionError(Exception):
+    """A cookie-authenticated request that must be refused: (status, code, message)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+class Dashboard:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.sessions: dict[str, Session] = {}
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/ui", self.redirect)
+        r.add_get("/ui/", self.index)
+        r.add_post("/ui/login", self.login)
+        r.add_post("/ui/logout", self.logout)
+        r.add_get("/ui/session", self.session)
+        r.add_static("/ui/static", STATIC, append_version=False)
+
+    # -- sessions -------------------------------------------------------------------------------------
+
+    def _current(self, request: web.Request) -> tuple[str, Session] | None:
+        sid = request.cookies.get(COOKIE, "")
+        found = self.sessions.get(sid) if sid else None
+        if found is None:
+            return None
+        if found.expires < time.time():
+            del self.sessions[sid]
+            return None
+        return sid, found
+
+    def scope(self, request: web.Request) -> str | None:
+        """The cluster ("*" for admin) of a cookie-authenticated API request; SessionError if it must be refused."""
+        current = self._current(request)
+        if current is None:
+            return None
+        if request.method in UNSAFE:
+            sent = request.headers.get("X-CSRF-Token", "")
+            if not sent or not hmac.compare_digest(sent.encode(), current[1].csrf.encode()):
+                raise SessionError(403, "ECSRF", f"{request.method} {request.path}: missing or wrong X-CSRF-Token")
+        return current[1].scope
+
+    # -- handlers -------------------------------------------------------------------------------------
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/ui/")
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        resp = web.FileResponse(STATIC / "index.html")
+        resp.headers["Cache-Control"] = "no-store"
+        resp.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'"
+        resp.headers["X-Frame-Options"] = "DENY"
+        return resp
+
+    async def login(self, request: web.Request) -> web.Response:
+        from sidecar.server.app import error
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        token = body.get("token", "") if isinstance(body, dict) else ""
+        if not isinstance(token, str):
+            token = ""
+        scope = "*" if self.server.config.insecure_no_auth else self.server.token_scope(token)
+        if scope is None:
+            self.server.metrics.rejections.labels("EINVALIDAUTH").inc()
+            return error(401, "EINVALIDAUTH", "invalid token: use the admin token or a cluster token")
+        sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        now = time.time()
+        self.sessions = {k: s for k, s in self.sessions.items() if s.expires > now}
+        self.sessions[sid] = Session(scope, csrf, now + SESSION_TTL)
+        resp = web.json_response({"scope": scope, "csrf": csrf})
+        resp.set_cookie(COOKIE, sid, httponly=True, samesite="Strict", path="/", max_age=int(SESSION_TTL),
+                        secure=request.secure)
+        return resp
+
+    async def session(self, request: web.Request) -> web.Response:
+        from sidecar.server.app import error
+        current = self._current(request)
+        if current is None:
+            return error(401, "EINVALIDAUTH", "not signed in")
+        return web.json_response({"scope": current[1].scope, "csrf": current[1].csrf})
+
+    async def logout(self, request: web.Request) -> web.Response:
+        from sidecar.server.app import error
+        try:
+            if self.scope(request) is None:
+                return error(401, "EINVALIDAUTH", "not signed in")
+        except SessionError as err:
+            return error(err.status, err.code, str(err))
+        current = self._current(request)
+        if current is not None:
+            del self.sessions[current[0]]
+        resp = web.json_response({"signedOut": True})
+        resp.del_cookie(COOKIE, path="/")
+        return resp
