@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import io
 import os
 import shutil
@@ -126,6 +127,7 @@ class Engine:
         self.clock = clock
         self.dbs: dict[tuple[str, str], DbState] = {}
         self.log = UploadLog(self.state_dir / "log")
+        self._lock_fd = -1
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -134,12 +136,17 @@ class Engine:
     async def open(cls, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
                    clock: Clock = time.time) -> Engine:
         engine = cls(storage, state_dir, levels, clock=clock)
-        await engine._load()
+        try:
+            await engine._load()
+        except BaseException:
+            engine.abandon()
+            raise
         return engine
 
     async def _load(self) -> None:
         """Read every database's index and pending uploads; rebuild lost indexes from the store."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
         known: set[tuple[str, str]] = set()
         for cluster_dir in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for db_dir in sorted(p for p in cluster_dir.iterdir() if p.is_dir()):
@@ -179,6 +186,25 @@ class Engine:
             out[(cluster, name)] = await scan(self.storage, prefix)
             log.info("index rebuilt from store", cluster=cluster, db=name, files=len(out[(cluster, name)]))
         return out
+
+    def _lock_state_dir(self) -> None:
+        """One engine per state directory: a second would replay and append to the same upload log."""
+        fd = os.open(self.state_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SidecarError(f"{self.state_dir}: in use by another engine (another `serve` or `run` with this "
+                               "state directory); give each its own") from None
+        self._lock_fd = fd
+
+    def abandon(self) -> None:
+        """Let go of the state directory without flushing anything, as a crash would (tests use this)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        self.log.abandon()
+        self._closed = True
 
     async def _replay(self, record: Record) -> None:
         """Take back one logged upload: pending again unless already flushed; a deletion drops what came before."""
@@ -227,6 +253,9 @@ class Engine:
         await self.flush_all()
         await self.log.close()
         self._closed = True
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     async def run(self, stop: asyncio.Event, period: float = 1.0) -> None:
         """Tick until `stop` is set; a failing tick is logged and retried on the next one."""

@@ -249,6 +249,13 @@ class UploadLog:
         self._active += 1
         self._open_active()
 
+    def abandon(self) -> None:
+        """Close without waiting or cleaning up, as a crash would."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._thread.shutdown(wait=False)
+
     async def close(self) -> None:
         """Wait for the batch being committed, then close the active segment."""
         if self._committer is not None:

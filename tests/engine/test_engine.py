@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.cli import main
 from sidecar.engine import Engine, Levels, plan_restore
-from sidecar.errors import PosMismatch
+from sidecar.errors import PosMismatch, SidecarError
 from sidecar.ltx import LTXError, Pos
 from sidecar.storage import open_storage
 from sidecar.storage.base import SNAPSHOT_LEVEL
@@ -64,8 +64,11 @@ async def test_accepts_snapshot_then_contiguous_and_refuses_the_rest(tmp_path: P
         await engine.write_tx("c", "app.db", first)  # a snapshot behind the position
     assert engine.pos("c", "app.db") == history.pos
     assert engine.status("c", "app.db").pending_files == 3
-    # Acknowledged means durable: a second engine on the same state (the first never closed, as in a crash)
-    # replays the three uploads from the upload log, and nothing rejected.
+    # Acknowledged means durable: after a crash (nothing flushed), the next engine on the same state replays the
+    # three uploads from the upload log, and nothing rejected. While the first holds the state, none may open it.
+    with pytest.raises(SidecarError, match="in use by another engine"):
+        await open_engine(tmp_path, clock)
+    engine.abandon()
     again = await open_engine(tmp_path, clock)
     assert again.pos("c", "app.db") == history.pos
     assert again.status("c", "app.db").pending_files == 3
@@ -89,6 +92,7 @@ async def test_hwm_follows_flushes_and_survives_restart(tmp_path: Path, history:
     history.write()
     await engine.write_tx("c", "app.db", history.commit(int(clock.now * 1000)))
     # A crash now: the 4th upload is acknowledged but not flushed; a new engine finds it.
+    engine.abandon()
     engine2 = await open_engine(tmp_path, clock)
     assert engine2.pos("c", "app.db") == history.pos
     assert engine2.hwm("c", "app.db") == 3

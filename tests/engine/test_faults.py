@@ -51,6 +51,7 @@ async def test_outage_keeps_uploads_and_holds_the_hwm(proxied: tuple[S3Storage, 
     assert engine.hwm("c", "app.db") == 1
     assert engine.pos("c", "app.db") == history.pos
     # A crash during the outage: a new engine finds every acknowledged upload.
+    engine.abandon()
     engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=10), clock=lambda: now[0])
     assert engine.pos("c", "app.db") == history.pos and engine.hwm("c", "app.db") == 1
     proxy.faults.down = False
