@@ -109,13 +109,13 @@ def _paced(rate: float, t0: float, seconds: float, step: Any) -> tuple[int, floa
 
 
 def _emulator_load(pipe: Connection, barrier: Any, data: str, mount: str, db: str, rate: float, seconds: float,
-                   seed: int, fsync: bool) -> None:
+                   seed: int, fsync: bool, compress: bool = True) -> None:
     """A load process: one emulated node writing `db`; sends back [(txid, file mtime)] of the timed steps."""
     from sidecar.emulator import EmulatedNode
 
     # Every process builds its node on an empty dbs/ before any database exists: a node started later would
     # "recover" (and truncate) another process's database.
-    node = EmulatedNode(data, mount, fsync=fsync, cluster_id="LFSC0000000000BE7C4")
+    node = EmulatedNode(data, mount, fsync=fsync, compress=compress, cluster_id="LFSC0000000000BE7C4")
     barrier.wait()
     con = node.connect(db)
     con.execute("PRAGMA synchronous=OFF")  # the emulator's private work file; durability is the LTX file
@@ -352,7 +352,8 @@ def run_sidecar(ctx: Any, root: Path, rate: float, args: argparse.Namespace, row
     dbs = [f"bench{i}.db" for i in range(args.dbs)]
     barrier = ctx.Barrier(len(dbs))
     loads = _start_loads(ctx, _emulator_load, [
-        (barrier, str(root / "data"), str(root / "mount"), db, rate / len(dbs), args.seconds, i, args.fsync)
+        (barrier, str(root / "data"), str(root / "mount"), db, rate / len(dbs), args.seconds, i, args.fsync,
+         not args.uncompressed)
         for i, db in enumerate(dbs)])
     setup_txid = {db: pipe.recv()[1] for db, (_, pipe) in zip(dbs, loads, strict=True)}
     profile = Path(args.profile) / f"sidecar-{rate:g}.txt" if args.profile else None
@@ -511,7 +512,8 @@ def _timed(fn: Any) -> float:
 def report(rows: list[Row], steady: Steady | None, args: argparse.Namespace) -> None:
     print()
     print(f"batch interval {args.batch_interval:g} s; {args.seconds:g} s per rate; {args.dbs} database(s); "
-          f"emulator fsync {'on' if args.fsync else 'off'}; upstream file:// (engine in the sidecar's process)")
+          f"emulator fsync {'on' if args.fsync else 'off'}, LZ4 {'off' if args.uncompressed else 'on'}; "
+          "upstream file:// (engine in the sidecar's process)")
     print(f"{'':>7} {'':>9} {'':>7} {'':>7} {'ship lag (file → ack)':^26} {'sidecar process':^32} "
           f"{'litestream 0.5.17':^24} {'':>6}")
     print(f"{'target':>7} {'achieved':>9} {'txs':>7} {'uploads':>7} {'p50':>8} {'p99':>8} {'max':>8} "
@@ -566,6 +568,8 @@ def main() -> None:
     ap.add_argument("--dbs", type=int, default=1, help="databases, one load process each (default %(default)s)")
     ap.add_argument("--batch-interval", type=float, default=1.0, help="sidecar batch interval, s (default 1)")
     ap.add_argument("--fsync", action="store_true", help="the emulator fsyncs every LTX file, as LiteFS does")
+    ap.add_argument("--uncompressed", action="store_true", help="the emulator writes LTX files without LZ4, as LiteFS "
+                    "does with data.compress: false")
     ap.add_argument("--no-litestream", action="store_true", help="skip the Litestream comparison")
     ap.add_argument("--profile", metavar="DIR", help="record the sidecar with py-spy (pip install py-spy) into "
                     "DIR, one file of raw stacks per rate (its CPU figures then include py-spy's pauses)")
