@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sidecar.fsutil import fsync_dir
 from sidecar.ltx import CHECKSUM_FLAG, FLAG_COMPRESS_LZ4, HEADER_SIZE, TRAILER_SIZE, Header, Pos, Trailer, Version
 from sidecar.ltx.checksum import crc
 from sidecar.ltx.decoder import verify
@@ -112,14 +113,6 @@ def _check_name(name: str) -> None:
         raise EmulatorError(f"invalid database name {name!r}: reserved suffix")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _db_size_pages(head: bytes, file_size: int, page_size: int) -> int:
     """Commit as SQLite defines it: the header's page count when valid, else the file size (fileformat §1.3.7)."""
     in_header = int.from_bytes(head[28:32], "big")
@@ -179,7 +172,7 @@ class _LTXWriter:
         self._f.close()
         os.rename(self.tmp, self.final)
         if self._fsync:
-            _fsync_dir(self.final.parent)
+            fsync_dir(self.final.parent)
         return trailer
 
     def abort(self) -> None:
@@ -278,7 +271,7 @@ class EmulatedNode:
                 os.fsync(f.fileno())
         os.rename(tmp, path)
         if self.fsync:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def _write_primary_file(self) -> None:
         path = self.mount_dir / ".primary"
@@ -627,7 +620,7 @@ class EmulatedNode:
                     os.fsync(f.fileno())
             os.rename(tmp, final)
             if self.fsync:
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             if header.is_snapshot:
                 for path in self.ltx_dir(name).iterdir():
                     if path != final:

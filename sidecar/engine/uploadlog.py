@@ -32,6 +32,7 @@ from pathlib import Path
 import structlog
 
 from sidecar.errors import SidecarError, StorageError
+from sidecar.fsutil import fsync_dir
 
 log = structlog.get_logger("sidecar.engine")
 
@@ -161,7 +162,7 @@ class UploadLog:
         self._fd = os.open(self.path(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         self._size = os.fstat(self._fd).st_size
         self._live.setdefault(self._active, 0)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     # -- liveness ---------------------------------------------------------------------------------------
 
@@ -271,11 +272,3 @@ class UploadLog:
             for segment in list(self._live):
                 self.path(segment).unlink(missing_ok=True)
                 del self._live[segment]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from sidecar.errors import NotFound, StorageError
+from sidecar.fsutil import fsync_dir
 from sidecar.storage.base import ObjectInfo
 
 _BIG = 1 << 20  # files above this size are read in a worker thread
@@ -66,7 +67,7 @@ class FileStorage:
                 Path(tmp).unlink(missing_ok=True)
                 raise
             for d in [dst.parent, *made]:
-                _fsync_dir(d)
+                fsync_dir(d)
         except OSError as err:
             raise StorageError(key, f"write failed: {err}", retryable=False) from err
 
@@ -161,7 +162,7 @@ class FileStorage:
             except OSError as err:
                 raise StorageError(key, f"delete failed: {err}") from err
         for d in dirs:
-            _fsync_dir(d)
+            fsync_dir(d)
 
     async def close(self) -> None:
         return None
@@ -178,11 +179,3 @@ def _makedirs(path: Path) -> builtins.list[Path]:
         return []
     path.mkdir(parents=True, exist_ok=True)
     return [m.parent for m in missing]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
