@@ -28,11 +28,12 @@ _MAP_AT = 4 << 20
 
 
 def compact_files(paths: Sequence[Path], *, min_txid: int | None = None, max_txid: int | None = None,
-                  pre: int | None = None) -> tuple[bytes, Header, int]:
+                  pre: int | None = None, compress: bool | None = None) -> tuple[bytes, Header, int]:
     """Compact `paths` (one unbroken chain) into one LTX v2 upload; returns (body, header, post-apply checksum).
 
     `min_txid`, `max_txid` and `pre` renumber the result; the caller guarantees the first input holds every
-    page. Every input's checksums are verified; a broken file raises LTXError naming it.
+    page. `compress` LZ4s the page block (default: as the first input). Every input's checksums are verified;
+    a broken file raises LTXError naming it.
     """
     with ExitStack() as stack:
         decoders = []
@@ -43,7 +44,8 @@ def compact_files(paths: Sequence[Path], *, min_txid: int | None = None, max_txi
                 raise type(err)(f"{path}: {err}", field=err.field) from err
         headers = [d.header for d in decoders]
         check_contiguous(headers)
-        header = compacted_header(headers, headers[0].flags & FLAG_COMPRESS_LZ4)
+        lz4 = headers[0].flags & FLAG_COMPRESS_LZ4 if compress is None else (FLAG_COMPRESS_LZ4 if compress else 0)
+        header = compacted_header(headers, lz4)
         changes = {k: v for k, v in (("min_txid", min_txid), ("max_txid", max_txid), ("pre_apply_checksum", pre))
                    if v is not None}
         header = header.replace(**changes)

@@ -176,16 +176,17 @@ class DbShipper:
         remote = self.remote or Pos()
         off = self.link.offset
         try:
+            paths, lz4 = [f.path for f in chain], self.upstream.compress
             if renumber:
                 body, header, post = await asyncio.to_thread(
-                    compact_files, [f.path for f in chain], min_txid=remote.txid + 1,
-                    max_txid=chain[-1].max_txid + off, pre=remote.post_apply_checksum)
+                    compact_files, paths, min_txid=remote.txid + 1, max_txid=chain[-1].max_txid + off,
+                    pre=remote.post_apply_checksum, compress=lz4)
             elif off:
                 body, header, post = await asyncio.to_thread(
-                    compact_files, [f.path for f in chain], min_txid=chain[0].min_txid + off,
-                    max_txid=chain[-1].max_txid + off)
+                    compact_files, paths, min_txid=chain[0].min_txid + off, max_txid=chain[-1].max_txid + off,
+                    compress=lz4)
             else:
-                body, header, post = await asyncio.to_thread(compact_files, [f.path for f in chain])
+                body, header, post = await asyncio.to_thread(compact_files, paths, compress=lz4)
         except (LTXError, OSError) as err:
             self._find_bad(chain, err)
             raise

@@ -27,6 +27,7 @@ from sidecar.storage import open_storage
 
 class Upstream(Protocol):
     url: str
+    compress: bool  # LZ4 the uploads (v2 flag), or send them raw
 
     async def positions(self) -> dict[str, Pos]: ...
 
@@ -41,6 +42,8 @@ class Upstream(Protocol):
 
 class HTTPUpstream:
     """A LiteFS Cloud compatible server; the cluster comes from the token (or `--cluster` without auth)."""
+
+    compress = True  # over the network, as LiteFS's own uploads
 
     def __init__(self, url: str, token: str, cluster: str, *, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
@@ -114,6 +117,8 @@ def _raise(status: int, body: bytes, db: str, what: str) -> None:
 
 class EngineUpstream:
     """The backup engine in this process, on `file://ROOT` or `s3://bucket/prefix`: `ROOT/<cluster>/<db>`."""
+
+    compress = False  # the bytes never leave this process: the engine would undo LZ4 at once
 
     def __init__(self, url: str, engine: Engine, cluster: str) -> None:
         self.url = url
