@@ -84,6 +84,7 @@ class Decoder:
         self._db_crc = 0
         self._index: list[int] = []  # flat (pgno, offset, size) per frame, as the page index should list them
         self._pages_done = False
+        self._frames: Iterator[tuple[int, int, memoryview]] | None = None
         self._closed = False
         self.page_count = 0
         self.trailer: Trailer | None = None
@@ -99,23 +100,10 @@ class Decoder:
         lock = lock_pgno(page_size)
         snapshot = self.header.is_snapshot
         verify_db = self._verify_snapshot
-        body = self._body
         prev = 0
-        read_page = self._read_v3_page if self.version == Version.V3 else None
-        while True:
-            frame_off = self._raw.offset
-            if read_page is None:
-                hdr = body.read(4)
-                self._crc = crc(hdr, self._crc)
-                pgno = _from_bytes(hdr, "big")
-                if pgno == 0:
-                    break
-                page = body.read(page_size)
-                self._crc = crc(page, self._crc)
-            else:
-                pgno, page = read_page(frame_off, page_size)
-                if pgno == 0:
-                    break
+        if self._frames is None:  # one frame reader, resumed by a later call (as `close` makes after a partial read)
+            self._frames = self._v3_frames(page_size) if self.version == Version.V3 else self._v2_frames(page_size)
+        for frame_off, pgno, page in self._frames:
             if pgno <= prev:
                 raise InvalidPage(f"page {pgno} out of order after page {prev}", offset=frame_off)
             if pgno > commit:
@@ -136,6 +124,48 @@ class Decoder:
         if self._lz4 is not None:
             self._lz4.finish()
         self._pages_done = True
+
+    def _v2_frames(self, page_size: int) -> Iterator[tuple[int, int, memoryview]]:
+        """(offset, pgno, page) of each v2 page frame, checksummed, up to and including the end marker."""
+        body = self._body
+        whole = body.peek_whole() if isinstance(body, LZ4FrameSource) else \
+            body.peek_rest() if isinstance(body, BufferSource) else None
+        if whole is not None:
+            # The page block is in memory: slice it, and checksum it in one call (the CRC runs over the same
+            # bytes in the same order as frame by frame). Every file the sidecar reads takes this path.
+            off, end, base = 0, len(whole), self._raw.offset
+            while True:
+                if off + 4 > end:
+                    raise TruncatedFile("unexpected end of file: want 4 bytes", offset=base + off)
+                pgno = _from_bytes(whole[off:off + 4], "big")
+                if pgno == 0:
+                    off += 4
+                    break
+                if off + 4 + page_size > end:
+                    raise TruncatedFile(f"unexpected end of file: want {page_size} bytes", offset=base + off + 4)
+                yield base + off, pgno, whole[off + 4:off + 4 + page_size]
+                off += 4 + page_size
+            self._crc = crc(whole[:off], self._crc)
+            body.read(off)
+            return
+        while True:
+            frame_off = self._raw.offset
+            hdr = body.read(4)
+            self._crc = crc(hdr, self._crc)
+            pgno = _from_bytes(hdr, "big")
+            if pgno == 0:
+                return
+            page = body.read(page_size)
+            self._crc = crc(page, self._crc)
+            yield frame_off, pgno, page
+
+    def _v3_frames(self, page_size: int) -> Iterator[tuple[int, int, memoryview]]:
+        while True:
+            frame_off = self._raw.offset
+            pgno, page = self._read_v3_page(frame_off, page_size)
+            if pgno == 0:
+                return
+            yield frame_off, pgno, page
 
     def _read_v3_page(self, frame_off: int, page_size: int) -> tuple[int, memoryview]:
         raw = self._raw

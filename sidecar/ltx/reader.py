@@ -16,7 +16,8 @@ from sidecar.ltx.types import BytesLike
 _CHUNK = 1 << 20  # stream read size
 _LZ4_OUT = 1 << 18  # decompressed bytes produced per refill
 _LZ4_IN = 1 << 16  # compressed bytes fed per refill
-_LZ4_WHOLE = 1 << 18  # an in-memory frame up to this size (compressed) is decompressed in one call
+_LZ4_WHOLE = 1 << 18  # an in-memory frame up to this size (compressed) is decompressed in one call,
+_LZ4_WHOLE_OUT = 1 << 24  # into at most this much (python-lz4 is 3× slower with no limit, and slower with a huge one)
 
 
 class Source(Protocol):
@@ -48,6 +49,10 @@ class BufferSource:
 
     def at_eof(self) -> bool:
         return self.offset >= len(self._view)
+
+    def peek_rest(self) -> memoryview:
+        """Everything not read yet, not consumed."""
+        return self._view[self.offset:]
 
     def remaining(self) -> memoryview:
         """Everything not read yet, consumed."""
@@ -131,8 +136,8 @@ class LZ4FrameSource:
                     raise TruncatedFile("unexpected end of LZ4 frame", offset=inner.offset)
                 # A small file in memory (every per-transaction file) decompresses in one call: a fixed
                 # cost per call dominates at that size.
-                out = d.decompress(data) if len(data) <= _LZ4_WHOLE and isinstance(inner, BufferSource) \
-                    else d.decompress(data, max_length=_LZ4_OUT)
+                whole = len(data) <= _LZ4_WHOLE and isinstance(inner, BufferSource)
+                out = d.decompress(data, max_length=_LZ4_WHOLE_OUT if whole else _LZ4_OUT)
             else:
                 out = d.decompress(b"", max_length=_LZ4_OUT)
         except RuntimeError as err:  # lz4 raises RuntimeError for corrupt frames
@@ -143,6 +148,13 @@ class LZ4FrameSource:
         if out:
             self._buf = self._buf[self._start :] + out if self._start < len(self._buf) else out
             self._start = 0
+
+    def peek_whole(self) -> memoryview | None:
+        """The rest of the frame's output, not consumed, if it is decompressed whole (a small frame in memory is,
+        by its first refill); None while more is to come."""
+        if not self._done and self._start == len(self._buf) and isinstance(self._inner, BufferSource):
+            self._feed()
+        return memoryview(self._buf)[self._start:] if self._done else None
 
     def read(self, n: int) -> memoryview:
         while len(self._buf) - self._start < n:
