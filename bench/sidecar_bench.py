@@ -464,7 +464,7 @@ def steady_state(rate: float, retention: float, rescan_interval: float, work: Pa
     """Time the per-tick bookkeeping on `rate × retention` files held locally (what LiteFS leaves in ltx/ too).
 
     A tick ships ⌈rate/256⌉ uploads: one `head` + `chain_from` each and one more `head`, then
-    `prune_victims(sorted())` over every file. Synthetic entries (no files) for the tick; a real directory of
+    `prune_victims(oldest())`, which walks from the oldest file and stops at the first it must keep. Synthetic entries (no files) for the tick; a real directory of
     20,000 empty files for the rescan and the memory per file, scaled to `rate × retention`.
     """
     n = int(rate * retention)
@@ -498,7 +498,7 @@ def _tick_time(d: Path, rate: float, n: int, retention: float) -> float:
             assert local.head is not None
             local.chain_from(hwm + 1 + 256 * i, 256)
         assert local.head is not None
-        prune_victims(local.sorted(), hwm, now, retention)
+        prune_victims(local.oldest(), hwm, now, retention)  # as Sidecar._prune: lazily, oldest first
 
     return min(_timed(tick) for _ in range(3))
 
@@ -537,7 +537,7 @@ def report(rows: list[Row], steady: Steady | None, args: argparse.Namespace) -> 
         print()
         print(f"steady state at {steady.rate:g} tx/s, which the short runs above never reach: {steady.files:,} files "
               f"held in ltx/ under a {args.retention:g} s retention")
-        print(f"  {'per tick: head, chain_from, prune_victims(sorted())':<54} {steady.tick_ms:8.1f} ms "
+        print(f"  {'per tick: head, chain_from, prune_victims(oldest())':<54} {steady.tick_ms:8.1f} ms "
               f"= {steady.tick_ms / 10 / args.batch_interval:5.1f}% of a core")
         print(f"  {f'rescan of ltx/ (every {args.rescan_interval:g} s)':<54} {steady.rescan_s * 1000:8.0f} ms "
               f"= {steady.rescan_s / args.rescan_interval * 100:5.1f}% of a core")
