@@ -464,8 +464,9 @@ def steady_state(rate: float, retention: float, rescan_interval: float, work: Pa
     """Time the per-tick bookkeeping on `rate × retention` files held locally (what LiteFS leaves in ltx/ too).
 
     A tick ships ⌈rate/256⌉ uploads: one `head` + `chain_from` each and one more `head`, then
-    `prune_victims(oldest())`, which walks from the oldest file and stops at the first it must keep. Synthetic entries (no files) for the tick; a real directory of
-    20,000 empty files for the rescan and the memory per file, scaled to `rate × retention`.
+    `prune_victims(oldest())`, which walks from the oldest file and stops at the first it must keep. Synthetic
+    entries (no files) for the tick; a real directory of 20,000 empty files for the rescan and the memory per
+    file, scaled to `rate × retention`.
     """
     n = int(rate * retention)
     d = work / "steady" / "ltx"
@@ -488,7 +489,7 @@ def steady_state(rate: float, retention: float, rescan_interval: float, work: Pa
 def _tick_time(d: Path, rate: float, n: int, retention: float) -> float:
     """The best of three ticks over `n` synthetic files (paths built as the watcher builds them)."""
     now = time.time()
-    local = LocalDB("steady.db", d, {t: LocalFile(Path(str(d / format_filename(t, t))), t, t, now - (n - t) / rate,
+    local = LocalDB("steady.db", d, {t: LocalFile(str(d), t, t, now - (n - t) / rate,
                                                   3600) for t in range(1, n + 1)})
     uploads = max(1, -(-int(rate) // 256))
     hwm = n - int(rate)  # upstream holds all but the last second

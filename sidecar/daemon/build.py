@@ -27,7 +27,7 @@ from sidecar.ltx.types import lock_pgno
 _MAP_AT = 4 << 20
 
 
-def compact_files(paths: Sequence[Path], *, min_txid: int | None = None, max_txid: int | None = None,
+def compact_files(paths: Sequence[str | Path], *, min_txid: int | None = None, max_txid: int | None = None,
                   pre: int | None = None, compress: bool | None = None) -> tuple[bytes, Header, int]:
     """Compact `paths` (one unbroken chain) into one LTX v2 upload; returns (body, header, post-apply checksum).
 
@@ -69,7 +69,7 @@ def compact_files(paths: Sequence[Path], *, min_txid: int | None = None, max_txi
         return out.getvalue(), header, post
 
 
-def _load(stack: ExitStack, path: Path) -> bytes | mmap.mmap:
+def _load(stack: ExitStack, path: str | Path) -> bytes | mmap.mmap:
     """Small files (every per-transaction file) are read; big ones (snapshots) are mapped."""
     # os.open/os.read rather than open().read(): 5 µs instead of 8 per file, and the sidecar reads every file.
     fd = os.open(path, os.O_RDONLY)
@@ -82,7 +82,7 @@ def _load(stack: ExitStack, path: Path) -> bytes | mmap.mmap:
             return data
     finally:
         os.close(fd)
-    return map_files(stack, [path])[0]
+    return map_files(stack, [Path(path)])[0]
 
 
 def is_full(header: Header, page_count: int) -> bool:

@@ -9,6 +9,7 @@ and never shipped.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,9 +21,13 @@ from sidecar.ltx.decoder import verify
 
 @dataclass(slots=True)
 class LocalFile:
-    """One LTX file in `ltx/`; its header is read on first use."""
+    """One LTX file in `ltx/`; its header is read on first use.
 
-    path: Path
+    Its path is not stored but rebuilt from the directory (one string shared by every file) and the TXIDs: a
+    database holds up to 600,000 of these, and a Path each took two thirds of their memory.
+    """
+
+    dir: str
     min_txid: int
     max_txid: int
     mtime: float
@@ -30,10 +35,22 @@ class LocalFile:
     header: Header | None = None
     trailer: Trailer | None = None
 
+    @property
+    def name(self) -> str:
+        return format_filename(self.min_txid, self.max_txid)
+
+    @property
+    def fspath(self) -> str:
+        return f"{self.dir}/{format_filename(self.min_txid, self.max_txid)}"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.fspath)
+
     def read_header(self) -> tuple[Header, Trailer]:
         """The header and trailer, read from the file's two ends (the body is verified when it is shipped)."""
         if self.header is None or self.trailer is None:
-            with open(self.path, "rb") as f:
+            with open(self.fspath, "rb") as f:
                 head = f.read(HEADER_SIZE)
                 f.seek(-TRAILER_SIZE, os.SEEK_END)
                 tail = f.read(TRAILER_SIZE)
@@ -69,9 +86,15 @@ class LocalDB:
     _keys: list[int] = field(default_factory=list, init=False, repr=False, compare=False)  # sorted(files)
     # Files holding more than one TXID (snapshots), by min TXID; a per-transaction file T is files[T].
     _spans: dict[int, list[LocalFile]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _dir: str = field(default="", init=False, repr=False, compare=False)  # str(dir), shared by every LocalFile
 
     def __post_init__(self) -> None:
+        self._dir = str(self.dir)
         self._reindex()
+
+    def good(self, f: LocalFile) -> bool:
+        """Not known to be bad (`bad` is nearly always empty: no path is built then)."""
+        return not self.bad or f.path not in self.bad
 
     def _reindex(self) -> None:
         self._keys = sorted(self.files)
@@ -123,7 +146,7 @@ class LocalDB:
                 old.mtime = st.st_mtime
                 found[txids[1]] = old
             else:
-                found[txids[1]] = LocalFile(Path(entry.path), txids[0], txids[1], st.st_mtime, st.st_size)
+                found[txids[1]] = LocalFile(self._dir, txids[0], txids[1], st.st_mtime, st.st_size)
         self.files = found
         self._reindex()
 
@@ -136,7 +159,7 @@ class LocalDB:
             st = path.stat()
         except FileNotFoundError:
             return
-        self._insert(LocalFile(path, txids[0], txids[1], st.st_mtime, st.st_size))
+        self._insert(LocalFile(self._dir, txids[0], txids[1], st.st_mtime, st.st_size))
 
     def probe(self) -> int:
         """Look for the next per-transaction files by name (`<T+1>-<T+1>.ltx`, …) after the head; returns how many
@@ -154,7 +177,7 @@ class LocalDB:
             except FileNotFoundError:
                 return found
             if txid not in self.files:
-                self._insert(LocalFile(path, txid, txid, st.st_mtime, st.st_size))
+                self._insert(LocalFile(self._dir, txid, txid, st.st_mtime, st.st_size))
                 found += 1
             txid += 1
 
@@ -186,14 +209,13 @@ class LocalDB:
         """The newest file that is not known to be bad."""
         self._in_step()
         for k in reversed(self._keys):
-            if (f := self.files[k]).path not in self.bad:
+            if self.good(f := self.files[k]):
                 return f
         return None
 
     def verify_above(self, txid: int) -> list[tuple[LocalFile, str]]:
         """Verify every file past `txid`; returns the bad ones with why (each is then skipped)."""
-        return [(f, why) for f in self.sorted() if f.max_txid > txid and f.path not in self.bad
-                and (why := self.check(f)) is not None]
+        return [(f, why) for f in self.above(txid) if self.good(f) and (why := self.check(f)) is not None]
 
     def chain_from(self, txid: int, limit: int) -> list[LocalFile]:
         """Up to `limit` files forming an unbroken chain that starts at TXID `txid`; [] if none starts there."""
@@ -202,11 +224,10 @@ class LocalDB:
         while len(out) < limit:
             if txid in self._spans:
                 # Rare (a snapshot): of the files starting at `txid`, the last good one in `files` order wins.
-                f = next((g for g in reversed(self.files.values()) if g.min_txid == txid and g.path not in self.bad),
-                         None)
+                f = next((g for g in reversed(self.files.values()) if g.min_txid == txid and self.good(g)), None)
             else:
                 f = self.files.get(txid)
-                if f is not None and (f.min_txid != txid or f.path in self.bad):
+                if f is not None and (f.min_txid != txid or not self.good(f)):
                     f = None
             if f is None:
                 break
@@ -217,7 +238,7 @@ class LocalDB:
     def check(self, f: LocalFile) -> str | None:
         """Verify one file end to end; returns why it is bad, or None. A bad file is remembered."""
         try:
-            with open(f.path, "rb") as fp:
+            with open(f.fspath, "rb") as fp:
                 header, trailer = verify(fp, Version.V2)
             f.header, f.trailer = header, trailer
             if (header.min_txid, header.max_txid) != (f.min_txid, f.max_txid):
@@ -234,7 +255,8 @@ class LocalDB:
         self._in_step()
         gone: list[int] = []
         for f in victims:
-            f.path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f.fspath)
             if (held := self.files.pop(f.max_txid, None)) is not None:
                 self._unindex(held)
                 gone.append(held.max_txid)

@@ -141,7 +141,7 @@ class DbShipper:
                 try:
                     return await self._ship(chain, "snapshot")
                 except LTXError:
-                    if any(f.path in self.local.bad for f in chain):
+                    if not all(self.local.good(f) for f in chain):
                         raise
                     # TXID 1 holds only the pages its transaction wrote: not a snapshot; export instead.
             return await self._ship_export(remote, fresh)
@@ -149,7 +149,7 @@ class DbShipper:
         if r_local > head.max_txid:
             return await self._recover(fresh, f"upstream is ahead at {format_txid(remote.txid)}")
         at = self.local.files.get(r_local)
-        if at is not None and at.path not in self.local.bad and at.post != remote.post_apply_checksum:
+        if at is not None and self.local.good(at) and at.post != remote.post_apply_checksum:
             return await self._recover(fresh, f"upstream has checksum {remote.post_apply_checksum:016x} at TXID "
                                        f"{format_txid(remote.txid)}, the node has {at.post:016x}")
         if r_local == head.max_txid:
@@ -161,8 +161,7 @@ class DbShipper:
                                                   f"does not continue upstream's checksum "
                                                   f"{remote.post_apply_checksum:016x}")
             return await self._ship(chain, "files")
-        snap = [f for f in self.local.files.values() if f.min_txid == 1 and f.max_txid > r_local
-                and f.path not in self.local.bad]
+        snap = [f for f in self.local.files.values() if f.min_txid == 1 and f.max_txid > r_local and self.local.good(f)]
         if snap:  # LiteFS replaced ltx/ with a snapshot (a restore, or a replica promoted)
             chain = self.local.chain_from(1, self.max_files)
             if chain:
@@ -176,7 +175,7 @@ class DbShipper:
         remote = self.remote or Pos()
         off = self.link.offset
         try:
-            paths, lz4 = [f.path for f in chain], self.upstream.compress
+            paths, lz4 = [f.fspath for f in chain], self.upstream.compress
             if renumber:
                 body, header, post = await asyncio.to_thread(
                     compact_files, paths, min_txid=remote.txid + 1, max_txid=chain[-1].max_txid + off,

@@ -243,7 +243,7 @@ class Sidecar:
             except (UpstreamError, SidecarError) as err:
                 self._error("upstream", err, db=db.name)
                 continue
-            match = [f for f in db.local.sorted() if f.path not in db.local.bad and f.post == pos.post_apply_checksum]
+            match = [f for f in db.local.sorted() if db.local.good(f) and f.post == pos.post_apply_checksum]
             if pos.txid and match:
                 db.link.offset = pos.txid - match[-1].max_txid
                 db.hwm = hwm
