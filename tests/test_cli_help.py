@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from pathlib import Path
 
 from sidecar.cli import build_parser
 
@@ -24,3 +25,15 @@ def test_every_command_shows_an_example_of_itself() -> None:
         text = parser.format_help()
         assert "example" in text, f"`litefs-sidecar {' '.join(path)} --help` shows no example"
         assert f"litefs-sidecar {' '.join(path)}".strip() in text, f"{path}: no example of this command"
+
+
+def test_short_spellings_reach_the_same_settings(tmp_path: Path) -> None:
+    """`run --mount` is `--mount-dir`, `serve --tokens` is `--tokens-file`: both spellings appear in docs."""
+    from sidecar.commands import run
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "--data-dir", str(tmp_path), "--mount", "/m", "--upstream", "file:///b"])
+    config = run.load(args)
+    assert str(config.sidecar.mount_dir) == "/m" and config.source("sidecar.mount_dir") == "flag --mount-dir"
+    args = parser.parse_args(["serve", "--tokens", str(tmp_path / "tokens")])
+    assert vars(args)["server.tokens_file"] == str(tmp_path / "tokens")

@@ -32,6 +32,7 @@ def register(sub: Any) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="TOML configuration file ([sidecar], [engine], [log] tables)")
     cfgmod.add_flags(p, "sidecar")
+    p.add_argument("--mount", dest="sidecar.mount_dir", metavar="DIR", default=None, help="the same as --mount-dir")
     cfgmod.add_flags(p.add_argument_group("engine (file:// and s3:// upstreams)"), "engine", ENGINE_FIELDS)
     cfgmod.add_flags(p.add_argument_group("logging"), "log")
     p.set_defaults(func=cmd_run)
