@@ -174,7 +174,7 @@ class Server:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in ("/healthz", "/readyz", "/metrics") or request.path == "/ui" \
+        if request.path in ("/healthz", "/readyz", "/metrics", "/favicon.ico") or request.path == "/ui" \
                 or request.path.startswith("/ui/"):
             return await handler(request)  # the dashboard's own routes check its session themselves
         cluster = None
