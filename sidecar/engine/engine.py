@@ -247,10 +247,19 @@ class Engine:
             st.page_size = head.page_size if head else 0
 
     async def close(self) -> None:
-        """Flush every pending upload to the store."""
+        """Flush every pending upload to the store, then let go of the state directory.
+
+        If the store cannot take them (it is down), they stay in the upload log, acknowledged and durable, and
+        the next start flushes them; closing goes on regardless.
+        """
         if self._closed:
             return
-        await self.flush_all()
+        try:
+            await self.flush_all()
+        except (StorageError, OSError) as err:
+            pending = sum(len(st.pending) for st in self.dbs.values())
+            log.warning("closing with uploads not yet in the store; they stay in the upload log for the next start",
+                        uploads=pending, error=str(err))
         await self.log.close()
         self._closed = True
         if self._lock_fd >= 0:

@@ -63,6 +63,29 @@ async def test_outage_keeps_uploads_and_holds_the_hwm(proxied: tuple[S3Storage, 
     assert result.checksum == history.checksums[history.pos.txid]
 
 
+async def test_closing_while_the_store_is_down_keeps_uploads_for_the_next_start(
+        proxied: tuple[S3Storage, FaultProxy], history: History, tmp_path: Path) -> None:
+    store, proxy = proxied
+    now = [T0]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=10), clock=lambda: now[0])
+    for _ in range(3):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(now[0] * 1000)))
+    proxy.faults.down = True
+    await engine.close()  # the flush fails: a warning, not an error, and the uploads stay in the upload log
+    assert list((tmp_path / "state" / "log").glob("*.log"))
+    proxy.faults.down = False
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=10), clock=lambda: now[0])
+    assert engine.pos("c", "app.db") == history.pos and engine.hwm("c", "app.db") == 0
+    await engine.close()
+    assert not list((tmp_path / "state" / "log").glob("*.log"))  # flushed, so the log is gone
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=10), clock=lambda: now[0])
+    assert engine.hwm("c", "app.db") == history.pos.txid
+    result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
+    assert result.checksum == history.checksums[history.pos.txid]
+    await engine.close()
+
+
 async def test_gap_in_the_store_is_refused_clearly(history: History, tmp_path: Path) -> None:
     store = open_storage(f"file://{tmp_path / 'store'}")
     engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0))
