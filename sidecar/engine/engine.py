@@ -127,6 +127,8 @@ class Engine:
         self.clock = clock
         self.dbs: dict[tuple[str, str], DbState] = {}
         self.log = UploadLog(self.state_dir / "log")
+        # Called with (level, seconds) after each flush (level 0) and compaction: the server's metrics.
+        self.timed: Callable[[int, float], None] = lambda level, seconds: None
         self._lock_fd = -1
         self._closed = False
 
@@ -392,6 +394,7 @@ class Engine:
         async with st.flushing:
             if not st.pending:
                 return
+            t0 = time.perf_counter()
             batch = list(st.pending)
             entry = await self._compact_to_store(st, 0, [p.data for p in batch], Version.V2)
             st.index.add(entry)
@@ -399,6 +402,7 @@ class Engine:
             st.pending = st.pending[len(batch):]
             for p in batch:
                 self.log.release(p.segment)
+        self.timed(0, time.perf_counter() - t0)
         log.info("flushed", cluster=st.cluster, db=st.name, level=0, min_txid=f"{entry.min_txid:016x}",
                  max_txid=f"{entry.max_txid:016x}", uploads=len(batch), bytes=entry.size)
 
@@ -501,6 +505,7 @@ class Engine:
             entry = await self._compact_to_store(st, level, paths, Version.V3)
         idx.add(entry)
         await self._save_index(st)
+        self.timed(level, time.perf_counter() - t0)
         log.info("compacted", cluster=st.cluster, db=st.name, level=level, min_txid=f"{entry.min_txid:016x}",
                  max_txid=f"{entry.max_txid:016x}", inputs=len(sources), bytes=entry.size,
                  seconds=round(time.perf_counter() - t0, 3))

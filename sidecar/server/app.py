@@ -61,6 +61,13 @@ class Metrics:
         self.storage_errors = Counter("lfsc_storage_errors", "Object-store failures", registry=r)
         self.hwm_lag = Gauge("lfsc_hwm_lag_txids", "Accepted TXID minus HWM", ["cluster", "db"], registry=r)
         self.flush_seconds = Histogram("lfsc_request_seconds", "Request duration", ["route"], registry=r)
+        self.build_seconds = Histogram("lfsc_build_seconds", "Engine flushes (level 0) and compactions, by level",
+                                       ["level"], registry=r, buckets=(.005, .01, .05, .1, .5, 1, 5, 10, 60, 300))
+        self.log_commits = Gauge("lfsc_upload_log_commits", "Group commits of the upload log (fdatasync calls)",
+                                 registry=r)
+        self.log_segments = Gauge("lfsc_upload_log_segments", "Upload log segments on disk (grows while the "
+                                  "store is unreachable)", registry=r)
+        self.pending_uploads = Gauge("lfsc_pending_uploads", "Accepted uploads not yet in the store", registry=r)
 
 
 def error(status: int, code: str, message: str, pos: Pos | None = None) -> web.Response:
@@ -102,6 +109,7 @@ class Server:
         self.ready = False
         self.inflight = 0
         self._tmp = engine.state_dir / ".tmp"
+        engine.timed = lambda level, seconds: self.metrics.build_seconds.labels(str(level)).observe(seconds)
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
         from sidecar.server.ui import Dashboard
         self.dashboard = Dashboard(self)
@@ -308,6 +316,10 @@ class Server:
     # -- operations -----------------------------------------------------------------------------------
 
     async def get_metrics(self, request: web.Request) -> web.Response:
+        m, log_ = self.metrics, self.engine.log
+        m.log_commits.set(log_.commits)
+        m.log_segments.set(log_.segments)
+        m.pending_uploads.set(sum(len(st.pending) for st in self.engine.dbs.values()))
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

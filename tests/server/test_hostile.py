@@ -86,6 +86,12 @@ async def test_health_ready_and_metrics(server: Running, http: aiohttp.ClientSes
     assert 'lfsc_uploads_total{cluster="default"} 1.0' in text
     assert 'lfsc_rejections_total{code="EINVALIDAUTH"} 1.0' in text
     assert "lfsc_hwm_lag_txids" in text and "lfsc_request_seconds_bucket" in text
+    # The upload went through one group commit of the upload log and was flushed at once (l0_interval 0).
+    assert "lfsc_upload_log_commits 1.0" in text and "lfsc_pending_uploads 0.0" in text
+    assert 'lfsc_build_seconds_count{level="0"} 1.0' in text and 'level="1"' not in text
+    assert await server.engine.compact_level("default", "app.db", 1) is not None
+    async with http.get(f"{server.url}/metrics") as resp:
+        assert 'lfsc_build_seconds_count{level="1"} 1.0' in await resp.text()
 
 
 def test_serve_refuses_to_start_without_tokens(tmp_path: Path) -> None:
