@@ -25,7 +25,7 @@ from sidecar.ltx.checksum import crc
 from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.types import CHECKSUM_FLAG
 from sidecar.storage import open_storage
-from sidecar.storage.base import ltx_key
+from sidecar.storage.layout import FILE_LAYOUT
 
 PAGE = 4096
 DAY_MS = 86_400_000
@@ -71,7 +71,7 @@ class Chain:
         header = Header(page_size=PAGE, commit=self.n, min_txid=1 if snapshot else lo, max_txid=hi, timestamp=ts,
                         flags=FLAG_NO_CHECKSUM, ext_pre_apply_checksum=pre,
                         ext_post_apply_checksum=CHECKSUM_FLAG | self.value)
-        path = self.root / ltx_key("file", "", level, header.min_txid, hi)
+        path = self.root / FILE_LAYOUT.ltx_key("", level, header.min_txid, hi)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             enc = Encoder(f, header, Version.V3)

@@ -7,7 +7,8 @@
     ├── InvalidDatabaseName(name)      a database name that could escape its directory; HTTP 400
     ├── RestoreError                   no restore plan reaches the target; nothing was written
     ├── StorageError(key)              the object store failed; .retryable
-    │   └── NotFound(key)
+    │   ├── NotFound(key)
+    │   └── PreconditionFailed(key)    a conditional write lost: another writer got there first
     └── UpstreamError(status, code)    the backup server refused; .retryable for 5xx and connection errors
 
 The codec has its own root, `sidecar.ltx.LTXError`, because `ltx` imports nothing from `sidecar`.
@@ -48,6 +49,7 @@ class PosMismatch(SidecarError):
     def __init__(self, db: str, pos: Pos, message: str = "position mismatch") -> None:
         self.db = db
         self.pos = pos
+        self.reason = message  # without the database and position, which travel beside it
         super().__init__(f"{db}: {message} (current position {pos})")
 
 
@@ -99,6 +101,17 @@ class NotFound(StorageError):
     http_status = 404
 
     def __init__(self, key: str, message: str = "not found") -> None:
+        super().__init__(key, message, retryable=False)
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write (`if_none_match`/`if_match`) found the object not as expected; nothing was written."""
+
+    code = "EPRECONDITION"
+    http_status = 409
+
+    def __init__(self, key: str, message: str = "precondition failed: the object was written by another writer"
+                 ) -> None:
         super().__init__(key, message, retryable=False)
 
 

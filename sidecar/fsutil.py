@@ -1,8 +1,11 @@
-"""Small file-system helpers shared by the storage, the engine and the emulator."""
+"""Small file-system helpers shared by the storage, the engine, the sidecar and the emulator."""
 
 from __future__ import annotations
 
+import mmap
 import os
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 
@@ -13,3 +16,42 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes | str, *, durable: bool = True) -> None:
+    """Replace the small file `path` with `data` as one step: temp file, fsync, rename, fsync of the directory.
+
+    A reader (or a crash) sees the old content or the new, never a mix. `durable=False` skips the fsyncs
+    (the emulator's "LiteFS without fsync" mode).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def map_files(stack: ExitStack, paths: Sequence[Path]) -> list[mmap.mmap]:
+    """Map each file read-only; the maps close when `stack` does."""
+    maps = []
+    for path in paths:
+        f = stack.enter_context(open(path, "rb"))
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        stack.callback(_close_map, mm)
+        maps.append(mm)
+    return maps
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass  # a decoder's page view outlives the map only on error paths; GC releases it
+
+
+__all__ = ["fsync_dir", "map_files", "write_atomically"]

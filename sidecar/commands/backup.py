@@ -162,7 +162,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         if not len(index):
             raise RestoreError(f"{args.url}: no backup files found")
         for e in index:
-            key = e.key(storage.kind, "")
+            key = e.key(storage.layout, "")
             try:
                 data = await storage.get_bytes(key)
                 dec = Decoder(data, Version.V3)

@@ -26,7 +26,7 @@ from sidecar.config import Config, EngineConfig, ServeConfig, add_flags, flags_f
 from sidecar.engine import Engine, Levels
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.sdnotify import Notifier
-from sidecar.server import ServerConfig, parse_tokens, serve
+from sidecar.server import Scope, ServerConfig, parse_tokens, serve
 from sidecar.storage import open_storage
 from sidecar.storage.base import Storage
 
@@ -98,7 +98,7 @@ def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         problems += err.problems
         with contextlib.suppress(ConfigError):  # its problems are among those above
             server = load(["server"], flags={k: v for k, v in flags.items() if k.startswith("server.")}, **given)
-    tokens: dict[str, str] = {}
+    tokens: dict[str, Scope] = {}
     if server is not None:
         before, sc = len(problems), server.server
         tokens = _tokens(server, problems)
@@ -124,9 +124,9 @@ def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     return Setup(cfg, config, host.strip("[]"), int(port), levels_of(cfg.engine), notifier, storage)
 
 
-def _tokens(cfg: Config, problems: list[str]) -> dict[str, str]:
-    """token → cluster from `tokens_file` and then LITEFS_SIDECAR_SERVER_TOKENS; problems name their source."""
-    tokens: dict[str, str] = {}
+def _tokens(cfg: Config, problems: list[str]) -> dict[str, Scope]:
+    """token → scope from `tokens_file` and then LITEFS_SIDECAR_SERVER_TOKENS; problems name their source."""
+    tokens: dict[str, Scope] = {}
     path = cfg.server.tokens_file
     if path is not None:
         where = f"server.tokens_file = {str(path)!r} (from {cfg.source('server.tokens_file')})"

@@ -1,7 +1,7 @@
 """Upload bodies: local LTX files compacted into one LTX v2 file, renumbered into upstream's TXIDs when needed.
 
 LiteFS's own backup client compacts up to 256 per-transaction files into one upload with NodeID 0, zero WAL
-fields and the last transaction's timestamp (spec/litefs.md §10). We do the same, and can also give the result
+fields and the last transaction's timestamp (docs/litefs.md §10.2). We do the same, and can also give the result
 other TXIDs and another pre-apply checksum. That is only sound when the first input holds every page (a
 snapshot, or the transaction LiteFS writes for `POST /import`): such a file takes any state to its own.
 """
@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from sidecar.engine.restore import map_files
+from sidecar.fsutil import map_files
 from sidecar.ltx import FLAG_COMPRESS_LZ4, Header, LTXError, Pos, Version
 from sidecar.ltx.compactor import check_contiguous, compacted_header, merge_pages
 from sidecar.ltx.decoder import Decoder
 from sidecar.ltx.encoder import Encoder
-from sidecar.ltx.sqlite import Applier, database_checksum_of, sqlite_page_size
+from sidecar.ltx.sqlite import Applier, database_checksum_of, encode_db, sqlite_page_size
 from sidecar.ltx.types import lock_pgno
 
 _MAP_AT = 4 << 20
@@ -96,22 +96,10 @@ def encode_state(db: bytes, *, onto: Pos, max_txid: int, timestamp: int, compres
 
     Returns (body, post-apply checksum).
     """
-    page_size = sqlite_page_size(db[:100])
-    if len(db) % page_size:
-        raise LTXError(f"database size {len(db)} is not a multiple of its page size {page_size}", field="page_size")
-    commit = len(db) // page_size
-    header = Header(page_size=page_size, commit=commit, min_txid=onto.txid + 1, max_txid=max_txid,
-                    timestamp=timestamp, pre_apply_checksum=onto.post_apply_checksum,
-                    flags=FLAG_COMPRESS_LZ4 if compress else 0)
     out = io.BytesIO()
-    enc = Encoder(out, header, Version.V2)
-    lock, view = lock_pgno(page_size), memoryview(db)
-    for pgno in range(1, commit + 1):
-        if pgno != lock:
-            enc.write_page(pgno, view[(pgno - 1) * page_size:pgno * page_size])
-    post, _ = database_checksum_of(io.BytesIO(db), page_size)
-    enc.close(post)
-    return out.getvalue(), post
+    _, trailer = encode_db(io.BytesIO(db), out, version=Version.V2, compress=compress, txid=max_txid,
+                           timestamp=timestamp, onto=onto)
+    return out.getvalue(), trailer.post_apply_checksum
 
 
 def snapshot_to_db(data: bytes) -> tuple[bytes, Pos]:
@@ -126,7 +114,7 @@ def import_checksums(db: bytes) -> set[int]:
     """The post-apply checksums LiteFS may record after `POST /import` of `db`.
 
     LiteFS zeroes page 1's change counter (bytes 24–27) and schema cookie (40–43) before writing the import
-    (spec/litefs.md §3); both variants are accepted.
+    (docs/litefs.md §3); both variants are accepted.
     """
     page_size = sqlite_page_size(db[:100])
     commit = int.from_bytes(db[28:32], "big") or len(db) // page_size

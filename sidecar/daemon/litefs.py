@@ -1,6 +1,6 @@
 """The local LiteFS node: its mount files (`<db>-pos`, `.primary`) and the HTTP API calls the sidecar makes.
 
-    node.is_primary()              `.primary` is absent on the primary (spec/litefs.md §6)
+    node.is_primary()              `.primary` is absent on the primary (docs/litefs.md §6)
     node.pos(db)                   `<mount>/<db>-pos`: TXID/post-apply checksum
     await node.export(db)          (SQLite bytes, Pos): a consistent copy and the TXID it is at
     await node.import_db(db, b)    `POST /import`: LiteFS writes the bytes as its next transaction

@@ -3,7 +3,7 @@
 LiteFS's retention monitor honours a high-water mark only from its built-in backup client, so with
 `data.retention` > 0 (the default is 10m) it deletes LTX files the sidecar has not shipped. Its built-in backup
 client (`backup:`, or `LITEFS_CLOUD_TOKEN` in its environment) would ship the same transactions elsewhere and
-restore from there. The sidecar reads the same `litefs.yml` LiteFS would (spec/litefs.md §8) and reports both.
+restore from there. The sidecar reads the same `litefs.yml` LiteFS would (docs/litefs.md §8) and reports both.
 """
 
 from __future__ import annotations

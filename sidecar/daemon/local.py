@@ -1,7 +1,7 @@
 """One LiteFS database's `ltx/` directory as the sidecar sees it: which files exist, their headers, pruning.
 
 LiteFS writes `<T>-<T>.ltx` per transaction (a temp name first, then a rename), and a `1-<N>` snapshot after
-a restore, when every other file vanishes (spec/litefs.md §3). Names that do not match the pattern are
+a restore, when every other file vanishes (docs/litefs.md §3). Names that do not match the pattern are
 someone else's temp files and are ignored. A file whose header or checksums do not verify is reported once
 and never shipped.
 """

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-
-if TYPE_CHECKING:
-    from sidecar.daemon.sidecar import Sidecar
 
 
 class Metrics:
@@ -33,21 +31,19 @@ class Metrics:
         self.primary = Gauge("litefs_sidecar_primary", "1 on the primary, 0 on a replica", registry=r)
 
 
-async def start_metrics(sidecar: Sidecar, addr: str) -> tuple[web.AppRunner, str]:
-    """Serve `/metrics` and `/healthz` on `addr` (host:port; port 0 picks one); returns (runner, url)."""
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(sidecar.metrics.registry),
+async def start_metrics(metrics: Metrics, health: Callable[[], dict[str, Any]], addr: str
+                        ) -> tuple[web.AppRunner, str]:
+    """Serve `/metrics` and `/healthz` (the JSON `health()` returns) on `addr` (host:port; port 0 picks one);
+    returns (runner, url)."""
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def healthz(request: web.Request) -> web.Response:
-        dbs = {name: {"remote": str(db.remote) if db.remote else None,
-                      "local": f"{db.local.head.max_txid:016x}" if db.local.head else None,
-                      "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None}
-               for name, db in sorted(sidecar.dbs.items())}
-        return web.json_response({"ok": True, "databases": dbs})
+        return web.json_response(health())
 
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import watchfiles
 
@@ -294,11 +295,19 @@ class Sidecar:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
+    def health(self) -> dict[str, Any]:
+        """What `/healthz` answers: each database's positions and error."""
+        dbs = {name: {"remote": str(db.remote) if db.remote else None,
+                      "local": f"{db.local.head.max_txid:016x}" if db.local.head else None,
+                      "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None}
+               for name, db in sorted(self.dbs.items())}
+        return {"ok": True, "databases": dbs}
+
     async def run(self, stop: asyncio.Event, *, started: Callable[[Sidecar], None] | None = None) -> None:
         """Watch and ship until `stop`; then ship what is batched within `shutdown_grace` and close."""
         runner = None
         if self.config.metrics_addr:
-            runner, self.url = await start_metrics(self, self.config.metrics_addr)
+            runner, self.url = await start_metrics(self.metrics, self.health, self.config.metrics_addr)
         self.check_litefs()
         watcher = asyncio.create_task(self.watch(stop), name="watch")
         self.discover()

@@ -20,8 +20,9 @@ import aiohttp
 
 from sidecar.config import EngineConfig
 from sidecar.engine import Engine, Levels
-from sidecar.errors import ConfigError, PosMismatch, UpstreamError
+from sidecar.errors import ConfigError, UpstreamError
 from sidecar.ltx import Pos, parse_txid
+from sidecar.protocol import HWM_HEADER, pos_from_json, positions_from_json, raise_for
 from sidecar.storage import open_storage
 
 
@@ -64,7 +65,7 @@ class HTTPUpstream:
                 body = await resp.read()
                 if resp.status == 200:
                     return resp.status, dict(resp.headers), body
-                _raise(resp.status, body, db or "", method + " " + path)
+                raise_for(resp.status, body, db or "", f"{method} {self.url}{path}" + (f"?db={db}" if db else ""))
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise UpstreamError(0, "ECONN", f"{method} {self.url}{path}: {err or type(err).__name__}") from err
         raise AssertionError("unreachable")
@@ -72,15 +73,14 @@ class HTTPUpstream:
     async def positions(self) -> dict[str, Pos]:
         _, _, body = await self._request("GET", "/pos")
         try:
-            return {db: Pos(parse_txid(p["txid"]), parse_txid(p["postApplyChecksum"]))
-                    for db, p in json.loads(body).items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return positions_from_json(body)
+        except ValueError as err:
             raise UpstreamError(200, "EBADPOS", f"GET {self.url}/pos: unreadable position map: {err}") from err
 
     async def upload(self, db: str, data: bytes) -> int:
         _, headers, _ = await self._request("POST", "/db/tx", db, data)
         try:
-            return parse_txid(headers["Litefs-Hwm"])
+            return parse_txid(headers[HWM_HEADER])
         except (KeyError, ValueError) as err:
             raise UpstreamError(200, "EBADHWM", f"POST {self.url}/db/tx?db={db}: no valid Litefs-Hwm header") from err
 
@@ -91,28 +91,12 @@ class HTTPUpstream:
         body = (await self._request("GET", "/db/hwm", db))[2]
         try:
             doc = json.loads(body)
-            return parse_txid(doc["hwm"]), Pos(parse_txid(doc["txid"]), parse_txid(doc["postApplyChecksum"]))
+            return parse_txid(doc["hwm"]), pos_from_json(doc)
         except (ValueError, KeyError, TypeError) as err:
             raise UpstreamError(200, "EBADHWM", f"GET {self.url}/db/hwm?db={db}: {err}") from err
 
     async def close(self) -> None:
         await self._session.close()
-
-
-def _raise(status: int, body: bytes, db: str, what: str) -> None:
-    try:
-        doc = json.loads(body)
-        code, message = str(doc.get("code", "")), str(doc.get("error", ""))
-        pos = doc.get("pos") or {}
-    except (ValueError, AttributeError):
-        code, message, pos = "", body[:200].decode("utf-8", "replace"), {}
-    if status == 409 and code == "EPOSMISMATCH":
-        try:
-            current = Pos(parse_txid(pos["txid"]), parse_txid(pos["postApplyChecksum"]))
-        except (KeyError, ValueError, TypeError):
-            current = Pos()
-        raise PosMismatch(db, current, message or "position mismatch")
-    raise UpstreamError(status, code or "EHTTP", f"{what}?db={db}: {message}")
 
 
 class EngineUpstream:
@@ -145,14 +129,10 @@ class EngineUpstream:
         return await self.engine.write_tx(self.cluster, db, data)
 
     async def snapshot(self, db: str) -> bytes:
-        tmp = self.engine.state_dir / ".tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        out = tmp / f"sidecar-snapshot-{db}"
-        try:
+        with self.engine.tmp("sidecar-snapshot-") as tmp:
+            out = Path(tmp) / "snapshot.ltx"
             await self.engine.snapshot_file(self.cluster, db, out)
             return await asyncio.to_thread(out.read_bytes)
-        finally:
-            out.unlink(missing_ok=True)
 
     async def hwm(self, db: str) -> tuple[int, Pos]:
         return self.engine.hwm(self.cluster, db), self.engine.pos(self.cluster, db)

@@ -1,6 +1,6 @@
 """An emulated LiteFS node for tests and demos: real SQLite writes in, LiteFS's files and HTTP API out.
 
-`EmulatedNode` writes what LiteFS 0.5 leaves in its data directory and mount (spec/litefs.md §2–§6),
+`EmulatedNode` writes what LiteFS 0.5 leaves in its data directory and mount (docs/litefs.md §2–§6),
 `LoadWriter` drives a realistic write load through it, and `start_http` serves the node API subset a
 sidecar uses (§7). Nothing in `sidecar` proper imports this package.
 """
@@ -13,7 +13,7 @@ from sidecar.emulator.node import (
     EmulatorError,
     ReadOnlyReplica,
     Tx,
-    retention_victims,
+    expired_ltx_files,
 )
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "LoadWriter",
     "ReadOnlyReplica",
     "Tx",
+    "expired_ltx_files",
     "make_app",
-    "retention_victims",
     "start_http",
 ]

@@ -1,4 +1,4 @@
-"""The part of LiteFS's node HTTP API a sidecar can use (spec/litefs.md §7), served over an EmulatedNode.
+"""The part of LiteFS's node HTTP API a sidecar can use (docs/litefs.md §7), served over an EmulatedNode.
 
     GET  /info            {"clusterID", "isPrimary", "candidate", "path", "primary": {"hostname"}}, indented
     GET  /export?name=    the raw SQLite file; 404 `database not found`

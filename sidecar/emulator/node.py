@@ -1,4 +1,4 @@
-"""An emulated LiteFS node: real SQLite writes in, the files LiteFS would leave on disk out (spec/litefs.md).
+"""An emulated LiteFS node: real SQLite writes in, the files LiteFS would leave on disk out (docs/litefs.md).
 
     node = EmulatedNode(data_dir, mount_dir)
     node.execute("app.db", "CREATE TABLE t (x)")          # one SQLite transaction → one LTX file
@@ -36,13 +36,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sidecar.fsutil import fsync_dir
+from sidecar.fsutil import fsync_dir, write_atomically
 from sidecar.ltx import CHECKSUM_FLAG, FLAG_COMPRESS_LZ4, HEADER_SIZE, TRAILER_SIZE, Header, Pos, Trailer, Version
 from sidecar.ltx.checksum import crc
 from sidecar.ltx.decoder import verify
 from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.names import format_filename, parse_filename
-from sidecar.ltx.sqlite import Applier, database_checksum_of, encode_db, sqlite_page_size
+from sidecar.ltx.sqlite import Applier, database_checksum_of, db_pages, encode_db, sqlite_page_size
 from sidecar.ltx.types import lock_pgno
 
 _CHUNK = 1 << 22  # bytes compared at once while diffing; equal chunks cost one memcmp
@@ -89,9 +89,9 @@ class Tx:
         return Pos(self.txid, self.post_apply_checksum)
 
 
-def retention_victims(entries: Sequence[tuple[str, float]], *, now: float, retention: float,
+def expired_ltx_files(entries: Sequence[tuple[str, float]], *, now: float, retention: float,
                       hwm: int | None) -> list[str]:
-    """Names LiteFS's retention monitor deletes from one `ltx/` listing of (name, mtime) (spec §4).
+    """Names LiteFS's retention monitor deletes from one `ltx/` listing of (name, mtime) (docs/litefs.md §4).
 
     A file goes iff it is an LTX file name, its mtime is older than `now - retention`, it is not the last
     LTX file by name, and — only when a backup client is configured (`hwm` not None) — MaxTXID < hwm.
@@ -260,18 +260,8 @@ class EmulatedNode:
         if not self.is_primary:
             return ""  # replicas adopt the primary's
         value = "LFSC" + f"{secrets.randbits(64):016X}"
-        self._write_atomic(path, (value + "\n").encode())
+        write_atomically(path, value + "\n", durable=self.fsync)
         return value
-
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if self.fsync:
-                os.fsync(f.fileno())
-        os.rename(tmp, path)
-        if self.fsync:
-            fsync_dir(path.parent)
 
     def _write_primary_file(self) -> None:
         path = self.mount_dir / ".primary"
@@ -471,7 +461,7 @@ class EmulatedNode:
                 if not changed and commit == old_commit:
                     out.abort()
                     return None
-                for pgno in range(commit + 1, old_commit + 1):  # a shrink drops these pages (spec/ltx.md §4)
+                for pgno in range(commit + 1, old_commit + 1):  # a shrink drops these pages (docs/format.md §4)
                     if pgno != lock:
                         value ^= crc(os.pread(dfd, page_size, (pgno - 1) * page_size), crc(pgno.to_bytes(4, "big")))
             except BaseException:
@@ -541,17 +531,13 @@ class EmulatedNode:
             header = self._header(db, page_size, commit, self._now_ms())
             final = self.ltx_dir(name) / format_filename(header.min_txid, header.max_txid)
             out = _LTXWriter(final, header, fsync=self.fsync)
-            lock, value, view = lock_pgno(page_size), 0, memoryview(data)
             try:
-                for pgno in range(1, commit + 1):
-                    if pgno != lock:
-                        page = view[(pgno - 1) * page_size:pgno * page_size]
-                        value ^= crc(page, crc(pgno.to_bytes(4, "big")))
-                        out.enc.write_page(pgno, page)
+                for pgno, page in db_pages(io.BytesIO(data), page_size, commit):
+                    out.enc.write_page(pgno, page)
             except BaseException:
                 out.abort()
                 raise
-            post = CHECKSUM_FLAG | value
+            post = out.enc.pages_checksum  # every page was written
             out.commit(post)
             for path in (self.database_path(name), self.path(name), self.work_path(name)):
                 path.write_bytes(data)
@@ -697,7 +683,7 @@ class EmulatedNode:
                     except FileNotFoundError:
                         continue
                 hwm = db.hwm if self.backup else None
-                for victim in retention_victims(entries, now=now, retention=self.retention_seconds, hwm=hwm):
+                for victim in expired_ltx_files(entries, now=now, retention=self.retention_seconds, hwm=hwm):
                     path = self.ltx_dir(name) / victim
                     try:
                         path.unlink()
@@ -749,4 +735,4 @@ def _go_time(ms: int) -> str:
     return text + "Z"
 
 
-__all__ = ["DatabaseNotFound", "EmulatedNode", "EmulatorError", "Event", "ReadOnlyReplica", "Tx", "retention_victims"]
+__all__ = ["DatabaseNotFound", "EmulatedNode", "EmulatorError", "Event", "ReadOnlyReplica", "Tx", "expired_ltx_files"]

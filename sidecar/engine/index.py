@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sidecar.fsutil import write_atomically
 from sidecar.ltx import HEADER_SIZE, Header, LTXError
-from sidecar.storage.base import SNAPSHOT_LEVEL, ObjectInfo, Storage, ltx_key, parse_ltx_key
+from sidecar.storage.base import ObjectInfo, Storage
+from sidecar.storage.layout import SNAPSHOT_LEVEL, Layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +37,9 @@ class FileEntry:
     def is_snapshot(self) -> bool:
         return self.min_txid == 1
 
-    def key(self, kind: str, prefix: str) -> str:
-        return ltx_key(kind, prefix, self.level, self.min_txid, self.max_txid)
+    def key(self, layout: Layout, prefix: str) -> str:
+        """This file's key in a store of `layout`, under the database prefix `prefix`."""
+        return layout.ltx_key(prefix, self.level, self.min_txid, self.max_txid)
 
     @classmethod
     def from_header(cls, level: int, header: Header, size: int, post: int | None = None) -> FileEntry:
@@ -87,6 +89,17 @@ class DbIndex:
     def max_txid(self) -> int:
         return max((e.max_txid for e in self), default=0)
 
+    def restorable_head(self) -> FileEntry | None:
+        """The file ending at the newest state a restore can reach (a chain from a snapshot), at its finest
+        level; None if no chain reaches anything. Its post checksum is the stored position."""
+        reach = reachable(self)
+        best: FileEntry | None = None
+        for e in self:
+            if e.max_txid in reach and (best is None or e.max_txid > best.max_txid or (
+                    e.max_txid == best.max_txid and e.level < best.level)):
+                best = e
+        return best
+
     def head(self) -> FileEntry | None:
         """The file holding the newest TXID (its post checksum is the stored position)."""
         best: FileEntry | None = None
@@ -111,6 +124,9 @@ class DbIndex:
     def save(self, path: Path) -> None:
         write_atomically(path, self.to_json())
 
+    def copy(self) -> DbIndex:
+        return DbIndex(self)
+
     @classmethod
     def load(cls, path: Path) -> DbIndex | None:
         try:
@@ -121,27 +137,19 @@ class DbIndex:
             return None  # a damaged index is rebuilt from the store
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write a small file atomically: temp, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-async def scan(storage: Storage, prefix: str, *, concurrency: int = 32) -> DbIndex:
-    """Rebuild one database's index from the store: one LIST, then every file's header (100 bytes)."""
+async def scan(storage: Storage, prefix: str, objects: Sequence[ObjectInfo] | None = None, *,
+               concurrency: int = 32) -> DbIndex:
+    """Rebuild one database's index from the store: one LIST (unless `objects` is a listing already made),
+    then every file's header (100 bytes)."""
     base = prefix.strip("/")
-    objects = await storage.list(base + "/" if base else "")
+    if objects is None:
+        objects = await storage.list(base + "/" if base else "")
     found = []
     for obj in objects:
-        parsed = parse_ltx_key(storage.kind, obj.key)
-        if parsed is None or parsed[0] != base:
+        parsed = storage.layout.parse(obj.key)
+        if parsed is None or parsed.prefix != base:
             continue
-        found.append((obj, parsed[1]))
+        found.append((obj, parsed.level))
     sem = asyncio.Semaphore(concurrency)
 
     async def read(obj: ObjectInfo, level: int) -> FileEntry:

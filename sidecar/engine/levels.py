@@ -1,4 +1,4 @@
-"""Compaction levels and their schedule, pure: no clock, no I/O (spec/compaction-levels.md).
+"""Compaction levels and their schedule, pure: no clock, no I/O (docs/levels.md).
 
 Defaults give 10-second restore points for a day and 5-minute points for 30 days:
 
@@ -17,7 +17,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from sidecar.storage.base import SNAPSHOT_LEVEL
+from sidecar.storage.layout import SNAPSHOT_LEVEL
 
 HOUR = 3600.0
 DAY = 24 * HOUR

@@ -10,7 +10,6 @@ fsyncs and renames. Nothing is left at `out` unless every check passed.
 from __future__ import annotations
 
 import asyncio
-import mmap
 import os
 import sqlite3
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from sidecar.engine.index import DbIndex, FileEntry
 from sidecar.errors import RestoreError
+from sidecar.fsutil import fsync_dir, map_files
 from sidecar.ltx import CHECKSUM_FLAG, LTXError, Version, format_timestamp, lock_pgno
 from sidecar.ltx.checksum import crc
 from sidecar.ltx.compactor import merge_pages
@@ -93,27 +93,16 @@ def plan_restore(index: DbIndex | Sequence[FileEntry], *, txid: int | None = Non
 
 
 async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out: str | os.PathLike[str], *,
-                  integrity_check: bool = False, progress: Progress | None = None,
-                  concurrency: int = 16) -> RestoreResult:
+                  integrity_check: bool = False, progress: Progress | None = None) -> RestoreResult:
     """Merge `plan` (from `plan_restore`) into the SQLite file `out`, atomically."""
     if not plan:
         raise RestoreError("empty restore plan")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.restore-tmp")
-    local_root = getattr(storage, "root", None) if storage.kind == "file" else None
-    keys = [e.key(storage.kind, prefix) for e in plan]
+    keys = [e.key(storage.layout, prefix) for e in plan]
     with tempfile.TemporaryDirectory(prefix=".restore-", dir=out.parent) as tmpdir:
-        if local_root is not None:
-            paths = [Path(local_root) / k for k in keys]
-        else:
-            paths = [Path(tmpdir) / f"{i:05d}.ltx" for i in range(len(keys))]
-            sem = asyncio.Semaphore(concurrency)
-
-            async def fetch(key: str, path: Path) -> None:
-                async with sem:
-                    await storage.download(key, path)
-            await asyncio.gather(*(fetch(k, p) for k, p in zip(keys, paths, strict=True)))
+        paths = await storage.local_files(keys, Path(tmpdir))
         try:
             result = await asyncio.to_thread(_merge_into, paths, plan, tmp, progress)
             if integrity_check:
@@ -152,24 +141,6 @@ def _merge_into(paths: Sequence[Path], plan: Sequence[FileEntry], tmp: Path,
         raise RestoreError(f"restored database checksum {checksum:016x} != {last.post:016x} stored for TXID "
                            f"{last.max_txid:016x}; nothing was written")
     return RestoreResult(last.max_txid, last.timestamp, checksum, pages, page_size, len(plan), verified)
-
-
-def map_files(stack: ExitStack, paths: Sequence[Path]) -> list[mmap.mmap]:
-    """Map each file read-only; the maps close when `stack` does."""
-    maps = []
-    for path in paths:
-        f = stack.enter_context(open(path, "rb"))
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        stack.callback(_close_map, mm)
-        maps.append(mm)
-    return maps
-
-
-def _close_map(mm: mmap.mmap) -> None:
-    try:
-        mm.close()
-    except BufferError:
-        pass  # a decoder's page view outlives the map only on error paths; GC releases it
 
 
 def _write_pages(decoders: list[Decoder], commit: int, page_size: int, tmp: Path, total: int,
@@ -217,11 +188,7 @@ def _write_pages(decoders: list[Decoder], commit: int, page_size: int, tmp: Path
 
 def _publish(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
-    dfd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(out.parent)
 
 
 def check_integrity(path: Path) -> None:

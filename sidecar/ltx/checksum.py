@@ -1,4 +1,4 @@
-"""CRC-64 as Go's hash/crc64 ISO table, and the LTX database checksum (spec/ltx.md §3–4)."""
+"""CRC-64 as Go's hash/crc64 ISO table, and the LTX database checksum (docs/format.md §3–4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Compaction: merge N contiguous LTX files into one, as if applying them in order (spec/ltx.md §9).
+"""Compaction: merge N contiguous LTX files into one, as if applying them in order (docs/format.md §9).
 
 A streaming k-way merge by page number holding one page per input: the latest input wins a page, and
 pages beyond the last input's Commit are dropped (a shrinking database truncates). Header fields are set
@@ -45,7 +45,7 @@ def check_contiguous(headers: Sequence[Header], trailers: Sequence[Trailer] | No
 
 
 def compacted_header(headers: Sequence[Header], flags: int, post_apply_checksum: int | None = None) -> Header:
-    """The output header of compacting `headers` in order (spec/ltx.md §9 table).
+    """The output header of compacting `headers` in order (docs/format.md §9.1).
 
     A no-checksum output keeps the database checksums in the header extension when the inputs have
     them and the final post-apply checksum is known up front.

@@ -6,7 +6,7 @@
     trailer = dec.close()                 # verifies the file checksum (and a snapshot's database checksum)
 
 Memory is one frame of the file's page size plus, for v3, the page index: never the file. Every failure
-raises an `LTXError` naming the field or byte offset (spec/ltx.md §8), and the decoder is stricter than
+raises an `LTXError` naming the field or byte offset (docs/format.md §8), and the decoder is stricter than
 Go's: pages must ascend, stay within Commit, skip the lock page, and snapshots must hold every page.
 """
 
@@ -45,7 +45,7 @@ def lz4_block_bound(page_size: int) -> int:
 
 
 def detect_version(head: BytesLike, size: int | None = None) -> Version:
-    """Guess the flavour from the first ≥ 112 bytes (and the size, if known) (spec/ltx.md §0)."""
+    """Guess the flavour from the first ≥ 112 bytes (and the size, if known) (docs/format.md §0)."""
     view = memoryview(head).cast("B")
     if len(view) < HEADER_SIZE:
         raise TruncatedFile(f"file is {len(view)} bytes, shorter than the {HEADER_SIZE}-byte header", offset=0)

@@ -5,7 +5,7 @@
     trailer = enc.close(post_apply_checksum)   # snapshots may pass None: the encoder computes it
 
 Given the same header, pages and post-apply checksum, an uncompressed v2 file is byte-identical to Go's
-(spec/ltx.md §7). Output is buffered and written in large chunks; the caller owns fsync.
+(docs/format.md §7). Output is buffered and written in large chunks; the caller owns fsync.
 """
 
 from __future__ import annotations
@@ -111,6 +111,11 @@ class Encoder:
                 self._out += data
         if len(self._out) >= _FLUSH_AT:
             self._flush()
+
+    @property
+    def pages_checksum(self) -> int:
+        """FLAG | XOR of the checksums of the pages written so far (the database's, once every page is)."""
+        return CHECKSUM_FLAG | self._db_crc
 
     def _flush(self) -> None:
         self._f.write(self._out)

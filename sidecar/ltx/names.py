@@ -1,4 +1,4 @@
-"""LTX file names: `%016x-%016x.ltx` of (min TXID, max TXID) (spec/ltx.md §6)."""
+"""LTX file names: `%016x-%016x.ltx` of (min TXID, max TXID) (docs/format.md §6.3)."""
 
 from __future__ import annotations
 

@@ -167,7 +167,7 @@ class LZ4FrameSource:
         return memoryview(self._buf)[start : start + n]
 
     def finish(self) -> None:
-        """Require the frame to end exactly here (spec/ltx.md §2.2: the frame ends after the end marker)."""
+        """Require the frame to end exactly here (docs/format.md §2.2: the frame ends after the end marker)."""
         while not self._done:
             if len(self._buf) - self._start:
                 break

@@ -1,4 +1,4 @@
-"""SQLite files and LTX: snapshot a database into LTX, apply LTX files to a database (spec/ltx.md §10).
+"""SQLite files and LTX: snapshot a database into LTX, apply LTX files to a database (docs/format.md §10).
 
 Pure: binary file objects in, no paths. SQLite stores the page size at header offset 16 (1 = 65536).
 """
@@ -6,7 +6,7 @@ Pure: binary file objects in, no paths. SQLite stores the page size at header of
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 from sidecar.ltx.checksum import crc
@@ -47,40 +47,55 @@ def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:
     return os.pread(f.fileno(), n, offset)
 
 
+def db_pages(db: BinaryIO, page_size: int, commit: int) -> Iterator[tuple[int, memoryview]]:
+    """Pages 1..`commit` of a database file, read in 4 MiB chunks, without the lock page (docs/format.md §4).
+
+    The one loop over a database's pages: checksums and encoders build on it. Raises LTXError if the file
+    ends before `commit` pages.
+    """
+    lock = lock_pgno(page_size)
+    chunk_pages = max(1, (1 << 22) // page_size)
+    db.seek(0)
+    pgno = 1
+    while pgno <= commit:
+        data = memoryview(db.read(min(chunk_pages, commit - pgno + 1) * page_size))
+        if len(data) < page_size:
+            raise LTXError(f"database ends before page {pgno} of {commit}")
+        for i in range(len(data) // page_size):
+            if pgno != lock:
+                yield pgno, data[i * page_size:(i + 1) * page_size]
+            pgno += 1
+
+
 def database_checksum_of(f: BinaryIO, page_size: int | None = None) -> tuple[int, int]:
     """Return (checksum, page count) of a whole database file; an empty file is (FLAG, 0)."""
     f.seek(0, os.SEEK_END)
     size = f.tell()
     if size == 0:
         return CHECKSUM_FLAG, 0
-    f.seek(0)
     if page_size is None:
+        f.seek(0)
         page_size = sqlite_page_size(f.read(100))
-    lock = lock_pgno(page_size)
     n = size // page_size
     value = 0
-    f.seek(0)
-    chunk_pages = max(1, (1 << 22) // page_size)
-    pgno = 1
-    while pgno <= n:
-        data = memoryview(f.read(chunk_pages * page_size))
-        for i in range(len(data) // page_size):
-            if pgno != lock:
-                value ^= crc(data[i * page_size:(i + 1) * page_size], crc(pgno.to_bytes(4, "big")))
-            pgno += 1
-        if not data:
-            break
+    for pgno, page in db_pages(f, page_size, n):
+        value ^= crc(page, crc(pgno.to_bytes(4, "big")))
     return CHECKSUM_FLAG | value, n
 
 
 def encode_db(db: BinaryIO, out: BinaryIO, *, version: Version | int = Version.V2, compress: bool = False,
-              txid: int = 1, timestamp: int = 0, node_id: int = 0, checksums: bool = True) -> tuple[Header, Trailer]:
-    """Write a snapshot (TXIDs 1..txid) of the database in `db` to `out`.
+              txid: int | None = None, timestamp: int = 0, node_id: int = 0, checksums: bool = True,
+              onto: Pos | None = None) -> tuple[Header, Trailer]:
+    """Write the database in `db` to `out` as one LTX file with every page (the lock page skipped).
 
-    Commit is the file size in pages; the lock page is skipped. v2 `compress` sets the LZ4 flag; v3 is
+    Without `onto` (or at position zero), a snapshot: TXIDs 1..`txid` (default 1). On top of a position
+    `onto`, the transaction that takes a database at `onto` to this state: TXIDs onto+1..`txid` (default onto+1),
+    pre-apply checksum `onto`'s, and every page written (truncating to the new size), so any LTX reader
+    applies it on top of `onto`. Commit is the file size in pages. v2 `compress` sets the LZ4 flag; v3 is
     always compressed and `checksums=False` writes Litestream's no-checksum flavour.
     """
     version = Version(version)
+    base = onto if onto is not None and not onto.is_zero else Pos()
     db.seek(0, os.SEEK_END)
     size = db.tell()
     db.seek(0)
@@ -94,22 +109,14 @@ def encode_db(db: BinaryIO, out: BinaryIO, *, version: Version | int = Version.V
         flags = FLAG_COMPRESS_LZ4
     elif version == Version.V3 and not checksums:
         flags = FLAG_NO_CHECKSUM
-    header = Header(page_size=page_size, commit=commit, min_txid=1, max_txid=txid, timestamp=timestamp,
-                    flags=flags, node_id=node_id)
+    header = Header(page_size=page_size, commit=commit, min_txid=base.txid + 1,
+                    max_txid=txid if txid is not None else base.txid + 1, timestamp=timestamp,
+                    pre_apply_checksum=base.post_apply_checksum if checksums else 0, flags=flags, node_id=node_id)
     enc = Encoder(out, header, version)
-    lock = lock_pgno(page_size)
-    db.seek(0)
-    chunk_pages = max(1, (1 << 22) // page_size)
-    pgno = 1
-    while pgno <= commit:
-        data = memoryview(db.read(min(chunk_pages, commit - pgno + 1) * page_size))
-        if not data:
-            raise LTXError(f"database shrank while reading page {pgno}")
-        for i in range(len(data) // page_size):
-            if pgno != lock:
-                enc.write_page(pgno, data[i * page_size:(i + 1) * page_size])
-            pgno += 1
-    return header, enc.close()
+    for pgno, page in db_pages(db, page_size, commit):
+        enc.write_page(pgno, page)
+    # Every page was written, so the checksum of what was written is the database's.
+    return header, enc.close(None if header.is_snapshot or not checksums else enc.pages_checksum)
 
 
 class Applier:
@@ -214,4 +221,4 @@ def check_chain(headers: Sequence[Header], trailers: Sequence[Trailer]) -> None:
     check_contiguous(headers, trailers)
 
 
-__all__ = ["Applier", "apply_files", "check_chain", "database_checksum_of", "encode_db", "sqlite_page_size"]
+__all__ = ["Applier", "apply_files", "check_chain", "database_checksum_of", "db_pages", "encode_db", "sqlite_page_size"]

@@ -1,4 +1,4 @@
-"""LTX value types: header, trailer, position, and the format's constants (spec/ltx.md §1–2)."""
+"""LTX value types: header, trailer, position, and the format's constants (docs/format.md §1–2)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ BytesLike = bytes | bytearray | memoryview | mmap.mmap
 
 _HEADER = struct.Struct(">4sIIIQQqQqqIIQ20x")
 # litefs-sidecar extension: v3 files with the no-checksum flag (so Litestream can restore them) keep the
-# database checksums in the reserved bytes, which every ltx decoder ignores (spec/ltx.md §2.1) but the
+# database checksums in the reserved bytes, which every ltx decoder ignores (docs/format.md §2.1) but the
 # file checksum covers: pre-apply at 80, post-apply at 88, then this marker at 96.
 EXT_MAGIC = b"LFSC"
 _EXT = struct.Struct(">QQ4s")
@@ -36,7 +36,7 @@ _TRAILER = struct.Struct(">QQ")
 
 
 class Version(IntEnum):
-    """The on-disk flavour; nothing in the file says which, so callers must know (spec/ltx.md §0)."""
+    """The on-disk flavour; nothing in the file says which, so callers must know (docs/format.md §0)."""
 
     V2 = 2  # LiteFS: 4-byte page headers, optional whole-block LZ4 frame
     V3 = 3  # Litestream 0.5: 6-byte page headers, per-page LZ4 blocks, page index
@@ -98,7 +98,7 @@ class Pos:
 
 @dataclass(frozen=True, slots=True)
 class Header:
-    """The 100-byte LTX header (spec/ltx.md §2.1). `timestamp` is milliseconds since the epoch."""
+    """The 100-byte LTX header (docs/format.md §2.1). `timestamp` is milliseconds since the epoch."""
 
     page_size: int
     commit: int

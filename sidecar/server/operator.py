@@ -15,35 +15,20 @@ A cluster token sees and changes only its own cluster; the admin token (`?cluste
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from sidecar.engine import Engine
 from sidecar.errors import RestoreError, SidecarError, validate_db_name
 from sidecar.ltx import format_timestamp
 from sidecar.ltx.sqlite import sqlite_page_size
-from sidecar.server.app import ADMIN, CLUSTER
+from sidecar.protocol import txid_hex
+from sidecar.server.http import ADMIN, CLUSTER, ClientError, db_param, read_body
+from sidecar.server.litefs_api import send_snapshot
 from sidecar.storage.base import parse_rfc3339
-
-if TYPE_CHECKING:
-    from sidecar.server.app import Server
-
-
-def add_routes(server: Server, app: web.Application) -> None:
-    api = OperatorAPI(server)
-    r = app.router
-    r.add_get("/api/databases", api.list_databases)
-    r.add_get("/api/db", api.get_db)
-    r.add_delete("/api/db", api.delete_db)
-    r.add_post("/api/restore", api.restore)
-    r.add_get("/api/download", api.download)
-    r.add_get("/api/preview", api.preview)
-    r.add_post("/api/upload", api.upload)
-    r.add_post("/api/clone", api.clone)
 
 
 def describe_tables(path: Path) -> list[dict[str, Any]]:
@@ -65,40 +50,50 @@ def _target(params: Any) -> tuple[int | None, int | None]:
         raise RestoreError("give timestamp or txid, not both")
     try:
         return (int(txid, 16) if txid else None), (parse_rfc3339(ts) if ts else None)
-    except ValueError:
+    except (ValueError, TypeError):
         raise RestoreError(f"invalid target: timestamp={ts!r} txid={txid!r}") from None
 
 
 class OperatorAPI:
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.engine = server.engine
+    """Handlers of /api/... over one engine."""
 
-    def _db(self, request: web.Request) -> tuple[str, str]:
-        return self.server._db(request)
+    def __init__(self, engine: Engine, *, max_body_size: int, request_timeout: float) -> None:
+        self.engine = engine
+        self.max_body_size = max_body_size
+        self.request_timeout = request_timeout
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/api/databases", self.list_databases)
+        r.add_get("/api/db", self.get_db)
+        r.add_delete("/api/db", self.delete_db)
+        r.add_post("/api/restore", self.restore)
+        r.add_get("/api/download", self.download)
+        r.add_get("/api/preview", self.preview)
+        r.add_post("/api/upload", self.upload)
+        r.add_post("/api/clone", self.clone)
 
     def _existing(self, request: web.Request) -> tuple[str, str]:
-        """The requested database; 404 ENODB (not the engine's 500) if the server has never seen it."""
-        cluster, name = self._db(request)
-        if self.engine.get(cluster, name) is None:
-            body = json.dumps({"code": "ENODB", "error": f"no database {name!r} in cluster {cluster!r}"})
-            raise web.HTTPNotFound(text=body, content_type="application/json")
+        """The requested database; 404 ENODB if the server has never seen it."""
+        cluster, name = db_param(request)
+        if not self.engine.exists(cluster, name):
+            raise ClientError(404, "ENODB", f"no database {name!r} in cluster {cluster!r}")
         return cluster, name
 
     def _describe(self, cluster: str, name: str, points: bool = False) -> dict[str, Any]:
         st = self.engine.status(cluster, name)
         out: dict[str, Any] = {
-            "cluster": cluster, "name": name, "txid": f"{st.pos.txid:016x}",
-            "postApplyChecksum": f"{st.pos.post_apply_checksum:016x}", "hwm": f"{st.hwm:016x}",
+            "cluster": cluster, "name": name, "txid": txid_hex(st.pos.txid),
+            "postApplyChecksum": f"{st.pos.post_apply_checksum:016x}", "hwm": txid_hex(st.hwm),
             "lag": st.pos.txid - st.hwm, "size": st.stored_bytes, "files": st.files,
-            "lastUpload": st.last_upload or None}
+            "lastUpload": st.last_upload or None, "failing": st.failing}
         rp = self.engine.restore_points(cluster, name)
         out["restorePoints"] = len(rp)
         if rp:
             out["oldest"] = format_timestamp(rp[0][1])
             out["newest"] = format_timestamp(rp[-1][1])
         if points:
-            out["points"] = [{"txid": f"{t:016x}", "timestamp": format_timestamp(ts), "level": lv}
+            out["points"] = [{"txid": txid_hex(t), "timestamp": format_timestamp(ts), "level": lv}
                              for t, ts, lv in rp]
         return out
 
@@ -123,13 +118,13 @@ class OperatorAPI:
         if not isinstance(body, dict):
             raise RestoreError("body must be a JSON object")
         txid, ts = _target(body)
-        with tempfile.TemporaryDirectory(prefix="api-", dir=self.engine._tmp()) as tmp:
+        with self.engine.tmp("api-") as tmp:
             db = Path(tmp) / "db"
             result = await self.engine.restore_to(cluster, name, db, txid=txid, timestamp=ts, integrity_check=True)
             pos = await self.engine.write_state(cluster, name, db)
-        return web.json_response({"restored": {"txid": f"{result.txid:016x}",
+        return web.json_response({"restored": {"txid": txid_hex(result.txid),
                                                "timestamp": format_timestamp(result.timestamp)},
-                                  "txid": f"{pos.txid:016x}", "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
+                                  "txid": txid_hex(pos.txid), "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
 
     async def preview(self, request: web.Request) -> web.Response:
         """Restore the target into a temporary file and describe it: the restore page shows this before asking."""
@@ -137,11 +132,11 @@ class OperatorAPI:
         txid, ts = _target(request.query)
         if txid is None and ts is None:
             raise RestoreError("preview needs a timestamp or a txid")
-        with tempfile.TemporaryDirectory(prefix="preview-", dir=self.engine._tmp()) as tmp:
+        with self.engine.tmp("preview-") as tmp:
             db = Path(tmp) / "db"
             result = await self.engine.restore_to(cluster, name, db, txid=txid, timestamp=ts, integrity_check=True)
             tables = await asyncio.to_thread(describe_tables, db)
-        return web.json_response({"restored": {"txid": f"{result.txid:016x}",
+        return web.json_response({"restored": {"txid": txid_hex(result.txid),
                                                "timestamp": format_timestamp(result.timestamp)},
                                   "tables": tables, "size": result.pages * result.page_size})
 
@@ -150,23 +145,24 @@ class OperatorAPI:
         txid, ts = _target(request.query)
         fmt = request.query.get("format", "sqlite")
         if fmt not in ("sqlite", "ltx"):
-            raise SidecarError(f"format {fmt!r}: want sqlite or ltx")
-        return await self.server.send_snapshot(request, cluster, name, timestamp=ts, txid=txid, sqlite=fmt == "sqlite")
+            raise ClientError(400, "EBADFORMAT", f"format {fmt!r}: want sqlite or ltx")
+        return await send_snapshot(self.engine, request, cluster, name, timestamp=ts, txid=txid,
+                                   sqlite=fmt == "sqlite")
 
     async def upload(self, request: web.Request) -> web.Response:
-        cluster, name = self._db(request)
-        data = await self.server._read_body(request)
+        cluster, name = db_param(request)
+        data = await read_body(request, self.max_body_size, self.request_timeout)
         try:
             page_size = sqlite_page_size(data[:100])
         except Exception as err:
             raise SidecarError(f"upload of {name!r}: not a SQLite database ({err})") from None
         if len(data) % page_size:
             raise SidecarError(f"upload of {name!r}: size {len(data)} is not a multiple of page size {page_size}")
-        with tempfile.TemporaryDirectory(prefix="api-", dir=self.engine._tmp()) as tmp:
+        with self.engine.tmp("api-") as tmp:
             db = Path(tmp) / "db"
             db.write_bytes(data)
             pos = await self.engine.write_state(cluster, name, db)
-        return web.json_response({"txid": f"{pos.txid:016x}", "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
+        return web.json_response({"txid": txid_hex(pos.txid), "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
 
     async def clone(self, request: web.Request) -> web.Response:
         cluster, name = self._existing(request)
@@ -175,7 +171,9 @@ class OperatorAPI:
         validate_db_name(to_cluster)
         validate_db_name(to_db)
         if not request.get(ADMIN) and to_cluster != cluster:
-            from sidecar.server.app import error
-            return error(401, "EINVALIDAUTH", f"token does not grant cluster {to_cluster!r}")
+            raise ClientError(401, "EINVALIDAUTH", f"token does not grant cluster {to_cluster!r}")
         pos = await self.engine.clone(cluster, name, to_cluster, to_db)
-        return web.json_response({"cluster": to_cluster, "name": to_db, "txid": f"{pos.txid:016x}"})
+        return web.json_response({"cluster": to_cluster, "name": to_db, "txid": txid_hex(pos.txid)})
+
+
+__all__ = ["OperatorAPI", "describe_tables"]

@@ -17,14 +17,15 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from sidecar.server.app import Server
+from sidecar.server.auth import Scope
+from sidecar.server.http import error
+from sidecar.server.metrics import Metrics
 
 STATIC = Path(__file__).with_name("ui")
 COOKIE = "litefs_sidecar_session"
@@ -34,7 +35,7 @@ UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 @dataclass
 class Session:
-    scope: str  # a cluster, or "*" for the admin token
+    scope: Scope
     csrf: str
     expires: float
 
@@ -48,8 +49,11 @@ class SessionError(Exception):
 
 
 class Dashboard:
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    """The dashboard's routes and its sessions; `sign_in` maps a presented token to its scope (or None)."""
+
+    def __init__(self, sign_in: Callable[[str], Scope | None], metrics: Metrics) -> None:
+        self.sign_in = sign_in
+        self.metrics = metrics
         self.sessions: dict[str, Session] = {}
 
     def add_routes(self, app: web.Application) -> None:
@@ -73,8 +77,9 @@ class Dashboard:
             return None
         return sid, found
 
-    def scope(self, request: web.Request) -> str | None:
-        """The cluster ("*" for admin) of a cookie-authenticated API request; SessionError if it must be refused."""
+    def scope(self, request: web.Request) -> Scope | None:
+        """The scope of a cookie-authenticated API request, None if there is no session; SessionError if it
+        must be refused."""
         current = self._current(request)
         if current is None:
             return None
@@ -97,7 +102,6 @@ class Dashboard:
         return resp
 
     async def login(self, request: web.Request) -> web.Response:
-        from sidecar.server.app import error
         try:
             body = await request.json()
         except ValueError:
@@ -105,28 +109,27 @@ class Dashboard:
         token = body.get("token", "") if isinstance(body, dict) else ""
         if not isinstance(token, str):
             token = ""
-        scope = "*" if self.server.config.insecure_no_auth else self.server.token_scope(token)
+        scope = self.sign_in(token)
         if scope is None:
-            self.server.metrics.rejections.labels("EINVALIDAUTH").inc()
+            self.metrics.rejections.labels("EINVALIDAUTH").inc()
             return error(401, "EINVALIDAUTH", "invalid token: use the admin token or a cluster token")
         sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = time.time()
         self.sessions = {k: s for k, s in self.sessions.items() if s.expires > now}
         self.sessions[sid] = Session(scope, csrf, now + SESSION_TTL)
-        resp = web.json_response({"scope": scope, "csrf": csrf})
+        resp = web.json_response({"scope": scope.cluster, "readonly": scope.readonly, "csrf": csrf})
         resp.set_cookie(COOKIE, sid, httponly=True, samesite="Strict", path="/", max_age=int(SESSION_TTL),
                         secure=request.secure)
         return resp
 
     async def session(self, request: web.Request) -> web.Response:
-        from sidecar.server.app import error
         current = self._current(request)
         if current is None:
             return error(401, "EINVALIDAUTH", "not signed in")
-        return web.json_response({"scope": current[1].scope, "csrf": current[1].csrf})
+        scope = current[1].scope
+        return web.json_response({"scope": scope.cluster, "readonly": scope.readonly, "csrf": current[1].csrf})
 
     async def logout(self, request: web.Request) -> web.Response:
-        from sidecar.server.app import error
         try:
             if self.scope(request) is None:
                 return error(401, "EINVALIDAUTH", "not signed in")

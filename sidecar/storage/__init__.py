@@ -7,7 +7,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sidecar.errors import ConfigError
-from sidecar.storage.base import SNAPSHOT_LEVEL, ObjectInfo, Storage, level_dir, ltx_key, parse_ltx_key
+from sidecar.storage.base import ObjectInfo, Storage
+from sidecar.storage.layout import FILE_LAYOUT, S3_LAYOUT, SNAPSHOT_LEVEL, Layout, LTXKey
 
 
 def open_storage(url: str, **s3_options: Any) -> Storage:
@@ -30,4 +31,4 @@ def open_storage(url: str, **s3_options: Any) -> Storage:
     raise ConfigError([f"storage URL {url!r}: unsupported scheme; want file:///path or s3://bucket/prefix"])
 
 
-__all__ = ["SNAPSHOT_LEVEL", "ObjectInfo", "Storage", "level_dir", "ltx_key", "open_storage", "parse_ltx_key"]
+__all__ = ["FILE_LAYOUT", "S3_LAYOUT", "SNAPSHOT_LEVEL", "LTXKey", "Layout", "ObjectInfo", "Storage", "open_storage"]

@@ -1,16 +1,21 @@
-"""The object-store interface the engine stands on, and the Litestream 0.5 layout of LTX files.
+"""The object-store interface the engine stands on.
 
 A `Storage` is rooted at one prefix (a directory or `bucket/prefix`) and speaks in relative keys with
-`/` separators. Both implementations give the same guarantees:
+`/` separators; its `layout` says where each kind of object lives (`layout.py`). Both implementations give the
+same guarantees:
 
 - `put_file` and `put_bytes` are atomic: a reader sees the whole object or none of it, and after they
-  return the object is durable (local: temp file, fsync, rename, fsync of the directory; S3: a
-  completed PUT or multipart upload).
+  return the object is durable (local: temp file, fsync, rename or link, fsync of the directory; S3: a
+  completed PUT or multipart upload). They return the new object's ETag.
+- Conditional writes, as S3 defines them: `if_none_match=True` creates the object only if no object has the
+  key; `if_match=etag` replaces it only if its ETag is still `etag`. A failed condition raises
+  `PreconditionFailed` and changes nothing. This is what fences writers (engine/lease.py): two writers can
+  never both think they wrote the same key.
 - Each LTX object carries its header timestamp where Litestream reads it: the file's mtime (local), or
   the S3 metadata key `litestream-timestamp` (RFC 3339 with nanoseconds).
 - `list` never returns partial uploads or temporary files.
 - Failures raise `StorageError` (`.retryable` for 5xx, SlowDown, timeouts, dropped connections, after the
-  implementation's own retries are exhausted) or `NotFound`.
+  implementation's own retries are exhausted) or `NotFound`. Every request has a deadline.
 """
 
 from __future__ import annotations
@@ -19,40 +24,44 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
-from sidecar.ltx import format_filename, parse_filename
-
-# Level numbers: 0..8 consecutive, snapshots always at 9 (spec/compaction-levels.md §1).
-SNAPSHOT_LEVEL = 9
+from sidecar.storage.layout import SNAPSHOT_LEVEL, Layout
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
-    """One stored object: relative key, size in bytes, and timestamp in ms (header timestamp when known)."""
+    """One stored object: relative key, size in bytes, timestamp in ms (header timestamp when known), ETag."""
 
     key: str
     size: int
     timestamp: int
+    etag: str = ""
 
 
 class Storage(Protocol):
     """An async object store rooted at one prefix. Keys are relative, `/`-separated."""
 
     url: str
-    # "file" or "s3": selects the Litestream layout for level paths (see `level_dir`).
-    kind: str
+    layout: Layout
 
-    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None) -> None:
-        """Store the local file at `path` under `key`, atomically and durably; `timestamp` in ms."""
+    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None,
+                       if_none_match: bool = False, if_match: str | None = None) -> str:
+        """Store the local file at `path` under `key`, atomically and durably; `timestamp` in ms. Returns the ETag."""
         ...
 
-    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None) -> None:
-        """Store `data` under `key`, atomically and durably."""
+    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None,
+                        if_none_match: bool = False, if_match: str | None = None) -> str:
+        """Store `data` under `key`, atomically and durably. Returns the ETag."""
         ...
 
     async def get_bytes(self, key: str) -> bytes:
         """The whole object. Raises NotFound."""
+        ...
+
+    async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | None:
+        """The object and its ETag, or None if its ETag is still `etag` (a conditional GET). Raises NotFound."""
         ...
 
     async def get_range(self, key: str, start: int, length: int) -> bytes:
@@ -67,6 +76,15 @@ class Storage(Protocol):
         """Write the object to the local file `path` (temp file + rename); returns its size."""
         ...
 
+    async def local_files(self, keys: Sequence[str], tmpdir: Path) -> list[Path]:
+        """Local files holding the objects' bytes, to map and read (never to change): the stored files
+        themselves where the store is a local directory, otherwise downloads into `tmpdir`. Raises NotFound."""
+        ...
+
+    async def head(self, key: str) -> ObjectInfo:
+        """Size, timestamp and ETag of one object. Raises NotFound."""
+        ...
+
     async def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object whose key starts with `prefix`, sorted by key."""
         ...
@@ -78,44 +96,6 @@ class Storage(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
-
-
-def level_dir(kind: str, level: int) -> str:
-    """The directory of one level inside a database's prefix, exactly as Litestream 0.5.17 lays it out.
-
-    file backends: `ltx/<level in decimal>`; S3: `<level as %04x>` (spec/compaction-levels.md §3).
-    """
-    if not 0 <= level <= SNAPSHOT_LEVEL:
-        raise ValueError(f"invalid level {level}: want 0..{SNAPSHOT_LEVEL}")
-    return f"{level:04x}" if kind == "s3" else f"ltx/{level}"
-
-
-def ltx_key(kind: str, db_prefix: str, level: int, min_txid: int, max_txid: int) -> str:
-    """Key of an LTX file of `level` covering [min_txid, max_txid] under `db_prefix` (may be "")."""
-    parts = [p for p in (db_prefix.strip("/"), level_dir(kind, level), format_filename(min_txid, max_txid)) if p]
-    return "/".join(parts)
-
-
-def parse_ltx_key(kind: str, key: str) -> tuple[str, int, int, int] | None:
-    """Split a key into (db_prefix, level, min_txid, max_txid), or None if it is not an LTX file of a level."""
-    parts = key.split("/")
-    if len(parts) < 2:
-        return None
-    txids = parse_filename(parts[-1])
-    if txids is None:
-        return None
-    if kind == "s3":
-        lvl = parts[-2]
-        if len(lvl) != 4 or any(c not in "0123456789abcdef" for c in lvl):
-            return None
-        level, prefix = int(lvl, 16), parts[:-2]
-    else:
-        if len(parts) < 3 or parts[-3] != "ltx" or not parts[-2].isdigit():
-            return None
-        level, prefix = int(parts[-2]), parts[:-3]
-    if level > SNAPSHOT_LEVEL:
-        return None
-    return "/".join(prefix), level, txids[0], txids[1]
 
 
 def format_rfc3339_nano(ms: int) -> str:
@@ -142,3 +122,6 @@ def parse_rfc3339(text: str) -> int:
         dt = dt.replace(tzinfo=UTC)
     ms = int(dt.timestamp()) * 1000
     return ms + int((frac + "000")[:3]) if frac else ms
+
+
+__all__ = ["SNAPSHOT_LEVEL", "Layout", "ObjectInfo", "Storage", "format_rfc3339_nano", "parse_rfc3339"]

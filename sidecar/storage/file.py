@@ -1,31 +1,43 @@
 """A local directory as object storage: the embedded default (`file:///path`).
 
 Writes are atomic and durable: a temp file (`.<name>.<random>.tmp`, never listed) in the target's
-directory, fsync, rename, fsync of the directory. An LTX file's timestamp is its mtime, as Litestream
-reads it.
+directory, fsync, then rename (or, for `if_none_match`, a hard link, which fails if the name exists), then
+fsync of the directory. An LTX file's timestamp is its mtime, as Litestream reads it.
+
+Conditional writes hold the semantics S3 gives them, across processes on this host: `if_none_match` is a
+`link(2)`, atomic by itself; `if_match` compares and replaces under an exclusive `flock` of
+`.<name>.lock` beside the object. An ETag is the object's inode, ctime and size: any replacement changes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from sidecar.errors import NotFound, StorageError
+from sidecar.errors import NotFound, PreconditionFailed, StorageError
 from sidecar.fsutil import fsync_dir
 from sidecar.storage.base import ObjectInfo
+from sidecar.storage.layout import FILE_LAYOUT
 
 _BIG = 1 << 20  # files above this size are read in a worker thread
+
+
+def etag_of(st: os.stat_result) -> str:
+    """The ETag of a stored file: changes whenever the file is replaced or rewritten."""
+    return f"{st.st_ino:x}-{st.st_ctime_ns:x}-{st.st_size:x}"
 
 
 class FileStorage:
     """Objects are files under `root`; keys are relative paths."""
 
-    kind = "file"
+    layout = FILE_LAYOUT
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -39,16 +51,21 @@ class FileStorage:
 
     # Writes always run in a worker thread: however small, they end in fsyncs, which must not stall the loop.
 
-    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None) -> None:
-        await asyncio.to_thread(self._put, self._path(key), key, None, Path(path), timestamp)
+    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None,
+                       if_none_match: bool = False, if_match: str | None = None) -> str:
+        return await asyncio.to_thread(self._put, key, None, Path(path), timestamp, if_none_match, if_match)
 
-    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None) -> None:
-        await asyncio.to_thread(self._put, self._path(key), key, data, None, timestamp)
+    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None,
+                        if_none_match: bool = False, if_match: str | None = None) -> str:
+        return await asyncio.to_thread(self._put, key, data, None, timestamp, if_none_match, if_match)
 
-    def _put(self, dst: Path, key: str, data: bytes | None, src: Path | None, timestamp: int | None) -> None:
+    def _put(self, key: str, data: bytes | None, src: Path | None, timestamp: int | None, if_none_match: bool,
+             if_match: str | None) -> str:
+        dst = self._path(key)
         try:
             made = _makedirs(dst.parent)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+            tmp = Path(tmp_name)
             try:
                 with os.fdopen(fd, "wb") as f:
                     if data is not None:
@@ -62,14 +79,32 @@ class FileStorage:
                 if timestamp is not None:
                     ns = timestamp * 1_000_000
                     os.utime(tmp, ns=(ns, ns))
-                os.replace(tmp, dst)
+                if if_none_match:
+                    try:
+                        os.link(tmp, dst)
+                    except FileExistsError:
+                        raise PreconditionFailed(key) from None
+                    tmp.unlink()
+                elif if_match is not None:
+                    with _locked(dst):
+                        try:
+                            current = etag_of(dst.stat())
+                        except FileNotFoundError:
+                            raise PreconditionFailed(key, "precondition failed: the object is gone") from None
+                        if current != if_match:
+                            raise PreconditionFailed(key)
+                        os.replace(tmp, dst)
+                else:
+                    os.replace(tmp, dst)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
             for d in [dst.parent, *made]:
                 fsync_dir(d)
+            return etag_of(dst.stat())
         except OSError as err:
-            raise StorageError(key, f"write failed: {err}", retryable=False) from err
+            raise StorageError(key, f"write failed: {err}", retryable=err.errno in (errno.ENOSPC, errno.EDQUOT)
+                               ) from err
 
     async def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -77,6 +112,19 @@ class FileStorage:
             if path.stat().st_size > _BIG:
                 return await asyncio.to_thread(path.read_bytes)
             return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(key) from None
+        except OSError as err:
+            raise StorageError(key, f"read failed: {err}") from err
+
+    async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | None:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                tag = etag_of(os.fstat(f.fileno()))
+                if tag == etag:
+                    return None
+                return f.read(), tag
         except FileNotFoundError:
             raise NotFound(key) from None
         except OSError as err:
@@ -115,12 +163,19 @@ class FileStorage:
             raise NotFound(key) from None
         return dst.stat().st_size
 
+    async def local_files(self, keys: Sequence[str], tmpdir: Path) -> builtins.list[Path]:
+        paths = [self._path(k) for k in keys]
+        for key, path in zip(keys, paths, strict=True):
+            if not path.is_file():
+                raise NotFound(key)
+        return paths
+
     async def head(self, key: str) -> ObjectInfo:
         try:
             st = self._path(key).stat()
         except FileNotFoundError:
             raise NotFound(key) from None
-        return ObjectInfo(key, st.st_size, st.st_mtime_ns // 1_000_000)
+        return ObjectInfo(key, st.st_size, st.st_mtime_ns // 1_000_000, etag_of(st))
 
     async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         return await asyncio.to_thread(self._list, prefix)
@@ -134,7 +189,7 @@ class FileStorage:
         if not start.is_dir():
             return []
         for dirpath, dirnames, filenames in os.walk(start):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 if name.startswith("."):
                     continue  # temp files
@@ -146,7 +201,7 @@ class FileStorage:
                     st = full.stat()
                 except FileNotFoundError:
                     continue
-                out.append(ObjectInfo(key, st.st_size, st.st_mtime_ns // 1_000_000))
+                out.append(ObjectInfo(key, st.st_size, st.st_mtime_ns // 1_000_000, etag_of(st)))
         out.sort(key=lambda o: o.key)
         return out
 
@@ -168,6 +223,21 @@ class FileStorage:
         return None
 
 
+class _locked:
+    """An exclusive flock on `.<name>.lock` beside `path`, for compare-and-replace."""
+
+    def __init__(self, path: Path) -> None:
+        self.lock = path.with_name(f".{path.name}.lock")
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
 def _makedirs(path: Path) -> builtins.list[Path]:
     """Create missing directories; return the parents whose entries changed (to fsync)."""
     missing = []
@@ -179,3 +249,4 @@ def _makedirs(path: Path) -> builtins.list[Path]:
         return []
     path.mkdir(parents=True, exist_ok=True)
     return [m.parent for m in missing]
+

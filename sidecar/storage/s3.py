@@ -1,9 +1,14 @@
 """S3-compatible object storage through aiobotocore: the only module that imports botocore.
 
 Our own retry loop governs (botocore's is set to one attempt): exponential backoff with full jitter on
-5xx, SlowDown and throttling, timeouts and dropped connections. Large files go up as multipart uploads;
-reads resume with a ranged GET when a connection drops mid-body. LTX objects carry the
-`litestream-timestamp` metadata Litestream reads.
+5xx, SlowDown and throttling, timeouts and dropped connections; every attempt has a deadline. Large files go
+up as multipart uploads; reads resume with a ranged GET when a connection drops mid-body. LTX objects carry
+the `litestream-timestamp` metadata Litestream reads.
+
+Conditional writes send `If-None-Match: *` or `If-Match: <etag>` (AWS S3, R2, Tigris, MinIO and moto all honour
+them). A retried conditional PUT is ambiguous: the first attempt may have landed before its answer was lost,
+and the retry then fails its own condition. Each conditional PUT therefore carries a random `put-id` in its
+metadata; a 412 after a retry reads the object's metadata back and, if the put-id is ours, reports success.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
-import random
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -22,8 +27,10 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sidecar.errors import NotFound, StorageError
+from sidecar.errors import NotFound, PreconditionFailed, StorageError
+from sidecar.retry import full_jitter
 from sidecar.storage.base import ObjectInfo, format_rfc3339_nano, parse_rfc3339
+from sidecar.storage.layout import S3_LAYOUT
 
 T = TypeVar("T")
 
@@ -31,17 +38,23 @@ MIN_PART = 5 << 20  # S3's smallest part, except the last
 RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError",
                    "ServiceUnavailable", "RequestTimeTooSkewed", "503", "500", "502", "504"}
 TIMESTAMP_KEY = "litestream-timestamp"
+PUT_ID_KEY = "put-id"
+
+
+class _NotModified(Exception):
+    """A conditional GET found the object unchanged (HTTP 304)."""
 
 
 class S3Storage:
     """Objects under `s3://bucket/prefix/`. Credentials come from the environment or the AWS chain."""
 
-    kind = "s3"
+    layout = S3_LAYOUT
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
                  force_path_style: bool | None = None, multipart_threshold: int = 16 << 20,
                  part_size: int = 16 << 20, max_attempts: int = 8, backoff_base: float = 0.1,
-                 backoff_cap: float = 10.0, connect_timeout: float = 10.0, read_timeout: float = 60.0) -> None:
+                 backoff_cap: float = 10.0, connect_timeout: float = 10.0, read_timeout: float = 30.0,
+                 attempt_timeout: float = 60.0, download_concurrency: int = 16) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -54,6 +67,8 @@ class S3Storage:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self._timeouts = (connect_timeout, read_timeout)
+        self.attempt_timeout = attempt_timeout  # seconds for one request, whatever the server does
+        self.download_concurrency = download_concurrency
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
         self._lock = asyncio.Lock()
@@ -86,19 +101,24 @@ class S3Storage:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     async def _call(self, key: str, op: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `op(client)` with retries; map failures to StorageError/NotFound."""
+        """Run `op(client)` with retries and a deadline per attempt; map failures to StorageError and its kinds."""
         client = await self._get_client()
         attempt = 0
         while True:
             attempt += 1
             self.requests += 1
             try:
-                return await op(client)
+                async with asyncio.timeout(self.attempt_timeout):
+                    return await op(client)
             except ClientError as err:
                 code = str(err.response.get("Error", {}).get("Code", ""))
                 status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
                 if status == 404 or code in ("NoSuchKey", "404", "NotFound"):
                     raise NotFound(key) from None
+                if status == 304 or code == "304":
+                    raise _NotModified() from None
+                if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    raise PreconditionFailed(key) from None
                 retryable = status >= 500 or status == 429 or code in RETRYABLE_CODES
                 if not retryable or attempt >= self.max_attempts:
                     raise StorageError(key, f"S3 {code or status}: {err}", retryable=retryable) from err
@@ -106,24 +126,56 @@ class S3Storage:
                 if attempt >= self.max_attempts:
                     raise StorageError(key, f"S3 request failed: {type(err).__name__}: {err}",
                                        retryable=True) from err
-            await asyncio.sleep(random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))))
+            await asyncio.sleep(full_jitter(attempt - 1, self.backoff_base, self.backoff_cap))
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    def _metadata(self, timestamp: int | None) -> dict[str, str]:
-        return {TIMESTAMP_KEY: format_rfc3339_nano(timestamp)} if timestamp is not None else {}
+    def _metadata(self, timestamp: int | None, conditional: bool) -> dict[str, str]:
+        meta = {TIMESTAMP_KEY: format_rfc3339_nano(timestamp)} if timestamp is not None else {}
+        if conditional:
+            meta[PUT_ID_KEY] = secrets.token_hex(12)
+        return meta
 
-    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None) -> None:
-        full, meta = self._key(key), self._metadata(timestamp)
-        await self._call(key, lambda c: c.put_object(Bucket=self.bucket, Key=full, Body=data, Metadata=meta))
+    @staticmethod
+    def _conditions(if_none_match: bool, if_match: str | None) -> dict[str, str]:
+        if if_none_match:
+            return {"IfNoneMatch": "*"}
+        return {"IfMatch": if_match} if if_match is not None else {}
 
-    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None) -> None:
+    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None,
+                        if_none_match: bool = False, if_match: str | None = None) -> str:
+        full, cond = self._key(key), self._conditions(if_none_match, if_match)
+        meta = self._metadata(timestamp, bool(cond))
+        return await self._conditional(key, meta, lambda c: c.put_object(
+            Bucket=self.bucket, Key=full, Body=data, Metadata=meta, **cond))
+
+    async def _conditional(self, key: str, meta: dict[str, str], op: Callable[[Any], Awaitable[Any]]) -> str:
+        """Run a PUT (or multipart completion); a lost condition is ours if the stored put-id is ours."""
+        before = self.requests
+        try:
+            resp = await self._call(key, op)
+        except NotFound:
+            if PUT_ID_KEY not in meta:
+                raise
+            raise PreconditionFailed(key, "precondition failed: the object is gone") from None  # If-Match, no object
+        except PreconditionFailed:
+            if PUT_ID_KEY not in meta or self.requests - before < 2:
+                raise  # a first attempt that failed its condition: another writer's object is there
+            info, theirs = await self._head(key)
+            if theirs.get(PUT_ID_KEY) != meta[PUT_ID_KEY]:
+                raise
+            return info.etag
+        return str(resp.get("ETag", ""))
+
+    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None,
+                       if_none_match: bool = False, if_match: str | None = None) -> str:
         size = os.path.getsize(path)
         if size < self.multipart_threshold:
             data = await asyncio.to_thread(Path(path).read_bytes)
-            await self.put_bytes(key, data, timestamp=timestamp)
-            return
-        full, meta = self._key(key), self._metadata(timestamp)
+            return await self.put_bytes(key, data, timestamp=timestamp, if_none_match=if_none_match,
+                                        if_match=if_match)
+        full, cond = self._key(key), self._conditions(if_none_match, if_match)
+        meta = self._metadata(timestamp, bool(cond))
         created = await self._call(key, lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=full,
                                                                               Metadata=meta))
         upload_id = created["UploadId"]
@@ -139,8 +191,8 @@ class S3Storage:
                                                    PartNumber=n, Body=body)
                     resp = await self._call(key, part)
                     parts.append({"PartNumber": number, "ETag": resp["ETag"]})
-            await self._call(key, lambda c: c.complete_multipart_upload(
-                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}))
+            return await self._conditional(key, meta, lambda c: c.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}, **cond))
         except BaseException:
             try:
                 await self._call(key, lambda c: c.abort_multipart_upload(Bucket=self.bucket, Key=full,
@@ -211,7 +263,7 @@ class S3Storage:
                 drops += 1
                 if drops >= self.max_attempts:
                     raise StorageError(key, f"S3 read dropped {drops} times: {err}", retryable=True) from err
-                await asyncio.sleep(random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** drops)))
+                await asyncio.sleep(full_jitter(drops, self.backoff_base, self.backoff_cap))
                 continue
             finally:
                 body.close()
@@ -238,13 +290,39 @@ class S3Storage:
             raise
         return n
 
+    async def local_files(self, keys: Sequence[str], tmpdir: Path) -> builtins.list[Path]:
+        paths = [tmpdir / f"{i:05d}.ltx" for i in range(len(keys))]
+        sem = asyncio.Semaphore(self.download_concurrency)
+
+        async def fetch(key: str, path: Path) -> None:
+            async with sem:
+                await self.download(key, path)
+        await asyncio.gather(*(fetch(k, p) for k, p in zip(keys, paths, strict=True)))
+        return paths
+
+    async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | None:
+        full = self._key(key)
+        cond = {"IfNoneMatch": etag} if etag else {}
+
+        async def get(c: Any) -> tuple[bytes, str]:
+            resp = await c.get_object(Bucket=self.bucket, Key=full, **cond)
+            async with resp["Body"] as body:
+                return await body.read(), str(resp.get("ETag", ""))
+        try:
+            return await self._call(key, get)
+        except _NotModified:
+            return None
+
     async def head(self, key: str) -> ObjectInfo:
+        return (await self._head(key))[0]
+
+    async def _head(self, key: str) -> tuple[ObjectInfo, dict[str, str]]:
         full = self._key(key)
         resp = await self._call(key, lambda c: c.head_object(Bucket=self.bucket, Key=full))
         meta = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
         ts = parse_rfc3339(meta[TIMESTAMP_KEY]) if TIMESTAMP_KEY in meta else \
             int(resp["LastModified"].timestamp() * 1000)
-        return ObjectInfo(key, int(resp.get("ContentLength", 0)), ts)
+        return ObjectInfo(key, int(resp.get("ContentLength", 0)), ts, str(resp.get("ETag", ""))), meta
 
     async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         base = f"{self.prefix}/" if self.prefix else ""
@@ -259,7 +337,7 @@ class S3Storage:
             resp = await self._call(prefix or "/", page)
             for obj in resp.get("Contents", []):
                 out.append(ObjectInfo(obj["Key"][len(base):], int(obj["Size"]),
-                                      int(obj["LastModified"].timestamp() * 1000)))
+                                      int(obj["LastModified"].timestamp() * 1000), str(obj.get("ETag", ""))))
             if not resp.get("IsTruncated"):
                 break
             token = resp.get("NextContinuationToken")

@@ -95,7 +95,8 @@ async def test_sigkill_at_20_random_moments_loses_nothing(env: Env, tmp_path: Pa
         got = await engine.restore_to("default", "app.db", tmp_path / "out")
         assert Pos(got.txid, got.checksum) == env.node.pos("app.db")
         history = load.history
-        for txid in random.Random(3).sample([hi for _, hi in files], 20):
+        ends = [hi for _, hi in files]
+        for txid in random.Random(3).sample(ends, min(20, len(ends))):  # fewer files if kills came before start-up
             point = await engine.restore_to("default", "app.db", tmp_path / f"at-{txid}", txid=txid)
             assert point.checksum == history[txid][1]
     finally:

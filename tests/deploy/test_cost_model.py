@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.engine import Engine, Levels
-from sidecar.storage import ObjectInfo, open_storage
+from sidecar.storage import S3_LAYOUT, ObjectInfo, open_storage
 from sidecar.storage.s3 import S3Storage
 from tests.deploy import cost_model
 from tests.deploy.cost_model import Requests, requests
@@ -50,7 +50,7 @@ def schedule(l0: float) -> Levels:
 class CountingStorage:
     """A real Storage that counts the object-store requests passing through it, by kind, and what each moved."""
 
-    kind = "s3"
+    layout = S3_LAYOUT
 
     def __init__(self, inner: S3Storage) -> None:
         self.inner = inner
@@ -62,15 +62,33 @@ class CountingStorage:
     def reset(self) -> None:
         self.counts.clear()
 
-    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None) -> None:
+    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None,
+                       if_none_match: bool = False, if_match: str | None = None) -> str:
         self.counts["PUT"] += 1
         self.sizes[key] = os.path.getsize(path)
-        await self.inner.put_file(key, path, timestamp=timestamp)
+        return await self.inner.put_file(key, path, timestamp=timestamp, if_none_match=if_none_match,
+                                         if_match=if_match)
 
-    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None) -> None:
+    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None,
+                        if_none_match: bool = False, if_match: str | None = None) -> str:
         self.counts["PUT"] += 1
         self.sizes[key] = len(data)
-        await self.inner.put_bytes(key, data, timestamp=timestamp)
+        return await self.inner.put_bytes(key, data, timestamp=timestamp, if_none_match=if_none_match,
+                                          if_match=if_match)
+
+    async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | None:
+        self.counts["GET"] += 1
+        return await self.inner.get_if_changed(key, etag)
+
+    async def head(self, key: str) -> ObjectInfo:
+        self.counts["HEAD"] += 1
+        return await self.inner.head(key)
+
+    async def local_files(self, keys: Sequence[str], tmpdir: Path) -> builtins.list[Path]:
+        paths = [tmpdir / f"{i:05d}.ltx" for i in range(len(keys))]
+        for key, path in zip(keys, paths, strict=True):
+            await self.download(key, path)
+        return paths
 
     async def get_bytes(self, key: str) -> bytes:
         self.counts["GET"] += 1

@@ -17,7 +17,7 @@ from sidecar.emulator import (
     EmulatedNode,
     LoadWriter,
     ReadOnlyReplica,
-    retention_victims,
+    expired_ltx_files,
     start_http,
 )
 from sidecar.ltx import CHECKSUM_FLAG, FLAG_COMPRESS_LZ4, Header, Pos, Version
@@ -290,14 +290,14 @@ class TestReplica:
 
 
 class TestRetention:
-    def test_retention_victims(self) -> None:
+    def test_expired_ltx_files(self) -> None:
         """Old files go, except the newest; with a backup only files below the HWM go; temp files are ignored."""
         names = [f"{t:016x}-{t:016x}.ltx" for t in range(1, 6)]
         entries = [(n, 100.0) for n in names] + [("0000000000000009-0000000000000009.ltx.tmp", 0.0)]
-        assert retention_victims(entries, now=1000.0, retention=600.0, hwm=None) == names[:4]
-        assert retention_victims(entries, now=650.0, retention=600.0, hwm=None) == []
-        assert retention_victims(entries, now=1000.0, retention=600.0, hwm=3) == names[:2]
-        assert retention_victims(entries, now=1000.0, retention=600.0, hwm=0) == []
+        assert expired_ltx_files(entries, now=1000.0, retention=600.0, hwm=None) == names[:4]
+        assert expired_ltx_files(entries, now=650.0, retention=600.0, hwm=None) == []
+        assert expired_ltx_files(entries, now=1000.0, retention=600.0, hwm=3) == names[:2]
+        assert expired_ltx_files(entries, now=1000.0, retention=600.0, hwm=0) == []
 
     def test_retention_without_backup_deletes_unshipped_files(self, make_node: Callable[..., EmulatedNode]) -> None:
         """The danger: with no backup client LiteFS deletes by age alone, shipped or not."""

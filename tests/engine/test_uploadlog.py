@@ -65,10 +65,10 @@ async def test_a_deleted_database_is_not_brought_back_by_replay(tmp_path: Path, 
     await engine.write_tx("c", "gone.db", first)
     await engine.write_tx("c", "kept.db", first)
     await engine.delete_database("c", "gone.db")
-    assert engine.get("c", "gone.db") is None
+    assert not engine.exists("c", "gone.db")
     engine.abandon()  # a crash: nothing flushed. The next start replays the log.
     again = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state",
                               Levels(l0_interval=3600))
-    assert again.get("c", "gone.db") is None
+    assert not again.exists("c", "gone.db")
     assert again.status("c", "kept.db").pending_files == 1
     await again.close()

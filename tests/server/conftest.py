@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from sidecar.engine import Engine, Levels
-from sidecar.server import ServerConfig, serve
+from sidecar.server import Scope, ServerConfig, serve
 from sidecar.storage import open_storage
 
 TOKEN = "tok-default-0123456789abcdef"
@@ -36,8 +36,8 @@ async def start_server(root: Path, *, l0_interval: float = 0.0, max_body: int = 
                        request_timeout: float = 300.0) -> Running:
     storage = open_storage(f"file://{root / 'store'}")
     engine = await Engine.open(storage, root / "state", Levels(l0_interval=l0_interval))
-    config = ServerConfig(tokens={TOKEN: "default", OTHER: "other"}, admin_token=ADMIN, max_body_size=max_body,
-                          request_timeout=request_timeout)
+    config = ServerConfig(tokens={TOKEN: Scope("default"), OTHER: Scope("other")}, admin_token=ADMIN,
+                          max_body_size=max_body, request_timeout=request_timeout)
     stop = asyncio.Event()
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(engine, config, "127.0.0.1", 0, stop=stop, grace=5,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import NotFound, StorageError
-from sidecar.storage import Storage, ltx_key, open_storage, parse_ltx_key
+from sidecar.errors import NotFound, PreconditionFailed, StorageError
+from sidecar.storage import FILE_LAYOUT, S3_LAYOUT, LTXKey, Storage, open_storage
 from sidecar.storage.s3 import S3Storage
 from tests.s3server import MotoServer
 
@@ -44,7 +44,7 @@ class TestContract:
 
     async def test_timestamp_where_litestream_reads_it(self, store: Storage) -> None:
         await store.put_bytes("ltx/0/x.ltx", b"data", timestamp=1_700_000_000_123)
-        info = await store.head("ltx/0/x.ltx")  # type: ignore[attr-defined]
+        info = await store.head("ltx/0/x.ltx")
         assert info.timestamp == 1_700_000_000_123 and info.size == 4
 
     async def test_ranges_streams_and_downloads(self, store: Storage, tmp_path: Path) -> None:
@@ -79,13 +79,52 @@ class TestContract:
                 await store.put_bytes(key, b"x")
 
 
+    async def test_if_none_match_creates_only_once(self, store: Storage) -> None:
+        etag = await store.put_bytes("c/db/one.ltx", b"first", if_none_match=True)
+        assert etag and (await store.head("c/db/one.ltx")).etag == etag
+        with pytest.raises(PreconditionFailed, match=r"one\.ltx"):
+            await store.put_bytes("c/db/one.ltx", b"second", if_none_match=True)
+        assert await store.get_bytes("c/db/one.ltx") == b"first"
+
+    async def test_if_match_replaces_only_the_expected_version(self, store: Storage) -> None:
+        first = await store.put_bytes("lease", b"v1", if_none_match=True)
+        second = await store.put_bytes("lease", b"v2", if_match=first)
+        assert second != first
+        with pytest.raises(PreconditionFailed):
+            await store.put_bytes("lease", b"stale", if_match=first)  # a writer holding the old version loses
+        assert await store.get_bytes("lease") == b"v2"
+        with pytest.raises(PreconditionFailed):
+            await store.put_bytes("absent", b"x", if_match=second)
+        with pytest.raises(NotFound):
+            await store.get_bytes("absent")
+
+    async def test_conditional_get(self, store: Storage) -> None:
+        etag = await store.put_bytes("head.json", b"one")
+        got = await store.get_if_changed("head.json", None)
+        assert got == (b"one", etag)
+        assert await store.get_if_changed("head.json", etag) is None
+        etag2 = await store.put_bytes("head.json", b"two")
+        assert await store.get_if_changed("head.json", etag) == (b"two", etag2)
+        with pytest.raises(NotFound):
+            await store.get_if_changed("nothing.json", etag)
+
+    async def test_local_files_read_what_is_stored(self, store: Storage, tmp_path: Path) -> None:
+        await store.put_bytes("a/x.ltx", b"xx")
+        await store.put_bytes("a/y.ltx", b"yyy")
+        paths = await store.local_files(["a/x.ltx", "a/y.ltx"], tmp_path)
+        assert [p.read_bytes() for p in paths] == [b"xx", b"yyy"]
+        with pytest.raises(NotFound):
+            await store.local_files(["a/missing.ltx"], tmp_path)
+
+
 def test_layout_matches_litestream() -> None:
-    assert ltx_key("file", "c/db", 0, 1, 2) == "c/db/ltx/0/0000000000000001-0000000000000002.ltx"
-    assert ltx_key("s3", "c/db", 9, 1, 2) == "c/db/0009/0000000000000001-0000000000000002.ltx"
-    assert ltx_key("file", "", 9, 1, 2) == "ltx/9/0000000000000001-0000000000000002.ltx"
-    assert parse_ltx_key("s3", "c/db/000a/0000000000000001-0000000000000002.ltx") is None
-    assert parse_ltx_key("file", "c/db/ltx/1/0000000000000003-0000000000000004.ltx") == ("c/db", 1, 3, 4)
-    assert parse_ltx_key("file", "c/db/ltx/1/.0000000000000003-0000000000000004.ltx.tmp") is None
+    assert FILE_LAYOUT.ltx_key("c/db", 0, 1, 2) == "c/db/ltx/0/0000000000000001-0000000000000002.ltx"
+    assert S3_LAYOUT.ltx_key("c/db", 9, 1, 2) == "c/db/0009/0000000000000001-0000000000000002.ltx"
+    assert FILE_LAYOUT.ltx_key("", 9, 1, 2) == "ltx/9/0000000000000001-0000000000000002.ltx"
+    assert S3_LAYOUT.parse("c/db/000a/0000000000000001-0000000000000002.ltx") is None
+    assert FILE_LAYOUT.parse("c/db/ltx/1/0000000000000003-0000000000000004.ltx") == LTXKey("c/db", 1, 3, 4)
+    assert FILE_LAYOUT.parse("c/db/ltx/1/.0000000000000003-0000000000000004.ltx.tmp") is None
+    assert S3_LAYOUT.head_key("c/db") == "c/db/head.json"
 
 
 def test_bad_urls_are_config_errors() -> None:

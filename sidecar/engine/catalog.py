@@ -1,0 +1,156 @@
+"""Every database the engine knows, and the cache of their indexes in the state directory.
+
+    <state>/<cluster>/<db>/index.json      the database's stored files (engine/index.py), a cache of the store
+
+The store is the only truth: an index that is missing or unreadable is rebuilt from the store, and so is one that
+the store contradicts (`reconcile`: one LIST, then the header of each file the index lacks). engine/identity.py
+decides when the whole cache is in doubt or belongs to another store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+from sidecar.engine.database import Database
+from sidecar.engine.index import DbIndex, scan
+from sidecar.engine.pagesums import PageSums
+from sidecar.errors import SidecarError, validate_db_name
+from sidecar.fsutil import write_atomically
+from sidecar.storage.base import ObjectInfo, Storage
+
+log = structlog.get_logger("sidecar.engine")
+
+INDEX = "index.json"
+
+
+class Catalog:
+    """The databases of one engine, keyed by (cluster, name), with their index cache on disk."""
+
+    def __init__(self, storage: Storage, state_dir: Path) -> None:
+        self.storage = storage
+        self.state_dir = state_dir
+        self._dbs: dict[tuple[str, str], Database] = {}
+
+    def __iter__(self) -> Iterator[Database]:
+        return iter(list(self._dbs.values()))
+
+    def __len__(self) -> int:
+        return len(self._dbs)
+
+    def dir(self, cluster: str, name: str) -> Path:
+        return self.state_dir / cluster / name
+
+    def get(self, cluster: str, name: str) -> Database | None:
+        return self._dbs.get((cluster, name))
+
+    def require(self, cluster: str, name: str) -> Database:
+        db = self._dbs.get((cluster, name))
+        if db is None:
+            raise SidecarError(f"unknown database {cluster}/{name}")
+        return db
+
+    def create(self, cluster: str, name: str, index: DbIndex | None = None) -> Database:
+        """The database, added (empty) if the engine has never seen it."""
+        db = self._dbs.get((cluster, name))
+        if db is None:
+            validate_db_name(cluster)
+            validate_db_name(name)
+            db = Database(cluster, name, self.dir(cluster, name), index if index is not None else DbIndex())
+            db.refresh_pos()
+            if not len(db.index):
+                db.sums = PageSums.empty()
+            self._dbs[(cluster, name)] = db
+        return db
+
+    def forget(self, db: Database) -> None:
+        """Drop a database and its cache (it was deleted)."""
+        self._dbs.pop((db.cluster, db.name), None)
+        shutil.rmtree(db.dir, ignore_errors=True)
+
+    def clusters(self) -> list[str]:
+        return sorted({c for c, _ in self._dbs})
+
+    def databases(self, cluster: str) -> list[str]:
+        return sorted(n for c, n in self._dbs if c == cluster)
+
+    # -- the cache ------------------------------------------------------------------------------------
+
+    def cached(self) -> list[tuple[str, str]]:
+        """(cluster, name) of every database with a directory in the state directory."""
+        out = []
+        for cluster_dir in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if cluster_dir.name == "log":
+                continue
+            out += [(cluster_dir.name, d.name) for d in sorted(cluster_dir.iterdir()) if d.is_dir()]
+        return out
+
+    def load_cached(self) -> None:
+        """Every cached index, as it is (the store could not be listed)."""
+        for cluster, name in self.cached():
+            db = self.create(cluster, name, DbIndex.load(self.dir(cluster, name) / INDEX))
+            db.sums = PageSums.load(db.dir)
+
+    async def load(self) -> None:
+        """Every cached index, then reconciled with one listing of the store: the cache is only a cache (a crash
+        between a flush and its index write, or files deleted from the store, make it wrong). Page checksums are
+        loaded as cached; the engine checks them against the position once the upload log is replayed."""
+        self.load_cached()
+        await self.reconcile()
+
+    async def reconcile(self, cluster: str | None = None, only: Database | None = None) -> list[Database]:
+        """Bring indexes in line with one listing of the store (of one cluster, or of one database): files an
+        index lacks are added (their headers read), entries whose object is gone are dropped. Returns the
+        databases whose index changed."""
+        prefix = only.prefix + "/" if only else f"{cluster}/" if cluster else ""
+        objects = await self.storage.list(prefix)
+        found: dict[str, list[ObjectInfo]] = {}
+        for obj in objects:
+            parsed = self.storage.layout.parse(obj.key)
+            if parsed and parsed.prefix.count("/") == 1:
+                found.setdefault(parsed.prefix, []).append(obj)
+        changed = []
+        for db_prefix, objs in sorted(found.items()):
+            c, name = db_prefix.split("/")
+            db = self.create(c, name)
+            if await self._sync(db, objs):
+                changed.append(db)
+        for db in self:
+            if db.prefix not in found and len(db.index) and (
+                    only is db or (only is None and (cluster is None or db.cluster == cluster))):
+                db.index = DbIndex()
+                changed.append(db)
+        for db in changed:
+            log.warning("index reconciled with the store", cluster=db.cluster, db=db.name, files=len(db.index),
+                        hwm=f"{db.hwm:016x}")
+            db.refresh_pos()
+            await self.save(db)
+        return changed
+
+    async def _sync(self, db: Database, objects: list[ObjectInfo]) -> bool:
+        layout = self.storage.layout
+        known = {e.key(layout, db.prefix): e for e in db.index}
+        listed = {o.key: o for o in objects}
+        new = [o for k, o in listed.items() if k not in known or known[k].size != o.size]
+        gone = [e for k, e in known.items() if k not in listed or listed[k].size != e.size]
+        if not new and not gone:
+            return False
+        kept = [e for e in db.index if e not in gone]
+        added = await scan(self.storage, db.prefix, new) if new else DbIndex()
+        db.index = DbIndex([*kept, *added])
+        return True
+
+    async def save(self, db: Database, *, sums: bool = False) -> None:
+        """Write a database's index cache (and, with `sums`, its page checksums); flushes and compactions may both
+        be saving, so in turn, each writing the state as of its turn."""
+        async with db.saving:
+            await asyncio.to_thread(write_atomically, db.dir / INDEX, db.index.to_json())
+            if sums and db.sums is not None:
+                await asyncio.to_thread(PageSums.save, db.dir, db.sums.dump())
+
+
+__all__ = ["Catalog"]

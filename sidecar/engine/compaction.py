@@ -1,0 +1,93 @@
+"""Compaction: each level is built from the one below at its wall-clock boundaries (docs/levels.md §2).
+
+    L0 ──5 min──▶ L1 ──1 h──▶ L2            each file holds what its source level has beyond the level's newest
+    everything ──daily──▶ L9               a snapshot: the fewest files that rebuild the latest state, merged
+
+`sources` and `due_levels` are pure; `Compactor` does the I/O. Compaction only adds files, so uploads and
+flushes go on meanwhile; restores and retention wait (the database's `maint` lock).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import structlog
+
+from sidecar.engine.builder import Builder
+from sidecar.engine.catalog import Catalog
+from sidecar.engine.database import Database
+from sidecar.engine.index import DbIndex, FileEntry
+from sidecar.engine.levels import Levels, due
+from sidecar.engine.restore import plan_restore
+from sidecar.errors import SidecarError
+from sidecar.ltx import Version
+from sidecar.storage.layout import SNAPSHOT_LEVEL
+
+log = structlog.get_logger("sidecar.engine")
+
+
+class SourceGap(SidecarError):
+    """A level cannot be compacted: its source level skips TXIDs after what the level already holds."""
+
+    code = "EGAP"
+
+
+def sources(index: DbIndex, level: int) -> list[FileEntry]:
+    """The files to compact into one new file of `level`; empty if there is nothing new (pure).
+
+    Raises SourceGap if the source level does not continue the level's newest file.
+    """
+    if level == SNAPSHOT_LEVEL:
+        newest = index.newest(SNAPSHOT_LEVEL)
+        if index.max_txid == 0 or (newest and newest.max_txid >= index.max_txid):
+            return []
+        plan = plan_restore(index)
+        return [] if len(plan) == 1 and plan[0].level == SNAPSHOT_LEVEL else plan
+    newest = index.newest(level)
+    seek = newest.max_txid + 1 if newest else 1
+    found = [e for e in index.level(level - 1) if e.min_txid >= seek or (e.is_snapshot and e.max_txid >= seek)]
+    snaps = [e for e in found if e.is_snapshot]
+    if snaps:  # the newest snapshot supersedes every file it covers
+        snap = max(snaps, key=lambda e: e.max_txid)
+        found = [snap, *(e for e in found if e.min_txid > snap.max_txid)]
+    if found and not found[0].is_snapshot and found[0].min_txid != seek:
+        raise SourceGap(f"L{level - 1} skips TXIDs {seek:016x}..{found[0].min_txid - 1:016x}")
+    return found
+
+
+def due_levels(last_run: dict[int, float], now: float, levels: Levels) -> list[int]:
+    """The compacted levels (and the snapshot level) whose boundary has passed since they last ran (pure)."""
+    return [lv for lv in (*levels.compacted, SNAPSHOT_LEVEL) if due(last_run.get(lv), now, levels.interval(lv))]
+
+
+class Compactor:
+    """Builds level files from the store's files."""
+
+    def __init__(self, builder: Builder, catalog: Catalog, tmpdir: Path) -> None:
+        self.builder = builder
+        self.catalog = catalog
+        self.tmpdir = tmpdir
+
+    async def compact(self, db: Database, level: int) -> FileEntry | None:
+        """Build one file of `level` from what its source holds beyond it; None if nothing is new.
+
+        The caller holds `db.maint`.
+        """
+        inputs = sources(db.index, level)
+        if not inputs:
+            return None
+        storage = self.builder.storage
+        keys = [e.key(storage.layout, db.prefix) for e in inputs]
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="inputs-", dir=self.tmpdir) as tmp:
+            paths = await storage.local_files(keys, Path(tmp))
+            entry = await self.builder.build(db, level, paths, Version.V3)
+        db.index.add(entry)
+        await self.catalog.save(db)
+        log.info("compacted", cluster=db.cluster, db=db.name, level=level, min_txid=f"{entry.min_txid:016x}",
+                 max_txid=f"{entry.max_txid:016x}", inputs=len(inputs), bytes=entry.size)
+        return entry
+
+
+__all__ = ["Compactor", "SourceGap", "due_levels", "sources"]

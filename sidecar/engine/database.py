@@ -1,0 +1,122 @@
+"""What the engine knows about one database, and the status copies it hands out.
+
+A `Database` is engine-private: its locks and lists are read and changed only by the engine's own modules
+(accept, flush, compaction, retention, operations). Everything outside gets a frozen `DbStatus`.
+
+Locks, always taken in this order when more than one is needed:
+
+    lock       uploads (the position changes only under it), and whatever needs no upload meanwhile
+    flushing   one flush at a time; uploads go on meanwhile (they only append to `pending`)
+    maint      compaction, retention and restores: the files they read stay put
+    saving     index.json writes, in turn
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.engine.index import DbIndex
+from sidecar.engine.pagesums import PageSums
+from sidecar.ltx import Header, Pos
+from sidecar.retry import Backoff
+
+
+@dataclass
+class Pending:
+    """An accepted upload, durable in the upload log, waiting (in memory) for the next flush."""
+
+    header: Header
+    post: int
+    arrived: float
+    segment: int  # of the upload log, released once flushed
+    data: bytes
+
+
+@dataclass
+class JobHealth:
+    """One job of one database (flush, L1, retention, …): its failures in a row and when it may run again."""
+
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=60.0))
+    failures: int = 0  # in all, since start (for /metrics)
+    last_error: str = ""
+
+
+@dataclass
+class Database:
+    """Everything the engine knows about one database."""
+
+    cluster: str
+    name: str
+    dir: Path
+    index: DbIndex
+    pending: list[Pending] = field(default_factory=list)
+    pos: Pos = field(default_factory=Pos)
+    page_size: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    flushing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    maint: asyncio.Lock = field(default_factory=asyncio.Lock)
+    saving: asyncio.Lock = field(default_factory=asyncio.Lock)
+    uploading: int = 0  # uploads being validated or written right now
+    last_run: dict[int, float] = field(default_factory=dict)  # level -> when last compacted
+    last_upload: float = 0.0
+    jobs: dict[str, JobHealth] = field(default_factory=dict)
+    resync: bool = False  # the store contradicted the index: rebuild it before anything else
+    sums: PageSums | None = None  # each page's checksum at `pos`; None while unknown (rebuilt from the store)
+
+    @property
+    def prefix(self) -> str:
+        """The database's prefix in the store: `<cluster>/<db>`."""
+        return f"{self.cluster}/{self.name}"
+
+    @property
+    def hwm(self) -> int:
+        """The highest TXID durable in the store."""
+        return self.index.max_txid
+
+    def job(self, name: str) -> JobHealth:
+        return self.jobs.setdefault(name, JobHealth())
+
+    def refresh_pos(self) -> None:
+        """The position from the newest pending upload, else the newest state the store can restore (zero if
+        none: a client then sends a snapshot)."""
+        if self.pending:
+            last = self.pending[-1]
+            self.pos, self.page_size = Pos(last.header.max_txid, last.post), last.header.page_size
+        else:
+            head = self.index.restorable_head()
+            self.pos = Pos(head.max_txid, head.post) if head else Pos()
+            self.page_size = head.page_size if head else 0
+
+    def status(self) -> DbStatus:
+        return DbStatus(self.cluster, self.name, self.pos, self.hwm, len(self.pending),
+                        sum(len(p.data) for p in self.pending), self.index.size, len(self.index), self.last_upload,
+                        self.pending[0].arrived if self.pending else 0.0,
+                        {k: (j.failures, j.backoff.failures, j.last_error) for k, j in self.jobs.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class DbStatus:
+    """A copy of one database's state: position, HWM, what waits for the store, and how its jobs fare."""
+
+    cluster: str
+    name: str
+    pos: Pos
+    hwm: int
+    pending_files: int
+    pending_bytes: int
+    stored_bytes: int
+    files: int
+    last_upload: float
+    oldest_pending: float  # when the oldest upload not yet in the store arrived (0: none)
+    # job -> (failures since start, failures in a row now, last error): a job failing alone shows here
+    jobs: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+
+    @property
+    def failing(self) -> dict[str, str]:
+        """The jobs failing right now, with their last error."""
+        return {k: err for k, (_, now, err) in self.jobs.items() if now}
+
+
+__all__ = ["Database", "DbStatus", "JobHealth", "Pending"]

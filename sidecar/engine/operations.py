@@ -1,0 +1,122 @@
+"""Operator operations: restore a stored database, serve a snapshot, append a state as the new head, clone, delete.
+
+Restores flush the database's pending uploads first (so "latest" means what was acknowledged) and hold its
+`maint` lock only while they read the store, never its upload lock while they wait on the store: a slow store
+delays the restore, not the database's uploads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from sidecar.engine.catalog import Catalog
+from sidecar.engine.database import Database
+from sidecar.engine.flush import Flusher
+from sidecar.engine.restore import RestoreResult, plan_restore, restore
+from sidecar.engine.uploadlog import UploadLog
+from sidecar.errors import SidecarError
+from sidecar.ltx import Header, Pos, Trailer, Version
+from sidecar.ltx.sqlite import encode_db
+from sidecar.storage.base import Storage
+
+WriteTx = Callable[[str, str, bytes], Awaitable[int]]
+
+
+class Operations:
+    """Restore, snapshot, write_state, clone and delete, over one engine's components."""
+
+    def __init__(self, storage: Storage, catalog: Catalog, flusher: Flusher, log: UploadLog, tmpdir: Path,
+                 write_tx: WriteTx, clock: Callable[[], float]) -> None:
+        self.storage = storage
+        self.catalog = catalog
+        self.flusher = flusher
+        self.log = log
+        self.tmpdir = tmpdir
+        self.write_tx = write_tx
+        self.clock = clock
+
+    def tmp(self, prefix: str) -> tempfile.TemporaryDirectory[str]:
+        """A private temporary directory under the state directory (same file system as the outputs)."""
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix=prefix, dir=self.tmpdir)
+
+    async def restore_to(self, db: Database, out: str | os.PathLike[str], *, txid: int | None = None,
+                         timestamp: int | None = None, integrity_check: bool = False) -> RestoreResult:
+        """Restore the database into the SQLite file `out` (pending uploads are flushed first)."""
+        await self.flusher.flush(db)
+        async with db.maint:
+            plan = plan_restore(db.index, txid=txid, timestamp=timestamp)
+            return await restore(self.storage, db.prefix, plan, out, integrity_check=integrity_check)
+
+    async def snapshot_file(self, db: Database, out: str | os.PathLike[str], *, timestamp: int | None = None,
+                            txid: int | None = None, compress: bool = True) -> tuple[Header, Trailer]:
+        """Write an LTX v2 snapshot (TXIDs 1..N) of the stored state, latest or at a target, to `out`.
+
+        This is what `GET /db/snapshot` serves to LiteFS: its MaxTXID and post-apply checksum equal the position
+        it represents.
+        """
+        with self.tmp("snap-") as tmp:
+            path = Path(tmp) / "db"
+            result = await self.restore_to(db, path, timestamp=timestamp, txid=txid)
+
+            def encode() -> tuple[Header, Trailer]:
+                with open(path, "rb") as src, open(out, "wb") as dst:
+                    h, t = encode_db(src, dst, version=Version.V2, compress=compress, txid=result.txid,
+                                     timestamp=result.timestamp)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                return h, t
+            header, trailer = await asyncio.to_thread(encode)
+        if trailer.post_apply_checksum != result.checksum:
+            raise SidecarError(f"{db.prefix}: snapshot checksum {trailer.post_apply_checksum:016x} != restored "
+                               f"{result.checksum:016x}")
+        return header, trailer
+
+    async def write_state(self, cluster: str, name: str, db_path: str | os.PathLike[str]) -> Pos:
+        """Append the SQLite file at `db_path` as the next transaction: every page, one new TXID.
+
+        Operator restores and uploads use this, as LiteFS Cloud did: history is kept (the previous state stays
+        restorable) and a LiteFS primary finds the server ahead and pulls the snapshot.
+        """
+        db = self.catalog.create(cluster, name)
+        with self.tmp("state-") as tmp:
+            ltx = Path(tmp) / "next.ltx"
+            pos = db.pos
+
+            def encode() -> bytes:
+                with open(db_path, "rb") as src, open(ltx, "wb") as dst:
+                    encode_db(src, dst, version=Version.V2, compress=True, onto=pos,
+                              timestamp=int(self.clock() * 1000))
+                return ltx.read_bytes()
+            data = await asyncio.to_thread(encode)
+        await self.write_tx(cluster, name, data)
+        await self.flusher.flush(db)
+        return db.pos
+
+    async def clone(self, db: Database, to_cluster: str, to_name: str) -> Pos:
+        """Copy a database's latest state into another cluster/name as its new head."""
+        with self.tmp("clone-") as tmp:
+            path = Path(tmp) / "db"
+            await self.restore_to(db, path)
+            return await self.write_state(to_cluster, to_name, path)
+
+    async def delete(self, db: Database) -> int:
+        """Forget a database and delete every stored file of it; returns how many files were deleted."""
+        async with db.lock, db.flushing, db.maint:
+            # The deletion's record: the pending uploads before it are not replayed. Segments go oldest first,
+            # so it stays on disk as long as any of them does.
+            self.log.release(await self.log.append(db.cluster, db.name, b""))
+            for p in db.pending:
+                self.log.release(p.segment)
+            db.pending = []
+            files = list(db.index)
+            await self.storage.delete([e.key(self.storage.layout, db.prefix) for e in files])
+            self.catalog.forget(db)
+        return len(files)
+
+
+__all__ = ["Operations"]

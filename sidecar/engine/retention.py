@@ -1,0 +1,78 @@
+"""Retention: delete what no retained restore point needs (docs/levels.md §4, made safe).
+
+`victims` is pure and decides; `Retention` forgets the files in the index first, then deletes them, so a crash
+leaves orphans in the store (invisible to restores, found again by a rebuild) and never an index entry that
+points at nothing.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from sidecar.engine.catalog import Catalog
+from sidecar.engine.database import Database
+from sidecar.engine.index import DbIndex, FileEntry
+from sidecar.engine.levels import Levels
+from sidecar.errors import StorageError
+from sidecar.storage.base import Storage
+from sidecar.storage.layout import SNAPSHOT_LEVEL
+
+log = structlog.get_logger("sidecar.engine")
+
+
+def retention_victims(index: DbIndex, levels: Levels, now: float) -> list[FileEntry]:
+    """The files retention may delete at `now` (seconds); pure.
+
+    - Snapshots older than their retention go, except the newest and the newest one before the window
+      (the base that restore points at the start of the window are built on).
+    - L1/L2 files older than their retention go only when the base snapshot covers them.
+    - L0 files older than L0 retention go, oldest first with no holes, only when L1 covers them.
+    Each level's newest file always stays.
+    """
+    ms = int(now * 1000)
+    doomed: list[FileEntry] = []
+    snaps = index.level(SNAPSHOT_LEVEL)
+    cutoff = ms - int(levels.snapshot_retention * 1000)
+    old = [e for e in snaps[:-1] if e.timestamp < cutoff]
+    base = old[-1] if old else None
+    doomed += old[:-1]
+    floor = base.max_txid if base else 0
+    for level in levels.compacted:
+        files = index.level(level)
+        cut = ms - int(levels.retention(level) * 1000)
+        doomed += [e for e in files[:-1] if e.timestamp < cut and e.max_txid <= floor]
+    l1 = index.newest(1)
+    covered = max(l1.max_txid if l1 else 0, floor)
+    cut = ms - int(levels.l0_retention * 1000)
+    for e in index.level(0)[:-1]:
+        if e.timestamp >= cut or e.max_txid > covered:
+            break
+        doomed.append(e)
+    return doomed
+
+
+class Retention:
+    """Applies retention to one database at a time."""
+
+    def __init__(self, storage: Storage, catalog: Catalog, levels: Levels) -> None:
+        self.storage = storage
+        self.catalog = catalog
+        self.levels = levels
+
+    async def apply(self, db: Database, now: float) -> int:
+        """Delete what retention allows at `now`; returns how many files. The caller holds `db.maint`."""
+        doomed = retention_victims(db.index, self.levels, now)
+        if not doomed:
+            return 0
+        db.index.remove(doomed)
+        await self.catalog.save(db)  # forget first: a crash leaves orphans, never dangling entries
+        try:
+            await self.storage.delete([e.key(self.storage.layout, db.prefix) for e in doomed])
+        except StorageError as err:
+            log.warning("retention delete failed; orphans remain until the index is rebuilt", cluster=db.cluster,
+                        db=db.name, error=str(err))
+        log.info("retention", cluster=db.cluster, db=db.name, deleted=len(doomed))
+        return len(doomed)
+
+
+__all__ = ["Retention", "retention_victims"]

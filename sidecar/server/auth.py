@@ -1,0 +1,98 @@
+"""Who may do what: per-cluster tokens, the admin token, and read-only tokens.
+
+The tokens file has one `<cluster> <token> [read]` per line (or `;`-separated), `#` comments. A token reaches
+only its cluster; `read` makes it read-only (it can never write: uploads, restores, uploads of databases,
+clones and deletions answer 403). The admin token reaches every cluster. Tokens are compared in constant time,
+every one of them on every request, so timing says nothing about which exist.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.errors import SidecarError, validate_db_name
+
+ADMIN_SCOPE = "*"
+MIN_TOKEN = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a token grants: one cluster (or every cluster, "*"), read-only or not."""
+
+    cluster: str
+    readonly: bool = False
+
+    @property
+    def admin(self) -> bool:
+        return self.cluster == ADMIN_SCOPE
+
+
+def parse_tokens(text: str, source: str) -> dict[str, Scope]:
+    """Parse a tokens file; returns token -> scope. Raises SidecarError naming the source and line."""
+    out: dict[str, Scope] = {}
+    for n, raw in enumerate(text.replace(";", "\n").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("read", "write")):
+            raise SidecarError(f"{source}: line {n}: want '<cluster> <token> [read]'")
+        cluster, token = parts[0], parts[1]
+        try:
+            validate_db_name(cluster)
+        except SidecarError as err:
+            raise SidecarError(f"{source}: line {n}: cluster: {err}") from None
+        if len(token) < MIN_TOKEN:
+            raise SidecarError(f"{source}: line {n}: token for cluster {cluster!r} is shorter than {MIN_TOKEN} "
+                               "characters")
+        out[token] = Scope(cluster, readonly=len(parts) == 3 and parts[2] == "read")
+    return out
+
+
+def token_sources(tokens_file: str, tokens_env: str) -> dict[str, Scope]:
+    """Tokens from a file and from its environment twin's text."""
+    tokens: dict[str, Scope] = {}
+    if tokens_file:
+        tokens.update(parse_tokens(Path(tokens_file).read_text(), tokens_file))
+    if tokens_env:
+        tokens.update(parse_tokens(tokens_env, "LITEFS_SIDECAR_SERVER_TOKENS"))
+    return tokens
+
+
+class Tokens:
+    """Looks up the scope a presented token grants."""
+
+    def __init__(self, tokens: dict[str, Scope], admin_token: str = "") -> None:
+        self._tokens = [(t.encode(), s) for t, s in tokens.items()]
+        self._admin = admin_token.encode()
+
+    @property
+    def clusters(self) -> list[str]:
+        return sorted({s.cluster for _, s in self._tokens})
+
+    def scope(self, token: str) -> Scope | None:
+        """The scope `token` grants, or None."""
+        if not token:
+            return None
+        presented = token.encode()
+        found = None
+        for candidate, scope in self._tokens:  # every comparison runs: constant time
+            if hmac.compare_digest(candidate, presented):
+                found = scope
+        if self._admin and hmac.compare_digest(self._admin, presented):
+            found = Scope(ADMIN_SCOPE)
+        return found
+
+    @staticmethod
+    def from_header(header: str) -> str:
+        """The token in an Authorization header: as is, `FlyV1 <token>` or `Bearer <token>`."""
+        for scheme in ("FlyV1 ", "Bearer "):
+            if header.startswith(scheme):
+                return header[len(scheme):].strip()
+        return header.strip()
+
+
+__all__ = ["ADMIN_SCOPE", "Scope", "Tokens", "parse_tokens", "token_sources"]

@@ -1,0 +1,98 @@
+"""The LiteFS Cloud protocol, as a LiteFS node's backup client speaks it (docs/litefs.md §9).
+
+    GET  /pos                      {db: {"txid", "postApplyChecksum"}} for the caller's cluster
+    POST /db/tx?db=NAME            an LTX v2 upload (chunked); 200 with Litefs-Hwm, or 409 EPOSMISMATCH
+    GET  /db/snapshot?db=NAME      an LTX v2 snapshot of the stored state
+    GET  /db/hwm?db=NAME           extension: {"hwm", "txid", "postApplyChecksum"}, polled by replica sidecars
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from aiohttp import web
+
+from sidecar.engine import Engine
+from sidecar.errors import PosMismatch
+from sidecar.ltx import LTXError
+from sidecar.protocol import HWM_HEADER, TXID_HEADER, pos_to_json, txid_hex
+from sidecar.server.http import CLUSTER, ClientError, db_param, error, read_body
+from sidecar.server.metrics import Metrics
+
+
+class LiteFSAPI:
+    """Handlers of the protocol routes over one engine."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, *, max_body_size: int, request_timeout: float) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_body_size = max_body_size
+        self.request_timeout = request_timeout
+        self.inflight = 0
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/pos", self.get_pos)
+        r.add_post("/db/tx", self.post_tx)
+        r.add_get("/db/snapshot", self.get_snapshot)
+        r.add_get("/db/hwm", self.get_hwm)
+
+    async def get_pos(self, request: web.Request) -> web.Response:
+        cluster = request[CLUSTER]
+        if cluster == "*":
+            raise ClientError(400, "ENOCLUSTER", "the admin token needs ?cluster=<cluster> on /pos")
+        return web.json_response({name: pos_to_json(pos) for name, pos in self.engine.positions(cluster).items()})
+
+    async def post_tx(self, request: web.Request) -> web.Response:
+        cluster, name = db_param(request)
+        if self.engine.busy(cluster, name):  # refused before its body is read
+            raise PosMismatch(name, self.engine.pos(cluster, name), "another upload of this database is in progress")
+        self.inflight += 1
+        try:
+            data = await read_body(request, self.max_body_size, self.request_timeout)
+            if not data:
+                raise LTXError("empty request body: want an LTX file")
+            hwm = await self.engine.write_tx(cluster, name, data)
+        finally:
+            self.inflight -= 1
+        self.metrics.uploads.labels(cluster).inc()
+        self.metrics.upload_bytes.labels(cluster).inc(len(data))
+        return web.Response(status=200, headers={HWM_HEADER: txid_hex(hwm)})
+
+    async def get_snapshot(self, request: web.Request) -> web.StreamResponse:
+        cluster, name = db_param(request)
+        if not self.engine.exists(cluster, name) or self.engine.pos(cluster, name).is_zero:
+            return error(404, "ENODB", f"database {name!r} has no backup in cluster {cluster!r}")
+        return await send_snapshot(self.engine, request, cluster, name)
+
+    async def get_hwm(self, request: web.Request) -> web.Response:
+        cluster, name = db_param(request)
+        pos = self.engine.pos(cluster, name)
+        return web.json_response({"hwm": txid_hex(self.engine.hwm(cluster, name)), **pos_to_json(pos)})
+
+
+async def send_snapshot(engine: Engine, request: web.Request, cluster: str, name: str, *,
+                        timestamp: int | None = None, txid: int | None = None,
+                        sqlite: bool = False) -> web.StreamResponse:
+    """Stream the database at a target: an LTX v2 snapshot, or (`sqlite`) the SQLite file itself."""
+    with engine.tmp("serve-") as tmp:
+        out = Path(tmp) / "out"
+        if sqlite:
+            result = await engine.restore_to(cluster, name, out, timestamp=timestamp, txid=txid)
+            headers = {TXID_HEADER: txid_hex(result.txid), "Content-Type": "application/vnd.sqlite3",
+                       "Content-Disposition": f'attachment; filename="{name}"'}
+        else:
+            header, _ = await engine.snapshot_file(cluster, name, out, timestamp=timestamp, txid=txid)
+            headers = {TXID_HEADER: txid_hex(header.max_txid), "Content-Type": "application/octet-stream"}
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_length = out.stat().st_size
+        await resp.prepare(request)
+        with open(out, "rb") as f:
+            while chunk := await asyncio.to_thread(f.read, 1 << 20):
+                await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+
+__all__ = ["LiteFSAPI", "send_snapshot"]

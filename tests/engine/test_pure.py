@@ -1,0 +1,179 @@
+"""Table-driven tests of the engine's pure decisions: restore plans, compaction sources and schedule, retention,
+flush order, and encoding a database on top of a position."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from sidecar.engine import DbIndex, FileEntry, Levels, plan_restore, retention_victims
+from sidecar.engine.compaction import SourceGap, due_levels, sources
+from sidecar.engine.database import Database, Pending
+from sidecar.engine.flush import due
+from sidecar.errors import RestoreError
+from sidecar.ltx import Header, Pos, Version
+from sidecar.ltx.sqlite import apply_files, database_checksum_of, encode_db
+
+S = 1000  # ms per second
+DAY = 86400
+
+
+def f(level: int, lo: int, hi: int, t: float = 0.0, pre: int = 0, post: int = 0) -> FileEntry:
+    """A stored file: level, TXIDs lo..hi, timestamp t seconds."""
+    return FileEntry(level, lo, hi, int(t * S), 100, 1, 4096, pre, post)
+
+
+def spans(entries: list[FileEntry]) -> list[tuple[int, int, int]]:
+    return [(e.level, e.min_txid, e.max_txid) for e in entries]
+
+
+class TestPlanRestore:
+    """The fewest files from the newest snapshot at or before the target, coarsest first."""
+
+    CASES = [
+        # name, files, target kwargs, expected (level, min, max) or an error fragment
+        ("snapshot only", [f(9, 1, 10)], {}, [(9, 1, 10)]),
+        ("snapshot then L0", [f(9, 1, 10), f(0, 11, 12), f(0, 13, 15)], {}, [(9, 1, 10), (0, 11, 12), (0, 13, 15)]),
+        ("coarse level first", [f(9, 1, 10), f(1, 11, 20), f(0, 11, 12), f(0, 13, 20), f(0, 21, 22)], {},
+         [(9, 1, 10), (1, 11, 20), (0, 21, 22)]),
+        ("txid inside an L1 span uses L0", [f(9, 1, 10), f(1, 11, 20), f(0, 11, 12), f(0, 13, 20)],
+         {"txid": 12}, [(9, 1, 10), (0, 11, 12)]),
+        ("newest snapshot wins", [f(9, 1, 10), f(0, 11, 20), f(9, 1, 20), f(0, 21, 25)], {},
+         [(9, 1, 20), (0, 21, 25)]),
+        ("timestamp picks files up to it", [f(9, 1, 10, 0), f(0, 11, 12, 10), f(0, 13, 14, 20)],
+         {"timestamp": 15 * S}, [(9, 1, 10), (0, 11, 12)]),
+        ("before every snapshot", [f(9, 5, 10, 100)], {"timestamp": 50 * S}, "before every snapshot"),
+        ("gap", [f(9, 1, 10), f(0, 11, 12), f(0, 14, 15)], {}, "gap"),
+        ("nothing", [], {}, "no backup files"),
+    ]
+
+    @pytest.mark.parametrize(("name", "files", "target", "want"), CASES, ids=[c[0] for c in CASES])
+    def test_plan(self, name: str, files: list[FileEntry], target: dict[str, int],
+                  want: list[tuple[int, int, int]] | str) -> None:
+        if isinstance(want, str):
+            with pytest.raises(RestoreError, match=want):
+                plan_restore(DbIndex(files), **target)
+        else:
+            assert spans(plan_restore(DbIndex(files), **target)) == want
+
+
+class TestCompactionSources:
+    """What a level's next file is built from."""
+
+    CASES = [
+        ("nothing below", 1, [], []),
+        ("first L1 from L0", 1, [f(0, 1, 3), f(0, 4, 5)], [(0, 1, 3), (0, 4, 5)]),
+        ("only what L1 lacks", 1, [f(1, 1, 3), f(0, 1, 3), f(0, 4, 5)], [(0, 4, 5)]),
+        ("nothing new", 1, [f(1, 1, 5), f(0, 1, 3), f(0, 4, 5)], []),
+        ("a snapshot supersedes", 1, [f(1, 1, 3), f(0, 4, 5), f(0, 1, 8), f(0, 9, 9)], [(0, 1, 8), (0, 9, 9)]),
+        ("L2 from L1", 2, [f(1, 1, 3), f(1, 4, 9)], [(1, 1, 3), (1, 4, 9)]),
+        ("snapshot from the restore plan", 9, [f(0, 1, 3), f(0, 4, 5)], [(0, 1, 3), (0, 4, 5)]),
+        ("snapshot already current", 9, [f(9, 1, 5), f(0, 1, 3), f(0, 4, 5)], []),
+    ]
+
+    @pytest.mark.parametrize(("name", "level", "files", "want"), CASES, ids=[c[0] for c in CASES])
+    def test_sources(self, name: str, level: int, files: list[FileEntry], want: list[tuple[int, int, int]]) -> None:
+        assert spans(sources(DbIndex(files), level)) == want
+
+    def test_gap_in_the_source_level_is_refused(self) -> None:
+        with pytest.raises(SourceGap, match="skips TXIDs 0000000000000004"):
+            sources(DbIndex([f(1, 1, 3), f(0, 6, 7)]), 1)
+
+
+class TestSchedule:
+    """Levels run at wall-clock boundaries of their intervals."""
+
+    LV = Levels()
+    CASES = [
+        ("never ran", {}, 1_000_000.0, [1, 2, 9]),
+        ("same 5 minutes", {1: 1_000_200.0, 2: 997_000.0, 9: 950_400.0}, 1_000_201.0, [2]),
+        ("next 5-minute boundary", {1: 1_000_199.0, 2: 1_000_100.0, 9: 950_400.0}, 1_000_200.0, [1]),
+        ("next day", {1: 1_036_799.0, 2: 1_036_799.0, 9: 1_036_799.0}, 1_036_800.0, [1, 2, 9]),
+    ]
+
+    @pytest.mark.parametrize(("name", "last", "now", "want"), CASES, ids=[c[0] for c in CASES])
+    def test_due_levels(self, name: str, last: dict[int, float], now: float, want: list[int]) -> None:
+        assert due_levels(last, now, self.LV) == want
+
+    def test_flush_order_is_oldest_first_and_waits_for_the_interval(self, tmp_path: Path) -> None:
+        def db(name: str, *arrived: float) -> Database:
+            d = Database("c", name, tmp_path, DbIndex())
+            d.pending = [Pending(Header(page_size=4096, commit=1, min_txid=1, max_txid=1), 0, t, 1, b"")
+                         for t in arrived]
+            return d
+        dbs = [db("young", 95.0), db("old", 80.0, 99.0), db("idle"), db("due", 90.0)]
+        assert [d.name for d in due(dbs, 100.0, 10.0)] == ["old", "due"]
+
+
+class TestRetention:
+    """Retention keeps every restore point of the window reachable."""
+
+    LV = Levels(l0_retention=DAY, l1_retention=30 * DAY, l2_retention=30 * DAY, snapshot_retention=30 * DAY)
+    NOW = 100 * DAY
+
+    CASES = [
+        ("young files stay", [f(9, 1, 10, 99 * DAY), f(0, 11, 12, 99.5 * DAY)], []),
+        ("old L0 covered by L1 goes", [f(9, 1, 10, 50 * DAY), f(1, 11, 20, 98 * DAY), f(0, 11, 15, 98 * DAY),
+                                       f(0, 16, 20, 98 * DAY), f(0, 21, 22, 99.9 * DAY)],
+         [(0, 11, 15), (0, 16, 20)]),
+        ("old L0 not yet covered by L1 stays", [f(9, 1, 10, 50 * DAY), f(1, 11, 15, 98 * DAY),
+                                                f(0, 11, 15, 98 * DAY), f(0, 16, 20, 98 * DAY),
+                                                f(0, 21, 22, 99.9 * DAY)],
+         [(0, 11, 15)]),
+        ("the newest snapshot before the window stays", [f(9, 1, 10, 50 * DAY), f(9, 1, 20, 60 * DAY),
+                                                         f(9, 1, 30, 80 * DAY)],
+         [(9, 1, 10)]),
+        ("each level's newest file stays", [f(0, 1, 5, 10 * DAY)], []),
+    ]
+
+    @pytest.mark.parametrize(("name", "files", "want"), CASES, ids=[c[0] for c in CASES])
+    def test_victims(self, name: str, files: list[FileEntry], want: list[tuple[int, int, int]]) -> None:
+        doomed = retention_victims(DbIndex(files), self.LV, self.NOW)
+        assert sorted(spans(doomed)) == sorted(want)
+        kept = DbIndex([e for e in files if e not in doomed])
+        for e in files:  # every restore point still inside its level's retention stays restorable
+            if e.timestamp < int((self.NOW - self.LV.retention(e.level)) * S):
+                continue
+            try:
+                plan_restore(DbIndex(files), txid=e.max_txid)
+            except RestoreError:
+                continue
+            plan_restore(kept, txid=e.max_txid)
+
+
+def sqlite_bytes(tmp: Path, name: str, rows: int, page_size: int = 4096) -> bytes:
+    path = tmp / name
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA page_size={page_size}")
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    con.executemany("INSERT INTO t (v) VALUES (?)", [("x" * 300,)] * rows)
+    con.commit()
+    con.close()
+    return path.read_bytes()
+
+
+class TestEncodeOnto:
+    """A database encoded on top of a position applies there and gives exactly that database."""
+
+    CASES = [("from nothing", 0, 40), ("grows", 20, 200), ("shrinks", 200, 20), ("same size", 50, 50)]
+
+    @pytest.mark.parametrize(("name", "before_rows", "after_rows"), CASES, ids=[c[0] for c in CASES])
+    def test_encode_onto(self, name: str, before_rows: int, after_rows: int, tmp_path: Path) -> None:
+        target = sqlite_bytes(tmp_path, "after.db", after_rows)
+        pos = Pos()
+        before = sqlite_bytes(tmp_path, "before.db", before_rows) if before_rows else b""
+        if before:
+            pos = Pos(7, database_checksum_of(io.BytesIO(before))[0])
+        out = io.BytesIO()
+        header, trailer = encode_db(io.BytesIO(target), out, version=Version.V2, onto=pos, timestamp=1)
+        assert (header.min_txid, header.max_txid) == (pos.txid + 1, pos.txid + 1)
+        assert header.pre_apply_checksum == pos.post_apply_checksum
+        with open(tmp_path / "applied.db", "w+b") as db:
+            db.write(before)
+            got = apply_files(db, [out.getvalue()], Version.V2, pos)
+        assert got == Pos(pos.txid + 1, trailer.post_apply_checksum)
+        assert (tmp_path / "applied.db").read_bytes() == target
+        assert trailer.post_apply_checksum == database_checksum_of(io.BytesIO(target))[0]

@@ -1,0 +1,105 @@
+"""The state directory is a cache of one store: bound to it, reconciled with it, rebuilt when it disagrees."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from sidecar.engine import Engine, Levels
+from sidecar.storage import open_storage
+from sidecar.storage.layout import IDENTITY_KEY
+from tests.engine.history import History
+
+T0 = 1_700_000_000.0
+
+
+async def upload(engine: Engine, history: History, n: int, t: float) -> None:
+    for _ in range(n):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(t * 1000)))
+
+
+class TestStoreIdentity:
+    async def test_identity_is_created_once_and_recorded(self, tmp_path: Path) -> None:
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        one = await Engine.open(store, tmp_path / "a")
+        two = await Engine.open(store, tmp_path / "b")
+        ident = json.loads((tmp_path / "store" / IDENTITY_KEY).read_text())
+        for state in ("a", "b"):
+            assert json.loads((tmp_path / state / "store.json").read_text())["id"] == ident["id"]
+        await one.close()
+        await two.close()
+
+    async def test_state_of_another_store_is_set_aside_and_rebuilt(self, tmp_path: Path, history: History) -> None:
+        """A state directory reused for a new, empty store: nothing of the old store leaks in, uploads start over."""
+        now = [T0]
+        old = await Engine.open(open_storage(f"file://{tmp_path / 'old'}"), tmp_path / "state",
+                                Levels(l0_interval=3600), clock=lambda: now[0])
+        await upload(old, history, 3, now[0])
+        old.abandon()  # crashed with uploads only in the upload log
+        new = await Engine.open(open_storage(f"file://{tmp_path / 'new'}"), tmp_path / "state",
+                                Levels(l0_interval=0), clock=lambda: now[0])
+        assert new.positions("c") == {}  # the old store's pending uploads are not replayed into this one
+        assert list((tmp_path / "state").glob(".discarded-*/log/*.log"))
+        fresh = History(tmp_path / "fresh.db")
+        fresh.write()
+        assert await new.write_tx("c", "app.db", fresh.commit(1)) == 1
+        result = await new.restore_to("c", "app.db", tmp_path / "out.db")
+        assert result.checksum == fresh.pos.post_apply_checksum
+        assert not list((tmp_path / "old").rglob("*.ltx"))
+        await new.close()
+        fresh.close()
+
+
+class TestReconcile:
+    async def test_a_flush_the_index_never_heard_of_is_found_at_start(self, tmp_path: Path, history: History) -> None:
+        """A crash between storing an L0 file and writing the index: the next start lists the store."""
+        now = [T0]
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        await upload(engine, history, 2, now[0])
+        index = tmp_path / "state" / "c" / "app.db" / "index.json"
+        stale = index.read_text()
+        await upload(engine, history, 1, now[0])
+        engine.abandon()
+        index.write_text(stale)  # as if the crash came before the index write
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        assert engine.pos("c", "app.db") == history.pos and engine.hwm("c", "app.db") == 3
+        await upload(engine, history, 1, now[0])  # continues without a duplicate or a gap
+        assert [(e.min_txid, e.max_txid) for e in engine.index("c", "app.db").level(0)] == [(1, 1), (2, 2), (3, 3),
+                                                                                             (4, 4)]
+        await engine.close()
+
+    async def test_files_deleted_from_the_store_make_the_position_start_over(self, tmp_path: Path,
+                                                                           history: History) -> None:
+        """Deleted under a stopped engine: the next start sees an empty store, so clients send a snapshot."""
+        now = [T0]
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        await upload(engine, history, 3, now[0])
+        await engine.close()
+        shutil.rmtree(tmp_path / "store" / "c")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        assert engine.positions("c") == {}
+        await engine.close()
+
+    async def test_files_deleted_under_a_running_engine_are_noticed_by_its_jobs(self, tmp_path: Path,
+                                                                               history: History) -> None:
+        """A compaction that finds its inputs gone rebuilds the index from the store instead of failing forever."""
+        now = [T0]
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        await upload(engine, history, 3, now[0])
+        shutil.rmtree(tmp_path / "store" / "c")
+        await engine.tick()  # L1 finds its inputs gone: the index is marked for a rebuild
+        assert "L1" in engine.status("c", "app.db").failing
+        await engine.tick()  # rebuilt from the store: nothing there, so the position starts over
+        assert engine.pos("c", "app.db").is_zero and engine.hwm("c", "app.db") == 0
+        fresh = History(tmp_path / "fresh.db")
+        fresh.write()
+        await engine.write_tx("c", "app.db", fresh.commit(int(now[0] * 1000)))
+        result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
+        assert result.checksum == fresh.pos.post_apply_checksum
+        await engine.close()
+        fresh.close()
