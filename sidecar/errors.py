@@ -16,9 +16,12 @@ The codec has its own root, `sidecar.ltx.LTXError`, because `ltx` imports nothin
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sidecar.ltx import Pos
+
+_AT_POSITION = re.compile(r" \(current position [0-9a-f]{16}/[0-9a-f]{16}\)$")
 
 
 class SidecarError(Exception):
@@ -48,7 +51,9 @@ class PosMismatch(SidecarError):
     def __init__(self, db: str, pos: Pos, message: str = "position mismatch") -> None:
         self.db = db
         self.pos = pos
-        super().__init__(f"{db}: {message} (current position {pos})")
+        # A message that crossed HTTP is already this error's text (`db: why (current position …)`): say it once.
+        why = _AT_POSITION.sub("", message.removeprefix(f"{db}: "))
+        super().__init__(f"{db}: {why} (current position {pos})")
 
 
 class TXIDGap(SidecarError):
