@@ -8,6 +8,7 @@ failure, 2 on bad usage or configuration.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -40,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
+    try:
+        try:
+            return _run(argv)
+        finally:  # also after --help and usage errors (SystemExit): a closed pipe shows here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # `litefs-sidecar ls URL | head -1`: the reader has all it wants. Exit quietly, as Unix tools do when
+        # SIGPIPE ends them (status 128 + 13), and point stdout at /dev/null so that the interpreter's final
+        # flush of what is still buffered cannot fail again (the recipe in Python's `signal` module docs).
+        _stdout_to_devnull()
+        return 141
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
@@ -59,6 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (a test's capture): nothing to silence
+        pass
 
 
 if __name__ == "__main__":

@@ -210,6 +210,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
                 print(f"Frame #{dec.page_count}: pgno={pgno} data={bytes(page[:16]).hex()}...")
             t = dec.close()
             del dec
+    except BrokenPipeError:
+        raise  # the reader of stdout went away (`| head`): not a problem of FILE
     except (LTXError, OSError) as err:
         _fail(path, err)
         return 1
