@@ -2,7 +2,9 @@
 
 Each module in `sidecar.commands` exposes `register(subparsers)`, which adds its subcommands and sets
 `func(args) -> int` on them. Errors print one line to stderr (plus a hint when there is one); exit 1 on
-failure, 2 on bad usage or configuration.
+failure, 2 on bad usage or input (argparse's own errors, malformed values, configuration), for every
+command alike: malformed values are rejected by argument types (`sidecar.commands.args`), so argparse
+names the flag.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ examples:
   litefs-sidecar serve --tokens /etc/litefs-sidecar/tokens --storage s3://bucket/backups
   litefs-sidecar restore --timestamp 2026-11-24T09:00:00Z -o app.db file:///backups/default/app.db
   litefs-sidecar ltx verify /var/lib/litefs/dbs/app.db/ltx/*.ltx
+
+exit status, the same for every command:
+  0    done
+  1    failed: a restore, an upload, a check, a server's refusal (the message says why)
+  2    bad usage or input: an unknown flag, a malformed TXID, time, URL or setting; nothing was done
+  130  interrupted (Ctrl+C)    141  stdout closed by its reader (| head)
 """
 
 

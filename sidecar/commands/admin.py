@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlencode
 
+from sidecar.commands import args as argtypes
 from sidecar.config import load
 from sidecar.errors import SidecarError, UpstreamError
-from sidecar.storage.base import parse_rfc3339
+from sidecar.ltx import format_timestamp
 
 HINTS = {
     401: "set LITEFS_SIDECAR_SERVER_ADMIN_TOKEN to the server's admin token",
@@ -120,23 +121,17 @@ def register(sub: Any) -> None:
 
 def _target(p: argparse.ArgumentParser, *, required: bool) -> None:
     target = p.add_mutually_exclusive_group(required=required)
-    target.add_argument("--timestamp", metavar="T", type=_timestamp, help="RFC 3339 time: 2026-11-24T09:00:00Z")
-    target.add_argument("--txid", metavar="HEX", type=_txid, help="transaction ID, in hex: 00000000000004d2")
+    target.add_argument("--timestamp", metavar="T", type=argtypes.timestamp, help=argtypes.TIMESTAMP_HELP)
+    target.add_argument("--txid", metavar="HEX", type=argtypes.txid, help=argtypes.TXID_HELP)
 
 
-def _timestamp(text: str) -> str:
-    try:
-        parse_rfc3339(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: want RFC 3339, e.g. 2026-11-24T09:00:00Z") from None
-    return text
-
-
-def _txid(text: str) -> str:
-    try:
-        return f"{int(text, 16):016x}"
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: want a transaction ID in hex, e.g. 00000000000004d2") from None
+def _target_params(a: argparse.Namespace) -> dict[str, str]:
+    """--timestamp or --txid as the operator API takes them (RFC 3339 in UTC, 16 hex digits); {} for neither."""
+    if a.timestamp is not None:
+        return {"timestamp": format_timestamp(a.timestamp)}
+    if a.txid is not None:
+        return {"txid": f"{a.txid:016x}"}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -246,15 +241,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    target = {"timestamp": args.timestamp} if args.timestamp else {"txid": args.txid}
-    d = client(args).json("POST", "/api/restore", _params(args), target)
+    d = client(args).json("POST", "/api/restore", _params(args), _target_params(args))
     r = d["restored"]
     return _emit(args, d, f"{args.cluster}/{args.db}: restored TXID {r['txid']} ({r['timestamp']}) as the new head, "
                           f"TXID {d['txid']}; earlier states stay restorable")
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    params = {**_params(args), "timestamp": args.timestamp or "", "txid": args.txid or "", "format": args.format}
+    params = {**_params(args), **_target_params(args), "format": args.format}
     out = Path(args.output)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
