@@ -37,9 +37,11 @@ class Admin:
     def __init__(self, server: Running, capsys: pytest.CaptureFixture[str]) -> None:
         self.url, self.capsys = server.url, capsys
 
-    async def __call__(self, *args: str, server: bool = True) -> tuple[int, str, str]:
+    async def __call__(self, *args: str, server: bool = True, before: bool = False) -> tuple[int, str, str]:
+        """`before`: --server URL goes before the subcommand, not after it."""
         self.capsys.readouterr()
-        argv = ["admin", *args, *(["--server", self.url] if server else [])]
+        flag = ["--server", self.url] if server or before else []
+        argv = ["admin", *flag, *args] if before else ["admin", *args, *flag]
         code = await asyncio.to_thread(main, argv)
         out, err = self.capsys.readouterr()
         return code, out, err
@@ -185,10 +187,11 @@ class TestErrors:
         (await backed_up(server, http, tmp_path)).close()
         code, out, err = await admin("show", "--db", "nope.db")
         assert code == 1 and out == ""
-        assert err == (f"litefs-sidecar: upstream 404 ENODB: {server.url}/api/db: no database 'nope.db' in cluster "
-                       "'default'\n")
+        assert err == (f"litefs-sidecar: the server answered 404 ENODB: {server.url}/api/db: no database 'nope.db' in "
+                       "cluster 'default'\n")
         code, _, err = await admin("restore", "--db", "app.db", "--txid", "99")
-        assert code == 1 and err.startswith(f"litefs-sidecar: upstream 404 ENOTXID: {server.url}/api/restore: ")
+        answered = f"litefs-sidecar: the server answered 404 ENOTXID: {server.url}/api/restore: "
+        assert code == 1 and err.startswith(answered)
         assert len(err.splitlines()) == 1
         code, _, err = await admin("show", "--db", "../x")
         assert code == 1 and "400 EBADDB" in err
@@ -198,7 +201,8 @@ class TestErrors:
         monkeypatch.setenv("LITEFS_SIDECAR_SERVER_ADMIN_TOKEN", "not-the-admin-token")
         code, _, err = await admin("list")
         assert code == 1 and err.splitlines() == [
-            f"litefs-sidecar: upstream 401 EINVALIDAUTH: {admin.url}/api/databases: missing or invalid Authorization",
+            f"litefs-sidecar: the server answered 401 EINVALIDAUTH: {admin.url}/api/databases: missing or invalid "
+            "Authorization",
             "hint: set LITEFS_SIDECAR_SERVER_ADMIN_TOKEN to the server's admin token"]
 
     async def test_an_unreachable_server(self, server: Running, admin: Admin) -> None:
@@ -216,3 +220,30 @@ class TestErrors:
         config.write_text(f'[server]\naddr = "{server.url.removeprefix("http://")}"\n')
         code, out, err = await admin("list", "--config", str(config), server=False)
         assert code == 0 and out.strip() == "no databases", err
+
+
+class TestClientOptions:
+    """--server, --config and --json go before or after the subcommand; --server takes what users type."""
+
+    async def test_before_or_after_the_subcommand(self, server: Running, http: aiohttp.ClientSession, admin: Admin,
+                                                  tmp_path: Path) -> None:
+        (await backed_up(server, http, tmp_path)).close()
+        for argv in (["--server", server.url, "list"], ["list", "--server", server.url],
+                     ["--server", server.url, "--json", "show", "--db", "app.db"],
+                     ["--json", "show", "--db", "app.db", "--server", server.url]):
+            code, out, err = await admin(*argv, server=False)
+            assert code == 0 and "app.db" in out, (argv, err)
+        code, out, _ = await admin("--json", "list", server=False, before=True)
+        assert code == 0 and json.loads(out)["clusters"][0]["databases"][0]["name"] == "app.db"
+
+    async def test_a_bare_host_and_port_is_http(self, server: Running, admin: Admin) -> None:
+        code, out, err = await admin("list", "--server", server.url.removeprefix("http://"), server=False)
+        assert code == 0 and out.strip() == "no databases", err
+
+    @pytest.mark.parametrize("url", ["ftp://127.0.0.1:9", "file:///tmp/x", "http://", "localhost:port"])
+    async def test_anything_else_is_bad_usage_before_any_request(self, url: str, admin: Admin,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        """Refused by argparse at once (exit 2), not after a minute of trying an FTP server."""
+        with pytest.raises(SystemExit) as info:
+            await admin("--server", url, "list", server=False)
+        assert info.value.code == 2 and f"argument --server: {url!r}: " in capsys.readouterr().err
