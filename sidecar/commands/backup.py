@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from sidecar.engine.restore import plan_restore, restore
 from sidecar.errors import RestoreError
 from sidecar.ltx import LTXError, Version, format_timestamp
 from sidecar.ltx.decoder import Decoder
-from sidecar.storage import open_storage
+from sidecar.storage import open_storage, parse_ltx_key
 from sidecar.storage.base import Storage
 
 EXAMPLES = """\
@@ -32,12 +33,15 @@ examples:
   litefs-sidecar restore --txid 00000000000004d2 --dry-run -o app.db file:///backups/default/app.db
 
 URL names one database's backup: file:///ROOT/<cluster>/<db>, s3://BUCKET/PREFIX/<cluster>/<db>, or a
-Litestream 0.5 replica.
+Litestream 0.5 replica; a plain path (./backups/default/app.db) is a file:// URL. `litefs-sidecar ls ROOT`
+lists the backups under a store's root.
 """
 
 LS_EXAMPLES = """\
 examples:
   litefs-sidecar ls file:///var/lib/litefs-sidecar/backups/default/app.db
+  litefs-sidecar ls ./backups/default/app.db                  a path is a file:// URL
+  litefs-sidecar ls file:///var/lib/litefs-sidecar/backups    the backups in a store
 """
 
 VERIFY_EXAMPLES = """\
@@ -86,8 +90,32 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> Storage:
-    return open_storage(args.url, endpoint_url=args.s3_endpoint, region=args.s3_region,
+    return open_storage(url_of(args.url), endpoint_url=args.s3_endpoint, region=args.s3_region,
                         force_path_style=args.s3_force_path_style or None)
+
+
+def url_of(text: str) -> str:
+    """A URL as given, or a plain path (relative ones too, as every Unix tool takes them) as a file:// URL."""
+    return text if "://" in text else f"file://{os.path.abspath(text)}"
+
+
+async def backups_under(storage: Storage, url: str) -> list[str]:
+    """The URL of every database backup below `url` (a store's root, or a cluster's directory)."""
+    prefixes = {parsed[0] for obj in await storage.list("") if (parsed := parse_ltx_key(storage.kind, obj.key))}
+    base = url_of(url).rstrip("/")
+    return [f"{base}/{prefix}" for prefix in sorted(prefixes) if prefix]
+
+
+async def _scan_one(storage: Storage, url: str, verb: str) -> DbIndex:
+    """The index of the backup at `url`; RestoreError naming the backups below it if `url` is a store's root."""
+    index = await scan(storage, "")
+    if len(index):
+        return index
+    below = await backups_under(storage, url)
+    if below:
+        raise RestoreError(f"{url} is not one database's backup; {verb} one of the {len(below)} it holds:\n  "
+                           + "\n  ".join(below))
+    raise RestoreError(f"{url}: no backup files found")
 
 
 class _Bar:
@@ -114,7 +142,7 @@ async def cmd_restore(args: argparse.Namespace) -> int:
     txid, ts = args.txid, args.timestamp
     storage = _open(args)
     try:
-        index = await scan(storage, "")
+        index = await _scan_one(storage, args.url, "restore")
         plan = plan_restore(index, txid=txid, timestamp=ts)
         if args.dry_run:
             for e in plan:
@@ -140,8 +168,14 @@ async def cmd_ls(args: argparse.Namespace) -> int:
     storage = _open(args)
     try:
         index = await scan(storage, "")
+        below = [] if len(index) else await backups_under(storage, args.url)
     finally:
         await storage.close()
+    if below:
+        print(f"{args.url} is not one database's backup; it holds {len(below)}:")
+        for url in below:
+            print(f"  {url}")
+        return 0
     if not len(index):
         raise RestoreError(f"{args.url}: no backup files found")
     print_index(index)
@@ -162,9 +196,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     storage = _open(args)
     problems: list[str] = []
     try:
-        index = await scan(storage, "")
-        if not len(index):
-            raise RestoreError(f"{args.url}: no backup files found")
+        index = await _scan_one(storage, args.url, "verify")
         for e in index:
             key = e.key(storage.kind, "")
             try:
