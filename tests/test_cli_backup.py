@@ -71,3 +71,14 @@ class TestPaths:
     async def test_an_empty_place_says_so(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert await cli("ls", str(tmp_path)) == 1
         assert capsys.readouterr().err == f"litefs-sidecar: {tmp_path}: no backup files found\n"
+
+
+class TestOutput:
+    async def test_a_missing_output_directory_is_refused_not_created(self, store: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+        """As `admin download -o` and `cp` do: exit 1 naming the directory, and nothing is created."""
+        out = tmp_path / "missing" / "dir" / "x.db"
+        for dry in ([], ["--dry-run"]):
+            assert await cli("restore", *dry, "-o", str(out), f"file://{store}/default/app.db") == 1
+            assert capsys.readouterr().err == f"litefs-sidecar: -o {out}: {out.parent} does not exist\n"
+        assert not (tmp_path / "missing").exists()

@@ -280,7 +280,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     params = {**_params(args), **_target_params(args), "format": args.format}
-    out = Path(args.output)
+    out = argtypes.check_output(args.output)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     except OSError as err:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from sidecar.errors import SidecarError
 from sidecar.storage.base import parse_rfc3339
 
 TIMESTAMP_HELP = ("a time, RFC 3339: 2026-11-24T09:00:00Z or with an offset (+02:00); without one it is UTC; "
@@ -30,4 +32,17 @@ def txid(text: str) -> int:
     return value
 
 
-__all__ = ["TIMESTAMP_HELP", "TXID_HELP", "timestamp", "txid"]
+def check_output(text: str) -> Path:
+    """`-o FILE` of a command that writes a file: its directory must exist (it is never created on a guess, as
+    `cp` does not); SidecarError (exit 1) before any work is done."""
+    out = Path(text)
+    parent = out.parent
+    if not parent.is_dir():
+        why = "is not a directory" if parent.exists() else "does not exist"
+        raise SidecarError(f"-o {text}: {parent} {why}")
+    if out.is_dir():
+        raise SidecarError(f"-o {text}: is a directory; give a file name")
+    return out
+
+
+__all__ = ["TIMESTAMP_HELP", "TXID_HELP", "check_output", "timestamp", "txid"]

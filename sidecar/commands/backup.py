@@ -140,6 +140,7 @@ class _Bar:
 
 async def cmd_restore(args: argparse.Namespace) -> int:
     txid, ts = args.txid, args.timestamp
+    argtypes.check_output(args.output)
     storage = _open(args)
     try:
         index = await _scan_one(storage, args.url, "restore")

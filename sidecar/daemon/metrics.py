@@ -44,7 +44,8 @@ async def start_metrics(sidecar: Sidecar, addr: str) -> tuple[web.AppRunner, str
                       "local": f"{db.local.head.max_txid:016x}" if db.local.head else None,
                       "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None}
                for name, db in sorted(sidecar.dbs.items())}
-        return web.json_response({"ok": True, "databases": dbs})
+        return web.json_response({"ok": True, "data_dir": str(sidecar.config.data_dir),
+                                  "warnings": sidecar.warnings(), "databases": dbs})
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

@@ -300,6 +300,8 @@ class Sidecar:
         if self.config.metrics_addr:
             runner, self.url = await start_metrics(self, self.config.metrics_addr)
         self.check_litefs()
+        for warning in self.warnings():
+            log.warning(warning, data_dir=str(self.config.data_dir))
         watcher = asyncio.create_task(self.watch(stop), name="watch")
         self.discover()
         log.info("sidecar started", data_dir=str(self.config.data_dir), upstream=self.config.upstream,
@@ -339,6 +341,12 @@ class Sidecar:
             if runner is not None:
                 await runner.cleanup()
             log.info("sidecar stopped")
+
+    def warnings(self) -> list[str]:
+        """What keeps the sidecar from doing its job right now (shown in `/healthz`, logged at start)."""
+        if not self.config.data_dir.is_dir():
+            return ["data_dir does not exist: no database is watched until LiteFS creates it (check --data-dir)"]
+        return []
 
     def check_litefs(self) -> None:
         """Warn if LiteFS would prune unshipped files or back up on its own (see `litefs_config`)."""

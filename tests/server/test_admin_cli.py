@@ -142,6 +142,15 @@ class TestFiles:
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".dl.db")) == []  # no temp files left
         history.close()
 
+    async def test_download_into_a_missing_directory_is_refused(self, server: Running, http: aiohttp.ClientSession,
+                                                                admin: Admin, tmp_path: Path) -> None:
+        """The same words and status as `restore -o`; nothing is created."""
+        (await backed_up(server, http, tmp_path)).close()
+        out = tmp_path / "missing" / "dir" / "x.db"
+        code, _, err = await admin("download", "--db", "app.db", "-o", str(out))
+        assert code == 1 and err == f"litefs-sidecar: -o {out}: {out.parent} does not exist\n"
+        assert not (tmp_path / "missing").exists()
+
     async def test_upload_then_download_round_trips(self, server: Running, admin: Admin, tmp_path: Path) -> None:
         """An uploaded SQLite file becomes the head, byte for byte."""
         db = make_db(tmp_path / "new.db", rows=500)
