@@ -54,7 +54,11 @@ async def start_metrics(sidecar: Sidecar, addr: str) -> tuple[web.AppRunner, str
     await runner.setup()
     host, _, port = addr.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]"), int(port))  # "[::]:9091" listens on every IPv6 address
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
     bound = runner.addresses[0]
     return runner, f"http://{bound[0]}:{bound[1]}"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import random
 import threading
 import time
@@ -298,7 +299,16 @@ class Sidecar:
         """Watch and ship until `stop`; then ship what is batched within `shutdown_grace` and close."""
         runner = None
         if self.config.metrics_addr:
-            runner, self.url = await start_metrics(self, self.config.metrics_addr)
+            try:
+                runner, self.url = await start_metrics(self, self.config.metrics_addr)
+            except OSError as err:
+                await self.close()  # nothing else has started; the upstream's connections must not leak
+                why = os.strerror(err.errno) if err.errno else str(err)
+                failed = SidecarError(f"cannot serve metrics on {self.config.metrics_addr} (--metrics-addr): "
+                                      f"{why.lower()}")
+                hint = '--metrics-addr HOST:PORT picks another address; --metrics-addr "" turns metrics off'
+                failed.hint = hint  # type: ignore[attr-defined]  # cli.main prints it
+                raise failed from err
         self.check_litefs()
         for warning in self.warnings():
             log.warning(warning, data_dir=str(self.config.data_dir))
