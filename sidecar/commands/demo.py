@@ -39,16 +39,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logmod.setup("warning", "console")
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(demo(args.dir, args.seconds, args.rate, args.databases))
+        return asyncio.run(demo(args.dir.resolve(), args.seconds, args.rate, args.databases, kept=True))
     with tempfile.TemporaryDirectory(prefix="litefs-sidecar-demo-") as tmp:
-        return asyncio.run(demo(Path(tmp), args.seconds, args.rate, args.databases))
+        return asyncio.run(demo(Path(tmp), args.seconds, args.rate, args.databases, kept=False))
 
 
 def say(text: str) -> None:
     print(text, flush=True)
 
 
-async def demo(root: Path, seconds: float, rate: float, databases: int) -> int:
+async def demo(root: Path, seconds: float, rate: float, databases: int, *, kept: bool) -> int:
+    """Run it all in `root`; `kept`: `root` outlives the demo, so its backups can be looked at afterwards."""
     from sidecar.config import EngineConfig, SidecarConfig
     from sidecar.daemon import Sidecar
     from sidecar.daemon.litefs import LiteFSNode
@@ -117,7 +118,11 @@ async def demo(root: Path, seconds: float, rate: float, databases: int) -> int:
         say(f"  {name}: TXID {txid} (shipped at {when}) → {out.name}: {rows} rows, checksum {result.checksum:016x} "
             f"{'= node' if result.checksum == checksum else '≠ node'}, integrity_check {integrity}  "
             f"{'OK' if good else 'FAILED'}")
-    say(f"\nrestore points: litefs-sidecar ls file://{root / 'backups'}/default/{names[0]}")
+    if kept:
+        say(f"\nrestore points: litefs-sidecar ls file://{root / 'backups'}/default/{names[0]}")
+    else:  # the temporary directory goes with the demo: suggest nothing that points into it
+        say("\nthe demo's files are removed now; to look at its backups afterwards (litefs-sidecar ls, restore, "
+            "verify), run it with --dir DIR")
     stop.set()
     await task
     await runner.cleanup()

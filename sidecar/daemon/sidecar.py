@@ -211,7 +211,7 @@ class Sidecar:
             except LTXError as err:
                 self._report_bad(db, err)
         self._prune(db)
-        self._gauges(db)
+        self._gauges(db, shipped)
         return shipped
 
     def _follow(self, db: DbShipper, found: int) -> None:
@@ -270,13 +270,18 @@ class Sidecar:
         log.info("batch_shipped", db=db.name, kind=s.kind, txid=f"{s.min_txid:016x}-{s.max_txid:016x}",
                  files=s.files, bytes=s.bytes, hwm=f"{s.hwm:016x}", lag_ms=lag_ms)
 
-    def _gauges(self, db: DbShipper) -> None:
+    def _gauges(self, db: DbShipper, shipped: list[Shipped]) -> None:
+        """Every tick. Lag: how long the oldest transaction upstream lacks has waited; when this tick shipped
+        everything, how long the oldest one it shipped had waited (so a busy database shows its real delay,
+        not the 0 of the instant after a ship); 0 when idle."""
         m, name = self.metrics, db.name
         remote_local = (db.remote.txid - db.link.offset) if db.remote is not None else 0
         pending = db.local.above(remote_local)
         m.pending_files.labels(name).set(len(pending))
         m.pending_bytes.labels(name).set(sum(f.size for f in pending))
-        m.lag.labels(name).set(max(0.0, self.clock() - pending[0].mtime) if pending else 0.0)
+        waited = [s.oldest for s in shipped if s.oldest]
+        oldest = pending[0].mtime if pending else min(waited) if waited else None
+        m.lag.labels(name).set(0.0 if oldest is None else max(0.0, self.clock() - oldest))
         m.hwm.labels(name).set(db.hwm or 0)
         m.diverged.labels(name).set(1 if db.error else 0)
 
