@@ -79,7 +79,7 @@ def register(sub: Any) -> None:
     q.add_argument("--cluster", help="only this cluster (default: all)")
     q.set_defaults(func=cmd_list)
 
-    q = add("show", [one], "show one database and every restore point (level, TXID, time)",
+    q = add("show", [one], "show one database, what each level can restore, and every restore point",
             "  litefs-sidecar admin show --db app.db\n  litefs-sidecar admin show --cluster prod --db app.db --json\n")
     q.set_defaults(func=cmd_show)
 
@@ -267,8 +267,25 @@ def cmd_show(args: argparse.Namespace) -> int:
     d = client(args).json("GET", "/api/db", _params(args))
     head = (f"{d['cluster']}/{d['name']}: TXID {d['txid']} (checksum {d['postApplyChecksum']}), HWM {d['hwm']}, "
             f"lag {d['lag']}, {size(d['size'])} in {d['files']} files")
+    if not d["points"]:
+        return _emit(args, d, f"{head}\nno restore points")
+    levels = table(["LEVEL", "EVERY", "POINTS", "OLDEST", "NEWEST"],
+                   [[f"L{lv['level']}", every(lv["interval"]), lv["points"], lv["oldest"], lv["newest"]]
+                    for lv in d["levels"]], right=["POINTS"])
     points = table(["LEVEL", "TXID", "TIMESTAMP"], [[f"L{p['level']}", p["txid"], p["timestamp"]] for p in d["points"]])
-    return _emit(args, d, f"{head}\n\nrestore points:\n{points}" if d["points"] else f"{head}\nno restore points")
+    return _emit(args, d, f"{head}\n\nrestorable, per level:\n{levels}\n\nrestore points:\n{points}")
+
+
+def every(interval: float | None) -> str:
+    """How far apart a level's restore points are: `upload` (each one), `10s`, `5m`, `1h`, `24h`; `-` unknown."""
+    if interval is None:
+        return "-"
+    if interval <= 0:
+        return "upload"
+    for unit, seconds in (("h", 3600), ("m", 60)):
+        if interval >= seconds and interval % seconds == 0:
+            return f"{interval / seconds:g}{unit}"
+    return f"{interval:g}s"
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The operator API (JSON): list, restore as a new head, download, upload, clone, delete.
 
     GET    /api/databases                     clusters and databases: position, HWM, lag, size, restore points
-    GET    /api/db?db=NAME                    one database, with its restore points
+    GET    /api/db?db=NAME                    one database, with its restore points on every level
     POST   /api/restore?db=NAME               {"timestamp": RFC 3339} or {"txid": hex}: append that state as head
     GET    /api/download?db=NAME[&timestamp=|&txid=][&format=sqlite|ltx]
     GET    /api/preview?db=NAME(&timestamp=|&txid=)  what a restore would bring back: tables and row counts
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from sidecar.engine.index import reachable
 from sidecar.errors import RestoreError, SidecarError, validate_db_name
 from sidecar.ltx import format_timestamp
 from sidecar.ltx.sqlite import sqlite_page_size
@@ -98,9 +99,32 @@ class OperatorAPI:
             out["oldest"] = format_timestamp(rp[0][1])
             out["newest"] = format_timestamp(rp[-1][1])
         if points:
-            out["points"] = [{"txid": f"{t:016x}", "timestamp": format_timestamp(ts), "level": lv}
-                             for t, ts, lv in rp]
+            out["points"], out["levels"] = self._points_by_level(cluster, name)
         return out
+
+    def _points_by_level(self, cluster: str, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every restore point of every level (a TXID that two levels both end at is listed under each), and per
+        level the stretch of time it covers and how far apart its points are (`interval`, seconds; 0 = every
+        upload): which stretch is restorable at which granularity."""
+        index = self.engine.index(cluster, name)
+        reach = reachable(index)
+        points: list[dict[str, Any]] = []
+        levels: list[dict[str, Any]] = []
+        for level in sorted(index.levels):
+            mine = [e for e in index.level(level) if e.max_txid in reach]
+            if not mine:
+                continue
+            points += [{"txid": f"{e.max_txid:016x}", "timestamp": format_timestamp(e.timestamp), "level": level}
+                       for e in mine]
+            try:
+                interval: float | None = self.engine.levels.interval(level)
+            except KeyError:  # a level we do not build (a Litestream store's L3..L8)
+                interval = None
+            levels.append({"level": level, "points": len(mine), "interval": interval,
+                           "oldest": format_timestamp(min(e.timestamp for e in mine)),
+                           "newest": format_timestamp(max(e.timestamp for e in mine))})
+        points.sort(key=lambda p: (p["txid"], p["level"]))
+        return points, levels
 
     async def list_databases(self, request: web.Request) -> web.Response:
         cluster = request[CLUSTER]

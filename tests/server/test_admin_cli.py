@@ -14,6 +14,7 @@ import pytest
 import structlog
 
 from sidecar.cli import main
+from sidecar.engine.index import reachable
 from sidecar.ltx import Version, format_timestamp
 from sidecar.ltx.decoder import decode
 from tests.conftest import LITEFS, make_db
@@ -93,6 +94,35 @@ class TestList:
             assert f"L0     {i + 1:016x}  {format_timestamp(T0 + i * 1000)}" in out
         assert [p["txid"] for p in (await admin.json("show", "--db", "app.db"))["points"]] == [
             f"{i:016x}" for i in (1, 2, 3)]
+
+
+    async def test_show_lists_every_level_and_what_it_covers(self, server: Running, http: aiohttp.ClientSession,
+                                                           admin: Admin, tmp_path: Path) -> None:
+        """Each level's restore points are listed under it (an L1, L2 or snapshot point is not hidden behind the L0
+        point at the same TXID), with a table of each level's granularity and stretch of time."""
+        (await backed_up(server, http, tmp_path)).close()
+        engine = server.engine
+        for level in (1, 2, 9):  # whatever the server's own ticker has not compacted yet: all reach TXID 3
+            await engine.compact_level("default", "app.db", level)
+        index = engine.index("default", "app.db")
+        reach = reachable(index)
+        ends = {lv: [e for e in index.level(lv) if e.max_txid in reach] for lv in (0, 1, 2, 9)}
+        data = await admin.json("show", "--db", "app.db")
+        assert sorted((p["level"], p["txid"]) for p in data["points"]) == sorted(
+            (lv, f"{e.max_txid:016x}") for lv, files in ends.items() for e in files)
+        assert {(p["level"], p["txid"]) for p in data["points"]} >= {(lv, f"{3:016x}") for lv in (0, 1, 2, 9)}
+        assert data["levels"] == [
+            {"level": lv, "points": len(files), "interval": {0: 0.0, 1: 300.0, 2: 3600.0, 9: 86400.0}[lv],
+             "oldest": format_timestamp(files[0].timestamp), "newest": format_timestamp(files[-1].timestamp)}
+            for lv, files in ends.items()]
+        code, out, _ = await admin("show", "--db", "app.db")
+        assert code == 0
+        summary = out.split("restorable, per level:\n")[1].split("\n\n")[0].splitlines()
+        every = {0: "upload", 1: "5m", 2: "1h", 9: "24h"}
+        assert [line.split() for line in summary] == [["LEVEL", "EVERY", "POINTS", "OLDEST", "NEWEST"]] + [
+            [f"L{lv}", every[lv], str(len(files)), format_timestamp(files[0].timestamp),
+             format_timestamp(files[-1].timestamp)] for lv, files in ends.items()]
+        assert f"L1     {3:016x}  {format_timestamp(T0 + 2000)}" in out
 
 
 class TestRestore:
