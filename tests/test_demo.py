@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,22 @@ def test_demo_in_a_temporary_directory_points_nowhere_it_deleted(capsys: pytest.
     assert out.strip().splitlines()[-1].endswith("run it with --dir DIR")
     lags = [float(row[4]) for row in ROW.findall(out)]
     assert lags and max(lags) > 0
+
+
+def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
+    """Interrupted mid-run: exit 130, the sidecar stopped and its connections closed; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "demo", "--seconds", "60", "--dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the table's first row: the sidecar is shipping
+            if ROW.match(line.rstrip("\n")):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "Unclosed" not in err, err
