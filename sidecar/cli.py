@@ -2,12 +2,15 @@
 
 Each module in `sidecar.commands` exposes `register(subparsers)`, which adds its subcommands and sets
 `func(args) -> int` on them. Errors print one line to stderr (plus a hint when there is one); exit 1 on
-failure, 2 on bad usage or configuration.
+failure, 2 on bad usage or input (argparse's own errors, malformed values, configuration), for every
+command alike: malformed values are rejected by argument types (`sidecar.commands.args`), so argparse
+names the flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +26,12 @@ examples:
   litefs-sidecar serve --tokens /etc/litefs-sidecar/tokens --storage s3://bucket/backups
   litefs-sidecar restore --timestamp 2026-11-24T09:00:00Z -o app.db file:///backups/default/app.db
   litefs-sidecar ltx verify /var/lib/litefs/dbs/app.db/ltx/*.ltx
+
+exit status, the same for every command:
+  0    done
+  1    failed: a restore, an upload, a check, a server's refusal (the message says why)
+  2    bad usage or input: an unknown flag, a malformed TXID, time, URL or setting; nothing was done
+  130  interrupted (Ctrl+C)    141  stdout closed by its reader (| head)
 """
 
 
@@ -40,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
+    try:
+        try:
+            return _run(argv)
+        finally:  # also after --help and usage errors (SystemExit): a closed pipe shows here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # `litefs-sidecar ls URL | head -1`: the reader has all it wants. Exit quietly, as Unix tools do when
+        # SIGPIPE ends them (status 128 + 13), and point stdout at /dev/null so that the interpreter's final
+        # flush of what is still buffered cannot fail again (the recipe in Python's `signal` module docs).
+        _stdout_to_devnull()
+        return 141
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
@@ -59,6 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (a test's capture): nothing to silence
+        pass
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ The codec has its own root, `sidecar.ltx.LTXError`, because `ltx` imports nothin
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from typing import Any
 
 from sidecar.ltx import Pos
+
+_AT_POSITION = re.compile(r" \(current position [0-9a-f]{16}/[0-9a-f]{16}\)$")
 
 
 class SidecarError(Exception):
@@ -49,8 +53,10 @@ class PosMismatch(SidecarError):
     def __init__(self, db: str, pos: Pos, message: str = "position mismatch") -> None:
         self.db = db
         self.pos = pos
-        self.reason = message  # without the database and position, which travel beside it
-        super().__init__(f"{db}: {message} (current position {pos})")
+        # A message that crossed HTTP may already be this error's text (`db: why (current position …)`): say it once.
+        why = _AT_POSITION.sub("", message.removeprefix(f"{db}: "))
+        self.reason = why  # without the database and position, which travel beside it
+        super().__init__(f"{db}: {why} (current position {pos})")
 
 
 class TXIDGap(SidecarError):
@@ -134,15 +140,36 @@ class UpstreamError(SidecarError):
 
 
 def validate_db_name(name: str) -> str:
-    """Return `name` if it is a safe database name, else raise InvalidDatabaseName."""
+    """Return `name` if it is a safe cluster or database name, else raise InvalidDatabaseName.
+
+    Safe: 1..255 bytes of UTF-8 in Unicode normal form C; printable (no control, format, private-use, surrogate or
+    unassigned characters, no line or paragraph separators, so no look-alikes such as U+202E or a zero-width
+    space); no leading or trailing space; no path separator; not starting with a dot (the store's own objects
+    do).
+    """
     if not name:
         raise InvalidDatabaseName(name, "empty")
     if len(name.encode("utf-8", "surrogatepass")) > 255:
         raise InvalidDatabaseName(name, "longer than 255 bytes")
-    if name in (".", ".."):
-        raise InvalidDatabaseName(name, "is a directory reference")
     if "/" in name or "\\" in name:
         raise InvalidDatabaseName(name, "contains a path separator")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise InvalidDatabaseName(name, "contains a control character or NUL")
+    if name.startswith("."):
+        raise InvalidDatabaseName(name, "starts with a dot")
+    if name != name.strip():
+        raise InvalidDatabaseName(name, "has leading or trailing white space")
+    for c in name:
+        category = unicodedata.category(c)
+        if category in ("Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp") or (category == "Zs" and c != " "):
+            raise InvalidDatabaseName(name, f"contains the unprintable character U+{ord(c):04X} "
+                                            f"({unicodedata.name(c, 'unnamed')})")
+    if unicodedata.normalize("NFC", name) != name:
+        raise InvalidDatabaseName(name, "is not in Unicode normal form C")
+    return name
+
+
+def validate_cluster_name(name: str) -> str:
+    """A database name's rules, and no white space at all: a tokens file line is `<cluster> <token> [read]`."""
+    validate_db_name(name)
+    if any(c.isspace() for c in name):
+        raise InvalidDatabaseName(name, "a cluster name contains white space, which no tokens file line can name")
     return name

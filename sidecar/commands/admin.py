@@ -6,7 +6,8 @@ secret, only from the environment. The server is `--server URL`, or else the `[s
 would listen on (so on the server's host, with its `--config`, no flag is needed).
 
 Output is a table for people, or the server's JSON with `--json`. A refusal from the server prints as one
-line, `litefs-sidecar: upstream <status> <code>: <url>: <why>`, and exits 1.
+line, `litefs-sidecar: the server answered <status> <code>: <url>: <why>`, and exits 1. The client's options
+(--server, --config, --json) may come before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
+from sidecar.commands import args as argtypes
 from sidecar.config import load
-from sidecar.errors import SidecarError, UpstreamError
-from sidecar.storage.base import parse_rfc3339
+from sidecar.errors import SidecarError
+from sidecar.ltx import format_timestamp
 
 HINTS = {
     401: "set LITEFS_SIDECAR_SERVER_ADMIN_TOKEN to the server's admin token",
@@ -38,13 +40,15 @@ HINTS = {
 EXAMPLES = """\
 examples:
   litefs-sidecar admin list                                        every cluster and database
+  litefs-sidecar admin --server http://backup-host:20203 list      another server
   litefs-sidecar admin show --db app.db                            one database's restore points
   litefs-sidecar admin restore --db app.db --timestamp 2026-11-24T09:00:00Z
   litefs-sidecar admin download --db app.db --txid 00000000000004d2 -o app.db
   litefs-sidecar admin clone --cluster prod --to-cluster staging   every database of a cluster
 
-The admin token comes from LITEFS_SIDECAR_SERVER_ADMIN_TOKEN; the server from --server URL or the
-[server] addr of --config FILE (default http://127.0.0.1:20203). Database commands act on --cluster default.
+The admin token comes from LITEFS_SIDECAR_SERVER_ADMIN_TOKEN; the server from --server URL (before or after
+the subcommand) or the [server] addr of --config FILE (default http://127.0.0.1:20203). Database commands
+act on --cluster default.
 """
 
 
@@ -54,11 +58,11 @@ def register(sub: Any) -> None:
                        "delete", description="Call the operator API of `litefs-sidecar serve`.", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     group = p.add_subparsers(dest="admin_command", metavar="SUBCOMMAND", required=True)
+    # The client's options go before or after the subcommand (`admin --server URL list` as in git or kubectl).
+    # After it they default to SUPPRESS, so that a value given before it is not overwritten by a default.
+    _client_flags(p, default=None)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", metavar="URL", help="the backup server (default: http:// and the [server] "
-                        "addr, http://127.0.0.1:20203)")
-    common.add_argument("--config", metavar="FILE", help="TOML file whose [server] addr is the default --server")
-    common.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    _client_flags(common, default=argparse.SUPPRESS)
     one = argparse.ArgumentParser(add_help=False, parents=[common])
     one.add_argument("--cluster", default="default", help="the database's cluster (default %(default)s)")
     one.add_argument("--db", required=True, metavar="NAME", help="the database, as LiteFS names it: app.db")
@@ -75,7 +79,7 @@ def register(sub: Any) -> None:
     q.add_argument("--cluster", help="only this cluster (default: all)")
     q.set_defaults(func=cmd_list)
 
-    q = add("show", [one], "show one database and every restore point (level, TXID, time)",
+    q = add("show", [one], "show one database, what each level can restore, and every restore point",
             "  litefs-sidecar admin show --db app.db\n  litefs-sidecar admin show --cluster prod --db app.db --json\n")
     q.set_defaults(func=cmd_show)
 
@@ -118,30 +122,49 @@ def register(sub: Any) -> None:
     q.set_defaults(func=cmd_delete)
 
 
+def _client_flags(p: argparse.ArgumentParser, *, default: Any) -> None:
+    p.add_argument("--server", metavar="URL", type=server_url, default=default,
+                   help="the backup server: http(s)://HOST:PORT, or HOST:PORT for http (default: the [server] addr, "
+                        "http://127.0.0.1:20203)")
+    p.add_argument("--config", metavar="FILE", default=default,
+                   help="TOML file whose [server] addr is the default --server")
+    p.add_argument("--json", action="store_true", default=default if default is argparse.SUPPRESS else False,
+                   help="print JSON, for scripts")
+
+
+def server_url(text: str) -> str:
+    """`--server`: an http(s) URL of a host, or a bare HOST:PORT taken as http; anything else is bad usage."""
+    url = text if "://" in text else f"http://{text}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the backup server speaks http or https, not {parts.scheme}")
+    try:
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r}: want http://HOST:PORT, https://HOST:PORT or HOST:PORT")
+    return url
+
+
 def _target(p: argparse.ArgumentParser, *, required: bool) -> None:
     target = p.add_mutually_exclusive_group(required=required)
-    target.add_argument("--timestamp", metavar="T", type=_timestamp, help="RFC 3339 time: 2026-11-24T09:00:00Z")
-    target.add_argument("--txid", metavar="HEX", type=_txid, help="transaction ID, in hex: 00000000000004d2")
+    target.add_argument("--timestamp", metavar="T", type=argtypes.timestamp, help=argtypes.TIMESTAMP_HELP)
+    target.add_argument("--txid", metavar="HEX", type=argtypes.txid, help=argtypes.TXID_HELP)
 
 
-def _timestamp(text: str) -> str:
-    try:
-        parse_rfc3339(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: want RFC 3339, e.g. 2026-11-24T09:00:00Z") from None
-    return text
-
-
-def _txid(text: str) -> str:
-    try:
-        return f"{int(text, 16):016x}"
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: want a transaction ID in hex, e.g. 00000000000004d2") from None
+def _target_params(a: argparse.Namespace) -> dict[str, str]:
+    """--timestamp or --txid as the operator API takes them (RFC 3339 in UTC, 16 hex digits); {} for neither."""
+    if a.timestamp is not None:
+        return {"timestamp": format_timestamp(a.timestamp)}
+    if a.txid is not None:
+        return {"txid": f"{a.txid:016x}"}
+    return {}
 
 
 @dataclass(frozen=True)
 class OperatorClient:
-    """The operator API over HTTP. Synchronous (one command, one request at a time); refusals → UpstreamError."""
+    """The operator API over HTTP. Synchronous (one command, one request at a time); refusals → Refused."""
 
     url: str
     token: str = ""
@@ -163,7 +186,7 @@ class OperatorClient:
                 code, why = str(data["code"]), str(data["error"])
             except (ValueError, KeyError, TypeError):
                 code, why = "EHTTP", text.strip() or str(err.reason)
-            raise _refused(err.code, code, f"{url.split('?')[0]}: {why}") from None
+            raise Refused(err.code, code, f"{url.split('?')[0]}: {why}") from None
         except OSError as err:  # refused, reset, timed out, unresolvable
             reason = getattr(err, "reason", None) or err
             reason = getattr(reason, "strerror", None) or reason
@@ -178,10 +201,13 @@ class OperatorClient:
             return json.load(resp)
 
 
-def _refused(status: int, code: str, message: str) -> UpstreamError:
-    err = UpstreamError(status, code, message)
-    err.hint = HINTS.get(status, "")  # type: ignore[attr-defined]  # cli.main prints it
-    return err
+class Refused(SidecarError):
+    """The backup server answered with an error: `status`, its `code` (ENODB, ENOTXID, …) and why."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status, self.server_code = status, code
+        self.hint = HINTS.get(status, "")  # cli.main prints it
+        super().__init__(f"the server answered {status} {code}: {message}")
 
 
 def client(args: argparse.Namespace) -> OperatorClient:
@@ -241,21 +267,37 @@ def cmd_show(args: argparse.Namespace) -> int:
     d = client(args).json("GET", "/api/db", _params(args))
     head = (f"{d['cluster']}/{d['name']}: TXID {d['txid']} (checksum {d['postApplyChecksum']}), HWM {d['hwm']}, "
             f"lag {d['lag']}, {size(d['size'])} in {d['files']} files")
+    if not d["points"]:
+        return _emit(args, d, f"{head}\nno restore points")
+    levels = table(["LEVEL", "EVERY", "POINTS", "OLDEST", "NEWEST"],
+                   [[f"L{lv['level']}", every(lv["interval"]), lv["points"], lv["oldest"], lv["newest"]]
+                    for lv in d["levels"]], right=["POINTS"])
     points = table(["LEVEL", "TXID", "TIMESTAMP"], [[f"L{p['level']}", p["txid"], p["timestamp"]] for p in d["points"]])
-    return _emit(args, d, f"{head}\n\nrestore points:\n{points}" if d["points"] else f"{head}\nno restore points")
+    return _emit(args, d, f"{head}\n\nrestorable, per level:\n{levels}\n\nrestore points:\n{points}")
+
+
+def every(interval: float | None) -> str:
+    """How far apart a level's restore points are: `upload` (each one), `10s`, `5m`, `1h`, `24h`; `-` unknown."""
+    if interval is None:
+        return "-"
+    if interval <= 0:
+        return "upload"
+    for unit, seconds in (("h", 3600), ("m", 60)):
+        if interval >= seconds and interval % seconds == 0:
+            return f"{interval / seconds:g}{unit}"
+    return f"{interval:g}s"
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    target = {"timestamp": args.timestamp} if args.timestamp else {"txid": args.txid}
-    d = client(args).json("POST", "/api/restore", _params(args), target)
+    d = client(args).json("POST", "/api/restore", _params(args), _target_params(args))
     r = d["restored"]
     return _emit(args, d, f"{args.cluster}/{args.db}: restored TXID {r['txid']} ({r['timestamp']}) as the new head, "
                           f"TXID {d['txid']}; earlier states stay restorable")
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    params = {**_params(args), "timestamp": args.timestamp or "", "txid": args.txid or "", "format": args.format}
-    out = Path(args.output)
+    params = {**_params(args), **_target_params(args), "format": args.format}
+    out = argtypes.check_output(args.output)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     except OSError as err:

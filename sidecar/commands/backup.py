@@ -10,25 +10,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from sidecar.commands import args as argtypes
 from sidecar.engine.index import DbIndex, reachable, scan
 from sidecar.engine.restore import plan_restore, restore
 from sidecar.errors import RestoreError
 from sidecar.ltx import LTXError, Version, format_timestamp
 from sidecar.ltx.decoder import Decoder
 from sidecar.storage import open_storage
-from sidecar.storage.base import Storage, parse_rfc3339
+from sidecar.storage.base import Storage
 
 EXAMPLES = """\
 examples:
   litefs-sidecar restore -o app.db file:///var/lib/litefs-sidecar/backups/default/app.db
   litefs-sidecar restore --timestamp 2026-11-24T09:00:00Z -o app.db s3://bucket/backups/default/app.db
   litefs-sidecar restore --txid 00000000000004d2 --dry-run -o app.db file:///backups/default/app.db
+
+URL names one database's backup: file:///ROOT/<cluster>/<db>, s3://BUCKET/PREFIX/<cluster>/<db>, or a
+Litestream 0.5 replica; a plain path (./backups/default/app.db) is a file:// URL. `litefs-sidecar ls ROOT`
+lists the backups under a store's root.
+"""
+
+LS_EXAMPLES = """\
+examples:
+  litefs-sidecar ls file:///var/lib/litefs-sidecar/backups/default/app.db
+  litefs-sidecar ls ./backups/default/app.db                  a path is a file:// URL
+  litefs-sidecar ls file:///var/lib/litefs-sidecar/backups    the backups in a store
+"""
+
+VERIFY_EXAMPLES = """\
+examples:
+  litefs-sidecar verify s3://bucket/backups/default/app.db
+  litefs-sidecar verify file:///var/lib/litefs-sidecar/backups/default/app.db
 """
 
 
@@ -38,8 +57,8 @@ def register(sub: Any) -> None:
                        description="Restore one database from its backup into a new SQLite file.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--timestamp", metavar="T", help="RFC 3339 time, e.g. 2026-11-24T09:00:00Z")
-    target.add_argument("--txid", metavar="HEX", help="transaction ID (hex)")
+    target.add_argument("--timestamp", metavar="T", type=argtypes.timestamp, help=argtypes.TIMESTAMP_HELP)
+    target.add_argument("--txid", metavar="HEX", type=argtypes.txid, help=argtypes.TXID_HELP)
     p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
     p.add_argument("--integrity-check", action="store_true", help="run PRAGMA integrity_check on the result")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="SQLite file to write (replaced atomically)")
@@ -47,14 +66,18 @@ def register(sub: Any) -> None:
     p.add_argument("url", metavar="URL")
     p.set_defaults(func=lambda a: asyncio.run(cmd_restore(a)))
 
-    p = sub.add_parser("ls", help="list restore points per level (TXID ranges and times)",
-                       epilog="example: litefs-sidecar ls file:///var/lib/litefs-sidecar/backups/default/app.db")
+    p = sub.add_parser("ls", help="list restore points per level (TXID ranges and times)", epilog=LS_EXAMPLES,
+                       description="List one database's backup files per level: TXID range, time, size, and "
+                                   "whether a restore can reach it.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _storage_flags(p)
     p.add_argument("url", metavar="URL")
     p.set_defaults(func=lambda a: asyncio.run(cmd_ls(a)))
 
-    p = sub.add_parser("verify", help="replay the whole backup and check every checksum",
-                       epilog="example: litefs-sidecar verify s3://bucket/backups/default/app.db")
+    p = sub.add_parser("verify", help="replay the whole backup and check every checksum", epilog=VERIFY_EXAMPLES,
+                       description="Check one database's backup: every file's checksums, each level's chain, "
+                                   "and a full restore of the latest state with PRAGMA integrity_check.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _storage_flags(p)
     p.add_argument("url", metavar="URL")
     p.set_defaults(func=lambda a: asyncio.run(cmd_verify(a)))
@@ -67,23 +90,32 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> Storage:
-    return open_storage(args.url, endpoint_url=args.s3_endpoint, region=args.s3_region,
+    return open_storage(url_of(args.url), endpoint_url=args.s3_endpoint, region=args.s3_region,
                         force_path_style=args.s3_force_path_style or None)
 
 
-def _target(args: argparse.Namespace) -> tuple[int | None, int | None]:
-    txid = ts = None
-    if args.txid:
-        try:
-            txid = int(args.txid, 16)
-        except ValueError:
-            raise RestoreError(f"--txid {args.txid!r}: want a hex transaction ID") from None
-    if args.timestamp:
-        try:
-            ts = parse_rfc3339(args.timestamp)
-        except ValueError:
-            raise RestoreError(f"--timestamp {args.timestamp!r}: want RFC 3339, e.g. 2026-11-24T09:00:00Z") from None
-    return txid, ts
+def url_of(text: str) -> str:
+    """A URL as given, or a plain path (relative ones too, as every Unix tool takes them) as a file:// URL."""
+    return text if "://" in text else f"file://{os.path.abspath(text)}"
+
+
+async def backups_under(storage: Storage, url: str) -> list[str]:
+    """The URL of every database backup below `url` (a store's root, or a cluster's directory)."""
+    prefixes = {parsed.prefix for obj in await storage.list("") if (parsed := storage.layout.parse(obj.key))}
+    base = url_of(url).rstrip("/")
+    return [f"{base}/{prefix}" for prefix in sorted(prefixes) if prefix]
+
+
+async def _scan_one(storage: Storage, url: str, verb: str) -> DbIndex:
+    """The index of the backup at `url`; RestoreError naming the backups below it if `url` is a store's root."""
+    index = await scan(storage, "")
+    if len(index):
+        return index
+    below = await backups_under(storage, url)
+    if below:
+        raise RestoreError(f"{url} is not one database's backup; {verb} one of the {len(below)} it holds:\n  "
+                           + "\n  ".join(below))
+    raise RestoreError(f"{url}: no backup files found")
 
 
 class _Bar:
@@ -107,10 +139,11 @@ class _Bar:
 
 
 async def cmd_restore(args: argparse.Namespace) -> int:
-    txid, ts = _target(args)
+    txid, ts = args.txid, args.timestamp
+    argtypes.check_output(args.output)
     storage = _open(args)
     try:
-        index = await scan(storage, "")
+        index = await _scan_one(storage, args.url, "restore")
         plan = plan_restore(index, txid=txid, timestamp=ts)
         if args.dry_run:
             for e in plan:
@@ -136,8 +169,14 @@ async def cmd_ls(args: argparse.Namespace) -> int:
     storage = _open(args)
     try:
         index = await scan(storage, "")
+        below = [] if len(index) else await backups_under(storage, args.url)
     finally:
         await storage.close()
+    if below:
+        print(f"{args.url} is not one database's backup; it holds {len(below)}:")
+        for url in below:
+            print(f"  {url}")
+        return 0
     if not len(index):
         raise RestoreError(f"{args.url}: no backup files found")
     print_index(index)
@@ -158,9 +197,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     storage = _open(args)
     problems: list[str] = []
     try:
-        index = await scan(storage, "")
-        if not len(index):
-            raise RestoreError(f"{args.url}: no backup files found")
+        index = await _scan_one(storage, args.url, "verify")
         for e in index:
             key = e.key(storage.layout, "")
             try:

@@ -10,7 +10,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported when the demo runs: `litefs-sidecar --help` stays quick
+    from sidecar.daemon import Sidecar
+    from sidecar.daemon.upstream import EngineUpstream
+    from sidecar.emulator import EmulatedNode
 
 EXAMPLES = """\
 examples:
@@ -39,37 +44,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logmod.setup("warning", "console")
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(demo(args.dir, args.seconds, args.rate, args.databases))
+        return asyncio.run(demo(args.dir.resolve(), args.seconds, args.rate, args.databases, kept=True))
     with tempfile.TemporaryDirectory(prefix="litefs-sidecar-demo-") as tmp:
-        return asyncio.run(demo(Path(tmp), args.seconds, args.rate, args.databases))
+        return asyncio.run(demo(Path(tmp), args.seconds, args.rate, args.databases, kept=False))
 
 
 def say(text: str) -> None:
     print(text, flush=True)
 
 
-async def demo(root: Path, seconds: float, rate: float, databases: int) -> int:
+async def demo(root: Path, seconds: float, rate: float, databases: int, *, kept: bool) -> int:
+    """Run it all in `root`; `kept`: `root` outlives the demo, so its backups can be looked at afterwards."""
     from sidecar.config import EngineConfig, SidecarConfig
     from sidecar.daemon import Sidecar
     from sidecar.daemon.litefs import LiteFSNode
     from sidecar.daemon.upstream import EngineUpstream
-    from sidecar.emulator import EmulatedNode, LoadWriter, start_http
+    from sidecar.emulator import EmulatedNode, start_http
 
     node = EmulatedNode(root / "litefs", root / "mnt")
     runner, url = await start_http(node)
-    config = SidecarConfig(data_dir=node.data_dir, mount_dir=node.mount_dir, litefs_url=url,
-                           upstream=f"file://{root / 'backups'}", state_dir=root / "sidecar",
-                           metrics_addr="127.0.0.1:0", retention=5.0)
-    upstream = await EngineUpstream.open(config.upstream, config.cluster, config.state_dir / "engine",
-                                         EngineConfig(l0_interval=0.0))
-    sidecar = Sidecar(config, upstream, LiteFSNode(url, node.mount_dir))
-    stop = asyncio.Event()
-    started = asyncio.Event()
-    task = asyncio.create_task(sidecar.run(stop, started=lambda _: started.set()))
-    await started.wait()
+    try:
+        config = SidecarConfig(data_dir=node.data_dir, mount_dir=node.mount_dir, litefs_url=url,
+                               upstream=f"file://{root / 'backups'}", state_dir=root / "sidecar",
+                               metrics_addr="127.0.0.1:0", retention=5.0)
+        upstream = await EngineUpstream.open(config.upstream, config.cluster, config.state_dir / "engine",
+                                             EngineConfig(l0_interval=0.0))
+        sidecar = Sidecar(config, upstream, LiteFSNode(url, node.mount_dir))
+        stop = asyncio.Event()
+        started = asyncio.Event()
+        task = asyncio.create_task(sidecar.run(stop, started=lambda _: started.set()))
+        try:
+            await started.wait()
+            ok = await _show(node, url, sidecar, upstream, root, seconds, rate, databases, kept)
+        finally:  # also on Ctrl+C: the sidecar stops as under SIGTERM and closes its connections
+            stop.set()
+            await task
+    finally:
+        await runner.cleanup()
+        node.close()
+    if not ok:
+        print("demo: a restore did not match", file=sys.stderr)
+    return 0 if ok else 1
+
+
+async def _show(node: EmulatedNode, url: str, sidecar: Sidecar, upstream: EngineUpstream, root: Path,
+                seconds: float, rate: float, databases: int, kept: bool) -> bool:
+    """The load, the live table, and the restores; True if every restore matched the node."""
+    from sidecar.emulator import LoadWriter
+
     names = [f"app{i}.db" for i in range(1, databases + 1)]
     say(f"LiteFS node (emulated) {url}  data {node.data_dir}")
-    say(f"sidecar → {config.upstream}  metrics {sidecar.url}/metrics")
+    say(f"sidecar → {sidecar.config.upstream}  metrics {sidecar.url}/metrics")
     say(f"writing {rate:g} tx/s to {', '.join(names)} for {seconds:g} s\n")
     say(f"{'time':>5}  {'db':<8} {'node TXID':>10} {'shipped':>10} {'HWM':>10} {'lag s':>6} {'local files':>11}")
     loads = [LoadWriter(node, name, rate=rate, seed=i) for i, name in enumerate(names)]
@@ -117,14 +142,12 @@ async def demo(root: Path, seconds: float, rate: float, databases: int) -> int:
         say(f"  {name}: TXID {txid} (shipped at {when}) → {out.name}: {rows} rows, checksum {result.checksum:016x} "
             f"{'= node' if result.checksum == checksum else '≠ node'}, integrity_check {integrity}  "
             f"{'OK' if good else 'FAILED'}")
-    say(f"\nrestore points: litefs-sidecar ls file://{root / 'backups'}/default/{names[0]}")
-    stop.set()
-    await task
-    await runner.cleanup()
-    node.close()
-    if not ok:
-        print("demo: a restore did not match", file=sys.stderr)
-    return 0 if ok else 1
+    if kept:
+        say(f"\nrestore points: litefs-sidecar ls file://{root / 'backups'}/default/{names[0]}")
+    else:  # the temporary directory goes with the demo: suggest nothing that points into it
+        say("\nthe demo's files are removed now; to look at its backups afterwards (litefs-sidecar ls, restore, "
+            "verify), run it with --dir DIR")
+    return ok
 
 
 __all__ = ["register"]

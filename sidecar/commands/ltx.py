@@ -40,6 +40,11 @@ def _example(line: str) -> dict[str, Any]:
     return {"epilog": "example:\n  " + line, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
+def _described(help: str) -> dict[str, str]:
+    """The one-line help, also as the subcommand's own description."""
+    return {"help": help, "description": help[0].upper() + help[1:] + "."}
+
+
 def register(sub: Any) -> None:
     """Add the `ltx` command group."""
     p = sub.add_parser("ltx", help="inspect, verify, apply, encode and compact LTX files",
@@ -51,37 +56,37 @@ def register(sub: Any) -> None:
         q.add_argument("--format", choices=["auto", "v2", "v3"], default=default,
                        help="LTX flavour: v2 = LiteFS, v3 = Litestream 0.5 (default: %(default)s)")
 
-    q = group.add_parser("verify", help="verify files; exit 1 naming the first problem of each bad file",
+    q = group.add_parser("verify", **_described("verify files; exit 1 naming the first problem of each bad file"),
                          **_example("litefs-sidecar ltx verify /var/lib/litefs/dbs/app.db/ltx/*.ltx"))
     q.add_argument("files", nargs="+", metavar="FILE")
     fmt(q)
     q.set_defaults(func=cmd_verify)
 
-    q = group.add_parser("list", help="print header and trailer fields, one row per file",
+    q = group.add_parser("list", **_described("print header and trailer fields, one row per file"),
                          **_example("litefs-sidecar ltx list --format v3 replica/ltx/0/*.ltx"))
     q.add_argument("files", nargs="+", metavar="FILE")
     fmt(q)
     q.set_defaults(func=cmd_list)
 
-    q = group.add_parser("dump", help="print a file's header, pages and trailer",
+    q = group.add_parser("dump", **_described("print a file's header, pages and trailer"),
                          **_example("litefs-sidecar ltx dump 00000000000004d2-00000000000004d2.ltx"))
     q.add_argument("file", metavar="FILE")
     fmt(q)
     q.set_defaults(func=cmd_dump)
 
-    q = group.add_parser("checksum", help="print the LTX database checksum of a SQLite file",
+    q = group.add_parser("checksum", **_described("print the LTX database checksum of a SQLite file"),
                          **_example("litefs-sidecar ltx checksum app.db"))
     q.add_argument("db", metavar="DBFILE")
     q.set_defaults(func=cmd_checksum)
 
-    q = group.add_parser("apply", help="apply LTX files in order to a database, creating it if absent",
+    q = group.add_parser("apply", **_described("apply LTX files in order to a database, creating it if absent"),
                          **_example("litefs-sidecar ltx apply --db app.db ltx/*.ltx"))
     q.add_argument("--db", required=True, metavar="DBFILE")
     q.add_argument("files", nargs="+", metavar="FILE")
     fmt(q)
     q.set_defaults(func=cmd_apply)
 
-    q = group.add_parser("encode-db", help="write a snapshot LTX file of a SQLite database",
+    q = group.add_parser("encode-db", **_described("write a snapshot LTX file of a SQLite database"),
                          **_example("litefs-sidecar ltx encode-db --compress -o snap.ltx app.db"))
     q.add_argument("db", metavar="DBFILE")
     q.add_argument("-o", "--output", required=True, metavar="OUT")
@@ -90,7 +95,7 @@ def register(sub: Any) -> None:
     fmt(q, "v2")
     q.set_defaults(func=cmd_encode_db)
 
-    q = group.add_parser("compact", help="merge contiguous LTX files into one",
+    q = group.add_parser("compact", **_described("merge contiguous LTX files into one"),
                          **_example("litefs-sidecar ltx compact -o merged.ltx ltx/*.ltx"))
     q.add_argument("-o", "--output", required=True, metavar="OUT")
     q.add_argument("files", nargs="+", metavar="FILE")
@@ -210,6 +215,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
                 print(f"Frame #{dec.page_count}: pgno={pgno} data={bytes(page[:16]).hex()}...")
             t = dec.close()
             del dec
+    except BrokenPipeError:
+        raise  # the reader of stdout went away (`| head`): not a problem of FILE
     except (LTXError, OSError) as err:
         _fail(path, err)
         return 1

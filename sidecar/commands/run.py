@@ -8,6 +8,7 @@ import signal
 from typing import Any
 
 from sidecar import config as cfgmod
+from sidecar.errors import SidecarError
 
 EXAMPLES = """\
 examples:
@@ -60,5 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         sidecar = await Sidecar.open(config.sidecar, config.engine)
         await sidecar.run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as err:  # a directory it cannot create or write, say: one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        raise SidecarError(f"{where}{(err.strerror or str(err)).lower()}") from err
     return 0

@@ -24,6 +24,7 @@ from typing import Any
 from sidecar import log as logmod
 from sidecar.config import Config, EngineConfig, ServeConfig, add_flags, flags_from_args, load, section_fields
 from sidecar.engine import Engine, Levels
+from sidecar.engine.engine import levels_of
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.sdnotify import Notifier
 from sidecar.server import Scope, ServerConfig, parse_tokens, serve
@@ -75,14 +76,6 @@ class Setup:
     storage: Storage
 
 
-def levels_of(engine: EngineConfig) -> Levels:
-    """The engine section's intervals and retentions (the same names as Levels' fields)."""
-    return Levels(l0_interval=engine.l0_interval, l1_interval=engine.l1_interval, l2_interval=engine.l2_interval,
-                  snapshot_interval=engine.snapshot_interval, l0_retention=engine.l0_retention,
-                  l1_retention=engine.l1_retention, l2_retention=engine.l2_retention,
-                  snapshot_retention=engine.snapshot_retention)
-
-
 def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Setup:
     """Load the sections and check tokens and the notify socket; ConfigError names every problem at once."""
     given: dict[str, Any] = {"config_file": args.config}
@@ -120,7 +113,9 @@ def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     sc = cfg.server
     host, _, port = sc.addr.rpartition(":")
     config = ServerConfig(tokens=tokens, insecure_no_auth=sc.insecure_no_auth, admin_token=sc.admin_token,
-                          max_body_size=sc.max_body_size, request_timeout=sc.request_timeout)
+                          max_body_size=sc.max_body_size, request_timeout=sc.request_timeout,
+                          header_timeout=sc.header_timeout, idle_timeout=sc.idle_timeout,
+                          max_connections=sc.max_connections)
     return Setup(cfg, config, host.strip("[]"), int(port), levels_of(cfg.engine), notifier, storage)
 
 
@@ -205,7 +200,7 @@ async def _main(setup: Setup) -> None:
         loop.add_signal_handler(sig, on_signal)
     try:
         try:
-            engine = await Engine.open(storage, cfg.engine.state_dir, setup.levels)
+            engine = await Engine.from_config(storage, cfg.engine)
         except OSError as err:
             raise SidecarError(f"engine.state_dir {cfg.engine.state_dir}: {err.strerror or err}") from err
         # Requests make short-lived objects by the thousand per second, and a collection scans every
@@ -228,4 +223,4 @@ async def _main(setup: Setup) -> None:
         await storage.close()
 
 
-__all__ = ["Setup", "cmd_serve", "configure", "levels_of", "open_store", "overrides", "register"]
+__all__ = ["Setup", "cmd_serve", "configure", "open_store", "overrides", "register"]

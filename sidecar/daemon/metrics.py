@@ -17,8 +17,9 @@ class Metrics:
         self.errors = Counter("litefs_sidecar_errors", "Failures by kind", ["kind"], registry=r)
         self.pruned = Counter("litefs_sidecar_pruned_files", "Local LTX files deleted under the HWM", ["db"],
                               registry=r)
-        self.lag = Gauge("litefs_sidecar_lag_seconds", "Age of the oldest local file upstream lacks", ["db"],
-                         registry=r)
+        self.lag = Gauge("litefs_sidecar_lag_seconds", "How long the oldest transaction upstream lacks has waited, "
+                         "or, when the last tick shipped everything, how long the oldest one it shipped had; 0 idle",
+                         ["db"], registry=r)
         self.pending_files = Gauge("litefs_sidecar_pending_files", "Local LTX files upstream lacks", ["db"],
                                    registry=r)
         self.pending_bytes = Gauge("litefs_sidecar_pending_bytes", "Bytes of local LTX files upstream lacks", ["db"],
@@ -49,7 +50,11 @@ async def start_metrics(metrics: Metrics, health: Callable[[], dict[str, Any]], 
     await runner.setup()
     host, _, port = addr.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]"), int(port))  # "[::]:9091" listens on every IPv6 address
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
     bound = runner.addresses[0]
     return runner, f"http://{bound[0]}:{bound[1]}"
 

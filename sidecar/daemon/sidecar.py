@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import random
 import threading
 import time
@@ -78,6 +79,7 @@ class Sidecar:
         self._following: set[str] = set()
         self._streak: dict[str, int] = {}
         self.url = ""  # the metrics server's, once started
+        self._was_primary = False
         self._reported: set[Path] = set()
         self.shipped: collections.deque[tuple[str, Shipped]] = collections.deque(maxlen=100_000)  # recent uploads
 
@@ -174,6 +176,9 @@ class Sidecar:
         self.discover()
         primary = self.node.is_primary() if self.node else True
         self.metrics.primary.set(1 if primary else 0)
+        if self._was_primary and not primary:
+            await self._let_go()
+        self._was_primary = primary
         stale = time.monotonic() - self.positions_at >= self.config.position_interval
         wanted = stale or any(db.remote is None for db in self.dbs.values())
         if primary and wanted and time.monotonic() >= self.positions_backoff.until:
@@ -211,7 +216,7 @@ class Sidecar:
             except LTXError as err:
                 self._report_bad(db, err)
         self._prune(db)
-        self._gauges(db)
+        self._gauges(db, shipped)
         return shipped
 
     def _follow(self, db: DbShipper, found: int) -> None:
@@ -234,6 +239,16 @@ class Sidecar:
             self._rewatch.set()
             self._rewatch_async.set()
             log.debug("watching again", db=name)
+
+    async def _let_go(self) -> None:
+        """This node stopped being the primary (`.primary` appeared): let the new primary's sidecar write upstream."""
+        log.info("no longer the primary: letting upstream go to the new primary's sidecar")
+        for db in self.dbs.values():
+            db.remote = None  # re-read before shipping again, should this node become the primary once more
+        try:
+            await self.upstream.release()
+        except (UpstreamError, SidecarError, OSError) as err:
+            self._error("upstream", err, db=None)
 
     async def _poll_hwm(self) -> None:
         """Replicas: learn each database's HWM, and how local TXIDs map onto upstream's (by checksum)."""
@@ -270,13 +285,18 @@ class Sidecar:
         log.info("batch_shipped", db=db.name, kind=s.kind, txid=f"{s.min_txid:016x}-{s.max_txid:016x}",
                  files=s.files, bytes=s.bytes, hwm=f"{s.hwm:016x}", lag_ms=lag_ms)
 
-    def _gauges(self, db: DbShipper) -> None:
+    def _gauges(self, db: DbShipper, shipped: list[Shipped]) -> None:
+        """Every tick. Lag: how long the oldest transaction upstream lacks has waited; when this tick shipped
+        everything, how long the oldest one it shipped had waited (so a busy database shows its real delay,
+        not the 0 of the instant after a ship); 0 when idle."""
         m, name = self.metrics, db.name
         remote_local = (db.remote.txid - db.link.offset) if db.remote is not None else 0
         pending = db.local.above(remote_local)
         m.pending_files.labels(name).set(len(pending))
         m.pending_bytes.labels(name).set(sum(f.size for f in pending))
-        m.lag.labels(name).set(max(0.0, self.clock() - pending[0].mtime) if pending else 0.0)
+        waited = [s.oldest for s in shipped if s.oldest]
+        oldest = pending[0].mtime if pending else min(waited) if waited else None
+        m.lag.labels(name).set(0.0 if oldest is None else max(0.0, self.clock() - oldest))
         m.hwm.labels(name).set(db.hwm or 0)
         m.diverged.labels(name).set(1 if db.error else 0)
 
@@ -301,14 +321,25 @@ class Sidecar:
                       "local": f"{db.local.head.max_txid:016x}" if db.local.head else None,
                       "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None}
                for name, db in sorted(self.dbs.items())}
-        return {"ok": True, "databases": dbs}
+        return {"ok": True, "data_dir": str(self.config.data_dir), "warnings": self.warnings(), "databases": dbs}
 
     async def run(self, stop: asyncio.Event, *, started: Callable[[Sidecar], None] | None = None) -> None:
         """Watch and ship until `stop`; then ship what is batched within `shutdown_grace` and close."""
         runner = None
         if self.config.metrics_addr:
-            runner, self.url = await start_metrics(self.metrics, self.health, self.config.metrics_addr)
+            try:
+                runner, self.url = await start_metrics(self.metrics, self.health, self.config.metrics_addr)
+            except OSError as err:
+                await self.close()  # nothing else has started; the upstream's connections must not leak
+                why = os.strerror(err.errno) if err.errno else str(err)
+                failed = SidecarError(f"cannot serve metrics on {self.config.metrics_addr} (--metrics-addr): "
+                                      f"{why.lower()}")
+                hint = '--metrics-addr HOST:PORT picks another address; --metrics-addr "" turns metrics off'
+                failed.hint = hint  # type: ignore[attr-defined]  # cli.main prints it
+                raise failed from err
         self.check_litefs()
+        for warning in self.warnings():
+            log.warning(warning, data_dir=str(self.config.data_dir))
         watcher = asyncio.create_task(self.watch(stop), name="watch")
         self.discover()
         log.info("sidecar started", data_dir=str(self.config.data_dir), upstream=self.config.upstream,
@@ -348,6 +379,12 @@ class Sidecar:
             if runner is not None:
                 await runner.cleanup()
             log.info("sidecar stopped")
+
+    def warnings(self) -> list[str]:
+        """What keeps the sidecar from doing its job right now (shown in `/healthz`, logged at start)."""
+        if not self.config.data_dir.is_dir():
+            return ["data_dir does not exist: no database is watched until LiteFS creates it (check --data-dir)"]
+        return []
 
     def check_litefs(self) -> None:
         """Warn if LiteFS would prune unshipped files or back up on its own (see `litefs_config`)."""

@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from sidecar.config import EngineConfig
-from sidecar.engine import Engine, Levels
+from sidecar.engine import Engine
+from sidecar.engine.lease import NotOwner
 from sidecar.errors import ConfigError, UpstreamError
 from sidecar.ltx import Pos, parse_txid
 from sidecar.protocol import HWM_HEADER, pos_from_json, positions_from_json, raise_for
@@ -37,6 +38,8 @@ class Upstream(Protocol):
     async def snapshot(self, db: str) -> bytes: ...
 
     async def hwm(self, db: str) -> tuple[int, Pos]: ...
+
+    async def release(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -95,6 +98,9 @@ class HTTPUpstream:
         except (ValueError, KeyError, TypeError) as err:
             raise UpstreamError(200, "EBADHWM", f"GET {self.url}/db/hwm?db={db}: {err}") from err
 
+    async def release(self) -> None:
+        return None  # the server decides who writes
+
     async def close(self) -> None:
         await self._session.close()
 
@@ -115,26 +121,40 @@ class EngineUpstream:
     async def open(cls, url: str, cluster: str, state_dir: Path, config: EngineConfig) -> EngineUpstream:
         storage = open_storage(url, endpoint_url=config.s3_endpoint or None, region=config.s3_region or None,
                                force_path_style=config.s3_force_path_style or None)
-        levels = Levels(l0_interval=config.l0_interval, l1_interval=config.l1_interval,
-                        l2_interval=config.l2_interval, snapshot_interval=config.snapshot_interval,
-                        l0_retention=config.l0_retention, l1_retention=config.l1_retention,
-                        l2_retention=config.l2_retention, snapshot_retention=config.snapshot_retention)
-        engine = await Engine.open(storage, state_dir, levels)
+        engine = await Engine.from_config(storage, config, state_dir)
         return cls(url, engine, cluster)
 
+    async def _own(self) -> None:
+        """Only the holder of the cluster's lease ships (another sidecar may hold it during a failover)."""
+        try:
+            await self.engine.own(self.cluster)
+        except NotOwner as err:
+            raise UpstreamError(503, err.code, f"{self.url}: {err}; waiting for it to be let go or to expire") from err
+
     async def positions(self) -> dict[str, Pos]:
+        await self._own()
         return self.engine.positions(self.cluster)
 
     async def upload(self, db: str, data: bytes) -> int:
-        return await self.engine.write_tx(self.cluster, db, data)
+        await self._own()
+        try:
+            return await self.engine.write_tx(self.cluster, db, data)
+        except NotOwner as err:
+            raise UpstreamError(503, err.code, f"{self.url}: {err}") from err
 
     async def snapshot(self, db: str) -> bytes:
+        await self._own()
         with self.engine.tmp("sidecar-snapshot-") as tmp:
             out = Path(tmp) / "snapshot.ltx"
             await self.engine.snapshot_file(self.cluster, db, out)
             return await asyncio.to_thread(out.read_bytes)
 
+    async def release(self) -> None:
+        """This node is no longer the primary: store what is pending, and let the new primary's sidecar write."""
+        await self.engine.release(self.cluster)
+
     async def hwm(self, db: str) -> tuple[int, Pos]:
+        await self.engine.refresh(self.cluster, db)  # a replica's engine writes nothing: the store says
         return self.engine.hwm(self.cluster, db), self.engine.pos(self.cluster, db)
 
     async def close(self) -> None:
@@ -145,7 +165,11 @@ class EngineUpstream:
 
 
 async def open_upstream(url: str, *, cluster: str, token: str, state_dir: Path, engine: EngineConfig) -> Upstream:
-    """The upstream for `url`: http(s):// → a backup server; file:// or s3:// → an engine in-process."""
+    """The upstream for `url`: http(s):// → a backup server; file:// or s3:// → an engine in-process.
+
+    `engine.l0_interval` is 0 by default for file:// (each upload its own L0 file: see `config.load`), so every
+    upload the sidecar makes is a restore point.
+    """
     scheme = urlsplit(url).scheme
     if scheme in ("http", "https"):
         return HTTPUpstream(url, token, cluster)

@@ -60,12 +60,13 @@ def check_upload(data: bytes | memoryview, what: str) -> Checked:
 def check_header(header: Header, now: float, skew: float, what: str) -> None:
     """Raise InvalidHeader for a header no sane LiteFS writes (the position is checked apart)."""
     if header.timestamp > (now + skew) * 1000:
-        raise InvalidHeader(f"{what}: timestamp {format_timestamp(header.timestamp)} is more than {skew:g}s past "
-                            f"this server's clock", field="timestamp")
+        raise InvalidHeader(f"{what}: header timestamp {format_timestamp(header.timestamp)} is more than {skew:g}s "
+                            "past this server's clock", field="timestamp")
     if header.max_txid > MAX_TXID:
-        raise InvalidHeader(f"{what}: max TXID {header.max_txid:016x} exceeds {MAX_TXID:016x}", field="max_txid")
+        raise InvalidHeader(f"{what}: header max_txid {header.max_txid:016x} exceeds {MAX_TXID:016x}",
+                            field="max_txid")
     if header.commit > MAX_COMMIT:
-        raise InvalidHeader(f"{what}: commit {header.commit} exceeds SQLite's limit of {MAX_COMMIT} pages",
+        raise InvalidHeader(f"{what}: header commit {header.commit} exceeds SQLite's limit of {MAX_COMMIT} pages",
                             field="commit")
 
 

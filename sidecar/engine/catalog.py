@@ -19,7 +19,7 @@ import structlog
 from sidecar.engine.database import Database
 from sidecar.engine.index import DbIndex, scan
 from sidecar.engine.pagesums import PageSums
-from sidecar.errors import SidecarError, validate_db_name
+from sidecar.errors import SidecarError, validate_cluster_name, validate_db_name
 from sidecar.fsutil import write_atomically
 from sidecar.storage.base import ObjectInfo, Storage
 
@@ -58,7 +58,7 @@ class Catalog:
         """The database, added (empty) if the engine has never seen it."""
         db = self._dbs.get((cluster, name))
         if db is None:
-            validate_db_name(cluster)
+            validate_cluster_name(cluster)
             validate_db_name(name)
             db = Database(cluster, name, self.dir(cluster, name), index if index is not None else DbIndex())
             db.refresh_pos()
@@ -140,9 +140,13 @@ class Catalog:
         if not new and not gone:
             return False
         kept = [e for e in db.index if e not in gone]
-        added = await scan(self.storage, db.prefix, new) if new else DbIndex()
+        added = await scan(self.storage, db.prefix, new, on_bad=self._bad) if new else DbIndex()
         db.index = DbIndex([*kept, *added])
         return True
+
+    @staticmethod
+    def _bad(key: str, err: Exception) -> None:
+        log.error("unreadable file in the store: left out of the index (no restore uses it)", key=key, error=str(err))
 
     async def save(self, db: Database, *, sums: bool = False) -> None:
         """Write a database's index cache (and, with `sums`, its page checksums); flushes and compactions may both

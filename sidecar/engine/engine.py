@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -32,21 +33,24 @@ from pathlib import Path
 
 import structlog
 
-from sidecar.engine.accept import Intake, check_upload
+from sidecar.config import EngineConfig
+from sidecar.engine.accept import Intake, check_continues, check_header, check_upload
 from sidecar.engine.builder import Builder, Fence, Timed
 from sidecar.engine.catalog import Catalog
-from sidecar.engine.compaction import Compactor, due_levels
+from sidecar.engine.compaction import Compactor, due_levels, sources
 from sidecar.engine.database import Database, DbStatus, Pending
 from sidecar.engine.flush import Flusher, due
 from sidecar.engine.identity import StateBinding, store_identity
 from sidecar.engine.index import DbIndex, FileEntry, restore_points
+from sidecar.engine.lease import Leases, NotOwner
 from sidecar.engine.levels import Levels
 from sidecar.engine.operations import Operations
 from sidecar.engine.pagesums import PageSums
 from sidecar.engine.restore import RestoreResult, plan_restore
-from sidecar.engine.retention import Retention
+from sidecar.engine.retention import Retention, retention_victims
 from sidecar.engine.uploadlog import Record, UploadLog
 from sidecar.errors import NotFound, PosMismatch, PreconditionFailed, SidecarError, StorageError
+from sidecar.fsutil import write_atomically
 from sidecar.ltx import Header, LTXError, Pos, Trailer
 from sidecar.storage.base import Storage
 from sidecar.storage.layout import SNAPSHOT_LEVEL
@@ -55,6 +59,7 @@ log = structlog.get_logger("sidecar.engine")
 
 Clock = Callable[[], float]
 
+HELD_FILE = "leases.json"
 BIG_UPLOAD = 8 << 20  # an upload this large (a snapshot) is flushed at once, not held in memory
 FLUSH_CONCURRENCY = 16  # databases flushed at once by a tick
 FLUSH_BUDGET = 0.25  # seconds of a tick after which no further flush starts (the rest wait for the next)
@@ -64,8 +69,12 @@ class Engine:
     """One engine per store. Use `await Engine.open(...)`, then `write_tx`, `tick` (or `run`), `close`."""
 
     def __init__(self, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
-                 clock: Clock = time.time, timed: Timed | None = None, fence: Fence | None = None) -> None:
+                 clock: Clock = time.time, timed: Timed | None = None, fence: Fence | None = None,
+                 leases: Leases | None = None, max_skew: float = 3600.0, verify_checksums: bool = True) -> None:
         self.storage = storage
+        self._own_leases = leases is None
+        # Leases run on the engine's clock, so tests driving a fake clock drive the leases too.
+        self.leases = leases or Leases(storage, clock=clock, monotonic=time.monotonic if clock is time.time else clock)
         self.state_dir = Path(state_dir)
         self.levels = levels or Levels()
         self.clock = clock
@@ -76,21 +85,44 @@ class Engine:
         self._fence_extra = fence
         self.builder = Builder(storage, self.tmpdir, timed=timed, fence=self._fence)
         self.flusher = Flusher(self.builder, self.catalog, self.uploadlog)
-        self.intake = Intake(self.uploadlog, clock, self.flusher.flush)
+        self.intake = Intake(self.uploadlog, clock, self._flush, max_skew=max_skew,
+                             verify_checksums=verify_checksums)
         self.compactor = Compactor(self.builder, self.catalog, self.tmpdir)
-        self.retention = Retention(storage, self.catalog, self.levels)
-        self.ops = Operations(storage, self.catalog, self.flusher, self.uploadlog, self.tmpdir, self.write_tx,
+        self.retention = Retention(storage, self.catalog, self.levels, self._fence)
+        self.ops = Operations(storage, self.catalog, self._flush, self.uploadlog, self.tmpdir, self.write_tx,
                               clock)
         self._lock_fd = -1
         self._closed = False
         self._store_checked = True  # False while the store could not be checked at start
+        self._owning: dict[str, asyncio.Lock] = {}
+        self._held_before: set[str] = set()  # clusters this state directory's engine has held (<state>/leases.json)
+        self._foreign: dict[str, float] = {}  # cluster -> until when another engine holds its lease (engine clock)
+        self.quarantined = 0  # upload log records refused at replay
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
     @classmethod
     async def open(cls, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
-                   clock: Clock = time.time, timed: Timed | None = None, fence: Fence | None = None) -> Engine:
-        engine = cls(storage, state_dir, levels, clock=clock, timed=timed, fence=fence)
+                   clock: Clock = time.time, timed: Timed | None = None, fence: Fence | None = None,
+                   leases: Leases | None = None, max_skew: float = 3600.0, verify_checksums: bool = True) -> Engine:
+        engine = cls(storage, state_dir, levels, clock=clock, timed=timed, fence=fence, leases=leases,
+                     max_skew=max_skew, verify_checksums=verify_checksums)
+        try:
+            await engine._load()
+        except BaseException:
+            engine.abandon()
+            raise
+        return engine
+
+    @classmethod
+    async def from_config(cls, storage: Storage, config: EngineConfig, state_dir: str | os.PathLike[str] | None = None,
+                          *, addr: str = "", owner: str | None = None) -> Engine:
+        """An engine as the configuration's `engine` section says; `addr` is where this process takes requests
+        (written into its leases, so other processes can forward to it)."""
+        leases = Leases(storage, owner, addr, ttl=config.lease_ttl, skew=config.lease_skew)
+        engine = cls(storage, state_dir or config.state_dir, levels_of(config), leases=leases,
+                     max_skew=config.max_clock_skew, verify_checksums=config.verify_checksums)
+        engine._own_leases = owner is None
         try:
             await engine._load()
         except BaseException:
@@ -102,6 +134,12 @@ class Engine:
         """Read every database's index and pending uploads; rebuild lost indexes from the store."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
+        if self._own_leases:
+            self.leases.owner = self.binding.owner()  # a restart is the same owner: it takes its leases back at once
+        try:
+            self._held_before = set(json.loads((self.state_dir / HELD_FILE).read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            self._held_before = set()
         try:
             await self._check_store(started=False)
         except StorageError as err:
@@ -131,6 +169,7 @@ class Engine:
         if not self._store_checked:
             raise StorageError(self.storage.url, "not checked since start (it was unreachable); nothing is written "
                                "until it is", retryable=True)
+        self.leases.fence(db.cluster)
         if self._fence_extra is not None:
             await self._fence_extra(db)
 
@@ -178,13 +217,27 @@ class Engine:
                     self.catalog.forget(db)
             return
         what = f"{self.uploadlog.path(record.segment)} at offset {record.offset} ({record.cluster}/{record.name})"
-        checked = check_upload(record.data, what)
+        try:  # the door's checks again: a record an older version accepted must not stop the start
+            checked = check_upload(record.data, what)
+            check_header(checked.header, self.clock(), self.intake.max_skew, what)
+            db = self.catalog.create(record.cluster, record.name)
+        except (LTXError, SidecarError) as err:
+            self._quarantine(record, err)
+            return
         header = checked.header
-        db = self.catalog.create(record.cluster, record.name)
         if not await self.intake.replay(db, checked, record.segment, bytes(record.data), what):
             if header.max_txid > db.index.max_txid:
                 log.error("upload log: record does not continue its database; skipped", record=what,
                           pos=f"{db.pos.txid:016x}", min_txid=f"{header.min_txid:016x}")
+
+    def _quarantine(self, record: Record, err: Exception) -> None:
+        """Keep a bad upload log record aside (`<state>/quarantine/`), say where, and go on without it."""
+        path = self.state_dir / "quarantine" / f"{record.segment:016x}-{record.offset:016x}.ltx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(record.data)
+        self.quarantined += 1
+        log.error("upload log: record refused at replay and quarantined", file=str(self.uploadlog.path(record.segment)),
+                  offset=record.offset, cluster=record.cluster, db=record.name, error=str(err), kept=str(path))
 
     def abandon(self) -> None:
         """Let go of the state directory without flushing anything, as a crash would (tests use this)."""
@@ -209,17 +262,117 @@ class Engine:
             log.warning("closing with uploads not yet in the store; they stay in the upload log for the next start",
                         uploads=pending, error=str(err))
         await self.uploadlog.close()
+        for cluster in list(self.leases.held):
+            try:
+                await self.leases.release(cluster)
+            except StorageError as err:
+                log.warning("lease not released; it expires by itself", cluster=cluster, error=str(err))
         self._closed = True
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
     async def run(self, stop: asyncio.Event, period: float = 1.0) -> None:
-        """Tick until `stop` is set. Jobs fail alone (see `tick`); anything else ends the loop with its error."""
+        """Tick until `stop` is set, renewing leases beside. Jobs fail alone (see `tick`); anything else ends the
+        loop with its error."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._renewals(stop), name="lease renewals")
+            while not stop.is_set():
+                await self.tick()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), period)
+
+    async def _renewals(self, stop: asyncio.Event) -> None:
+        """Every third of the lease TTL: renew the leases of busy clusters, let idle ones go."""
+        every = self.leases.ttl / 3
         while not stop.is_set():
-            await self.tick()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), period)
+                await asyncio.wait_for(stop.wait(), every)
+            if stop.is_set():
+                return
+            now = self.clock()
+            for cluster in list(self.leases.held):
+                dbs = [db for db in self.catalog if db.cluster == cluster]
+                busy = any(db.pending or db.uploading or now - db.last_upload < self.leases.ttl for db in dbs)
+                async with self._owning.setdefault(cluster, asyncio.Lock()):  # one renewal at a time (If-Match)
+                    try:
+                        if not self.leases.holds(cluster):
+                            continue
+                        if not busy:
+                            await self.leases.release(cluster)
+                        elif self.leases.due(cluster):
+                            await self.leases.renew(cluster)
+                    except NotOwner as err:
+                        self._lost(cluster, err)
+                    except StorageError as err:
+                        log.warning("lease renewal failed; writes stop when it runs out", cluster=cluster,
+                                    error=str(err))
+
+    def _lost(self, cluster: str, err: NotOwner) -> None:
+        """Another engine took the cluster: what this one acknowledged but never stored is its clients' to resend."""
+        dropped = 0
+        for db in self.catalog:
+            if db.cluster == cluster and db.pending:
+                for p in db.pending:
+                    self.uploadlog.release(p.segment)
+                dropped += len(db.pending)
+                db.pending = []
+                db.refresh_pos()
+                db.sums = None
+        log.warning("lease lost: another engine writes this cluster now", cluster=cluster, error=str(err),
+                    dropped_uploads=dropped)
+
+    async def own(self, cluster: str, *, provisional: bool = False) -> None:
+        """Make sure this engine writes `cluster`, taking its lease if it is free (and rebuilding the cluster's
+        indexes from the store if another engine wrote it meanwhile). Raises NotOwner if another engine holds it.
+
+        `provisional`: if the store cannot be reached to take the lease, go on (to accept uploads into the upload
+        log) as long as this state directory held the cluster last; nothing is written to the store until the
+        lease is taken, and if another engine took it meanwhile, the uploads are dropped for their clients to send
+        again."""
+        if self.leases.holds(cluster) and not self.leases.due(cluster):
+            return
+        async with self._owning.setdefault(cluster, asyncio.Lock()):
+            if not self.leases.holds(cluster):
+                try:
+                    fresh = await self.leases.acquire(cluster)
+                except StorageError:
+                    if provisional and cluster in self._held_before:
+                        return
+                    raise
+                if cluster not in self._held_before:
+                    self._held_before.add(cluster)
+                    await asyncio.to_thread(write_atomically, self.state_dir / HELD_FILE,
+                                            json.dumps(sorted(self._held_before)))
+                if not fresh:
+                    for db in await self.catalog.reconcile(cluster):
+                        self._trim_pending(db)
+            elif self.leases.due(cluster):  # a third of the TTL old: renew while it is used
+                try:
+                    await self.leases.renew(cluster)
+                except NotOwner as err:
+                    self._lost(cluster, err)
+                    raise
+                except StorageError:
+                    if not self.leases.holds(cluster):
+                        raise
+                    log.warning("lease renewal failed; retried at the next use", cluster=cluster)
+
+    def owns(self, cluster: str) -> bool:
+        return self.leases.holds(cluster)
+
+    async def refresh(self, cluster: str, name: str) -> None:
+        """Read one database's state from the store again (for an engine that does not write its cluster)."""
+        db = self.catalog.create(cluster, name)
+        if not self.leases.holds(cluster):
+            await self.catalog.reconcile(only=db)
+
+    async def release(self, cluster: str) -> None:
+        """Flush the cluster's pending uploads and let its lease go, so another engine may take it at once."""
+        for db in self.catalog:
+            if db.cluster == cluster and db.pending and self.leases.holds(cluster):
+                await self._flush(db)
+        await self.leases.release(cluster)
 
     # -- queries: copies, never the engine's own state ------------------------------------------------
 
@@ -282,28 +435,44 @@ class Engine:
         Raises PosMismatch (with the current position; nothing is stored) when the upload does not continue
         the database, or while another upload of it is in progress.
         """
+        await self.own(cluster, provisional=True)
         db = self.catalog.create(cluster, name)
         if db.uploading:
             raise PosMismatch(name, db.pos, "another upload of this database is in progress")
         db.uploading += 1
         try:
+            if db.sums is None and self.intake.verify_checksums:
+                await self._rebuild_sums(db)  # lost, or the cluster was taken over: read them from the store now
             await self.intake.accept(db, data)
         finally:
             db.uploading -= 1
         if self.levels.l0_interval <= 0 or len(data) > BIG_UPLOAD:
-            await self.flusher.flush(db)
+            await self._flush(db)
         return db.hwm
+
+    def precheck(self, cluster: str, name: str, header: Header) -> None:
+        """Refuse an upload by its header alone, before its body is read: insane fields, or (when this engine writes
+        the cluster) a position it does not continue. `write_tx` checks everything again."""
+        check_header(header, self.clock(), self.intake.max_skew, f"{cluster}/{name}")
+        db = self.catalog.get(cluster, name)
+        if db is not None and self.leases.holds(cluster):
+            check_continues(db, header)
+
+    async def _flush(self, db: Database) -> None:
+        """Flush a database's pending uploads now, as the owner of its cluster."""
+        if db.pending:
+            await self.own(db.cluster)
+            await self.flusher.flush(db)
 
     async def flush(self, cluster: str, name: str) -> int:
         """Flush one database's pending uploads now; returns its HWM."""
         db = self.catalog.require(cluster, name)
-        await self.flusher.flush(db)
+        await self._flush(db)
         return db.hwm
 
     async def flush_all(self) -> None:
         for db in self.catalog:
-            if db.pending:
-                await self.flusher.flush(db)
+            await self._flush(db)
 
     # -- the schedule ---------------------------------------------------------------------------------
 
@@ -321,12 +490,13 @@ class Engine:
             except StorageError as err:
                 log.warning("store still unreachable; nothing is written to it until it answers", error=str(err))
                 return
-        for db in self.catalog:
+        mine = await self._owned([db for db in self.catalog if self._has_work(db, now)], now)
+        for db in mine:
             if db.resync:
                 await self._job(db, "resync", now, self._resync(db))
             if db.sums is None and self.intake.verify_checksums and db.job("checksums").backoff.ready(now):
                 await self._job(db, "checksums", now, self._rebuild_sums(db))
-        ready = [db for db in due(list(self.catalog), now, lv.l0_interval) if db.job("flush").backoff.ready(now)]
+        ready = [db for db in due(mine, now, lv.l0_interval) if db.job("flush").backoff.ready(now)]
         if ready:
             # Many at a time, as each mostly waits on the store; oldest first, and no new one started once this
             # tick has spent FLUSH_BUDGET seconds, so a wave of them (every database of a restarted server comes
@@ -339,7 +509,7 @@ class Engine:
                     if time.perf_counter() < until:
                         await self._job(db, "flush", now, self.flusher.flush(db))
             await asyncio.gather(*map(flush, ready))
-        for db in self.catalog:
+        for db in mine:
             # Compaction only adds files and retention only removes what flushes never touch, so uploads go on
             # meanwhile; restores take `maint` so their inputs stay put.
             async with db.maint:
@@ -351,24 +521,72 @@ class Engine:
                 if db.job("retention").backoff.ready(now):
                     await self._job(db, "retention", now, self.retention.apply(db, now))
 
+    def _has_work(self, db: Database, now: float) -> bool:
+        """Whether any job of the database would write to the store now (no I/O; a level due with nothing new to
+        compact is marked as run)."""
+        if db.resync or (db.sums is None and self.intake.verify_checksums) or db.pending:
+            return True
+        for level in due_levels(db.last_run, now, self.levels):
+            try:
+                if sources(db.index, level):
+                    return True
+            except SidecarError:
+                return True  # a gap: the job reports it
+            db.last_run[level] = now  # nothing new to compact at this boundary
+        return bool(retention_victims(db.index, self.levels, now))
+
+    async def _owned(self, dbs: list[Database], now: float) -> list[Database]:
+        """The databases of `dbs` whose cluster this engine writes (taking free leases); the rest are another's
+        (left alone until that engine's lease would expire). A lease the store fails to give is a failure of each
+        database's "lease" job: their work waits."""
+        owned: set[str] = set()
+        for cluster in sorted({db.cluster for db in dbs}):
+            if self._foreign.get(cluster, 0.0) > now:
+                continue
+            mine = [db for db in dbs if db.cluster == cluster]
+            if not all(db.job("lease").backoff.ready(now) for db in mine):
+                continue
+            try:
+                await self.own(cluster)
+            except NotOwner as err:
+                self._foreign[cluster] = err.holder.expires / 1000 if err.holder else now + self.leases.ttl
+                log.debug("cluster written by another engine; its jobs are theirs", cluster=cluster, error=str(err))
+                continue
+            except StorageError as err:
+                for db in mine:
+                    self._failed(db, "lease", now, err)
+                continue
+            owned.add(cluster)
+            self._foreign.pop(cluster, None)
+            for db in mine:
+                self._succeeded(db, "lease")
+        return [db for db in dbs if db.cluster in owned]
+
     async def _job(self, db: Database, name: str, now: float, work: Awaitable[object]) -> bool:
         """Run one job of one database; a failure is recorded on it and logged, never raised."""
-        health = db.job(name)
         try:
             await work
         except (SidecarError, LTXError, OSError) as err:
             if isinstance(err, NotFound | PreconditionFailed):
                 db.resync = True  # the store contradicts the index: rebuild it from the store at the next tick
-            health.failures += 1
-            health.last_error = str(err)
-            delay = health.backoff.fail(now)
-            log.error("job failed", cluster=db.cluster, db=db.name, job=name, error=str(err),
-                      failures=health.backoff.failures, retry_in=round(delay, 1))
+            self._failed(db, name, now, err)
             return False
+        self._succeeded(db, name)
+        return True
+
+    def _failed(self, db: Database, name: str, now: float, err: Exception) -> None:
+        health = db.job(name)
+        health.failures += 1
+        health.last_error = str(err)
+        delay = health.backoff.fail(now)
+        log.error("job failed", cluster=db.cluster, db=db.name, job=name, error=str(err),
+                  failures=health.backoff.failures, retry_in=round(delay, 1))
+
+    def _succeeded(self, db: Database, name: str) -> None:
+        health = db.job(name)
         if health.backoff.failures:
             log.info("job recovered", cluster=db.cluster, db=db.name, job=name, after=health.backoff.failures)
         health.backoff.ok()
-        return True
 
     async def _resync(self, db: Database) -> None:
         """Rebuild a database's index from the store, and keep only the pending uploads that still continue it."""
@@ -456,4 +674,12 @@ class Engine:
         return self.ops.tmp(prefix)
 
 
-__all__ = ["Engine"]
+def levels_of(engine: EngineConfig) -> Levels:
+    """The engine section's intervals and retentions (the same names as Levels' fields)."""
+    return Levels(l0_interval=engine.l0_interval, l1_interval=engine.l1_interval, l2_interval=engine.l2_interval,
+                  snapshot_interval=engine.snapshot_interval, l0_retention=engine.l0_retention,
+                  l1_retention=engine.l1_retention, l2_retention=engine.l2_retention,
+                  snapshot_retention=engine.snapshot_retention)
+
+
+__all__ = ["Engine", "levels_of"]

@@ -32,6 +32,7 @@ log = structlog.get_logger("sidecar.engine")
 
 FORMAT = 1
 STORE_FILE = "store.json"
+OWNER_FILE = "owner"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,19 @@ class StateBinding:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
 
+    def owner(self) -> str:
+        """This state directory's own id: the owner its engine writes into leases, the same across restarts."""
+        path = self.state_dir / OWNER_FILE
+        try:
+            value = path.read_text().strip()
+            if value:
+                return value
+        except FileNotFoundError:
+            pass
+        value = secrets.token_hex(8)
+        write_atomically(path, value)
+        return value
+
     def recorded(self) -> str | None:
         try:
             return str(json.loads((self.state_dir / STORE_FILE).read_text())["id"])
@@ -81,7 +95,7 @@ class StateBinding:
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
         for entry in self.state_dir.iterdir():
-            if entry.name.startswith(".") or entry.name == STORE_FILE:
+            if entry.name.startswith(".") or entry.name in (STORE_FILE, OWNER_FILE):
                 continue
             entry.rename(dest / entry.name)
         return dest

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -138,9 +138,10 @@ class DbIndex:
 
 
 async def scan(storage: Storage, prefix: str, objects: Sequence[ObjectInfo] | None = None, *,
-               concurrency: int = 32) -> DbIndex:
+               concurrency: int = 32, on_bad: Callable[[str, LTXError], None] | None = None) -> DbIndex:
     """Rebuild one database's index from the store: one LIST (unless `objects` is a listing already made),
-    then every file's header (100 bytes)."""
+    then every file's header (100 bytes). A file whose header is unreadable raises, or with `on_bad` is reported
+    to it (key, error) and left out of the index: no plan ever uses it."""
     base = prefix.strip("/")
     if objects is None:
         objects = await storage.list(base + "/" if base else "")
@@ -152,17 +153,20 @@ async def scan(storage: Storage, prefix: str, objects: Sequence[ObjectInfo] | No
         found.append((obj, parsed.level))
     sem = asyncio.Semaphore(concurrency)
 
-    async def read(obj: ObjectInfo, level: int) -> FileEntry:
+    async def read(obj: ObjectInfo, level: int) -> FileEntry | None:
         async with sem:
             head = await storage.get_range(obj.key, 0, HEADER_SIZE)
         try:
             header = Header.unpack(head)
         except LTXError as err:
-            raise LTXError(f"{obj.key}: {err}", field=err.field) from err
+            if on_bad is None:
+                raise LTXError(f"{obj.key}: {err}", field=err.field) from err
+            on_bad(obj.key, err)
+            return None
         return FileEntry.from_header(level, header, obj.size)
 
     entries = await asyncio.gather(*(read(obj, level) for obj, level in found))
-    return DbIndex(entries)
+    return DbIndex(e for e in entries if e is not None)
 
 
 def restore_points(index: DbIndex) -> list[tuple[int, int, int]]:

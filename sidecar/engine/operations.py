@@ -15,7 +15,6 @@ from pathlib import Path
 
 from sidecar.engine.catalog import Catalog
 from sidecar.engine.database import Database
-from sidecar.engine.flush import Flusher
 from sidecar.engine.restore import RestoreResult, plan_restore, restore
 from sidecar.engine.uploadlog import UploadLog
 from sidecar.errors import SidecarError
@@ -29,11 +28,11 @@ WriteTx = Callable[[str, str, bytes], Awaitable[int]]
 class Operations:
     """Restore, snapshot, write_state, clone and delete, over one engine's components."""
 
-    def __init__(self, storage: Storage, catalog: Catalog, flusher: Flusher, log: UploadLog, tmpdir: Path,
-                 write_tx: WriteTx, clock: Callable[[], float]) -> None:
+    def __init__(self, storage: Storage, catalog: Catalog, flush: Callable[[Database], Awaitable[None]],
+                 log: UploadLog, tmpdir: Path, write_tx: WriteTx, clock: Callable[[], float]) -> None:
         self.storage = storage
         self.catalog = catalog
-        self.flusher = flusher
+        self.flush = flush
         self.log = log
         self.tmpdir = tmpdir
         self.write_tx = write_tx
@@ -47,7 +46,7 @@ class Operations:
     async def restore_to(self, db: Database, out: str | os.PathLike[str], *, txid: int | None = None,
                          timestamp: int | None = None, integrity_check: bool = False) -> RestoreResult:
         """Restore the database into the SQLite file `out` (pending uploads are flushed first)."""
-        await self.flusher.flush(db)
+        await self.flush(db)
         async with db.maint:
             plan = plan_restore(db.index, txid=txid, timestamp=timestamp)
             return await restore(self.storage, db.prefix, plan, out, integrity_check=integrity_check)
@@ -94,7 +93,7 @@ class Operations:
                 return ltx.read_bytes()
             data = await asyncio.to_thread(encode)
         await self.write_tx(cluster, name, data)
-        await self.flusher.flush(db)
+        await self.flush(db)
         return db.pos
 
     async def clone(self, db: Database, to_cluster: str, to_name: str) -> Pos:

@@ -115,8 +115,8 @@ class PageSums:
             old = self.commit
             missing = [p for p in range(old + 1, commit + 1) if p != lock and p not in crcs]
             if missing:
-                raise InvalidHeader(f"{what}: commit grows from {old} to {commit} pages but page {missing[0]} is not "
-                                    "in the upload", field="commit")
+                raise InvalidHeader(f"{what}: header commit grows from {old} to {commit} pages but page {missing[0]} "
+                                    "is not in the upload", field="commit")
             value = self.value
             for pgno in range(commit + 1, old + 1):  # a shrink drops these pages
                 if pgno != lock:

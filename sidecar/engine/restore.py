@@ -10,6 +10,7 @@ fsyncs and renames. Nothing is left at `out` unless every check passed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 import sqlite3
 import tempfile
@@ -78,18 +79,58 @@ def plan_restore(index: DbIndex | Sequence[FileEntry], *, txid: int | None = Non
         best = max(eligible, key=lambda e: (e.max_txid, -e.min_txid, e.level))
         plan.append(best)
         cur = best.max_txid
-    beyond = [e for e in entries if fits(e) and e.max_txid > cur]
     if txid is not None and cur != txid:
-        if beyond:
-            raise RestoreError(f"TXID {txid:016x} is not a restore point (nearest below: {describe(plan[-1])}); "
-                               f"see `litefs-sidecar ls`")
-        newest = max(entries, key=lambda e: e.max_txid)
-        raise RestoreError(f"TXID {txid:016x} is beyond the newest restore point {describe(newest)}")
+        raise RestoreError(_missed(entries, txid, plan[-1]))
+    beyond = [e for e in entries if fits(e) and e.max_txid > cur]
     if beyond:
-        gap = min(e.min_txid for e in beyond)
-        raise RestoreError(f"the backup has a gap: TXIDs {cur + 1:016x}..{gap - 1:016x} are missing "
-                           f"after {describe(plan[-1])}")
+        raise RestoreError(_gap(entries, plan[-1]))
     return plan
+
+
+def _gap(entries: Sequence[FileEntry], last: FileEntry) -> str:
+    """The chain stops at `last` although later files exist: name the missing TXIDs."""
+    cur = last.max_txid
+    resume = min(e.min_txid for e in entries if e.min_txid > cur + 1)
+    return f"the backup has a gap: TXIDs {cur + 1:016x}..{resume - 1:016x} are missing after {describe(last)}"
+
+
+def _missed(entries: Sequence[FileEntry], txid: int, below: FileEntry) -> str:
+    """Why no plan ends exactly at `txid`; `below` is the nearest restore point under it.
+
+    Past every file: beyond the newest restore point. Nothing continues the chain after `below`: a gap (a
+    file is missing). Otherwise a file spans `txid`: it is not a restore point, and the nearest above is
+    named too.
+    """
+    points = _points(entries)
+    if txid > max(e.max_txid for e in entries):
+        newest = points[max(points)]
+        out = f"TXID {txid:016x} is beyond the newest restore point {describe(newest)}"
+        return out + (f"; {_gap(entries, newest)}" if any(e.max_txid > newest.max_txid for e in entries) else "")
+    cur = below.max_txid
+    if not any(e.min_txid <= cur + 1 and e.max_txid > cur for e in entries):
+        return f"TXID {txid:016x} cannot be restored: {_gap(entries, below)}"
+    above = points[min(t for t in points if t > txid)]
+    return (f"TXID {txid:016x} is not a restore point; the nearest are {describe(below)} below and "
+            f"{describe(above)} above (see `litefs-sidecar ls`)")
+
+
+def _points(entries: Sequence[FileEntry]) -> dict[int, FileEntry]:
+    """Every TXID a plan can end at, with the finest-level file ending there.
+
+    A file extends the chain when some reachable TXID lies in [min_txid - 1, max_txid - 1] (files may overlap,
+    as `plan_restore` allows). Taken in min_txid order, a reachable TXID in that range is always known already:
+    the chain reaching it first crosses min_txid - 1 through a file with a smaller min_txid.
+    """
+    known: list[int] = []
+    best: dict[int, FileEntry] = {}
+    for e in sorted(entries, key=lambda e: (e.min_txid, e.max_txid)):
+        i = bisect.bisect_left(known, e.min_txid - 1)
+        if e.is_snapshot or (i < len(known) and known[i] < e.max_txid):
+            if e.max_txid not in best:
+                bisect.insort(known, e.max_txid)
+            if e.max_txid not in best or e.level < best[e.max_txid].level:
+                best[e.max_txid] = e
+    return best
 
 
 async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out: str | os.PathLike[str], *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import structlog
 
+from sidecar.engine.builder import Fence
 from sidecar.engine.catalog import Catalog
 from sidecar.engine.database import Database
 from sidecar.engine.index import DbIndex, FileEntry
@@ -54,16 +55,18 @@ def retention_victims(index: DbIndex, levels: Levels, now: float) -> list[FileEn
 class Retention:
     """Applies retention to one database at a time."""
 
-    def __init__(self, storage: Storage, catalog: Catalog, levels: Levels) -> None:
+    def __init__(self, storage: Storage, catalog: Catalog, levels: Levels, fence: Fence) -> None:
         self.storage = storage
         self.catalog = catalog
         self.levels = levels
+        self.fence = fence
 
     async def apply(self, db: Database, now: float) -> int:
         """Delete what retention allows at `now`; returns how many files. The caller holds `db.maint`."""
         doomed = retention_victims(db.index, self.levels, now)
         if not doomed:
             return 0
+        await self.fence(db)
         db.index.remove(doomed)
         await self.catalog.save(db)  # forget first: a crash leaves orphans, never dangling entries
         try:

@@ -68,8 +68,11 @@ def parse_txid(text: str) -> int:
 
 
 def format_timestamp(ms: int) -> str:
-    """RFC 3339 with fixed milliseconds, UTC."""
-    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    """RFC 3339 with fixed milliseconds, UTC; a time no calendar date holds (past the year 9999) as raw ms."""
+    try:
+        dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"{ms} ms since the epoch"
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 

@@ -23,10 +23,12 @@ import structlog
 from aiohttp import web
 
 from sidecar.engine import Engine
-from sidecar.errors import PosMismatch, SidecarError, StorageError, validate_db_name
+from sidecar.errors import PosMismatch, SidecarError, StorageError, validate_cluster_name
 from sidecar.ltx import LTXError
+from sidecar.ltx.errors import ChecksumMismatch, InvalidHeader
 from sidecar.protocol import INSTANCE_HEADER, REQUEST_ID_HEADER
 from sidecar.server.auth import ADMIN_SCOPE, Scope, Tokens
+from sidecar.server.guard import GuardedSite, Limits, install_client_mistakes_filter, quiet_accept_errors
 from sidecar.server.http import ADMIN, CLUSTER, READONLY, error
 from sidecar.server.litefs_api import LiteFSAPI
 from sidecar.server.metrics import Metrics
@@ -49,6 +51,9 @@ class ServerConfig:
     admin_token: str = ""
     max_body_size: int = 1 << 30
     request_timeout: float = 300.0  # seconds to receive an upload's body
+    header_timeout: float = 20.0  # seconds for a new connection to send its request headers
+    idle_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 10_000
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -116,9 +121,9 @@ class Server:
             self.metrics.rejections.labels(err.code).inc()
             return error(409, err.code, err.reason, err.pos)
         except LTXError as err:
-            code = "EBADHEADER" if err.field == "page_size" else "EBADLTX"
+            status, code = ltx_refusal(err)
             self.metrics.rejections.labels(code).inc()
-            return error(422 if code == "EBADHEADER" else 400, code, str(err))
+            return error(status, code, str(err))
         except StorageError as err:
             self.metrics.storage_errors.inc()
             self.metrics.rejections.labels(err.code).inc()
@@ -161,7 +166,7 @@ class Server:
         header = request.headers.get("Authorization", "")
         if self.config.insecure_no_auth:
             if header.lower().startswith("cluster "):
-                return Scope(validate_db_name(header[8:].strip()))
+                return Scope(validate_cluster_name(header[8:].strip()))
             return Scope(request.query.get("cluster") or "default")
         return self.tokens.scope(Tokens.from_header(header))
 
@@ -184,15 +189,36 @@ class Server:
         return web.json_response({"ready": True})
 
 
+# Header fields a well-formed upload can still get wrong for its database: 422, not 400.
+SEMANTIC_FIELDS = frozenset({"page_size", "commit", "timestamp", "max_txid"})
+
+
+def ltx_refusal(err: LTXError) -> tuple[int, str]:
+    """The status and code an upload refused by the codec or the engine's checks gets."""
+    if isinstance(err, ChecksumMismatch) and err.field == "post_apply_checksum":
+        return 422, "EBADCHECKSUM"  # it claims a state its pages do not make
+    if isinstance(err, InvalidHeader) and err.field in SEMANTIC_FIELDS:
+        return 422, "EBADHEADER"
+    return 400, "EBADLTX"
+
+
 async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, stop: asyncio.Event,
                 grace: float = 30.0, started: Callable[[str], None] | None = None,
                 metrics: Metrics | None = None) -> None:
     """Run until `stop`: the engine's ticker, then graceful shutdown (finish in-flight uploads, flush)."""
     server = Server(engine, config, metrics)
-    runner = web.AppRunner(server.make_app(), access_log=None, shutdown_timeout=grace)
+    runner = web.AppRunner(server.make_app(), access_log=None, shutdown_timeout=grace,
+                           keepalive_timeout=config.idle_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    quiet_accept_errors(asyncio.get_running_loop())
+    undo_filter = install_client_mistakes_filter()
+    site = GuardedSite(runner, host, port, Limits(config.header_timeout, config.max_connections))
+    try:
+        await site.start()
+    except BaseException:
+        undo_filter()
+        await runner.cleanup()
+        raise
     addr = runner.addresses[0]
     url = f"http://{addr[0]}:{addr[1]}"
     server.ready = True
@@ -216,6 +242,7 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
             raise SidecarError(f"engine stopped: {ticker.exception()!r}")
         await ticker
         await engine.close()  # flush what was accepted
+        undo_filter()
         log.info("stopped")
 
 

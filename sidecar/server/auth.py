@@ -12,7 +12,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.errors import SidecarError, validate_db_name
+from sidecar.errors import SidecarError, validate_cluster_name
 
 ADMIN_SCOPE = "*"
 MIN_TOKEN = 16
@@ -42,7 +42,7 @@ def parse_tokens(text: str, source: str) -> dict[str, Scope]:
             raise SidecarError(f"{source}: line {n}: want '<cluster> <token> [read]'")
         cluster, token = parts[0], parts[1]
         try:
-            validate_db_name(cluster)
+            validate_cluster_name(cluster)
         except SidecarError as err:
             raise SidecarError(f"{source}: line {n}: cluster: {err}") from None
         if len(token) < MIN_TOKEN:

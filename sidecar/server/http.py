@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar.errors import SidecarError, validate_db_name
 from sidecar.ltx import Pos
@@ -47,10 +49,33 @@ def db_param(request: web.Request) -> tuple[str, str]:
     return cluster, name
 
 
-async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
-    """The whole request body, at most `limit` bytes, received within `seconds`."""
+async def read_head(request: web.Request, n: int, seconds: float) -> bytes:
+    """The body's first `n` bytes (fewer if the body is shorter), received within `seconds`."""
+    if request.content_length is not None and request.content_length > 0 and n > request.content_length:
+        n = request.content_length
+    if request.content_length == 0:
+        return b""
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.content.readexactly(n)
+    except asyncio.IncompleteReadError as err:
+        return err.partial
+    except TimeoutError:
+        raise ClientError(408, "ETIMEOUT", f"request body not received within {seconds:g}s") from None
+    except (RequestPayloadError, HttpProcessingError) as err:
+        raise ClientError(400, "EBADBODY", f"request body unreadable: {err.__cause__ or err}") from None
+
+
+def check_length(request: web.Request, limit: int) -> None:
+    """413 before anything is read when the declared length already exceeds `limit`."""
     if request.content_length is not None and request.content_length > limit:
         raise ClientError(413, "ETOOLARGE", f"request body of {request.content_length} bytes exceeds {limit}")
+
+
+async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
+    """The rest of the request body, at most `limit` bytes, received within `seconds`."""
+    if request.content.total_bytes == 0:
+        check_length(request, limit)
     buf = bytearray()
     try:
         async with asyncio.timeout(seconds):  # a slow or stalled sender holds nothing
@@ -60,7 +85,11 @@ async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
                     raise ClientError(413, "ETOOLARGE", f"request body exceeds {limit} bytes")
     except TimeoutError:
         raise ClientError(408, "ETIMEOUT", f"request body not received within {seconds:g}s") from None
+    except (RequestPayloadError, HttpProcessingError) as err:
+        encoding = request.headers.get("Content-Encoding", "")
+        raise ClientError(400, "EBADBODY", f"request body unreadable{' as ' + encoding if encoding else ''}: "
+                          f"{err.__cause__ or err}") from None
     return bytes(buf)
 
 
-__all__ = ["ADMIN", "CLUSTER", "READONLY", "ClientError", "db_param", "error", "read_body"]
+__all__ = ["ADMIN", "CLUSTER", "READONLY", "ClientError", "db_param", "error", "read_body", "read_head"]

@@ -15,9 +15,9 @@ from aiohttp import web
 
 from sidecar.engine import Engine
 from sidecar.errors import PosMismatch
-from sidecar.ltx import LTXError
+from sidecar.ltx import HEADER_SIZE, Header, LTXError
 from sidecar.protocol import HWM_HEADER, TXID_HEADER, pos_to_json, txid_hex
-from sidecar.server.http import CLUSTER, ClientError, db_param, error, read_body
+from sidecar.server.http import CLUSTER, ClientError, check_length, db_param, error, read_body, read_head
 from sidecar.server.metrics import Metrics
 
 
@@ -50,9 +50,17 @@ class LiteFSAPI:
             raise PosMismatch(name, self.engine.pos(cluster, name), "another upload of this database is in progress")
         self.inflight += 1
         try:
-            data = await read_body(request, self.max_body_size, self.request_timeout)
-            if not data:
+            # The header first: a refusal it already earns costs no body (a 409 before the pages are sent).
+            check_length(request, self.max_body_size)
+            head = await read_head(request, HEADER_SIZE, self.request_timeout)
+            if not head:
                 raise LTXError("empty request body: want an LTX file")
+            try:
+                header = Header.unpack(head)
+            except LTXError as err:
+                raise LTXError(f"{cluster}/{name}: invalid LTX upload: {err}", field=err.field) from err
+            self.engine.precheck(cluster, name, header)
+            data = head + await read_body(request, self.max_body_size - len(head), self.request_timeout)
             hwm = await self.engine.write_tx(cluster, name, data)
         finally:
             self.inflight -= 1

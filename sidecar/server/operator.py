@@ -1,7 +1,7 @@
 """The operator API (JSON): list, restore as a new head, download, upload, clone, delete.
 
     GET    /api/databases                     clusters and databases: position, HWM, lag, size, restore points
-    GET    /api/db?db=NAME                    one database, with its restore points
+    GET    /api/db?db=NAME                    one database, with its restore points on every level
     POST   /api/restore?db=NAME               {"timestamp": RFC 3339} or {"txid": hex}: append that state as head
     GET    /api/download?db=NAME[&timestamp=|&txid=][&format=sqlite|ltx]
     GET    /api/preview?db=NAME(&timestamp=|&txid=)  what a restore would bring back: tables and row counts
@@ -15,6 +15,7 @@ A cluster token sees and changes only its own cluster; the admin token (`?cluste
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.engine import Engine
-from sidecar.errors import RestoreError, SidecarError, validate_db_name
-from sidecar.ltx import format_timestamp
+from sidecar.engine.index import reachable
+from sidecar.errors import validate_cluster_name, validate_db_name
+from sidecar.ltx import LTXError, format_timestamp
 from sidecar.ltx.sqlite import sqlite_page_size
 from sidecar.protocol import txid_hex
 from sidecar.server.http import ADMIN, CLUSTER, ClientError, db_param, read_body
@@ -43,15 +45,26 @@ def describe_tables(path: Path) -> list[dict[str, Any]]:
         con.close()
 
 
-def _target(params: Any) -> tuple[int | None, int | None]:
+def _target(params: Any, *, required: bool = False) -> tuple[int | None, int | None]:
+    """(txid, timestamp ms) from `txid` (16 hex digits) or `timestamp` (RFC 3339); 400 naming the field if bad."""
     ts = params.get("timestamp") or None
     txid = params.get("txid") or None
     if ts and txid:
-        raise RestoreError("give timestamp or txid, not both")
-    try:
-        return (int(txid, 16) if txid else None), (parse_rfc3339(ts) if ts else None)
-    except (ValueError, TypeError):
-        raise RestoreError(f"invalid target: timestamp={ts!r} txid={txid!r}") from None
+        raise ClientError(400, "EBADTARGET", "give timestamp or txid, not both")
+    if required and not (ts or txid):
+        raise ClientError(400, "EBADTARGET", "give a timestamp (RFC 3339) or a txid (16 hex digits)")
+    if txid is not None and not (isinstance(txid, str) and 1 <= len(txid) <= 16
+                                 and all(c in "0123456789abcdefABCDEF" for c in txid)):
+        raise ClientError(400, "EBADTARGET", f"txid: want up to 16 hex digits as a string, got {txid!r}")
+    if ts is not None:
+        try:
+            if not isinstance(ts, str):
+                raise ValueError("not a string")
+            return (int(txid, 16) if txid else None), parse_rfc3339(ts)
+        except (ValueError, OverflowError) as err:
+            raise ClientError(400, "EBADTARGET", f"timestamp: want RFC 3339 such as 2026-11-24T09:00:00Z, got "
+                                                 f"{ts!r} ({err})") from None
+    return (int(txid, 16) if txid else None), None
 
 
 class OperatorAPI:
@@ -93,9 +106,32 @@ class OperatorAPI:
             out["oldest"] = format_timestamp(rp[0][1])
             out["newest"] = format_timestamp(rp[-1][1])
         if points:
-            out["points"] = [{"txid": txid_hex(t), "timestamp": format_timestamp(ts), "level": lv}
-                             for t, ts, lv in rp]
+            out["points"], out["levels"] = self._points_by_level(cluster, name)
         return out
+
+    def _points_by_level(self, cluster: str, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every restore point of every level (a TXID that two levels both end at is listed under each), and per
+        level the stretch of time it covers and how far apart its points are (`interval`, seconds; 0 = every
+        upload): which stretch is restorable at which granularity."""
+        index = self.engine.index(cluster, name)
+        reach = reachable(index)
+        points: list[dict[str, Any]] = []
+        levels: list[dict[str, Any]] = []
+        for level in sorted(index.levels):
+            mine = [e for e in index.level(level) if e.max_txid in reach]
+            if not mine:
+                continue
+            points += [{"txid": txid_hex(e.max_txid), "timestamp": format_timestamp(e.timestamp), "level": level}
+                       for e in mine]
+            try:
+                interval: float | None = self.engine.levels.interval(level)
+            except KeyError:  # a level we do not build (a Litestream store's L3..L8)
+                interval = None
+            levels.append({"level": level, "points": len(mine), "interval": interval,
+                           "oldest": format_timestamp(min(e.timestamp for e in mine)),
+                           "newest": format_timestamp(max(e.timestamp for e in mine))})
+        points.sort(key=lambda p: (p["txid"], p["level"]))
+        return points, levels
 
     async def list_databases(self, request: web.Request) -> web.Response:
         cluster = request[CLUSTER]
@@ -114,10 +150,14 @@ class OperatorAPI:
 
     async def restore(self, request: web.Request) -> web.Response:
         cluster, name = self._existing(request)
-        body = await request.json() if request.can_read_body else {}
+        try:
+            body = json.loads(await read_body(request, 1 << 16, self.request_timeout) or b"{}")
+        except ValueError:
+            raise ClientError(400, "EBADJSON", 'body: want a JSON object such as {"timestamp": '
+                                               '"2026-11-24T09:00:00Z"}') from None
         if not isinstance(body, dict):
-            raise RestoreError("body must be a JSON object")
-        txid, ts = _target(body)
+            raise ClientError(400, "EBADJSON", "body: want a JSON object")
+        txid, ts = _target(body, required=True)
         with self.engine.tmp("api-") as tmp:
             db = Path(tmp) / "db"
             result = await self.engine.restore_to(cluster, name, db, txid=txid, timestamp=ts, integrity_check=True)
@@ -129,9 +169,7 @@ class OperatorAPI:
     async def preview(self, request: web.Request) -> web.Response:
         """Restore the target into a temporary file and describe it: the restore page shows this before asking."""
         cluster, name = self._existing(request)
-        txid, ts = _target(request.query)
-        if txid is None and ts is None:
-            raise RestoreError("preview needs a timestamp or a txid")
+        txid, ts = _target(request.query, required=True)
         with self.engine.tmp("preview-") as tmp:
             db = Path(tmp) / "db"
             result = await self.engine.restore_to(cluster, name, db, txid=txid, timestamp=ts, integrity_check=True)
@@ -154,10 +192,11 @@ class OperatorAPI:
         data = await read_body(request, self.max_body_size, self.request_timeout)
         try:
             page_size = sqlite_page_size(data[:100])
-        except Exception as err:
-            raise SidecarError(f"upload of {name!r}: not a SQLite database ({err})") from None
+        except LTXError as err:
+            raise ClientError(422, "ENOTSQLITE", f"upload of {name!r}: body is not a SQLite database ({err})") from None
         if len(data) % page_size:
-            raise SidecarError(f"upload of {name!r}: size {len(data)} is not a multiple of page size {page_size}")
+            raise ClientError(422, "ENOTSQLITE", f"upload of {name!r}: size {len(data)} is not a multiple of its page "
+                                                 f"size {page_size}")
         with self.engine.tmp("api-") as tmp:
             db = Path(tmp) / "db"
             db.write_bytes(data)
@@ -168,7 +207,7 @@ class OperatorAPI:
         cluster, name = self._existing(request)
         to_cluster = request.query.get("to_cluster", "")
         to_db = request.query.get("to_db") or name
-        validate_db_name(to_cluster)
+        validate_cluster_name(to_cluster)
         validate_db_name(to_db)
         if not request.get(ADMIN) and to_cluster != cluster:
             raise ClientError(401, "EINVALIDAUTH", f"token does not grant cluster {to_cluster!r}")

@@ -92,7 +92,8 @@ class Env:
         return self.engine_upstream.engine
 
     async def synced(self, db: str, within: float = 30.0) -> None:
-        """Wait until upstream holds the node's position of `db`."""
+        """Wait until upstream holds the node's position of `db`. Only for a quiet node: while a load writes, the
+        position moves on and the moment of equality may never come (use `shipped_past` then)."""
         assert self.sidecar is not None
         async with asyncio.timeout(within):
             while True:
@@ -102,6 +103,18 @@ class Env:
                         shipper.remote.post_apply_checksum == want.post_apply_checksum:
                     return
                 await asyncio.sleep(0.05)
+
+    async def shipped_past(self, db: str, txid: int, within: float = 30.0) -> None:
+        """Wait until upstream holds `db` at least up to the node's `txid`: once true it stays true, whatever the
+        node writes meanwhile."""
+        assert self.sidecar is not None
+        sidecar = self.sidecar
+
+        def past() -> bool:
+            shipper = sidecar.dbs.get(db)
+            return shipper is not None and shipper.remote is not None and \
+                shipper.remote.txid - shipper.link.offset >= txid
+        await eventually(past, within)
 
     async def restore(self, db: str, out: Path, **target: Any) -> RestoreResult:
         return await self.engine.restore_to("default", db, out, **target)

@@ -10,12 +10,13 @@ from tests.daemon.conftest import Env, eventually
 from tests.daemon.test_recovery import write
 
 
-async def busy(env: Env, db: str, seconds: float, start: int = 0) -> int:
-    """Write a transaction every ~20 ms for `seconds`, yielding to the sidecar between; returns the next row."""
+async def busy(env: Env, db: str, seconds: float, start: int = 0, until: asyncio.Event | None = None) -> int:
+    """Write a transaction every ~20 ms for `seconds` (or `until` is set), yielding to the sidecar between;
+    returns the next row."""
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
     i = start
-    while loop.time() < end:
+    while loop.time() < end and not (until is not None and until.is_set()):
         write(env, db, 1, start=i)
         i += 1
         await asyncio.sleep(0.02)
@@ -26,11 +27,15 @@ async def test_followed_while_busy_watched_again_when_quiet(env: Env, tmp_path: 
     sidecar = await env.start(rescan_interval=3600.0)  # the periodic rescan plays no part here
     write(env, "app.db", 1)
     await eventually(lambda: "app.db" in sidecar._watched)
-    writer = asyncio.create_task(busy(env, "app.db", 3.0, start=1))
-    await eventually(lambda: "app.db" in sidecar._following, within=3.0)
-    assert "app.db" not in sidecar._watched  # no inotify events for it while followed
+    quiet = asyncio.Event()
+    writer = asyncio.create_task(busy(env, "app.db", 60.0, start=1, until=quiet))
+    # Followed by name, and the watch rebuilt without it (no inotify events for it while followed). Both at
+    # once, while the writer keeps it busy: the watcher rebuilds a moment after following starts, and on a
+    # busy machine a tick that finds nothing new ends following; so wait for the pair, not one then the other.
+    await eventually(lambda: "app.db" in sidecar._following and "app.db" not in sidecar._watched, within=30.0)
+    quiet.set()
     row = await writer
-    await eventually(lambda: "app.db" not in sidecar._following and "app.db" in sidecar._watched, within=3.0)
+    await eventually(lambda: "app.db" not in sidecar._following and "app.db" in sidecar._watched, within=10.0)
     await env.synced("app.db")
     # Watched again: a lone transaction is still shipped, and the whole history restores exactly.
     write(env, "app.db", 1, start=row)
@@ -46,7 +51,7 @@ async def test_a_snapshot_replacing_every_file_while_followed_is_found(env: Env,
     sidecar = await env.start(rescan_interval=3600.0)
     write(env, "app.db", 1)
     writer = asyncio.create_task(busy(env, "app.db", 10.0, start=1))
-    await eventually(lambda: "app.db" in sidecar._following, within=3.0)
+    await eventually(lambda: "app.db" in sidecar._following, within=10.0)
     other = EmulatedNode(tmp_path / "other-data", tmp_path / "other-mount", node_id=99)
     try:
         other.execute("app.db", "CREATE TABLE s (x)")

@@ -14,6 +14,9 @@ The engine (sidecar/engine/engine.py), in steady state, for a database that rece
   L1, L2 and snapshot files; at most one DeleteObjects request per engine tick (1 s).
 
 A database that receives no upload makes no request at all.
+
+Per cluster, beside its databases: while any of them is busy, the engine renews the cluster's lease (one PUT)
+every third of the lease TTL (sidecar/engine/lease.py); an idle cluster's lease is let go, and costs nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sidecar.engine import Levels
+from sidecar.engine.lease import TTL
 
 MONTH = 30 * 86400.0
 TICK = 1.0  # Engine.run's period: one tick per second
@@ -35,12 +39,21 @@ class Requests:
     list: float = 0.0
     delete: float = 0.0
 
+    def __add__(self, other: Requests) -> Requests:
+        return Requests(self.put + other.put, self.get + other.get, self.list + other.list,
+                        self.delete + other.delete)
+
 
 def files(levels: Levels, seconds: float, upload_every: float | None) -> dict[int, float]:
     """Files written per level over `seconds` of steady activity (one upload every `upload_every` s; None: idle)."""
     if upload_every is None:
         return {level: 0.0 for level in levels.all}
     return {level: seconds / max(levels.interval(level), upload_every) for level in levels.all}
+
+
+def lease_requests(seconds: float, active: bool, ttl: float = TTL) -> Requests:
+    """Requests of one cluster's lease over `seconds`: a renewal every third of the TTL while it is busy."""
+    return Requests(put=seconds / (ttl / 3)) if active else Requests()
 
 
 def requests(levels: Levels, seconds: float, upload_every: float | None, tick: float = TICK) -> Requests:
@@ -161,8 +174,19 @@ def bytes_table(work: Workload = Workload()) -> str:
     return "\n".join(rows)
 
 
+def lease_table() -> str:
+    """The lease's requests and price per cluster per month."""
+    rows = ["| cluster | PUT | requests on S3 | requests on Tigris |", "|---|---:|---:|---:|"]
+    for name, active in (("busy (any database uploading)", True), ("idle", False)):
+        r = lease_requests(MONTH, active)
+        rows.append(f"| {name} | {_count(r.put)} | {_money(AWS_S3.requests(r))} | {_money(TIGRIS.requests(r))} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     print(request_table())
+    print()
+    print(lease_table())
     print()
     print(bytes_table())
 

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,6 +18,7 @@ from sidecar.storage import open_storage
 TOKEN = "tok-default-0123456789abcdef"
 OTHER = "tok-other-0123456789abcdef0"
 ADMIN = "tok-admin-0123456789abcdef0"
+READER = "tok-reader-0123456789abcdef"  # read-only, cluster "default"
 
 
 @dataclass
@@ -33,11 +35,11 @@ class Running:
 
 
 async def start_server(root: Path, *, l0_interval: float = 0.0, max_body: int = 1 << 30,
-                       request_timeout: float = 300.0) -> Running:
+                       request_timeout: float = 300.0, **options: Any) -> Running:
     storage = open_storage(f"file://{root / 'store'}")
     engine = await Engine.open(storage, root / "state", Levels(l0_interval=l0_interval))
-    config = ServerConfig(tokens={TOKEN: Scope("default"), OTHER: Scope("other")}, admin_token=ADMIN,
-                          max_body_size=max_body, request_timeout=request_timeout)
+    config = ServerConfig(tokens={TOKEN: Scope("default"), OTHER: Scope("other"), READER: Scope("default", True)},
+                          admin_token=ADMIN, max_body_size=max_body, request_timeout=request_timeout, **options)
     stop = asyncio.Event()
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(engine, config, "127.0.0.1", 0, stop=stop, grace=5,

@@ -14,6 +14,7 @@ import pytest
 import structlog
 
 from sidecar.cli import main
+from sidecar.engine.index import reachable
 from sidecar.ltx import Version, format_timestamp
 from sidecar.ltx.decoder import decode
 from tests.conftest import LITEFS, make_db
@@ -37,9 +38,11 @@ class Admin:
     def __init__(self, server: Running, capsys: pytest.CaptureFixture[str]) -> None:
         self.url, self.capsys = server.url, capsys
 
-    async def __call__(self, *args: str, server: bool = True) -> tuple[int, str, str]:
+    async def __call__(self, *args: str, server: bool = True, before: bool = False) -> tuple[int, str, str]:
+        """`before`: --server URL goes before the subcommand, not after it."""
         self.capsys.readouterr()
-        argv = ["admin", *args, *(["--server", self.url] if server else [])]
+        flag = ["--server", self.url] if server or before else []
+        argv = ["admin", *flag, *args] if before else ["admin", *args, *flag]
         code = await asyncio.to_thread(main, argv)
         out, err = self.capsys.readouterr()
         return code, out, err
@@ -93,6 +96,35 @@ class TestList:
             f"{i:016x}" for i in (1, 2, 3)]
 
 
+    async def test_show_lists_every_level_and_what_it_covers(self, server: Running, http: aiohttp.ClientSession,
+                                                           admin: Admin, tmp_path: Path) -> None:
+        """Each level's restore points are listed under it (an L1, L2 or snapshot point is not hidden behind the L0
+        point at the same TXID), with a table of each level's granularity and stretch of time."""
+        (await backed_up(server, http, tmp_path)).close()
+        engine = server.engine
+        for level in (1, 2, 9):  # whatever the server's own ticker has not compacted yet: all reach TXID 3
+            await engine.compact_level("default", "app.db", level)
+        index = engine.index("default", "app.db")
+        reach = reachable(index)
+        ends = {lv: [e for e in index.level(lv) if e.max_txid in reach] for lv in (0, 1, 2, 9)}
+        data = await admin.json("show", "--db", "app.db")
+        assert sorted((p["level"], p["txid"]) for p in data["points"]) == sorted(
+            (lv, f"{e.max_txid:016x}") for lv, files in ends.items() for e in files)
+        assert {(p["level"], p["txid"]) for p in data["points"]} >= {(lv, f"{3:016x}") for lv in (0, 1, 2, 9)}
+        assert data["levels"] == [
+            {"level": lv, "points": len(files), "interval": {0: 0.0, 1: 300.0, 2: 3600.0, 9: 86400.0}[lv],
+             "oldest": format_timestamp(files[0].timestamp), "newest": format_timestamp(files[-1].timestamp)}
+            for lv, files in ends.items()]
+        code, out, _ = await admin("show", "--db", "app.db")
+        assert code == 0
+        summary = out.split("restorable, per level:\n")[1].split("\n\n")[0].splitlines()
+        every = {0: "upload", 1: "5m", 2: "1h", 9: "24h"}
+        assert [line.split() for line in summary] == [["LEVEL", "EVERY", "POINTS", "OLDEST", "NEWEST"]] + [
+            [f"L{lv}", every[lv], str(len(files)), format_timestamp(files[0].timestamp),
+             format_timestamp(files[-1].timestamp)] for lv, files in ends.items()]
+        assert f"L1     {3:016x}  {format_timestamp(T0 + 2000)}" in out
+
+
 class TestRestore:
     async def test_restore_appends_a_head_and_can_be_undone(self, server: Running, http: aiohttp.ClientSession,
                                                             admin: Admin, tmp_path: Path) -> None:
@@ -140,6 +172,15 @@ class TestFiles:
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".dl.db")) == []  # no temp files left
         history.close()
 
+    async def test_download_into_a_missing_directory_is_refused(self, server: Running, http: aiohttp.ClientSession,
+                                                                admin: Admin, tmp_path: Path) -> None:
+        """The same words and status as `restore -o`; nothing is created."""
+        (await backed_up(server, http, tmp_path)).close()
+        out = tmp_path / "missing" / "dir" / "x.db"
+        code, _, err = await admin("download", "--db", "app.db", "-o", str(out))
+        assert code == 1 and err == f"litefs-sidecar: -o {out}: {out.parent} does not exist\n"
+        assert not (tmp_path / "missing").exists()
+
     async def test_upload_then_download_round_trips(self, server: Running, admin: Admin, tmp_path: Path) -> None:
         """An uploaded SQLite file becomes the head, byte for byte."""
         db = make_db(tmp_path / "new.db", rows=500)
@@ -185,10 +226,11 @@ class TestErrors:
         (await backed_up(server, http, tmp_path)).close()
         code, out, err = await admin("show", "--db", "nope.db")
         assert code == 1 and out == ""
-        assert err == (f"litefs-sidecar: upstream 404 ENODB: {server.url}/api/db: no database 'nope.db' in cluster "
-                       "'default'\n")
+        assert err == (f"litefs-sidecar: the server answered 404 ENODB: {server.url}/api/db: no database 'nope.db' in "
+                       "cluster 'default'\n")
         code, _, err = await admin("restore", "--db", "app.db", "--txid", "99")
-        assert code == 1 and err.startswith(f"litefs-sidecar: upstream 404 ENOTXID: {server.url}/api/restore: ")
+        answered = f"litefs-sidecar: the server answered 404 ENOTXID: {server.url}/api/restore: "
+        assert code == 1 and err.startswith(answered)
         assert len(err.splitlines()) == 1
         code, _, err = await admin("show", "--db", "../x")
         assert code == 1 and "400 EBADDB" in err
@@ -198,7 +240,8 @@ class TestErrors:
         monkeypatch.setenv("LITEFS_SIDECAR_SERVER_ADMIN_TOKEN", "not-the-admin-token")
         code, _, err = await admin("list")
         assert code == 1 and err.splitlines() == [
-            f"litefs-sidecar: upstream 401 EINVALIDAUTH: {admin.url}/api/databases: missing or invalid Authorization",
+            f"litefs-sidecar: the server answered 401 EINVALIDAUTH: {admin.url}/api/databases: missing or invalid "
+            "Authorization",
             "hint: set LITEFS_SIDECAR_SERVER_ADMIN_TOKEN to the server's admin token"]
 
     async def test_an_unreachable_server(self, server: Running, admin: Admin) -> None:
@@ -216,3 +259,30 @@ class TestErrors:
         config.write_text(f'[server]\naddr = "{server.url.removeprefix("http://")}"\n')
         code, out, err = await admin("list", "--config", str(config), server=False)
         assert code == 0 and out.strip() == "no databases", err
+
+
+class TestClientOptions:
+    """--server, --config and --json go before or after the subcommand; --server takes what users type."""
+
+    async def test_before_or_after_the_subcommand(self, server: Running, http: aiohttp.ClientSession, admin: Admin,
+                                                  tmp_path: Path) -> None:
+        (await backed_up(server, http, tmp_path)).close()
+        for argv in (["--server", server.url, "list"], ["list", "--server", server.url],
+                     ["--server", server.url, "--json", "show", "--db", "app.db"],
+                     ["--json", "show", "--db", "app.db", "--server", server.url]):
+            code, out, err = await admin(*argv, server=False)
+            assert code == 0 and "app.db" in out, (argv, err)
+        code, out, _ = await admin("--json", "list", server=False, before=True)
+        assert code == 0 and json.loads(out)["clusters"][0]["databases"][0]["name"] == "app.db"
+
+    async def test_a_bare_host_and_port_is_http(self, server: Running, admin: Admin) -> None:
+        code, out, err = await admin("list", "--server", server.url.removeprefix("http://"), server=False)
+        assert code == 0 and out.strip() == "no databases", err
+
+    @pytest.mark.parametrize("url", ["ftp://127.0.0.1:9", "file:///tmp/x", "http://", "localhost:port"])
+    async def test_anything_else_is_bad_usage_before_any_request(self, url: str, admin: Admin,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        """Refused by argparse at once (exit 2), not after a minute of trying an FTP server."""
+        with pytest.raises(SystemExit) as info:
+            await admin("--server", url, "list", server=False)
+        assert info.value.code == 2 and f"argument --server: {url!r}: " in capsys.readouterr().err

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import LITEFS
-from tests.server.conftest import OTHER, TOKEN, Running, start_server
+from tests.server.conftest import ADMIN, OTHER, TOKEN, Running, start_server
 
 SNAPSHOT = sorted((LITEFS / "uploads").glob("*fx-wal.db-0000000000000001-*.ltx"))[0].read_bytes()
 
@@ -141,3 +141,23 @@ async def test_page_size_change_gap_and_the_backup_stays_intact(server: Running,
     assert await asyncio.to_thread(main, ["verify", url]) == 0
     history.close()
     other.close()
+
+
+@pytest.mark.parametrize("name", ["a\u202eb.db", "zero\u200bwidth.db", " lead.db", "trail.db ", ".hidden",
+                                  "e\u0301.db", "line\u2028sep"])
+async def test_lookalike_and_unprintable_names_are_refused(server: Running, http: aiohttp.ClientSession,
+                                                          name: str) -> None:
+    status, body = await post(http, server.url, name, SNAPSHOT)
+    assert status == 400 and body["code"] == "EBADDB", body
+    assert "U+" in str(body["error"]) or "space" in str(body["error"]) or "dot" in str(body["error"]) \
+        or "normal form" in str(body["error"])
+
+
+async def test_a_clone_target_no_token_can_reach_is_refused(server: Running, http: aiohttp.ClientSession) -> None:
+    assert (await post(http, server.url, "app.db", SNAPSHOT))[0] == 200
+    async with http.post(f"{server.url}/api/clone", params={"db": "app.db", "to_cluster": "bad name",
+                                                            "cluster": "default"},
+                         headers={"Authorization": ADMIN}) as resp:
+        body = await resp.json()
+        assert resp.status == 400 and body["code"] == "EBADDB" and "white space" in body["error"]
+    assert server.engine.clusters() == ["default"]

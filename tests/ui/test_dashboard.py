@@ -17,6 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sidecar.engine.index import reachable
+from sidecar.ltx import format_timestamp
 from tests.engine.history import History
 from tests.server.client import BackupClient
 from tests.server.conftest import ADMIN, OTHER, TOKEN, Running, start_server
@@ -141,7 +143,11 @@ async def test_restore_previews_then_asks_for_the_name_and_appends_a_new_head(ba
     await sign_in(pg, backed.url, ADMIN)
     await pg.click("a[href='#/db/default/app.db']")
     await pg.wait_for_selector("#timeline .point")
-    assert await pg.locator("#timeline .point").count() == len(engine.restore_points("default", "app.db"))
+    # Every L0 file is a restore point (the server's ticker may add coarser levels' points at any moment).
+    index = engine.index("default", "app.db")
+    reach = reachable(index)
+    l0 = sum(1 for e in index.level(0) if e.max_txid in reach)
+    assert await pg.locator("#timeline .timeline[data-level='0'] .point").count() == l0 == 6
     await pg.screenshot(path=str(backed.shots / "database.png"), full_page=True)
 
     # By time: a second after TXID 4's commit (TXID 5 came a minute later), typed as UTC.
@@ -279,3 +285,26 @@ async def test_changes_need_the_session_csrf_token(backed: Backed) -> None:
             assert resp.status == 401
     async with aiohttp.ClientSession() as http, http.post(f"{backed.url}/ui/login", json={"token": "nope"}) as resp:
         assert resp.status == 401
+
+
+async def test_every_level_has_its_timeline_and_its_stretch_of_time(backed: Backed, page: object) -> None:
+    """Compactions show as their own timelines and table rows, not hidden behind L0's points at the same TXIDs."""
+    pg: playwright_api.Page = page  # type: ignore[assignment]
+    engine = backed.srv.engine
+    for level in (1, 2, 9):  # whatever the server's own ticker has not compacted yet: every level reaches TXID 6
+        await engine.compact_level("default", "app.db", level)
+    index = engine.index("default", "app.db")
+    reach = reachable(index)
+    ends = {lv: [e for e in index.level(lv) if e.max_txid in reach] for lv in (0, 1, 2, 9)}
+    assert all(files[-1].max_txid == 6 for files in ends.values())
+    await sign_in(pg, backed.url, ADMIN)
+    await pg.goto(f"{backed.url}/ui/#/db/default/app.db")
+    await pg.wait_for_selector("#timeline .timeline[data-level='9'] .point")
+    for lv, files in ends.items():
+        assert await pg.locator(f"#timeline .timeline[data-level='{lv}'] .point").count() == len(files)
+    rows = await pg.locator("#levels tr[data-level]").evaluate_all(
+        "rs => rs.map(r => [...r.querySelectorAll('td')].map(c => c.innerText))")
+    kinds = {0: "L0 flushes of uploads", 1: "L1 compactions of L0", 2: "L2 compactions of L1", 9: "L9 snapshots"}
+    every = {0: "every upload", 1: "every 5 min", 2: "every 1 h", 9: "every 24 h"}
+    assert rows == [[kinds[lv], every[lv], format_timestamp(files[0].timestamp), format_timestamp(files[-1].timestamp),
+                     str(len(files))] for lv, files in ends.items()]

@@ -99,9 +99,11 @@ async function overviewView() {
       const rows = [];
       for (const c of data.clusters) {
         for (const d of c.databases) {
-          rows.push(el("tr", { "data-db": `${c.name}/${d.name}` },
+          const failing = Object.entries(d.failing || {});
+          rows.push(el("tr", { "data-db": `${c.name}/${d.name}`, class: failing.length ? "failing" : null },
             el("td", {}, c.name),
-            el("td", {}, el("a", { href: `#/db/${encodeURIComponent(c.name)}/${encodeURIComponent(d.name)}` }, d.name)),
+            el("td", {}, el("a", { href: `#/db/${encodeURIComponent(c.name)}/${encodeURIComponent(d.name)}` }, d.name),
+              ...failing.map(([job, why]) => el("span", { class: "badge bad", title: why }, ` ${job} failing`))),
             el("td", { class: "mono" }, d.txid),
             el("td", { class: "mono" }, d.hwm),
             el("td", { class: "num" }, d.lag),
@@ -124,22 +126,35 @@ async function overviewView() {
   refresh = setInterval(load, 2000);
 }
 
-function timeline(points, onPick) {
+const KINDS = { 0: "flushes of uploads", 1: "compactions of L0", 2: "compactions of L1", 9: "snapshots" };
+const every = (s) => s === null || s === undefined ? "—" : s <= 0 ? "every upload" : s % 3600 === 0 ? `every ${s / 3600} h`
+  : s % 60 === 0 ? `every ${s / 60} min` : `every ${s} s`;
+
+// One timeline per level (a TXID that two levels both end at shows on each), above a table saying which stretch
+// of time each level can restore and at what granularity.
+function timeline(points, levels, onPick) {
   if (!points.length) return el("p", { class: "muted" }, "No restore points yet.");
   const times = points.map((p) => Date.parse(p.timestamp));
   const lo = Math.min(...times), hi = Math.max(...times), span = Math.max(hi - lo, 1);
-  const levels = [...new Set(points.map((p) => p.level))].sort((a, b) => a - b);
-  const rows = levels.map((level) => {
+  const summary = el("table", { id: "levels" },
+    el("tr", {}, ...["level", "restore points", "from", "to", "count"].map((h, i) => el("th", { class: i === 4 ? "num" : null }, h))),
+    ...levels.map((lv) => el("tr", { "data-level": lv.level },
+      el("td", {}, `L${lv.level} `, el("span", { class: "muted" }, KINDS[lv.level] || "")),
+      el("td", {}, every(lv.interval)),
+      el("td", { class: "mono" }, lv.oldest), el("td", { class: "mono" }, lv.newest),
+      el("td", { class: "num" }, lv.points))));
+  const rows = levels.map((lv) => {
+    const level = lv.level;
     const mine = points.filter((p) => p.level === level);
     const bar = el("div", { class: "timeline", "data-level": level },
       ...mine.map((p) => el("span", {
         class: `point l${level}`, title: `L${level} · TXID ${p.txid} · ${p.timestamp}`,
         style: `left: ${(((Date.parse(p.timestamp) - lo) / span) * 100).toFixed(2)}%`,
         on: { click: () => onPick(p) } })));
-    return el("div", {}, el("span", { class: "level-label" },
-      `L${level} ${level === 9 ? "(daily snapshots)" : level === 0 ? "(every flush)" : level === 1 ? "(5 min)" : "(hourly)"}: ${mine.length} points`), bar);
+    return el("div", {}, el("span", { class: "level-label" }, `L${level} (${every(lv.interval)}): ${mine.length} point${mine.length === 1 ? "" : "s"}`), bar);
   });
-  return el("div", { id: "timeline" }, el("p", { class: "muted" }, `${points[0].timestamp} → ${points[points.length - 1].timestamp}`), ...rows);
+  return el("div", { id: "timeline" }, summary,
+    el("p", { class: "muted" }, `${points[0].timestamp} → ${points[points.length - 1].timestamp}`), ...rows);
 }
 
 async function databaseView(cluster, name) {
@@ -155,7 +170,8 @@ async function databaseView(cluster, name) {
   showError("");
   const status = el("p", { id: "status" });
   const showStatus = (d) => status.replaceChildren(
-    "Position ", el("code", {}, d.txid), " · HWM ", el("code", {}, d.hwm), ` · lag ${d.lag} · ${bytes(d.size)} stored · last upload ${when(d.lastUpload)}`);
+    "Position ", el("code", {}, d.txid), " · HWM ", el("code", {}, d.hwm), ` · lag ${d.lag} · ${bytes(d.size)} stored · last upload ${when(d.lastUpload)}`,
+    ...Object.entries(d.failing || {}).map(([job, why]) => el("p", { class: "failing" }, `${job} is failing: ${why}`)));
   showStatus(info);
 
   // Restore: preview, then a confirmation that names the database.
@@ -243,7 +259,7 @@ async function databaseView(cluster, name) {
     el("p", {}, el("a", { href: "#/" }, "← all databases")),
     el("h1", {}, name, el("span", { class: "muted" }, ` in ${cluster}`)),
     status,
-    el("section", {}, el("h2", {}, "Restore points"), timeline(info.points || [], pick)),
+    el("section", {}, el("h2", {}, "Restore points"), timeline(info.points || [], info.levels || [], pick)),
     el("section", { id: "restore-section" }, el("h2", {}, "Restore"),
       el("div", { class: "row" }, ...when2("restore", resetPreview)),
       el("div", { class: "row" }, el("button", { type: "button", id: "preview-button", class: "primary", on: { click: preview } }, "Preview")),

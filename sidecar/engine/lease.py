@@ -1,0 +1,201 @@
+"""One writer per cluster: leases held in the store itself, taken and renewed with conditional writes.
+
+    .litefs-sidecar/leases/<cluster>      {"owner", "addr", "expires" (ms), "epoch"}
+
+Why per cluster, not per database: a cluster is the unit LiteFS works in (one primary, one backup client, one
+`GET /pos` for all its databases), so one owner can answer everything a node asks; and leases cost a PUT each
+renewal, which per cluster is a few per minute, not per database.
+
+- Taking a free lease is a PUT with `If-None-Match: *`; taking an expired one, or renewing, a PUT with
+  `If-Match: <its ETag>`. Two engines can never both succeed (docs/format.md §5).
+- A lease is another's until its `expires` plus the clock-skew margin has passed on the taker's clock.
+- The holder counts its lease valid until (when it sent the request that wrote it) + TTL - margin on its own
+  monotonic clock, and writes nothing to the store after that (`fence`): with clocks skewed by less than the
+  margin, an old holder has stopped writing before a new one can start. Every data object is also written with
+  `If-None-Match: *`, so even a writer paused mid-request cannot replace what another wrote.
+- Renewed every third of the TTL while the cluster is busy; an idle cluster's lease is let go.
+- Taking a lease that nobody else has held since this engine started (none yet, or this state directory's own)
+  keeps this engine's cache of the cluster, which it reconciled with the store at start; any other takeover
+  means the cluster's indexes are rebuilt from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from sidecar.errors import NotFound, PreconditionFailed, SidecarError
+from sidecar.storage.base import Storage
+
+log = structlog.get_logger("sidecar.engine")
+
+PREFIX = ".litefs-sidecar/leases/"
+TTL = 12.0  # seconds: an owner that dies is replaced within TTL + SKEW
+SKEW = 2.0  # seconds of clock difference between hosts the leases tolerate
+HOST = f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def lease_key(cluster: str) -> str:
+    return PREFIX + cluster
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseDoc:
+    """What a lease object holds."""
+
+    owner: str  # the holding engine's id (its state directory's)
+    addr: str  # where that engine takes requests ("" for an engine inside a sidecar)
+    expires: int  # ms since the epoch, the holder's wall clock
+    epoch: int  # +1 at every change of owner
+    host: str = ""  # the holder's host name and process, for people reading logs
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> LeaseDoc:
+        try:
+            doc = json.loads(data)
+            return cls(str(doc["owner"]), str(doc["addr"]), int(doc["expires"]), int(doc["epoch"]),
+                       str(doc.get("host", "")))
+        except (ValueError, KeyError, TypeError) as err:
+            raise SidecarError(f"unreadable lease object ({err})") from err
+
+
+class NotOwner(SidecarError):
+    """Another engine holds the cluster's lease (`holder`), or this engine's lease ran out; try again later."""
+
+    code = "ENOTOWNER"
+    http_status = 503
+
+    def __init__(self, cluster: str, holder: LeaseDoc | None, message: str = "") -> None:
+        self.cluster = cluster
+        self.holder = holder
+        if holder is not None:
+            who = f"engine {holder.owner} ({holder.host or '?'}{', ' + holder.addr if holder.addr else ''})"
+            until = datetime.fromtimestamp(holder.expires / 1000, UTC).strftime("%H:%M:%S")
+            message = message or f"cluster {cluster!r} is written by {who}; its lease runs until {until} UTC " \
+                                 "unless renewed"
+        super().__init__(message or f"cluster {cluster!r} is written by another engine")
+
+
+@dataclass
+class Held:
+    doc: LeaseDoc
+    etag: str
+    written: float  # monotonic seconds when the request that wrote it was sent
+    valid_until: float  # monotonic seconds
+
+
+class Leases:
+    """The leases of one engine (`owner`), on the clusters it writes."""
+
+    def __init__(self, storage: Storage, owner: str | None = None, addr: str = "", *, ttl: float = TTL,
+                 skew: float = SKEW, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        if ttl <= 3 * skew:
+            raise ValueError(f"lease TTL {ttl}s must exceed three times the clock-skew margin {skew}s")
+        self.storage = storage
+        self.owner = owner or secrets.token_hex(8)
+        self.addr = addr
+        self.ttl = ttl
+        self.skew = skew
+        self.clock = clock
+        self.monotonic = monotonic
+        self.held: dict[str, Held] = {}
+
+    def holds(self, cluster: str) -> bool:
+        """Whether this engine may write the cluster now."""
+        held = self.held.get(cluster)
+        return held is not None and self.monotonic() < held.valid_until
+
+    def due(self, cluster: str) -> bool:
+        """Whether a held lease is a third of its TTL old: time to renew it."""
+        held = self.held.get(cluster)
+        return held is None or self.monotonic() - held.written >= self.ttl / 3
+
+    def fence(self, cluster: str) -> None:
+        """Raise NotOwner unless this engine may write the cluster now."""
+        if not self.holds(cluster):
+            held = self.held.pop(cluster, None)
+            raise NotOwner(cluster, None, f"cluster {cluster!r}: this engine's lease "
+                                          f"{'ran out' if held else 'is not held'}; it writes nothing")
+
+    async def holder(self, cluster: str) -> tuple[LeaseDoc | None, str | None]:
+        """The lease object and its ETag; (None, None) if there is none."""
+        try:
+            got = await self.storage.get_if_changed(lease_key(cluster), None)
+        except NotFound:
+            return None, None
+        assert got is not None
+        return LeaseDoc.decode(got[0]), got[1]
+
+    def live(self, doc: LeaseDoc | None) -> bool:
+        """Whether `doc` is another engine's lease that has not yet expired (with the skew margin)."""
+        return doc is not None and doc.owner != self.owner and doc.expires + self.skew * 1000 > self.clock() * 1000
+
+    async def acquire(self, cluster: str) -> bool:
+        """Take the cluster's lease (or renew it if held). Returns whether this engine's cache of the cluster is
+        still good (nobody else held the lease since this engine started). Raises NotOwner if another engine holds
+        it."""
+        if self.holds(cluster):
+            await self.renew(cluster)
+            return True
+        doc, etag = await self.holder(cluster)
+        if self.live(doc):
+            raise NotOwner(cluster, doc)
+        # Nobody else has written the cluster since this engine's start (which read the whole store) if the lease
+        # was never taken, or this state directory's engine took it last.
+        fresh = doc is None or doc.owner == self.owner
+        epoch = (doc.epoch if doc else 0) + (0 if fresh else 1)
+        await self._write(cluster, epoch, etag)
+        if not fresh:
+            log.info("lease taken", cluster=cluster, owner=self.owner, epoch=epoch,
+                     previous=doc.owner if doc else None)
+        return fresh
+
+    async def renew(self, cluster: str) -> None:
+        """Extend a held lease; raises NotOwner (and lets go) if another engine took it meanwhile."""
+        held = self.held.get(cluster)
+        if held is None:
+            raise NotOwner(cluster, None, f"cluster {cluster!r}: no lease to renew")
+        await self._write(cluster, held.doc.epoch, held.etag)
+
+    async def _write(self, cluster: str, epoch: int, etag: str | None, *, expires: float | None = None) -> None:
+        start = self.monotonic()
+        now = self.clock()
+        doc = LeaseDoc(self.owner, self.addr, int(((now + self.ttl) if expires is None else expires) * 1000), epoch,
+                       HOST)
+        try:
+            if etag is None:
+                new = await self.storage.put_bytes(lease_key(cluster), doc.encode(), if_none_match=True)
+            else:
+                new = await self.storage.put_bytes(lease_key(cluster), doc.encode(), if_match=etag)
+        except PreconditionFailed:
+            self.held.pop(cluster, None)
+            theirs, _ = await self.holder(cluster)
+            raise NotOwner(cluster, theirs) from None
+        if expires is None:
+            self.held[cluster] = Held(doc, new, start, start + self.ttl - self.skew)
+
+    async def release(self, cluster: str) -> None:
+        """Let go now: the lease object says it has expired, so another engine may take it at once."""
+        held = self.held.pop(cluster, None)
+        if held is None:
+            return
+        try:
+            await self._write(cluster, held.doc.epoch, held.etag, expires=self.clock() - self.skew - 1)
+        except NotOwner:
+            pass  # taken already
+        log.info("lease released", cluster=cluster, owner=self.owner)
+
+
+__all__ = ["PREFIX", "SKEW", "TTL", "Held", "LeaseDoc", "Leases", "NotOwner", "lease_key"]

@@ -1,0 +1,164 @@
+"""Connection hygiene: what aiohttp leaves to the application.
+
+- A client that opens a connection and never finishes its request headers (slowloris) is closed after
+  `header_timeout`; an idle keep-alive connection after aiohttp's `keepalive_timeout`.
+- At most `max_connections` at once: one past the cap is closed at once, and counted.
+- The event loop's "accept() out of system resource" errors (file descriptors exhausted) are logged once per
+  `every` seconds with how many were suppressed, not thousands of times a second.
+- A client's malformed request (a 20 KB header, a bad request line) is answered 400 by aiohttp; its log line is a
+  warning without a traceback.
+
+`GuardedSite` is a `web.TCPSite` whose protocol factory wraps each aiohttp protocol in a `Guard`, which forwards
+every callback and only watches the first request's bytes for the end of its headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+log = structlog.get_logger("sidecar.server")
+
+HEADER_TIMEOUT = 20.0
+MAX_CONNECTIONS = 10_000
+
+
+class Limits:
+    """Shared by every connection of one site."""
+
+    def __init__(self, header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.open = 0
+        self.refused = 0  # connections closed at the cap
+        self.slow = 0  # connections closed for not finishing their headers
+
+
+class Guard(asyncio.Protocol):
+    """Forwards everything to aiohttp's protocol; closes connections that stall before their first request."""
+
+    def __init__(self, inner: Any, limits: Limits) -> None:
+        self.inner = inner
+        self.limits = limits
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.tail = b""  # the last bytes seen, until the first request's headers end
+        self.counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self.limits.open >= self.limits.max_connections:
+            self.limits.refused += 1
+            transport.abort()
+            return
+        self.limits.open += 1
+        self.counted = True
+        self.timer = asyncio.get_running_loop().call_later(self.limits.header_timeout, self._stalled)
+        self.inner.connection_made(transport)
+
+    def _stalled(self) -> None:
+        self.limits.slow += 1
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.timer is not None:
+            seen = self.tail + data
+            if b"\r\n\r\n" in seen:
+                self.timer.cancel()
+                self.timer = None
+                self.tail = b""
+            else:
+                self.tail = seen[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.counted:
+            self.limits.open -= 1
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class GuardedSite(web.TCPSite):
+    """A TCP site whose connections are guarded by `limits`."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self.limits = limits
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        limits = self.limits
+        self._server = await loop.create_server(
+            lambda: Guard(server(), limits), self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, every: float = 10.0) -> None:
+    """Log the loop's accept() failures at most once per `every` seconds, with how many were suppressed."""
+    previous = loop.get_exception_handler()
+    last = [0.0]
+    suppressed = [0]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        if "accept" in message and isinstance(context.get("exception"), OSError):
+            now = time.monotonic()
+            if now - last[0] < every:
+                suppressed[0] += 1
+                return
+            log.error("cannot accept connections", error=str(context.get("exception")),
+                      suppressed_since_last=suppressed[0])
+            last[0], suppressed[0] = now, 0
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+class ClientMistakes(logging.Filter):
+    """aiohttp logs a client's malformed request at error level with a traceback: make it one warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = f"malformed request: {record.exc_info[1]!s}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def install_client_mistakes_filter() -> Callable[[], None]:
+    """Filter aiohttp.server's records; returns the undo."""
+    f = ClientMistakes()
+    logger = logging.getLogger("aiohttp.server")
+    logger.addFilter(f)
+    return lambda: logger.removeFilter(f)
+
+
+__all__ = ["Guard", "GuardedSite", "Limits", "install_client_mistakes_filter", "quiet_accept_errors"]

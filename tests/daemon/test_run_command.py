@@ -1,0 +1,80 @@
+"""`litefs-sidecar run` as a process, when it cannot start: one line naming the problem, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import main
+from sidecar.emulator import LoadWriter
+from tests.daemon.conftest import Env, eventually
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sidecar", "run", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
+    """As `serve` with its port taken: exit 1, the address and the flag named; the upstream's HTTP session is
+    closed (no 'Unclosed client session')."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = run("--data-dir", str(tmp_path / "data"), "--state-dir", str(tmp_path / "state"),
+                   "--upstream", "http://127.0.0.1:9", "--metrics-addr", addr, "--log-format", "json")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-2:] == [
+        f"litefs-sidecar: cannot serve metrics on {addr} (--metrics-addr): address already in use",
+        'hint: --metrics-addr HOST:PORT picks another address; --metrics-addr "" turns metrics off']
+    assert "Traceback" not in proc.stderr and "Unclosed" not in proc.stderr
+
+
+def test_a_state_dir_it_cannot_create_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = run("--data-dir", str(tmp_path / "data"), "--state-dir", str(blocker / "state"),
+               "--upstream", f"file://{tmp_path / 'backups'}", "--metrics-addr", "")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith(f"litefs-sidecar: {blocker / 'state'}")
+    assert proc.stderr.splitlines()[-1].endswith(": not a directory")
+    assert "Traceback" not in proc.stderr
+
+
+async def test_every_upload_of_run_on_a_file_upstream_is_a_restore_point(env: Env, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --upstream file://…` with its defaults ships once a second, and each upload's end TXID restores."""
+    backups = tmp_path / "backups"
+    log = tmp_path / "sidecar.log"
+    argv = [sys.executable, "-m", "sidecar", "run", "--data-dir", str(env.node.data_dir), "--mount-dir",
+            str(env.node.mount_dir), "--litefs-url", env.litefs_url, "--upstream", f"file://{backups}",
+            "--state-dir", str(tmp_path / "state"), "--metrics-addr", "", "--log-format", "json"]
+    with open(log, "wb") as out:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out)
+        try:
+            async with LoadWriter(env.node, "app.db", rate=20, seed=3) as load:
+                def uploads() -> list[int]:
+                    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+                    return [int(e["txid"].split("-")[1], 16) for e in events if e["event"] == "batch_shipped"]
+                await eventually(lambda: len(uploads()) >= 4, within=60)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    ends = uploads()
+    assert len(ends) >= 4
+    history = load.history
+    url = f"file://{backups}/default/app.db"
+    for txid in ends:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, ["restore", "--txid", f"{txid:016x}", "-o", str(tmp_path / "r.db"), url])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert out.startswith(f"restored TXID {txid:016x} ") and f"checksum {history[txid][1]:016x}" in out

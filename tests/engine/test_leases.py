@@ -1,0 +1,123 @@
+"""One writer per cluster, by a lease in the store: taken, renewed, expired, taken over, fenced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.engine import Engine, Levels
+from sidecar.engine.lease import LeaseDoc, NotOwner, lease_key
+from sidecar.errors import PosMismatch
+from sidecar.storage import open_storage
+from tests.engine.history import History
+
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def open_engine(root: Path, name: str, clock: Clock, l0: float = 3600) -> Engine:
+    return await Engine.open(open_storage(f"file://{root / 'store'}"), root / name, Levels(l0_interval=l0),
+                             clock=clock)
+
+
+async def upload(engine: Engine, history: History, clock: Clock, n: int = 1) -> None:
+    for _ in range(n):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(clock.now * 1000)))
+
+
+class TestOneWriter:
+    async def test_a_second_engine_is_refused_and_told_who_writes(self, tmp_path: Path, history: History) -> None:
+        clock = Clock()
+        a = await open_engine(tmp_path, "a", clock)
+        b = await open_engine(tmp_path, "b", clock)
+        await upload(a, history, clock)
+        with pytest.raises(NotOwner, match=r"cluster 'c' is written by engine \w+ \(.*pid \d+") as err:
+            await b.write_tx("c", "app.db", history.commit(int(clock.now * 1000)))
+        assert err.value.holder is not None and err.value.holder.owner == a.leases.owner
+        assert b.positions("c") == {}  # nothing accepted
+        await a.close()
+        await b.close()
+
+    async def test_release_hands_over_with_everything_stored(self, tmp_path: Path, history: History) -> None:
+        clock = Clock()
+        a = await open_engine(tmp_path, "a", clock)
+        b = await open_engine(tmp_path, "b", clock)
+        await upload(a, history, clock, 3)
+        await a.release("c")  # flushes what is pending, then lets go
+        await upload(b, history, clock, 2)  # b takes over: it reads the store first, so it continues at 3
+        assert b.pos("c", "app.db") == history.pos
+        await b.flush("c", "app.db")
+        result = await b.restore_to("c", "app.db", tmp_path / "out.db")
+        assert result.checksum == history.pos.post_apply_checksum
+        await a.close()
+        await b.close()
+
+    async def test_an_expired_owner_is_fenced_and_its_unstored_uploads_come_back_from_the_client(
+            self, tmp_path: Path, history: History) -> None:
+        """a stops renewing (paused); past its TTL b takes over; a can write nothing, and what a acknowledged
+        without storing is sent again by the client, which finds b's position."""
+        clock = Clock()
+        a = await open_engine(tmp_path, "a", clock)
+        b = await open_engine(tmp_path, "b", clock)
+        await upload(a, history, clock, 2)
+        await a.flush("c", "app.db")
+        stored = history.pos
+        await upload(a, history, clock, 2)  # acknowledged by a, not yet stored
+        clock.now += a.leases.ttl + a.leases.skew + 1  # a was paused past its lease
+        assert not a.owns("c")  # a's own clock says so: it writes nothing more
+        history.write()
+        late = history.commit(int(clock.now * 1000))
+        with pytest.raises(PosMismatch, match="does not continue"):
+            await b.write_tx("c", "app.db", late)  # b takes over from the store, not from what a acknowledged
+        assert b.owns("c") and b.pos("c", "app.db") == stored
+        with pytest.raises(NotOwner):
+            await a.flush("c", "app.db")  # a resumes: fenced
+        with pytest.raises(NotOwner):
+            await a.write_tx("c", "app.db", late)  # and takes nothing
+        await a.close()
+        keys = sorted(p.name for p in (tmp_path / "store" / "c" / "app.db" / "ltx" / "0").iterdir())
+        assert keys == ["0000000000000001-0000000000000002.ltx"]  # a stored nothing after it lost the lease
+        await b.close()
+
+    async def test_a_restart_takes_its_own_lease_back_at_once(self, tmp_path: Path, history: History) -> None:
+        clock = Clock()
+        a = await open_engine(tmp_path, "a", clock)
+        await upload(a, history, clock, 2)
+        a.abandon()  # crashed while holding the lease
+        again = await open_engine(tmp_path, "a", clock)  # same state directory: same owner
+        await upload(again, history, clock, 1)
+        assert again.pos("c", "app.db") == history.pos
+        await again.close()
+
+    async def test_lease_object_says_who_holds_it(self, tmp_path: Path, history: History) -> None:
+        clock = Clock()
+        a = await open_engine(tmp_path, "a", clock)
+        await upload(a, history, clock)
+        doc = LeaseDoc.decode((tmp_path / "store" / lease_key("c")).read_bytes())
+        assert doc.owner == a.leases.owner and doc.expires == int((T0 + a.leases.ttl) * 1000)
+        await a.close()  # let go: the object says it has expired
+        doc = LeaseDoc.decode((tmp_path / "store" / lease_key("c")).read_bytes())
+        assert doc.expires < T0 * 1000
+
+
+async def test_no_write_replaces_another_writers_object(tmp_path: Path, history: History) -> None:
+    """Even a writer that believes it holds the lease cannot replace a stored file: L0 keys are written once."""
+    clock = Clock()
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    a = await Engine.open(store, tmp_path / "a", Levels(l0_interval=3600), clock=clock)
+    await upload(a, history, clock, 2)
+    key = "c/app.db/ltx/0/0000000000000001-0000000000000002.ltx"
+    await store.put_bytes(key, b"another writer's file", if_none_match=True)
+    await a.tick(clock.now + 3700)  # the flush finds the key taken: refused, and the index is rebuilt from the store
+    assert (tmp_path / "store" / key).read_bytes() == b"another writer's file"
+    assert a.status("c", "app.db").failing
+    await a.close()

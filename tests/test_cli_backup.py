@@ -1,0 +1,84 @@
+"""`restore`, `ls` and `verify` as a new user types them: relative paths, a store's root, where the output goes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import main
+from sidecar.engine import Engine, Levels
+from sidecar.storage import open_storage
+from tests.engine.history import History
+
+T0 = 1_790_000_000_000
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> Path:
+    """`backups/` holding default/app.db (3 transactions) and prod/shop.db (2), as `serve` or `run` lay it out."""
+    root = tmp_path / "backups"
+    engine = await Engine.open(open_storage(f"file://{root}"), tmp_path / "state", Levels(l0_interval=0))
+    try:
+        for cluster, name, n in (("default", "app.db", 3), ("prod", "shop.db", 2)):
+            history = History(tmp_path / f"{cluster}-{name}")
+            for i in range(n):
+                history.write()
+                await engine.write_tx(cluster, name, history.commit(T0 + i * 1000))
+            history.close()
+    finally:
+        await engine.close()
+        await engine.storage.close()
+    return root
+
+
+async def cli(*argv: str) -> int:
+    return await asyncio.to_thread(main, list(argv))
+
+
+class TestPaths:
+    async def test_a_relative_path_is_a_file_url(self, store: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch.chdir(store.parent)
+        assert await cli("ls", "./backups/default/app.db") == 0
+        assert "0000000000000003" in capsys.readouterr().out
+        assert await cli("verify", "backups/default/app.db") == 0
+        assert "ok: 3 files, latest TXID 0000000000000003" in capsys.readouterr().out
+        assert await cli("restore", "--txid", "2", "-o", "out.db", "./backups/default/app.db") == 0
+        assert capsys.readouterr().out.startswith("restored TXID 0000000000000002 at ")
+        assert (store.parent / "out.db").stat().st_size > 0
+
+    async def test_ls_on_a_store_root_lists_its_backups(self, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        url = f"file://{store}"
+        assert await cli("ls", url) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"{url} is not one database's backup; it holds 2:", f"  {url}/default/app.db", f"  {url}/prod/shop.db"]
+        assert await cli("ls", str(store / "prod")) == 0  # a cluster's directory, as a path
+        assert capsys.readouterr().out.splitlines()[1:] == [f"  file://{store}/prod/shop.db"]
+
+    @pytest.mark.parametrize("verb", ["verify", "restore"])
+    async def test_verify_or_restore_of_a_root_names_the_backups(self, verb: str, store: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        url = f"file://{store}"
+        argv = [verb, url] if verb == "verify" else [verb, "-o", str(tmp_path / "out.db"), url]
+        assert await cli(*argv) == 1
+        assert capsys.readouterr().err.splitlines() == [
+            f"litefs-sidecar: {url} is not one database's backup; {verb} one of the 2 it holds:",
+            f"  {url}/default/app.db", f"  {url}/prod/shop.db"]
+        assert not (tmp_path / "out.db").exists()
+
+    async def test_an_empty_place_says_so(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        assert await cli("ls", str(tmp_path)) == 1
+        assert capsys.readouterr().err == f"litefs-sidecar: {tmp_path}: no backup files found\n"
+
+
+class TestOutput:
+    async def test_a_missing_output_directory_is_refused_not_created(self, store: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+        """As `admin download -o` and `cp` do: exit 1 naming the directory, and nothing is created."""
+        out = tmp_path / "missing" / "dir" / "x.db"
+        for dry in ([], ["--dry-run"]):
+            assert await cli("restore", *dry, "-o", str(out), f"file://{store}/default/app.db") == 1
+            assert capsys.readouterr().err == f"litefs-sidecar: -o {out}: {out.parent} does not exist\n"
+        assert not (tmp_path / "missing").exists()
