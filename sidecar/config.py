@@ -259,6 +259,11 @@ class EngineConfig:
                                       check=None)
     verify_checksums: bool = _setting("bool", True, "check each upload's claimed post-apply checksum against the "
                                       "database's page checksums before accepting it")
+    max_pending_bytes: int = _setting("size", "1GiB", "acknowledged upload bytes not yet in the store beyond which "
+                                      "uploads get 503 with Retry-After (0: no ceiling)", check=_at_least(0, "0"))
+    max_hwm_lag: float = _duration("60s", "how far behind a database's HWM may fall (its oldest upload not yet in "
+                                   "the store) before its uploads get 503 with Retry-After (0: no ceiling)",
+                                   check=None)
 
 
 @dataclass(frozen=True, slots=True)

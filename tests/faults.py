@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import aiohttp
@@ -18,6 +19,7 @@ class Faults:
     down: bool = False  # every request answers 500 InternalError
     cut_gets: int = 0  # this many GETs with a body are cut...
     cut_after: int = 100  # ...after this many bytes
+    put_latency: float = 0.0  # seconds every PUT waits before it is forwarded (a slow store)
 
 
 class FaultProxy:
@@ -61,6 +63,8 @@ class FaultProxy:
             self.injected += 1
             return web.Response(status=503, body=SLOWDOWN, content_type="application/xml")
         body = await request.read()
+        if request.method == "PUT" and f.put_latency:
+            await asyncio.sleep(f.put_latency)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         assert self._session is not None
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,

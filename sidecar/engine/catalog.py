@@ -35,6 +35,7 @@ class Catalog:
         self.storage = storage
         self.state_dir = state_dir
         self._dbs: dict[tuple[str, str], Database] = {}
+        self._dirty: set[tuple[str, str]] = set()
 
     def __iter__(self) -> Iterator[Database]:
         return iter(list(self._dbs.values()))
@@ -70,6 +71,7 @@ class Catalog:
     def forget(self, db: Database) -> None:
         """Drop a database and its cache (it was deleted)."""
         self._dbs.pop((db.cluster, db.name), None)
+        self._dirty.discard((db.cluster, db.name))
         shutil.rmtree(db.dir, ignore_errors=True)
 
     def clusters(self) -> list[str]:
@@ -143,6 +145,19 @@ class Catalog:
         added = await scan(self.storage, db.prefix, new, on_bad=self._bad) if new else DbIndex()
         db.index = DbIndex([*kept, *added])
         return True
+
+    def touch(self, db: Database) -> None:
+        """The database's index changed: written by the next `save_dirty` (a crash before it costs only a few
+        header reads at the next start, whose reconcile finds what the cache missed)."""
+        self._dirty.add((db.cluster, db.name))
+
+    async def save_dirty(self) -> None:
+        """Write every changed index (and page checksums) to the cache."""
+        for key in list(self._dirty):
+            self._dirty.discard(key)
+            db = self._dbs.get(key)
+            if db is not None:
+                await self.save(db, sums=True)
 
     @staticmethod
     def _bad(key: str, err: Exception) -> None:

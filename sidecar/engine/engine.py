@@ -39,7 +39,7 @@ from sidecar.engine.builder import Builder, Fence, Timed
 from sidecar.engine.catalog import Catalog
 from sidecar.engine.compaction import Compactor, due_levels, sources
 from sidecar.engine.database import Database, DbStatus, Pending
-from sidecar.engine.flush import Flusher, due
+from sidecar.engine.flush import Flusher, FlushQueue, Limit, due
 from sidecar.engine.identity import StateBinding, store_identity
 from sidecar.engine.index import DbIndex, FileEntry, restore_points
 from sidecar.engine.lease import Leases, NotOwner
@@ -52,7 +52,7 @@ from sidecar.engine.uploadlog import Record, UploadLog
 from sidecar.errors import NotFound, PosMismatch, PreconditionFailed, SidecarError, StorageError
 from sidecar.fsutil import write_atomically
 from sidecar.ltx import Header, LTXError, Pos, Trailer
-from sidecar.storage.base import Storage
+from sidecar.storage.base import RequestStats, Storage
 from sidecar.storage.layout import SNAPSHOT_LEVEL
 
 log = structlog.get_logger("sidecar.engine")
@@ -60,9 +60,19 @@ log = structlog.get_logger("sidecar.engine")
 Clock = Callable[[], float]
 
 HELD_FILE = "leases.json"
+SAVE_EVERY = 5.0  # seconds between writes of the changed index caches
 BIG_UPLOAD = 8 << 20  # an upload this large (a snapshot) is flushed at once, not held in memory
-FLUSH_CONCURRENCY = 16  # databases flushed at once by a tick
-FLUSH_BUDGET = 0.25  # seconds of a tick after which no further flush starts (the rest wait for the next)
+
+
+class Backpressure(SidecarError):
+    """The store is not keeping up with what is acknowledged: the upload is refused for now (HTTP 503)."""
+
+    code = "EBACKPRESSURE"
+    http_status = 503
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Engine:
@@ -70,7 +80,8 @@ class Engine:
 
     def __init__(self, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
                  clock: Clock = time.time, timed: Timed | None = None, fence: Fence | None = None,
-                 leases: Leases | None = None, max_skew: float = 3600.0, verify_checksums: bool = True) -> None:
+                 leases: Leases | None = None, max_skew: float = 3600.0, verify_checksums: bool = True,
+                 max_pending_bytes: int = 0, max_hwm_lag: float = 0.0) -> None:
         self.storage = storage
         self._own_leases = leases is None
         # Leases run on the engine's clock, so tests driving a fake clock drive the leases too.
@@ -84,7 +95,14 @@ class Engine:
         self.catalog = Catalog(storage, self.state_dir)
         self._fence_extra = fence
         self.builder = Builder(storage, self.tmpdir, timed=timed, fence=self._fence)
-        self.flusher = Flusher(self.builder, self.catalog, self.uploadlog)
+        self.flusher = Flusher(self.builder, self.catalog, self.uploadlog, self._flushed)
+        self.flush_queue = FlushQueue()
+        self.limit = Limit()
+        self.flushes = 0  # L0 files written, for /metrics
+        self.flush_seconds = 0.0
+        self.pending_bytes = 0  # acknowledged upload bytes not yet in the store
+        self.max_pending_bytes = max_pending_bytes
+        self.max_hwm_lag = max_hwm_lag
         self.intake = Intake(self.uploadlog, clock, self._flush, max_skew=max_skew,
                              verify_checksums=verify_checksums)
         self.compactor = Compactor(self.builder, self.catalog, self.tmpdir)
@@ -97,16 +115,21 @@ class Engine:
         self._owning: dict[str, asyncio.Lock] = {}
         self._held_before: set[str] = set()  # clusters this state directory's engine has held (<state>/leases.json)
         self._foreign: dict[str, float] = {}  # cluster -> until when another engine holds its lease (engine clock)
+        self._renewing: dict[str, asyncio.Task[None]] = {}  # background lease renewals, one per cluster
+        self._store_trouble: set[str] = set()  # clusters whose last lease renewal failed on a store error
         self.quarantined = 0  # upload log records refused at replay
+        self._saved = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
     @classmethod
     async def open(cls, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
                    clock: Clock = time.time, timed: Timed | None = None, fence: Fence | None = None,
-                   leases: Leases | None = None, max_skew: float = 3600.0, verify_checksums: bool = True) -> Engine:
+                   leases: Leases | None = None, max_skew: float = 3600.0, verify_checksums: bool = True,
+                   max_pending_bytes: int = 0, max_hwm_lag: float = 0.0) -> Engine:
         engine = cls(storage, state_dir, levels, clock=clock, timed=timed, fence=fence, leases=leases,
-                     max_skew=max_skew, verify_checksums=verify_checksums)
+                     max_skew=max_skew, verify_checksums=verify_checksums, max_pending_bytes=max_pending_bytes,
+                     max_hwm_lag=max_hwm_lag)
         try:
             await engine._load()
         except BaseException:
@@ -121,7 +144,8 @@ class Engine:
         (written into its leases, so other processes can forward to it)."""
         leases = Leases(storage, owner, addr, ttl=config.lease_ttl, skew=config.lease_skew)
         engine = cls(storage, state_dir or config.state_dir, levels_of(config), leases=leases,
-                     max_skew=config.max_clock_skew, verify_checksums=config.verify_checksums)
+                     max_skew=config.max_clock_skew, verify_checksums=config.verify_checksums,
+                     max_pending_bytes=config.max_pending_bytes, max_hwm_lag=config.max_hwm_lag)
         engine._own_leases = owner is None
         try:
             await engine._load()
@@ -163,6 +187,9 @@ class Engine:
         for db in self.catalog:
             if db.sums is not None and not db.sums.matches(db.pos):
                 db.sums = None  # the cached page checksums are of another state: the next tick rebuilds them
+            if db.pending:
+                self.pending_bytes += sum(len(p.data) for p in db.pending)
+                self.flush_queue.add(db, db.pending[0].arrived + self.levels.l0_interval)
 
     async def _fence(self, db: Database) -> None:
         """Called before every write to the store: raises if this engine may not write `db` now."""
@@ -255,6 +282,9 @@ class Engine:
         """
         if self._closed:
             return
+        for task in self._renewing.values():
+            task.cancel()
+        await asyncio.gather(*self._renewing.values(), return_exceptions=True)
         try:
             await self.flush_all()
         except (StorageError, OSError, SidecarError, LTXError) as err:
@@ -262,6 +292,10 @@ class Engine:
             log.warning("closing with uploads not yet in the store; they stay in the upload log for the next start",
                         uploads=pending, error=str(err))
         await self.uploadlog.close()
+        try:
+            await self.catalog.save_dirty()
+        except OSError as err:
+            log.warning("index cache not written; the next start rebuilds it from the store", error=str(err))
         for cluster in list(self.leases.held):
             try:
                 await self.leases.release(cluster)
@@ -273,14 +307,46 @@ class Engine:
             self._lock_fd = -1
 
     async def run(self, stop: asyncio.Event, period: float = 1.0) -> None:
-        """Tick until `stop` is set, renewing leases beside. Jobs fail alone (see `tick`); anything else ends the
-        loop with its error."""
+        """Until `stop` is set: flush what comes due (as many at once as the store sustains), tick the rest every
+        `period`, renew leases. Jobs fail alone (see `tick`); anything else ends the loop with its error."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._renewals(stop), name="lease renewals")
+            tg.create_task(self._flush_loop(stop), name="flushes")
             while not stop.is_set():
-                await self.tick()
+                await self.tick(flush=False)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), period)
+
+    async def _flush_loop(self, stop: asyncio.Event) -> None:
+        """Flush each database as it comes due, up to `limit` at once; no per-tick budget caps the rate."""
+        running: dict[asyncio.Task[bool], Database] = {}
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                now = self.clock()
+                for db in self.flush_queue.pop_due(now, max(0, self.limit.n - len(running))):
+                    if db.pending and db.job("flush").backoff.ready(now) and self.leases.holds(db.cluster):
+                        running[asyncio.create_task(self._job(db, "flush", now, self._flush(db)))] = db
+                    elif db.pending:  # not yet: the tick takes its lease or its backoff ends
+                        self.flush_queue.add(db, now + 0.5)
+                nxt = self.flush_queue.next_at()
+                if running and len(running) >= self.limit.n:
+                    timeout = None  # full: wait for one to finish
+                else:
+                    timeout = 0.5 if nxt is None else min(0.5, max(0.0, nxt - now))
+                done, _ = await asyncio.wait([*running, stopping], timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    db = running.pop(task, None)  # type: ignore[arg-type]
+                    if db is None:
+                        continue
+                    (self.limit.success if task.result() else self.limit.failure)()
+                    if db.pending:
+                        self.flush_queue.add(db, db.pending[0].arrived + self.levels.l0_interval)
+        finally:
+            stopping.cancel()
+            if running:
+                await asyncio.wait(running)
 
     async def _renewals(self, stop: asyncio.Event) -> None:
         """Every third of the lease TTL: renew the leases of busy clusters, let idle ones go."""
@@ -319,6 +385,7 @@ class Engine:
                 db.pending = []
                 db.refresh_pos()
                 db.sums = None
+        self.leases.held.pop(cluster, None)
         log.warning("lease lost: another engine writes this cluster now", cluster=cluster, error=str(err),
                     dropped_uploads=dropped)
 
@@ -331,6 +398,13 @@ class Engine:
         lease is taken, and if another engine took it meanwhile, the uploads are dropped for their clients to send
         again."""
         if self.leases.holds(cluster) and not self.leases.due(cluster):
+            return
+        if provisional and self.leases.ours(cluster) and (
+                self.leases.holds(cluster) or cluster in self._store_trouble or self._renewal_running(cluster)):
+            # An upload never waits on the store for a lease this engine holds, or held until the store stopped
+            # answering. (A process that was merely paused past its lease takes it back, or learns it lost it,
+            # before it accepts anything.)
+            self._renew_soon(cluster)
             return
         async with self._owning.setdefault(cluster, asyncio.Lock()):
             if not self.leases.holds(cluster):
@@ -357,6 +431,27 @@ class Engine:
                     if not self.leases.holds(cluster):
                         raise
                     log.warning("lease renewal failed; retried at the next use", cluster=cluster)
+
+    def _renew_soon(self, cluster: str) -> None:
+        """Renew (or take back) this engine's lease in the background, one attempt at a time per cluster."""
+        task = self._renewing.get(cluster)
+        if task is None or task.done():
+            self._renewing[cluster] = asyncio.create_task(self._renew_now(cluster), name=f"lease {cluster}")
+
+    def _renewal_running(self, cluster: str) -> bool:
+        task = self._renewing.get(cluster)
+        return task is not None and not task.done()
+
+    async def _renew_now(self, cluster: str) -> None:
+        try:
+            await self.own(cluster)
+            self._store_trouble.discard(cluster)
+        except NotOwner as err:
+            self._store_trouble.discard(cluster)
+            self._lost(cluster, err)
+        except StorageError as err:
+            self._store_trouble.add(cluster)
+            log.warning("lease renewal failed; writes wait until it succeeds", cluster=cluster, error=str(err))
 
     def owns(self, cluster: str) -> bool:
         return self.leases.holds(cluster)
@@ -419,6 +514,15 @@ class Engine:
         """Call `timed(level, seconds)` after each flush (level 0) and compaction: the server's metrics."""
         self.builder.timed = timed
 
+    def store_stats(self) -> RequestStats:
+        """The store's request counts and durations, by operation (live; read, never change)."""
+        return self.storage.stats
+
+    @property
+    def log_bytes(self) -> int:
+        """Bytes of the upload log on disk (grows while the store is behind)."""
+        return self.uploadlog.size
+
     @property
     def log_commits(self) -> int:
         return self.uploadlog.commits
@@ -439,6 +543,7 @@ class Engine:
         db = self.catalog.create(cluster, name)
         if db.uploading:
             raise PosMismatch(name, db.pos, "another upload of this database is in progress")
+        self._check_pressure(db)
         db.uploading += 1
         try:
             if db.sums is None and self.intake.verify_checksums:
@@ -446,9 +551,28 @@ class Engine:
             await self.intake.accept(db, data)
         finally:
             db.uploading -= 1
+        self.pending_bytes += len(data)
         if self.levels.l0_interval <= 0 or len(data) > BIG_UPLOAD:
             await self._flush(db)
+        elif db.pending:
+            self.flush_queue.add(db, db.pending[0].arrived + self.levels.l0_interval)
         return db.hwm
+
+    def _check_pressure(self, db: Database) -> None:
+        """Refuse (503, Retry-After) while the store cannot keep up: rather a retried upload than a log that grows
+        until the disk is full and an HWM that lags without bound."""
+        if self.max_pending_bytes and self.pending_bytes > self.max_pending_bytes:
+            raise Backpressure(f"{self.pending_bytes} bytes of acknowledged uploads wait for the store (ceiling "
+                               f"{self.max_pending_bytes}); retry shortly", retry_after=2)
+        if self.max_hwm_lag and db.pending and self.clock() - db.pending[0].arrived > self.max_hwm_lag:
+            raise Backpressure(f"{db.prefix}: the store holds nothing newer than "
+                               f"{self.clock() - db.pending[0].arrived:.0f}s ago (ceiling {self.max_hwm_lag:g}s); "
+                               "retry shortly", retry_after=2)
+
+    def _flushed(self, db: Database, nbytes: int, seconds: float) -> None:
+        self.flushes += 1
+        self.flush_seconds += seconds
+        self.pending_bytes = max(0, self.pending_bytes - nbytes)
 
     def precheck(self, cluster: str, name: str, header: Header) -> None:
         """Refuse an upload by its header alone, before its body is read: insane fields, or (when this engine writes
@@ -476,8 +600,9 @@ class Engine:
 
     # -- the schedule ---------------------------------------------------------------------------------
 
-    async def tick(self, now: float | None = None) -> None:
-        """Run what is due: flushes, compactions at their boundaries, snapshots, retention.
+    async def tick(self, now: float | None = None, *, flush: bool = True) -> None:
+        """Run what is due: flushes (unless `flush` is False: `run` flushes in its own loop), compactions at their
+        boundaries, snapshots, retention; every few seconds, write the changed index caches.
 
         Each database's jobs run apart: one failing is recorded on that database (and retried after a backoff),
         never stopping another's.
@@ -496,19 +621,14 @@ class Engine:
                 await self._job(db, "resync", now, self._resync(db))
             if db.sums is None and self.intake.verify_checksums and db.job("checksums").backoff.ready(now):
                 await self._job(db, "checksums", now, self._rebuild_sums(db))
-        ready = [db for db in due(mine, now, lv.l0_interval) if db.job("flush").backoff.ready(now)]
-        if ready:
-            # Many at a time, as each mostly waits on the store; oldest first, and no new one started once this
-            # tick has spent FLUSH_BUDGET seconds, so a wave of them (every database of a restarted server comes
-            # due at once) is spread over several ticks instead of stalling uploads.
-            sem = asyncio.Semaphore(FLUSH_CONCURRENCY)
-            until = time.perf_counter() + FLUSH_BUDGET
+        ready = [db for db in due(mine, now, lv.l0_interval) if db.job("flush").backoff.ready(now)] if flush else []
+        if ready:  # many at a time, as each mostly waits on the store; oldest first
+            sem = asyncio.Semaphore(self.limit.n)
 
-            async def flush(db: Database) -> None:
+            async def flush_one(db: Database) -> None:
                 async with sem:
-                    if time.perf_counter() < until:
-                        await self._job(db, "flush", now, self.flusher.flush(db))
-            await asyncio.gather(*map(flush, ready))
+                    await self._job(db, "flush", now, self.flusher.flush(db))
+            await asyncio.gather(*map(flush_one, ready))
         for db in mine:
             # Compaction only adds files and retention only removes what flushes never touch, so uploads go on
             # meanwhile; restores take `maint` so their inputs stay put.
@@ -520,6 +640,10 @@ class Engine:
                         db.last_run[level] = now
                 if db.job("retention").backoff.ready(now):
                     await self._job(db, "retention", now, self.retention.apply(db, now))
+        self.pending_bytes = sum(len(p.data) for db in self.catalog for p in db.pending)  # recounted: drift-free
+        if time.monotonic() - self._saved >= SAVE_EVERY:
+            self._saved = time.monotonic()
+            await self.catalog.save_dirty()
 
     def _has_work(self, db: Database, now: float) -> bool:
         """Whether any job of the database would write to the store now (no I/O; a level due with nothing new to
@@ -682,4 +806,4 @@ def levels_of(engine: EngineConfig) -> Levels:
                   snapshot_retention=engine.snapshot_retention)
 
 
-__all__ = ["Engine", "levels_of"]
+__all__ = ["Backpressure", "Engine", "levels_of"]

@@ -1,11 +1,21 @@
 """Flushing: each database's pending uploads become one L0 file in the store, and the HWM moves.
 
-A database is due once its oldest pending upload is `l0_interval` old. A flush takes what is pending at its
-start; uploads go on meanwhile (they only append to `pending`, and only a flush removes from its front), so a
-flush never holds the upload lock while it waits on the store.
+A database is due once its oldest pending upload is `l0_interval` old. A flush takes what is pending at its start,
+up to `MAX_BATCH` bytes (so a backlog needs bounded memory and temporary space, flushed in several files); uploads
+go on meanwhile (they only append to `pending`, and only a flush removes from its front), so a flush never holds
+the upload lock while it waits on the store.
+
+The engine's flush loop (engine.py) keeps as many flushes in flight as the store sustains: `Limit` raises the
+number additively while flushes succeed and halves it when the store fails or throttles (AIMD, as TCP does), within
+bounds. `FlushQueue` knows when each database comes due, so the loop never scans every database.
 """
 
 from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable
 
 import structlog
 
@@ -17,6 +27,8 @@ from sidecar.ltx import Version
 
 log = structlog.get_logger("sidecar.engine")
 
+MAX_BATCH = 64 << 20  # bytes of pending uploads in one L0 file
+
 
 def due(dbs: list[Database], now: float, interval: float) -> list[Database]:
     """The databases whose oldest pending upload is `interval` old at `now`, oldest first (pure)."""
@@ -25,28 +37,89 @@ def due(dbs: list[Database], now: float, interval: float) -> list[Database]:
     return out
 
 
+def batch(db: Database, limit: int = MAX_BATCH) -> int:
+    """How many of the pending uploads the next flush takes: all, or as many as fit in `limit` bytes (at least one)."""
+    size = 0
+    for i, p in enumerate(db.pending):
+        size += len(p.data)
+        if size > limit and i:
+            return i
+    return len(db.pending)
+
+
+class Limit:
+    """How many flushes may be in flight: additive increase on success, multiplicative decrease on failure."""
+
+    def __init__(self, start: float = 16, low: float = 4, high: float = 256) -> None:
+        self.value, self.low, self.high = start, low, high
+
+    @property
+    def n(self) -> int:
+        return int(self.value)
+
+    def success(self) -> None:
+        self.value = min(self.high, self.value + 1 / self.value)  # +1 per window of `value` flushes
+
+    def failure(self) -> None:
+        self.value = max(self.low, self.value / 2)
+
+
+class FlushQueue:
+    """When each database with pending uploads comes due (a heap; a database is in it at most once)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Database]] = []
+        self._queued: set[int] = set()
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, db: Database, at: float) -> None:
+        if id(db) not in self._queued:
+            self._queued.add(id(db))
+            heapq.heappush(self._heap, (at, next(self._seq), db))
+
+    def pop_due(self, now: float, n: int) -> list[Database]:
+        """Up to `n` databases due at `now`, oldest first."""
+        out: list[Database] = []
+        while self._heap and len(out) < n and self._heap[0][0] <= now:
+            _, _, db = heapq.heappop(self._heap)
+            self._queued.discard(id(db))
+            out.append(db)
+        return out
+
+    def next_at(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+
 class Flusher:
     """Moves pending uploads into the store as L0 files."""
 
-    def __init__(self, builder: Builder, catalog: Catalog, log_: UploadLog) -> None:
+    def __init__(self, builder: Builder, catalog: Catalog, log_: UploadLog,
+                 flushed: Callable[[Database, int, float], None] | None = None) -> None:
         self.builder = builder
         self.catalog = catalog
         self.log = log_
+        self.flushed = flushed  # (database, bytes of uploads flushed, seconds): the engine's accounting
 
     async def flush(self, db: Database) -> None:
-        """Compact the uploads pending now into one L0 file in the store (nothing if none)."""
+        """Compact the uploads pending now (up to MAX_BATCH bytes) into one L0 file in the store."""
         async with db.flushing:
             if not db.pending:
                 return
-            batch = list(db.pending)
-            entry = await self.builder.build(db, 0, [p.data for p in batch], Version.V2)
+            t0 = time.perf_counter()
+            taken = db.pending[:batch(db)]
+            entry = await self.builder.build(db, 0, [p.data for p in taken], Version.V2)
             db.index.add(entry)
-            await self.catalog.save(db, sums=True)
-            db.pending = db.pending[len(batch):]
-            for p in batch:
+            self.catalog.touch(db)
+            db.pending = db.pending[len(taken):]
+            for p in taken:
                 self.log.release(p.segment)
+        if self.flushed:
+            self.flushed(db, sum(len(p.data) for p in taken), time.perf_counter() - t0)
         log.info("flushed", cluster=db.cluster, db=db.name, level=0, min_txid=f"{entry.min_txid:016x}",
-                 max_txid=f"{entry.max_txid:016x}", uploads=len(batch), bytes=entry.size)
+                 max_txid=f"{entry.max_txid:016x}", uploads=len(taken), bytes=entry.size)
 
 
-__all__ = ["Flusher", "due"]
+__all__ = ["MAX_BATCH", "FlushQueue", "Flusher", "Limit", "batch", "due"]

@@ -125,9 +125,12 @@ class Leases:
     def fence(self, cluster: str) -> None:
         """Raise NotOwner unless this engine may write the cluster now."""
         if not self.holds(cluster):
-            held = self.held.pop(cluster, None)
             raise NotOwner(cluster, None, f"cluster {cluster!r}: this engine's lease "
-                                          f"{'ran out' if held else 'is not held'}; it writes nothing")
+                                          f"{'ran out' if cluster in self.held else 'is not held'}; it writes nothing")
+
+    def ours(self, cluster: str) -> bool:
+        """Whether this engine held the cluster last, as far as it knows (its lease may have run out unrenewed)."""
+        return cluster in self.held
 
     async def holder(self, cluster: str) -> tuple[LeaseDoc | None, str | None]:
         """The lease object and its ETag; (None, None) if there is none."""

@@ -1,8 +1,8 @@
 """Retention: delete what no retained restore point needs (docs/levels.md §4, made safe).
 
-`victims` is pure and decides; `Retention` forgets the files in the index first, then deletes them, so a crash
-leaves orphans in the store (invisible to restores, found again by a rebuild) and never an index entry that
-points at nothing.
+`retention_victims` is pure and decides; `Retention` drops the files from the index, then deletes them. The index
+cache on disk may be older (it is written every few seconds): every start reconciles it with a listing of the
+store, which drops what is gone and finds what a crash left behind.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Retention:
             return 0
         await self.fence(db)
         db.index.remove(doomed)
-        await self.catalog.save(db)  # forget first: a crash leaves orphans, never dangling entries
+        self.catalog.touch(db)
         try:
             await self.storage.delete([e.key(self.storage.layout, db.prefix) for e in doomed])
         except StorageError as err:

@@ -186,6 +186,17 @@ class UploadLog:
     def segments(self) -> int:
         return len(self._live)
 
+    @property
+    def size(self) -> int:
+        """Bytes of every segment on disk."""
+        total = 0
+        for segment in self._live:
+            try:
+                total += self.path(segment).stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
     # -- appends ----------------------------------------------------------------------------------------
 
     async def append(self, cluster: str, name: str, data: bytes) -> int:

@@ -66,6 +66,7 @@ class Server:
         self.metrics = metrics or Metrics()
         self.tokens = Tokens(config.tokens, config.admin_token)
         engine.observe_builds(self.metrics.observe_build)
+        self.metrics.watch(engine)
         self.ready = False
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
         self.litefs = LiteFSAPI(engine, self.metrics, max_body_size=config.max_body_size,
@@ -131,7 +132,9 @@ class Server:
             return error(503, err.code, str(err))
         except SidecarError as err:
             self.metrics.rejections.labels(err.code).inc()
-            return error(err.http_status, err.code, str(err))
+            retry = getattr(err, "retry_after", None)
+            return error(err.http_status, err.code, str(err),
+                         headers={"Retry-After": str(retry)} if retry is not None else None)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:

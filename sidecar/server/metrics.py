@@ -1,51 +1,109 @@
-"""The server's Prometheus metrics, each server with its own registry (tests run many servers at once)."""
+"""The server's Prometheus metrics, each server with its own registry (tests run many servers at once).
+
+Counters the request handlers bump live here; everything about the engine and its store is read from the engine's
+status copies at each scrape (`EngineCollector`), so a metric can never drift from what the engine holds.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from sidecar.engine import Engine
+from sidecar.storage.base import BUCKETS
 
 
 class Metrics:
-    """Counters the handlers bump, and gauges read from the engine's status copies at each scrape."""
+    """Request-side counters and histograms; `render` adds the engine's."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.uploads = Counter("lfsc_uploads", "Accepted LTX uploads", ["cluster"], registry=r)
         self.upload_bytes = Counter("lfsc_upload_bytes", "Bytes of accepted LTX uploads", ["cluster"], registry=r)
         self.rejections = Counter("lfsc_rejections", "Refused requests by error code", ["code"], registry=r)
-        self.storage_errors = Counter("lfsc_storage_errors", "Object-store failures", registry=r)
-        self.hwm_lag = Gauge("lfsc_hwm_lag_txids", "Accepted TXID minus HWM", ["cluster", "db"], registry=r)
+        self.storage_errors = Counter("lfsc_storage_errors", "Object-store failures answered to a client", registry=r)
         self.request_seconds = Histogram("lfsc_request_seconds", "Request duration", ["route"], registry=r)
         self.build_seconds = Histogram("lfsc_build_seconds", "Engine flushes (level 0) and compactions, by level",
                                        ["level"], registry=r, buckets=(.005, .01, .05, .1, .5, 1, 5, 10, 60, 300))
-        self.log_commits = Gauge("lfsc_upload_log_commits", "Group commits of the upload log (fdatasync calls)",
-                                 registry=r)
-        self.log_segments = Gauge("lfsc_upload_log_segments", "Upload log segments on disk (grows while the "
-                                  "store is unreachable)", registry=r)
-        self.pending_uploads = Gauge("lfsc_pending_uploads", "Accepted uploads not yet in the store", registry=r)
-        self.job_failures = Gauge("lfsc_job_failures", "Failures of a database's job since start (flush, L1, L2, "
-                                  "snapshot, retention)", ["cluster", "db", "job"], registry=r)
-        self.jobs_failing = Gauge("lfsc_jobs_failing", "Database jobs failing right now", registry=r)
+        self._engine: EngineCollector | None = None
 
     def observe_build(self, level: int, seconds: float) -> None:
         self.build_seconds.labels(str(level)).observe(seconds)
 
+    def watch(self, engine: Engine) -> None:
+        """Export the engine's state at every scrape."""
+        if self._engine is None:
+            self._engine = EngineCollector(engine)
+            self.registry.register(self._engine)
+
     def render(self, engine: Engine) -> bytes:
-        """The exposition text, with the engine's gauges brought up to date."""
-        statuses = engine.statuses()
-        self.log_commits.set(engine.log_commits)
-        self.log_segments.set(engine.log_segments)
-        self.pending_uploads.set(sum(st.pending_files for st in statuses))
-        failing = 0
-        for st in statuses:
-            self.hwm_lag.labels(st.cluster, st.name).set(st.pos.txid - st.hwm)
-            for job, (total, now, _) in st.jobs.items():
-                self.job_failures.labels(st.cluster, st.name, job).set(total)
-                failing += bool(now)
-        self.jobs_failing.set(failing)
+        self.watch(engine)
         return generate_latest(self.registry)
 
 
-__all__ = ["Metrics"]
+class EngineCollector:
+    """The engine's gauges and counters, read from its status copies when scraped."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Metric]:
+        return []  # no fixed description: the families depend on the databases known at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        now = engine.clock()
+        statuses = engine.statuses()
+        lag_txids = GaugeMetricFamily("lfsc_hwm_lag_txids", "Accepted TXID minus HWM", labels=["cluster", "db"])
+        lag_seconds = GaugeMetricFamily("lfsc_hwm_lag_seconds", "Age of the oldest acknowledged upload not yet in "
+                                        "the store (0 when the HWM is the position)", labels=["cluster", "db"])
+        failures = GaugeMetricFamily("lfsc_job_failures", "Failures of a database's job since start (flush, L1, "
+                                     "L2, snapshot, retention, lease, checksums)", labels=["cluster", "db", "job"])
+        worst, failing = 0.0, 0
+        for st in statuses:
+            lag_txids.add_metric([st.cluster, st.name], st.pos.txid - st.hwm)
+            lag = max(0.0, now - st.oldest_pending) if st.oldest_pending else 0.0
+            worst = max(worst, lag)
+            lag_seconds.add_metric([st.cluster, st.name], lag)
+            for job, (total, in_a_row, _) in st.jobs.items():
+                failures.add_metric([st.cluster, st.name, job], total)
+                failing += bool(in_a_row)
+        yield lag_txids
+        yield lag_seconds
+        yield GaugeMetricFamily("lfsc_hwm_lag_seconds_max", "The largest HWM lag of any database", value=worst)
+        yield failures
+        yield GaugeMetricFamily("lfsc_jobs_failing", "Database jobs failing right now", value=failing)
+        yield GaugeMetricFamily("lfsc_pending_uploads", "Accepted uploads not yet in the store",
+                                value=sum(st.pending_files for st in statuses))
+        yield GaugeMetricFamily("lfsc_pending_bytes", "Bytes of accepted uploads not yet in the store",
+                                value=sum(st.pending_bytes for st in statuses))
+        yield GaugeMetricFamily("lfsc_upload_log_commits", "Group commits of the upload log (fdatasync calls)",
+                                value=engine.log_commits)
+        yield GaugeMetricFamily("lfsc_upload_log_segments", "Upload log segments on disk (grows while the store is "
+                                "unreachable)", value=engine.log_segments)
+        yield GaugeMetricFamily("lfsc_upload_log_bytes", "Bytes of the upload log on disk", value=engine.log_bytes)
+        yield GaugeMetricFamily("lfsc_flush_concurrency", "Flushes the engine lets run at once (adapts to the store)",
+                                value=engine.limit.value)
+        yield CounterMetricFamily("lfsc_flushes", "L0 files written", value=engine.flushes)
+        yield CounterMetricFamily("lfsc_upload_log_quarantined", "Upload log records refused at replay",
+                                  value=engine.quarantined)
+        stats = engine.store_stats()
+        requests = CounterMetricFamily("lfsc_store_requests", "Object-store requests by operation", labels=["op"])
+        errors = CounterMetricFamily("lfsc_store_request_errors", "Object-store requests that failed, by operation",
+                                     labels=["op"])
+        seconds = HistogramMetricFamily("lfsc_store_request_seconds", "Object-store request duration",
+                                        labels=["op"])
+        for op in sorted(stats.count):
+            requests.add_metric([op], stats.count[op])
+            errors.add_metric([op], stats.errors.get(op, 0))
+            bounds = [("+Inf" if b == float("inf") else repr(b), c) for b, c in zip(BUCKETS, stats.buckets[op],
+                                                                                    strict=True)]
+            seconds.add_metric([op], bounds, stats.seconds[op])
+        yield requests
+        yield errors
+        yield seconds
+
+
+__all__ = ["EngineCollector", "Metrics"]

@@ -40,11 +40,35 @@ class ObjectInfo:
     etag: str = ""
 
 
+BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
+
+
+class RequestStats:
+    """Requests a store made, by operation: how many, how long, and failures (for /metrics)."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.errors: dict[str, int] = {}
+        self.buckets: dict[str, list[int]] = {}  # cumulative counts per BUCKETS bound
+
+    def record(self, op: str, seconds: float, ok: bool = True) -> None:
+        self.count[op] = self.count.get(op, 0) + 1
+        self.seconds[op] = self.seconds.get(op, 0.0) + seconds
+        if not ok:
+            self.errors[op] = self.errors.get(op, 0) + 1
+        counts = self.buckets.setdefault(op, [0] * len(BUCKETS))
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                counts[i] += 1
+
+
 class Storage(Protocol):
     """An async object store rooted at one prefix. Keys are relative, `/`-separated."""
 
     url: str
     layout: Layout
+    stats: RequestStats  # what it has done, for metrics
 
     async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None,
                        if_none_match: bool = False, if_match: str | None = None) -> str:
@@ -124,4 +148,5 @@ def parse_rfc3339(text: str) -> int:
     return ms + int((frac + "000")[:3]) if frac else ms
 
 
-__all__ = ["SNAPSHOT_LEVEL", "Layout", "ObjectInfo", "Storage", "format_rfc3339_nano", "parse_rfc3339"]
+__all__ = ["BUCKETS", "SNAPSHOT_LEVEL", "Layout", "ObjectInfo", "RequestStats", "Storage", "format_rfc3339_nano",
+           "parse_rfc3339"]

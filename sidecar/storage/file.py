@@ -15,23 +15,44 @@ import asyncio
 import builtins
 import errno
 import fcntl
+import functools
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sidecar.errors import NotFound, PreconditionFailed, StorageError
 from sidecar.fsutil import fsync_dir
-from sidecar.storage.base import ObjectInfo
+from sidecar.storage.base import ObjectInfo, RequestStats
 from sidecar.storage.layout import FILE_LAYOUT
 
 _BIG = 1 << 20  # files above this size are read in a worker thread
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def etag_of(st: os.stat_result) -> str:
     """The ETag of a stored file: changes whenever the file is replaced or rewritten."""
     return f"{st.st_ino:x}-{st.st_ctime_ns:x}-{st.st_size:x}"
+
+
+def _timed(op: str) -> Callable[[F], F]:
+    """Record each call of a FileStorage method in its `stats` under `op`."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        async def timed(self: FileStorage, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            ok = False
+            try:
+                result = await fn(self, *args, **kwargs)
+                ok = True
+                return result
+            finally:
+                self.stats.record(op, time.perf_counter() - t0, ok)
+        return timed  # type: ignore[return-value]
+    return wrap
 
 
 class FileStorage:
@@ -42,6 +63,7 @@ class FileStorage:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.url = f"file://{self.root}"
+        self.stats = RequestStats()
 
     def _path(self, key: str) -> Path:
         parts = key.split("/")
@@ -51,10 +73,12 @@ class FileStorage:
 
     # Writes always run in a worker thread: however small, they end in fsyncs, which must not stall the loop.
 
+    @_timed("put")
     async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None,
                        if_none_match: bool = False, if_match: str | None = None) -> str:
         return await asyncio.to_thread(self._put, key, None, Path(path), timestamp, if_none_match, if_match)
 
+    @_timed("put")
     async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None,
                         if_none_match: bool = False, if_match: str | None = None) -> str:
         return await asyncio.to_thread(self._put, key, data, None, timestamp, if_none_match, if_match)
@@ -106,6 +130,7 @@ class FileStorage:
             raise StorageError(key, f"write failed: {err}", retryable=err.errno in (errno.ENOSPC, errno.EDQUOT)
                                ) from err
 
+    @_timed("get")
     async def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
         try:
@@ -117,6 +142,7 @@ class FileStorage:
         except OSError as err:
             raise StorageError(key, f"read failed: {err}") from err
 
+    @_timed("get")
     async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | None:
         path = self._path(key)
         try:
@@ -130,6 +156,7 @@ class FileStorage:
         except OSError as err:
             raise StorageError(key, f"read failed: {err}") from err
 
+    @_timed("get")
     async def get_range(self, key: str, start: int, length: int) -> bytes:
         path = self._path(key)
         try:
@@ -151,6 +178,7 @@ class FileStorage:
             while chunk := await asyncio.to_thread(f.read, chunk_size):
                 yield chunk
 
+    @_timed("get")
     async def download(self, key: str, path: str | os.PathLike[str]) -> int:
         src = self._path(key)
         dst = Path(path)
@@ -170,6 +198,7 @@ class FileStorage:
                 raise NotFound(key)
         return paths
 
+    @_timed("head")
     async def head(self, key: str) -> ObjectInfo:
         try:
             st = self._path(key).stat()
@@ -177,6 +206,7 @@ class FileStorage:
             raise NotFound(key) from None
         return ObjectInfo(key, st.st_size, st.st_mtime_ns // 1_000_000, etag_of(st))
 
+    @_timed("list")
     async def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         return await asyncio.to_thread(self._list, prefix)
 
@@ -205,6 +235,7 @@ class FileStorage:
         out.sort(key=lambda o: o.key)
         return out
 
+    @_timed("delete")
     async def delete(self, keys: Sequence[str]) -> None:
         dirs = set()
         for key in keys:

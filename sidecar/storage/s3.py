@@ -17,6 +17,7 @@ import asyncio
 import builtins
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -29,7 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from sidecar.errors import NotFound, PreconditionFailed, StorageError
 from sidecar.retry import full_jitter
-from sidecar.storage.base import ObjectInfo, format_rfc3339_nano, parse_rfc3339
+from sidecar.storage.base import ObjectInfo, RequestStats, format_rfc3339_nano, parse_rfc3339
 from sidecar.storage.layout import S3_LAYOUT
 
 T = TypeVar("T")
@@ -73,6 +74,7 @@ class S3Storage:
         self._client: Any = None
         self._lock = asyncio.Lock()
         self.requests = 0  # every HTTP request attempted, for cost tests and metrics
+        self.stats = RequestStats()
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -100,16 +102,21 @@ class S3Storage:
             raise StorageError(key, "invalid key: empty, absolute, or escaping the store")
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    async def _call(self, key: str, op: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `op(client)` with retries and a deadline per attempt; map failures to StorageError and its kinds."""
+    async def _call(self, key: str, op: Callable[[Any], Awaitable[T]], name: str = "get") -> T:
+        """Run `op(client)` with retries and a deadline per attempt; map failures to StorageError and its kinds.
+        Each attempt is recorded in `stats` under `name`."""
         client = await self._get_client()
         attempt = 0
         while True:
             attempt += 1
             self.requests += 1
+            t0 = time.perf_counter()
+            ok = False
             try:
                 async with asyncio.timeout(self.attempt_timeout):
-                    return await op(client)
+                    result = await op(client)
+                ok = True
+                return result
             except ClientError as err:
                 code = str(err.response.get("Error", {}).get("Code", ""))
                 status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -126,6 +133,8 @@ class S3Storage:
                 if attempt >= self.max_attempts:
                     raise StorageError(key, f"S3 request failed: {type(err).__name__}: {err}",
                                        retryable=True) from err
+            finally:
+                self.stats.record(name, time.perf_counter() - t0, ok)
             await asyncio.sleep(full_jitter(attempt - 1, self.backoff_base, self.backoff_cap))
 
     # -- writes ---------------------------------------------------------------------------------------
@@ -153,7 +162,7 @@ class S3Storage:
         """Run a PUT (or multipart completion); a lost condition is ours if the stored put-id is ours."""
         before = self.requests
         try:
-            resp = await self._call(key, op)
+            resp = await self._call(key, op, "put")
         except NotFound:
             if PUT_ID_KEY not in meta:
                 raise
@@ -177,7 +186,7 @@ class S3Storage:
         full, cond = self._key(key), self._conditions(if_none_match, if_match)
         meta = self._metadata(timestamp, bool(cond))
         created = await self._call(key, lambda c: c.create_multipart_upload(Bucket=self.bucket, Key=full,
-                                                                              Metadata=meta))
+                                                                              Metadata=meta), "put")
         upload_id = created["UploadId"]
         try:
             parts = []
@@ -189,14 +198,14 @@ class S3Storage:
                     async def part(c: Any, n: int = number, body: bytes = chunk) -> Any:
                         return await c.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id,
                                                    PartNumber=n, Body=body)
-                    resp = await self._call(key, part)
+                    resp = await self._call(key, part, "put")
                     parts.append({"PartNumber": number, "ETag": resp["ETag"]})
             return await self._conditional(key, meta, lambda c: c.complete_multipart_upload(
                 Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}, **cond))
         except BaseException:
             try:
                 await self._call(key, lambda c: c.abort_multipart_upload(Bucket=self.bucket, Key=full,
-                                                                         UploadId=upload_id))
+                                                                         UploadId=upload_id), "delete")
             except StorageError:
                 pass  # the bucket's lifecycle rules clean up what we could not
             raise
@@ -208,7 +217,7 @@ class S3Storage:
 
             async def op(c: Any, objects: builtins.list[dict[str, str]] = batch) -> Any:
                 return await c.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
-            resp = await self._call(keys[i], op)
+            resp = await self._call(keys[i], op, "delete")
             errors = resp.get("Errors") or []
             if errors:
                 first = errors[0]
@@ -318,7 +327,7 @@ class S3Storage:
 
     async def _head(self, key: str) -> tuple[ObjectInfo, dict[str, str]]:
         full = self._key(key)
-        resp = await self._call(key, lambda c: c.head_object(Bucket=self.bucket, Key=full))
+        resp = await self._call(key, lambda c: c.head_object(Bucket=self.bucket, Key=full), "head")
         meta = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
         ts = parse_rfc3339(meta[TIMESTAMP_KEY]) if TIMESTAMP_KEY in meta else \
             int(resp["LastModified"].timestamp() * 1000)
@@ -334,7 +343,7 @@ class S3Storage:
                 kwargs["ContinuationToken"] = token
             async def page(c: Any, kw: dict[str, Any] = kwargs) -> Any:
                 return await c.list_objects_v2(**kw)
-            resp = await self._call(prefix or "/", page)
+            resp = await self._call(prefix or "/", page, "list")
             for obj in resp.get("Contents", []):
                 out.append(ObjectInfo(obj["Key"][len(base):], int(obj["Size"]),
                                       int(obj["LastModified"].timestamp() * 1000), str(obj.get("ETag", ""))))

@@ -55,6 +55,7 @@ class CountingStorage:
     def __init__(self, inner: S3Storage) -> None:
         self.inner = inner
         self.url = inner.url
+        self.stats = inner.stats
         self.counts: Counter[str] = Counter()
         self.sizes: dict[str, int] = {}  # key -> bytes uploaded
         self.reads: list[tuple[str, int]] = []  # (key, bytes downloaded)

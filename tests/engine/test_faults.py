@@ -53,7 +53,9 @@ async def test_outage_keeps_uploads_and_holds_the_hwm(proxied: tuple[S3Storage, 
     # A crash during the outage: a new engine finds every acknowledged upload.
     engine.abandon()
     engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=10), clock=lambda: now[0])
-    assert engine.pos("c", "app.db") == history.pos and engine.hwm("c", "app.db") == 1
+    # The index cache is written every few seconds, so it may not know file 1 yet: the HWM is never above what is
+    # stored (at most lower, which only makes clients keep files longer) until the store answers again.
+    assert engine.pos("c", "app.db") == history.pos and engine.hwm("c", "app.db") <= 1
     proxy.faults.down = False
     proxy.faults.slowdown_every = 2  # flaky, but each call gets through within its retries
     now[0] += 20

@@ -59,11 +59,13 @@ class TestReconcile:
         store = open_storage(f"file://{tmp_path / 'store'}")
         engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
         await upload(engine, history, 2, now[0])
+        await engine.close()  # the index cache holds files 1 and 2
         index = tmp_path / "state" / "c" / "app.db" / "index.json"
         stale = index.read_text()
-        await upload(engine, history, 1, now[0])
-        engine.abandon()
-        index.write_text(stale)  # as if the crash came before the index write
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        await upload(engine, history, 1, now[0])  # file 3 is stored ...
+        engine.abandon()  # ... and the process dies before the index cache is written again
+        assert index.read_text() == stale
         engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
         assert engine.pos("c", "app.db") == history.pos and engine.hwm("c", "app.db") == 3
         await upload(engine, history, 1, now[0])  # continues without a duplicate or a gap

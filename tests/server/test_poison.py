@@ -86,7 +86,8 @@ async def test_one_cluster_cannot_stop_another(store_url: str, tmp_path: Path, r
                 honest = attacker.commit(1_700_000_000_000 + second * 500)
                 for body in hostile(honest, attacker.pos.post_apply_checksum):
                     refused.append(await upload(http, srv.url, ATTACKER, body))
-                assert await upload(http, srv.url, ATTACKER, honest) == 200
+                # Its own damaged store may reset its position (409: send a snapshot); that is its business alone.
+                assert await upload(http, srv.url, ATTACKER, honest) in (200, 409)
                 if second == 2:
                     start_hwm = srv.engine.hwm("victim", "app.db")
                 async with http.get(f"{srv.url}/api/databases", headers={"Authorization": ADMIN}) as resp:
