@@ -15,10 +15,12 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar import log as logmod
@@ -26,6 +28,7 @@ from sidecar.config import Config, EngineConfig, ServeConfig, add_flags, flags_f
 from sidecar.engine import Engine, Levels
 from sidecar.engine.engine import levels_of
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.retry import Backoff
 from sidecar.sdnotify import Notifier
 from sidecar.server import Scope, ServerConfig, parse_tokens, serve
 from sidecar.storage import open_storage
@@ -74,6 +77,7 @@ class Setup:
     levels: Levels
     notifier: Notifier
     storage: Storage
+    argv: list[str] = field(default_factory=list)  # the command line as given (workers are started with it)
 
 
 def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Setup:
@@ -116,7 +120,8 @@ def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
                           max_body_size=sc.max_body_size, request_timeout=sc.request_timeout,
                           header_timeout=sc.header_timeout, idle_timeout=sc.idle_timeout,
                           max_connections=sc.max_connections)
-    return Setup(cfg, config, host.strip("[]"), int(port), levels_of(cfg.engine), notifier, storage)
+    return Setup(cfg, config, host.strip("[]"), int(port), levels_of(cfg.engine), notifier, storage,
+                 list(getattr(args, "argv", None) or ["serve"]))
 
 
 def _tokens(cfg: Config, problems: list[str]) -> dict[str, Scope]:
@@ -198,11 +203,17 @@ async def _main(setup: Setup) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    sc = cfg.server
+    if sc.workers > 1 and sc.worker == 0:
+        await storage.close()
+        await supervise(setup.argv, sc.workers, stop, notifier)
+        return
+    state_dir = cfg.engine.state_dir / f"worker-{sc.worker}" if sc.worker else cfg.engine.state_dir
     try:
         try:
-            engine = await Engine.from_config(storage, cfg.engine)
+            engine = await Engine.from_config(storage, cfg.engine, state_dir)
         except OSError as err:
-            raise SidecarError(f"engine.state_dir {cfg.engine.state_dir}: {err.strerror or err}") from err
+            raise SidecarError(f"engine.state_dir {state_dir}: {err.strerror or err}") from err
         # Requests make short-lived objects by the thousand per second, and a collection scans every
         # tracked object: collect the young generation less often, and never rescan what startup made.
         gc.set_threshold(10_000, 10, 10)
@@ -211,7 +222,8 @@ async def _main(setup: Setup) -> None:
         watchdog = asyncio.create_task(notifier.watchdog(stop), name="watchdog")
         try:
             await serve(engine, setup.server, setup.host, setup.port, stop=stop, grace=cfg.server.shutdown_grace,
-                        started=started)
+                        started=started, reuse_port=sc.workers > 1, private=sc.worker > 0,
+                        advertise=sc.advertise_url)
         except OSError as err:
             if listening:
                 raise
@@ -223,4 +235,59 @@ async def _main(setup: Setup) -> None:
         await storage.close()
 
 
-__all__ = ["Setup", "cmd_serve", "configure", "open_store", "overrides", "register"]
+async def supervise(argv: list[str], n: int, stop: asyncio.Event, notifier: Notifier) -> None:
+    """`serve --workers N`: run N copies of this command as worker processes on the same port, restart one that
+    dies, pass SIGTERM on, and return once all have stopped. READY=1 once every worker serves."""
+    log = logmod.get_logger("sidecar.server")
+    procs: dict[int, asyncio.subprocess.Process] = {}
+    ready: set[int] = set()
+    relays: set[asyncio.Task[None]] = set()
+
+    async def start(i: int) -> None:
+        env = {**os.environ, "LITEFS_SIDECAR_SERVER_WORKER": str(i)}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "sidecar", *argv, env=env,
+                                                    stdout=asyncio.subprocess.PIPE)
+        procs[i] = proc
+        task = asyncio.create_task(relay(i, proc), name=f"worker {i} output")
+        relays.add(task)
+        task.add_done_callback(relays.discard)
+
+    async def relay(i: int, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            if line.startswith(b"litefs-sidecar serving on ") and i not in ready:
+                ready.add(i)
+                if len(ready) == n:
+                    notifier.notify("READY=1", f"STATUS=serving with {n} workers")
+
+    for i in range(1, n + 1):
+        await start(i)
+    restarts = Backoff(base=1.0, cap=30.0)
+    while procs:
+        waiters = {asyncio.create_task(p.wait()): i for i, p in procs.items()}
+        stopping = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([*waiters, stopping], return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        if stopping in done:
+            for p in procs.values():
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+            await asyncio.gather(*(p.wait() for p in procs.values()))
+            break
+        stopping.cancel()
+        for w in done:
+            i = waiters[w]
+            code = procs.pop(i).returncode
+            ready.discard(i)
+            delay = restarts.fail(time.monotonic())
+            log.error("worker exited; restarting it", worker=i, code=code, restart_in=round(delay, 1))
+            await asyncio.sleep(delay)
+            if not stop.is_set():
+                await start(i)
+    await asyncio.gather(*relays, return_exceptions=True)
+
+
+__all__ = ["Setup", "cmd_serve", "configure", "open_store", "overrides", "register", "supervise"]

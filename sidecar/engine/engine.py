@@ -432,6 +432,10 @@ class Engine:
                         raise
                     log.warning("lease renewal failed; retried at the next use", cluster=cluster)
 
+    def advertise(self, addr: str) -> None:
+        """Where this engine's process takes requests, written into the leases it takes from now on."""
+        self.leases.addr = addr
+
     def _renew_soon(self, cluster: str) -> None:
         """Renew (or take back) this engine's lease in the background, one attempt at a time per cluster."""
         task = self._renewing.get(cluster)
@@ -476,6 +480,14 @@ class Engine:
 
     def databases(self, cluster: str) -> list[str]:
         return self.catalog.databases(cluster)
+
+    async def all_clusters(self) -> list[str]:
+        """The clusters this engine knows and those any engine on the store has written (from their leases)."""
+        try:
+            leased = await self.leases.clusters()
+        except StorageError:
+            leased = []
+        return sorted(set(self.catalog.clusters()) | set(leased))
 
     def exists(self, cluster: str, name: str) -> bool:
         return self.catalog.get(cluster, name) is not None
@@ -703,8 +715,11 @@ class Engine:
         health.failures += 1
         health.last_error = str(err)
         delay = health.backoff.fail(now)
-        log.error("job failed", cluster=db.cluster, db=db.name, job=name, error=str(err),
-                  failures=health.backoff.failures, retry_in=round(delay, 1))
+        # A failure or two is often the store's passing trouble (retried with backoff); from the third in a row a
+        # person should look.
+        level = log.error if health.backoff.failures >= 3 else log.warning
+        level("job failed", cluster=db.cluster, db=db.name, job=name, error=str(err),
+              failures=health.backoff.failures, retry_in=round(delay, 1))
 
     def _succeeded(self, db: Database, name: str) -> None:
         health = db.job(name)

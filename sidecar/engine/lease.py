@@ -75,6 +75,7 @@ class NotOwner(SidecarError):
 
     code = "ENOTOWNER"
     http_status = 503
+    retry_after = 1
 
     def __init__(self, cluster: str, holder: LeaseDoc | None, message: str = "") -> None:
         self.cluster = cluster
@@ -188,6 +189,10 @@ class Leases:
             raise NotOwner(cluster, theirs) from None
         if expires is None:
             self.held[cluster] = Held(doc, new, start, start + self.ttl - self.skew)
+
+    async def clusters(self) -> list[str]:
+        """Every cluster that has a lease object (held or not): one LIST of the leases' prefix."""
+        return sorted(o.key[len(PREFIX):] for o in await self.storage.list(PREFIX))
 
     async def release(self, cluster: str) -> None:
         """Let go now: the lease object says it has expired, so another engine may take it at once."""

@@ -33,7 +33,8 @@ from sidecar.server.http import ADMIN, CLUSTER, READONLY, error
 from sidecar.server.litefs_api import LiteFSAPI
 from sidecar.server.metrics import Metrics
 from sidecar.server.operator import OperatorAPI
-from sidecar.server.ui import Dashboard, SessionError
+from sidecar.server.router import Router
+from sidecar.server.ui import Dashboard, SessionError, SignedSessions
 
 log = structlog.get_logger("sidecar.server")
 
@@ -69,10 +70,15 @@ class Server:
         self.metrics.watch(engine)
         self.ready = False
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
+        self.router = Router(engine, config.instance_id, on_forward=self.metrics.forwarded.inc)
         self.litefs = LiteFSAPI(engine, self.metrics, max_body_size=config.max_body_size,
                                 request_timeout=config.request_timeout)
-        self.operator = OperatorAPI(engine, max_body_size=config.max_body_size, request_timeout=config.request_timeout)
-        self.dashboard = Dashboard(self._sign_in, self.metrics)
+        self.operator = OperatorAPI(engine, max_body_size=config.max_body_size, request_timeout=config.request_timeout,
+                                    router=self.router)
+        # Sessions signed with a key every process with these tokens derives alike: any worker reads them.
+        secrets_ = [*config.tokens, config.admin_token] if (config.tokens or config.admin_token) else []
+        self.dashboard = Dashboard(self._sign_in, self.metrics,
+                                   SignedSessions.from_secrets(secrets_) if secrets_ else None)
 
     @property
     def inflight(self) -> int:
@@ -161,7 +167,11 @@ class Server:
             return error(403, "EREADONLY", f"{request.method} {request.path}: this token may only read")
         request[ADMIN] = scope.admin
         request[READONLY] = scope.readonly
-        request[CLUSTER] = wanted if scope.admin and wanted else scope.cluster
+        cluster = request[CLUSTER] = wanted if scope.admin and wanted else scope.cluster
+        if cluster != ADMIN_SCOPE:
+            holder = await self.router.holder(request, cluster)
+            if holder is not None:
+                return await self.router.forward(request, cluster, holder)  # another process writes it
         return await handler(request)
 
     def _authenticate(self, request: web.Request) -> Scope | None:
@@ -207,25 +217,40 @@ def ltx_refusal(err: LTXError) -> tuple[int, str]:
 
 async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, stop: asyncio.Event,
                 grace: float = 30.0, started: Callable[[str], None] | None = None,
-                metrics: Metrics | None = None) -> None:
-    """Run until `stop`: the engine's ticker, then graceful shutdown (finish in-flight uploads, flush)."""
+                metrics: Metrics | None = None, reuse_port: bool = False, advertise: str = "",
+                private: bool = False) -> None:
+    """Run until `stop`: the engine's ticker, then graceful shutdown (finish in-flight uploads, flush).
+
+    `advertise` is where other server processes reach this one (written into its leases); with `private`, a second
+    listener on a free loopback port serves that purpose (workers share the public port, so it cannot)."""
     server = Server(engine, config, metrics)
     runner = web.AppRunner(server.make_app(), access_log=None, shutdown_timeout=grace,
                            keepalive_timeout=config.idle_timeout)
     await runner.setup()
     quiet_accept_errors(asyncio.get_running_loop())
     undo_filter = install_client_mistakes_filter()
-    site = GuardedSite(runner, host, port, Limits(config.header_timeout, config.max_connections))
+    limits = Limits(config.header_timeout, config.max_connections)
+    sites = [GuardedSite(runner, host, port, limits, reuse_port=reuse_port or None)]
+    if private:
+        sites.append(GuardedSite(runner, "127.0.0.1", 0, limits))
     try:
-        await site.start()
+        for site in sites:
+            await site.start()
     except BaseException:
         undo_filter()
         await runner.cleanup()
         raise
     addr = runner.addresses[0]
     url = f"http://{addr[0]}:{addr[1]}"
+    if private:
+        back = runner.addresses[-1]
+        advertise = advertise or f"http://{back[0]}:{back[1]}"
+    elif not advertise and addr[0] not in ("0.0.0.0", "::"):
+        advertise = url
+    engine.advertise(advertise)
     server.ready = True
-    log.info("serving", url=url, clusters=server.tokens.clusters, insecure=config.insecure_no_auth)
+    log.info("serving", url=url, advertise=advertise or None, clusters=server.tokens.clusters,
+             insecure=config.insecure_no_auth)
     if started:
         started(url)
     ticker = asyncio.create_task(engine.run(stop), name="engine")
@@ -236,6 +261,7 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
         server.ready = False
         log.info("shutting down", inflight=server.inflight)
         await runner.cleanup()  # stops accepting, waits for in-flight requests up to the grace period
+        await server.router.close()
         stop.set()
         await stopping
         if ticker.done() and not ticker.cancelled() and ticker.exception() is not None:

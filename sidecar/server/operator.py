@@ -30,6 +30,7 @@ from sidecar.ltx.sqlite import sqlite_page_size
 from sidecar.protocol import txid_hex
 from sidecar.server.http import ADMIN, CLUSTER, ClientError, db_param, read_body
 from sidecar.server.litefs_api import send_snapshot
+from sidecar.server.router import FORWARDED_HEADER, Router
 from sidecar.storage.base import parse_rfc3339
 
 
@@ -70,8 +71,10 @@ def _target(params: Any, *, required: bool = False) -> tuple[int | None, int | N
 class OperatorAPI:
     """Handlers of /api/... over one engine."""
 
-    def __init__(self, engine: Engine, *, max_body_size: int, request_timeout: float) -> None:
+    def __init__(self, engine: Engine, *, max_body_size: int, request_timeout: float,
+                 router: Router | None = None) -> None:
         self.engine = engine
+        self.router = router
         self.max_body_size = max_body_size
         self.request_timeout = request_timeout
 
@@ -135,9 +138,21 @@ class OperatorAPI:
 
     async def list_databases(self, request: web.Request) -> web.Response:
         cluster = request[CLUSTER]
-        clusters = self.engine.clusters() if cluster == "*" else [cluster]
-        return web.json_response({"clusters": [
-            {"name": c, "databases": [self._describe(c, n) for n in self.engine.databases(c)]} for c in clusters]})
+        if cluster != "*":
+            return web.json_response({"clusters": [self._cluster(cluster)]})
+        out = []
+        for c in await self.engine.all_clusters():
+            # Every cluster, each as the process that writes it sees it (its pending uploads are there only).
+            found = None
+            if self.router is not None and not request.headers.get(FORWARDED_HEADER):
+                holder = await self.router.peer(c)
+                if holder is not None:
+                    found = await self.router.fetch(request, holder, f"/api/databases?cluster={c}")
+            out.append(found["clusters"][0] if found and found.get("clusters") else self._cluster(c))
+        return web.json_response({"clusters": out})
+
+    def _cluster(self, cluster: str) -> dict[str, Any]:
+        return {"name": cluster, "databases": [self._describe(cluster, n) for n in self.engine.databases(cluster)]}
 
     async def get_db(self, request: web.Request) -> web.Response:
         cluster, name = self._existing(request)

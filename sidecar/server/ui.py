@@ -14,12 +14,16 @@ GET /ui/session); without it the request gets 403 ECSRF and changes nothing.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+import json
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
@@ -40,6 +44,84 @@ class Session:
     expires: float
 
 
+class SessionStore(Protocol):
+    """Where sessions live: `issue` returns the cookie's value, `read` the session it names (None if none or
+    expired), `revoke` ends it."""
+
+    def issue(self, session: Session) -> str: ...
+
+    def read(self, cookie: str) -> Session | None: ...
+
+    def revoke(self, cookie: str) -> None: ...
+
+
+class MemorySessions:
+    """Sessions in this process's memory: a random id in the cookie (one process; a restart signs everyone out)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def issue(self, session: Session) -> str:
+        now = time.time()
+        self._sessions = {k: s for k, s in self._sessions.items() if s.expires > now}
+        sid = secrets.token_urlsafe(32)
+        self._sessions[sid] = session
+        return sid
+
+    def read(self, cookie: str) -> Session | None:
+        found = self._sessions.get(cookie)
+        if found is not None and found.expires < time.time():
+            del self._sessions[cookie]
+            return None
+        return found
+
+    def revoke(self, cookie: str) -> None:
+        self._sessions.pop(cookie, None)
+
+
+class SignedSessions:
+    """The session itself in the cookie, signed (HMAC-SHA256) with a key every server process with the same
+    tokens derives alike: any process, after any restart, reads it. Signing out forgets it in this process and
+    clears the browser's cookie; a copy of the cookie stays valid elsewhere until it expires (12 h)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._revoked: dict[str, float] = {}
+
+    @classmethod
+    def from_secrets(cls, secrets_: list[str]) -> SignedSessions:
+        material = "\n".join(["litefs-sidecar dashboard sessions", *sorted(secrets_)]).encode()
+        return cls(hashlib.sha256(material).digest())
+
+    def _sign(self, body: bytes) -> str:
+        return base64.urlsafe_b64encode(hmac.new(self._key, body, hashlib.sha256).digest()).decode().rstrip("=")
+
+    def issue(self, session: Session) -> str:
+        doc = {"c": session.scope.cluster, "r": session.scope.readonly, "x": session.csrf, "e": session.expires}
+        body = base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode().rstrip("=")
+        return f"{body}.{self._sign(body.encode())}"
+
+    def read(self, cookie: str) -> Session | None:
+        body, _, sig = cookie.partition(".")
+        if not body or not hmac.compare_digest(sig.encode(), self._sign(body.encode()).encode()):
+            return None
+        if cookie in self._revoked:
+            return None
+        try:
+            doc = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            session = Session(Scope(str(doc["c"]), bool(doc["r"])), str(doc["x"]), float(doc["e"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        return session if session.expires >= time.time() else None
+
+    def revoke(self, cookie: str) -> None:
+        now = time.time()
+        self._revoked = {k: e for k, e in self._revoked.items() if e > now}
+        found = self.read(cookie)
+        if found is not None:
+            self._revoked[cookie] = found.expires
+
+
 class SessionError(Exception):
     """A cookie-authenticated request that must be refused: (status, code, message)."""
 
@@ -51,10 +133,11 @@ class SessionError(Exception):
 class Dashboard:
     """The dashboard's routes and its sessions; `sign_in` maps a presented token to its scope (or None)."""
 
-    def __init__(self, sign_in: Callable[[str], Scope | None], metrics: Metrics) -> None:
+    def __init__(self, sign_in: Callable[[str], Scope | None], metrics: Metrics,
+                 sessions: SessionStore | None = None) -> None:
         self.sign_in = sign_in
         self.metrics = metrics
-        self.sessions: dict[str, Session] = {}
+        self.sessions = sessions or MemorySessions()
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -68,14 +151,9 @@ class Dashboard:
     # -- sessions -------------------------------------------------------------------------------------
 
     def _current(self, request: web.Request) -> tuple[str, Session] | None:
-        sid = request.cookies.get(COOKIE, "")
-        found = self.sessions.get(sid) if sid else None
-        if found is None:
-            return None
-        if found.expires < time.time():
-            del self.sessions[sid]
-            return None
-        return sid, found
+        cookie = request.cookies.get(COOKIE, "")
+        found = self.sessions.read(cookie) if cookie else None
+        return (cookie, found) if found is not None else None
 
     def scope(self, request: web.Request) -> Scope | None:
         """The scope of a cookie-authenticated API request, None if there is no session; SessionError if it
@@ -113,10 +191,8 @@ class Dashboard:
         if scope is None:
             self.metrics.rejections.labels("EINVALIDAUTH").inc()
             return error(401, "EINVALIDAUTH", "invalid token: use the admin token or a cluster token")
-        sid, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        now = time.time()
-        self.sessions = {k: s for k, s in self.sessions.items() if s.expires > now}
-        self.sessions[sid] = Session(scope, csrf, now + SESSION_TTL)
+        csrf = secrets.token_urlsafe(32)
+        sid = self.sessions.issue(Session(scope, csrf, time.time() + SESSION_TTL))
         resp = web.json_response({"scope": scope.cluster, "readonly": scope.readonly, "csrf": csrf})
         resp.set_cookie(COOKIE, sid, httponly=True, samesite="Strict", path="/", max_age=int(SESSION_TTL),
                         secure=request.secure)
@@ -137,7 +213,7 @@ class Dashboard:
             return error(err.status, err.code, str(err))
         current = self._current(request)
         if current is not None:
-            del self.sessions[current[0]]
+            self.sessions.revoke(current[0])
         resp = web.json_response({"signedOut": True})
         resp.del_cookie(COOKIE, path="/")
         return resp

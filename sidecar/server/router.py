@@ -1,0 +1,141 @@
+"""Many server processes over one store: each request reaches the process that writes its cluster.
+
+Every process can take any request. For a cluster's routes, the process that holds the cluster's lease
+(engine/lease.py) answers; any other process takes the lease if it is free or expired, or else forwards the request
+to the holder's address (written in the lease), streaming the body both ways, never buffering it whole. A
+forwarded request carries `Lfsc-Forwarded-By`, and is never forwarded again: if its receiver does not hold the
+cluster either (the lease moved meanwhile), it answers 503 with Retry-After, and the client tries again.
+
+    client ──▶ any process ──(holds the lease)──▶ answer
+                          ──(lease free)────────▶ take it, answer
+                          ──(another holds it)──▶ forward to its addr ──▶ answer
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from sidecar.engine import Engine
+from sidecar.engine.lease import LeaseDoc, NotOwner
+from sidecar.errors import StorageError
+
+log = structlog.get_logger("sidecar.server")
+
+FORWARDED_HEADER = "Lfsc-Forwarded-By"
+HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
+                 "upgrade", "proxy-authorization", "proxy-authenticate"})
+
+
+class NotHere(NotOwner):
+    """Another process writes the cluster and cannot be reached, or the lease moved under a forwarded request."""
+
+    def __init__(self, err: NotOwner, why: str) -> None:
+        super().__init__(err.cluster, err.holder, f"{err} ({why}); retry shortly")
+
+
+class Router:
+    """Decides, per request, whether this process answers or forwards; owns the forwarding HTTP session."""
+
+    def __init__(self, engine: Engine, instance_id: str, *, cache_seconds: float = 1.0,
+                 on_forward: Callable[[], None] | None = None) -> None:
+        self.engine = engine
+        self.on_forward = on_forward
+        self.instance_id = instance_id
+        self.cache_seconds = cache_seconds
+        self._session: aiohttp.ClientSession | None = None
+        self._holders: dict[str, tuple[LeaseDoc, float]] = {}  # cluster -> (another's lease, until when trusted)
+        self.forwarded = 0
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=5, sock_read=300))
+        return self._session
+
+    async def holder(self, request: web.Request, cluster: str) -> LeaseDoc | None:
+        """None if this process answers for `cluster` (taking its lease if free), else the lease of the process to
+        forward to. Raises NotHere when neither is possible."""
+        if self.engine.owns(cluster):
+            return None
+        cached = self._holders.get(cluster)
+        if cached is not None and time.monotonic() < cached[1]:
+            doc = cached[0]
+        else:
+            try:
+                await self.engine.own(cluster, provisional=True)
+                self._holders.pop(cluster, None)
+                return None
+            except NotOwner as err:
+                if err.holder is None:
+                    raise NotHere(err, "its writer is unknown") from None
+                doc = err.holder
+                self._holders[cluster] = (doc, time.monotonic() + self.cache_seconds)
+            except StorageError as err:
+                raise NotHere(NotOwner(cluster, None), f"the store did not answer: {err}") from None
+        if request.headers.get(FORWARDED_HEADER):
+            raise NotHere(NotOwner(cluster, doc), "the request was forwarded here already")
+        if not doc.addr:
+            raise NotHere(NotOwner(cluster, doc), "its writer takes no requests")
+        return doc
+
+    async def peer(self, cluster: str) -> LeaseDoc | None:
+        """Another live process's lease on `cluster` (with an address), without taking the lease; None otherwise."""
+        if self.engine.owns(cluster):
+            return None
+        cached = self._holders.get(cluster)
+        if cached is not None and time.monotonic() < cached[1]:
+            return cached[0]
+        try:
+            doc, _ = await self.engine.leases.holder(cluster)
+        except StorageError:
+            return None
+        if doc is None or not self.engine.leases.live(doc) or not doc.addr:
+            return None
+        self._holders[cluster] = (doc, time.monotonic() + self.cache_seconds)
+        return doc
+
+    async def fetch(self, request: web.Request, holder: LeaseDoc, path: str) -> Any:
+        """GET `path` from another process as the caller (its Authorization), never to be forwarded again."""
+        headers = {FORWARDED_HEADER: self.instance_id}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        async with self.session().get(holder.addr.rstrip("/") + path, headers=headers) as resp:
+            return await resp.json() if resp.status == 200 else None
+
+    async def forward(self, request: web.Request, cluster: str, holder: LeaseDoc) -> web.StreamResponse:
+        """Send the request to the cluster's writer and stream its answer back."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        headers[FORWARDED_HEADER] = self.instance_id
+        url = holder.addr.rstrip("/") + request.path_qs
+        self.forwarded += 1
+        if self.on_forward:
+            self.on_forward()
+        try:
+            async with self.session().request(request.method, url, headers=headers,
+                                              data=request.content if request.can_read_body else None) as up:
+                out = web.StreamResponse(status=up.status, headers={
+                    k: v for k, v in up.headers.items() if k.lower() not in HOP})
+                if up.content_length is not None:
+                    out.content_length = up.content_length
+                await out.prepare(request)
+                async for chunk in up.content.iter_chunked(1 << 16):
+                    await out.write(chunk)
+                await out.write_eof()
+                return out
+        except (aiohttp.ClientError, OSError) as exc:
+            self._holders.pop(cluster, None)
+            log.warning("forward failed", cluster=cluster, to=holder.addr, error=str(exc))
+            raise NotHere(NotOwner(cluster, holder), f"{holder.addr} did not answer: {exc}") from None
+
+
+__all__ = ["FORWARDED_HEADER", "NotHere", "Router"]
