@@ -65,6 +65,32 @@ def detect_version(head: BytesLike, size: int | None = None) -> Version:
     return Version.V2 if len(first) > 4 and first[4] & 0x80 else Version.V3
 
 
+def check_trailer(header: Header, trailer: Trailer, file_crc: int, off: int, *, db_crc: int | None = None) -> None:
+    """Check a trailer at byte `off` against the CRC of everything before its file checksum, and, when given,
+    a snapshot's recomputed database checksum (XOR of its page checksums); raises ChecksumMismatch."""
+    if header.no_checksum:
+        if trailer.post_apply_checksum:
+            raise ChecksumMismatch("post-apply checksum must be zero with the no-checksum flag",
+                                   field="post_apply_checksum", offset=off)
+    elif not trailer.post_apply_checksum & CHECKSUM_FLAG:
+        raise ChecksumMismatch(f"invalid post-apply checksum format: {trailer.post_apply_checksum:016x}",
+                               field="post_apply_checksum", offset=off)
+    if header.commit == 0 and trailer.post_apply_checksum != CHECKSUM_FLAG and not header.no_checksum:
+        raise ChecksumMismatch("post-apply checksum of an empty database must be 8000000000000000",
+                               field="post_apply_checksum", offset=off)
+    want = CHECKSUM_FLAG | file_crc
+    if trailer.file_checksum != want:
+        raise ChecksumMismatch(
+            f"file checksum mismatch: trailer has {trailer.file_checksum:016x}, data gives {want:016x}",
+            field="file_checksum", offset=off + 8)
+    if db_crc is not None:
+        got = CHECKSUM_FLAG | db_crc
+        if got != trailer.post_apply_checksum:
+            raise ChecksumMismatch(
+                f"post-apply checksum in trailer ({trailer.post_apply_checksum:016x}) does not match "
+                f"calculated checksum ({got:016x})", field="post_apply_checksum", offset=off)
+
+
 class Decoder:
     """Decode one LTX file from a binary stream or a buffer (zero copy for buffers such as mmap)."""
 
@@ -225,34 +251,10 @@ class Decoder:
         trailer = Trailer.unpack(bytes(post_bytes) + bytes(file_bytes))
         if not self._raw.at_eof():
             raise LTXError("unexpected data after the trailer", offset=self._raw.offset)
-        self._check_trailer(trailer, off)
+        check_trailer(self.header, trailer, self._crc, off, db_crc=self._db_crc if self._verify_snapshot else None)
         self._closed = True
         self.trailer = trailer
         return trailer
-
-    def _check_trailer(self, trailer: Trailer, off: int) -> None:
-        h = self.header
-        if h.no_checksum:
-            if trailer.post_apply_checksum:
-                raise ChecksumMismatch("post-apply checksum must be zero with the no-checksum flag",
-                                       field="post_apply_checksum", offset=off)
-        elif not trailer.post_apply_checksum & CHECKSUM_FLAG:
-            raise ChecksumMismatch(f"invalid post-apply checksum format: {trailer.post_apply_checksum:016x}",
-                                   field="post_apply_checksum", offset=off)
-        if h.commit == 0 and trailer.post_apply_checksum != CHECKSUM_FLAG and not h.no_checksum:
-            raise ChecksumMismatch("post-apply checksum of an empty database must be 8000000000000000",
-                                   field="post_apply_checksum", offset=off)
-        want = CHECKSUM_FLAG | self._crc
-        if trailer.file_checksum != want:
-            raise ChecksumMismatch(
-                f"file checksum mismatch: trailer has {trailer.file_checksum:016x}, data gives {want:016x}",
-                field="file_checksum", offset=off + 8)
-        if self._verify_snapshot:
-            got = CHECKSUM_FLAG | self._db_crc
-            if got != trailer.post_apply_checksum:
-                raise ChecksumMismatch(
-                    f"post-apply checksum in trailer ({trailer.post_apply_checksum:016x}) does not match "
-                    f"calculated checksum ({got:016x})", field="post_apply_checksum", offset=off)
 
     def _read_index(self) -> None:
         """Read the v3 page index and require it to describe exactly the frames we read."""
@@ -333,4 +335,4 @@ def verify(data: BinaryIO | BytesLike, version: Version | int) -> tuple[Header, 
     return dec.header, dec.close()
 
 
-__all__ = ["Decoder", "InvalidHeader", "decode", "detect_version", "lz4_block_bound", "verify"]
+__all__ = ["Decoder", "InvalidHeader", "check_trailer", "decode", "detect_version", "lz4_block_bound", "verify"]
