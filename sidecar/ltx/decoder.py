@@ -20,7 +20,7 @@ import lz4.block
 
 from sidecar.ltx.checksum import crc
 from sidecar.ltx.errors import ChecksumMismatch, CorruptCompression, InvalidHeader, InvalidPage, LTXError, TruncatedFile
-from sidecar.ltx.reader import BufferSource, LZ4FrameSource, Source, StreamSource
+from sidecar.ltx.reader import BufferSource, LZ4FrameSource, Source, StreamSource, decompress_frame
 from sidecar.ltx.types import (
     CHECKSUM_FLAG,
     FLAG_COMPRESS_LZ4,
@@ -320,6 +320,66 @@ def _uvarints(data: BytesLike, offset: int) -> list[int]:
     return out
 
 
+def decode_v2(data: BytesLike) -> tuple[Header, Trailer, list[tuple[int, memoryview]]]:
+    """Decode and verify a whole LTX v2 file held in memory: (header, trailer, [(pgno, page view)]).
+
+    The same checks as `Decoder`, for the sidecar's per-transaction files at a third of the cost: the page
+    block is decompressed whole (`decompress_frame`), cut into pages without copying, and checksummed in one
+    call. The views point into one buffer that lives as long as they do.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < HEADER_SIZE + 4 + TRAILER_SIZE:
+        raise TruncatedFile(f"file is {len(view)} bytes, shorter than an empty LTX v2 file", offset=0)
+    head = view[:HEADER_SIZE]
+    header = Header.unpack(head)
+    header.validate(Version.V2)
+    end = len(view) - TRAILER_SIZE
+    body = view[HEADER_SIZE:end]
+    block = body
+    if header.flags & FLAG_COMPRESS_LZ4:
+        whole = decompress_frame(body)
+        if whole is None:  # an LZ4 frame laid out otherwise than LiteFS writes it: the general path
+            dec = Decoder(view, Version.V2)
+            copied = [(pgno, memoryview(bytes(page))) for pgno, page in dec.pages()]
+            return dec.header, dec.close(), copied
+        block = memoryview(whole)
+    ps, commit, lock = header.page_size, header.commit, lock_pgno(header.page_size)
+    step = 4 + ps
+    n, rest = divmod(len(block) - 4, step)
+    if rest or len(block) < 4 or bytes(block[-4:]) != b"\0\0\0\0":
+        at = HEADER_SIZE + len(block)
+        if header.flags & FLAG_COMPRESS_LZ4:
+            raise CorruptCompression("the LZ4 frame does not end right after the page block's end marker",
+                                     offset=HEADER_SIZE)
+        raise TruncatedFile("the page block does not end right before the trailer", offset=at)
+    snapshot = header.is_snapshot
+    pages: list[tuple[int, memoryview]] = []
+    db_crc, prev = 0, 0
+    for k in range(n):
+        o = k * step
+        pgno = _from_bytes(block[o:o + 4], "big")
+        if pgno <= prev:
+            raise InvalidPage(f"page {pgno} out of order after page {prev}" if pgno else "page number required",
+                              offset=HEADER_SIZE + o)
+        if pgno > commit:
+            raise InvalidPage(f"page {pgno} beyond commit {commit}", offset=HEADER_SIZE + o)
+        if pgno == lock:
+            raise InvalidPage(f"page {pgno} is the lock page", offset=HEADER_SIZE + o)
+        page = block[o + 4:o + step]
+        if snapshot:
+            if pgno != (prev + 2 if prev + 1 == lock else prev + 1):
+                raise InvalidPage(f"snapshot is missing page {prev + 1}: next page is {pgno}", offset=HEADER_SIZE + o)
+            db_crc ^= crc(page, crc(block[o:o + 4]))
+        pages.append((pgno, page))
+        prev = pgno
+    if snapshot and commit and prev != commit and not (prev + 1 == lock == commit):
+        raise InvalidPage(f"snapshot ends at page {prev}, commit is {commit}", offset=end)
+    trailer = Trailer.unpack(view[end:])
+    check_trailer(header, trailer, crc(view[end:end + 8], crc(block, crc(head))), end,
+                  db_crc=db_crc if snapshot else None)
+    return header, trailer, pages
+
+
 def decode(data: BinaryIO | BytesLike, version: Version | int) -> tuple[Header, list[tuple[int, bytes]], Trailer]:
     """Decode a whole file into (header, [(pgno, page bytes)], trailer); for tests and small files."""
     dec = Decoder(data, version)
@@ -335,4 +395,5 @@ def verify(data: BinaryIO | BytesLike, version: Version | int) -> tuple[Header, 
     return dec.header, dec.close()
 
 
-__all__ = ["Decoder", "InvalidHeader", "check_trailer", "decode", "detect_version", "lz4_block_bound", "verify"]
+__all__ = ["Decoder", "InvalidHeader", "check_trailer", "decode", "decode_v2", "detect_version", "lz4_block_bound",
+           "verify"]
