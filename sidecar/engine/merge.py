@@ -17,11 +17,10 @@ processes halve the time.
 from __future__ import annotations
 
 import mmap
-import multiprocessing
 import os
 import struct
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +164,11 @@ def _run_ranges(paths: list[str], out: str, bounds: list[tuple[int, int]], commi
     tail = len(bounds) - 1
     if len(bounds) == 1:
         return [_merge_range(paths, out, *bounds[0], commit, True, progress, total)]
+    # Imported here, not at the top: every `litefs-sidecar run` imports this module (through the engine) and
+    # never restores this big; multiprocessing and its executor add ~30 ms to its start.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     # fork, not spawn: a spawned worker would import the whole CLI again (~0.3 s); the child runs only
     # _merge_range, which takes no lock another thread could hold.
     ctx = multiprocessing.get_context("fork")
