@@ -175,7 +175,8 @@ def _run_ranges(paths: list[str], out: str, bounds: list[tuple[int, int]], commi
     with ProcessPoolExecutor(len(bounds) - 1, mp_context=ctx) as pool:
         futures = [pool.submit(_merge_range, paths, out, lo, hi, commit, k == tail)
                    for k, (lo, hi) in enumerate(bounds) if k]
-        first = _merge_range(paths, out, *bounds[0], commit, False, progress, total // len(bounds))
+        # Progress is the first range's, as a share of the whole: the ranges are of one size and run together.
+        first = _merge_range(paths, out, *bounds[0], commit, False, progress, total)
         return [first, *(f.result() for f in futures)]
 
 
@@ -208,7 +209,7 @@ def _merge_range(paths: list[str], out: str, lo: int, hi: int, commit: int, tail
                     raise RestoreError(f"restore plan is missing page {wlo + missing} (commit is {commit})")
                 writer.write(win[:n * ps], (wlo - 1) * ps)
                 if progress:
-                    progress(total * (whi - lo) // max(hi - lo, 1), total)
+                    progress(min(total * (whi - lo) // max(hi - lo, 1), total - 1), total)
         if tail:
             for i in range(len(maps)):
                 merger.scan(i, _NO_PAGE, 0, memoryview(b""), taken)  # beyond commit: checked, not written

@@ -204,3 +204,20 @@ class TestWindowWriter:
                 expected[offset:offset + size] = data
                 writer.write(win[:size], offset)
         assert path.read_bytes() == bytes(expected)
+
+
+class TestProgress:
+    @pytest.mark.parametrize("parallel", [False, True])
+    async def test_progress_counts_up_to_the_stored_bytes(self, chain: Chain, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, parallel: bool) -> None:
+        if parallel:
+            monkeypatch.setattr(merge_module, "_PARALLEL_MIN_BYTES", 0)
+        chain.snapshot(5000)  # five windows of 512-byte pages
+        chain.add(list(range(1, 5001, 3)), 5000)
+        store = open_storage(f"file://{chain.root}")
+        plan = plan_restore(await scan(store, ""))
+        seen: list[tuple[int, int]] = []
+        await restore(store, "", plan, tmp_path / "out.db", progress=lambda done, total: seen.append((done, total)))
+        total = sum(e.size for e in plan)
+        assert len(seen) >= 3 and {t for _, t in seen} == {total}
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1] == (total, total)
