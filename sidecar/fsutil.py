@@ -42,16 +42,17 @@ def map_files(stack: ExitStack, paths: Sequence[Path]) -> list[mmap.mmap]:
     for path in paths:
         f = stack.enter_context(open(path, "rb"))
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        stack.callback(_close_map, mm)
+        stack.callback(close_map, mm)
         maps.append(mm)
     return maps
 
 
-def _close_map(mm: mmap.mmap) -> None:
+def close_map(mm: mmap.mmap) -> None:
+    """Close a map; one whose buffer is still exported (a view on an error path) is left to the GC."""
     try:
         mm.close()
     except BufferError:
         pass  # a decoder's page view outlives the map only on error paths; GC releases it
 
 
-__all__ = ["fsync_dir", "map_files", "write_atomically"]
+__all__ = ["close_map", "fsync_dir", "map_files", "write_atomically"]

@@ -170,14 +170,14 @@ class LocalDB:
             return 0
         found = 0
         txid = head + 1
+        files, stat, base = self.files, os.stat, self._dir
         while True:
-            path = self.dir / format_filename(txid, txid)
-            try:
-                st = os.stat(path)
+            try:  # a string path, not a Path: this runs once per transaction
+                st = stat(f"{base}/{format_filename(txid, txid)}")
             except FileNotFoundError:
                 return found
-            if txid not in self.files:
-                self._insert(LocalFile(self._dir, txid, txid, st.st_mtime, st.st_size))
+            if txid not in files:
+                self._insert(LocalFile(base, txid, txid, st.st_mtime, st.st_size))
                 found += 1
             txid += 1
 

@@ -2,9 +2,10 @@
 
 `plan_restore` picks the latest snapshot at or before the target, then repeatedly the file that reaches
 furthest without passing the target (which takes hourly files, then 5-minute files, then L0 flushes for
-the tail): the fewest files that rebuild the state. `restore` merges them by page number, one page per
-input in memory, into `<out>.tmp`, checks the database checksum against the last file's when it has one,
-fsyncs and renames. Nothing is left at `out` unless every check passed.
+the tail): the fewest files that rebuild the state. `restore` merges them into `<out>.tmp` (merge.py: the
+newest file holding a page wins, every file checksum is verified, on every core for a large restore),
+checks the database checksum against the last file's when it has one, fsyncs once and renames. Nothing is
+left at `out` unless every check passed.
 """
 
 from __future__ import annotations
@@ -14,21 +15,16 @@ import bisect
 import os
 import sqlite3
 import tempfile
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.engine.index import DbIndex, FileEntry
+from sidecar.engine.merge import Progress, merge
 from sidecar.errors import RestoreError
-from sidecar.fsutil import fsync_dir, map_files
-from sidecar.ltx import CHECKSUM_FLAG, LTXError, Version, format_timestamp, lock_pgno
-from sidecar.ltx.checksum import crc
-from sidecar.ltx.compactor import merge_pages
-from sidecar.ltx.decoder import Decoder
+from sidecar.fsutil import fsync_dir
+from sidecar.ltx import format_timestamp
 from sidecar.storage.base import Storage
-
-Progress = Callable[[int, int], None]  # (bytes of input done, bytes of input in all)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,74 +153,14 @@ async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out:
 
 def _merge_into(paths: Sequence[Path], plan: Sequence[FileEntry], tmp: Path,
                 progress: Progress | None) -> RestoreResult:
-    total = sum(e.size for e in plan)
+    merged = merge(paths, tmp, progress)
     last = plan[-1]
-    with ExitStack() as stack:
-        maps = map_files(stack, paths)
-        try:
-            decoders = [Decoder(mm, Version.V3) for mm in maps]
-            headers = [d.header for d in decoders]
-            commit, page_size = headers[-1].commit, headers[-1].page_size
-            if any(h.page_size != page_size for h in headers):
-                raise RestoreError("restore plan mixes page sizes")
-            value, pages = _write_pages(decoders, commit, page_size, tmp, total, progress)
-            for d, path in zip(decoders, paths, strict=True):
-                try:
-                    d.close()
-                except LTXError as err:
-                    raise LTXError(f"{path.name}: {err}") from err
-            del decoders
-        except LTXError as err:
-            raise RestoreError(f"corrupt backup file: {err}") from err
-    checksum = CHECKSUM_FLAG | value
     verified = bool(last.post)
-    if verified and checksum != last.post:
-        raise RestoreError(f"restored database checksum {checksum:016x} != {last.post:016x} stored for TXID "
-                           f"{last.max_txid:016x}; nothing was written")
-    return RestoreResult(last.max_txid, last.timestamp, checksum, pages, page_size, len(plan), verified)
-
-
-def _write_pages(decoders: list[Decoder], commit: int, page_size: int, tmp: Path, total: int,
-                 progress: Progress | None) -> tuple[int, int]:
-    """Stream the merged pages into `tmp` in large contiguous writes; return (checksum value, pages)."""
-    lock = lock_pgno(page_size)
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, commit * page_size)  # unwritten pages (the lock page) read as zeros
-        buf = bytearray()
-        run_start = 0
-        value = 0
-        n = 0
-        flush_at = 8 << 20
-        expect = 1
-        for pgno, page in merge_pages(decoders, commit):
-            if pgno != expect and pgno != lock:
-                if pgno > expect and not (expect == lock and pgno == lock + 1):
-                    raise RestoreError(f"restore plan is missing page {expect} (next is {pgno})")
-            if buf and pgno != run_start + len(buf) // page_size:
-                os.pwrite(fd, buf, (run_start - 1) * page_size)
-                buf.clear()
-            if not buf:
-                run_start = pgno
-            buf += page
-            value ^= crc(page, crc(pgno.to_bytes(4, "big")))
-            n += 1
-            expect = pgno + 1
-            if len(buf) >= flush_at:
-                os.pwrite(fd, buf, (run_start - 1) * page_size)
-                buf.clear()
-                if progress:
-                    progress(n * page_size, total)
-        if buf:
-            os.pwrite(fd, buf, (run_start - 1) * page_size)
-        if n and expect <= commit and not (expect == lock and commit == lock):
-            raise RestoreError(f"restore plan is missing pages {expect}..{commit}")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if progress:
-        progress(total, total)
-    return value, n
+    if verified and merged.checksum != last.post:
+        raise RestoreError(f"restored database checksum {merged.checksum:016x} != {last.post:016x} stored for "
+                           f"TXID {last.max_txid:016x}; nothing was written")
+    return RestoreResult(last.max_txid, last.timestamp, merged.checksum, merged.pages, merged.page_size, len(plan),
+                         verified)
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -20,7 +20,7 @@ import lz4.block
 
 from sidecar.ltx.checksum import crc
 from sidecar.ltx.errors import ChecksumMismatch, CorruptCompression, InvalidHeader, InvalidPage, LTXError, TruncatedFile
-from sidecar.ltx.reader import BufferSource, LZ4FrameSource, Source, StreamSource
+from sidecar.ltx.reader import BufferSource, LZ4FrameSource, Source, StreamSource, decompress_frame
 from sidecar.ltx.types import (
     CHECKSUM_FLAG,
     FLAG_COMPRESS_LZ4,
@@ -63,6 +63,32 @@ def detect_version(head: BytesLike, size: int | None = None) -> Version:
         return Version.V3 if first[4:6] == b"\0\x01" else Version.V2  # v3 frames carry flags 0x0001
     # No pages: v2 has a flagged post-apply checksum right after its 4-byte end marker.
     return Version.V2 if len(first) > 4 and first[4] & 0x80 else Version.V3
+
+
+def check_trailer(header: Header, trailer: Trailer, file_crc: int, off: int, *, db_crc: int | None = None) -> None:
+    """Check a trailer at byte `off` against the CRC of everything before its file checksum, and, when given,
+    a snapshot's recomputed database checksum (XOR of its page checksums); raises ChecksumMismatch."""
+    if header.no_checksum:
+        if trailer.post_apply_checksum:
+            raise ChecksumMismatch("post-apply checksum must be zero with the no-checksum flag",
+                                   field="post_apply_checksum", offset=off)
+    elif not trailer.post_apply_checksum & CHECKSUM_FLAG:
+        raise ChecksumMismatch(f"invalid post-apply checksum format: {trailer.post_apply_checksum:016x}",
+                               field="post_apply_checksum", offset=off)
+    if header.commit == 0 and trailer.post_apply_checksum != CHECKSUM_FLAG and not header.no_checksum:
+        raise ChecksumMismatch("post-apply checksum of an empty database must be 8000000000000000",
+                               field="post_apply_checksum", offset=off)
+    want = CHECKSUM_FLAG | file_crc
+    if trailer.file_checksum != want:
+        raise ChecksumMismatch(
+            f"file checksum mismatch: trailer has {trailer.file_checksum:016x}, data gives {want:016x}",
+            field="file_checksum", offset=off + 8)
+    if db_crc is not None:
+        got = CHECKSUM_FLAG | db_crc
+        if got != trailer.post_apply_checksum:
+            raise ChecksumMismatch(
+                f"post-apply checksum in trailer ({trailer.post_apply_checksum:016x}) does not match "
+                f"calculated checksum ({got:016x})", field="post_apply_checksum", offset=off)
 
 
 class Decoder:
@@ -225,34 +251,10 @@ class Decoder:
         trailer = Trailer.unpack(bytes(post_bytes) + bytes(file_bytes))
         if not self._raw.at_eof():
             raise LTXError("unexpected data after the trailer", offset=self._raw.offset)
-        self._check_trailer(trailer, off)
+        check_trailer(self.header, trailer, self._crc, off, db_crc=self._db_crc if self._verify_snapshot else None)
         self._closed = True
         self.trailer = trailer
         return trailer
-
-    def _check_trailer(self, trailer: Trailer, off: int) -> None:
-        h = self.header
-        if h.no_checksum:
-            if trailer.post_apply_checksum:
-                raise ChecksumMismatch("post-apply checksum must be zero with the no-checksum flag",
-                                       field="post_apply_checksum", offset=off)
-        elif not trailer.post_apply_checksum & CHECKSUM_FLAG:
-            raise ChecksumMismatch(f"invalid post-apply checksum format: {trailer.post_apply_checksum:016x}",
-                                   field="post_apply_checksum", offset=off)
-        if h.commit == 0 and trailer.post_apply_checksum != CHECKSUM_FLAG and not h.no_checksum:
-            raise ChecksumMismatch("post-apply checksum of an empty database must be 8000000000000000",
-                                   field="post_apply_checksum", offset=off)
-        want = CHECKSUM_FLAG | self._crc
-        if trailer.file_checksum != want:
-            raise ChecksumMismatch(
-                f"file checksum mismatch: trailer has {trailer.file_checksum:016x}, data gives {want:016x}",
-                field="file_checksum", offset=off + 8)
-        if self._verify_snapshot:
-            got = CHECKSUM_FLAG | self._db_crc
-            if got != trailer.post_apply_checksum:
-                raise ChecksumMismatch(
-                    f"post-apply checksum in trailer ({trailer.post_apply_checksum:016x}) does not match "
-                    f"calculated checksum ({got:016x})", field="post_apply_checksum", offset=off)
 
     def _read_index(self) -> None:
         """Read the v3 page index and require it to describe exactly the frames we read."""
@@ -318,6 +320,66 @@ def _uvarints(data: BytesLike, offset: int) -> list[int]:
     return out
 
 
+def decode_v2(data: BytesLike) -> tuple[Header, Trailer, list[tuple[int, memoryview]]]:
+    """Decode and verify a whole LTX v2 file held in memory: (header, trailer, [(pgno, page view)]).
+
+    The same checks as `Decoder`, for the sidecar's per-transaction files at a third of the cost: the page
+    block is decompressed whole (`decompress_frame`), cut into pages without copying, and checksummed in one
+    call. The views point into one buffer that lives as long as they do.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < HEADER_SIZE + 4 + TRAILER_SIZE:
+        raise TruncatedFile(f"file is {len(view)} bytes, shorter than an empty LTX v2 file", offset=0)
+    head = view[:HEADER_SIZE]
+    header = Header.unpack(head)
+    header.validate(Version.V2)
+    end = len(view) - TRAILER_SIZE
+    body = view[HEADER_SIZE:end]
+    block = body
+    if header.flags & FLAG_COMPRESS_LZ4:
+        whole = decompress_frame(body)
+        if whole is None:  # an LZ4 frame laid out otherwise than LiteFS writes it: the general path
+            dec = Decoder(view, Version.V2)
+            copied = [(pgno, memoryview(bytes(page))) for pgno, page in dec.pages()]
+            return dec.header, dec.close(), copied
+        block = memoryview(whole)
+    ps, commit, lock = header.page_size, header.commit, lock_pgno(header.page_size)
+    step = 4 + ps
+    n, rest = divmod(len(block) - 4, step)
+    if rest or len(block) < 4 or bytes(block[-4:]) != b"\0\0\0\0":
+        at = HEADER_SIZE + len(block)
+        if header.flags & FLAG_COMPRESS_LZ4:
+            raise CorruptCompression("the LZ4 frame does not end right after the page block's end marker",
+                                     offset=HEADER_SIZE)
+        raise TruncatedFile("the page block does not end right before the trailer", offset=at)
+    snapshot = header.is_snapshot
+    pages: list[tuple[int, memoryview]] = []
+    db_crc, prev = 0, 0
+    for k in range(n):
+        o = k * step
+        pgno = _from_bytes(block[o:o + 4], "big")
+        if pgno <= prev:
+            raise InvalidPage(f"page {pgno} out of order after page {prev}" if pgno else "page number required",
+                              offset=HEADER_SIZE + o)
+        if pgno > commit:
+            raise InvalidPage(f"page {pgno} beyond commit {commit}", offset=HEADER_SIZE + o)
+        if pgno == lock:
+            raise InvalidPage(f"page {pgno} is the lock page", offset=HEADER_SIZE + o)
+        page = block[o + 4:o + step]
+        if snapshot:
+            if pgno != (prev + 2 if prev + 1 == lock else prev + 1):
+                raise InvalidPage(f"snapshot is missing page {prev + 1}: next page is {pgno}", offset=HEADER_SIZE + o)
+            db_crc ^= crc(page, crc(block[o:o + 4]))
+        pages.append((pgno, page))
+        prev = pgno
+    if snapshot and commit and prev != commit and not (prev + 1 == lock == commit):
+        raise InvalidPage(f"snapshot ends at page {prev}, commit is {commit}", offset=end)
+    trailer = Trailer.unpack(view[end:])
+    check_trailer(header, trailer, crc(view[end:end + 8], crc(block, crc(head))), end,
+                  db_crc=db_crc if snapshot else None)
+    return header, trailer, pages
+
+
 def decode(data: BinaryIO | BytesLike, version: Version | int) -> tuple[Header, list[tuple[int, bytes]], Trailer]:
     """Decode a whole file into (header, [(pgno, page bytes)], trailer); for tests and small files."""
     dec = Decoder(data, version)
@@ -333,4 +395,5 @@ def verify(data: BinaryIO | BytesLike, version: Version | int) -> tuple[Header, 
     return dec.header, dec.close()
 
 
-__all__ = ["Decoder", "InvalidHeader", "decode", "detect_version", "lz4_block_bound", "verify"]
+__all__ = ["Decoder", "InvalidHeader", "check_trailer", "decode", "decode_v2", "detect_version", "lz4_block_bound",
+           "verify"]

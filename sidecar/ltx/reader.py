@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import BinaryIO, Protocol
 
+import lz4.block
 import lz4.frame
 
 from sidecar.ltx.errors import CorruptCompression, TruncatedFile
@@ -18,6 +19,49 @@ _LZ4_OUT = 1 << 18  # decompressed bytes produced per refill
 _LZ4_IN = 1 << 16  # compressed bytes fed per refill
 _LZ4_WHOLE = 1 << 18  # an in-memory frame up to this size (compressed) is decompressed in one call,
 _LZ4_WHOLE_OUT = 1 << 24  # into at most this much (python-lz4 is 3× slower with no limit, and slower with a huge one)
+
+
+_FRAME_MAGIC = b"\x04\x22\x4d\x18"
+_BLOCK_MAX = {4: 1 << 16, 5: 1 << 18, 6: 1 << 20, 7: 1 << 22}  # BD bits 6–4 → block maximum size
+
+
+def decompress_frame(data: BytesLike) -> bytes | None:
+    """Decompress one LZ4 frame of independent blocks that fills `data` exactly, block by block with lz4.block;
+    None if the frame uses anything else (linked blocks, block checksums, a dictionary, a content size): the
+    caller then takes the general path, lz4.frame.
+
+    Twice as fast as lz4.frame on a per-transaction file (4.5 µs instead of 10.6 for 3.6 KB), because the
+    frame's own content checksum (xxh32) is not recomputed: LTX's file checksum covers the same decompressed
+    bytes with a 64-bit CRC, and the caller verifies it. Raises CorruptCompression on a bad block.
+    """
+    view = memoryview(data).cast("B")
+    # FLG 0b01_1_0_0_1_0_0: version 01, independent blocks, no block checksum, no content size, content
+    # checksum, no dictionary (spec/ltx.md §2.2: what LiteFS writes).
+    if len(view) < 11 or view[:4] != _FRAME_MAGIC or view[4] != 0x64 or (block_max := _BLOCK_MAX.get(view[5] >> 4)) \
+            is None or view[5] & 0x8F:
+        return None
+    off, end, out = 7, len(view) - 4, []  # the last 4 bytes: the content checksum
+    while True:
+        if off + 4 > end:
+            raise CorruptCompression("LZ4 frame ends inside a block", offset=off)
+        size = int.from_bytes(view[off:off + 4], "little")
+        off += 4
+        if size == 0:
+            break
+        raw, size = size & 0x80000000, size & 0x7FFFFFFF
+        if size > block_max or off + size > end:
+            raise CorruptCompression(f"LZ4 block of {size} bytes does not fit the frame", offset=off)
+        if raw:
+            out.append(bytes(view[off:off + size]))
+        else:
+            try:
+                out.append(lz4.block.decompress(view[off:off + size], block_max))
+            except lz4.block.LZ4BlockError as err:
+                raise CorruptCompression(f"corrupt LZ4 block: {err}", offset=off) from err
+        off += size
+    if off != end:
+        raise CorruptCompression("data after the LZ4 frame's end mark", offset=off)
+    return out[0] if len(out) == 1 else b"".join(out)
 
 
 class Source(Protocol):

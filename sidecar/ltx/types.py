@@ -32,6 +32,7 @@ _HEADER = struct.Struct(">4sIIIQQqQqqIIQ20x")
 # file checksum covers: pre-apply at 80, post-apply at 88, then this marker at 96.
 EXT_MAGIC = b"LFSC"
 _EXT = struct.Struct(">QQ4s")
+_HEADER_EXT = struct.Struct(">4sIIIQQqQqqIIQQQ4s")  # the header and the extension's place, in one unpack
 _TRAILER = struct.Struct(">QQ")
 
 
@@ -158,12 +159,11 @@ class Header:
         if len(data) < HEADER_SIZE:
             raise InvalidHeader(f"header is {len(data)} bytes, want {HEADER_SIZE}", field="header")
         (magic, flags, page_size, commit, min_txid, max_txid, ts, pre, wal_offset, wal_size, salt1, salt2,
-         node_id) = _HEADER.unpack_from(data)
+         node_id, ext_pre, ext_post, ext_magic) = _HEADER_EXT.unpack_from(data)
         if magic != MAGIC:
             raise InvalidHeader(f"invalid LTX file: magic {bytes(magic)!r}, want b'LTX1'", field="magic")
-        ext_pre = ext_post = 0
-        if bytes(data[96:100]) == EXT_MAGIC:
-            ext_pre, ext_post, _ = _EXT.unpack_from(data, 80)
+        if ext_magic != EXT_MAGIC:
+            ext_pre = ext_post = 0
         return cls(page_size, commit, min_txid, max_txid, ts, pre, flags, wal_offset, wal_size, salt1, salt2,
                    node_id, ext_pre, ext_post)
 

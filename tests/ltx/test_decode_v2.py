@@ -1,0 +1,109 @@
+"""decode_v2, the sidecar's whole-file v2 decoder: the same pages, headers and refusals as the streaming Decoder."""
+
+from __future__ import annotations
+
+import lz4.frame
+import pytest
+
+from sidecar.ltx import FLAG_COMPRESS_LZ4, HEADER_SIZE, TRAILER_SIZE, CorruptCompression, LTXError, Version
+from sidecar.ltx.decoder import decode, decode_v2
+from sidecar.ltx.reader import decompress_frame
+from tests.conftest import GO_V2, LITEFS
+from tests.ltx.chain import build_chain
+
+FILES = sorted([*LITEFS.glob("per-tx/*/*.ltx"), *GO_V2.glob("*.ltx")])
+
+
+def streaming(data: bytes) -> tuple[object, object, list[tuple[int, bytes]]] | str:
+    try:
+        header, pages, trailer = decode(data, Version.V2)
+    except LTXError as err:
+        return type(err).__name__
+    return header, trailer, pages
+
+
+def whole(data: bytes) -> tuple[object, object, list[tuple[int, bytes]]] | str:
+    try:
+        header, trailer, pages = decode_v2(data)
+    except LTXError as err:
+        return type(err).__name__
+    return header, trailer, [(pgno, bytes(page)) for pgno, page in pages]
+
+
+def test_fixtures_are_read_alike() -> None:
+    read = [path for path in FILES if not isinstance(streaming(path.read_bytes()), str)]
+    assert len(read) >= 20
+    for path in read:
+        data = path.read_bytes()
+        assert whole(data) == streaming(data), path.name
+
+
+@pytest.mark.parametrize("lz4", [False, True])
+def test_chains_with_snapshots_and_shrinks_are_read_alike(lz4: bool) -> None:
+    files, _ = build_chain([(6, {p: 1 for p in range(1, 7)}), (6, {2: 2, 5: 2}), (3, {1: 3}), (8, {7: 4, 8: 4})],
+                           lz4=lz4)
+    for data in files:
+        assert whole(data) == streaming(data)
+        assert not isinstance(whole(data), str)
+
+
+def test_every_byte_flip_is_refused_as_the_streaming_decoder_does() -> None:
+    """Except in the LZ4 frame's descriptor (block size, header checksum) and its content checksum: xxh32 is not
+    recomputed, the LTX file checksum covering the same decompressed bytes (the pages stay identical)."""
+    data = (LITEFS / "per-tx" / "fx-wal.db" / "0000000000000001-0000000000000001.ltx").read_bytes()
+    assert data[HEADER_SIZE + 4] & 0x04  # a content checksum is there
+    metadata = {HEADER_SIZE + 5, HEADER_SIZE + 6, *range(len(data) - TRAILER_SIZE - 4, len(data) - TRAILER_SIZE)}
+    original = whole(data)
+    for i in range(len(data)):
+        for mask in (0x01, 0x80):
+            bad = bytearray(data)
+            bad[i] ^= mask
+            ours, theirs = whole(bytes(bad)), streaming(bytes(bad))
+            if isinstance(ours, str):
+                assert isinstance(theirs, str), (i, mask)
+            elif i in metadata:
+                assert ours == original, (i, mask)
+            else:
+                assert ours == theirs, (i, mask)
+
+
+def test_truncations_are_refused() -> None:
+    data = (LITEFS / "per-tx" / "fx-wal.db" / "0000000000000001-0000000000000001.ltx").read_bytes()
+    for n in range(len(data)):
+        assert isinstance(whole(data[:n]), str), n
+    assert whole(data + b"\0") == "CorruptCompression"  # the frame no longer ends right before the trailer
+
+
+class TestDecompressFrame:
+    BLOCK = bytes(range(256)) * 700  # 175 KiB: three 64 KiB blocks
+
+    def test_independent_blocks_as_litefs_writes_them(self) -> None:
+        frame = lz4.frame.compress(self.BLOCK, block_size=lz4.frame.BLOCKSIZE_MAX64KB, block_linked=False,
+                                   content_checksum=True, store_size=False)
+        assert decompress_frame(frame) == self.BLOCK
+
+    @pytest.mark.parametrize("options", [
+        {"block_linked": True}, {"block_checksum": True}, {"store_size": True}, {"content_checksum": False},
+    ], ids=str)
+    def test_other_layouts_are_left_to_lz4_frame(self, options: dict[str, bool]) -> None:
+        settings = {"block_size": lz4.frame.BLOCKSIZE_MAX64KB, "block_linked": False, "content_checksum": True,
+                    "store_size": False, **options}
+        assert decompress_frame(lz4.frame.compress(self.BLOCK, **settings)) is None
+
+    def test_a_file_in_another_layout_is_still_decoded(self) -> None:
+        """decode_v2 falls back to the streaming decoder for a frame it does not take apart itself."""
+        files, _ = build_chain([(3, {1: 1, 2: 1, 3: 1})], lz4=True)
+        data = files[0]
+        block = lz4.frame.decompress(data[HEADER_SIZE:-TRAILER_SIZE])
+        relinked = lz4.frame.compress(block, block_linked=True, block_checksum=True)
+        other = data[:HEADER_SIZE] + relinked + data[-TRAILER_SIZE:]
+        assert data[4:8] == FLAG_COMPRESS_LZ4.to_bytes(4, "big")
+        assert whole(other) == streaming(data)
+
+    def test_a_broken_frame_is_refused(self) -> None:
+        """(A flipped literal decodes to other bytes: the LTX file checksum is what refuses that file.)"""
+        frame = lz4.frame.compress(self.BLOCK[:1000], block_linked=False, store_size=False, content_checksum=True)
+        oversized = frame[:7] + (len(frame) | 0x1000).to_bytes(4, "little") + frame[11:]
+        for bad in (oversized, frame[:-5], frame[:-4] + b"\0\0\0\0" + frame[-4:]):
+            with pytest.raises(CorruptCompression):
+                decompress_frame(bad)
