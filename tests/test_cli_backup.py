@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,49 @@ class TestOutput:
             assert await cli("restore", *dry, "-o", str(out), f"file://{store}/default/app.db") == 1
             assert capsys.readouterr().err == f"litefs-sidecar: -o {out}: {out.parent} does not exist\n"
         assert not (tmp_path / "missing").exists()
+
+
+class TestRestoreSafety:
+    """A restored file is never read through another state's -wal; malformed content is a reported problem."""
+
+    async def test_a_stale_wal_beside_the_output_is_refused(self, store: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+        out = tmp_path / "app.db"
+        out.write_bytes(b"old database")
+        (tmp_path / "app.db-wal").write_bytes(b"old wal")
+        (tmp_path / "app.db-shm").write_bytes(b"old shm")
+        assert await cli("restore", "-o", str(out), str(store / "default" / "app.db")) == 1
+        err = capsys.readouterr().err
+        assert "app.db-wal, app.db-shm" in err and "--force" in err
+        assert out.read_bytes() == b"old database" and (tmp_path / "app.db-wal").exists()  # nothing changed
+
+    async def test_force_replaces_the_database_and_removes_its_wal(self, store: Path, tmp_path: Path) -> None:
+        out = tmp_path / "app.db"
+        out.write_bytes(b"old database")
+        (tmp_path / "app.db-wal").write_bytes(b"old wal")
+        assert await cli("restore", "--force", "-o", str(out), str(store / "default" / "app.db")) == 0
+        assert not (tmp_path / "app.db-wal").exists()
+        con = sqlite3.connect(out)
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert con.execute("SELECT count(*) FROM events").fetchone()[0] > 0
+        con.close()
+
+    async def test_verify_reports_malformed_sqlite_content(self, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+        """Every LTX checksum holds, but the pages are not a database SQLite can read: a problem, not a traceback."""
+        db = tmp_path / "bad.db"
+        good = sqlite3.connect(db)
+        good.execute("CREATE TABLE t (x)")
+        good.commit()
+        good.close()
+        data = bytearray(db.read_bytes())
+        data[100:] = b"\xa5" * (len(data) - 100)  # the header stays SQLite's; the b-tree pages are garbage
+        db.write_bytes(bytes(data) + b"\xa5" * 4096)
+        backup = tmp_path / "store" / "c" / "bad.db" / "ltx" / "9"
+        backup.mkdir(parents=True)
+        assert await cli("ltx", "encode-db", "--format", "v3", "-o",
+                         str(backup / "0000000000000001-0000000000000001.ltx"), str(db)) == 0
+        capsys.readouterr()
+        assert await cli("verify", str(tmp_path / "store" / "c" / "bad.db")) == 1
+        err = capsys.readouterr().err
+        assert "integrity_check" in err and "Traceback" not in err

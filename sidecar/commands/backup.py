@@ -19,10 +19,10 @@ from typing import Any
 
 from sidecar.commands import args as argtypes
 from sidecar.engine.index import DbIndex, reachable, scan
-from sidecar.engine.restore import plan_restore, restore
-from sidecar.errors import RestoreError
+from sidecar.engine.restore import plan_restore, restore, side_files
+from sidecar.errors import RestoreError, SidecarError
 from sidecar.ltx import LTXError, Version, format_timestamp
-from sidecar.ltx.decoder import Decoder
+from sidecar.ltx.decoder import verify
 from sidecar.storage import open_storage
 from sidecar.storage.base import Storage
 
@@ -62,6 +62,8 @@ def register(sub: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
     p.add_argument("--integrity-check", action="store_true", help="run PRAGMA integrity_check on the result")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="SQLite file to write (replaced atomically)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT even with a -wal, -shm or -journal beside it (they are removed with it)")
     _storage_flags(p)
     p.add_argument("url", metavar="URL")
     p.set_defaults(func=lambda a: asyncio.run(cmd_restore(a)))
@@ -140,7 +142,14 @@ class _Bar:
 
 async def cmd_restore(args: argparse.Namespace) -> int:
     txid, ts = args.txid, args.timestamp
-    argtypes.check_output(args.output)
+    out = argtypes.check_output(args.output)
+    sides = side_files(out)
+    if sides and not args.force and not args.dry_run:
+        names = ", ".join(p.name for p in sides)
+        failed = SidecarError(f"-o {args.output}: {names} beside it would be applied by SQLite to the restored "
+                              "file (another state); nothing was written")
+        failed.hint = "stop what uses it, then add --force to replace the database and remove them"  # type: ignore[attr-defined]
+        raise failed
     storage = _open(args)
     try:
         index = await _scan_one(storage, args.url, "restore")
@@ -153,7 +162,8 @@ async def cmd_restore(args: argparse.Namespace) -> int:
                   f"{len(plan)} files")
             return 0
         t0 = time.perf_counter()
-        result = await restore(storage, "", plan, args.output, integrity_check=args.integrity_check, progress=_Bar())
+        result = await restore(storage, "", plan, args.output, integrity_check=args.integrity_check, progress=_Bar(),
+                               replace=sides)
         seconds = time.perf_counter() - t0
     finally:
         await storage.close()
@@ -201,11 +211,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         for e in index:
             key = e.key(storage.layout, "")
             try:
-                data = await storage.get_bytes(key)
-                dec = Decoder(data, Version.V3)
-                for _pgno, _page in dec.pages():
-                    pass
-                dec.close()
+                verify(await storage.get_bytes(key), Version.V3)
             except LTXError as err:
                 problems.append(f"{key}: {err}")
         for level, files in sorted(index.levels.items()):

@@ -6,8 +6,8 @@ extension (docs/format.md §2.1). Every object is written with `If-None-Match: *
 can replace a file another wrote (docs/format.md §5). Before each write the `fence` is asked whether this
 engine may still write the database (engine/lease.py); it raises when it may not.
 
-Small outputs are built in memory; larger ones in a temporary file under the state directory, one at a time
-per builder so a backlog never needs more than one output's worth of free space (plus the store's copy).
+Flushes are built in memory (their inputs already are, at most 64 MiB: flush.py), so the HWM moves even on a full
+disk; compactions' larger outputs go to a temporary file under the state directory, one at a time.
 """
 
 from __future__ import annotations
@@ -54,11 +54,14 @@ class Builder:
     def key(self, db: Database, entry: FileEntry) -> str:
         return self.storage.layout.ltx_key(db.prefix, entry.level, entry.min_txid, entry.max_txid)
 
-    async def build(self, db: Database, level: int, inputs: Sequence[Path | bytes], version: Version) -> FileEntry:
-        """Merge local files or uploads (all of `version`, in TXID order) into one file of `level` in the store."""
+    async def build(self, db: Database, level: int, inputs: Sequence[Path | bytes], version: Version, *,
+                    in_memory: bool = False) -> FileEntry:
+        """Merge local files or uploads (all of `version`, in TXID order) into one file of `level` in the store.
+        `in_memory` builds it in memory whatever its size (flushes: their inputs are in memory already, bounded,
+        and a flush must work on a full disk)."""
         t0 = time.perf_counter()
         size = sum(len(i) if isinstance(i, bytes) else SMALL + 1 for i in inputs)
-        if size <= SMALL:
+        if size <= SMALL or in_memory:
             out = io.BytesIO()
             if size > THREAD:
                 header, _ = await asyncio.to_thread(compact_inputs, inputs, out, version)

@@ -152,12 +152,19 @@ class Catalog:
         self._dirty.add((db.cluster, db.name))
 
     async def save_dirty(self) -> None:
-        """Write every changed index (and page checksums) to the cache."""
+        """Write every changed index (and page checksums) to the cache; one that cannot be written (a full disk)
+        stays dirty for the next time, and the rest go on."""
         for key in list(self._dirty):
-            self._dirty.discard(key)
             db = self._dbs.get(key)
-            if db is not None:
+            if db is None:
+                self._dirty.discard(key)
+                continue
+            try:
                 await self.save(db, sums=True)
+                self._dirty.discard(key)
+            except OSError as err:
+                log.warning("index cache not written; tried again later", cluster=db.cluster, db=db.name,
+                            error=str(err))
 
     @staticmethod
     def _bad(key: str, err: Exception) -> None:

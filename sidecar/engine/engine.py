@@ -536,6 +536,11 @@ class Engine:
         return self.uploadlog.size
 
     @property
+    def disk_full(self) -> bool:
+        """Whether the state directory's disk refused the last upload log write for lack of space."""
+        return self.uploadlog.disk_full
+
+    @property
     def log_commits(self) -> int:
         return self.uploadlog.commits
 

@@ -110,7 +110,7 @@ class Flusher:
                 return
             t0 = time.perf_counter()
             taken = db.pending[:batch(db)]
-            entry = await self.builder.build(db, 0, [p.data for p in taken], Version.V2)
+            entry = await self.builder.build(db, 0, [p.data for p in taken], Version.V2, in_memory=True)
             db.index.add(entry)
             self.catalog.touch(db)
             db.pending = db.pending[len(taken):]

@@ -130,8 +130,10 @@ def _points(entries: Sequence[FileEntry]) -> dict[int, FileEntry]:
 
 
 async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out: str | os.PathLike[str], *,
-                  integrity_check: bool = False, progress: Progress | None = None) -> RestoreResult:
-    """Merge `plan` (from `plan_restore`) into the SQLite file `out`, atomically."""
+                  integrity_check: bool = False, progress: Progress | None = None,
+                  replace: Sequence[Path] = ()) -> RestoreResult:
+    """Merge `plan` (from `plan_restore`) into the SQLite file `out`, atomically. `replace`: files removed once the
+    result is verified, just before it takes `out`'s name (the old database's -wal and -shm)."""
     if not plan:
         raise RestoreError("empty restore plan")
     out = Path(out)
@@ -144,6 +146,8 @@ async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out:
             result = await asyncio.to_thread(_merge_into, paths, plan, tmp, progress)
             if integrity_check:
                 await asyncio.to_thread(check_integrity, tmp)
+            for side in replace:
+                side.unlink(missing_ok=True)
             await asyncio.to_thread(_publish, tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -169,16 +173,28 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def check_integrity(path: Path) -> None:
-    """Run `PRAGMA integrity_check`; raise RestoreError with SQLite's first complaint."""
-    con = sqlite3.connect(path)  # read-write: a WAL-mode database needs its -shm even to read
+    """Run `PRAGMA integrity_check`; raise RestoreError with SQLite's first complaint (also when SQLite cannot
+    read the file at all)."""
     try:
-        rows = con.execute("PRAGMA integrity_check").fetchall()
-    finally:
-        con.close()
-    for suffix in ("-wal", "-shm", "-journal"):
+        con = sqlite3.connect(path)  # read-write: a WAL-mode database needs its -shm even to read
+        try:
+            rows = con.execute("PRAGMA integrity_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as err:
+        rows = [(f"SQLite cannot read it: {err}",)]
+    for suffix in SIDE_FILES:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     if rows != [("ok",)]:
         raise RestoreError(f"restored database fails integrity_check: {rows[0][0]}")
 
 
-__all__ = ["RestoreResult", "check_integrity", "plan_restore", "restore"]
+SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database, and would apply to a new one
+
+
+def side_files(out: Path) -> list[Path]:
+    """The `-wal`, `-shm` and `-journal` files beside `out` (SQLite would apply a stale WAL to a restored file)."""
+    return [side for suffix in SIDE_FILES if (side := Path(f"{out}{suffix}")).exists()]
+
+
+__all__ = ["SIDE_FILES", "RestoreResult", "check_integrity", "plan_restore", "restore", "side_files"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import mmap
 import os
 import struct
@@ -39,6 +40,7 @@ log = structlog.get_logger("sidecar.engine")
 MAGIC = b"LSU1"
 HEAD = struct.Struct(">4sIQHH")
 SEGMENT_SIZE = 64 << 20
+ROLL_EMPTY = 1 << 20  # a segment this large with nothing live in it is replaced by a new one, freeing its space
 IOV_MAX = 1024
 SLOW_COMMIT = 0.5  # seconds: a commit slower than this is logged (the disk is struggling)
 
@@ -114,6 +116,7 @@ class UploadLog:
         # Its own thread: commits never queue behind the store's writes in the default executor.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="upload-log")
         self.commits = 0  # group commits made (for metrics and tests)
+        self.disk_full = False  # the last write failed for lack of space
 
     def path(self, segment: int) -> Path:
         return self.dir / f"{segment:016x}.log"
@@ -212,8 +215,11 @@ class UploadLog:
     async def _commit_loop(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
-            if self._size >= self.segment_size:
+            # A full segment rolls; so does one whose every record has reached the store, so that its space
+            # comes back at once (a small disk holds less than one segment).
+            if self._size >= self.segment_size or (self._size >= ROLL_EMPTY and not self._live.get(self._active)):
                 await self._run(self._roll)
+                self._collect()
             segment, start = self._active, self._size
             buffers = [b for bufs, _ in batch for b in bufs]
             t0 = time.perf_counter()
@@ -226,12 +232,17 @@ class UploadLog:
                 except OSError:
                     with contextlib.suppress(OSError):  # its tail is then torn, and later appends go elsewhere
                         await self._run(self._roll)
-                failure = StorageError(str(self.path(segment)), f"upload log write failed: {err}")
+                self.disk_full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+                log.error("upload log write failed", file=str(self.path(segment)), error=str(err),
+                          uploads=len(batch))
+                failure = StorageError("upload log", "the server's disk is full" if self.disk_full else
+                                       f"the server could not write its upload log ({err.strerror})", retryable=True)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(failure)
                 continue
             self.commits += 1
+            self.disk_full = False
             took = time.perf_counter() - t0
             if took > SLOW_COMMIT:
                 log.warning("upload log: slow commit", seconds=round(took, 3), records=len(batch))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -135,7 +136,7 @@ class Server:
             self.metrics.storage_errors.inc()
             self.metrics.rejections.labels(err.code).inc()
             log.error("storage error", error=str(err))
-            return error(503, err.code, str(err))
+            return error(503, err.code, without_paths(str(err)), headers={"Retry-After": "1"})
         except SidecarError as err:
             self.metrics.rejections.labels(err.code).inc()
             retry = getattr(err, "retry_after", None)
@@ -199,7 +200,18 @@ class Server:
     async def readyz(self, request: web.Request) -> web.Response:
         if not self.ready:
             return error(503, "ENOTREADY", "starting or stopping")
+        if self.engine.disk_full:
+            return error(503, "EDISKFULL", "the disk of the server's state directory is full: uploads are refused "
+                                           "until space is freed")
         return web.json_response({"ready": True})
+
+
+_LOCAL_PATH = re.compile(r"file://\S+|(?<![\w:/])/(?:[\w.@+-]+/)*[\w.@+-]+")
+
+
+def without_paths(message: str) -> str:
+    """A message for a client: local file paths (of the state directory, a local store) replaced by <path>."""
+    return _LOCAL_PATH.sub("<path>", message)
 
 
 # Header fields a well-formed upload can still get wrong for its database: 422, not 400.

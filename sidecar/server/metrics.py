@@ -86,6 +86,8 @@ class EngineCollector:
         yield GaugeMetricFamily("lfsc_upload_log_segments", "Upload log segments on disk (grows while the store is "
                                 "unreachable)", value=engine.log_segments)
         yield GaugeMetricFamily("lfsc_upload_log_bytes", "Bytes of the upload log on disk", value=engine.log_bytes)
+        yield GaugeMetricFamily("lfsc_disk_full", "1 while the state directory's disk refuses upload log writes",
+                                value=1 if engine.disk_full else 0)
         yield GaugeMetricFamily("lfsc_flush_concurrency", "Flushes the engine lets run at once (adapts to the store)",
                                 value=engine.limit.value)
         yield CounterMetricFamily("lfsc_flushes", "L0 files written", value=engine.flushes)
