@@ -73,6 +73,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import ssl
 import statistics
@@ -480,7 +481,6 @@ class MotoLog:
 
 def start_moto(root: Path) -> tuple[subprocess.Popen[bytes], str, MotoLog]:
     """moto's standalone server on a free port, its request log in root/moto.log; (process, endpoint, log)."""
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
