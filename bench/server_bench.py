@@ -50,6 +50,8 @@ Columns (a figure the server does not export prints "n/a"):
   upload log's size on disk); under each row: the series of both, every `--sample` seconds, and the server's
   own `lfsc_hwm_lag_seconds` (p50/p99/max over databases) and `lfsc_hwm_lag_seconds_max` at the end.
   With `--workers` above 1 a scrape of /metrics reaches one worker of several: counters are left out (n/a).
+  In sweep mode /metrics is read only at the start and the end of the window: rendering it costs the server a
+  few % of a core with thousands of databases, which would count as upload CPU.
 
 The client is raw HTTP/1.1 over asyncio streams, requests pre-built, spread over `--clients` processes, one
 keep-alive connection per database as each LiteFS node holds its own; uploads are sent as LiteFS sends them:
@@ -748,8 +750,9 @@ def scrape(urls: list[str]) -> Scrape | None:
         return None
 
 
-def sample(running: Running, t: float) -> Sample:
-    s = scrape(running.metrics_urls) if running.metrics_urls else None
+def sample(running: Running, t: float, metrics: bool = True) -> Sample:
+    """The log's size, moto's request counts and (if `metrics`) the servers' /metrics, now."""
+    s = scrape(running.metrics_urls) if running.metrics_urls and metrics else None
     pending = metric_total(s, "lfsc_pending_uploads") if running.counters_valid else None
     return Sample(t, log_bytes(running.state_dirs) if running.state_dirs else None, pending, s,
                   running.moto[1].read() if running.moto else None)
@@ -788,7 +791,7 @@ def load(target: Target, n: int, chain: list[bytes], seconds: int, args: argpars
     while (now := time.monotonic()) < window[1]:
         time.sleep(max(0.0, min(start + samples[-1].t + args.sample, window[1]) - now))
         if time.monotonic() < window[1] - 0.5:
-            samples.append(sample(running, time.monotonic() - start))
+            samples.append(sample(running, time.monotonic() - start, metrics=args.mode == "steady"))
     cpu1 = tree_cpu(measured)
     pids = descendants(running.server_pids)
     rss, peak = memory_mib(pids, "VmRSS"), memory_mib(pids, "VmHWM")
