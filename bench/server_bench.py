@@ -849,12 +849,10 @@ def figures(target: Target, n: int, args: argparse.Namespace, window: tuple[floa
     t_window = (window[0] - start, window[1] - start)
     log_series = [(s.t, s.log_bytes) for s in samples if s.log_bytes is not None]
     pending_series = [(s.t, s.pending) for s in samples if s.pending is not None]
-    if pending_series:  # the backlog itself; the log's size on disk moves by whole segments
-        growing = log_growing(pending_series, *t_window, slack=n)
-    elif log_series:
+    # The backlog itself if the server says; else the log's size on disk, which moves by whole segments.
+    growing = log_growing(pending_series, *t_window, slack=n)
+    if growing is None:
         growing = log_growing([(t, float(b)) for t, b in log_series], *t_window, slack=SEGMENT_SIZE)
-    else:
-        growing = None
     return Step(
         target=target, n=n, steady=args.mode == "steady", l0=args.l0_seconds, span=span,
         uploads_per_s=done / span, p50=percentile(counted, 0.50), p99=percentile(counted, 0.99),
