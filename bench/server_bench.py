@@ -593,6 +593,8 @@ class Running:
 
 @dataclass
 class Sample:
+    """What the bench reads from the running server every `--sample` seconds."""
+
     t: float  # seconds since the load started
     log_bytes: int | None
     pending: float | None
@@ -602,6 +604,8 @@ class Sample:
 
 @dataclass
 class Step:
+    """The figures of one target at one N (see the module docstring for each)."""
+
     target: Target
     n: int
     steady: bool
@@ -671,6 +675,7 @@ def step(target: Target, n: int, chain: list[bytes], args: argparse.Namespace, r
             proxy_proc = ctx.Process(target=proxy, args=(running.ports, child), daemon=True)
             proxy_proc.start()
             running.endpoint = Endpoint("127.0.0.1", parent.recv())
+            parent.close()
             running.proxy_pid = proxy_proc.pid
         return load(target, n, chain, seconds, args, running)
     finally:
