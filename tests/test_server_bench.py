@@ -21,7 +21,10 @@ from bench.server_bench import (
     Target,
     _database,
     flushes_total,
+    held_sizes,
+    largest_held,
     log_growing,
+    medians,
     metric_total,
     parse_args,
     parse_metrics,
@@ -31,6 +34,7 @@ from bench.server_bench import (
     rate,
     read_response,
     retry_after,
+    summary,
 )
 
 
@@ -157,6 +161,33 @@ class TestHeld:
 
     def test_503s_are_not_errors(self) -> None:
         assert make_step(retries=40).held
+
+
+class TestSummary:
+    def test_a_size_is_held_only_if_every_repeat_held(self) -> None:
+        steps = [make_step(n=100), make_step(n=100, rep=1), make_step(n=200, uploads_per_s=200.0),
+                 make_step(n=200, rep=1, p99=0.3)]
+        assert held_sizes(steps) == [100]
+        assert largest_held(steps) == "100"
+        assert largest_held(steps[:2]) == "≥100"  # the largest size tried: maybe more would hold
+        assert largest_held([make_step(errors=3)]) == "none"
+
+    def test_medians_per_size(self) -> None:
+        assert medians([(200, 3.0), (100, 1.0), (100, 5.0), (100, 2.0)]) == {100: 2.0, 200: 3.0}
+
+    def test_ratios_pair_steps_of_the_same_size_and_repeat(self, capsys: pytest.CaptureFixture[str]) -> None:
+        one, two, off = Target("serve", 1), Target("serve", 2), Target("serve", 1, verify=False)
+        steps = [make_step(target=Target("baseline"), cpu=1.5, baseline_cpu_per_upload=None),
+                 make_step(target=one, n=100, cpu=6.0),  # 1 ms per upload, 2× the baseline's 0.5 ms
+                 make_step(target=off, n=100, cpu=4.8),
+                 make_step(target=two, n=100), make_step(target=one, n=200, p99=0.3),
+                 make_step(target=off, n=200, p99=0.3), make_step(target=two, n=200, uploads_per_s=200.0)]
+        summary(steps, [Target("baseline"), one, off, two], parse_args(["--mode", "steady"]), 0.5)
+        out = capsys.readouterr().out
+        assert "aiohttp baseline             N=100 4000/s" in out
+        assert "serve workers=1              N=100 2.00× (1000/s), N=200 2.00× (1000/s)" in out
+        assert "on / off: N=100 1.000 / 0.800 = 1.25×" in out
+        assert "workers: 1 holds 100, 2 hold ≥200: 2/1 = 2.00×" in out
 
 
 class TestPlan:
