@@ -481,11 +481,15 @@ class MotoLog:
         return dict(self.counts)
 
 
-def start_moto(root: Path) -> tuple[subprocess.Popen[bytes], str, MotoLog]:
-    """moto's standalone server on a free port, its request log in root/moto.log; (process, endpoint, log)."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def start_moto(root: Path) -> tuple[subprocess.Popen[bytes], str, MotoLog]:
+    """moto's standalone server on a free port, its request log in root/moto.log; (process, endpoint, log)."""
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(root / "moto.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -723,7 +727,9 @@ def start_target(target: Target, args: argparse.Namespace, root: Path,
                       counters_valid=target.workers is None or target.workers <= 1)
     for k in range(target.processes):
         state = root / f"state{k}"
-        cmd = [sys.executable, "-m", "sidecar", "serve", "--addr", "127.0.0.1:0",
+        # Workers share one port (SO_REUSEPORT): with port 0 each would bind a port of its own.
+        addr = f"127.0.0.1:{free_port() if target.workers is not None else 0}"
+        cmd = [sys.executable, "-m", "sidecar", "serve", "--addr", addr,
                "--tokens-file", str(root / "tokens"), *store, "--state-dir", str(state), "--log-format", "json"]
         if args.l0_interval is not None:
             cmd += ["--l0-interval", args.l0_interval]
