@@ -358,6 +358,14 @@ def flushes_total(scrape: Scrape | None) -> float | None:
     return found if found is not None else metric_total(scrape, "lfsc_build_seconds_count", level="0")
 
 
+def mean_ms(first: Scrape | None, last: Scrape | None, histogram: str, **labels: str) -> float | None:
+    """The mean of a histogram's observations between two scrapes, in ms; None without any."""
+    total = rate(metric_total(first, histogram + "_sum", **labels), metric_total(last, histogram + "_sum", **labels), 1)
+    count = rate(metric_total(first, histogram + "_count", **labels),
+                 metric_total(last, histogram + "_count", **labels), 1)
+    return total / count * 1000 if total is not None and count else None
+
+
 def rate(first: float | None, last: float | None, span: float) -> float | None:
     """Per second between two readings of a counter; one first seen at the end (a label's first use) began at 0."""
     return None if last is None else (last - (first or 0.0)) / span
@@ -634,6 +642,8 @@ class Step:
     lag: tuple[float, float, float] | None  # client-seen p50, p99, max over the second half
     server_lag: tuple[float, float, float] | None  # lfsc_hwm_lag_seconds over databases at the end
     server_lag_max: float | None
+    put_ms: float | None  # mean store PUT latency over the window, from lfsc_store_request_seconds
+    flush_concurrency: float | None  # lfsc_flush_concurrency at the end
     log_series: list[tuple[float, int]]
     pending_series: list[tuple[float, float]]
     growing: bool | None
@@ -879,6 +889,8 @@ def figures(target: Target, n: int, args: argparse.Namespace, window: tuple[floa
         server_lag=(percentile(server_lags, 0.5), percentile(server_lags, 0.99), server_lags[-1])
         if server_lags and valid else None,
         server_lag_max=lag_max if valid else None,
+        put_ms=mean_ms(first.scrape, last.scrape, "lfsc_store_request_seconds", op="put") if valid else None,
+        flush_concurrency=metric_total(last.scrape, "lfsc_flush_concurrency") if valid else None,
         log_series=log_series, pending_series=pending_series, growing=growing)
 
 
@@ -923,7 +935,8 @@ def details(s: Step) -> str:
         parts.append(f"peak RSS {s.peak:.0f} MiB")
     if s.target.kind != "baseline":
         parts.append(f"server's lfsc_hwm_lag_seconds at the end p50/p99/max {fmt_triple(s.server_lag)} s, "
-                     f"lfsc_hwm_lag_seconds_max {fmt(s.server_lag_max, '.1f')}")
+                     f"lfsc_hwm_lag_seconds_max {fmt(s.server_lag_max, '.1f')}; store PUT mean "
+                     f"{fmt(s.put_ms, '.1f', ' ms')}; flush concurrency {fmt(s.flush_concurrency, '.0f')}")
     lines = ["       " + "; ".join(parts)]
     if s.log_series:
         lines.append("       upload log MiB at t s: " + " ".join(f"{t:.0f}:{b / 2**20:.1f}" for t, b in s.log_series))

@@ -24,6 +24,7 @@ from bench.server_bench import (
     held_sizes,
     largest_held,
     log_growing,
+    mean_ms,
     medians,
     metric_total,
     parse_args,
@@ -125,6 +126,19 @@ class TestMetrics:
         assert flushes_total(parse_metrics([exposition(builds)])) == 3
         assert flushes_total(parse_metrics([""])) is None
 
+    def test_mean_of_a_histogram_between_two_scrapes(self) -> None:
+        registry = CollectorRegistry()
+        h = Histogram("lfsc_store_request_seconds", "", ["op"], registry=registry)
+        h.labels("put").observe(1.0)
+        h.labels("get").observe(9.0)
+        first = parse_metrics([generate_latest(registry).decode()])
+        h.labels("put").observe(0.010)
+        h.labels("put").observe(0.030)
+        last = parse_metrics([generate_latest(registry).decode()])
+        assert mean_ms(first, last, "lfsc_store_request_seconds", op="put") == pytest.approx(20.0)
+        assert mean_ms(first, first, "lfsc_store_request_seconds", op="put") is None  # nothing observed between
+        assert mean_ms(None, None, "lfsc_store_request_seconds", op="put") is None
+
     def test_rate_of_a_counter_first_seen_at_the_end_starts_from_zero(self) -> None:
         assert rate(10.0, 30.0, 10.0) == 2.0
         assert rate(None, 30.0, 10.0) == 3.0
@@ -135,7 +149,8 @@ def make_step(**changes: object) -> Step:
     step = Step(target=Target("serve"), n=100, steady=True, l0=10.0, span=60.0, uploads_per_s=100.0, p50=0.002,
                 p99=0.1, errors=0, retries=0, cpu=6.0, sys_cpu=1.0, uploads=6000, rss=80.0, peak=90.0,
                 client_cpu=0.1, store_cpu=None, proxy_cpu=None, puts_per_s=None, store_req_per_s=None,
-                flushes_per_s=None, lag=(5.0, 11.0, 12.0), server_lag=None, server_lag_max=None, log_series=[],
+                flushes_per_s=None, lag=(5.0, 11.0, 12.0), server_lag=None, server_lag_max=None, put_ms=None,
+                flush_concurrency=None, log_series=[],
                 pending_series=[], growing=False, baseline_cpu_per_upload=0.0005)
     return dataclasses.replace(step, **changes)  # type: ignore[arg-type]
 
