@@ -23,7 +23,8 @@ is older than --retention and upstream holds it durably (its TXID is at or below
 """
 
 ENGINE_FIELDS = ["l0_interval", "l1_interval", "l2_interval", "snapshot_interval", "l0_retention", "l1_retention",
-                 "l2_retention", "snapshot_retention", "s3_endpoint", "s3_region", "s3_force_path_style"]
+                 "l2_retention", "snapshot_retention", "s3_endpoint", "s3_region", "s3_force_path_style",
+                 "lease_ttl", "lease_skew", "verify_checksums"]
 
 
 def register(sub: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import random
 import threading
@@ -32,6 +33,7 @@ from sidecar.daemon.metrics import Metrics, start_metrics
 from sidecar.daemon.ship import DbShipper, Diverged, Shipped
 from sidecar.daemon.upstream import Upstream, open_upstream
 from sidecar.errors import PosMismatch, SidecarError, UpstreamError
+from sidecar.fsutil import write_atomically
 from sidecar.log import get_logger
 from sidecar.ltx import LTXError, Pos, parse_filename
 from sidecar.sdnotify import Notifier
@@ -82,7 +84,24 @@ class Sidecar:
         self._was_primary = False
         self._reported: set[Path] = set()
         self.shipped: collections.deque[tuple[str, Shipped]] = collections.deque(maxlen=100_000)  # recent uploads
+        self._bind_links()
 
+    def _bind_links(self) -> None:
+        """The state kept about upstream (TXID offsets after an import) is only good for that upstream: another
+        one (a new or emptied store, another server) gets a fresh start, and the old state is set aside."""
+        links = self.config.state_dir / "links"
+        marker = links / "upstream.json"
+        wanted = self.upstream.identity
+        try:
+            recorded = json.loads(marker.read_text()).get("upstream")
+        except (FileNotFoundError, ValueError, AttributeError):
+            recorded = None
+        if recorded != wanted and links.is_dir() and any(links.iterdir()):
+            aside = self.config.state_dir / f"links.discarded-{int(time.time())}"
+            links.rename(aside)
+            log.warning("sidecar state of another upstream set aside; starting over from this upstream's positions",
+                        was=recorded, now=wanted, moved_to=str(aside))
+        write_atomically(marker, json.dumps({"upstream": wanted}))
     @classmethod
     async def open(cls, config: SidecarConfig, engine: EngineConfig) -> Sidecar:
         upstream = await open_upstream(config.upstream, cluster=config.cluster, token=config.token,

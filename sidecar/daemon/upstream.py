@@ -31,6 +31,11 @@ class Upstream(Protocol):
     url: str
     compress: bool  # LZ4 the uploads (v2 flag), or send them raw
 
+    @property
+    def identity(self) -> str:
+        """What upstream is: the sidecar's state about it is only good for this upstream."""
+        ...
+
     async def positions(self) -> dict[str, Pos]: ...
 
     async def upload(self, db: str, data: bytes) -> int: ...
@@ -54,6 +59,10 @@ class HTTPUpstream:
         self.token = token
         self.cluster = cluster
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=10))
+
+    @property
+    def identity(self) -> str:
+        return f"{self.url} cluster {self.cluster}"
 
     def _headers(self) -> dict[str, str]:
         # Without a token the server (in --insecure-no-auth mode) takes the cluster from this header, as lfsb does.
@@ -123,6 +132,10 @@ class EngineUpstream:
                                force_path_style=config.s3_force_path_style or None)
         engine = await Engine.from_config(storage, config, state_dir)
         return cls(url, engine, cluster)
+
+    @property
+    def identity(self) -> str:
+        return f"{self.url} store {self.engine.store_id} cluster {self.cluster}"
 
     async def _own(self) -> None:
         """Only the holder of the cluster's lease ships (another sidecar may hold it during a failover)."""

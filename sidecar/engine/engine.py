@@ -112,11 +112,13 @@ class Engine:
         self._lock_fd = -1
         self._closed = False
         self._store_checked = True  # False while the store could not be checked at start
+        self.store_id = ""  # the store's identity (identity.py), once checked
         self._owning: dict[str, asyncio.Lock] = {}
         self._held_before: set[str] = set()  # clusters this state directory's engine has held (<state>/leases.json)
         self._foreign: dict[str, float] = {}  # cluster -> until when another engine holds its lease (engine clock)
         self._renewing: dict[str, asyncio.Task[None]] = {}  # background lease renewals, one per cluster
         self._store_trouble: set[str] = set()  # clusters whose last lease renewal failed on a store error
+        self._wanted: dict[str, float] = {}  # cluster -> when a client last needed this engine to write it
         self.quarantined = 0  # upload log records refused at replay
         self._saved = time.monotonic()
 
@@ -213,6 +215,7 @@ class Engine:
                         "everything is rebuilt from this store", store=self.storage.url, was=recorded,
                         now=identity.id, moved_to=str(moved))
         self.binding.bind(identity, self.storage.url)
+        self.store_id = identity.id
         if started:
             for db in await self.catalog.reconcile():
                 self._trim_pending(db)
@@ -359,7 +362,8 @@ class Engine:
             now = self.clock()
             for cluster in list(self.leases.held):
                 dbs = [db for db in self.catalog if db.cluster == cluster]
-                busy = any(db.pending or db.uploading or now - db.last_upload < self.leases.ttl for db in dbs)
+                busy = now - self._wanted.get(cluster, 0.0) < self.leases.ttl or any(
+                    db.pending or db.uploading or now - db.last_upload < self.leases.ttl for db in dbs)
                 async with self._owning.setdefault(cluster, asyncio.Lock()):  # one renewal at a time (If-Match)
                     try:
                         if not self.leases.holds(cluster):
@@ -397,6 +401,7 @@ class Engine:
         log) as long as this state directory held the cluster last; nothing is written to the store until the
         lease is taken, and if another engine took it meanwhile, the uploads are dropped for their clients to send
         again."""
+        self._wanted[cluster] = self.clock()
         if self.leases.holds(cluster) and not self.leases.due(cluster):
             return
         if provisional and self.leases.ours(cluster) and (
@@ -458,6 +463,8 @@ class Engine:
             log.warning("lease renewal failed; writes wait until it succeeds", cluster=cluster, error=str(err))
 
     def owns(self, cluster: str) -> bool:
+        """Whether this engine writes `cluster` now; asking counts as using it (its lease is kept)."""
+        self._wanted[cluster] = self.clock()
         return self.leases.holds(cluster)
 
     async def refresh(self, cluster: str, name: str) -> None:

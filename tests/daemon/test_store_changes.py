@@ -1,0 +1,155 @@
+"""`run` restarted with its state directory on another store, or on its store after its files were deleted:
+shipping resumes (the engine's cache and the sidecar's own state about upstream are rebuilt, never trusted), and
+the backup restores to the node's checksum. Then two sidecars on one prefix: only the lease holder writes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import shutil
+import signal
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import main
+from sidecar.emulator import EmulatedNode, start_http
+from sidecar.engine import Engine
+from sidecar.errors import UpstreamError
+from sidecar.ltx import Pos
+from sidecar.storage import open_storage
+from tests.daemon.conftest import Env
+from tests.daemon.test_recovery import write
+
+
+async def test_restart_on_a_new_empty_store_resumes_shipping(env: Env, tmp_path: Path) -> None:
+    write(env, "app.db", 20)
+    before = len(env.node.ltx_files("app.db"))
+    await env.start(retention=0.0)
+    await env.synced("app.db")
+    await env.stop()
+    assert len(env.node.ltx_files("app.db")) < before  # pruned under the old store's HWM: TXID 1 is gone
+    env.backups = tmp_path / "another-store"  # the same state directory, pointed at a new, empty store
+    write(env, "app.db", 5, start=20)
+    await env.start()
+    await env.synced("app.db", within=30)
+    got = await env.restore("app.db", tmp_path / "out.db")
+    assert Pos(got.txid, got.checksum) == env.node.pos("app.db")
+
+
+async def test_restart_on_a_store_whose_files_were_deleted_resumes_shipping(env: Env, tmp_path: Path) -> None:
+    write(env, "app.db", 20)
+    await env.start(retention=0.0)
+    await env.synced("app.db")
+    await env.stop()
+    shutil.rmtree(env.backups / "default")  # the backups are gone; the store's identity is not
+    write(env, "app.db", 5, start=20)
+    await env.start()
+    await env.synced("app.db", within=30)
+    got = await env.restore("app.db", tmp_path / "out.db")
+    assert Pos(got.txid, got.checksum) == env.node.pos("app.db")
+
+
+async def test_a_second_sidecar_on_the_same_prefix_waits_and_says_who_writes(env: Env, tmp_path: Path) -> None:
+    write(env, "app.db", 10)
+    first = await env.start()
+    await env.synced("app.db")
+    # A second sidecar with its own state directory, same store and cluster: the lease is the first's.
+    second_config = dataclasses.replace(env.config(), state_dir=tmp_path / "second")
+    _, upstream = await env.upstream(second_config)
+    try:
+        with pytest.raises(UpstreamError) as err:
+            await upstream.positions()
+        assert err.value.status == 503 and "written by engine" in str(err.value) and "waiting" in str(err.value)
+    finally:
+        await upstream.close()
+    assert first.dbs["app.db"].error == ""
+
+
+async def test_failover_between_two_sidecars_stores_one_history(tmp_path: Path) -> None:
+    """Two nodes share a history, then diverge. Only the lease holder's history is stored; when it is SIGKILLed,
+    the other's sidecar takes over once the lease expires, brings its node to upstream's state first (as after an
+    operator restore), and continues with no gap and no overlap."""
+    store = tmp_path / "store"
+    nodes = [EmulatedNode(tmp_path / f"data{i}", tmp_path / f"mount{i}") for i in range(2)]
+    runners = []
+    procs: list[asyncio.subprocess.Process] = []
+    log = open(tmp_path / "sidecars.log", "ab")
+    try:
+        for node in nodes:
+            runners.append(await start_http(node))
+        for node in nodes:  # the same transactions on both: the same pages, the same checksums
+            node.execute("app.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            for i in range(10):
+                node.execute("app.db", "INSERT INTO t (v) VALUES (?)", (f"shared {i}",))
+        assert nodes[0].pos("app.db") == nodes[1].pos("app.db")
+        for i in range(5):  # then each its own
+            nodes[0].execute("app.db", "INSERT INTO t (v) VALUES (?)", (f"a {i}",))
+            nodes[1].execute("app.db", "INSERT INTO t (v) VALUES (?)", (f"b {i}",))
+
+        def argv(i: int) -> list[str]:
+            return [sys.executable, "-m", "sidecar", "run", "--data-dir", str(nodes[i].data_dir),
+                    "--mount-dir", str(nodes[i].mount_dir), "--litefs-url", runners[i][1],
+                    "--upstream", f"file://{store}", "--state-dir", str(tmp_path / f"state{i}"),
+                    "--batch-interval", "100ms", "--metrics-addr", "", "--lease-ttl", "4s", "--lease-skew", "1s",
+                    "--position-interval", "1s", "--log-format", "json"]
+        procs.append(await asyncio.create_subprocess_exec(*argv(0), stdout=log, stderr=log))
+        await wait_stored(store, nodes[0].pos("app.db"))  # the first holds the lease and ships its history
+        procs.append(await asyncio.create_subprocess_exec(*argv(1), stdout=log, stderr=log))
+        await asyncio.sleep(3)  # the second waits meanwhile: it must not write
+        assert await stored_pos(store) == nodes[0].pos("app.db")
+        procs[0].kill()  # the holder dies
+        await procs[0].wait()
+
+        def rows() -> list[str]:
+            con = sqlite3.connect(nodes[1].mount_dir / "app.db")
+            try:
+                return [r[0] for r in con.execute("SELECT v FROM t ORDER BY id")]
+            finally:
+                con.close()
+        async with asyncio.timeout(60):  # within the TTL the second takes over and brings its node to upstream's
+            while "a 4" not in rows():  # noqa: ASYNC110 (another process's work)
+                await asyncio.sleep(0.3)
+        assert rows() == [f"shared {i}" for i in range(10)] + [f"a {i}" for i in range(5)]  # b's were never stored
+        nodes[1].execute("app.db", "INSERT INTO t (v) VALUES ('after the failover')")
+        async with asyncio.timeout(60):  # and ships on from there (local TXIDs now offset from upstream's)
+            while (await stored_pos(store)).post_apply_checksum != nodes[1].pos(  # noqa: ASYNC110
+                    "app.db").post_apply_checksum:
+                await asyncio.sleep(0.3)
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+                await p.wait()
+        log.close()
+        for runner, _ in runners:
+            await runner.cleanup()
+        for node in nodes:
+            node.close()
+    engine = await Engine.open(open_storage(f"file://{store}"), tmp_path / "checker")
+    try:
+        spans = sorted((e.min_txid, e.max_txid) for e in engine.index("default", "app.db").level(0))
+        for (_, a), (b, _) in itertools.pairwise(spans):
+            assert b == a + 1, f"gap or overlap in L0: {spans}"
+    finally:
+        await engine.close()
+    assert await asyncio.to_thread(main, ["verify", str(store / "default" / "app.db")]) == 0
+
+
+async def stored_pos(store: Path) -> Pos:
+    """What a fresh engine reads from the store (no cache)."""
+    engine = await Engine.open(open_storage(f"file://{store}"), Path(tempfile.mkdtemp(prefix="check-")))
+    try:
+        return engine.pos("default", "app.db")
+    finally:
+        await engine.close()
+
+
+async def wait_stored(store: Path, pos: Pos) -> None:
+    async with asyncio.timeout(30):
+        while await stored_pos(store) != pos:  # noqa: ASYNC110 (another process's writes)
+            await asyncio.sleep(0.2)
