@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import io
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from sidecar.engine import Engine, Levels
+from sidecar.engine import DbIndex, Engine, FileEntry, Levels
 from sidecar.ltx import Version
 from sidecar.ltx.decoder import decode
 from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.sqlite import encode_db
 from sidecar.storage import open_storage
+from sidecar.storage.base import SNAPSHOT_LEVEL
 from tests.engine.history import History
 from tests.server.conftest import Running, start_server
 
@@ -149,5 +150,36 @@ def snapshot_of() -> SnapshotOf:
         with open(h.path, "rb") as db:
             encode_db(db, out, version=Version.V2, compress=True, txid=txid, timestamp=txid * 1000)
         return out.getvalue()
+
+    return make
+
+
+MakeIndex = Callable[..., DbIndex]
+
+
+@pytest.fixture
+def make_index() -> MakeIndex:
+    """`make_index(n, ...)`: the index of a database that committed TXIDs 1..n, one every `step` seconds from T0.
+
+    Level 0 holds flushes of `l0_every` TXIDs from `l0_from` (older ones already gone); levels 1 and 2 hold
+    compactions of `l1_every` and `l2_every` TXIDs from TXID 1 up to `l1_upto` and `l2_upto` (a level that lags
+    stops short); `snapshots` lists the TXIDs of the snapshots (1..t). A file's timestamp is its last TXID's.
+    """
+
+    def make(n: int, *, step: float = 60.0, l0_every: int = 1, l0_from: int = 1, l1_every: int = 5,
+             l1_upto: int | None = None, l2_every: int = 30, l2_upto: int | None = None,
+             snapshots: Sequence[int] = ()) -> DbIndex:
+        def ts(txid: int) -> int:
+            return int((T0 + txid * step) * 1000)
+
+        def runs(level: int, first: int, upto: int, every: int) -> list[FileEntry]:
+            ends = range(first + every - 1, upto + 1, every)
+            return [FileEntry(level, end - every + 1, end, ts(end), 100) for end in ends]
+
+        entries = runs(0, l0_from, n, l0_every)
+        entries += runs(1, 1, n if l1_upto is None else l1_upto, l1_every)
+        entries += runs(2, 1, n if l2_upto is None else l2_upto, l2_every)
+        entries += [FileEntry(SNAPSHOT_LEVEL, 1, t, ts(t), 100) for t in snapshots]
+        return DbIndex(entries)
 
     return make
