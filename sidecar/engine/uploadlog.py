@@ -101,9 +101,11 @@ def read_records(path: Path, segment: int, mm: mmap.mmap) -> tuple[list[Record],
 class UploadLog:
     """Append with `await append(...)`; `hold`/`release` a segment per live record; `close` at the end."""
 
-    def __init__(self, directory: Path, *, segment_size: int = SEGMENT_SIZE) -> None:
+    def __init__(self, directory: Path, *, segment_size: int = SEGMENT_SIZE,
+                 sync: Callable[[int], None] = os.fdatasync) -> None:
         self.dir = directory
         self.segment_size = segment_size
+        self._sync = sync  # makes a segment's appended bytes durable; tests pass one that records what it covered
         self._live: dict[int, int] = {}  # segment -> live records; every segment on disk has a key
         self._maps: list[mmap.mmap] = []
         self._fd = -1
@@ -243,7 +245,7 @@ class UploadLog:
                 i += 1
             if n:
                 views[i] = views[i][n:]  # a short write: go on from inside this buffer
-        os.fdatasync(self._fd)
+        self._sync(self._fd)
 
     def _roll(self) -> None:
         os.close(self._fd)
