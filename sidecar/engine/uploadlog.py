@@ -24,7 +24,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +102,14 @@ class UploadLog:
     """Append with `await append(...)`; `hold`/`release` a segment per live record; `close` at the end."""
 
     def __init__(self, directory: Path, *, segment_size: int = SEGMENT_SIZE,
-                 sync: Callable[[int], None] = os.fdatasync) -> None:
+                 sync: Callable[[int], None] = os.fdatasync,
+                 writev: Callable[[int, Sequence[memoryview]], int] = os.writev) -> None:
         self.dir = directory
         self.segment_size = segment_size
-        self._sync = sync  # makes a segment's appended bytes durable; tests pass one that records what it covered
+        # The two system calls of an append, as a seam: tests pass ones that record what each sync covered, write
+        # short, or fail.
+        self._sync = sync
+        self._writev = writev
         self._live: dict[int, int] = {}  # segment -> live records; every segment on disk has a key
         self._maps: list[mmap.mmap] = []
         self._fd = -1
@@ -238,7 +242,7 @@ class UploadLog:
         views = [memoryview(b) for b in buffers if b]
         i = 0
         while i < len(views):
-            n = os.writev(self._fd, views[i:i + IOV_MAX])
+            n = self._writev(self._fd, views[i:i + IOV_MAX])
             self._size += n
             while i < len(views) and n >= len(views[i]):
                 n -= len(views[i])
