@@ -85,8 +85,10 @@ class TestWrites:
         log = opened(tmp_path, writev=writes)
         assert await log.append("c", "a.db", b"before") == 1
         writes.failing = True
-        with pytest.raises(StorageError, match=r"0000000000000001\.log.*upload log write failed: .*No space left"):
+        with pytest.raises(StorageError, match=r"^/.*/0000000000000001\.log: upload log write failed: \[Errno 28\] No "
+                                               r"space left on device$") as err:
             await log.append("c", "b.db", b"lost")
+        assert (err.value.key, err.value.retryable) == (str(log.path(1)), False)
         assert log.path(1).stat().st_size == len(record("c", "a.db", b"before"))  # the partial bytes cut off
         writes.failing = False
         assert await log.append("c", "c.db", b"after") == 1
@@ -96,9 +98,9 @@ class TestWrites:
     async def test_a_closed_log_refuses_appends(self, tmp_path: Path) -> None:
         log = opened(tmp_path)
         await log.close()
-        with pytest.raises(StorageError, match="closed") as err:
+        with pytest.raises(StorageError, match=r"^upload log: closed$") as err:
             await log.append("c", "a.db", b"x")
-        assert not err.value.retryable
+        assert (err.value.key, err.value.retryable) == ("upload log", False)
 
 
 class TestReplay:
