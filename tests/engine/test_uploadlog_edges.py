@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import structlog
 
 from sidecar.engine.uploadlog import HEAD, IOV_MAX, MAGIC, UploadLog, encode_record, read_record
-from sidecar.errors import StorageError
+from sidecar.errors import SidecarError, StorageError
 
 
 def opened(path: Path, **kwargs: object) -> UploadLog:
@@ -95,6 +98,66 @@ class TestWrites:
         await log.close()
         assert replayed(tmp_path) == [("c", "a.db", b"before"), ("c", "c.db", b"after")]
 
+    async def test_an_append_queued_behind_a_failed_batch_is_still_written(self, tmp_path: Path) -> None:
+        """The commit loop goes on after a failed batch: what queued meanwhile is written, not left waiting."""
+        entered, gate = threading.Event(), threading.Event()
+
+        def writev(fd: int, views: Sequence[memoryview]) -> int:
+            if not entered.is_set():
+                entered.set()
+                gate.wait(10)
+                raise OSError(errno.EIO, "Input/output error")
+            return os.writev(fd, views)
+
+        log = opened(tmp_path, writev=writev)
+        first = asyncio.ensure_future(log.append("c", "a.db", b"fails"))
+        assert await asyncio.to_thread(entered.wait, 10)
+        second = asyncio.ensure_future(log.append("c", "b.db", b"queued meanwhile"))
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(StorageError, match="Input/output error"):
+            await first
+        assert await asyncio.wait_for(second, 10) == 1
+        await log.close()
+        assert replayed(tmp_path) == [("c", "b.db", b"queued meanwhile")]
+
+    async def test_each_commit_is_counted(self, tmp_path: Path) -> None:
+        log = opened(tmp_path)
+        for i in range(3):
+            await log.append("c", "a.db", bytes([i]))
+        assert log.commits == 3
+        await log.close()
+
+    async def test_a_normal_commit_is_not_reported_slow(self, tmp_path: Path) -> None:
+        log = opened(tmp_path)
+        with structlog.testing.capture_logs() as logs:
+            await log.append("c", "a.db", b"quick")
+        await log.close()
+        assert [e for e in logs if e["log_level"] != "debug"] == []
+
+    async def test_abandon_does_not_wait_for_a_commit_under_way(self, tmp_path: Path) -> None:
+        """Like a crash: a sync still running does not hold abandon() up, and nothing more is appended."""
+        gate = threading.Event()
+
+        def sync(fd: int) -> None:
+            gate.wait(10)
+            os.fdatasync(fd)
+
+        log = opened(tmp_path, sync=sync)
+        append = asyncio.ensure_future(log.append("c", "a.db", b"in flight"))
+        await asyncio.sleep(0.01)  # let the commit reach the (held) sync; abandon must not wait for it either way
+        done = threading.Thread(target=log.abandon)
+        done.start()
+        done.join(5)
+        try:
+            assert not done.is_alive(), "abandon() waited for the commit"
+        finally:
+            gate.set()
+            done.join()
+        with pytest.raises(StorageError, match="closed"):
+            await log.append("c", "b.db", b"after the crash")
+        append.cancel()
+
     async def test_a_closed_log_refuses_appends(self, tmp_path: Path) -> None:
         log = opened(tmp_path)
         await log.close()
@@ -139,6 +202,54 @@ class TestReplay:
         assert (tmp_path / "notes.log").read_bytes() == b"not a segment"
         log.abandon()
 
+    def test_segment_numbers_are_hexadecimal_and_odd_names_are_skipped_wherever_they_sort(self, tmp_path: Path) -> None:
+        (tmp_path / "0-notes.log").write_bytes(b"sorts before every segment")
+        (tmp_path / f"{0x0f:016x}.log").write_bytes(b"")  # empty: skipped, the rest still replayed
+        (tmp_path / f"{0x10:016x}.log").write_bytes(record("c", "a.db", b"sixteen"))
+        (tmp_path / f"{0x1a:016x}.log").write_bytes(record("c", "b.db", b"twenty-six"))
+        log = UploadLog(tmp_path)
+        assert [(r.segment, bytes(r.data)) for r in log.replay()] == [(0x10, b"sixteen"), (0x1a, b"twenty-six")]
+        log.end_replay()
+        log.start()
+        assert log.path(0x1b).exists()
+        log.abandon()
+
+    def test_replay_creates_the_directory(self, tmp_path: Path) -> None:
+        log = UploadLog(tmp_path / "state" / "log")
+        assert list(log.replay()) == []
+        log.end_replay()
+        assert (tmp_path / "state" / "log").is_dir()
+
+    def test_only_a_torn_tail_is_reported(self, tmp_path: Path) -> None:
+        segment = tmp_path / f"{1:016x}.log"
+        whole = record("c", "a.db", b"whole")
+        segment.write_bytes(whole)
+        with structlog.testing.capture_logs() as logs:
+            assert replayed(tmp_path) == [("c", "a.db", b"whole")]
+        assert logs == []
+        segment.write_bytes(whole + b"LSU1 cut")
+        with structlog.testing.capture_logs() as logs:
+            assert replayed(tmp_path) == [("c", "a.db", b"whole")]
+        assert [(e["event"], e["offset"], e["bytes"]) for e in logs] == \
+            [("upload log: torn record dropped (it was never acknowledged)", len(whole), 8)]
+
+    def test_damage_before_intact_records_is_refused_even_with_a_torn_tail(self, tmp_path: Path) -> None:
+        """Acknowledged records after a damaged one are found wherever they are, not only the last one."""
+        damaged = bytearray(record("c", "b.db", b"damaged"))
+        damaged[-1] ^= 1
+        segment = record("c", "a.db", b"ok") + bytes(damaged) + record("c", "c.db", b"intact") + \
+            record("c", "d.db", b"torn")[:-3]
+        (tmp_path / f"{1:016x}.log").write_bytes(segment)
+        with pytest.raises(SidecarError, match=r"0000000000000001\.log: damaged record at offset \d+, followed by "
+                                               r"intact records: acknowledged uploads would be lost; restore this "
+                                               r"file from a copy or remove it to accept the loss$"):
+            replayed(tmp_path)
+
+    def test_a_stray_byte_before_an_intact_record_is_damage(self, tmp_path: Path) -> None:
+        (tmp_path / f"{1:016x}.log").write_bytes(record("c", "a.db", b"ok") + b"!" + record("c", "b.db", b"intact"))
+        with pytest.raises(SidecarError, match="followed by intact records"):
+            replayed(tmp_path)
+
     def test_held_segments_survive_start(self, tmp_path: Path) -> None:
         """start() deletes replayed segments oldest first, stopping at the first one still held."""
         for segment in (1, 2, 3):
@@ -173,6 +284,34 @@ class TestSegments:
         size = len(record("c", "a.db", b"x" * 50))
         log = opened(tmp_path, segment_size=2 * size)
         assert [await log.append("c", "a.db", b"x" * 50) for _ in range(5)] == [1, 1, 2, 2, 3]
+        await log.close()
+
+    async def test_a_segment_stays_while_any_of_its_records_is_live(self, tmp_path: Path) -> None:
+        size = len(record("c", "a.db", b"x" * 50))
+        log = opened(tmp_path, segment_size=2 * size)
+        segments = [await log.append("c", name, b"x" * 50) for name in ("a.db", "b.db", "c.db")]
+        assert segments == [1, 1, 2]
+        log.release(1)  # a.db flushed; b.db, in the same segment, is not
+        assert log.path(1).exists()
+        log.release(1)
+        assert not log.path(1).exists()
+        await log.close()
+
+    async def test_segments_are_created_readable_by_all_writable_by_the_owner(self, tmp_path: Path) -> None:
+        umask = os.umask(0)
+        os.umask(umask)
+        log = opened(tmp_path)
+        await log.append("c", "a.db", b"x")
+        assert stat.S_IMODE(log.path(1).stat().st_mode) == 0o644 & ~umask
+        await log.close()
+
+    async def test_a_segment_removed_by_hand_is_not_an_error(self, tmp_path: Path) -> None:
+        log = opened(tmp_path, segment_size=10)
+        first = await log.append("c", "a.db", b"x" * 20)
+        await log.append("c", "b.db", b"y" * 20)
+        log.path(first).unlink()  # an operator removed it
+        log.release(first)
+        assert log.segments == 1 and log.path(2).exists()
         await log.close()
 
     async def test_close_deletes_every_segment_once_nothing_is_live(self, tmp_path: Path) -> None:
