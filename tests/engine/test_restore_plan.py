@@ -71,13 +71,16 @@ ERRORS: list[tuple[str, DbIndex, dict[str, int], str]] = [
      r"000000000000000a at 1970-01-01T00:16:50\.000Z \(L9\)$"),
     ("a time before every snapshot", HISTORY, {"timestamp": ts(10) - 1},
      r"^target 1970-01-01T00:16:49\.999Z is before every snapshot; the oldest restore point is 000000000000000a"),
-    ("no snapshot at all", index((0, 5, 6)), {}, r"is before every snapshot; the backup has no snapshot$"),
+    ("no snapshot at all", index((0, 5, 6)), {},
+     r"^target 1970-01-01T00:00:00\.000Z is before every snapshot; the backup has no snapshot$"),
+    ("no snapshot before a TXID", index((0, 5, 6)), {"txid": 6},
+     r"^target TXID 0000000000000006 is before every snapshot; the backup has no snapshot$"),
     ("a TXID beyond the newest", HISTORY, {"txid": 40},
      r"^TXID 0000000000000028 is beyond the newest restore point 0000000000000027 at 1970-01-01T00:17:19\.000Z "
      r"\(L0\)$"),
-    ("a gap", index((S, 1, 10), (0, 11, 11), (0, 14, 15), (0, 16, 16)), {},
-     r"^the backup has a gap: TXIDs 000000000000000c\.\.000000000000000d are missing after 000000000000000b at "
-     r"1970-01-01T00:16:51\.000Z \(L0\)$"),
+    ("a gap", index((S, 1, 10), (0, 11, 11), (0, 12, 12), (0, 15, 15), (0, 16, 16)), {},
+     r"^the backup has a gap: TXIDs 000000000000000d\.\.000000000000000e are missing after 000000000000000c at "
+     r"1970-01-01T00:16:52\.000Z \(L0\)$"),
     ("a gap before the target TXID", index((S, 1, 10), (0, 12, 12)), {"txid": 12},
      r"^TXID 000000000000000c is not a restore point \(nearest below: 000000000000000a at "
      r"1970-01-01T00:16:50\.000Z \(L9\)\); see `litefs-sidecar ls`$"),

@@ -152,6 +152,12 @@ class TestFlushing:
         await ship(engine, history, 1)
         assert engine.hwm("c", DB) == 0 and engine.status("c", DB).pending_files == 1
 
+    async def test_a_one_second_interval_still_waits(self, history: History, open_engine: OpenEngine) -> None:
+        """Only an interval of zero flushes at once."""
+        engine = await open_engine(Levels(l0_interval=1))
+        await ship(engine, history, 1)
+        assert engine.hwm("c", DB) == 0
+
     async def test_interval_zero_flushes_every_upload(self, history: History, open_engine: OpenEngine) -> None:
         """With l0_interval 0 each acknowledgement carries the upload's own TXID as the HWM."""
         engine = await open_engine(Levels(l0_interval=0))

@@ -67,6 +67,11 @@ class TestCheckContiguous:
             check_contiguous(headers, allow_overlap=overlap)
         assert err.value.field == "min_txid"
 
+    def test_overlap_is_refused_unless_allowed(self) -> None:
+        """Without `allow_overlap` (as the appliers check chains) a file must start right after the previous one."""
+        with pytest.raises(CompactionError, match="non-contiguous"):
+            check_contiguous([h(1, 3), h(2, 5, F | 1)])
+
     def test_page_sizes_must_match(self) -> None:
         with pytest.raises(CompactionError, match=r"^input files have mismatched page sizes: 512 != 1024$") as err:
             check_contiguous([h(1, 3), h(4, 4, F | 1, size=1024)])
@@ -224,8 +229,10 @@ class TestCompact:
         out = io.BytesIO()
         header, trailer = compact(litestream, out, version=Version.V3)  # no-checksum in, no-checksum out
         assert header.db_checksums is None and trailer.post_apply_checksum == 0
-        with pytest.raises(CompactionError, match=r"^cannot write database checksums from inputs that have none$"):
+        with pytest.raises(CompactionError, match=r"^cannot write database checksums from inputs that have none$") \
+                as err:
             compact(litestream, io.BytesIO(), version=Version.V3, flags=0)
+        assert err.value.field == "flags"
 
     def test_checksummed_output_ends_with_the_last_post_apply_checksum(self) -> None:
         files, db = build_chain([(3, {1: 1}), (3, {2: 2})])
