@@ -306,13 +306,36 @@ class TestSegments:
         await log.close()
 
     async def test_a_segment_removed_by_hand_is_not_an_error(self, tmp_path: Path) -> None:
+        """An operator removed a segment (as the damaged-record error suggests): releasing or closing goes on."""
         log = opened(tmp_path, segment_size=10)
         first = await log.append("c", "a.db", b"x" * 20)
-        await log.append("c", "b.db", b"y" * 20)
-        log.path(first).unlink()  # an operator removed it
+        second = await log.append("c", "b.db", b"y" * 20)
+        log.path(first).unlink()
         log.release(first)
         assert log.segments == 1 and log.path(2).exists()
+        log.path(second).unlink()
+        log.release(second)
         await log.close()
+        assert list(tmp_path.iterdir()) == []
+
+    async def test_close_waits_for_the_commit_under_way(self, tmp_path: Path) -> None:
+        """An append being synced when the log closes completes, and is on disk."""
+        entered, gate = threading.Event(), threading.Event()
+
+        def sync(fd: int) -> None:
+            entered.set()
+            gate.wait(10)
+            os.fdatasync(fd)
+
+        log = opened(tmp_path, sync=sync)
+        append = asyncio.ensure_future(log.append("c", "a.db", b"in flight"))
+        assert await asyncio.to_thread(entered.wait, 10)
+        closing = asyncio.ensure_future(log.close())
+        await asyncio.sleep(0)
+        gate.set()
+        assert await append == 1
+        await closing
+        assert replayed(tmp_path) == [("c", "a.db", b"in flight")]
 
     async def test_close_deletes_every_segment_once_nothing_is_live(self, tmp_path: Path) -> None:
         log = opened(tmp_path, segment_size=10)
