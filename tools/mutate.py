@@ -1,6 +1,6 @@
 """Mutation testing of the code that holds litefs-sidecar's invariants: prints the score and every surviving mutant.
 
-    python tools/mutate.py                      # every target in TARGETS, ~25 minutes on 2 cores
+    python tools/mutate.py                      # every target in TARGETS, ~20 minutes on 2 busy cores
     python tools/mutate.py --only uploadlog     # one or more targets by name
     python tools/mutate.py --list               # the table, checked against the source
 
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fnmatch
+import importlib.util
 import os
 import re
 import shutil
@@ -139,6 +141,30 @@ def toml_list(items: list[str]) -> str:
     return "[" + ", ".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "]"
 
 
+# A mutant that makes a test hang (an upload whose future is never resolved) would hold a worker until mutmut's own
+# timeout, 15 times the tests' measured time: minutes each. This pytest plugin, added to the scratch copy only, ends
+# any test still running after HANG seconds with mutmut's "timeout" exit code (36), so a hang counts as detected
+# within seconds. The healthy tests in TARGETS take under 5 s each even on a loaded machine.
+HANG = 30.0
+WATCHDOG = f'''"""Ends a test still running after {HANG:g} s with mutmut's timeout exit code (from tools/mutate.py)."""
+
+import os
+import threading
+
+import pytest
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    timer = threading.Timer({HANG}, os._exit, args=(36,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return (yield)
+    finally:
+        timer.cancel()
+'''
+
 # mypy as CI runs it, in the JSON form mutmut reads; a mutant it rejects could not land.
 MYPY = [sys.executable, "-m", "mypy", "sidecar", "--output", "json", "--disable-error-code", "unused-ignore"]
 
@@ -149,12 +175,13 @@ def prepare(scratch: Path, targets: tuple[Target, ...]) -> None:
     for name in ("sidecar", "tests"):
         shutil.copytree(ROOT / name, scratch / name, ignore=ignore)
     tests = sorted({x for t in targets for x in t.tests})
+    (scratch / "tests" / "mutation_watchdog.py").write_text(WATCHDOG)
     config = "\n".join([
         "", "[tool.mutmut]",
         'source_paths = ["sidecar/"]',
         f"only_mutate = {toml_list(sorted({t.path for t in targets}))}",
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}",
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]',
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests.mutation_watchdog", "-q"]',
         f"do_not_mutate_patterns = {toml_list(NOT_MUTATED)}",
         f"type_check_command = {toml_list(MYPY)}",
         "use_git_change_detection = false",
@@ -238,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         return 0
 
+    if importlib.util.find_spec("mutmut") is None:
+        print("mutate: mutmut is not installed: pip install -e '.[mutation]'", file=sys.stderr)
+        return 2
     scratch = Path(tempfile.mkdtemp(prefix="sidecar-mutate-"))
     t0 = time.monotonic()
     try:
@@ -257,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(scratch: Path, targets: tuple[Target, ...], globs: dict[str, list[str]], statuses: dict[str, str],
            minutes: float, args: argparse.Namespace) -> None:
-    import fnmatch
-
     by_target: dict[str, dict[str, str]] = {}
     for t in targets:
         by_target[t.name] = {m: s for m, s in statuses.items() if any(fnmatch.fnmatchcase(m, g) for g in globs[t.name])}
