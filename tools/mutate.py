@@ -5,7 +5,8 @@
     python tools/mutate.py --list               # the table, checked against the source
 
 Each surviving mutant is printed as file:line and the diff mutmut applied; docs/mutation.md lists those left and
-why each is equivalent or out of reach. Not in CI: it runs the fast tests once per mutant.
+why each is equivalent or out of reach, with the last full run's score (1018 mutants: 95.7%, 90.5% by the tests
+alone). Not in CI: it runs the fast tests once per mutant.
 
 How: `sidecar/`, `tests/` and `pyproject.toml` are copied to a scratch directory, a `[tool.mutmut]` section naming
 the target files and their tests is added there, and mutmut runs in it, so this checkout is never modified. mutmut
