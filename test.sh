@@ -12,6 +12,6 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
             >/dev/null 2>&1 || echo "test.sh: could not install chromium; the dashboard tests will skip" >&2
     fi
 fi
-python3 -m ruff check sidecar tests bench
+python3 -m ruff check sidecar tests bench tools
 python3 -m mypy
 python3 -m pytest -q "$@"

@@ -93,7 +93,8 @@ class Database:
         return DbStatus(self.cluster, self.name, self.pos, self.hwm, len(self.pending),
                         sum(len(p.data) for p in self.pending), self.index.size, len(self.index), self.last_upload,
                         self.pending[0].arrived if self.pending else 0.0,
-                        {k: (j.failures, j.backoff.failures, j.last_error) for k, j in self.jobs.items()})
+                        {k: (j.failures, j.backoff.failures, j.last_error) for k, j in self.jobs.items()},
+                        self.page_size, self.uploading)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,8 @@ class DbStatus:
     oldest_pending: float  # when the oldest upload not yet in the store arrived (0: none)
     # job -> (failures since start, failures in a row now, last error): a job failing alone shows here
     jobs: dict[str, tuple[int, int, str]] = field(default_factory=dict)
-
+    page_size: int = 0
+    uploading: int = 0  # uploads being verified or logged right now
     @property
     def failing(self) -> dict[str, str]:
         """The jobs failing right now, with their last error."""
