@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from sidecar.engine import Engine
 from sidecar.errors import PosMismatch, SidecarError, StorageError, validate_cluster_name
@@ -137,6 +139,11 @@ class Server:
             self.metrics.rejections.labels(err.code).inc()
             log.error("storage error", error=str(err))
             return error(503, err.code, without_paths(str(err)), headers={"Retry-After": "1"})
+        except (RequestPayloadError, HttpProcessingError) as err:  # a body that cannot be read as sent
+            self.metrics.rejections.labels("EBADBODY").inc()
+            encoding = request.headers.get("Content-Encoding", "")
+            return error(400, "EBADBODY", f"request body unreadable{' as ' + encoding if encoding else ''}: "
+                                          f"{err.__cause__ or err}")
         except SidecarError as err:
             self.metrics.rejections.labels(err.code).inc()
             retry = getattr(err, "retry_after", None)

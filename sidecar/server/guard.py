@@ -5,8 +5,9 @@
 - At most `max_connections` at once: one past the cap is closed at once, and counted.
 - The event loop's "accept() out of system resource" errors (file descriptors exhausted) are logged once per
   `every` seconds with how many were suppressed, not thousands of times a second.
-- A client's malformed request (a 20 KB header, a bad request line) is answered 400 by aiohttp; its log line is a
-  warning without a traceback.
+- A client's malformed request (a 20 KB header, a bad request line, a body that is not in its Content-Encoding)
+  is answered 400; its log line is a warning without a traceback (also when aiohttp finds the bad body only while
+  draining it after the answer).
 
 `GuardedSite` is a `web.TCPSite` whose protocol factory wraps each aiohttp protocol in a `Guard`, which forwards
 every callback and only watches the first request's bytes for the end of its headers.
@@ -23,6 +24,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 log = structlog.get_logger("sidecar.server")
 
@@ -144,7 +146,7 @@ class ClientMistakes(logging.Filter):
     """aiohttp logs a client's malformed request at error level with a traceback: make it one warning line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError | RequestPayloadError):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = f"malformed request: {record.exc_info[1]!s}"
             record.args = ()
