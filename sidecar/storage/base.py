@@ -59,6 +59,13 @@ class Storage(Protocol):
         """`length` bytes from `start` (fewer at the end of the object). Raises NotFound."""
         ...
 
+    async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | None:
+        """The whole object and its ETag, or None when its ETag still equals `etag` (a conditional GET).
+
+        Raises NotFound when the object is absent.
+        """
+        ...
+
     def stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's bytes in chunks; resumes with a ranged GET if the connection drops mid-body."""
         ...

@@ -93,6 +93,22 @@ class FileStorage:
         except OSError as err:
             raise StorageError(key, f"read failed: {err}") from err
 
+    async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | None:
+        # The ETag comes from the open file's own fstat, so it always describes the bytes returned: a
+        # replace (temp file + rename) makes a new inode.
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                tag = f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
+                if tag == etag:
+                    return None
+                return f.read(), tag
+        except FileNotFoundError:
+            raise NotFound(key) from None
+        except OSError as err:
+            raise StorageError(key, f"read failed: {err}") from err
+
     async def stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         path = self._path(key)
         try:

@@ -179,6 +179,28 @@ class S3Storage:
             out += chunk
         return bytes(out)
 
+    async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | None:
+        full = self._key(key)
+
+        async def get(c: Any) -> tuple[bytes, str] | None:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+            if etag is not None:
+                kwargs["IfNoneMatch"] = etag
+            try:
+                resp = await c.get_object(**kwargs)
+            except ClientError as err:
+                if int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0) == 304:
+                    return None  # unchanged: S3 answers 304 Not Modified with no body
+                raise
+            body = resp["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            return bytes(data), str(resp["ETag"])
+        # Small objects only (a head object): a body that drops is retried whole by `_call`.
+        return await self._call(key, get)
+
     async def stream(self, key: str, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         async for chunk in self._ranged(key, 0, None, chunk_size):
             yield chunk
