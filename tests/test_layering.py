@@ -30,3 +30,16 @@ def test_ltx_is_pure() -> None:
             assert top not in FORBIDDEN_IN_LTX, f"{path.name} imports {name}"
             if top == "sidecar":
                 assert name.startswith("sidecar.ltx"), f"{path.name} imports {name}"
+
+
+def test_readers_and_server_stay_apart() -> None:
+    """`sidecar.vfs` reads backups through the engine's pure parts and storage; the server never imports it,
+    nor it the server, daemon or commands."""
+    for path in sorted((PACKAGE / "vfs").glob("*.py")):
+        for name in imports(path):
+            assert not name.startswith(("sidecar.server", "sidecar.daemon", "sidecar.commands")), \
+                f"vfs/{path.name} imports {name}"
+    for path in sorted((PACKAGE / "server").glob("*.py")):
+        assert not any(n.startswith("sidecar.vfs") for n in imports(path)), f"server/{path.name} imports sidecar.vfs"
+    assert not any(n.startswith(("asyncio", "sidecar.storage.file", "sidecar.storage.s3"))
+                   for n in imports(PACKAGE / "engine" / "head.py")), "engine/head.py must stay pure"

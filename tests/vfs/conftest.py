@@ -1,0 +1,146 @@
+"""Backups to read in place: a multi-hour history written by the real engine, on a local store or on S3."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.engine import Engine, Levels
+from sidecar.ltx import Header
+from sidecar.storage import Storage, ltx_key, open_storage, parse_ltx_key
+from sidecar.vfs import BackupVFS
+from tests.engine.history import History
+from tests.s3server import MotoServer
+
+T0 = 1_790_000_000.0
+MIN, HOUR = 60.0, 3600.0
+# Hourly snapshots, half-hourly L2, 5-minute L1: a two-hour history exercises every level and retention.
+LEVELS = Levels(l0_interval=10, l1_interval=5 * MIN, l2_interval=30 * MIN, snapshot_interval=HOUR,
+                l0_retention=40 * MIN, l1_retention=90 * MIN, l2_retention=90 * MIN, snapshot_retention=90 * MIN)
+EVENTS = "SELECT id, at, body FROM events ORDER BY id"
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Written:
+    """A database's backup as the engine wrote it: where it is, and the live database it mirrors."""
+
+    url: str  # the database's backup URL, as `query` takes it
+    storage: Storage  # the store's root
+    engine: Engine
+    history: History
+    clock: Clock
+    s3: dict[str, Any]  # S3 options for readers (empty for file://)
+
+    async def write(self, n: int = 1, step: float = 13.0) -> None:
+        """`n` more transactions, `step` seconds apart, each followed by the engine's tick."""
+        for _ in range(n):
+            self.history.write(n=3, at=int(self.clock.now))
+            await self.engine.write_tx("c", "app.db", self.history.commit(int(self.clock.now * 1000)))
+            self.clock.now += step
+            await self.engine.tick()
+
+
+async def open_written(kind: str, tmp: Path, moto: MotoServer | None, levels: Levels = LEVELS) -> Written:
+    if kind == "s3":
+        assert moto is not None
+        bucket = moto.create_bucket()
+        s3 = {"endpoint_url": moto.url, "force_path_style": True}
+        storage = open_storage(f"s3://{bucket}/backups", **s3)
+        url = f"s3://{bucket}/backups/c/app.db"
+    else:
+        s3 = {}
+        storage = open_storage(f"file://{tmp / 'store'}")
+        url = f"file://{tmp / 'store' / 'c' / 'app.db'}"
+    clock = Clock()
+    engine = await Engine.open(storage, tmp / "state", levels, clock=clock)
+    return Written(url, storage, engine, History(tmp / "live.db"), clock, s3)
+
+
+@pytest.fixture(params=["file", "s3"])
+async def written(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Written]:
+    """An engine writing one database (`c/app.db`) to a local store or to S3; nothing written yet."""
+    moto = request.getfixturevalue("moto_server") if request.param == "s3" else None
+    w = await open_written(request.param, tmp_path, moto)
+    try:
+        yield w
+    finally:
+        await w.engine.close()
+        w.history.close()
+        await w.storage.close()
+
+
+@dataclass
+class Stored:
+    """A finished two-hour history in a local store (`root/c/app.db`), kept for a whole test module."""
+
+    root: Path
+    live: Path  # the database it mirrors, at its last state
+
+
+async def _write_history(tmp: Path, hours: float, step: float) -> None:
+    w = await open_written("file", tmp, None)
+    try:
+        await w.write(n=int(hours * HOUR / step), step=step)
+    finally:
+        await w.engine.close()
+        w.history.close()
+        await w.storage.close()
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> Stored:
+    """Two hours of writes, one a minute, through the real engine: every level, compaction and retention."""
+    tmp = tmp_path_factory.mktemp("history")
+    asyncio.run(_write_history(tmp, 2.0, 60.0))
+    return Stored(tmp / "store", tmp / "live.db")
+
+
+async def copy_store(src: Storage, dst: Storage) -> None:
+    """Every object of `src` into `dst`, in `dst`'s layout, with the timestamps Litestream reads."""
+    for obj in await src.list(""):
+        data = await src.get_bytes(obj.key)
+        parsed = parse_ltx_key(src.kind, obj.key)
+        if parsed is None:
+            await dst.put_bytes(obj.key, data)
+            continue
+        prefix, level, lo, hi = parsed
+        await dst.put_bytes(ltx_key(dst.kind, prefix, level, lo, hi), data, timestamp=Header.unpack(data).timestamp)
+
+
+@pytest.fixture
+def make_vfs() -> Iterator[Callable[..., BackupVFS]]:
+    """BackupVFS(**options) under a unique name, closed after the test."""
+    made: list[BackupVFS] = []
+
+    def make(**options: Any) -> BackupVFS:
+        options.setdefault("poll_interval", 0.2)
+        v = BackupVFS(f"litefs-sidecar-test-{len(made)}", **options)
+        made.append(v)
+        return v
+    try:
+        yield make
+    finally:
+        for v in made:
+            v.close()
+
+
+def rows(path: Path, sql: str = EVENTS) -> list[tuple[Any, ...]]:
+    con = sqlite3.connect(path)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
