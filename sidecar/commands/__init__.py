@@ -2,6 +2,6 @@
 
 from types import ModuleType
 
-from sidecar.commands import admin, backup, demo, ltx, query, run, serve
+from sidecar.commands import admin, backup, demo, ltx, query, replicate, run, serve
 
-COMMAND_MODULES: list[ModuleType] = [demo, run, serve, admin, backup, query, ltx]
+COMMAND_MODULES: list[ModuleType] = [demo, run, serve, admin, backup, query, replicate, ltx]

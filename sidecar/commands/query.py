@@ -41,6 +41,8 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print {txid, timestamp, columns, rows} as JSON")
     p.add_argument("--stats", action="store_true", help="print pages fetched, bytes read and requests to stderr")
     source_flags(p)
+    p.add_argument("--cache-size", metavar="BYTES", type=int, default=10 << 20,
+                   help="page cache size in bytes (default 10 MiB)")
     p.add_argument("url", metavar="URL")
     p.add_argument("sql", metavar="SQL")
     p.set_defaults(func=cmd_query)
@@ -51,15 +53,21 @@ def source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (env AWS_ENDPOINT_URL_S3 too)")
     p.add_argument("--s3-region", metavar="REGION")
     p.add_argument("--s3-force-path-style", action="store_true")
-    p.add_argument("--cache-size", metavar="BYTES", type=int, default=10 << 20,
-                   help="page cache size in bytes (default 10 MiB)")
+
+
+def s3_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"endpoint_url": args.s3_endpoint, "region": args.s3_region,
+            "force_path_style": args.s3_force_path_style or None}
+
+
+def token_for(url: str) -> str:
+    """For a backup server URL, the token in LITEFS_SIDECAR_TOKEN (never a flag: `ps` shows flags)."""
+    return load(["sidecar"]).sidecar.token if url.startswith(("http://", "https://")) else ""
 
 
 def open_vfs(args: argparse.Namespace) -> BackupVFS:
     """A VFS with the command's S3 options and, for server URLs, the token from LITEFS_SIDECAR_TOKEN."""
-    token = load(["sidecar"]).sidecar.token if args.url.startswith(("http://", "https://")) else ""
-    return BackupVFS(cache_bytes=args.cache_size, token=token, endpoint_url=args.s3_endpoint,
-                     region=args.s3_region, force_path_style=args.s3_force_path_style or None)
+    return BackupVFS(cache_bytes=args.cache_size, token=token_for(args.url), **s3_options(args))
 
 
 def cmd_query(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ the same document for a plan at any target, adding where each file's page index 
                "index": [123000, 2400]},                         <- optional: page index offset, length
               …]}
 
-`plan` lists, oldest first, the files whose merge is the state at `txid` (what `plan_restore` picks);
-the position fields repeat the last file's. TXIDs and checksums are 16 hex digits, times milliseconds.
+`plan` lists, oldest first, the files whose merge is the state at `txid` (what `plan_restore` picks,
+starting with a snapshot; a plan for a copy already at some TXID starts after it, see `plan_after`); the
+position fields repeat the last file's. TXIDs and checksums are 16 hex digits, times milliseconds.
 Unknown keys are ignored, so later versions can add fields; a different `version` is refused.
 
 `plan` here is `plan_restore` run on only the files that can be in the plan (the newest snapshot at or
@@ -181,8 +182,6 @@ def decode(data: bytes | str) -> Head:
             indexes.append((loc[0], loc[1]))
     if indexes and len(indexes) != len(entries):
         raise ValueError("plan: page index locations for some files only")
-    if not entries[0].is_snapshot:
-        raise ValueError("plan[0]: not a snapshot")
     for i in range(1, len(entries)):
         prev, cur = entries[i - 1], entries[i]
         if not (cur.min_txid <= prev.max_txid + 1 and cur.max_txid > prev.max_txid):

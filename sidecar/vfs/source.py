@@ -20,6 +20,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
@@ -68,6 +69,10 @@ class Source(Protocol):
 
     async def read(self, key: str, start: int, length: int) -> bytes:
         """`length` bytes of a stored file from `start`. Raises NotFound when the file was deleted."""
+        ...
+
+    async def download(self, key: str, path: Path) -> None:
+        """A whole stored file into the local file `path`. Raises NotFound when the file was deleted."""
         ...
 
     async def follow(self, tag: str | None, wait: float) -> tuple[Head, str] | None:
@@ -121,6 +126,9 @@ class StoreSource:
 
     async def read(self, key: str, start: int, length: int) -> bytes:
         return await self.storage.get_range(key, start, length)
+
+    async def download(self, key: str, path: Path) -> None:
+        await self.storage.download(key, path)
 
     async def follow(self, tag: str | None, wait: float) -> tuple[Head, str] | None:
         if tag is not None:

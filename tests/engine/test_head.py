@@ -110,6 +110,10 @@ class TestHeadJson:
         with pytest.raises(ValueError, match=field):
             head.decode(text)
 
+    def test_a_plan_may_start_after_a_snapshot(self) -> None:
+        h = Head.of_plan([entry(0, 11, 12), entry(0, 13, 14)])
+        assert head.decode(head.encode(h)) == h
+
     def test_a_plan_that_does_not_continue_is_refused(self) -> None:
         doc = head.encode(Head.of_plan([entry(9, 1, 10), entry(0, 11, 12)])).replace(b'"000000000000000b"',
                                                                                     b'"000000000000000d"')
