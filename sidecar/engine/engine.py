@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 import structlog
 
+from sidecar.engine import head as heads
 from sidecar.engine.index import DbIndex, FileEntry, restore_points, scan, write_atomically
 from sidecar.engine.levels import Levels, due
 from sidecar.engine.restore import RestoreResult, map_files, plan_restore, restore
@@ -129,6 +130,8 @@ class Engine:
         self.log = UploadLog(self.state_dir / "log")
         # Called with (level, seconds) after each flush (level 0) and compaction: the server's metrics.
         self.timed: Callable[[int, float], None] = lambda level, seconds: None
+        # Notified whenever a database's stored files change (flush, compaction, retention): readers' long-polls.
+        self.stored = asyncio.Condition()
         self._lock_fd = -1
         self._closed = False
 
@@ -408,9 +411,27 @@ class Engine:
 
     async def _save_index(self, st: DbState) -> None:
         """Write the index cache; flushes and compactions of a database may both be saving, so in turn, each
-        writing the state as of its turn."""
+        writing the state as of its turn. Then the head object, and wake whoever waits for a change."""
         async with st.saving:
             await asyncio.to_thread(write_atomically, st.dir / "index.json", st.index.to_json())
+            await self._store_head(st)
+        async with self.stored:
+            self.stored.notify_all()
+
+    async def _store_head(self, st: DbState) -> None:
+        """Write `<db>/head.json` (`sidecar.engine.head`), so readers follow the latest state without a LIST.
+
+        Retention calls this before deleting, so followers move off files before they go. A failure is only
+        logged: the files and the index are what restores rely on, and the next change writes it again.
+        """
+        latest = heads.latest(st.index)
+        if latest is None:
+            return
+        try:
+            await self.storage.put_bytes(heads.head_key(st.prefix), heads.encode(latest))
+        except StorageError as err:
+            log.warning("head object not written; readers see this change with the next one", cluster=st.cluster,
+                        db=st.name, error=str(err))
 
     async def _compact_to_store(self, st: DbState, level: int, inputs: Sequence[Path | bytes],
                                 version: Version) -> FileEntry:
@@ -616,7 +637,8 @@ class Engine:
             self.log.release(await self.log.append(cluster, name, b""))
             self._drop_pending(st)
             files = list(st.index)
-            await self.storage.delete([e.key(self.storage.kind, st.prefix) for e in files])
+            keys = [e.key(self.storage.kind, st.prefix) for e in files]
+            await self.storage.delete([heads.head_key(st.prefix), *keys])
             shutil.rmtree(st.dir, ignore_errors=True)
             del self.dbs[(cluster, name)]
         return len(files)

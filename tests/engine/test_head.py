@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.engine import head
+from sidecar.engine import Engine, Levels, head
 from sidecar.engine.head import Head
 from sidecar.engine.index import DbIndex, FileEntry
 from sidecar.engine.restore import plan_restore
-from sidecar.errors import RestoreError
+from sidecar.errors import NotFound, RestoreError
+from sidecar.storage import open_storage
+from tests.engine.history import History
 
 
 def entry(level: int, lo: int, hi: int, **kw: int) -> FileEntry:
@@ -122,3 +126,38 @@ class TestHeadJson:
 
     def test_keys(self) -> None:
         assert head.head_key("c/app.db") == "c/app.db/head.json" and head.head_key("") == "head.json"
+
+
+class TestEngineWritesHead:
+    async def test_each_store_change_rewrites_the_head_and_wakes_waiters(self, tmp_path: Path,
+                                                                          history: History) -> None:
+        storage = open_storage(f"file://{tmp_path / 'store'}")
+        engine = await Engine.open(storage, tmp_path / "state", Levels(l0_interval=10), clock=lambda: 1_000.0)
+        try:
+            with pytest.raises(NotFound):
+                await storage.get_bytes("c/app.db/head.json")
+            woken = asyncio.Event()
+
+            async def waiter() -> None:
+                async with engine.stored:
+                    await engine.stored.wait()
+                woken.set()
+            task = asyncio.create_task(waiter())
+            await asyncio.sleep(0)
+            for _ in range(3):
+                history.write()
+                await engine.write_tx("c", "app.db", history.commit(1_000))
+            assert not woken.is_set()  # accepted, not stored yet
+            await engine.flush("c", "app.db")
+            await asyncio.wait_for(task, 5)
+            stored = head.decode(await storage.get_bytes("c/app.db/head.json"))
+            assert stored == head.latest(engine.index("c", "app.db"))
+            assert (stored.txid, stored.post_apply_checksum) == (history.pos.txid, history.pos.post_apply_checksum)
+            await engine.compact_level("c", "app.db", 1)
+            assert head.decode(await storage.get_bytes("c/app.db/head.json")).plan[-1].level == 1
+            await engine.delete_database("c", "app.db")
+            with pytest.raises(NotFound):
+                await storage.get_bytes("c/app.db/head.json")
+        finally:
+            await engine.close()
+            await storage.close()
