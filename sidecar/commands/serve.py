@@ -41,6 +41,7 @@ examples:
 
 tokens: one '<cluster> <token>' per line; LiteFS sends it as backup.auth-token (or LITEFS_CLOUD_TOKEN),
 verbatim, 'FlyV1 <token>' or 'Bearer <token>'. The operator API's token: LITEFS_SIDECAR_SERVER_ADMIN_TOKEN.
+'<cluster> <token> read' is a read-only token, for readers (`query`, `replicate`): GET requests only.
 Every flag has a TOML key in its section and an environment variable: see docs/configuration.md.
 """
 
@@ -99,10 +100,13 @@ def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         with contextlib.suppress(ConfigError):  # its problems are among those above
             server = load(["server"], flags={k: v for k, v in flags.items() if k.startswith("server.")}, **given)
     tokens: dict[str, str] = {}
+    read_tokens: dict[str, str] = {}
     if server is not None:
         before, sc = len(problems), server.server
         tokens = _tokens(server, problems)
-        if len(problems) == before and not tokens and not sc.admin_token and not sc.insecure_no_auth:
+        read_tokens = _tokens(server, problems, read=True) if len(problems) == before else {}
+        if len(problems) == before and not tokens and not read_tokens and not sc.admin_token \
+                and not sc.insecure_no_auth:
             problems.append("no tokens configured: give --tokens-file FILE or LITEFS_SIDECAR_SERVER_TOKENS "
                             "(or --insecure-no-auth for local testing)")
     try:
@@ -119,26 +123,28 @@ def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         raise ConfigError(problems)
     sc = cfg.server
     host, _, port = sc.addr.rpartition(":")
-    config = ServerConfig(tokens=tokens, insecure_no_auth=sc.insecure_no_auth, admin_token=sc.admin_token,
-                          max_body_size=sc.max_body_size, request_timeout=sc.request_timeout)
+    config = ServerConfig(tokens=tokens, read_tokens=read_tokens, insecure_no_auth=sc.insecure_no_auth,
+                          admin_token=sc.admin_token, max_body_size=sc.max_body_size,
+                          request_timeout=sc.request_timeout)
     return Setup(cfg, config, host.strip("[]"), int(port), levels_of(cfg.engine), notifier, storage)
 
 
-def _tokens(cfg: Config, problems: list[str]) -> dict[str, str]:
-    """token → cluster from `tokens_file` and then LITEFS_SIDECAR_SERVER_TOKENS; problems name their source."""
+def _tokens(cfg: Config, problems: list[str], read: bool = False) -> dict[str, str]:
+    """token → cluster from `tokens_file` and then LITEFS_SIDECAR_SERVER_TOKENS (read-only ones with `read`);
+    problems name their source."""
     tokens: dict[str, str] = {}
     path = cfg.server.tokens_file
     if path is not None:
         where = f"server.tokens_file = {str(path)!r} (from {cfg.source('server.tokens_file')})"
         try:
-            tokens.update(parse_tokens(path.read_text(), str(path)))
+            tokens.update(parse_tokens(path.read_text(), str(path), read=read))
         except OSError as err:
             problems.append(f"{where}: {err.strerror or err}")
         except SidecarError as err:  # its message starts with the path
             problems.append(f"server.tokens_file (from {cfg.source('server.tokens_file')}): {err}")
     if cfg.server.tokens:
         try:
-            tokens.update(parse_tokens(cfg.server.tokens, "LITEFS_SIDECAR_SERVER_TOKENS"))
+            tokens.update(parse_tokens(cfg.server.tokens, "LITEFS_SIDECAR_SERVER_TOKENS", read=read))
         except SidecarError as err:
             problems.append(f"server.tokens (from {cfg.source('server.tokens')}): {err}")
     return tokens

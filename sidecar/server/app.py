@@ -4,10 +4,12 @@
     POST /db/tx?db=NAME            an LTX v2 upload (chunked); 200 with Litefs-Hwm, or 409 EPOSMISMATCH
     GET  /db/snapshot?db=NAME      an LTX v2 snapshot of the stored state
     GET  /db/hwm?db=NAME           extension: {"hwm", "txid"}, polled by sidecars on replica nodes
+    GET  /db/plan|ltx|head?db=     reading backups in place, see `sidecar.server.reads`
     /api/...                       the operator API (JSON), see `sidecar.server.operator`
     GET  /metrics /healthz /readyz
 
-Errors are JSON `{"code", "error"[, "pos"]}`. A token reaches only its own cluster.
+Errors are JSON `{"code", "error"[, "pos"]}`. A token reaches only its own cluster; a read-only token
+(`<cluster> <token> read` in the tokens file) only with GET and HEAD (anything else: 403 EREADONLY).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ log = structlog.get_logger("sidecar.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLUSTER = web.RequestKey("cluster", str)  # the caller's cluster, set by authentication
 ADMIN = web.RequestKey("admin", bool)  # the caller holds the admin token
+READ_ONLY = web.RequestKey("read_only", bool)  # the caller holds a read-only token: GET and HEAD only
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ServerConfig:
     """What the HTTP layer needs; the CLI builds it from the configuration."""
 
     tokens: dict[str, str] = field(default_factory=dict)  # token -> cluster
+    read_tokens: dict[str, str] = field(default_factory=dict)  # token -> cluster, read-only (`<cluster> <token> read`)
     insecure_no_auth: bool = False
     admin_token: str = ""
     max_body_size: int = 1 << 30
@@ -81,21 +85,23 @@ def pos_json(pos: Pos) -> dict[str, str]:
     return {"txid": f"{pos.txid:016x}", "postApplyChecksum": f"{pos.post_apply_checksum:016x}"}
 
 
-def parse_tokens(text: str, source: str) -> dict[str, str]:
-    """`<cluster> <token>` per line (or `;`-separated); `#` comments. Returns token -> cluster."""
+def parse_tokens(text: str, source: str, *, read: bool = False) -> dict[str, str]:
+    """`<cluster> <token>` per line, or `<cluster> <token> read` for a read-only token (or `;`-separated);
+    `#` comments. Returns token -> cluster: of the read-write tokens, or with `read` of the read-only ones."""
     out: dict[str, str] = {}
     for n, raw in enumerate(text.replace(";", "\n").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) != 2:
-            raise SidecarError(f"{source}: line {n}: want '<cluster> <token>'")
-        cluster, token = parts
+        if len(parts) not in (2, 3) or parts[2:] not in ([], ["read"]):
+            raise SidecarError(f"{source}: line {n}: want '<cluster> <token>' or '<cluster> <token> read'")
+        cluster, token = parts[:2]
         validate_db_name(cluster)
         if len(token) < 16:
             raise SidecarError(f"{source}: line {n}: token for cluster {cluster!r} is shorter than 16 characters")
-        out[token] = cluster
+        if (len(parts) == 3) == read:
+            out[token] = cluster
     return out
 
 
@@ -127,6 +133,8 @@ class Server:
         r.add_get("/readyz", self.readyz)
         from sidecar.server.operator import add_routes
         add_routes(self, app)
+        from sidecar.server.reads import Reads
+        Reads(self).add_routes(app)
         self.dashboard.add_routes(app)
         return app
 
@@ -198,6 +206,9 @@ class Server:
         if cluster is None:
             self.metrics.rejections.labels("EINVALIDAUTH").inc()
             return error(401, "EINVALIDAUTH", "missing or invalid Authorization")
+        if request.get(READ_ONLY) and request.method not in ("GET", "HEAD"):
+            self.metrics.rejections.labels("EREADONLY").inc()
+            return error(403, "EREADONLY", f"{request.method} {request.path}: a read-only token cannot write")
         wanted = request.query.get("cluster")
         if wanted and wanted != cluster and cluster != "*":
             self.metrics.rejections.labels("EINVALIDAUTH").inc()
@@ -219,16 +230,15 @@ class Server:
         for scheme in ("FlyV1 ", "Bearer "):
             if header.startswith(scheme):
                 token = header[len(scheme):]
-        return self.token_scope(token.strip())
+        scope = self.token_scope(token.strip())
+        if scope is None:
+            scope = _lookup(self.config.read_tokens, token.strip())
+            request[READ_ONLY] = scope is not None
+        return scope
 
     def token_scope(self, token: str) -> str | None:
-        """The cluster a token grants ("*" for the admin token), or None."""
-        if not token:
-            return None
-        found = None
-        for candidate, cluster in self.config.tokens.items():  # every comparison runs: constant time
-            if hmac.compare_digest(candidate.encode(), token.encode()):
-                found = cluster
+        """The cluster a read-write token grants ("*" for the admin token), or None."""
+        found = _lookup(self.config.tokens, token)
         if self.config.admin_token and hmac.compare_digest(self.config.admin_token.encode(), token.encode()):
             found = "*"
         return found
@@ -332,6 +342,15 @@ class Server:
         return web.json_response({"ready": True})
 
 
+def _lookup(tokens: dict[str, str], token: str) -> str | None:
+    """The cluster of `token` in `tokens`, comparing with every one (constant time); None if absent."""
+    found = None
+    for candidate, cluster in tokens.items():
+        if token and hmac.compare_digest(candidate.encode(), token.encode()):
+            found = cluster
+    return found
+
+
 async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, stop: asyncio.Event,
                 grace: float = 30.0, started: Callable[[str], None] | None = None) -> None:
     """Run until `stop`: the engine's ticker, then graceful shutdown (finish in-flight uploads, flush)."""
@@ -359,7 +378,7 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
 
 
 def token_sources(tokens_file: str, tokens_env: str) -> dict[str, str]:
-    """Tokens from a file and from the environment twin."""
+    """Read-write tokens from a file and from the environment twin."""
     tokens: dict[str, str] = {}
     if tokens_file:
         tokens.update(parse_tokens(Path(tokens_file).read_text(), tokens_file))

@@ -29,7 +29,7 @@ import structlog
 from sidecar.engine import head as heads
 from sidecar.engine.head import Head
 from sidecar.engine.index import FileEntry, scan
-from sidecar.errors import ConfigError, NotFound, SidecarError
+from sidecar.errors import NotFound, SidecarError
 from sidecar.ltx import HEADER_SIZE
 from sidecar.storage import ObjectInfo, Storage, open_storage
 
@@ -38,16 +38,17 @@ log = structlog.get_logger("sidecar.vfs")
 
 @dataclass
 class Stats:
-    """What reading a backup cost: requests and bytes received, LIST requests among them, pages."""
+    """What reading a backup cost: requests and bytes received, LIST requests and head polls among them, pages."""
 
     requests: int = 0
     bytes: int = 0
     lists: int = 0
+    polls: int = 0  # requests asking whether the latest state changed (conditional GETs, long-polls)
     pages_fetched: int = 0  # pages decompressed from frames received
     cache_hits: int = 0  # pages served from the page cache
 
     def snapshot(self) -> dict[str, int]:
-        return {"requests": self.requests, "bytes": self.bytes, "lists": self.lists,
+        return {"requests": self.requests, "bytes": self.bytes, "lists": self.lists, "polls": self.polls,
                 "pages_fetched": self.pages_fetched, "cache_hits": self.cache_hits}
 
 
@@ -92,7 +93,8 @@ def open_source(url: str, *, token: str = "", poll_interval: float = 1.0, **s3_o
     or a backup server `http(s)://host:port/<db>[?cluster=NAME]` read with `token`."""
     scheme = urlparse(url).scheme
     if scheme in ("http", "https"):
-        raise ConfigError([f"{url}: reading through a backup server is not supported yet"])
+        from sidecar.vfs.http import ServerSource  # aiohttp's client, only for server URLs (as open_storage does)
+        return ServerSource(url, token=token)
     return StoreSource(open_storage(url, **s3_options), poll_interval=poll_interval)
 
 
@@ -133,6 +135,7 @@ class StoreSource:
     async def follow(self, tag: str | None, wait: float) -> tuple[Head, str] | None:
         if tag is not None:
             await asyncio.sleep(min(wait, self.poll_interval))
+        self.stats.polls += 1
         try:
             got = await self.storage.get_if_changed(heads.HEAD_NAME, tag)
         except NotFound:

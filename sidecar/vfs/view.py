@@ -29,7 +29,7 @@ from sidecar.engine.head import Head
 from sidecar.engine.index import FileEntry
 from sidecar.errors import SidecarError
 from sidecar.ltx import lock_pgno
-from sidecar.vfs.pageindex import TAIL, SparseIndex, Unknown, decode, index_span
+from sidecar.ltx.pageindex import TAIL, SparseIndex, Unknown, decode, index_span
 from sidecar.vfs.source import Source
 
 READ_AHEAD = 64  # most neighbouring pages fetched with a missed one, once reads are sequential

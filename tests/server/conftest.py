@@ -17,6 +17,7 @@ from sidecar.storage import open_storage
 TOKEN = "tok-default-0123456789abcdef"
 OTHER = "tok-other-0123456789abcdef0"
 ADMIN = "tok-admin-0123456789abcdef0"
+READER = "tok-reader-0123456789abcdef"  # read-only, cluster "default"
 
 
 @dataclass
@@ -36,8 +37,8 @@ async def start_server(root: Path, *, l0_interval: float = 0.0, max_body: int = 
                        request_timeout: float = 300.0) -> Running:
     storage = open_storage(f"file://{root / 'store'}")
     engine = await Engine.open(storage, root / "state", Levels(l0_interval=l0_interval))
-    config = ServerConfig(tokens={TOKEN: "default", OTHER: "other"}, admin_token=ADMIN, max_body_size=max_body,
-                          request_timeout=request_timeout)
+    config = ServerConfig(tokens={TOKEN: "default", OTHER: "other"}, read_tokens={READER: "default"},
+                          admin_token=ADMIN, max_body_size=max_body, request_timeout=request_timeout)
     stop = asyncio.Event()
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(engine, config, "127.0.0.1", 0, stop=stop, grace=5,

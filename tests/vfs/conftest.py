@@ -1,4 +1,4 @@
-"""Backups to read in place: a multi-hour history written by the real engine, on a local store or on S3."""
+"""Backups to read in place, written by the real engine: on a local store, on S3 (moto), or behind a server."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from sidecar.engine import Engine, Levels
 from sidecar.ltx import Header
+from sidecar.server import ServerConfig, serve
 from sidecar.storage import Storage, ltx_key, open_storage, parse_ltx_key
 from sidecar.vfs import BackupVFS
 from tests.engine.history import History
@@ -34,6 +35,31 @@ class Clock:
         return self.now
 
 
+READER = "tok-reader-0123456789abcdef"  # the served cluster "c"'s read-only token
+
+
+@dataclass
+class Served:
+    """`serve` running in this event loop."""
+
+    url: str
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await self.task
+
+
+async def start_serving(engine: Engine) -> Served:
+    """The engine behind a real server on 127.0.0.1, with READER as a read-only token of cluster "c"."""
+    config = ServerConfig(tokens={"tok-writer-0123456789abcdef": "c"}, read_tokens={READER: "c"})
+    stop = asyncio.Event()
+    started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(engine, config, "127.0.0.1", 0, stop=stop, grace=5, started=started.set_result))
+    return Served(await asyncio.wait_for(started, 10), stop, task)
+
+
 @dataclass
 class Written:
     """A database's backup as the engine wrote it: where it is, and the live database it mirrors."""
@@ -43,7 +69,17 @@ class Written:
     engine: Engine
     history: History
     clock: Clock
-    s3: dict[str, Any]  # S3 options for readers (empty for file://)
+    options: dict[str, Any]  # for readers (BackupVFS, open_source): S3 options, or the server's token
+    flags: list[str]  # the same for the command line (a token goes in LITEFS_SIDECAR_TOKEN instead)
+    served: Served | None = None
+
+    async def close(self) -> None:
+        if self.served is not None:
+            await self.served.shutdown()  # closes the engine
+        else:
+            await self.engine.close()
+        self.history.close()
+        await self.storage.close()
 
     async def write(self, n: int = 1, step: float = 13.0) -> None:
         """`n` more transactions, `step` seconds apart, each followed by the engine's tick."""
@@ -55,37 +91,46 @@ class Written:
 
 
 async def open_written(kind: str, tmp: Path, moto: MotoServer | None, levels: Levels = LEVELS) -> Written:
+    """An engine writing `c/app.db` to a local store ("file", "server": then served over HTTP) or to S3."""
+    options: dict[str, Any] = {}
+    flags: list[str] = []
     if kind == "s3":
         assert moto is not None
         bucket = moto.create_bucket()
-        s3 = {"endpoint_url": moto.url, "force_path_style": True}
-        storage = open_storage(f"s3://{bucket}/backups", **s3)
+        options = {"endpoint_url": moto.url, "force_path_style": True}
+        flags = ["--s3-endpoint", moto.url, "--s3-force-path-style"]
+        storage = open_storage(f"s3://{bucket}/backups", **options)
         url = f"s3://{bucket}/backups/c/app.db"
     else:
-        s3 = {}
         storage = open_storage(f"file://{tmp / 'store'}")
         url = f"file://{tmp / 'store' / 'c' / 'app.db'}"
     clock = Clock()
     engine = await Engine.open(storage, tmp / "state", levels, clock=clock)
-    return Written(url, storage, engine, History(tmp / "live.db"), clock, s3)
+    w = Written(url, storage, engine, History(tmp / "live.db"), clock, options, flags)
+    if kind == "server":
+        w.served = await start_serving(engine)
+        w.url, w.options = f"{w.served.url}/app.db", {"token": READER}
+    return w
 
 
-@pytest.fixture(params=["file", "s3"])
-async def written(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Written]:
-    """An engine writing one database (`c/app.db`) to a local store or to S3; nothing written yet."""
+@pytest.fixture(params=["file", "s3", "server"])
+async def written(request: pytest.FixtureRequest, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Written]:
+    """An engine writing one database (`c/app.db`) to a local store, to S3, or behind a server read with a
+    read-only token (in LITEFS_SIDECAR_TOKEN for the command line); nothing written yet."""
     moto = request.getfixturevalue("moto_server") if request.param == "s3" else None
     w = await open_written(request.param, tmp_path, moto)
+    if w.served is not None:
+        monkeypatch.setenv("LITEFS_SIDECAR_TOKEN", READER)
     try:
         yield w
     finally:
-        await w.engine.close()
-        w.history.close()
-        await w.storage.close()
+        await w.close()
 
 
 @dataclass
 class Stored:
-    """A finished two-hour history in a local store (`root/c/app.db`), kept for a whole test module."""
+    """A finished two-hour history in a local store (`root/c/app.db`), shared by the session's tests (read only)."""
 
     root: Path
     live: Path  # the database it mirrors, at its last state
@@ -101,7 +146,7 @@ async def _write_history(tmp: Path, hours: float, step: float) -> None:
         await w.storage.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stored(tmp_path_factory: pytest.TempPathFactory) -> Stored:
     """Two hours of writes, one a minute, through the real engine: every level, compaction and retention."""
     tmp = tmp_path_factory.mktemp("history")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,12 @@ from typing import Any
 import pytest
 
 from sidecar.cli import main
-from sidecar.engine import plan_restore, restore, scan
+from sidecar.engine import Engine, plan_restore, restore, scan
 from sidecar.engine.index import restore_points
 from sidecar.ltx import format_timestamp
 from sidecar.storage import open_storage
 from tests.s3server import MotoServer
-from tests.vfs.conftest import EVENTS, Stored, copy_store, rows
+from tests.vfs.conftest import EVENTS, HOUR, READER, T0, Stored, copy_store, rows, start_serving
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -26,11 +27,26 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.fixture(params=["file", "s3"])
-async def where(request: pytest.FixtureRequest, stored: Stored) -> AsyncIterator[tuple[str, list[str]]]:
-    """The stored history's URL and the `query` flags to reach it: the local store itself, or a copy on S3."""
+@pytest.fixture(params=["file", "s3", "server"])
+async def where(request: pytest.FixtureRequest, stored: Stored, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, list[str]]]:
+    """The stored history's URL and the `query` flags to reach it: the local store itself, a copy on S3, or a
+    copy served by a server, read with a read-only token (in LITEFS_SIDECAR_TOKEN)."""
     if request.param == "file":
         yield f"file://{stored.root}/c/app.db", []
+        return
+    if request.param == "server":
+        shutil.copytree(stored.root, tmp_path / "store")
+        shutil.copytree(stored.root.parent / "state", tmp_path / "state")
+        engine = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state",
+                                   clock=lambda: T0 + 3 * HOUR)
+        await engine.tick()  # what is due at start is done now, not while a query prints its rows
+        served = await start_serving(engine)
+        monkeypatch.setenv("LITEFS_SIDECAR_TOKEN", READER)
+        try:
+            yield f"{served.url}/app.db", []
+        finally:
+            await served.shutdown()
         return
     moto: MotoServer = request.getfixturevalue("moto_server")
     bucket = moto.create_bucket()

@@ -62,11 +62,10 @@ class TestReplicate:
             valid.add(state(written.history.path))
         await written.engine.flush_all()
         copy = tmp_path / "copy.db"
-        s3 = ["--s3-endpoint", written.s3["endpoint_url"], "--s3-force-path-style"] if written.s3 else []
-        assert await asyncio.to_thread(main, ["replicate", *s3, "-o", str(copy), written.url]) == 0
+        assert await asyncio.to_thread(main, ["replicate", *written.flags, "-o", str(copy), written.url]) == 0
         assert f"TXID {written.history.pos.txid:016x}" in capsys.readouterr().out
         assert rows(copy) == rows(written.history.path)
-        source = open_source(written.url, poll_interval=0.05, **written.s3)
+        source = open_source(written.url, poll_interval=0.05, **written.options)
         replica = Replica(source, copy)
         stop = asyncio.Event()
         follower = asyncio.create_task(replica.follow(stop))
@@ -104,7 +103,7 @@ class TestReplicate:
             await written.write()
         await written.engine.flush_all()
         copy = tmp_path / "copy.db"
-        source = open_source(written.url, **written.s3)
+        source = open_source(written.url, **written.options)
         written_pages: list[int] = []
 
         def dying(path: Path, page_size: int, commit: int, pgnos: list[int], page: Callable[[int], bytes],
@@ -145,9 +144,9 @@ class TestReplicate:
             await written.write()
         await written.engine.flush_all()
         copy = tmp_path / "copy.db"
-        s3 = ["--s3-endpoint", written.s3["endpoint_url"], "--s3-force-path-style"] if written.s3 else []
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar", "replicate", "--follow", "--poll-interval", "0.1", *s3, "-o", str(copy),
+            sys.executable, "-m", "sidecar", "replicate", "--follow", "--poll-interval", "0.1", *written.flags,
+            "-o", str(copy),
             written.url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
             assert proc.stdout is not None

@@ -1,6 +1,6 @@
-"""Where each page of one stored LTX v3 file is, from its page index, read whole or a window at a time. Pure.
+"""Where each page of one stored LTX v3 file is, from its page index, read whole or a window at a time.
 
-An LTX v3 file ends with a page index (docs/format.md; spec §2.3): for each stored page, ascending, three
+An LTX v3 file ends with a page index (spec/ltx.md §2.3): for each stored page, ascending, three
 unsigned LEB128 varints (pgno, offset of its frame, size of its frame), then a `0`, then the index's byte
 length (u64) and the 16-byte trailer. A small file's index comes whole with the first ranged read of its
 tail. A big one (a 1 GiB snapshot has ~2.5 MB of index) is read in windows around the page wanted:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sidecar.ltx import FLAG_NO_CHECKSUM, Header, Version
 from sidecar.ltx.encoder import Encoder
-from sidecar.vfs.pageindex import SparseIndex, Unknown, decode, index_span
+from sidecar.ltx.pageindex import SparseIndex, Unknown, decode, index_span
 
 
 def ltx_file(pgnos: list[int], seed: int = 0, page_size: int = 512, snapshot: bool = False) -> bytes:
