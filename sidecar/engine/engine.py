@@ -132,6 +132,7 @@ class Engine:
         self.timed: Callable[[int, float], None] = lambda level, seconds: None
         # Notified whenever a database's stored files change (flush, compaction, retention): readers' long-polls.
         self.stored = asyncio.Condition()
+        self._heads: dict[str, bytes] = {}  # head object last stored, by database prefix
         self._lock_fd = -1
         self._closed = False
 
@@ -421,14 +422,17 @@ class Engine:
     async def _store_head(self, st: DbState) -> None:
         """Write `<db>/head.json` (`sidecar.engine.head`), so readers follow the latest state without a LIST.
 
-        Retention calls this before deleting, so followers move off files before they go. A failure is only
-        logged: the files and the index are what restores rely on, and the next change writes it again.
+        Retention calls this before deleting, so followers move off files before they go; a retention pass
+        that only deleted files older than the latest plan leaves it as it was, and costs no PUT. A failure is
+        only logged: the files and the index are what restores rely on, and the next change writes it again.
         """
         latest = heads.latest(st.index)
-        if latest is None:
+        data = heads.encode(latest) if latest is not None else b""
+        if not data or self._heads.get(st.prefix) == data:
             return
         try:
-            await self.storage.put_bytes(heads.head_key(st.prefix), heads.encode(latest))
+            await self.storage.put_bytes(heads.head_key(st.prefix), data)
+            self._heads[st.prefix] = data
         except StorageError as err:
             log.warning("head object not written; readers see this change with the next one", cluster=st.cluster,
                         db=st.name, error=str(err))
@@ -639,6 +643,7 @@ class Engine:
             files = list(st.index)
             keys = [e.key(self.storage.kind, st.prefix) for e in files]
             await self.storage.delete([heads.head_key(st.prefix), *keys])
+            self._heads.pop(st.prefix, None)
             shutil.rmtree(st.dir, ignore_errors=True)
             del self.dbs[(cluster, name)]
         return len(files)

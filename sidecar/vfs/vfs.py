@@ -105,7 +105,9 @@ class Backup:
         self._follower: asyncio.Task[None] | None = None
 
     async def view(self, target: Target) -> View:
-        """A view of `target`, planned now."""
+        """A view of `target`, planned now (a follower's newest view, when one is being kept current)."""
+        if target.follow and self._follower is not None and self.latest is not None:
+            return self.latest
         head = await self.source.plan(txid=target.txid, timestamp=target.timestamp)
         view = await self.view_of(head)
         if target.latest:
