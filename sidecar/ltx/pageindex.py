@@ -13,7 +13,16 @@ tail. A big one (a 1 GiB snapshot has ~2.5 MB of index) is read in windows aroun
   ascend. A window where no single phase fits is not used: the caller reads the whole span between known
   entries instead, which is always aligned.
 
-So a page of a 1 GiB snapshot costs one or two ranged reads of 16 KiB of index instead of 2.5 MB.
+So a page of a 1 GiB snapshot costs one or two ranged reads of 16 KiB of index instead of 2.5 MB. Index bytes
+already read (a small file's whole index comes with one read) are held and decoded a 4 KiB window at a
+time too. A caller finds a page with this loop, doing the reads itself (the reader over the network, the
+server locally):
+
+    attempt = 0
+    while (found := index.find(pgno)) raises Unknown:
+        if not index.settle(pgno):                  # not from the bytes held: read a window
+            start, length, a, b = index.read_for(pgno, attempt)
+            attempt = attempt + 1 if index.take(read(start, length), start, a, b) else MAX_PROBES
 """
 
 from __future__ import annotations
@@ -25,7 +34,20 @@ from dataclasses import dataclass, field
 TRAILER_SIZE = 16
 FRAME_HEADER = 10  # pgno u32, flags u16, compressed size u32
 WINDOW = 16 << 10  # bytes of index read around a page
-TAIL = 64 << 10  # bytes read from the end of a file to find its index (the whole file when smaller)
+MAX_PROBES = 4  # windows tried for one page before reading the whole span around it
+LOCAL_WINDOW = 4 << 10  # bytes decoded around a page from index bytes already held
+TAIL = 64 << 10  # most bytes read from the end of a file to find its index (the whole file when smaller)
+WHOLE = 32 << 10  # a file up to this size is read whole: its pages come with its index
+
+
+def tail_length(size: int) -> int:
+    """How much of the end of a file of `size` bytes to read for its page index, in one read.
+
+    An entry takes ~9 bytes and describes a frame that is rarely under 576 bytes (4 KiB pages compress
+    less than 7:1), so 1/64 of the file nearly always holds the whole index; at least 4 KiB, at most TAIL
+    (a bigger index is read by windows). `index_span` tells the caller when it fell short.
+    """
+    return min(size, TAIL, max(4096, size // 64))
 
 
 class Unknown(Exception):
@@ -127,6 +149,29 @@ class SparseIndex:
     top: int
     window_size: int = WINDOW
     runs: list[Entries] = field(default_factory=list)  # disjoint, sorted by byte position
+    held_at: int = 0  # index bytes read but not decoded yet (decoding 100,000 entries costs ~0.3 s)
+    held: bytes = b""
+
+    def hold(self, start: int, data: bytes) -> None:
+        """Keep raw index bytes read at `start`; `settle` decodes only the part around a page asked for."""
+        self.held_at, self.held = start, bytes(data)
+
+    def settle(self, pgno: int) -> bool:
+        """Decode the entries around `pgno` from the bytes held, if they cover them; whether it did."""
+        if not self.held:
+            return False
+        for size in (LOCAL_WINDOW, 1 << 62):  # a window, or (ambiguous) the whole gap between known entries
+            saved, self.window_size = self.window_size, size
+            try:
+                start, length, a, b = self.window(pgno)
+            finally:
+                self.window_size = saved
+            lo = start - self.held_at
+            if lo < 0 or lo + length > len(self.held):
+                return False
+            if self.take(self.held[lo:lo + length], start, a, b):
+                return True
+        return False
 
     @property
     def complete(self) -> bool:
@@ -176,6 +221,26 @@ class SparseIndex:
         except Unknown:
             return None
 
+    def read_for(self, pgno: int, attempt: int) -> tuple[int, int, bool, bool]:
+        """What to read on the `attempt`-th try (from 0) to find `pgno`: a window, or from MAX_PROBES on
+        everything between the known entries around it (aligned, so it always decodes)."""
+        if attempt < MAX_PROBES:
+            return self.window(pgno)
+        size, self.window_size = self.window_size, 1 << 62
+        try:
+            return self.window(pgno)
+        finally:
+            self.window_size = size
+
+    def take(self, data: bytes | memoryview, start: int, aligned_start: bool, aligned_end: bool) -> bool:
+        """Decode and remember the index bytes `data` read at `start`; False when a window was ambiguous.
+        Raises ValueError when aligned bytes are not an index."""
+        run = decode(data, start, aligned_start=aligned_start, aligned_end=aligned_end)
+        if run is None:
+            return False
+        self.add(run)
+        return True
+
     def window(self, pgno: int) -> tuple[int, int, bool, bool]:
         """The next bytes to read for `pgno`: (offset, length, aligned_start, aligned_end).
 
@@ -201,4 +266,5 @@ class SparseIndex:
         return begin, size, begin == lo_pos, begin + size == hi_pos
 
 
-__all__ = ["TAIL", "WINDOW", "Entries", "SparseIndex", "Unknown", "decode", "index_span"]
+__all__ = ["LOCAL_WINDOW", "MAX_PROBES", "TAIL", "WHOLE", "WINDOW", "Entries", "SparseIndex", "Unknown", "decode",
+           "index_span", "tail_length"]

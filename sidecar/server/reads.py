@@ -5,6 +5,12 @@
     GET /db/ltx?db=NAME&file=<level>/<min>-<max>.ltx
         a stored file; `Range: bytes=…` answers 206; a strong ETag and `Cache-Control: private, immutable`
         (a stored file never changes; private, because it is only for the token's cluster)
+    GET /db/pages?db=NAME&txid=HEX&pgno=N[&count=K]
+        the frames of pages N..N+K-1 (K ≤ 256) as of that TXID, resolved here from the plan's page indexes
+        (read as needed and kept: whole when small, by windows for a big snapshot's): per page `>IBQQ`
+        (pgno, and the level, min and max TXID of the file it came from) then its frame as stored (10-byte
+        header and LZ4 block). A reader needs no page index of its own: a cold lookup is the plan and one
+        request per page it misses
     GET /db/head?db=NAME[&wait=SECONDS]
         the latest state's plan with its ETag; with `If-None-Match: <that ETag>` the request is held until
         the state changes (a flush, compaction or retention) or `wait` passes (then 304): one request per
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -28,8 +35,8 @@ from sidecar.engine import head as heads
 from sidecar.engine.head import Head
 from sidecar.engine.index import DbIndex, FileEntry
 from sidecar.errors import RestoreError, SidecarError
-from sidecar.ltx import parse_filename
-from sidecar.ltx.pageindex import index_span
+from sidecar.ltx import lock_pgno, parse_filename
+from sidecar.ltx.pageindex import MAX_PROBES, TAIL, SparseIndex, Unknown, index_span
 from sidecar.server.app import CLUSTER, error
 from sidecar.storage.base import SNAPSHOT_LEVEL, parse_rfc3339
 
@@ -37,6 +44,9 @@ if TYPE_CHECKING:
     from sidecar.server.app import Server
 
 MAX_WAIT = 60.0  # seconds a long-poll may be held
+MAX_PAGES = 256  # pages in one /db/pages answer
+MAX_INDEXES = 512  # stored files whose page index (as read so far) is kept
+_PAGE = struct.Struct(">IBQQ")  # pgno, and the level, min and max TXID of the file a frame comes from
 IMMUTABLE = "private, max-age=31536000, immutable"
 _INDEX_TAIL = 25  # bytes at the end of an LTX v3 file that locate its page index
 
@@ -50,11 +60,14 @@ class Reads:
         self.stopping = asyncio.Event()
         self._indexes: dict[str, tuple[int, int]] = {}  # stored key -> page index (offset, length)
         self._heads: dict[tuple[str, str], tuple[tuple[int, int, int], Head | None, str]] = {}
+        self._sparse: dict[str, SparseIndex] = {}  # stored key -> its page index as read so far (recent last)
+        self._plans: dict[tuple[str, str, int], tuple[tuple[int, int, int], list[FileEntry]]] = {}
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
         r.add_get("/db/plan", self.get_plan)
         r.add_get("/db/ltx", self.get_ltx)
+        r.add_get("/db/pages", self.get_pages)
         r.add_get("/db/head", self.get_head)
         app.on_shutdown.append(self._wake)
 
@@ -92,6 +105,55 @@ class Reads:
                     self._indexes.pop(next(iter(self._indexes)))
             return loc
         return Head.of_plan(plan, await asyncio.gather(*map(locate, plan)))
+
+    async def _page_index(self, prefix: str, e: FileEntry) -> SparseIndex:
+        """What is known of a stored file's page index (read as pages are asked for, by windows when it is
+        big), kept for the most recently used MAX_INDEXES files."""
+        key = heads.ltx_object_key(self.engine.storage, prefix, e)
+        found = self._sparse.pop(key, None)
+        if found is None:
+            located = (await self._located(prefix, [e])).indexes
+            assert located is not None
+            start, length = located[0]
+            found = SparseIndex(start, start + length, e.commit + 1)
+            if length <= TAIL:
+                found.hold(start, await self.engine.storage.get_range(key, start, length))
+            while len(self._sparse) >= MAX_INDEXES:
+                self._sparse.pop(next(iter(self._sparse)))
+        self._sparse[key] = found
+        return found
+
+    async def _take(self, key: str, index: SparseIndex, start: int, length: int, a: bool, b: bool) -> bool:
+        try:
+            return index.take(await self.engine.storage.get_range(key, start, length), start, a, b)
+        except ValueError as err:
+            raise SidecarError(f"{key}: {err}") from None
+
+    async def _find(self, prefix: str, e: FileEntry, index: SparseIndex, pgno: int) -> tuple[int, int] | None:
+        """(offset, size) of the frame of `pgno` in the file `e`, None if it does not hold it."""
+        attempt = 0
+        while True:
+            try:
+                return index.find(pgno)
+            except Unknown:
+                pass
+            try:
+                if index.settle(pgno):
+                    continue
+            except ValueError as err:
+                raise SidecarError(f"{prefix}: {err}") from None
+            start, length, a, b = index.read_for(pgno, attempt)
+            key = heads.ltx_object_key(self.engine.storage, prefix, e)
+            attempt = attempt + 1 if await self._take(key, index, start, length, a, b) else MAX_PROBES
+
+    def _plan_at(self, cluster: str, name: str, index: DbIndex, txid: int) -> list[FileEntry]:
+        version = (len(index), index.max_txid, index.size)
+        cached = self._plans.get((cluster, name, txid))
+        if cached is None or cached[0] != version:
+            if len(self._plans) > 1024:
+                self._plans.clear()
+            cached = self._plans[(cluster, name, txid)] = (version, heads.plan(index, txid=txid))
+        return cached[1]
 
     def _latest(self, cluster: str, name: str, index: DbIndex) -> tuple[Head | None, str]:
         """The latest head (without index locations) and its ETag, recomputed only when the index changed."""
@@ -167,6 +229,54 @@ class Reads:
                 await resp.write(chunk)
         await resp.write_eof()
         return resp
+
+    async def get_pages(self, request: web.Request) -> web.Response:
+        cluster, name, index = self._db(request)
+        q = request.query
+        txid = _hex(q, "txid")
+        try:
+            pgno, count = int(q.get("pgno", "")), int(q.get("count", "1"))
+        except ValueError:
+            raise _BadRequest("pgno and count: want integers") from None
+        if txid is None or pgno < 1 or not 1 <= count <= MAX_PAGES:
+            raise _BadRequest(f"want txid=HEX, pgno >= 1 and count 1..{MAX_PAGES}")
+        plan = self._plan_at(cluster, name, index, txid)
+        prefix, last = f"{cluster}/{name}", plan[-1]
+        indexes = await asyncio.gather(*(self._page_index(prefix, e) for e in plan))
+        lock = lock_pgno(last.page_size)
+        found: list[tuple[int, int, int, int]] = []  # pgno, file, offset, size
+        for p in range(pgno, min(pgno + count, last.commit + 1)):
+            if p == lock:
+                continue
+            for i in range(len(plan) - 1, -1, -1):
+                loc = await self._find(prefix, plan[i], indexes[i], p)
+                if loc is not None:
+                    found.append((p, i, *loc))
+                    break
+            else:
+                raise SidecarError(f"{prefix}: TXID {txid:016x}: page {p} is in no file of the plan")
+        # Neighbouring frames of one file come in one read.
+        groups: list[list[tuple[int, int, int, int]]] = []
+        for f in found:
+            if groups and groups[-1][-1][1] == f[1] and groups[-1][-1][2] + groups[-1][-1][3] == f[2]:
+                groups[-1].append(f)
+            else:
+                groups.append([f])
+
+        async def read(group: list[tuple[int, int, int, int]]) -> bytes:
+            e = plan[group[0][1]]
+            start = group[0][2]
+            return await self.engine.storage.get_range(heads.ltx_object_key(self.engine.storage, prefix, e), start,
+                                                       group[-1][2] + group[-1][3] - start)
+        body = bytearray()
+        for group, data in zip(groups, await asyncio.gather(*map(read, groups)), strict=True):
+            pos = 0
+            for p, i, _, size in group:
+                e = plan[i]
+                body += _PAGE.pack(p, e.level, e.min_txid, e.max_txid) + data[pos:pos + size]
+                pos += size
+        return web.Response(body=bytes(body), content_type="application/octet-stream",
+                            headers={"Cache-Control": IMMUTABLE})
 
     async def get_head(self, request: web.Request) -> web.Response:
         cluster, name, index = self._db(request)

@@ -1,9 +1,11 @@
 """A backup read through the server (`sidecar.server.reads`) with a token: no bucket credentials needed.
 
 URL: `http(s)://host:port/<db>` (`?cluster=NAME` with the admin token). Plans come from the server's
-in-memory index (no LIST, no header reads) with each file's page index located; file bytes come by
-`Range`; following is one long-poll per change. GETs are retried on connection errors and 5xx with
-backoff; a refusal keeps its type: `RestoreError` for ENOTXID, `NotFound` for a deleted file.
+in-memory index (no LIST, no header reads) with each file's page index located. Pages come resolved by
+the server (`pages`: one request per miss, neighbours included), or, for a reader that resolves them
+itself, as `Range`s of the stored files (cacheable by a CDN). Following is one long-poll per change.
+GETs are retried on connection errors and 5xx with backoff; a refusal keeps its type: `RestoreError` for
+ENOTXID, `NotFound` for a deleted file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from sidecar.ltx import format_filename, format_timestamp
 from sidecar.vfs.source import Stats
 
 ATTEMPTS = 4
+_PAGE = struct.Struct(">IBQQ")  # /db/pages: pgno, and the level, min and max TXID of the frame's file
 
 
 class ServerSource:
@@ -68,11 +72,26 @@ class ServerSource:
                                      file=key)
         return body
 
+    async def pages(self, txid: int, pgno: int, count: int) -> list[tuple[int, str, bytes]]:
+        try:
+            _, body, _ = await self._get("/db/pages", {"txid": f"{txid:016x}", "pgno": str(pgno),
+                                                       "count": str(count)})
+        except RestoreError as err:
+            raise NotFound(f"TXID {txid:016x}", f"no longer readable: {err}") from None
+        out = []
+        pos = 0
+        while pos < len(body):
+            if pos + _PAGE.size + 10 > len(body):
+                raise UpstreamError(200, "EBADPAGES", f"{self.url}: /db/pages answer cut short at byte {pos}")
+            p, level, lo, hi = _PAGE.unpack_from(body, pos)
+            pos += _PAGE.size
+            end = pos + 10 + int.from_bytes(body[pos + 6:pos + 10], "big")
+            out.append((p, f"{level}/{format_filename(lo, hi)}", body[pos:end]))
+            pos = end
+        return out
+
     async def download(self, key: str, path: Path) -> None:
-        _, body, _ = await self._get("/db/ltx", {"file": key}, file=key)
-        tmp = path.with_name(f".{path.name}.tmp")
-        await asyncio.to_thread(tmp.write_bytes, body)
-        tmp.replace(path)
+        await self._get("/db/ltx", {"file": key}, file=key, into=path)
 
     async def follow(self, tag: str | None, wait: float) -> tuple[Head, str] | None:
         headers = {"If-None-Match": tag} if tag else {}
@@ -96,8 +115,9 @@ class ServerSource:
             raise UpstreamError(200, "EBADPLAN", f"{self.url}: invalid plan: {err}") from None
 
     async def _get(self, path: str, query: Mapping[str, str], headers: Mapping[str, str] | None = None, *,
-                   file: str | None = None, seconds: float = 60.0) -> tuple[int, bytes, str]:
-        """GET with retries; returns (status, body, ETag). 200, 206 and 304 are answers; the rest raise."""
+                   file: str | None = None, seconds: float = 60.0, into: Path | None = None) -> tuple[int, bytes, str]:
+        """GET with retries; returns (status, body, ETag). 200, 206 and 304 are answers; the rest raise.
+        With `into`, a 200's body is streamed to that file (temp file, then rename) and not returned."""
         if self._session is None:
             self._session = aiohttp.ClientSession(headers=self._headers)
         url = f"{self.base}{path}"
@@ -107,8 +127,11 @@ class ServerSource:
             attempt += 1
             self.stats.requests += 1
             try:
-                async with self._session.get(url, params=params, headers=headers,
-                                             timeout=aiohttp.ClientTimeout(total=seconds)) as resp:
+                timeout = aiohttp.ClientTimeout(total=None if into else seconds, sock_read=seconds)
+                async with self._session.get(url, params=params, headers=headers, timeout=timeout) as resp:
+                    if into is not None and resp.status == 200:
+                        await self._save(resp, into)
+                        return resp.status, b"", resp.headers.get("ETag", "")
                     body = await resp.read()
                     self.stats.bytes += len(body)
                     if resp.status in (200, 206, 304):
@@ -119,6 +142,19 @@ class ServerSource:
             if not getattr(err, "retryable", False) or attempt >= ATTEMPTS:
                 raise err
             await asyncio.sleep(random.uniform(0, 0.2 * 2 ** attempt))
+
+
+    async def _save(self, resp: aiohttp.ClientResponse, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    self.stats.bytes += len(chunk)
+                    await asyncio.to_thread(f.write, chunk)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _refusal(status: int, body: bytes, what: str, file: str | None) -> Exception:

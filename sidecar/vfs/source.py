@@ -21,7 +21,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 import structlog
@@ -85,6 +85,17 @@ class Source(Protocol):
         ...
 
     async def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class PageServer(Protocol):
+    """A source that resolves pages itself (the backup server): a reader then needs no page index."""
+
+    async def pages(self, txid: int, pgno: int, count: int) -> list[tuple[int, str, bytes]]:
+        """Pages pgno..pgno+count-1 (within the database, the lock page skipped) as of `txid`, each as
+        (pgno, the `key` of the file it is in, its frame as stored). NotFound when `txid` is no longer
+        readable (compaction and retention moved past it)."""
         ...
 
 
@@ -234,4 +245,4 @@ class _Counted:
         await self.inner.close()
 
 
-__all__ = ["Source", "Stats", "StoreSource", "open_source"]
+__all__ = ["PageServer", "Source", "Stats", "StoreSource", "open_source"]

@@ -38,7 +38,7 @@ from sidecar.engine.head import Head
 from sidecar.errors import NotFound, RestoreError, SidecarError
 from sidecar.ltx import format_timestamp
 from sidecar.storage.base import parse_rfc3339
-from sidecar.vfs.source import Source, Stats, open_source
+from sidecar.vfs.source import PageServer, Source, Stats, open_source
 from sidecar.vfs.view import FileIndex, PageCache, View
 
 log = structlog.get_logger("sidecar.vfs")
@@ -93,8 +93,9 @@ class Target:
 class Backup:
     """One database's backup, shared by every connection to its URL: source, caches, follower."""
 
-    def __init__(self, source: Source, cache_bytes: int) -> None:
+    def __init__(self, source: Source, cache_bytes: int, *, remote: bool = False) -> None:
         self.source = source
+        self.remote = remote  # the source resolves pages (a server): no page index is read here
         self.cache = PageCache(cache_bytes)
         self.indexes: dict[str, FileIndex] = {}
         self.latest: View | None = None  # the newest state known (kept current while someone follows)
@@ -123,7 +124,7 @@ class Backup:
     async def view_of(self, head: Head) -> View:
         if self.latest is not None and self.latest.head == head:
             return self.latest
-        return await View.open(head, self.source, self.cache, self.indexes)
+        return await View.open(head, self.source, self.cache, self.indexes, remote=self.remote)
 
     def _install(self, view: View) -> None:
         now = time.time()
@@ -286,7 +287,7 @@ class BackupFile(apsw.VFSFile):
     def xClose(self) -> None:
         if self.view in self.backup.views:
             self.backup.views.remove(self.view)
-        if self.target.follow:
+        if self.target.follow and not self.vfs.loop.loop.is_closed():  # after vfs.close(), nothing follows
             self.vfs.loop.call(self.backup.stop_following())
 
     # -- pragmas --------------------------------------------------------------------------------------
@@ -354,9 +355,12 @@ class BackupVFS(apsw.VFS):
     """A read-only SQLite VFS over backups; `connect(url)` opens one. Close it when done (it owns a thread)."""
 
     def __init__(self, name: str = VFS_NAME, *, cache_bytes: int = 10 << 20, token: str = "",
-                 poll_interval: float = 1.0, **s3_options: Any) -> None:
+                 poll_interval: float = 1.0, server_pages: bool = True, **s3_options: Any) -> None:
+        """`server_pages`: through a backup server, let it resolve pages (`/db/pages`: fewest requests and
+        bytes); False reads the stored files by range and resolves pages here, as from a store."""
         super().__init__(name, "")
         self.vfs_name = name
+        self.server_pages = server_pages
         self.cache_bytes = cache_bytes
         self.token = token
         self.poll_interval = poll_interval
@@ -385,7 +389,8 @@ class BackupVFS(apsw.VFS):
             found = self.backups.get(url)
             if found is None:
                 source = open_source(url, token=self.token, poll_interval=self.poll_interval, **self.s3_options)
-                found = self.backups[url] = Backup(source, self.cache_bytes)
+                remote = self.server_pages and isinstance(source, PageServer)
+                found = self.backups[url] = Backup(source, self.cache_bytes, remote=remote)
             return found
 
     def stats(self, url: str) -> Stats:

@@ -11,7 +11,7 @@ transaction see exactly one TXID. Reading page p:
    of the next pages that sit right after it in the same file (read-ahead doubles up to READ_AHEAD pages):
    one request for a run of neighbours. Frames are checked (pgno, flags, size) and decompressed (LZ4 block).
 
-A small file (up to `pageindex.TAIL` bytes) is read whole at open, so its pages cost no further request.
+A small file (up to `pageindex.WHOLE` bytes) is read whole at open, so its pages cost no further request.
 Only the event loop's thread calls the async methods; `read_cached` is safe from any thread.
 """
 
@@ -29,11 +29,10 @@ from sidecar.engine.head import Head
 from sidecar.engine.index import FileEntry
 from sidecar.errors import SidecarError
 from sidecar.ltx import lock_pgno
-from sidecar.ltx.pageindex import TAIL, SparseIndex, Unknown, decode, index_span
-from sidecar.vfs.source import Source
+from sidecar.ltx.pageindex import MAX_PROBES, TAIL, WHOLE, SparseIndex, Unknown, index_span, tail_length
+from sidecar.vfs.source import PageServer, Source
 
 READ_AHEAD = 64  # most neighbouring pages fetched with a missed one, once reads are sequential
-MAX_PROBES = 4  # index windows tried for one page before reading the whole span around it
 INDEX_CONCURRENCY = 16  # files whose index is read at once
 _FRAME = struct.Struct(">IHI")
 
@@ -87,25 +86,30 @@ class FileIndex:
         self.raw: bytes | None = None  # the whole file, when small
 
     async def load(self, source: Source, location: tuple[int, int] | None) -> None:
-        """Read the page index (and the whole file when small): one ranged read."""
+        """Read the page index (and the whole file when small): one ranged read, two when the index turns out
+        longer than the tail read and short enough to read whole. Entries are decoded as pages are asked for."""
         size, top = self.entry.size, self.entry.commit + 1
-        if size <= TAIL:
+        if size <= WHOLE:
             self.raw = await source.read(self.key, 0, size)
-            self._whole(self.raw, 0, size)
+            start, end = self._span(self.raw[-TAIL:], size)
+            self.sparse = SparseIndex(start, end, top)
+            self.sparse.hold(start, self.raw[start:end])
             return
         if location is not None:
             start, length = location
             self.sparse = SparseIndex(start, start + length, top)
             if length <= TAIL:
-                data = await source.read(self.key, start, length)
-                self._add(data, start, True, True)
+                self.sparse.hold(start, await source.read(self.key, start, length))
             return
-        tail_at = size - TAIL
-        tail = await source.read(self.key, tail_at, TAIL)
+        tail_at = size - tail_length(size)
+        tail = await source.read(self.key, tail_at, size - tail_at)
         start, end = self._span(tail, size)
         self.sparse = SparseIndex(start, end, top)
+        if start < tail_at and end - start <= TAIL:
+            tail = await source.read(self.key, start, tail_at - start) + tail  # the rest of a mid-size index
+            tail_at = start
         begin = max(start, tail_at)
-        self._add(tail[begin - tail_at:end - tail_at], begin, begin == start, True)
+        self.sparse.hold(begin, tail[begin - tail_at:end - tail_at])
 
     def _span(self, tail: bytes, size: int) -> tuple[int, int]:
         try:
@@ -113,46 +117,38 @@ class FileIndex:
         except ValueError as err:
             raise CorruptBackup(f"{self.key}: {err}") from None
 
-    def _whole(self, raw: bytes, base: int, size: int) -> None:
-        start, end = self._span(raw[-TAIL:], size)
-        self.sparse = SparseIndex(start, end, self.entry.commit + 1)
-        self._add(raw[start - base:end - base], start, True, True)
-
-    def _add(self, data: bytes, start: int, aligned_start: bool, aligned_end: bool) -> bool:
-        assert self.sparse is not None
-        try:
-            run = decode(data, start, aligned_start=aligned_start, aligned_end=aligned_end)
-        except ValueError as err:
-            raise CorruptBackup(f"{self.key}: {err}") from None
-        if run is None:
-            return False
-        self.sparse.add(run)
-        return True
-
     def find(self, pgno: int) -> tuple[int, int] | None:
         """(offset, size) of the page's frame, None if this file does not hold it; raises Unknown."""
         assert self.sparse is not None
-        return self.sparse.find(pgno)
-
-    async def locate(self, source: Source, pgno: int) -> tuple[int, int] | None:
-        """As `find`, reading windows of the index as needed."""
-        assert self.sparse is not None
-        probes = 0
         while True:
             try:
                 return self.sparse.find(pgno)
             except Unknown:
+                if not self._settle(pgno):
+                    raise
+
+    def _settle(self, pgno: int) -> bool:
+        assert self.sparse is not None
+        try:
+            return self.sparse.settle(pgno)
+        except ValueError as err:
+            raise CorruptBackup(f"{self.key}: {err}") from None
+
+    async def locate(self, source: Source, pgno: int) -> tuple[int, int] | None:
+        """As `find`, reading windows of the index as needed."""
+        assert self.sparse is not None
+        attempt = 0
+        while True:
+            try:
+                return self.find(pgno)
+            except Unknown:
                 pass
-            start, length, a, b = self.sparse.window(pgno)
-            if probes >= MAX_PROBES:
-                # Interpolation is not converging: read everything between the known entries around pgno.
-                sp, self.sparse.window_size = self.sparse.window_size, 1 << 62
-                start, length, a, b = self.sparse.window(pgno)
-                self.sparse.window_size = sp
+            start, length, a, b = self.sparse.read_for(pgno, attempt)
             data = await source.read(self.key, start, length)
-            if not self._add(data, start, a, b):
-                probes = MAX_PROBES  # an ambiguous window: read the aligned span next
-            probes += 1
+            try:
+                attempt = attempt + 1 if self.sparse.take(data, start, a, b) else MAX_PROBES
+            except ValueError as err:
+                raise CorruptBackup(f"{self.key}: {err}") from None
 
     async def frames(self, source: Source, start: int, length: int) -> bytes:
         if self.raw is not None:
@@ -163,8 +159,10 @@ class FileIndex:
 class View:
     """The database at `head.txid`: pages resolved through `head.plan`, read through `cache`."""
 
-    def __init__(self, head: Head, source: Source, cache: PageCache, files: list[FileIndex]) -> None:
+    def __init__(self, head: Head, source: Source, cache: PageCache, files: list[FileIndex], *,
+                 remote: bool = False) -> None:
         self.head = head
+        self.remote = remote  # pages resolved by the source (a PageServer): no index is read here
         self.source = source
         self.cache = cache
         self.files = files  # in plan order: later files win
@@ -172,12 +170,17 @@ class View:
         self.size = head.commit * head.page_size
         self._lock_pgno = lock_pgno(head.page_size)
         self._where: dict[int, tuple[int, int, int]] = {}  # pgno -> (file, offset, size), remembered
+        self._keys: dict[int, str] = {}  # remote: pgno -> key of the file its page came from
         self._ahead = 0
         self._stream_end = -1 << 40
 
     @classmethod
-    async def open(cls, head: Head, source: Source, cache: PageCache, known: dict[str, FileIndex]) -> View:
-        """Read the page index of every file of the plan not in `known` (which it adds them to)."""
+    async def open(cls, head: Head, source: Source, cache: PageCache, known: dict[str, FileIndex], *,
+                   remote: bool = False) -> View:
+        """Read the page index of every file of the plan not in `known` (which it adds them to); with `remote`
+        (the source is a PageServer) none: the source resolves pages."""
+        if remote:
+            return cls(head, source, cache, [FileIndex(e, source.key(e)) for e in head.plan], remote=True)
         files = []
         todo = []
         for i, e in enumerate(head.plan):
@@ -199,7 +202,8 @@ class View:
 
     @property
     def keys(self) -> Iterable[str]:
-        return (f.key for f in self.files)
+        """The files whose indexes this view reads (none when the source resolves pages)."""
+        return () if self.remote else (f.key for f in self.files)
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -256,6 +260,12 @@ class View:
     def _cached_page(self, pgno: int) -> bytes | None:
         if pgno == self._lock_pgno:
             return bytes(self.page_size)  # never stored: SQLite never reads it either
+        if self.remote:
+            key = self._keys.get(pgno)
+            page = self.cache.get((key, pgno)) if key is not None else None
+            if page is not None:
+                self.source.stats.cache_hits += 1
+            return page
         where = self._resolve_known(pgno)
         if where is None:
             return None
@@ -293,13 +303,44 @@ class View:
                 return found
         return None
 
-    async def _fetch(self, pgno: int) -> bytes:
-        i, off, size = await self._resolve(pgno)
-        f = self.files[i]
-        # A miss near the previous read (a scan, with the B-tree's interior pages read out of order among
-        # its leaves) doubles the read-ahead, up to READ_AHEAD pages; a jump elsewhere resets it.
+    def _read_ahead(self, pgno: int) -> int:
+        """How many pages after a missed `pgno` to fetch with it.
+
+        A miss near the previous read (a scan, with the B-tree's interior pages read out of order among its
+        leaves) doubles the read-ahead, up to READ_AHEAD pages; a jump elsewhere resets it.
+        """
         near = abs(pgno - self._stream_end) <= max(8, 2 * self._ahead)
         self._ahead = min(READ_AHEAD, max(1, self._ahead * 2)) if near else 0
+        return self._ahead
+
+    async def _fetch_remote(self, pgno: int) -> bytes:
+        assert isinstance(self.source, PageServer)
+        count = min(1 + self._read_ahead(pgno), self.head.commit - pgno + 1)
+        got = await self.source.pages(self.head.txid, pgno, count)
+        self._stream_end = pgno + count
+        if len(self._keys) > 1 << 16:
+            self._keys.clear()
+        wanted = None
+        for q, key, frame in got:
+            page = self._decompress(key, q, frame, 0, len(frame))
+            self.cache.put((key, q), page)
+            self._keys[q] = key
+            self.source.stats.pages_fetched += 1
+            if q == pgno:
+                wanted = page
+        if wanted is None:
+            raise CorruptBackup(f"TXID {self.head.txid:016x}: the server sent no page {pgno}")
+        return wanted
+
+    async def _fetch(self, pgno: int) -> bytes:
+        if self.remote:
+            return await self._fetch_remote(pgno)
+        i, off, size = await self._resolve(pgno)
+        f = self.files[i]
+        cached = self.cache.get((f.key, pgno))
+        if cached is not None:
+            return cached
+        self._read_ahead(pgno)
         run = [(pgno, off, size)]
         end = off + size
         for q in range(pgno + 1, pgno + 1 + self._ahead):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from pathlib import Path
 
 import aiohttp
+import lz4.block
 import pytest
 
 from sidecar.engine import head as heads
@@ -154,3 +156,36 @@ class TestReadRoutes:
         async with http.get(server.url + "/db/plan?db=app.db&cluster=default",
                             headers={"Authorization": TOKEN}) as resp:
             assert resp.status == 200 and json.loads(await resp.read())["txid"] == f"{history.pos.txid:016x}"
+
+
+class TestPages:
+    async def test_pages_are_resolved_from_the_plan(self, server: Running, http: aiohttp.ClientSession,
+                                                    history: History, tmp_path: Path) -> None:
+        """Every page of the database as of a TXID, from the file holding its newest version, equals the
+        restored database's page; a TXID that is not a restore point is 404 ENOTXID."""
+        await upload(server, history, 4)
+        txid = history.pos.txid
+        out = tmp_path / "restored.db"
+        await server.engine.restore_to("default", "app.db", out, txid=txid)
+        data, ps = out.read_bytes(), history.page_size
+        got: dict[int, bytes] = {}
+        for first in range(1, len(data) // ps + 1, 3):
+            async with http.get(server.url + "/db/pages", headers=AUTH,
+                                params={"db": "app.db", "txid": f"{txid:x}", "pgno": str(first), "count": "3"}) as resp:
+                assert resp.status == 200 and resp.headers["Cache-Control"].endswith("immutable")
+                body = await resp.read()
+            pos = 0
+            while pos < len(body):
+                pgno, level, lo, hi = struct.unpack_from(">IBQQ", body, pos)
+                size = 10 + int.from_bytes(body[pos + 27:pos + 31], "big")
+                frame = body[pos + 21:pos + 21 + size]
+                assert int.from_bytes(frame[:4], "big") == pgno and (level, lo) != (0, 0) and hi <= txid
+                got[pgno] = lz4.block.decompress(frame[10:], uncompressed_size=ps)
+                pos += 21 + size
+        assert sorted(got) == list(range(1, len(data) // ps + 1))
+        assert all(got[p] == data[(p - 1) * ps:p * ps] for p in got)
+        for params, status, code in ((({"txid": "63", "pgno": "1"}), 404, "ENOTXID"),
+                                     ({"txid": f"{txid:x}", "pgno": "0"}, 400, "EBADREQUEST"),
+                                     ({"txid": f"{txid:x}", "pgno": "1", "count": "1000"}, 400, "EBADREQUEST")):
+            async with http.get(server.url + "/db/pages", headers=AUTH, params={"db": "app.db", **params}) as resp:
+                assert resp.status == status and (await resp.json())["code"] == code, params

@@ -60,16 +60,17 @@ class TestFollow:
         finally:
             await asyncio.to_thread(con.close)
 
-    @pytest.mark.parametrize("kind", ["file", "s3", "server"])
+    @pytest.mark.parametrize("kind", ["file", "s3", "server", "server-pages"])
     async def test_a_reader_outlives_compaction_and_retention(self, kind: str, tmp_path: Path,
                                                               make_vfs: Callable[..., BackupVFS],
                                                               request: pytest.FixtureRequest) -> None:
         """A transaction pinned to TXID T keeps reading T after an L1 compaction and an L0 retention deleted
-        the files it was reading (its pages are not cached anywhere), then the next one sees new data."""
+        the files it was reading (its pages are not cached anywhere), then the next one sees new data. Through
+        a server that resolves pages ("server-pages") nothing vanishes for the reader: the server plans T anew."""
         moto: MotoServer | None = request.getfixturevalue("moto_server") if kind == "s3" else None
         levels = Levels(l0_interval=10, l1_interval=3600, l2_interval=7200, snapshot_interval=86400,
                         l0_retention=10 * MIN, l1_retention=3600, l2_retention=7200, snapshot_retention=86400)
-        w = await open_written(kind, tmp_path, moto, levels)
+        w = await open_written(kind.split("-")[0], tmp_path, moto, levels)
         try:
             for _ in range(4):  # transactions of random text: each L0 file too big to be read whole at open
                 w.history.con.executemany("INSERT INTO events (at, body) VALUES (0, ?)",
@@ -77,7 +78,8 @@ class TestFollow:
                 await w.write(step=13)
             await w.engine.flush_all()
             pinned = w.history.pos.txid
-            vfs = make_vfs(cache_bytes=0, **w.options)  # no page cache: every page is read from the store again
+            # No page cache: every page is read from the store again.
+            vfs = make_vfs(cache_bytes=0, server_pages=kind == "server-pages", **w.options)
             con = await asyncio.to_thread(vfs.connect, w.url, follow=True)
             try:
                 await asyncio.to_thread(con.execute, "PRAGMA cache_size = 1")
@@ -86,6 +88,8 @@ class TestFollow:
                 plan = vfs.backup(w.url).latest
                 assert plan is not None
                 l0_keys = [e.key(w.storage.kind, "c/app.db") for e in plan.head.plan if e.level == 0][:-1]
+                remote = vfs.backup(w.url).remote
+                assert remote == (kind == "server-pages")
                 assert l0_keys
                 await w.engine.compact_level("c", "app.db", 1)
                 w.clock.now += 11 * MIN
@@ -96,7 +100,8 @@ class TestFollow:
                 with capture_logs() as logs:
                     again = await asyncio.to_thread(query, con)
                 assert again == first  # the same TXID, read from the files that exist now
-                assert any(e["event"] == "file vanished; planning the same TXID again" for e in logs)
+                vanished = any(e["event"] == "file vanished; planning the same TXID again" for e in logs)
+                assert vanished != remote
                 assert (await asyncio.to_thread(query, con, "PRAGMA litefs_txid")) == [(f"{pinned:016x}",)]
                 await asyncio.to_thread(con.execute, "COMMIT")
                 index = await scan(w.storage, "c/app.db")
