@@ -14,7 +14,7 @@ tail. A big one (a 1 GiB snapshot has ~2.5 MB of index) is read in windows aroun
   entries instead, which is always aligned.
 
 So a page of a 1 GiB snapshot costs one or two ranged reads of 16 KiB of index instead of 2.5 MB. Index bytes
-already read (a small file's whole index comes with one read) are held and decoded a 4 KiB window at a
+already read (a small file's whole index comes with one read) are held and decoded a 1 KiB window at a
 time too. A caller finds a page with this loop, doing the reads itself (the reader over the network, the
 server locally):
 
@@ -35,7 +35,7 @@ TRAILER_SIZE = 16
 FRAME_HEADER = 10  # pgno u32, flags u16, compressed size u32
 WINDOW = 16 << 10  # bytes of index read around a page
 MAX_PROBES = 4  # windows tried for one page before reading the whole span around it
-LOCAL_WINDOW = 4 << 10  # bytes decoded around a page from index bytes already held
+LOCAL_WINDOW = 1 << 10  # bytes decoded around a page from index bytes already held (~110 entries)
 TAIL = 64 << 10  # most bytes read from the end of a file to find its index (the whole file when smaller)
 WHOLE = 32 << 10  # a file up to this size is read whole: its pages come with its index
 

@@ -20,6 +20,8 @@ Design (see each module's docstring for the details):
   counter to the TXID so SQLite drops its own page cache exactly when the TXID changes.
 - Following: a per-URL follower task watches the head (server: long-poll; store: conditional GET of
   `head.json`, never LIST) and prepares the newest view; connections move to it at transaction starts.
+- Where pages are: on a store, each plan file's page index (one ranged read per file; a big one by
+  16 KiB windows); through a server, the server resolves them (`/db/pages`), so a reader holds no index.
 - Vanished files (compaction or retention deleted them) make a new plan, not an error (`vfs.BackupFile`).
 """
 

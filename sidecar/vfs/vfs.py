@@ -117,8 +117,7 @@ class Backup:
 
     async def view_at(self, txid: int) -> View:
         """The same TXID planned again from the files that exist now (after a file vanished)."""
-        for f in list(self.indexes):
-            self.indexes.pop(f)  # their files may be gone
+        self.indexes.clear()  # some of their files are gone; views that hold them keep their own references
         return await self.view_of(await self.source.plan(txid=txid))
 
     async def view_of(self, head: Head) -> View:
@@ -202,16 +201,17 @@ class BackupFile(apsw.VFSFile):
         self.replan = False  # the pinned TXID became unreadable: plan the target again at the next start
         self.next_view: View | None = None  # set by a pragma during a transaction
         self.view = vfs.loop.call(backup.view(target))
-        self._pin(self.view)
+        backup.views.append(self.view)
         if target.follow:
             vfs.loop.call(_start_following(backup))
 
     def _pin(self, view: View) -> None:
-        views = self.backup.views
-        if getattr(self, "view", None) in views and self.view is not view:
-            views.remove(self.view)
+        """Read `view` from now on (the backup keeps the indexes of pinned views' files)."""
+        if self.view is not view:
+            if self.view in self.backup.views:
+                self.backup.views.remove(self.view)
+            self.backup.views.append(view)
         self.view = view
-        views.append(view)
 
     # -- transactions ---------------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ A `View` is built for one `Head` (a plan ending at one TXID) and never changes, 
 transaction see exactly one TXID. Reading page p:
 
 1. resolve p: the newest file of the plan whose page index lists p (indexes are read at open, one ranged
-   read per file, big ones a window at a time: `pageindex`); the answer is remembered;
+   read per file, and decoded around the pages asked for; a big one is read a window at a time:
+   `sidecar.ltx.pageindex`); the answer is remembered. From a backup server (`remote`), none of this:
+   the server resolves pages and sends their frames (`PageServer.pages`);
 2. the page cache, keyed by (file, pgno): a stored file never changes, so cached pages stay valid when a
    follower moves to a newer view that still uses the file;
 3. otherwise one ranged read of p's frame plus, when misses have been near each other (a scan), the frames
