@@ -91,7 +91,8 @@ def test_no_private_names_imported_across_modules() -> None:
 LAYERS = {  # a package never imports the ones listed for it
     "sidecar.storage": ("sidecar.engine", "sidecar.server", "sidecar.daemon", "sidecar.commands", "sidecar.vfs"),
     "sidecar.engine": ("sidecar.server", "sidecar.daemon", "sidecar.commands", "sidecar.vfs"),
-    "sidecar.server": ("sidecar.daemon", "sidecar.commands"),
+    "sidecar.server": ("sidecar.daemon", "sidecar.commands", "sidecar.vfs"),
+    "sidecar.vfs": ("sidecar.server", "sidecar.daemon", "sidecar.commands"),
     "sidecar.daemon": ("sidecar.server", "sidecar.commands"),
 }
 
@@ -103,3 +104,16 @@ def test_layers_point_one_way() -> None:
             if mod == package or mod.startswith(package + "."):
                 for target, _ in sidecar_imports(path):
                     assert not target.startswith(forbidden), f"{mod} imports {target}"
+
+
+def test_readers_and_server_stay_apart() -> None:
+    """`sidecar.vfs` reads backups through the engine's pure parts and storage; the server never imports it,
+    nor it the server, daemon or commands."""
+    for path in sorted((PACKAGE / "vfs").glob("*.py")):
+        for name in imports(path):
+            assert not name.startswith(("sidecar.server", "sidecar.daemon", "sidecar.commands")), \
+                f"vfs/{path.name} imports {name}"
+    for path in sorted((PACKAGE / "server").glob("*.py")):
+        assert not any(n.startswith("sidecar.vfs") for n in imports(path)), f"server/{path.name} imports sidecar.vfs"
+    assert not any(n.startswith(("asyncio", "sidecar.storage.file", "sidecar.storage.s3"))
+                   for n in imports(PACKAGE / "engine" / "head.py")), "engine/head.py must stay pure"

@@ -2,6 +2,6 @@
 
 from types import ModuleType
 
-from sidecar.commands import admin, backup, demo, ltx, run, serve
+from sidecar.commands import admin, backup, demo, ltx, query, replicate, run, serve
 
-COMMAND_MODULES: list[ModuleType] = [demo, run, serve, admin, backup, ltx]
+COMMAND_MODULES: list[ModuleType] = [demo, run, serve, admin, backup, query, replicate, ltx]

@@ -43,7 +43,8 @@ examples:
   litefs-sidecar serve --config /etc/litefs-sidecar/sidecar.toml --log-level debug
   litefs-sidecar serve --insecure-no-auth --addr 127.0.0.1:20203     # local testing only
 
-tokens: one '<cluster> <token>' per line; LiteFS sends it as backup.auth-token (or LITEFS_CLOUD_TOKEN),
+tokens: one '<cluster> <token>' per line ('<cluster> <token> read': a read-only token, for `query` and
+`replicate`: GET requests only); LiteFS sends it as backup.auth-token (or LITEFS_CLOUD_TOKEN),
 verbatim, 'FlyV1 <token>' or 'Bearer <token>'. The operator API's token: LITEFS_SIDECAR_SERVER_ADMIN_TOKEN.
 Every flag has a TOML key in its section and an environment variable: see docs/configuration.md.
 """

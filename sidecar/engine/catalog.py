@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -36,6 +36,7 @@ class Catalog:
         self.state_dir = state_dir
         self._dbs: dict[tuple[str, str], Database] = {}
         self._dirty: set[tuple[str, str]] = set()
+        self.on_stored: Callable[[Database], Awaitable[None]] | None = None
 
     def __iter__(self) -> Iterator[Database]:
         return iter(list(self._dbs.values()))
@@ -145,6 +146,13 @@ class Catalog:
         added = await scan(self.storage, db.prefix, new, on_bad=self._bad) if new else DbIndex()
         db.index = DbIndex([*kept, *added])
         return True
+
+    async def stored(self, db: Database) -> None:
+        """The database's stored files changed (a flush, a compaction, retention about to delete): the index cache
+        is written later (`touch`), and `on_stored` is told now (the engine writes the head object, wakes readers)."""
+        self.touch(db)
+        if self.on_stored is not None:
+            await self.on_stored(db)
 
     def touch(self, db: Database) -> None:
         """The database's index changed: written by the next `save_dirty` (a crash before it costs only a few

@@ -84,7 +84,7 @@ class Compactor:
             paths = await storage.local_files(keys, Path(tmp))
             entry = await self.builder.build(db, level, paths, Version.V3)
         db.index.add(entry)
-        self.catalog.touch(db)
+        await self.catalog.stored(db)
         log.info("compacted", cluster=db.cluster, db=db.name, level=level, min_txid=f"{entry.min_txid:016x}",
                  max_txid=f"{entry.max_txid:016x}", inputs=len(inputs), bytes=entry.size)
         return entry

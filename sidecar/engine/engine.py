@@ -34,6 +34,7 @@ from pathlib import Path
 import structlog
 
 from sidecar.config import EngineConfig
+from sidecar.engine import head as heads
 from sidecar.engine.accept import Intake, check_continues, check_header, check_upload
 from sidecar.engine.builder import Builder, Fence, Timed
 from sidecar.engine.catalog import Catalog
@@ -93,6 +94,10 @@ class Engine:
         self.uploadlog = UploadLog(self.state_dir / "log")
         self.binding = StateBinding(self.state_dir)
         self.catalog = Catalog(storage, self.state_dir)
+        self.catalog.on_stored = self._stored
+        # Notified whenever a database's stored files change (flush, compaction, retention): readers' long-polls.
+        self.stored = asyncio.Condition()
+        self._heads: dict[str, bytes] = {}  # head object last stored, by database prefix
         self._fence_extra = fence
         self.builder = Builder(storage, self.tmpdir, timed=timed, fence=self._fence)
         self.flusher = Flusher(self.builder, self.catalog, self.uploadlog, self._flushed)
@@ -436,6 +441,31 @@ class Engine:
                     if not self.leases.holds(cluster):
                         raise
                     log.warning("lease renewal failed; retried at the next use", cluster=cluster)
+
+    async def _stored(self, db: Database) -> None:
+        """A database's stored files changed: write its head object, and wake whoever waits for a change."""
+        await self._store_head(db)
+        async with self.stored:
+            self.stored.notify_all()
+
+    async def _store_head(self, db: Database) -> None:
+        """Write `<db>/head.json` (engine/head.py), so readers follow the latest state without a LIST.
+
+        Retention calls this before deleting, so followers move off files before they go; a change that leaves
+        the latest plan as it was costs no PUT. A failure is only logged: the files and the index are what restores
+        rely on, and the next change writes it again.
+        """
+        latest = heads.latest(db.index)
+        data = heads.encode(latest) if latest is not None else b""
+        if not data or self._heads.get(db.prefix) == data:
+            return
+        try:
+            await self._fence(db)
+            await self.storage.put_bytes(self.storage.layout.head_key(db.prefix), data)
+            self._heads[db.prefix] = data
+        except (StorageError, NotOwner) as err:
+            log.warning("head object not written; readers see this change with the next one", cluster=db.cluster,
+                        db=db.name, error=str(err))
 
     def advertise(self, addr: str) -> None:
         """Where this engine's process takes requests, written into the leases it takes from now on."""

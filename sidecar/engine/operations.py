@@ -113,7 +113,8 @@ class Operations:
                 self.log.release(p.segment)
             db.pending = []
             files = list(db.index)
-            await self.storage.delete([e.key(self.storage.layout, db.prefix) for e in files])
+            await self.storage.delete([self.storage.layout.head_key(db.prefix),
+                                       *(e.key(self.storage.layout, db.prefix) for e in files)])
             self.catalog.forget(db)
         return len(files)
 

@@ -68,7 +68,7 @@ class Retention:
             return 0
         await self.fence(db)
         db.index.remove(doomed)
-        self.catalog.touch(db)
+        await self.catalog.stored(db)
         try:
             await self.storage.delete([e.key(self.storage.layout, db.prefix) for e in doomed])
         except StorageError as err:

@@ -1,6 +1,7 @@
 """`litefs-sidecar serve`: the engine behind HTTP. This module assembles the parts; nothing imports it but the CLI.
 
     litefs_api.py   GET /pos, POST /db/tx, GET /db/snapshot, GET /db/hwm       (the LiteFS Cloud protocol)
+    reads.py        GET /db/plan, /db/ltx, /db/pages, /db/head                 (reading backups in place)
     operator.py     /api/...                                                   (the operator API)
     ui.py           /ui                                                        (the dashboard)
     auth.py         tokens and scopes          http.py     request keys, errors, bodies
@@ -36,6 +37,7 @@ from sidecar.server.http import ADMIN, CLUSTER, READONLY, error
 from sidecar.server.litefs_api import LiteFSAPI
 from sidecar.server.metrics import Metrics
 from sidecar.server.operator import OperatorAPI
+from sidecar.server.reads import Reads
 from sidecar.server.router import Router
 from sidecar.server.ui import Dashboard, SessionError, SignedSessions
 
@@ -74,6 +76,7 @@ class Server:
         self.ready = False
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
         self.router = Router(engine, config.instance_id, on_forward=self.metrics.forwarded.inc)
+        self.reads = Reads(engine)
         self.litefs = LiteFSAPI(engine, self.metrics, max_body_size=config.max_body_size,
                                 request_timeout=config.request_timeout)
         self.operator = OperatorAPI(engine, max_body_size=config.max_body_size, request_timeout=config.request_timeout,
@@ -93,6 +96,7 @@ class Server:
         self.litefs.add_routes(app)
         self.operator.add_routes(app)
         self.dashboard.add_routes(app)
+        self.reads.add_routes(app)
         r = app.router
         r.add_get("/metrics", self.get_metrics)
         r.add_get("/healthz", self.healthz)
@@ -167,6 +171,11 @@ class Server:
             self.metrics.rejections.labels("EINVALIDAUTH").inc()
             return error(401, "EINVALIDAUTH", "missing or invalid Authorization")
         wanted = request.query.get("cluster")
+        if wanted:
+            try:
+                validate_cluster_name(wanted)
+            except SidecarError as err:
+                return error(400, "EBADDB", f"?cluster=: {err}")
         if wanted and wanted != scope.cluster and not scope.admin:
             self.metrics.rejections.labels("EINVALIDAUTH").inc()
             return error(401, "EINVALIDAUTH", f"token does not grant cluster {wanted!r}")
@@ -192,8 +201,12 @@ class Server:
         return self.tokens.scope(Tokens.from_header(header))
 
     def _sign_in(self, token: str) -> Scope | None:
-        """The dashboard's sign-in: a token's scope (anything is admin without authentication)."""
-        return Scope(ADMIN_SCOPE) if self.config.insecure_no_auth else self.tokens.scope(token)
+        """The dashboard's sign-in: a token's scope (anything is admin without authentication). The dashboard acts
+        (restores, uploads, deletes), so a read-only token cannot sign in."""
+        if self.config.insecure_no_auth:
+            return Scope(ADMIN_SCOPE)
+        scope = self.tokens.scope(token)
+        return None if scope is None or scope.readonly else scope
 
     # -- operations -----------------------------------------------------------------------------------
 

@@ -38,8 +38,8 @@ def parse_tokens(text: str, source: str) -> dict[str, Scope]:
         if not line:
             continue
         parts = line.split()
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("read", "write")):
-            raise SidecarError(f"{source}: line {n}: want '<cluster> <token> [read]'")
+        if len(parts) not in (2, 3) or parts[2:] not in ([], ["read"]):
+            raise SidecarError(f"{source}: line {n}: want '<cluster> <token>' or '<cluster> <token> read'")
         cluster, token = parts[0], parts[1]
         try:
             validate_cluster_name(cluster)
@@ -48,7 +48,7 @@ def parse_tokens(text: str, source: str) -> dict[str, Scope]:
         if len(token) < MIN_TOKEN:
             raise SidecarError(f"{source}: line {n}: token for cluster {cluster!r} is shorter than {MIN_TOKEN} "
                                "characters")
-        out[token] = Scope(cluster, readonly=len(parts) == 3 and parts[2] == "read")
+        out[token] = Scope(cluster, readonly=len(parts) == 3)
     return out
 
 

@@ -11,7 +11,10 @@ The engine (sidecar/engine/engine.py), in steady state, for a database that rece
   snapshot by the next snapshot): GETs = PUTs;
 - nothing is listed (the index lives in the state directory);
 - retention deletes each L0 file on its own when it ages out, and once per snapshot interval one batch of old
-  L1, L2 and snapshot files; at most one DeleteObjects request per engine tick (1 s).
+  L1, L2 and snapshot files; at most one DeleteObjects request per engine tick (1 s);
+- each file written also replaces the database's head object, `head.json` (a small JSON naming the latest
+  state's files), which readers following the latest state poll instead of listing: one more PUT per file.
+  Retention only deletes files older than the latest state's, so it leaves the head object as it was.
 
 A database that receives no upload makes no request at all.
 
@@ -63,7 +66,8 @@ def requests(levels: Levels, seconds: float, upload_every: float | None, tick: f
         return Requests()
     put = sum(made.values())
     batches = made[max(levels.all)]  # one retention batch per snapshot
-    return Requests(put=put, get=put, list=0.0, delete=min(seconds / tick, made[0] + batches))
+    delete = min(seconds / tick, made[0] + batches)
+    return Requests(put=2 * put, get=put, list=0.0, delete=delete)  # each file, then head.json
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from sidecar.cli import build_parser
 from tests.deploy.deployfiles import DEPLOY, REPO, commands_in_shell, shell_blocks
 
 DOCS = [*sorted(DEPLOY.glob("**/README.md")),
-        *(REPO / "docs" / name for name in ("architecture.md", "runbook.md", "cost-model.md"))]
+        *(REPO / "docs" / name for name in ("architecture.md", "runbook.md", "cost-model.md", "serverless.md"))]
 
 
 class TestDocumentedCommands:
@@ -29,6 +29,12 @@ class TestDocumentedCommands:
             except SystemExit as exc:
                 raise AssertionError(f"{path.name}: `litefs-sidecar {' '.join(argv)}`: {err.getvalue()}") from exc
             assert callable(getattr(args, "func", None)), f"{path.name}: `litefs-sidecar {' '.join(argv)}`"
+
+    def test_serverless_shows_query_replicate_and_a_read_token(self) -> None:
+        text = (REPO / "docs" / "serverless.md").read_text()
+        used = {argv[0] for argv in commands_in_shell(shell_blocks(text))}
+        assert {"query", "replicate", "serve"} <= used
+        assert "default 9b27…44 read" in text and (REPO / "examples" / "serverless" / "app.py").exists()
 
     def test_the_runbook_shows_the_restore_commands(self) -> None:
         commands = commands_in_shell(shell_blocks((REPO / "docs" / "runbook.md").read_text()))

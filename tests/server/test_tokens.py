@@ -32,13 +32,15 @@ class TestParseTokens:
         assert parse_tokens(text, "tokens.txt") == {t: Scope(c) for t, c in want.items()}
 
     def test_read_only_column(self) -> None:
-        """A third column `read` makes a token read-only; `write` (or nothing) not."""
-        assert parse_tokens(f"alpha {A} read\nbeta {B} write", "t") == {A: Scope("alpha", True), B: Scope("beta")}
+        """A third column `read` makes a token read-only; nothing else may stand there."""
+        assert parse_tokens(f"alpha {A} read\nbeta {B}", "t") == {A: Scope("alpha", True), B: Scope("beta")}
+        with pytest.raises(SidecarError, match="line 1: want '<cluster> <token>' or '<cluster> <token> read'"):
+            parse_tokens(f"alpha {A} write", "t")
 
     @pytest.mark.parametrize(("text", "error"), [
-        (f"alpha {A}\nbeta", r"^tokens\.txt: line 2: want '<cluster> <token> \[read\]'$"),
-        (f"alpha {A} extra", r"^tokens\.txt: line 1: want '<cluster> <token> \[read\]'$"),
-        (f"alpha {A};\n;beta", r"^tokens\.txt: line 4: want '<cluster> <token> \[read\]'$"),
+        (f"alpha {A}\nbeta", r"^tokens\.txt: line 2: want '<cluster> <token>' or '<cluster> <token> read'$"),
+        (f"alpha {A} extra", r"^tokens\.txt: line 1: want '<cluster> <token>' or '<cluster> <token> read'$"),
+        (f"alpha {A};\n;beta", r"^tokens\.txt: line 4: want '<cluster> <token>' or '<cluster> <token> read'$"),
         (f"# c\nalpha {SIXTEEN[:-1]}",
          r"^tokens\.txt: line 2: token for cluster 'alpha' is shorter than 16 characters$"),
     ], ids=["one field", "three fields", "counted after ;", "fifteen characters"])

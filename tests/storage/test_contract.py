@@ -47,6 +47,21 @@ class TestContract:
         info = await store.head("ltx/0/x.ltx")
         assert info.timestamp == 1_700_000_000_123 and info.size == 4
 
+    async def test_get_if_changed_is_a_conditional_get(self, store: Storage) -> None:
+        with pytest.raises(NotFound, match=r"head\.json"):
+            await store.get_if_changed("db/head.json", None)
+        await store.put_bytes("db/head.json", b"one")
+        got = await store.get_if_changed("db/head.json", None)
+        assert got is not None and got[0] == b"one"
+        assert await store.get_if_changed("db/head.json", got[1]) is None
+        await store.put_bytes("db/head.json", b"two")
+        again = await store.get_if_changed("db/head.json", got[1])
+        assert again is not None and again[0] == b"two" and again[1] != got[1]
+        assert await store.get_if_changed("db/head.json", again[1]) is None
+        await store.delete(["db/head.json"])
+        with pytest.raises(NotFound):
+            await store.get_if_changed("db/head.json", again[1])
+
     async def test_ranges_streams_and_downloads(self, store: Storage, tmp_path: Path) -> None:
         data = os.urandom(300_000)
         src = tmp_path / "src"

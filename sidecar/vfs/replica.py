@@ -1,0 +1,242 @@
+"""A local SQLite copy of a backup, kept at its latest state by applying new LTX files, one whole transaction at
+a time (what `litestream restore -f` does, safe against crashes).
+
+    first sync:  the latest plan's files are downloaded, merged and checked by `restore`, page 1 stamped,
+                 and the result renamed into place;
+    each change: the files after the copy's TXID (`head.plan_after`; whole ones, checked as they decode)
+                 are merged page by page and written in place through `journal.rewrite`: readers see the
+                 old state or the new one, and a crash leaves a hot journal that rolls it back.
+
+The copy's position is kept beside it in `<file>-replica` (JSON: TXID and database checksum, and the TXID
+being applied while a change is under way). Page 1's change counter is the TXID's low 32 bits, so after a
+crash the file itself says which of the two it holds. When neither matches (the file was changed by
+someone else), or the backup's history no longer continues the copy's (a database restored or recreated
+upstream, or retention deleted the files after it), the copy is rebuilt from the latest plan, in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import mmap
+import os
+import sqlite3
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from sidecar.engine.head import Head, ltx_object_key, plan_after
+from sidecar.engine.index import FileEntry
+from sidecar.engine.restore import restore
+from sidecar.errors import SidecarError
+from sidecar.ltx import LTXError, Version, lock_pgno
+from sidecar.ltx.decoder import Decoder
+from sidecar.storage.file import FileStorage
+from sidecar.vfs import journal
+from sidecar.vfs.source import Source
+
+log = structlog.get_logger("sidecar.vfs.replica")
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where the copy is: a TXID, the database checksum after it (0 when the backup has none), its time."""
+
+    txid: int
+    checksum: int
+    timestamp: int = 0  # ms
+
+
+class Replica:
+    """The SQLite file `path`, kept equal to the backup `source` at its latest state."""
+
+    def __init__(self, source: Source, path: str | os.PathLike[str], *,
+                 rewrite: Callable[..., None] = journal.rewrite) -> None:
+        self.source = source
+        self.path = Path(path)
+        self.state = Path(f"{self.path}-replica")
+        self._rewrite = rewrite  # journal.rewrite; tests wrap it to die half-way
+        self.current: Position | None = None  # as of the last sync
+
+    # -- position -------------------------------------------------------------------------------------
+
+    def position(self) -> Position | None:
+        """The copy's position, settling a change a crash interrupted; None when unknown (rebuild)."""
+        if not self.path.exists():
+            return None
+        try:
+            doc = json.loads(self.state.read_text())
+            pos = _position(doc)
+            pending = _position(doc["pending"]) if doc.get("pending") else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        # A hot journal left by a crash is rolled back by the first connection that reads the file.
+        con = sqlite3.connect(self.path, timeout=journal.BUSY_TIMEOUT)
+        try:
+            con.execute("PRAGMA schema_version").fetchall()
+        finally:
+            con.close()
+        counter = journal.counter_of(self.path)
+        for candidate in (pending, pos):
+            if candidate is not None and counter == candidate.txid & 0xFFFFFFFF:
+                return candidate
+        return None
+
+    def _save(self, pos: Position, pending: Position | None = None) -> None:
+        doc: dict[str, object] = {"url": self.source.url, **_json(pos)}
+        if pending is not None:
+            doc["pending"] = _json(pending)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.state.name}.", suffix=".tmp", dir=self.state.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state)
+        self.current = pos
+
+    # -- syncing --------------------------------------------------------------------------------------
+
+    async def sync(self, head: Head | None = None) -> tuple[Position, int]:
+        """Bring the copy to `head` (default: the latest); returns its position and how many files it applied."""
+        head = head or await self.source.plan()
+        pos = await asyncio.to_thread(self.position)
+        if pos is not None and pos != self.current:
+            self._save(pos)  # a change a crash interrupted turned out done, or undone
+        if pos is not None and pos.txid >= head.txid:
+            return pos, 0
+        chain: Sequence[FileEntry] = list(head.plan)
+        if pos is not None:
+            chain = plan_after(head.plan, pos.txid)
+            if chain and chain[0].is_snapshot:  # the latest plan starts over: ask for the files after the copy
+                chain = (await self.source.plan(after=pos.txid)).plan
+            if not chain[0].is_snapshot and not _continues(chain[0], pos):
+                log.warning("backup history does not continue the copy; rebuilding it", path=str(self.path),
+                            txid=f"{pos.txid:016x}", next=f"{chain[0].min_txid:016x}")
+                chain = head.plan
+        new = await self._apply(chain, pos)
+        return new, len(chain)
+
+    async def _apply(self, chain: Sequence[FileEntry], pos: Position | None) -> Position:
+        last = chain[-1]
+        new = Position(last.max_txid, last.post, last.timestamp)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{self.path.name}-", dir=self.path.parent) as tmp:
+            local = FileStorage(tmp)
+            paths = [Path(tmp) / ltx_object_key(local, "", e) for e in chain]
+            for e, p in zip(chain, paths, strict=True):
+                p.parent.mkdir(parents=True, exist_ok=True)
+                await self.source.download(self.source.key(e), p)
+            if chain[0].is_snapshot:
+                merged = Path(tmp) / "merged.db"
+                await restore(local, "", chain, merged)  # checks every file and the database checksum
+                if not self.path.exists():
+                    await asyncio.to_thread(_publish, merged, self.path, last)
+                    self._save(new)
+                    return new
+                self._save(pos or Position(0, 0), pending=new)
+                await asyncio.shield(asyncio.to_thread(_rewrite_from_db, self.path, merged, last))
+            else:
+                pages = await asyncio.to_thread(_pages_of_files, paths)
+                self._save(pos or Position(0, 0), pending=new)
+                # Shielded: a stop waits for a change under way (a kill is safe too: the journal rolls it back).
+                await asyncio.shield(asyncio.to_thread(
+                    self._rewrite, self.path, last.page_size, last.commit, sorted(pages), pages.__getitem__,
+                    last.max_txid))
+            self._save(new)
+        return new
+
+    async def follow(self, stop: asyncio.Event) -> None:
+        """Apply every new state until `stop` is set (a server: one long-poll per change; a store: one
+        conditional GET per poll). Failures are logged once per streak and retried; the copy stays whole."""
+        tag: str | None = None
+        failures = 0
+        while not stop.is_set():
+            try:
+                follow = asyncio.ensure_future(self.source.follow(tag, 30.0))
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait([follow, stopping], return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not follow.done():
+                    follow.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await follow
+                    return
+                got = follow.result()
+                if got is not None:
+                    head, new_tag = got
+                    pos, files = await self.sync(head)
+                    tag = new_tag
+                    if files:
+                        log.info("replicated", path=str(self.path), txid=f"{pos.txid:016x}", files=files)
+                failures = 0
+            except (SidecarError, LTXError, OSError) as err:
+                failures += 1
+                if failures == 1:
+                    log.warning("replication failed; retrying", path=str(self.path), error=str(err))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), min(10.0, 0.2 * 2 ** failures))
+
+
+def _position(doc: dict[str, str]) -> Position:
+    return Position(int(doc["txid"], 16), int(doc["checksum"], 16), int(doc.get("timestamp", 0)))
+
+
+def _json(pos: Position) -> dict[str, object]:
+    return {"txid": f"{pos.txid:016x}", "checksum": f"{pos.checksum:016x}", "timestamp": pos.timestamp}
+
+
+def _continues(first: FileEntry, pos: Position) -> bool:
+    """Whether `first` applies on top of the copy: it starts at or before the next TXID, and when it starts
+    exactly there, its pre-apply checksum is the copy's (when both are known)."""
+    if first.min_txid > pos.txid + 1:
+        return False
+    if first.min_txid == pos.txid + 1 and first.pre and pos.checksum:
+        return first.pre == pos.checksum
+    return True
+
+
+def _pages_of_files(paths: Sequence[Path]) -> dict[int, bytes]:
+    """The newest version of every page the files hold, each file fully decoded and checked."""
+    pages: dict[int, bytes] = {}
+    for path in paths:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            try:
+                dec = Decoder(mm, Version.V3)
+                for pgno, page in dec.pages():
+                    pages[pgno] = bytes(page)
+                dec.close()
+            except LTXError as err:
+                raise LTXError(f"{path.name}: {err}") from err
+            del dec
+    return pages
+
+
+def _rewrite_from_db(path: Path, merged: Path, last: FileEntry) -> None:
+    """Rewrite the copy in place with every page of the database file `merged` (a rebuild)."""
+    ps, lock = last.page_size, lock_pgno(last.page_size)
+    with open(merged, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        journal.rewrite(path, ps, last.commit, (p for p in range(1, last.commit + 1) if p != lock),
+                        lambda p: mm[(p - 1) * ps:p * ps], last.max_txid)
+
+
+def _publish(merged: Path, dst: Path, last: FileEntry) -> None:
+    """Stamp page 1 of a fresh copy and rename it into place (nothing reads it yet)."""
+    with open(merged, "r+b") as f:
+        page1 = f.read(last.page_size)
+        f.seek(0)
+        f.write(journal.stamp(page1, last.max_txid, last.commit))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(merged, dst)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["Position", "Replica"]

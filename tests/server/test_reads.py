@@ -1,0 +1,191 @@
+"""Reading backups through the server: plans, files by range, long-polls, and read-only tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from pathlib import Path
+
+import aiohttp
+import lz4.block
+import pytest
+
+from sidecar.engine import head as heads
+from sidecar.errors import SidecarError
+from sidecar.ltx.pageindex import decode as decode_index
+from sidecar.server import Scope, parse_tokens
+from tests.engine.history import History
+from tests.server.conftest import ADMIN, OTHER, READER, TOKEN, Running
+
+AUTH = {"Authorization": f"Bearer {READER}"}
+
+
+async def upload(server: Running, history: History, n: int) -> None:
+    for _ in range(n):
+        history.write(n=20)
+        await server.engine.write_tx("default", "app.db", history.commit(1_790_000_000_000))
+
+
+@pytest.fixture
+async def history(tmp_path: Path) -> History:  # type: ignore[misc]
+    h = History(tmp_path / "live.db")
+    yield h
+    h.close()
+
+
+class TestTokens:
+    def test_third_column_makes_a_read_only_token(self) -> None:
+        text = "default tok-rw-0123456789abcdef\ndefault tok-ro-0123456789abcdef read  # readers\n"
+        assert parse_tokens(text, "tokens") == {"tok-rw-0123456789abcdef": Scope("default"),
+                                                "tok-ro-0123456789abcdef": Scope("default", readonly=True)}
+        with pytest.raises(SidecarError, match="line 1: want '<cluster> <token>' or '<cluster> <token> read'"):
+            parse_tokens("default tok-ro-0123456789abcdef write", "tokens")
+
+    async def test_a_read_token_can_never_write(self, server: Running, http: aiohttp.ClientSession,
+                                                history: History) -> None:
+        await upload(server, history, 2)
+        before = server.engine.pos("default", "app.db")
+        writes = [("POST", "/db/tx?db=app.db", history.commit(1)), ("POST", "/api/restore?db=app.db", b'{"txid": 1}'),
+                  ("POST", "/api/upload?db=x.db", b"SQLite"), ("POST", "/api/clone?db=app.db&to_cluster=default&to=y",
+                                                                b""), ("DELETE", "/api/db?db=app.db", b""),
+                  ("PUT", "/db/ltx?db=app.db", b"")]
+        for method, path, body in writes:
+            async with http.request(method, server.url + path, data=body, headers=AUTH) as resp:
+                assert resp.status == 403, (method, path)
+                doc = await resp.json()
+                assert doc["code"] == "EREADONLY" and method in doc["error"], doc
+        async with http.post(server.url + "/ui/login", json={"token": READER}) as resp:
+            assert resp.status == 401  # the dashboard acts: read-only tokens cannot sign in
+        async with http.get(server.url + "/pos", headers=AUTH) as resp:
+            assert resp.status == 200 and "app.db" in await resp.json()
+        assert server.engine.pos("default", "app.db") == before  # nothing was written
+
+    async def test_a_read_token_sees_only_its_cluster(self, server: Running, http: aiohttp.ClientSession,
+                                                      history: History) -> None:
+        await upload(server, history, 1)
+        other = History(history.path.with_name("other.db"), seed=2)
+        other.write()
+        await server.engine.write_tx("other", "secret.db", other.commit(1))
+        other.close()
+        for path in ("/db/plan?db=secret.db", "/db/head?db=secret.db", "/db/ltx?db=secret.db&file=0/"
+                     "0000000000000001-0000000000000001.ltx"):
+            async with http.get(server.url + path, headers=AUTH) as resp:
+                assert resp.status == 404 and (await resp.json())["code"] == "ENODB", path
+        async with http.get(server.url + "/db/plan?db=secret.db&cluster=other", headers=AUTH) as resp:
+            assert resp.status == 401
+        async with http.get(server.url + "/db/plan?db=secret.db",
+                            headers={"Authorization": f"Bearer {OTHER}"}) as resp:
+            assert resp.status == 200  # the other cluster's own token does see it
+        async with http.get(server.url + "/db/plan?db=secret.db&cluster=other",
+                            headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+            assert resp.status == 200
+
+
+class TestReadRoutes:
+    async def test_plan_locates_page_indexes_and_files_serve_ranges(self, server: Running,
+                                                                    http: aiohttp.ClientSession,
+                                                                    history: History) -> None:
+        await upload(server, history, 3)
+        async with http.get(server.url + "/db/plan?db=app.db", headers=AUTH) as resp:
+            assert resp.status == 200
+            plan = heads.decode(await resp.read())
+        assert plan.txid == history.pos.txid and plan.indexes is not None
+        for entry, (start, length) in zip(plan.plan, plan.indexes, strict=True):
+            name = f"{entry.level}/{entry.min_txid:016x}-{entry.max_txid:016x}.ltx"
+            url = f"{server.url}/db/ltx?db=app.db&file={name}"
+            async with http.get(url, headers=AUTH) as resp:
+                assert resp.status == 200 and resp.headers["Cache-Control"] == "private, max-age=31536000, immutable"
+                whole, etag = await resp.read(), resp.headers["ETag"]
+            assert len(whole) == entry.size
+            run = decode_index(whole[start:start + length], start, aligned_start=True, aligned_end=True)
+            assert run is not None and run.pgnos  # the located bytes are the page index
+            async with http.get(url, headers={**AUTH, "Range": f"bytes={start}-{start + length - 1}"}) as resp:
+                assert resp.status == 206 and await resp.read() == whole[start:start + length]
+                assert resp.headers["Content-Range"] == f"bytes {start}-{start + length - 1}/{entry.size}"
+            async with http.get(url, headers={**AUTH, "Range": "bytes=-16"}) as resp:
+                assert resp.status == 206 and await resp.read() == whole[-16:]
+            async with http.get(url, headers={**AUTH, "If-None-Match": etag}) as resp:
+                assert resp.status == 304
+            async with http.get(url, headers={**AUTH, "Range": f"bytes={entry.size}-"}) as resp:
+                assert resp.status == 416 and resp.headers["Content-Range"] == f"bytes */{entry.size}"
+        async with http.get(server.url + "/db/ltx?db=app.db&file=0/0000000000000063-0000000000000063.ltx",
+                            headers=AUTH) as resp:
+            assert resp.status == 404 and (await resp.json())["code"] == "ENOTFOUND"
+        async with http.get(server.url + "/db/plan?db=app.db&txid=0000000000000063", headers=AUTH) as resp:
+            assert resp.status == 404 and (await resp.json())["code"] == "ENOTXID"
+        async with http.get(server.url + "/db/plan?db=app.db&txid=zz", headers=AUTH) as resp:
+            assert resp.status == 400
+
+    async def test_head_long_poll_answers_once_per_change(self, server: Running, http: aiohttp.ClientSession,
+                                                          history: History) -> None:
+        await upload(server, history, 1)
+        async with http.get(server.url + "/db/head?db=app.db", headers=AUTH) as resp:
+            first, tag = heads.decode(await resp.read()), resp.headers["ETag"]
+        assert first.txid == history.pos.txid and tag.startswith('"')
+        async with http.get(server.url + "/db/head?db=app.db&wait=0", headers={**AUTH, "If-None-Match": tag}) as resp:
+            assert resp.status == 304
+        held = asyncio.ensure_future(http.get(server.url + "/db/head?db=app.db&wait=60",
+                                              headers={**AUTH, "If-None-Match": tag}))
+        await asyncio.sleep(0.2)
+        assert not held.done()  # nothing changed: held
+        await upload(server, history, 1)  # l0_interval 0: stored at once
+        resp = await asyncio.wait_for(held, 30)
+        async with resp:
+            assert resp.status == 200 and resp.headers["ETag"] != tag
+            assert heads.decode(await resp.read()).txid == history.pos.txid
+
+    async def test_shutdown_answers_held_long_polls(self, server: Running, http: aiohttp.ClientSession,
+                                                    history: History) -> None:
+        await upload(server, history, 1)
+        async with http.get(server.url + "/db/head?db=app.db", headers=AUTH) as resp:
+            tag = resp.headers["ETag"]
+        held = asyncio.ensure_future(http.get(server.url + "/db/head?db=app.db&wait=60",
+                                              headers={**AUTH, "If-None-Match": tag}))
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(server.shutdown(), 30)  # the server's grace is 5 s: the poll did not hold it
+        resp = await asyncio.wait_for(held, 5)
+        async with resp:
+            assert resp.status == 304
+
+    async def test_admin_needs_a_cluster(self, server: Running, http: aiohttp.ClientSession,
+                                         history: History) -> None:
+        await upload(server, history, 1)
+        async with http.get(server.url + "/db/plan?db=app.db", headers={"Authorization": ADMIN}) as resp:
+            assert resp.status == 400 and "needs ?cluster=" in (await resp.json())["error"]
+        async with http.get(server.url + "/db/plan?db=app.db&cluster=default",
+                            headers={"Authorization": TOKEN}) as resp:
+            assert resp.status == 200 and json.loads(await resp.read())["txid"] == f"{history.pos.txid:016x}"
+
+
+class TestPages:
+    async def test_pages_are_resolved_from_the_plan(self, server: Running, http: aiohttp.ClientSession,
+                                                    history: History, tmp_path: Path) -> None:
+        """Every page of the database as of a TXID, from the file holding its newest version, equals the
+        restored database's page; a TXID that is not a restore point is 404 ENOTXID."""
+        await upload(server, history, 4)
+        txid = history.pos.txid
+        out = tmp_path / "restored.db"
+        await server.engine.restore_to("default", "app.db", out, txid=txid)
+        data, ps = out.read_bytes(), history.page_size
+        got: dict[int, bytes] = {}
+        for first in range(1, len(data) // ps + 1, 3):
+            async with http.get(server.url + "/db/pages", headers=AUTH,
+                                params={"db": "app.db", "txid": f"{txid:x}", "pgno": str(first), "count": "3"}) as resp:
+                assert resp.status == 200 and resp.headers["Cache-Control"].endswith("immutable")
+                body = await resp.read()
+            pos = 0
+            while pos < len(body):
+                pgno, level, lo, hi = struct.unpack_from(">IBQQ", body, pos)
+                size = 10 + int.from_bytes(body[pos + 27:pos + 31], "big")
+                frame = body[pos + 21:pos + 21 + size]
+                assert int.from_bytes(frame[:4], "big") == pgno and (level, lo) != (0, 0) and hi <= txid
+                got[pgno] = lz4.block.decompress(frame[10:], uncompressed_size=ps)
+                pos += 21 + size
+        assert sorted(got) == list(range(1, len(data) // ps + 1))
+        assert all(got[p] == data[(p - 1) * ps:p * ps] for p in got)
+        for params, status, code in ((({"txid": "63", "pgno": "1"}), 404, "ENOTXID"),
+                                     ({"txid": f"{txid:x}", "pgno": "0"}, 400, "EBADREQUEST"),
+                                     ({"txid": f"{txid:x}", "pgno": "1", "count": "1000"}, 400, "EBADREQUEST")):
+            async with http.get(server.url + "/db/pages", headers=AUTH, params={"db": "app.db", **params}) as resp:
+                assert resp.status == status and (await resp.json())["code"] == code, params

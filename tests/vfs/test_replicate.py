@@ -1,0 +1,165 @@
+"""`replicate`: a local copy equal to the backup, kept current in whole transactions, safe against crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import main
+from sidecar.vfs import journal, open_source
+from sidecar.vfs.replica import Replica
+from tests.server.conftest import wait_until
+from tests.vfs.conftest import EVENTS, Written, rows
+
+STATE = "SELECT count(*), coalesce(sum(length(body)), 0) FROM events"
+
+
+def state(path: Path) -> tuple[int, int]:
+    con = sqlite3.connect(path)
+    try:
+        return con.execute(STATE).fetchone()  # type: ignore[no-any-return]
+    finally:
+        con.close()
+
+
+class Reader(threading.Thread):
+    """Reads the copy in a loop, as an application would, remembering every state it saw."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.seen: set[tuple[int, int]] = set()
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def run(self) -> None:
+        con = sqlite3.connect(self.path, timeout=30)
+        try:
+            while not self.stop.is_set():
+                con.execute("BEGIN")
+                self.seen.add(con.execute(STATE).fetchone())
+                con.execute("COMMIT")
+        except BaseException as err:  # reported by the test
+            self.errors.append(err)
+        finally:
+            con.close()
+
+
+class TestReplicate:
+    async def test_follows_in_whole_transactions(self, written: Written, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        """The copy starts equal to the backup; while new states are applied, a reader only ever sees states
+        the live database had after some transaction; it ends equal to the live database."""
+        valid: set[tuple[int, int]] = set()
+        for _ in range(20):
+            await written.write()
+            valid.add(state(written.history.path))
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        assert await asyncio.to_thread(main, ["replicate", *written.flags, "-o", str(copy), written.url]) == 0
+        assert f"TXID {written.history.pos.txid:016x}" in capsys.readouterr().out
+        assert rows(copy) == rows(written.history.path)
+        source = open_source(written.url, poll_interval=0.05, **written.options)
+        replica = Replica(source, copy)
+        stop = asyncio.Event()
+        follower = asyncio.create_task(replica.follow(stop))
+        reader = Reader(copy)
+        reader.start()
+        try:
+            for _ in range(25):
+                await written.write()
+                valid.add(state(written.history.path))
+                if written.clock.now % 3 < 1:
+                    await written.engine.flush_all()
+            await written.engine.flush_all()
+
+            async def caught_up() -> bool:
+                return replica.current is not None and replica.current.txid == written.history.pos.txid
+            await wait_until(caught_up, within=30)
+        finally:
+            stop.set()
+            await follower
+            reader.stop.set()
+            await asyncio.to_thread(reader.join)
+            await source.close()
+        assert not reader.errors
+        assert reader.seen <= valid and len(reader.seen) > 1
+        assert rows(copy) == rows(written.history.path)
+        con = sqlite3.connect(copy)
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert con.execute("PRAGMA journal_mode").fetchall() == [("delete",)]
+        con.close()
+
+    async def test_a_change_cut_short_is_rolled_back_then_redone(self, written: Written, tmp_path: Path) -> None:
+        """A change that dies after its journal is hot and half its pages are written: readers see the old
+        state, and the next sync applies it again."""
+        for _ in range(5):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        source = open_source(written.url, **written.options)
+        written_pages: list[int] = []
+
+        def dying(path: Path, page_size: int, commit: int, pgnos: list[int], page: Callable[[int], bytes],
+                  counter: int) -> None:
+            def one(p: int) -> bytes:
+                if len(written_pages) == len(pgnos) // 2:
+                    raise OSError("killed")
+                written_pages.append(p)
+                return page(p)
+            journal.rewrite(path, page_size, commit, pgnos, one, counter)
+        try:
+            await Replica(source, copy).sync()
+            before = rows(copy)
+            for _ in range(5):
+                await written.write(n=1)
+            written.history.con.execute("UPDATE events SET body = body || 'changed'")
+            await written.write()
+            await written.engine.flush_all()
+            with pytest.raises(OSError, match="killed"):
+                await Replica(source, copy, rewrite=dying).sync()
+            replica = Replica(source, copy)
+            assert written_pages and Path(f"{copy}-journal").exists()
+            assert rows(copy) == before  # a reader rolls the hot journal back
+            pos = await asyncio.to_thread(replica.position)
+            assert pos is not None and pos.txid < written.history.pos.txid
+            await replica.sync()
+            assert rows(copy) == rows(written.history.path)
+            # A copy whose position is lost is rebuilt in place from the latest plan.
+            (tmp_path / "copy.db-replica").unlink()
+            pos, files = await replica.sync()
+            assert pos.txid == written.history.pos.txid and files >= 1
+            assert rows(copy) == rows(written.history.path)
+        finally:
+            await source.close()
+
+    async def test_follow_command_stops_on_sigterm(self, written: Written, tmp_path: Path) -> None:
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "replicate", "--follow", "--poll-interval", "0.1", *written.flags,
+            "-o", str(copy),
+            written.url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            first = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert f"TXID {written.history.pos.txid:016x}".encode() in first
+            await written.write()
+            await written.engine.flush_all()
+
+            async def caught_up() -> bool:
+                return await asyncio.to_thread(rows, copy, EVENTS) == rows(written.history.path)
+            await wait_until(caught_up, within=30)
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
