@@ -5,7 +5,7 @@ Each line is parsed by the real CLI. The quick ones (restore, ls, verify, ltx, a
 `default`, `prod` and `staging` backups of `app.db` (TXID 00000000000004d2 committed at 2026-11-24T08:00:00Z, two
 more after), its store under the paths the lines name, moto's S3 for `s3://` URLs, LTX files and SQLite databases
 in the working directory. Paths outside it (/var/lib/…, /backups) are mapped to those stand-ins; nothing else
-in a line changes. `run`, `serve` and `demo` run until stopped, so they are parsed only (their deploy-file
+in a line changes. `run`, `serve`, `demo` and `--follow` run until stopped, so they are parsed only (their deploy-file
 twins are also loaded, in tests/deploy/).
 """
 
@@ -17,6 +17,7 @@ import contextlib
 import glob
 import io
 import shutil
+import sqlite3
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ from sidecar.engine import Engine, Levels
 from sidecar.ltx import Pos, Version
 from sidecar.ltx.sqlite import encode_db
 from sidecar.server import ServerConfig, serve
+from sidecar.server.auth import Scope
 from sidecar.storage import open_storage
 from sidecar.storage.base import parse_rfc3339
 from tests.conftest import GO_V2, LITEFS, LITESTREAM, make_db
@@ -44,6 +46,8 @@ SNAPSHOT_AT = parse_rfc3339("2026-11-24T08:00:00Z")
 YEAR = 365 * 86400.0
 PARSE_ONLY = {"run", "serve", "demo"}
 CLUSTERS = ("default", "prod", "staging")
+DOCUMENTED_TABLES = ("orders", "users", "t")
+READER = "tok-reader-documented-0123456789"  # LITEFS_SIDECAR_TOKEN=… in the lines: a read-only token of default
 
 
 def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -115,7 +119,7 @@ class Stage:
         for word in argv:
             for documented, here in places:
                 word = word.replace(documented, here)
-            out += sorted(glob.glob(word)) if "*" in word else [word]
+            out += sorted(glob.glob(word)) if "*" in word and " " not in word else [word]  # not SQL's count(*)
         return out
 
     def workdir(self, i: int, argv: list[str]) -> Path:
@@ -124,7 +128,7 @@ class Stage:
         cwd = self.tmp / f"cwd-{i}"
         cwd.mkdir()
         if "--db" not in argv or "apply" not in argv:  # `ltx apply --db X` creates its database
-            make_db(cwd / "app.db", rows=300)
+            uploadable(cwd / "app.db", rows=300)
         shutil.copytree(LITEFS / "per-tx" / "fx-wal.db", cwd / "ltx")
         shutil.copytree(LITESTREAM / "replica", cwd / "replica")
         for name in ("0000000000000002-0000000000000002.ltx", "00000000000004d2-00000000000004d2.ltx"):
@@ -133,10 +137,26 @@ class Stage:
         return cwd
 
 
+def add_documented_tables(con: sqlite3.Connection) -> None:
+    """The app's own tables, which the query examples name."""
+    for table in DOCUMENTED_TABLES:
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY, v TEXT)")
+        con.execute(f"INSERT INTO {table} (v) VALUES ('a'), ('b')")
+
+
+def uploadable(path: Path, rows: int = 50) -> Path:
+    """An app's database, as the upload lines send (it replaces default/app.db for the lines after them)."""
+    make_db(path, rows=rows)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as con:
+        add_documented_tables(con)
+    return path
+
+
 async def backed_up(engine: Engine, cluster: str, path: Path) -> None:
     """app.db in `cluster`: a snapshot at TXID 00000000000004d2 (2026-11-24T08:00Z), then two more, an hour apart."""
     history = History(path, seed=len(cluster))
     try:
+        add_documented_tables(history.con)
         history.write(n=20)
         history.commit(SNAPSHOT_AT)  # only to learn the pages and the checksum the snapshot has
         out = io.BytesIO()
@@ -176,16 +196,17 @@ async def stage(tmp_path: Path, moto_server: MotoServer, monkeypatch: pytest.Mon
         await s3.storage.close()
     stop = asyncio.Event()
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(engine, ServerConfig(admin_token=ADMIN), "127.0.0.1", 0, stop=stop,
-                                     started=started.set_result))
+    config = ServerConfig(admin_token=ADMIN, tokens={READER: Scope("default", readonly=True)})
+    task = asyncio.create_task(serve(engine, config, "127.0.0.1", 0, stop=stop, started=started.set_result))
     url = await asyncio.wait_for(started, 10)
     monkeypatch.setenv("LITEFS_SIDECAR_SERVER_ADMIN_TOKEN", ADMIN)
     monkeypatch.setenv("LITEFS_SIDECAR_SERVER_ADDR", url.removeprefix("http://"))  # admin's default server
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server.url)  # as a user of another S3 store would
+    monkeypatch.setenv("LITEFS_SIDECAR_TOKEN", READER)
     litefs = tmp_path / "litefs"
     shutil.copytree(LITEFS / "per-tx" / "fx-wal.db", litefs / "dbs" / "app.db" / "ltx")
     try:
-        yield Stage(tmp_path, url, tmp_path / "store", litefs, make_db(tmp_path / "app-2026-11-24.db", rows=50))
+        yield Stage(tmp_path, url, tmp_path / "store", litefs, uploadable(tmp_path / "app-2026-11-24.db"))
     finally:
         stop.set()
         await task
@@ -199,7 +220,7 @@ async def test_every_documented_line_runs(source: str, stage: Stage, monkeypatch
     ran = 0
     with structlog.testing.capture_logs():  # the in-process server's log lines stay out of the commands' output
         for i, argv in enumerate(lines):
-            if argv[0] in PARSE_ONLY:
+            if argv[0] in PARSE_ONLY or "--follow" in argv:  # these run until stopped
                 continue
             monkeypatch.chdir(stage.workdir(i, argv))
             code = await asyncio.to_thread(main, stage.rewrite(argv))

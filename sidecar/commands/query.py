@@ -1,7 +1,7 @@
 """`litefs-sidecar query URL SQL`: a read-only query against a backup, at any moment, without restoring it.
 
 URL names one database's backup as for `restore` (`file:///root/<cluster>/<db>`, `s3://bucket/prefix/
-<cluster>/<db>`, a Litestream 0.5 replica), or a backup server: `http(s)://host:port/<db>`, read with the
+<cluster>/<db>`, a Litestream 0.5 replica, a plain path), or a backup server: `http(s)://host:port/<db>`, read with the
 token in LITEFS_SIDECAR_TOKEN (a read-only token is enough; never a flag, which `ps` would show). Only the
 pages the query touches are fetched (`sidecar.vfs`); `--stats` prints what that cost to stderr.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import apsw
 
 from sidecar import log as logmod
+from sidecar.commands.backup import url_of
 from sidecar.config import load
 from sidecar.errors import SidecarError
 from sidecar.vfs import BackupVFS
@@ -25,7 +26,7 @@ from sidecar.vfs.vfs import Target
 EXAMPLES = """\
 examples:
   litefs-sidecar query file:///var/lib/litefs-sidecar/backups/default/app.db "SELECT count(*) FROM users"
-  litefs-sidecar query --timestamp 2026-11-24T09:00:00Z --json s3://bucket/backups/prod/app.db "SELECT * FROM t"
+  litefs-sidecar query --timestamp 2026-11-24T09:00:00Z --json s3://bucket/backups/default/app.db "SELECT * FROM t"
   LITEFS_SIDECAR_TOKEN=… litefs-sidecar query --stats http://backup-host:20203/app.db "SELECT 1"
 """
 
@@ -43,7 +44,7 @@ def register(sub: Any) -> None:
     source_flags(p)
     p.add_argument("--cache-size", metavar="BYTES", type=int, default=10 << 20,
                    help="page cache size in bytes (default 10 MiB)")
-    p.add_argument("url", metavar="URL")
+    p.add_argument("url", metavar="URL", type=url_of)
     p.add_argument("sql", metavar="SQL")
     p.set_defaults(func=cmd_query)
 

@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 from sidecar import log as logmod
+from sidecar.commands.backup import url_of
 from sidecar.commands.query import s3_options, source_flags, token_for
 from sidecar.ltx import format_timestamp
 from sidecar.vfs import open_source
@@ -38,7 +39,7 @@ def register(sub: Any) -> None:
     p.add_argument("--poll-interval", metavar="SECONDS", type=float, default=1.0,
                    help="with a store URL, how often its head object is checked (default 1)")
     source_flags(p)
-    p.add_argument("url", metavar="URL")
+    p.add_argument("url", metavar="URL", type=url_of)
     p.set_defaults(func=lambda a: asyncio.run(cmd_replicate(a)))
 
 

@@ -28,7 +28,7 @@ import structlog
 from sidecar.engine import head as heads
 from sidecar.engine.head import Head
 from sidecar.engine.index import FileEntry, scan
-from sidecar.errors import NotFound, SidecarError
+from sidecar.errors import NotFound, RestoreError, SidecarError
 from sidecar.ltx import HEADER_SIZE
 from sidecar.storage import ObjectInfo, Storage, open_storage
 from sidecar.vfs.stats import Stats
@@ -116,10 +116,13 @@ class StoreSource:
             except NotFound:
                 pass
         index = await scan(self.storage, "")
-        if after is not None:
-            chain = heads.plan_after(index, after, txid=txid)
-            return Head.of_plan(chain) if chain else Head.of_plan(heads.plan(index, txid=txid))
-        return Head.of_plan(heads.plan(index, txid=txid, timestamp=timestamp))
+        try:
+            if after is not None:
+                chain = heads.plan_after(index, after, txid=txid)
+                return Head.of_plan(chain) if chain else Head.of_plan(heads.plan(index, txid=txid))
+            return Head.of_plan(heads.plan(index, txid=txid, timestamp=timestamp))
+        except RestoreError as err:
+            raise RestoreError(f"{self.url}: {err}") from None  # which backup, for a reader of many
 
     async def read(self, key: str, start: int, length: int) -> bytes:
         return await self.storage.get_range(key, start, length)

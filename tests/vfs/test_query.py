@@ -105,3 +105,16 @@ class TestQuery:
         code, _, err = await asyncio.to_thread(
             cli, capsys, "query", *flags, url, "INSERT INTO events (at, body) VALUES (1, 'x')")
         assert code == 1 and "readonly" in err.lower()
+
+
+async def test_a_plain_path_is_a_file_url(stored: Stored, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """As for `restore`: a relative path reads the backup there; an empty one fails naming where it looked."""
+    monkeypatch.chdir(stored.root)
+    code, printed, err = await asyncio.to_thread(cli, capsys, "query", "c/app.db", "SELECT count(*) FROM events")
+    assert code == 0, err
+    assert int(printed.splitlines()[1]) == len(rows(stored.live))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = await asyncio.to_thread(cli, capsys, "query", "empty", "SELECT 1")
+    assert code == 1 and f"file://{tmp_path / 'empty'}: no backup files found" in err
