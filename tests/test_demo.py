@@ -47,8 +47,11 @@ def test_demo_in_a_temporary_directory_points_nowhere_it_deleted(capsys: pytest.
 
 def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
     """Interrupted mid-run: exit 130, the sidecar stopped and its connections closed; no traceback."""
+    # A shell runs background jobs with SIGINT ignored, and a child inherits that: Python would then never see
+    # the Ctrl+C this test sends. Give the demo the default disposition, as a terminal's foreground job has.
     proc = subprocess.Popen([sys.executable, "-m", "sidecar", "demo", "--seconds", "60", "--dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # the table's first row: the sidecar is shipping
