@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli import main
+from sidecar.config import EngineConfig
+from sidecar.daemon.upstream import EngineUpstream
 from sidecar.emulator import EmulatedNode, start_http
 from sidecar.engine import Engine
 from sidecar.errors import UpstreamError
@@ -153,3 +155,30 @@ async def wait_stored(store: Path, pos: Pos) -> None:
     async with asyncio.timeout(30):
         while await stored_pos(store) != pos:  # noqa: ASYNC110 (another process's writes)
             await asyncio.sleep(0.2)
+
+
+async def test_a_primary_that_becomes_a_replica_lets_the_lease_go(env: Env, tmp_path: Path) -> None:
+    """On a LiteFS failover the old primary's sidecar sees `.primary` appear and lets the lease go at once, so the
+    new primary's sidecar writes without waiting for it to expire (the TTL here is ten minutes)."""
+    write(env, "app.db", 10)
+    config = env.config()
+    held = await EngineUpstream.open(config.upstream, config.cluster, config.state_dir / "engine",
+                                     EngineConfig(l0_interval=0.0, lease_ttl=600.0))
+    await env.start(to=held)
+    await env.synced("app.db")
+    _, second = await env.upstream(dataclasses.replace(config, state_dir=tmp_path / "second"))
+    try:
+        with pytest.raises(UpstreamError) as err:
+            await second.positions()
+        assert err.value.status == 503  # held by the primary's sidecar
+        env.node.set_primary(False, "node-b")  # LiteFS moved the primary elsewhere
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    positions = await second.positions()
+                    break
+                except UpstreamError:
+                    await asyncio.sleep(0.2)
+        assert positions["app.db"] == env.node.pos("app.db")  # the new writer continues from what was stored
+    finally:
+        await second.close()

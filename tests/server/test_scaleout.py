@@ -35,6 +35,10 @@ from tests.s3server import MotoServer, free_port
 CLUSTERS = {"red": "tok-red-0123456789abcdef0", "green": "tok-green-0123456789abcdef",
             "blue": "tok-blue-0123456789abcdef"}
 TTL = "6s"  # a short lease, so takeovers happen within the test
+# The kill test's size. CI runs a small one; the full run is
+# LITEFS_SIDECAR_SCALEOUT="50 20 120" pytest tests/server/test_scaleout.py -k killed
+# (50 databases, one process killed every 20 s, for 120 s).
+DBS, KILL_EVERY, SECONDS = (int(x) for x in os.environ.get("LITEFS_SIDECAR_SCALEOUT", "12 10 45").split())
 
 
 @dataclass
@@ -235,11 +239,11 @@ def clients_for(tmp: Path, n: int) -> list[Client]:
 async def test_three_processes_one_killed_every_ten_seconds(three: tuple[Cluster, str], moto_server: MotoServer,
                                                             tmp_path: Path) -> None:
     cluster, url = three
-    clients = clients_for(tmp_path, 12)
+    clients = clients_for(tmp_path, DBS)
 
     async def kill_and_restart() -> None:
-        for victim in itertools.islice(itertools.cycle(cluster.procs), 4):
-            await asyncio.sleep(10)
+        for victim in itertools.islice(itertools.cycle(cluster.procs), (SECONDS - 1) // KILL_EVERY):
+            await asyncio.sleep(KILL_EVERY)
             assert victim.proc is not None
             victim.proc.kill()  # SIGKILL: its acknowledged uploads come back from the clients
             victim.proc.wait()
@@ -247,7 +251,7 @@ async def test_three_processes_one_killed_every_ten_seconds(three: tuple[Cluster
             await cluster.wait_up(victim)
 
     try:
-        await run_clients(clients, url, 45, kill_and_restart())
+        await run_clients(clients, url, SECONDS, kill_and_restart())
         await check_store(moto_server, cluster.bucket, clients, tmp_path)
         forwarded = 0.0
         async with aiohttp.ClientSession() as http:
