@@ -1,6 +1,7 @@
 """Every database the engine knows, and the cache of their indexes in the state directory.
 
     <state>/<cluster>/<db>/index.json      the database's stored files (engine/index.py), a cache of the store
+    <state>/<cluster>/<db>/index.json.log  files added and removed since (IndexCache: a journal, one line each)
 
 The store is the only truth: an index that is missing or unreadable is rebuilt from the store, and so is one that
 the store contradicts (`reconcile`: one LIST, then the header of each file the index lacks). engine/identity.py
@@ -17,10 +18,9 @@ from pathlib import Path
 import structlog
 
 from sidecar.engine.database import Database
-from sidecar.engine.index import DbIndex, scan
+from sidecar.engine.index import DbIndex, FileEntry, IndexCache, scan
 from sidecar.engine.pagesums import PageSums
 from sidecar.errors import SidecarError, validate_cluster_name, validate_db_name
-from sidecar.fsutil import write_atomically
 from sidecar.storage.base import ObjectInfo, Storage
 
 log = structlog.get_logger("sidecar.engine")
@@ -36,7 +36,8 @@ class Catalog:
         self.state_dir = state_dir
         self._dbs: dict[tuple[str, str], Database] = {}
         self._dirty: set[tuple[str, str]] = set()
-        self.on_stored: Callable[[Database], Awaitable[None]] | None = None
+        self._caches: dict[tuple[str, str], IndexCache] = {}
+        self.on_stored: Callable[[Database, FileEntry | None], Awaitable[None]] | None = None
 
     def __iter__(self) -> Iterator[Database]:
         return iter(list(self._dbs.values()))
@@ -73,6 +74,7 @@ class Catalog:
         """Drop a database and its cache (it was deleted)."""
         self._dbs.pop((db.cluster, db.name), None)
         self._dirty.discard((db.cluster, db.name))
+        self._caches.pop((db.cluster, db.name), None)
         shutil.rmtree(db.dir, ignore_errors=True)
 
     def clusters(self) -> list[str]:
@@ -147,12 +149,13 @@ class Catalog:
         db.index = DbIndex([*kept, *added])
         return True
 
-    async def stored(self, db: Database) -> None:
+    async def stored(self, db: Database, added: FileEntry | None = None) -> None:
         """The database's stored files changed (a flush, a compaction, retention about to delete): the index cache
-        is written later (`touch`), and `on_stored` is told now (the engine writes the head object, wakes readers)."""
+        is written later (`touch`), and `on_stored` is told now (the engine writes the head object, wakes readers).
+        `added`: the change was only this file added (a flush), which lets the head be extended, not replanned."""
         self.touch(db)
         if self.on_stored is not None:
-            await self.on_stored(db)
+            await self.on_stored(db, added)
 
     def touch(self, db: Database) -> None:
         """The database's index changed: written by the next `save_dirty` (a crash before it costs only a few
@@ -182,7 +185,10 @@ class Catalog:
         """Write a database's index cache (and, with `sums`, its page checksums); flushes and compactions may both
         be saving, so in turn, each writing the state as of its turn."""
         async with db.saving:
-            await asyncio.to_thread(write_atomically, db.dir / INDEX, db.index.to_json())
+            cache = self._caches.get((db.cluster, db.name))
+            if cache is None:
+                cache = self._caches[(db.cluster, db.name)] = IndexCache(db.dir / INDEX)
+            await asyncio.to_thread(cache.plan(db.index))
             if sums and db.sums is not None:
                 await asyncio.to_thread(PageSums.save, db.dir, db.sums.dump())
 

@@ -98,6 +98,7 @@ class Engine:
         # Notified whenever a database's stored files change (flush, compaction, retention): readers' long-polls.
         self.stored = asyncio.Condition()
         self._heads: dict[str, bytes] = {}  # head object last stored, by database prefix
+        self._latest: dict[str, tuple[DbIndex, heads.Head]] = {}  # the latest head computed, of that index
         self._fence_extra = fence
         self.builder = Builder(storage, self.tmpdir, timed=timed, fence=self._fence)
         self.flusher = Flusher(self.builder, self.catalog, self.uploadlog, self._flushed)
@@ -442,22 +443,31 @@ class Engine:
                         raise
                     log.warning("lease renewal failed; retried at the next use", cluster=cluster)
 
-    async def _stored(self, db: Database) -> None:
+    async def _stored(self, db: Database, added: FileEntry | None = None) -> None:
         """A database's stored files changed: write its head object, and wake whoever waits for a change."""
-        await self._store_head(db)
+        await self._store_head(db, added)
         async with self.stored:
             self.stored.notify_all()
 
-    async def _store_head(self, db: Database) -> None:
+    async def _store_head(self, db: Database, added: FileEntry | None = None) -> None:
         """Write `<db>/head.json` (engine/head.py), so readers follow the latest state without a LIST.
 
+        After a flush (`added`) the head is the last one and that file; other changes plan it again.
         Retention calls this before deleting, so followers move off files before they go; a change that leaves
         the latest plan as it was costs no PUT. A failure is only logged: the files and the index are what restores
         rely on, and the next change writes it again.
         """
-        latest = heads.latest(db.index)
-        data = heads.encode(latest) if latest is not None else b""
-        if not data or self._heads.get(db.prefix) == data:
+        known = self._latest.get(db.prefix)
+        prev = known[1] if known is not None and known[0] is db.index else None  # not of an index since replaced
+        latest = heads.extended(prev, added, db.index) if added is not None else None
+        if latest is None:
+            latest = heads.latest(db.index)
+        if latest is None:
+            self._latest.pop(db.prefix, None)
+            return
+        self._latest[db.prefix] = (db.index, latest)
+        data = heads.encode(latest)
+        if self._heads.get(db.prefix) == data:
             return
         try:
             await self._fence(db)

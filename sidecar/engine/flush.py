@@ -112,7 +112,7 @@ class Flusher:
             taken = db.pending[:batch(db)]
             entry = await self.builder.build(db, 0, [p.data for p in taken], Version.V2, in_memory=True)
             db.index.add(entry)
-            await self.catalog.stored(db)
+            await self.catalog.stored(db, added=entry)
             db.pending = db.pending[len(taken):]
             for p in taken:
                 self.log.release(p.segment)

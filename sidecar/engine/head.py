@@ -82,6 +82,17 @@ def latest(index: DbIndex | Iterable[FileEntry]) -> Head | None:
         return None
 
 
+def extended(prev: Head | None, added: FileEntry, index: DbIndex) -> Head | None:
+    """The latest head of `index` after a flush added only `added` to it, when `added` continues `prev` (the
+    latest head before) and is the newest file: `prev`'s plan and that file. No other file reaches as far, so
+    the planner's choices up to `prev` stay as they were. None otherwise (then plan again: `latest`). O(plan),
+    where `latest` is O(n log n) in the index (a day of L0 files: ~5 ms a flush)."""
+    if (prev is None or added.is_snapshot or added.min_txid != prev.txid + 1
+            or added.max_txid != index.max_txid):
+        return None
+    return Head.of_plan((*prev.plan, added))
+
+
 def plan(index: DbIndex | Iterable[FileEntry], *, txid: int | None = None,
          timestamp: int | None = None) -> list[FileEntry]:
     """`plan_restore(index, txid=, timestamp=)`, computed on only the files that can be in its answer.
@@ -212,4 +223,5 @@ def _hex(doc: dict[str, Any], name: str, where: str) -> int:
         raise ValueError(f"{where}.{name}: want 16 hex digits, got {value!r}") from None
 
 
-__all__ = ["HEAD_NAME", "Head", "decode", "encode", "head_key", "latest", "ltx_object_key", "plan", "plan_after"]
+__all__ = ["HEAD_NAME", "Head", "decode", "encode", "extended", "head_key", "latest", "ltx_object_key", "plan",
+           "plan_after"]

@@ -38,14 +38,23 @@ def retention_victims(index: DbIndex, levels: Levels, now: float) -> list[FileEn
     base = old[-1] if old else None
     doomed += old[:-1]
     floor = base.max_txid if base else 0
+    # Each level's files are sorted by TXID: the loops stop at the first file that must stay, so a pass costs
+    # what it deletes, not the thousands of files a database keeps (it runs every second for every database).
     for level in levels.compacted:
         files = index.level(level)
         cut = ms - int(levels.retention(level) * 1000)
-        doomed += [e for e in files[:-1] if e.timestamp < cut and e.max_txid <= floor]
+        for i in range(len(files) - 1):
+            e = files[i]
+            if e.min_txid > floor:  # so is every later file's: none of them ends at or below the floor
+                break
+            if e.timestamp < cut and e.max_txid <= floor:
+                doomed.append(e)
     l1 = index.newest(1)
     covered = max(l1.max_txid if l1 else 0, floor)
     cut = ms - int(levels.l0_retention * 1000)
-    for e in index.level(0)[:-1]:
+    l0 = index.level(0)
+    for i in range(len(l0) - 1):
+        e = l0[i]
         if e.timestamp >= cut or e.max_txid > covered:
             break
         doomed.append(e)

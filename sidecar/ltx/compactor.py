@@ -4,6 +4,9 @@ A streaming k-way merge by page number holding one page per input: the latest in
 pages beyond the last input's Commit are dropped (a shrinking database truncates). Header fields are set
 as the reference compactor sets them. Input checksums are verified after the page block is merged, so
 callers write the output to a temporary file and keep it only if `compact` returns.
+
+Small v2 inputs held in memory (a flush's uploads: `SMALL_MERGE` bytes in all) are each decoded whole
+(`decode_v2`) and merged in a dict instead: the same pages and checks at about half the cost.
 """
 
 from __future__ import annotations
@@ -12,10 +15,21 @@ import heapq
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
-from sidecar.ltx.decoder import Decoder
+from sidecar.ltx.decoder import Decoder, decode_v2
 from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.errors import CompactionError, LTXError
-from sidecar.ltx.types import FLAG_NO_CHECKSUM, TRAILER_SIZE, BytesLike, Header, Trailer, Version, db_checksums
+from sidecar.ltx.types import (
+    FLAG_NO_CHECKSUM,
+    HEADER_SIZE,
+    TRAILER_SIZE,
+    BytesLike,
+    Header,
+    Trailer,
+    Version,
+    db_checksums,
+)
+
+SMALL_MERGE = 4 << 20  # bytes of v2 inputs in memory merged whole (decompressed, a few times that)
 
 
 def check_contiguous(headers: Sequence[Header], trailers: Sequence[Trailer] | None = None, *,
@@ -112,6 +126,10 @@ def compact(inputs: Sequence[BinaryIO | BytesLike], out: BinaryIO, *, version: V
         raise CompactionError("no input files")
     version = Version(version)
     out_version = Version(out_version if out_version is not None else version)
+    in_memory: list[BytesLike] = [src for src in inputs if not hasattr(src, "readinto")]  # type: ignore[misc]
+    if version == Version.V2 and len(in_memory) == len(inputs) and \
+            sum(memoryview(src).nbytes for src in in_memory) <= SMALL_MERGE:
+        return _compact_small(in_memory, out, flags, out_version, bool(allow_overlap))
     decoders = []
     for i, src in enumerate(inputs):
         try:
@@ -141,4 +159,35 @@ def compact(inputs: Sequence[BinaryIO | BytesLike], out: BinaryIO, *, version: V
     return out_header, enc.close(last[1])
 
 
-__all__ = ["check_contiguous", "compact", "compacted_header", "final_checksum_hint", "merge_pages"]
+def _compact_small(inputs: Sequence[BytesLike], out: BinaryIO, flags: int | None, out_version: Version,
+                   allow_overlap: bool) -> tuple[Header, Trailer]:
+    """`compact` of v2 files in memory: each decoded and verified whole, the pages merged in a dict."""
+    headers: list[Header] = []
+    for i, src in enumerate(inputs):  # the headers first, as the streaming merge reads them: a gap is reported
+        try:                          # as such before a later file's damage
+            headers.append(Header.unpack(memoryview(src).cast("B")[:HEADER_SIZE]))
+        except LTXError as err:
+            raise type(err)(f"decode header for input {i}: {err}", field=err.field) from err
+    check_contiguous(headers, allow_overlap=allow_overlap)
+    trailers: list[Trailer] = []
+    merged: dict[int, memoryview] = {}
+    for i, src in enumerate(inputs):
+        try:
+            _, trailer, pages = decode_v2(src)
+        except LTXError as err:
+            raise type(err)(f"input {i}: {err}", field=err.field) from err
+        trailers.append(trailer)
+        merged.update(pages)  # a later file's page replaces an earlier one's
+    check_contiguous(headers, trailers, allow_overlap=allow_overlap)
+    out_header = compacted_header(headers, headers[0].flags if flags is None else flags,
+                                  trailers[-1].post_apply_checksum)
+    enc = Encoder(out, out_header, out_version)
+    for pgno in sorted(merged):
+        if pgno <= out_header.commit:
+            enc.write_page(pgno, merged[pgno])
+    if out_header.no_checksum:
+        return out_header, enc.close(0)
+    return out_header, enc.close(trailers[-1].post_apply_checksum)
+
+
+__all__ = ["SMALL_MERGE", "check_contiguous", "compact", "compacted_header", "final_checksum_hint", "merge_pages"]

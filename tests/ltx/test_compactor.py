@@ -7,13 +7,14 @@ as ltx's TestCompactor_Compact is.
 from __future__ import annotations
 
 import io
+import random
 
 import pytest
 
-from sidecar.ltx import FLAG_COMPRESS_LZ4, FLAG_NO_CHECKSUM, Header, Trailer, Version
+from sidecar.ltx import FLAG_COMPRESS_LZ4, FLAG_NO_CHECKSUM, HEADER_SIZE, Header, Trailer, Version
 from sidecar.ltx.compactor import check_contiguous, compact, compacted_header, final_checksum_hint
 from sidecar.ltx.decoder import decode
-from sidecar.ltx.errors import CompactionError, InvalidHeader
+from sidecar.ltx.errors import CompactionError, InvalidHeader, LTXError
 from tests.ltx.chain import PAGE, build_chain, checksum, page, to_v3_no_checksum
 
 F = 1 << 63  # the checksum flag
@@ -196,6 +197,31 @@ class TestCompact:
         compact([io.BytesIO(f) for f in files], b, version=Version.V2)
         assert a.getvalue() == b.getvalue()
         assert decode(b.getvalue(), Version.V2)[2].post_apply_checksum == checksum(db)
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_the_in_memory_merge_writes_what_the_streaming_merge_writes(self, seed: int) -> None:
+        """Buffers (merged whole, in a dict) and streams (merged one page per input) give the same bytes, and
+        both refuse the same damaged input."""
+        rng = random.Random(seed)
+        txs = [(8, {p: rng.randrange(256) for p in range(1, 9)})]
+        for _ in range(rng.randint(1, 12)):
+            commit = rng.randint(2, 12)
+            txs.append((commit, {rng.randint(1, commit): rng.randrange(256) for _ in range(rng.randint(0, 5))}))
+        files, db = build_chain(txs, lz4=rng.random() < 0.5)
+        start = rng.randrange(len(files))
+        a, b = io.BytesIO(), io.BytesIO()
+        compact(files[start:], a, version=Version.V2)
+        compact([io.BytesIO(f) for f in files[start:]], b, version=Version.V2)
+        assert a.getvalue() == b.getvalue()
+        assert decode(a.getvalue(), Version.V2)[2].post_apply_checksum == checksum(db)
+        bad = list(files[start:])
+        i = rng.randrange(len(bad))
+        at = rng.randrange(HEADER_SIZE, len(bad[i]))
+        bad[i] = bad[i][:at] + bytes([bad[i][at] ^ 0xFF]) + bad[i][at + 1:]
+        with pytest.raises(LTXError):
+            compact(bad, io.BytesIO(), version=Version.V2)
+        with pytest.raises(LTXError):
+            compact([io.BytesIO(f) for f in bad], io.BytesIO(), version=Version.V2)
 
     def test_overlap_is_allowed_by_default_only_in_v3(self) -> None:
         files, db = build_chain([(3, {1: 1}), (3, {2: 2}), (4, {4: 4})])
