@@ -82,7 +82,7 @@ class Engine:
     def __init__(self, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
                  clock: Clock = time.time, timed: Timed | None = None, fence: Fence | None = None,
                  leases: Leases | None = None, max_skew: float = 3600.0, verify_checksums: bool = True,
-                 max_pending_bytes: int = 0, max_hwm_lag: float = 0.0) -> None:
+                 max_pending_bytes: int = 0, max_hwm_lag: float = 0.0, commit_delay: float = 0.0) -> None:
         self.storage = storage
         self._own_leases = leases is None
         # Leases run on the engine's clock, so tests driving a fake clock drive the leases too.
@@ -91,7 +91,7 @@ class Engine:
         self.levels = levels or Levels()
         self.clock = clock
         self.tmpdir = self.state_dir / ".tmp"
-        self.uploadlog = UploadLog(self.state_dir / "log")
+        self.uploadlog = UploadLog(self.state_dir / "log", commit_delay=commit_delay)
         self.binding = StateBinding(self.state_dir)
         self.catalog = Catalog(storage, self.state_dir)
         self.catalog.on_stored = self._stored
@@ -153,7 +153,8 @@ class Engine:
         leases = Leases(storage, owner, addr, ttl=config.lease_ttl, skew=config.lease_skew)
         engine = cls(storage, state_dir or config.state_dir, levels_of(config), leases=leases,
                      max_skew=config.max_clock_skew, verify_checksums=config.verify_checksums,
-                     max_pending_bytes=config.max_pending_bytes, max_hwm_lag=config.max_hwm_lag)
+                     max_pending_bytes=config.max_pending_bytes, max_hwm_lag=config.max_hwm_lag,
+                     commit_delay=config.commit_delay)
         engine._own_leases = owner is None
         try:
             await engine._load()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,27 @@ async def test_concurrent_appends_share_commits_and_replay_in_order(tmp_path: Pa
     records = list(again.replay())
     assert [(r.name, bytes(r.data)) for r in records] == [(f"db{i % 7}", p) for i, p in enumerate(payloads)]
     again.end_replay()
+
+
+async def test_a_commit_delay_gathers_uploads_arriving_apart_into_one_sync(tmp_path: Path) -> None:
+    """Uploads arriving 2 ms apart, within a 50 ms commit delay, share one fdatasync (without a delay each
+    would get its own as soon as the previous sync ends), and each is acknowledged only once it is written."""
+    syncs: list[int] = []
+
+    def sync(fd: int) -> None:
+        syncs.append(os.fstat(fd).st_size)
+        os.fdatasync(fd)
+    log = UploadLog(tmp_path, commit_delay=0.05, sync=sync)
+    assert list(log.replay()) == []
+    log.end_replay()
+    log.start()
+
+    async def one(i: int) -> int:
+        await asyncio.sleep(i * 0.002)
+        return await log.append("c", "db", b"x" * 100)
+    await asyncio.gather(*(one(i) for i in range(10)))
+    assert log.commits <= 2 and len(syncs) <= 2  # one, unless this machine stalled the test for 30 ms
+    assert len(list(UploadLog(tmp_path).replay())) == 10
 
 
 async def test_segments_roll_and_go_oldest_first_once_released(tmp_path: Path) -> None:
