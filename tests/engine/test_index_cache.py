@@ -124,7 +124,7 @@ def test_a_cut_journal_or_one_of_another_generation_gives_what_it_can(tmp_path: 
     cache.journal.write_text(text[:-5])  # the last line cut short by a crash
     loaded = DbIndex.load(path)
     assert loaded is not None and loaded.max_txid == 5  # the whole lines, then the reconcile's job
-    first, *rest = text.splitlines()
+    _, *rest = text.splitlines()
     cache.journal.write_text("\n".join([json.dumps({"generation": "another"}), *rest]) + "\n")
     loaded = DbIndex.load(path)
     assert loaded is not None and loaded.max_txid == 3  # not this index.json's journal: ignored
