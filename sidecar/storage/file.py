@@ -88,7 +88,11 @@ class FileStorage:
         dst = self._path(key)
         try:
             made = _makedirs(dst.parent)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+            except FileNotFoundError:  # a delete pruned the directory just made empty: make it again
+                made = _makedirs(dst.parent)
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
             tmp = Path(tmp_name)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -247,8 +251,25 @@ class FileStorage:
                 pass
             except OSError as err:
                 raise StorageError(key, f"delete failed: {err}") from err
+        changed = set()
         for d in dirs:
-            fsync_dir(d)
+            removed = self._prune(d)  # as on S3, a prefix with no object left is no directory either
+            changed.add(removed[-1].parent if removed else d)
+        for d in changed:
+            if d.exists():
+                fsync_dir(d)
+
+    def _prune(self, directory: Path) -> builtins.list[Path]:
+        """Remove `directory` and its parents below the root while they are empty; return those removed."""
+        removed = []
+        while directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or already gone): stop here
+                break
+            removed.append(directory)
+            directory = directory.parent
+        return removed
 
     async def close(self) -> None:
         return None

@@ -10,6 +10,7 @@ import pytest
 
 from sidecar.errors import NotFound, PreconditionFailed, StorageError
 from sidecar.storage import FILE_LAYOUT, S3_LAYOUT, LTXKey, Storage, open_storage
+from sidecar.storage.file import FileStorage
 from sidecar.storage.s3 import S3Storage
 from tests.s3server import MotoServer
 
@@ -41,6 +42,20 @@ class TestContract:
         assert [o.key for o in await store.list("")] == ["a/two.ltx", "z.ltx"]
         with pytest.raises(NotFound, match=r"a/b/one\.ltx"):
             await store.get_bytes("a/b/one.ltx")
+
+    async def test_a_prefix_whose_objects_are_all_deleted_is_gone(self, store: Storage, tmp_path: Path) -> None:
+        """As on S3, so on disk: deleting a database's every file leaves no empty directory that a listing of
+        the store's root (or `verify` of it) would take for a database; and the prefix can be written again."""
+        keys = ["c/app.db/ltx/0/0000000000000001-0000000000000001.ltx", "c/app.db/head.json",
+                "c/keep.db/ltx/0/0000000000000001-0000000000000001.ltx"]
+        for key in keys:
+            await store.put_bytes(key, b"x")
+        await store.delete(keys[:2])
+        assert [o.key for o in await store.list("c/")] == keys[2:]
+        if isinstance(store, FileStorage):
+            assert sorted(p.name for p in (tmp_path / "store" / "c").iterdir()) == ["keep.db"]
+        await store.put_bytes(keys[0], b"again", if_none_match=True)
+        assert await store.get_bytes(keys[0]) == b"again"
 
     async def test_timestamp_where_litestream_reads_it(self, store: Storage) -> None:
         await store.put_bytes("ltx/0/x.ltx", b"data", timestamp=1_700_000_000_123)
