@@ -16,7 +16,7 @@ from sidecar.ltx import format_timestamp
 from tests.server.conftest import wait_until
 from tests.vfs.conftest import READER, Written, open_written
 
-APP = Path(__file__).parents[2] / "examples" / "serverless" / "app.py"
+APP = Path(__file__).parents[2] / "docs" / "examples" / "serverless_app.py"
 
 
 def load_example() -> ModuleType:
