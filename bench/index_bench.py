@@ -9,8 +9,10 @@ that keeps up on day one falls behind on day two.
     python -m bench.index_bench [--flushes 2000]
 
 For each index size: microseconds per flush of the steps as the engine runs them (`extended` head, journal
-append), their ratio to the fresh index's in the same run (goal: about 1), and beside them the same steps done
-from scratch (the full plan and a whole index write at every flush), which is what they cost before.
+append; every 30th flush an L1 file and a full plan, as after the 5-minute compaction) and their ratio to the
+fresh index's in the same run. Only that full plan, once every 30 flushes, may grow with the index: from one
+day to thirty the index doubles, and this figure should not move. Beside them, the same steps done from scratch
+(the full plan and a whole index write at every flush), which is what they cost before.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sidecar.engine import head as heads
 from sidecar.engine.index import IndexCache
 
 L0_EVERY = 10_000  # ms
+L1_EVERY = 30  # flushes: an L1 file every 5 minutes
 DAY = 86_400_000
 
 
@@ -61,14 +64,20 @@ def per_flush(days: int, flushes: int, *, incremental: bool) -> tuple[float, int
         cache = IndexCache(Path(tmp) / "index.json")
         cache.plan(index)()  # the cache as it is before the run: written whole once
         latest = heads.latest(index)
+        window: list[FileEntry] = []
         t0 = time.process_time()
         for i in range(flushes):
             at = now + (i + 1) * L0_EVERY
             entry = FileEntry(0, index.max_txid + 1, index.max_txid + 3, at, 1400, 10, 4096, 1, 1)
             index.add(entry)
+            window.append(entry)
             _ = index.max_txid  # the HWM every upload's answer carries
             head = heads.extended(latest, entry, index) if incremental else None
             latest = head if head is not None else heads.latest(index)
+            if len(window) == L1_EVERY:  # the L1 compaction every 5 minutes: the head is planned again
+                index.add(FileEntry(1, window[0].min_txid, window[-1].max_txid, at, 50_000, 10, 4096, 1, 1))
+                latest = heads.latest(index)
+                window = []
             assert latest is not None
             heads.encode(latest)  # the head object's bytes
             retention_victims(index, levels, at / 1000)  # the check every tick makes
@@ -86,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine.describe())
     print(f"{args.flushes} flushes per row; µs of CPU per flush: index add, HWM, head plan and its JSON, "
-          "retention check, index cache save (no compaction in between: the head's plan grows by one file a flush)")
+          "retention check, index cache save; every 30th flush, an L1 compaction and its new plan")
     print(f"{'history':>10} {'files':>7} {'now µs':>8} {'÷ fresh':>8} {'from scratch µs':>16} {'÷ fresh':>8}")
     base_now = base_old = 0.0
     for days in (0, 1, 7, 30):
