@@ -32,11 +32,11 @@ from sidecar.storage.base import Storage
 SMALL = 4 << 20  # inputs up to this size are compacted in memory, without a temporary file
 THREAD = 256 << 10  # inputs above this size are compacted in a worker thread
 
-Fence = Callable[[Database], Awaitable[None]]
+Fence = Callable[[Database], Awaitable[float | None]]  # raises if no write may start; else the seconds it may take
 Timed = Callable[[int, float], None]
 
 
-async def _no_fence(db: Database) -> None:
+async def _no_fence(db: Database) -> float | None:
     return None
 
 
@@ -69,8 +69,9 @@ class Builder:
                 header, _ = compact_inputs(inputs, out, version)
             data = out.getvalue()
             entry = FileEntry.from_header(level, header, len(data))
-            await self.fence(db)
-            await self.storage.put_bytes(self.key(db, entry), data, timestamp=header.timestamp, if_none_match=True)
+            async with asyncio.timeout(await self.fence(db)):  # it ends while the lease holds, or not at all
+                await self.storage.put_bytes(self.key(db, entry), data, timestamp=header.timestamp,
+                                             if_none_match=True)
         else:
             async with self._big:
                 self.tmpdir.mkdir(parents=True, exist_ok=True)
@@ -80,9 +81,9 @@ class Builder:
                 try:
                     header, _ = await asyncio.to_thread(_compact_file, inputs, tmp, version)
                     entry = FileEntry.from_header(level, header, tmp.stat().st_size)
-                    await self.fence(db)
-                    await self.storage.put_file(self.key(db, entry), tmp, timestamp=header.timestamp,
-                                                if_none_match=True)
+                    async with asyncio.timeout(await self.fence(db)):
+                        await self.storage.put_file(self.key(db, entry), tmp, timestamp=header.timestamp,
+                                                    if_none_match=True)
                 finally:
                     tmp.unlink(missing_ok=True)
         if self.timed:

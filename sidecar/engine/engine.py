@@ -121,6 +121,9 @@ class Engine:
         self.store_id = ""  # the store's identity (identity.py), once checked
         self._owning: dict[str, asyncio.Lock] = {}
         self._held_before: set[str] = set()  # clusters this state directory's engine has held (<state>/leases.json)
+        # Clusters whose indexes are current under the lease held now: set once a takeover's reconcile is done, so
+        # no upload is taken against an index that misses the previous owner's last files.
+        self._current: set[str] = set()
         self._foreign: dict[str, float] = {}  # cluster -> until when another engine holds its lease (engine clock)
         self._renewing: dict[str, asyncio.Task[None]] = {}  # background lease renewals, one per cluster
         self._store_trouble: set[str] = set()  # clusters whose last lease renewal failed on a store error
@@ -200,14 +203,16 @@ class Engine:
                 self.pending_bytes += sum(len(p.data) for p in db.pending)
                 self.flush_queue.add(db, db.pending[0].arrived + self.levels.l0_interval)
 
-    async def _fence(self, db: Database) -> None:
-        """Called before every write to the store: raises if this engine may not write `db` now."""
+    async def _fence(self, db: Database) -> float:
+        """Called before every write to the store: raises if this engine may not write `db` now; returns the
+        seconds the write may take (it must end while the lease holds: lease.py)."""
         if not self._store_checked:
             raise StorageError(self.storage.url, "not checked since start (it was unreachable); nothing is written "
                                "until it is", retryable=True)
-        self.leases.fence(db.cluster)
+        left = self.leases.fence(db.cluster)
         if self._fence_extra is not None:
             await self._fence_extra(db)
+        return left
 
     async def _check_store(self, *, started: bool) -> None:
         """Bind the state directory to the store's identity, then reconcile every index with the store."""
@@ -397,6 +402,7 @@ class Engine:
                 db.refresh_pos()
                 db.sums = None
         self.leases.held.pop(cluster, None)
+        self._current.discard(cluster)
         log.warning("lease lost: another engine writes this cluster now", cluster=cluster, error=str(err),
                     dropped_uploads=dropped)
 
@@ -409,17 +415,19 @@ class Engine:
         lease is taken, and if another engine took it meanwhile, the uploads are dropped for their clients to send
         again."""
         self._wanted[cluster] = self.clock()
-        if self.leases.holds(cluster) and not self.leases.due(cluster):
+        if self.leases.holds(cluster) and not self.leases.due(cluster) and cluster in self._current:
             return
         if provisional and self.leases.ours(cluster) and (
-                self.leases.holds(cluster) or cluster in self._store_trouble or self._renewal_running(cluster)):
+                (self.leases.holds(cluster) and cluster in self._current) or cluster in self._store_trouble
+                or self._renewal_running(cluster)):
             # An upload never waits on the store for a lease this engine holds, or held until the store stopped
             # answering. (A process that was merely paused past its lease takes it back, or learns it lost it,
             # before it accepts anything.)
             self._renew_soon(cluster)
             return
         async with self._owning.setdefault(cluster, asyncio.Lock()):
-            if not self.leases.holds(cluster):
+            if not self.leases.holds(cluster) or cluster not in self._current:
+                self._current.discard(cluster)
                 try:
                     fresh = await self.leases.acquire(cluster)
                 except StorageError:
@@ -433,6 +441,7 @@ class Engine:
                 if not fresh:
                     for db in await self.catalog.reconcile(cluster):
                         self._trim_pending(db)
+                self._current.add(cluster)
             elif self.leases.due(cluster):  # a third of the TTL old: renew while it is used
                 try:
                     await self.leases.renew(cluster)
@@ -471,10 +480,10 @@ class Engine:
         if self._heads.get(db.prefix) == data:
             return
         try:
-            await self._fence(db)
-            await self.storage.put_bytes(self.storage.layout.head_key(db.prefix), data)
+            async with asyncio.timeout(await self._fence(db)):
+                await self.storage.put_bytes(self.storage.layout.head_key(db.prefix), data)
             self._heads[db.prefix] = data
-        except (StorageError, NotOwner) as err:
+        except (StorageError, NotOwner, TimeoutError) as err:
             log.warning("head object not written; readers see this change with the next one", cluster=db.cluster,
                         db=db.name, error=str(err))
 

@@ -123,11 +123,14 @@ class Leases:
         held = self.held.get(cluster)
         return held is None or self.monotonic() - held.written >= self.ttl / 3
 
-    def fence(self, cluster: str) -> None:
-        """Raise NotOwner unless this engine may write the cluster now."""
+    def fence(self, cluster: str) -> float:
+        """Raise NotOwner unless this engine may write the cluster now; return the seconds a write started now may
+        take. A write must end within them: the next owner takes the lease `2 × skew` after that, and a request
+        still in flight then could land over its files (S3 has no fencing token)."""
         if not self.holds(cluster):
             raise NotOwner(cluster, None, f"cluster {cluster!r}: this engine's lease "
                                           f"{'ran out' if cluster in self.held else 'is not held'}; it writes nothing")
+        return self.held[cluster].valid_until - self.monotonic()
 
     def ours(self, cluster: str) -> bool:
         """Whether this engine held the cluster last, as far as it knows (its lease may have run out unrenewed)."""

@@ -36,9 +36,9 @@ CLUSTERS = {"red": "tok-red-0123456789abcdef0", "green": "tok-green-0123456789ab
             "blue": "tok-blue-0123456789abcdef"}
 TTL = "6s"  # a short lease, so takeovers happen within the test
 # The kill test's size. CI runs a small one; the issue's full run is
-# LITEFS_SIDECAR_SCALEOUT="50 20 120" pytest tests/server/test_scaleout.py -k killed
+# SCALEOUT_TEST_SIZE="50 20 120" pytest tests/server/test_scaleout.py -k killed
 # (50 databases, one process killed every 20 s, for 120 s).
-DBS, KILL_EVERY, SECONDS = (int(x) for x in os.environ.get("LITEFS_SIDECAR_SCALEOUT", "12 10 45").split())
+DBS, KILL_EVERY, SECONDS = (int(x) for x in os.environ.get("SCALEOUT_TEST_SIZE", "12 10 45").split())
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Cluster:
 
 async def wait_up(url: str) -> None:
     """Until the server at `url` says it is ready."""
-    async with aiohttp.ClientSession() as http, asyncio.timeout(30):
+    async with aiohttp.ClientSession() as http, asyncio.timeout(90):  # a restart replays, reconciles, rebuilds
         while True:
             try:
                 async with http.get(f"{url}/readyz") as r:
