@@ -34,7 +34,7 @@ class TestDocumentedCommands:
         text = (REPO / "docs" / "serverless.md").read_text()
         used = {argv[0] for argv in commands_in_shell(shell_blocks(text))}
         assert {"query", "replicate", "serve"} <= used
-        assert "default 9b27…44 read" in text and (REPO / "examples" / "serverless" / "app.py").exists()
+        assert "default 9b27…44 read" in text and (REPO / "docs" / "examples" / "serverless_app.py").exists()
 
     def test_the_runbook_shows_the_restore_commands(self) -> None:
         commands = commands_in_shell(shell_blocks((REPO / "docs" / "runbook.md").read_text()))
