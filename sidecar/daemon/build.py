@@ -18,8 +18,8 @@ from pathlib import Path
 
 from sidecar.fsutil import map_files
 from sidecar.ltx import FLAG_COMPRESS_LZ4, Header, LTXError, Pos, Trailer, Version
-from sidecar.ltx.compactor import check_contiguous, compacted_header, merge_pages
-from sidecar.ltx.decoder import Decoder, decode_v2
+from sidecar.ltx.compactor import check_contiguous, compacted_header, merge_pages, merge_v2
+from sidecar.ltx.decoder import Decoder
 from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.sqlite import Applier, database_checksum_of, encode_db, sqlite_page_size
 from sidecar.ltx.types import BytesLike, lock_pgno
@@ -43,7 +43,7 @@ def compact_files(paths: Sequence[str | Path], *, min_txid: int | None = None, m
         small = [data for data in inputs if isinstance(data, bytes)]
         decoders: list[Decoder] = []
         if len(small) == len(inputs):  # every per-transaction file
-            headers, trailers, merged, first_count = _decode_small(paths, small)
+            headers, trailers, merged, first_count = merge_v2(small, paths)
             check_contiguous(headers, trailers)
         else:  # a big file among them (a snapshot): a streaming merge holding one page per input
             decoders = [_decoder(path, data) for path, data in zip(paths, inputs, strict=True)]
@@ -67,30 +67,6 @@ def compact_files(paths: Sequence[str | Path], *, min_txid: int | None = None, m
                            f"every page", field="min_txid")
         enc.close(post)
         return out.getvalue(), header, post
-
-
-def _decode_small(paths: Sequence[str | Path], inputs: Sequence[bytes]) \
-        -> tuple[list[Header], list[Trailer], list[tuple[int, memoryview]], int]:
-    """Files in memory, each decoded whole, their pages merged in a dict (a later file's page replaces an
-    earlier's): ~3x cheaper than the streaming merge. Returns headers, trailers, the merged pages in order,
-    and how many pages the first file holds."""
-    headers: list[Header] = []
-    trailers: list[Trailer] = []
-    merged: dict[int, memoryview] = {}
-    first_count = 0
-    for path, data in zip(paths, inputs, strict=True):
-        try:
-            header, trailer, pages = decode_v2(data)
-        except LTXError as err:
-            raise type(err)(f"{path}: {err}", field=err.field) from err
-        if headers:
-            check_contiguous([headers[-1], header])  # a gap is reported as such, before a later file's damage
-        else:
-            first_count = len(pages)
-        headers.append(header)
-        trailers.append(trailer)
-        merged.update(pages)
-    return headers, trailers, sorted(merged.items()), first_count
 
 
 def _decoder(path: str | Path, data: BytesLike) -> Decoder:

@@ -150,13 +150,6 @@ class DbIndex:
         return json.dumps({"version": 2, "generation": generation, "files": [astuple(e) for e in self]},
                           separators=(",", ":"))
 
-    @classmethod
-    def from_json(cls, text: str) -> DbIndex:
-        data = json.loads(text)
-        if data.get("version") == 2:
-            return cls(FileEntry(*e) for e in data["files"])
-        return cls(FileEntry(**e) for e in data["files"])
-
     def copy(self) -> DbIndex:
         return DbIndex(self)
 
@@ -165,38 +158,42 @@ class DbIndex:
         """The index cached at `path`, with the journal beside it applied (see `IndexCache`); None if missing or
         damaged (then it is rebuilt from the store)."""
         try:
-            text = path.read_text()
-            index = cls.from_json(text)
-            generation = json.loads(text).get("generation", "")
+            data = json.loads(path.read_text())
+            if data.get("version") == 2:
+                entries = [FileEntry(*e) for e in data["files"]]
+            else:
+                entries = [FileEntry(**e) for e in data["files"]]
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None  # a damaged index is rebuilt from the store
-        index._replay(path.with_name(path.name + ".log"), generation)
-        index.changes = []
-        return index
+        files = dict.fromkeys(entries)  # in order, one of each: the journal adds and removes in O(1)
+        _replay(files, path.with_name(path.name + ".log"), data.get("generation", ""))
+        return cls(files)
 
-    def _replay(self, journal: Path, generation: str) -> None:
+
+def _replay(files: dict[FileEntry, None], journal: Path, generation: str) -> None:
+    """Apply the journal's whole lines of `generation` to `files`."""
+    try:
+        lines = journal.read_text().splitlines()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return
+    try:
+        if not generation or not lines or json.loads(lines[0]).get("generation") != generation:
+            return  # the journal of another index.json (a crash between the two writes): the reconcile at
+            # start finds what the cache misses
+    except (ValueError, AttributeError):
+        return
+    for line in lines[1:]:
         try:
-            lines = journal.read_text().splitlines()
-        except (FileNotFoundError, UnicodeDecodeError):
-            return
-        try:
-            if not generation or not lines or json.loads(lines[0]).get("generation") != generation:
-                return  # the journal of another index.json (a crash between the two writes): the reconcile at
-                # start finds what the cache misses
-        except (ValueError, AttributeError):
-            return
-        for line in lines[1:]:
-            try:
-                op, *fields = json.loads(line)
-                entry = FileEntry(*fields)
-            except (ValueError, TypeError):
-                return  # a line cut short by a crash: the rest is for the reconcile
-            if op == "+" and entry not in self.levels.get(entry.level, ()):
-                self.add(entry)
-            elif op == "-":
-                self.remove([entry])
+            op, *fields = json.loads(line)
+            entry = FileEntry(*fields)
+        except (ValueError, TypeError):
+            return  # a line cut short by a crash: the rest is for the reconcile
+        if op == "+":
+            files.setdefault(entry)
+        elif op == "-":
+            files.pop(entry, None)
 
 
 JOURNAL_MIN = 256  # journal lines before index.json is rewritten (or as many as the index has files, if more)

@@ -159,9 +159,35 @@ def compact(inputs: Sequence[BinaryIO | BytesLike], out: BinaryIO, *, version: V
     return out_header, enc.close(last[1])
 
 
+def merge_v2(inputs: Sequence[BytesLike], names: Sequence[object], *, allow_overlap: bool = False) \
+        -> tuple[list[Header], list[Trailer], list[tuple[int, memoryview]], int]:
+    """v2 files in memory, each decoded and verified whole (`decode_v2`), their pages merged in a dict (a later
+    file's page replaces an earlier's): ~3x cheaper than the streaming merge. Errors are prefixed with the file's
+    entry in `names`. Returns headers, trailers, the merged pages in order (commit not applied), and how many
+    pages the first file holds."""
+    headers: list[Header] = []
+    trailers: list[Trailer] = []
+    merged: dict[int, memoryview] = {}
+    first_count = 0
+    for name, data in zip(names, inputs, strict=True):
+        try:
+            header, trailer, pages = decode_v2(data)
+        except LTXError as err:
+            raise type(err)(f"{name}: {err}", field=err.field) from err
+        if headers:
+            # a gap is reported as such, before a later file's damage
+            check_contiguous([headers[-1], header], allow_overlap=allow_overlap)
+        else:
+            first_count = len(pages)
+        headers.append(header)
+        trailers.append(trailer)
+        merged.update(pages)
+    return headers, trailers, sorted(merged.items()), first_count
+
+
 def _compact_small(inputs: Sequence[BytesLike], out: BinaryIO, flags: int | None, out_version: Version,
                    allow_overlap: bool) -> tuple[Header, Trailer]:
-    """`compact` of v2 files in memory: each decoded and verified whole, the pages merged in a dict."""
+    """`compact` of v2 files in memory (`merge_v2`)."""
     headers: list[Header] = []
     for i, src in enumerate(inputs):  # the headers first, as the streaming merge reads them: a gap is reported
         try:                          # as such before a later file's damage
@@ -169,25 +195,18 @@ def _compact_small(inputs: Sequence[BytesLike], out: BinaryIO, flags: int | None
         except LTXError as err:
             raise type(err)(f"decode header for input {i}: {err}", field=err.field) from err
     check_contiguous(headers, allow_overlap=allow_overlap)
-    trailers: list[Trailer] = []
-    merged: dict[int, memoryview] = {}
-    for i, src in enumerate(inputs):
-        try:
-            _, trailer, pages = decode_v2(src)
-        except LTXError as err:
-            raise type(err)(f"input {i}: {err}", field=err.field) from err
-        trailers.append(trailer)
-        merged.update(pages)  # a later file's page replaces an earlier one's
+    _, trailers, pages, _ = merge_v2(inputs, [f"input {i}" for i in range(len(inputs))], allow_overlap=allow_overlap)
     check_contiguous(headers, trailers, allow_overlap=allow_overlap)
     out_header = compacted_header(headers, headers[0].flags if flags is None else flags,
                                   trailers[-1].post_apply_checksum)
     enc = Encoder(out, out_header, out_version)
-    for pgno in sorted(merged):
+    for pgno, page in pages:
         if pgno <= out_header.commit:
-            enc.write_page(pgno, merged[pgno])
+            enc.write_page(pgno, page)
     if out_header.no_checksum:
         return out_header, enc.close(0)
     return out_header, enc.close(trailers[-1].post_apply_checksum)
 
 
-__all__ = ["SMALL_MERGE", "check_contiguous", "compact", "compacted_header", "final_checksum_hint", "merge_pages"]
+__all__ = ["SMALL_MERGE", "check_contiguous", "compact", "compacted_header", "final_checksum_hint", "merge_pages",
+           "merge_v2"]

@@ -25,6 +25,7 @@ import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from sidecar.fsutil import fsync_dir
 from sidecar.ltx import lock_pgno
 
 MAGIC = bytes.fromhex("d9d505f920a163d7")
@@ -106,7 +107,7 @@ def _rewrite_locked(fd: int, path: Path, page_size: int, commit: int, pgnos: Ite
         j.write(struct.pack(">I", len(saved)))  # now the journal is hot
         j.flush()
         os.fsync(j.fileno())
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     for p in todo:
         if p > commit or p == lock:
             continue
@@ -119,15 +120,7 @@ def _rewrite_locked(fd: int, path: Path, page_size: int, commit: int, pgnos: Ite
     os.ftruncate(fd, commit * page_size)
     os.fsync(fd)
     journal.unlink()  # the commit point
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 __all__ = ["counter_of", "rewrite", "stamp"]
