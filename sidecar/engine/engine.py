@@ -40,7 +40,7 @@ from sidecar.engine.builder import Builder, Fence, Timed
 from sidecar.engine.catalog import Catalog
 from sidecar.engine.compaction import Compactor, due_levels, sources
 from sidecar.engine.database import Database, DbStatus, Pending
-from sidecar.engine.flush import Flusher, FlushQueue, Limit, due
+from sidecar.engine.flush import Flusher, FlushQueue, Limit, due, due_at
 from sidecar.engine.identity import StateBinding, store_identity
 from sidecar.engine.index import DbIndex, FileEntry, restore_points
 from sidecar.engine.lease import Leases, NotOwner
@@ -201,7 +201,7 @@ class Engine:
                 db.sums = None  # the cached page checksums are of another state: the next tick rebuilds them
             if db.pending:
                 self.pending_bytes += sum(len(p.data) for p in db.pending)
-                self.flush_queue.add(db, db.pending[0].arrived + self.levels.l0_interval)
+                self.flush_queue.add(db, due_at(db, self.levels.l0_interval))
 
     async def _fence(self, db: Database) -> float:
         """Called before every write to the store: raises if this engine may not write `db` now; returns the
@@ -357,7 +357,7 @@ class Engine:
                         continue
                     (self.limit.success if task.result() else self.limit.failure)()
                     if db.pending:
-                        self.flush_queue.add(db, db.pending[0].arrived + self.levels.l0_interval)
+                        self.flush_queue.add(db, due_at(db, self.levels.l0_interval))
         finally:
             stopping.cancel()
             if running:
@@ -629,7 +629,7 @@ class Engine:
         if self.levels.l0_interval <= 0 or len(data) > BIG_UPLOAD:
             await self._flush(db)
         elif db.pending:
-            self.flush_queue.add(db, db.pending[0].arrived + self.levels.l0_interval)
+            self.flush_queue.add(db, due_at(db, self.levels.l0_interval))
         return db.hwm
 
     def _check_pressure(self, db: Database) -> None:

@@ -1,6 +1,11 @@
 """Flushing: each database's pending uploads become one L0 file in the store, and the HWM moves.
 
-A database is due once its oldest pending upload is `l0_interval` old. A flush takes what is pending at its start,
+Each database flushes at its own phase of the L0 interval: at the first point of its grid (`phase(db) + k ×
+l0_interval`) at or after its oldest pending upload arrived, so a busy database makes one L0 file per interval and
+an upload waits less than one interval. The phase is spread evenly over the interval by a hash of the database's
+prefix: databases that started together (a fleet's nodes after a deploy, a server's restart) flush a few at a
+time all along the interval instead of all at once, which kept every upload waiting behind a wave of flushes
+every interval (p99 latency 0.3–0.6 s at 800 databases). A flush takes what is pending at its start,
 up to `MAX_BATCH` bytes (so a backlog needs bounded memory and temporary space, flushed in several files); uploads
 go on meanwhile (they only append to `pending`, and only a flush removes from its front), so a flush never holds
 the upload lock while it waits on the store.
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
+import zlib
 from collections.abc import Callable
 
 import structlog
@@ -30,9 +37,23 @@ log = structlog.get_logger("sidecar.engine")
 MAX_BATCH = 64 << 20  # bytes of pending uploads in one L0 file
 
 
+def phase(prefix: str, interval: float) -> float:
+    """Where in each L0 interval the database at `prefix` flushes: in [0, interval), the same in every process."""
+    return zlib.crc32(prefix.encode()) / 2**32 * interval
+
+
+def due_at(db: Database, interval: float) -> float:
+    """When `db`, which has pending uploads, comes due: the first point of its grid at or after its oldest one."""
+    arrived = db.pending[0].arrived
+    if interval <= 0:
+        return arrived
+    start = phase(db.prefix, interval)
+    return start + math.ceil((arrived - start) / interval) * interval
+
+
 def due(dbs: list[Database], now: float, interval: float) -> list[Database]:
-    """The databases whose oldest pending upload is `interval` old at `now`, oldest first (pure)."""
-    out = [db for db in dbs if db.pending and now - db.pending[0].arrived >= interval]
+    """The databases due at `now`, oldest pending upload first (pure)."""
+    out = [db for db in dbs if db.pending and due_at(db, interval) <= now]
     out.sort(key=lambda db: db.pending[0].arrived)
     return out
 
@@ -122,4 +143,4 @@ class Flusher:
                  max_txid=f"{entry.max_txid:016x}", uploads=len(taken), bytes=entry.size)
 
 
-__all__ = ["MAX_BATCH", "FlushQueue", "Flusher", "Limit", "batch", "due"]
+__all__ = ["MAX_BATCH", "FlushQueue", "Flusher", "Limit", "batch", "due", "due_at", "phase"]

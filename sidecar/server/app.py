@@ -16,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+from yarl import URL
 
 from sidecar.engine import Engine
 from sidecar.errors import PosMismatch, SidecarError, StorageError, validate_cluster_name
@@ -32,13 +35,14 @@ from sidecar.ltx import LTXError
 from sidecar.ltx.errors import ChecksumMismatch, InvalidHeader
 from sidecar.protocol import INSTANCE_HEADER, REQUEST_ID_HEADER
 from sidecar.server.auth import ADMIN_SCOPE, Scope, Tokens
-from sidecar.server.guard import GuardedSite, Limits, install_client_mistakes_filter, quiet_accept_errors
+from sidecar.server.guard import Guard, GuardedSite, Limits, install_client_mistakes_filter, quiet_accept_errors
+from sidecar.server.handoff import Inbox, Siblings, head_of
 from sidecar.server.http import ADMIN, CLUSTER, READONLY, error
 from sidecar.server.litefs_api import LiteFSAPI
 from sidecar.server.metrics import Metrics
 from sidecar.server.operator import OperatorAPI
 from sidecar.server.reads import Reads
-from sidecar.server.router import Router
+from sidecar.server.router import NotHere, Router
 from sidecar.server.ui import Dashboard, SessionError, SignedSessions
 
 log = structlog.get_logger("sidecar.server")
@@ -74,6 +78,7 @@ class Server:
         engine.observe_builds(self.metrics.observe_build)
         self.metrics.watch(engine)
         self.ready = False
+        self.siblings: Siblings | None = None  # set by serve() once this process has an address to advertise
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
         self.router = Router(engine, config.instance_id, on_forward=self.metrics.forwarded.inc)
         self.reads = Reads(engine)
@@ -193,12 +198,41 @@ class Server:
 
     def _authenticate(self, request: web.Request) -> Scope | None:
         """The caller's scope, or None."""
-        header = request.headers.get("Authorization", "")
+        return self._scope(request.headers.get("Authorization", ""), request.query.get("cluster"))
+
+    def _scope(self, header: str, cluster: str | None) -> Scope | None:
+        """The scope an Authorization header (and, without authentication, `?cluster=`) grants, or None."""
         if self.config.insecure_no_auth:
             if header.lower().startswith("cluster "):
                 return Scope(validate_cluster_name(header[8:].strip()))
-            return Scope(request.query.get("cluster") or "default")
+            return Scope(cluster or "default")
         return self.tokens.scope(Tokens.from_header(header))
+
+    async def route(self, data: bytes, transport: asyncio.Transport) -> bool:
+        """A new connection's first request is in `data`: hand the connection to the process on this machine that
+        writes its cluster, if another does (handoff.py); False to serve it here. Only a routine token's cluster is
+        looked at; everything else (refusals included) is served here, as the middlewares decide."""
+        head = head_of(data)
+        if head is None or self.siblings is None:
+            return False
+        target, headers = head
+        url = URL(target)
+        if url.path in OPEN_PATHS or url.path.startswith("/ui/") or "authorization" not in headers:
+            return False
+        try:
+            scope = self._scope(headers["authorization"], url.query.get("cluster"))
+        except SidecarError:
+            return False
+        if scope is None or scope.admin or url.query.get("cluster", scope.cluster) != scope.cluster:
+            return False
+        try:
+            doc = await self.router.writer(scope.cluster)
+        except NotHere:
+            return False
+        if doc is None or not doc.addr or not self.siblings.hand(doc.addr, transport.get_extra_info("socket"), data):
+            return False
+        self.metrics.handed.inc()
+        return True
 
     def _sign_in(self, token: str) -> Scope | None:
         """The dashboard's sign-in: a token's scope (anything is admin without authentication). The dashboard acts
@@ -262,7 +296,7 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
     quiet_accept_errors(asyncio.get_running_loop())
     undo_filter = install_client_mistakes_filter()
     limits = Limits(config.header_timeout, config.max_connections)
-    sites = [GuardedSite(runner, host, port, limits, reuse_port=reuse_port or None)]
+    sites = [GuardedSite(runner, host, port, limits, route=server.route, reuse_port=reuse_port or None)]
     if private:
         sites.append(GuardedSite(runner, "127.0.0.1", 0, limits))
     try:
@@ -280,6 +314,19 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
     elif not advertise and addr[0] not in ("0.0.0.0", "::"):
         advertise = url
     engine.advertise(advertise)
+    loop = asyncio.get_running_loop()
+    adopting: set[asyncio.Task[Any]] = set()
+
+    def adopt(sock: socket.socket, data: bytes) -> None:
+        """Serve a connection a sibling handed over, from the bytes it had read."""
+        task = loop.create_task(loop.connect_accepted_socket(
+            lambda: Guard(runner.server(), limits, handed=data), sock))  # type: ignore[misc]
+        adopting.add(task)
+        task.add_done_callback(adopting.discard)
+
+    inbox = Inbox(advertise, adopt) if advertise else None
+    if inbox is not None and inbox.start():
+        server.siblings = Siblings(advertise)
     server.ready = True
     log.info("serving", url=url, advertise=advertise or None, clusters=server.tokens.clusters,
              insecure=config.insecure_no_auth)
@@ -292,6 +339,10 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
     finally:
         server.ready = False
         log.info("shutting down", inflight=server.inflight)
+        if inbox is not None:
+            inbox.close()
+        if server.siblings is not None:
+            server.siblings.close()
         await runner.cleanup()  # stops accepting, waits for in-flight requests up to the grace period
         await server.router.close()
         stop.set()

@@ -10,7 +10,8 @@
   draining it after the answer).
 
 `GuardedSite` is a `web.TCPSite` whose protocol factory wraps each aiohttp protocol in a `Guard`, which forwards
-every callback and only watches the first request's bytes for the end of its headers.
+every callback and only watches the first request's bytes for the end of its headers. With a `route`, it holds
+those bytes until the headers are in and lets the route hand the connection to another process (handoff.py).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
+
+from sidecar.server.handoff import MAX_HANDED
 
 log = structlog.get_logger("sidecar.server")
 
@@ -43,16 +46,27 @@ class Limits:
         self.slow = 0  # connections closed for not finishing their headers
 
 
-class Guard(asyncio.Protocol):
-    """Forwards everything to aiohttp's protocol; closes connections that stall before their first request."""
+Route = Callable[[bytes, asyncio.Transport], Awaitable[bool]]
 
-    def __init__(self, inner: Any, limits: Limits) -> None:
+
+class Guard(asyncio.Protocol):
+    """Forwards everything to aiohttp's protocol; closes connections that stall before their first request.
+
+    With `route`, the first request's bytes are held until its headers are in, and `route(bytes, transport)` is
+    awaited: True means it handed the connection to another process (handoff.py), which then owns it; False, that
+    aiohttp serves it here. `handed` is what another process read from a connection it handed here."""
+
+    def __init__(self, inner: Any, limits: Limits, *, route: Route | None = None, handed: bytes = b"") -> None:
         self.inner = inner
         self.limits = limits
+        self.route = route
+        self.handed = handed
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.tail = b""  # the last bytes seen, until the first request's headers end
+        self.held: bytearray | None = bytearray() if route else None  # the first bytes, while not yet routed
         self.counted = False
+        self.made = False  # whether aiohttp's protocol has the connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -63,8 +77,19 @@ class Guard(asyncio.Protocol):
             return
         self.limits.open += 1
         self.counted = True
+        if self.handed:  # its headers are in: the sibling routed it
+            self._serve(self.handed)
+            return
         self.timer = asyncio.get_running_loop().call_later(self.limits.header_timeout, self._stalled)
-        self.inner.connection_made(transport)
+        if self.route is None:
+            self._serve(b"")
+
+    def _serve(self, data: bytes) -> None:
+        self.made = True
+        assert self.transport is not None
+        self.inner.connection_made(self.transport)
+        if data:
+            self.inner.data_received(data)
 
     def _stalled(self) -> None:
         self.limits.slow += 1
@@ -80,40 +105,73 @@ class Guard(asyncio.Protocol):
                 self.tail = b""
             else:
                 self.tail = seen[-3:]
-        self.inner.data_received(data)
+        if self.held is None:
+            self.inner.data_received(data)
+            return
+        self.held += data
+        if self.timer is None or len(self.held) > MAX_HANDED:  # the headers are in (or too long to hand over)
+            held, self.held = bytes(self.held), None
+            assert self.transport is not None
+            self.transport.pause_reading()
+            task = asyncio.get_running_loop().create_task(self._route(held))
+            _routing.add(task)
+            task.add_done_callback(_routing.discard)
+
+    async def _route(self, held: bytes) -> None:
+        assert self.transport is not None and self.route is not None
+        handed = False
+        try:
+            handed = len(held) <= MAX_HANDED and await self.route(held, self.transport)
+        except Exception as exc:  # routing is an optimisation: serve the connection here
+            log.warning("routing a connection failed", error=repr(exc))
+        if self.transport.is_closing():
+            return  # the client went away meanwhile
+        if handed:
+            self.transport.abort()  # closes this process's descriptor; the sibling has its own
+            return
+        self._serve(held)
+        self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received()  # type: ignore[no-any-return]
+        return self.inner.eof_received() if self.made else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
         if self.counted:
             self.limits.open -= 1
-            self.inner.connection_lost(exc)
+            if self.made:
+                self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        if self.made:
+            self.inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        if self.made:
+            self.inner.resume_writing()
+
+
+_routing: set[asyncio.Task[None]] = set()
 
 
 class GuardedSite(web.TCPSite):
     """A TCP site whose connections are guarded by `limits`."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: Limits, *, route: Route | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
         self.limits = limits
+        self.route = route
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
         loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None
-        limits = self.limits
+        limits, route = self.limits, self.route
         self._server = await loop.create_server(
-            lambda: Guard(server(), limits), self._host, self._port, backlog=self._backlog,
+            lambda: Guard(server(), limits, route=route), self._host, self._port, backlog=self._backlog,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port)
 
 

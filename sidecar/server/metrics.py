@@ -26,6 +26,8 @@ class Metrics:
         self.storage_errors = Counter("lfsc_storage_errors", "Object-store failures answered to a client", registry=r)
         self.forwarded = Counter("lfsc_forwarded", "Requests forwarded to the process that writes their cluster",
                                  registry=r)
+        self.handed = Counter("lfsc_connections_handed", "Connections handed whole to the process on this machine "
+                              "that writes their cluster", registry=r)
         self.request_seconds = Histogram("lfsc_request_seconds", "Request duration", ["route"], registry=r)
         self.build_seconds = Histogram("lfsc_build_seconds", "Engine flushes (level 0) and compactions, by level",
                                        ["level"], registry=r, buckets=(.005, .01, .05, .1, .5, 1, 5, 10, 60, 300))

@@ -5,6 +5,7 @@ Every process can take any request. For a cluster's routes, the process that hol
 to the holder's address (written in the lease), streaming the body both ways, never buffering it whole. A
 forwarded request carries `Lfsc-Forwarded-By`, and is never forwarded again: if its receiver does not hold the
 cluster either (the lease moved meanwhile), it answers 503 with Retry-After, and the client tries again.
+Processes on one machine mostly avoid forwarding: a new connection goes to the writer whole (handoff.py).
 
     client ──▶ any process ──(holds the lease)──▶ answer
                           ──(lease free)────────▶ take it, answer
@@ -65,6 +66,18 @@ class Router:
     async def holder(self, request: web.Request, cluster: str) -> LeaseDoc | None:
         """None if this process answers for `cluster` (taking its lease if free), else the lease of the process to
         forward to. Raises NotHere when neither is possible."""
+        doc = await self.writer(cluster)
+        if doc is None:
+            return None
+        if request.headers.get(FORWARDED_HEADER):
+            raise NotHere(NotOwner(cluster, doc), "the request was forwarded here already")
+        if not doc.addr:
+            raise NotHere(NotOwner(cluster, doc), "its writer takes no requests")
+        return doc
+
+    async def writer(self, cluster: str) -> LeaseDoc | None:
+        """None if this process writes `cluster` (taking its lease if free), else the lease of the process that
+        does. Raises NotHere when neither is known."""
         if self.engine.owns(cluster):
             return None
         cached = self._holders.get(cluster)
@@ -82,10 +95,6 @@ class Router:
                 self._holders[cluster] = (doc, time.monotonic() + self.cache_seconds)
             except StorageError as err:
                 raise NotHere(NotOwner(cluster, None), f"the store did not answer: {err}") from None
-        if request.headers.get(FORWARDED_HEADER):
-            raise NotHere(NotOwner(cluster, doc), "the request was forwarded here already")
-        if not doc.addr:
-            raise NotHere(NotOwner(cluster, doc), "its writer takes no requests")
         return doc
 
     async def peer(self, cluster: str) -> LeaseDoc | None:

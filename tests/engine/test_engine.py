@@ -12,6 +12,7 @@ import pytest
 
 from sidecar.cli import main
 from sidecar.engine import Engine, Levels, plan_restore
+from sidecar.engine.flush import phase
 from sidecar.errors import PosMismatch, SidecarError
 from sidecar.ltx import LTXError, Pos
 from sidecar.storage import open_storage
@@ -77,16 +78,19 @@ async def test_accepts_snapshot_then_contiguous_and_refuses_the_rest(tmp_path: P
 
 
 async def test_hwm_follows_flushes_and_survives_restart(tmp_path: Path, history: History) -> None:
-    clock = Clock()
+    # app.db flushes at its own phase of the 10 s L0 interval: start 9.5 s before one of its points.
+    due = phase("c/app.db", 10.0) + 10.0 * 179_000_000
+    clock = Clock(due - 9.5)
     engine = await open_engine(tmp_path, clock)
     for _ in range(3):
         history.write()
         await engine.write_tx("c", "app.db", history.commit(int(clock.now * 1000)))
         clock.now += 3
     assert engine.hwm("c", "app.db") == 0
-    await engine.tick()  # the oldest upload is 9 s old: not yet due
+    clock.now = due - 0.01
+    await engine.tick()  # the oldest upload is 9.49 s old, its point not reached: not yet due
     assert engine.hwm("c", "app.db") == 0
-    clock.now += 1
+    clock.now = due
     await engine.tick()
     assert engine.hwm("c", "app.db") == 3
     history.write()

@@ -12,7 +12,7 @@ import pytest
 from sidecar.engine import DbIndex, FileEntry, Levels, plan_restore, retention_victims
 from sidecar.engine.compaction import SourceGap, due_levels, sources
 from sidecar.engine.database import Database, Pending
-from sidecar.engine.flush import due
+from sidecar.engine.flush import due, due_at, phase
 from sidecar.errors import RestoreError
 from sidecar.ltx import Header, Pos, Version
 from sidecar.ltx.sqlite import apply_files, database_checksum_of, encode_db
@@ -98,14 +98,40 @@ class TestSchedule:
     def test_due_levels(self, name: str, last: dict[int, float], now: float, want: list[int]) -> None:
         assert due_levels(last, now, self.LV) == want
 
-    def test_flush_order_is_oldest_first_and_waits_for_the_interval(self, tmp_path: Path) -> None:
-        def db(name: str, *arrived: float) -> Database:
-            d = Database("c", name, tmp_path, DbIndex())
-            d.pending = [Pending(Header(page_size=4096, commit=1, min_txid=1, max_txid=1), 0, t, 1, b"")
-                         for t in arrived]
-            return d
-        dbs = [db("young", 95.0), db("old", 80.0, 99.0), db("idle"), db("due", 90.0)]
+    @staticmethod
+    def pending_db(tmp_path: Path, name: str, *arrived: float) -> Database:
+        d = Database("c", name, tmp_path, DbIndex())
+        d.pending = [Pending(Header(page_size=4096, commit=1, min_txid=1, max_txid=1), 0, t, 1, b"")
+                     for t in arrived]
+        return d
+
+    def test_flush_order_is_oldest_first_and_waits_for_each_ones_phase(self, tmp_path: Path) -> None:
+        dbs = [self.pending_db(tmp_path, *a) for a in [("young", 100.0), ("old", 80.0, 99.0), ("idle",),
+                                                          ("due", 90.0)]]
         assert [d.name for d in due(dbs, 100.0, 10.0)] == ["old", "due"]
+        young = dbs[0]
+        assert [d.name for d in due(dbs, due_at(young, 10.0), 10.0)] == ["old", "due", "young"]
+
+    @pytest.mark.parametrize("arrived", [0.0, 3.3, 97.5, 1e6 + 0.25])
+    @pytest.mark.parametrize("interval", [10.0, 0.5])
+    def test_a_database_comes_due_on_its_grid_within_one_interval(self, tmp_path: Path, arrived: float,
+                                                                   interval: float) -> None:
+        for i in range(20):
+            d = self.pending_db(tmp_path, f"db{i}.db", arrived, arrived + 1)
+            at = due_at(d, interval)
+            assert arrived <= at < arrived + interval
+            steps = (at - phase(d.prefix, interval)) / interval
+            assert abs(steps - round(steps)) < 1e-6
+
+    def test_without_an_interval_a_database_is_due_at_once(self, tmp_path: Path) -> None:
+        assert due_at(self.pending_db(tmp_path, "a.db", 42.5), 0.0) == 42.5
+
+    def test_phases_spread_evenly_over_the_interval(self) -> None:
+        """A thousand databases that started together flush about a tenth at a time in each tenth of it."""
+        tenths = [int(phase(f"cluster{i % 7}/db{i}.db", 10.0)) for i in range(1000)]
+        assert min(tenths) >= 0 and max(tenths) <= 9
+        assert all(60 <= tenths.count(k) <= 140 for k in range(10))
+        assert phase("c/a.db", 10.0) == phase("c/a.db", 10.0) != phase("c/b.db", 10.0)
 
 
 class TestRetention:

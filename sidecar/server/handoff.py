@@ -1,0 +1,172 @@
+"""Connections handed to the process that writes their cluster, instead of forwarding each request.
+
+Several server processes on one machine (`serve --workers N`, or several `serve` behind a proxy) each accept any
+connection. A request for a cluster another process writes is forwarded over HTTP (router.py), which costs both
+processes a request's work. But a LiteFS node holds one keep-alive connection, and every request on it is for its
+cluster: so the first request decides the connection. Once its headers are in, the accepting process asks who
+writes that cluster; if it is a sibling on this machine, the socket itself goes to that sibling (SCM_RIGHTS over a
+Unix socket) with the bytes read so far, and the sibling serves the connection as if it had accepted it. A later
+request on it for another cluster is forwarded as before.
+
+    client ──TCP──▶ any process ──(first request's cluster is a sibling's)──▶ socket + bytes read ──▶ sibling
+
+Each process listens on the abstract Unix socket named after its advertised address (`\\0litefs-sidecar:<URL>`),
+so a lease's `addr` names its holder's socket: a holder on another machine has none here, and its requests are
+forwarded over HTTP. Only processes of the same user can hand over (SO_PEERCRED). A connection is handed at most
+once; a receiver never hands it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("sidecar.server")
+
+MAX_HANDED = 64 * 1024  # bytes read before the hand-over that travel with the socket; more: served here
+_MISSING_FOR = 5.0  # seconds a sibling that could not be reached is not tried again
+_CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def socket_name(advertise: str) -> bytes:
+    """The abstract Unix socket of the process that advertises `advertise`."""
+    return b"\0litefs-sidecar:" + advertise.rstrip("/").encode()
+
+
+def head_of(data: bytes) -> tuple[str, dict[str, str]] | None:
+    """The request target and headers (lower-case names) of the first request in `data`; None if incomplete."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        return None
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return parts[1], headers
+
+
+class Inbox:
+    """Takes connections handed over by siblings and gives each to `adopt(sock, bytes already read)`."""
+
+    def __init__(self, advertise: str, adopt: Callable[[socket.socket, bytes], None]) -> None:
+        self.name = socket_name(advertise)
+        self.adopt = adopt
+        self.received = 0
+        self._sock: socket.socket | None = None
+        self._peers: set[socket.socket] = set()
+
+    def start(self) -> bool:
+        """Listen; False (logged) if the name is taken, which only a second process with the same address does."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.name)
+        except OSError as err:
+            sock.close()
+            log.warning("connections cannot be handed to this process", socket=self.name[1:].decode(),
+                        error=err.strerror or str(err))
+            return False
+        sock.listen(64)
+        sock.setblocking(False)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock, self._accept)
+        return True
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for s in [*self._peers, *([self._sock] if self._sock else [])]:
+            loop.remove_reader(s)
+            s.close()
+        self._peers.clear()
+        self._sock = None
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        try:
+            peer, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        _, uid, _ = _CREDS.unpack(peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+        if uid != os.getuid():
+            log.warning("refused a hand-over from another user", uid=uid)
+            peer.close()
+            return
+        peer.setblocking(False)
+        self._peers.add(peer)
+        asyncio.get_running_loop().add_reader(peer, self._receive, peer)
+
+    def _receive(self, peer: socket.socket) -> None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(peer, MAX_HANDED, 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, fds, flags = b"", [], 0
+        if not data and not fds:  # the sibling went away
+            asyncio.get_running_loop().remove_reader(peer)
+            self._peers.discard(peer)
+            peer.close()
+            return
+        if len(fds) != 1 or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            for fd in fds:
+                os.close(fd)
+            return
+        self.received += 1
+        self.adopt(socket.socket(fileno=fds[0]), data)
+
+
+class Siblings:
+    """Hands connections to the processes on this machine that advertise an address, over one socket each."""
+
+    def __init__(self, own: str) -> None:
+        self.own = socket_name(own) if own else b""
+        self.handed = 0
+        self._conns: dict[bytes, socket.socket] = {}
+        self._missing: dict[bytes, float] = {}  # name -> monotonic time until which it is not tried
+
+    def close(self) -> None:
+        for s in self._conns.values():
+            s.close()
+        self._conns.clear()
+
+    def hand(self, addr: str, sock: Any, data: bytes) -> bool:
+        """Send the connection `sock` (with the bytes read from it) to the process advertising `addr`; False if
+        there is none on this machine or it cannot take it now (the caller then serves it)."""
+        name = socket_name(addr)
+        if name == self.own or len(data) > MAX_HANDED or time.monotonic() < self._missing.get(name, 0.0):
+            return False
+        conn = self._conns.get(name)
+        if conn is None:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            conn.setblocking(False)
+            try:
+                conn.connect(name)
+            except OSError:  # no such process here, or its backlog is full
+                conn.close()
+                self._missing[name] = time.monotonic() + _MISSING_FOR
+                return False
+            self._conns[name] = conn
+        try:
+            socket.send_fds(conn, [data], [sock.fileno()])
+        except (BlockingIOError, InterruptedError):
+            return False  # its queue is full: serve this one here
+        except OSError:
+            conn.close()
+            del self._conns[name]
+            return False
+        self.handed += 1
+        return True
+
+
+__all__ = ["MAX_HANDED", "Inbox", "Siblings", "head_of", "socket_name"]

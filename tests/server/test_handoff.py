@@ -1,0 +1,180 @@
+"""Connections handed whole to the process that writes their cluster (sidecar/server/handoff.py).
+
+Two server processes (two engines and two aiohttp servers in this test's process: the hand-over is between
+sockets, so it is the same) over one store, each on its own port on 127.0.0.1. Requests are raw HTTP/1.1 on
+keep-alive connections, as LiteFS's backup client holds one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sidecar.engine import Engine, Levels
+from sidecar.ltx import Pos
+from sidecar.server import Scope, ServerConfig, serve
+from sidecar.server.handoff import head_of
+from sidecar.server.metrics import Metrics
+from sidecar.storage import open_storage
+from tests.engine.history import History
+
+TOKENS = {"tok-red-0123456789abcdef0": Scope("red"), "tok-blue-0123456789abcdef": Scope("blue")}
+RED, BLUE = "tok-red-0123456789abcdef0", "tok-blue-0123456789abcdef"
+
+
+@dataclass
+class Proc:
+    url: str
+    port: int
+    engine: Engine
+    metrics: Metrics
+    instance: str
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+
+async def start(store: Path, state: Path, instance: str) -> Proc:
+    engine = await Engine.open(open_storage(f"file://{store}"), state, Levels(l0_interval=0.0))
+    metrics = Metrics()
+    stop = asyncio.Event()
+    started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(engine, ServerConfig(tokens=TOKENS, instance_id=instance), "127.0.0.1", 0,
+                                     stop=stop, grace=5, started=started.set_result, metrics=metrics))
+    url = await asyncio.wait_for(started, 10)
+    return Proc(url, int(url.rsplit(":", 1)[1]), engine, metrics, instance, stop, task)
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Proc, Proc]]:
+    a = await start(tmp_path / "store", tmp_path / "state-a", "aaaaaaaaaaaaaaaa")
+    b = await start(tmp_path / "store", tmp_path / "state-b", "bbbbbbbbbbbbbbbb")
+    yield a, b
+    for p in (a, b):
+        p.stop.set()
+        await p.task
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection; `ask` sends a request and reads its whole answer."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def to(cls, p: Proc) -> Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", p.port))
+
+    async def ask(self, method: str, target: str, token: str, body: bytes | None = None) -> tuple[int, dict[str, str],
+                                                                                                    bytes]:
+        head = f"{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: FlyV1 {token}\r\n"
+        if body is not None:  # chunked, as LiteFS sends an upload
+            head += "Transfer-Encoding: chunked\r\n"
+            data = head.encode() + b"\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        else:
+            data = head.encode() + b"\r\n"
+        self.writer.write(data)
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        got = head_of(b"GET / HTTP/1.1\r\n" + raw.split(b"\r\n", 1)[1])
+        assert got is not None
+        status = int(raw.split(b" ", 2)[1])
+        headers = got[1]
+        payload = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, payload
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_a_connection_reaches_the_writer_of_its_cluster_whole(pair: tuple[Proc, Proc], tmp_path: Path) -> None:
+    a, b = pair
+    first = await Conn.to(a)
+    status, headers, _ = await first.ask("GET", "/pos", RED)  # a takes red's lease
+    assert status == 200 and headers["lfsc-instance-id"] == a.instance
+    assert a.engine.owns("red")
+
+    history = History(tmp_path / "red.db")
+    history.write()
+    upload = history.commit(int(time.time() * 1000))
+    conn = await Conn.to(b)  # a connection to the other process, as a load balancer may send it
+    try:
+        status, headers, body = await conn.ask("POST", "/db/tx?db=app.db", RED, upload)
+        assert status == 200, body
+        assert headers["lfsc-instance-id"] == a.instance  # answered by the writer itself, not through b
+        for _ in range(3):  # the connection stays with a: every later request on it too
+            history.write()
+            status, headers, body = await conn.ask("POST", "/db/tx?db=app.db", RED,
+                                                   history.commit(int(time.time() * 1000)))
+            assert (status, headers["lfsc-instance-id"]) == (200, a.instance), body
+        assert b.metrics.handed._value.get() == 1
+        assert b.metrics.forwarded._value.get() == a.metrics.forwarded._value.get() == 0
+        assert not b.engine.owns("red")
+        got = await a.engine.restore_to("red", "app.db", tmp_path / "out.db")
+        assert Pos(got.txid, got.checksum) == history.pos
+    finally:
+        conn.close()
+        first.close()
+
+
+async def test_a_free_cluster_is_taken_where_its_connection_arrives(pair: tuple[Proc, Proc]) -> None:
+    a, b = pair
+    conn = await Conn.to(b)
+    try:
+        status, headers, _ = await conn.ask("GET", "/pos", BLUE)
+        assert (status, headers["lfsc-instance-id"]) == (200, b.instance)
+        assert b.engine.owns("blue") and b.metrics.handed._value.get() == 0
+    finally:
+        conn.close()
+
+
+async def test_refusals_are_answered_where_they_arrive(pair: tuple[Proc, Proc]) -> None:
+    """A wrong token, a token for another cluster's `?cluster=`, and no token: nothing to route; the process
+    that accepted the connection answers, and the connection is not handed."""
+    a, b = pair
+    held = await Conn.to(a)
+    await held.ask("GET", "/pos", RED)
+    try:
+        for target, token in [("/pos", "not-a-token"), ("/pos?cluster=blue", RED)]:
+            conn = await Conn.to(b)
+            status, headers, _ = await conn.ask("GET", target, token)
+            conn.close()
+            assert (status, headers["lfsc-instance-id"]) == (401, b.instance), target
+        conn = await Conn.to(b)
+        conn.writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), 10)
+        conn.close()
+        assert raw.startswith(b"HTTP/1.1 200") and b"bbbbbbbbbbbbbbbb" in raw
+        assert b.metrics.handed._value.get() == 0
+    finally:
+        held.close()
+
+
+async def test_after_the_writer_stops_its_clusters_connections_are_served_where_they_arrive(
+        pair: tuple[Proc, Proc]) -> None:
+    """The writer let its lease go at a clean stop (its socket is gone too): the next connection's process takes
+    the lease and answers; nothing is handed to a process that is not there. (A killed writer, whose lease
+    outlives it, is in test_scaleout.py: there the request is answered 503 until the lease expires.)"""
+    a, b = pair
+    conn = await Conn.to(a)
+    await conn.ask("GET", "/pos", RED)
+    conn.close()
+    a.stop.set()
+    await a.task
+    conn = await Conn.to(b)
+    try:
+        status, headers, _ = await conn.ask("GET", "/pos", RED)
+        assert (status, headers["lfsc-instance-id"]) == (200, b.instance)
+        assert b.engine.owns("red") and b.metrics.handed._value.get() == 0
+    finally:
+        conn.close()
+
+
+def test_head_of_reads_the_first_request_only_once_its_headers_are_in() -> None:
+    assert head_of(b"POST /db/tx?db=a HTTP/1.1\r\nAuthorization: FlyV1 x\r\nHost:") is None
+    assert head_of(b"POST /db/tx?db=a HTTP/1.1\r\nAuthorization:  FlyV1 x \r\nX-A: 1:2\r\n\r\nbody") == (
+        "/db/tx?db=a", {"authorization": "FlyV1 x", "x-a": "1:2"})
+    assert head_of(b"NONSENSE\r\n\r\n") is None
