@@ -700,6 +700,7 @@ def step(target: Target, n: int, chain: list[bytes], args: argparse.Namespace, r
         for proc in reversed(procs):
             stop_process(proc)
         if args.keep_logs:
+            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
             for log in root.glob("*.log"):
                 shutil.copy(log, Path(args.keep_logs) / f"{slug(target.label)}-{n}-{log.name}")
 

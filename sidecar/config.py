@@ -291,8 +291,8 @@ class ServeConfig:
                                     check=_at_least(1, "1"))
     shutdown_grace: float = _duration("30s", "on stop, how long in-flight uploads may finish", check=None)
     workers: int = _setting("int", 1, "processes serving `addr` together (SO_REUSEPORT), each with its own engine "
-                            "and `<state_dir>/worker-<n>`; a request for a cluster another process writes is "
-                            "forwarded to it", check=_at_least(1, "1"))
+                            "and `<state_dir>/worker-<n>`; a connection whose first request is for a cluster another "
+                            "process writes is handed to that process whole", check=_at_least(1, "1"))
     worker: int = _setting("int", 0, "this process's number among `workers` (set by `serve --workers` for each "
                            "process it starts; 0 for a process on its own)", check=_at_least(0, "0"))
     advertise_url: str = _url("", "where other server processes reach this one (written in its leases, for "

@@ -121,7 +121,7 @@ async def test_a_connection_reaches_the_writer_of_its_cluster_whole(pair: tuple[
 
 
 async def test_a_free_cluster_is_taken_where_its_connection_arrives(pair: tuple[Proc, Proc]) -> None:
-    a, b = pair
+    _, b = pair
     conn = await Conn.to(b)
     try:
         status, headers, _ = await conn.ask("GET", "/pos", BLUE)
