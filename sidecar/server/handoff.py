@@ -13,7 +13,8 @@ request on it for another cluster is forwarded as before.
 Each process listens on the abstract Unix socket named after its advertised address (`\\0litefs-sidecar:<URL>`),
 so a lease's `addr` names its holder's socket: a holder on another machine has none here, and its requests are
 forwarded over HTTP. Only processes of the same user can hand over (SO_PEERCRED). A connection is handed at most
-once; a receiver never hands it on.
+once; a receiver never hands it on. Abstract Unix sockets are Linux's: elsewhere the Inbox does not start (logged
+once) and every request for another process's cluster is forwarded. (Python's sockets are close-on-exec already.)
 """
 
 from __future__ import annotations
@@ -69,7 +70,11 @@ class Inbox:
 
     def start(self) -> bool:
         """Listen; False (logged) if the name is taken, which only a second process with the same address does."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except (OSError, AttributeError) as err:  # no Unix sequenced-packet sockets on this platform
+            log.warning("connections cannot be handed to this process", error=str(err))
+            return False
         try:
             sock.bind(self.name)
         except OSError as err:
@@ -148,7 +153,7 @@ class Siblings:
             return False
         conn = self._conns.get(name)
         if conn is None:
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             conn.setblocking(False)
             try:
                 conn.connect(name)
