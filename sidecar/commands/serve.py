@@ -224,7 +224,7 @@ async def _main(setup: Setup) -> None:
         try:
             await serve(engine, setup.server, setup.host, setup.port, stop=stop, grace=cfg.server.shutdown_grace,
                         started=started, reuse_port=sc.workers > 1, private=sc.worker > 0,
-                        advertise=sc.advertise_url)
+                        advertise=sc.advertise_url, peers=cfg.engine.state_dir if sc.worker else None)
         except OSError as err:
             if listening:
                 raise

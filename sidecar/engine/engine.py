@@ -401,7 +401,7 @@ class Engine:
                 db.pending = []
                 db.refresh_pos()
                 db.sums = None
-        self.leases.held.pop(cluster, None)
+        self.leases.drop(cluster)
         self._current.discard(cluster)
         log.warning("lease lost: another engine writes this cluster now", cluster=cluster, error=str(err),
                     dropped_uploads=dropped)

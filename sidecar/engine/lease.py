@@ -112,6 +112,11 @@ class Leases:
         self.clock = clock
         self.monotonic = monotonic
         self.held: dict[str, Held] = {}
+        self.on_change: Callable[[int], None] | None = None  # called with len(held) when it changes
+
+    def _changed(self, before: int) -> None:
+        if self.on_change is not None and len(self.held) != before:
+            self.on_change(len(self.held))
 
     def holds(self, cluster: str) -> bool:
         """Whether this engine may write the cluster now."""
@@ -181,6 +186,7 @@ class Leases:
         now = self.clock()
         doc = LeaseDoc(self.owner, self.addr, int(((now + self.ttl) if expires is None else expires) * 1000), epoch,
                        HOST)
+        before = len(self.held)
         try:
             if etag is None:
                 new = await self.storage.put_bytes(lease_key(cluster), doc.encode(), if_none_match=True)
@@ -188,20 +194,29 @@ class Leases:
                 new = await self.storage.put_bytes(lease_key(cluster), doc.encode(), if_match=etag)
         except PreconditionFailed:
             self.held.pop(cluster, None)
+            self._changed(before)
             theirs, _ = await self.holder(cluster)
             raise NotOwner(cluster, theirs) from None
         if expires is None:
             self.held[cluster] = Held(doc, new, start, start + self.ttl - self.skew)
+            self._changed(before)
 
     async def clusters(self) -> list[str]:
         """Every cluster that has a lease object (held or not): one LIST of the leases' prefix."""
         return sorted(o.key[len(PREFIX):] for o in await self.storage.list(PREFIX))
+
+    def drop(self, cluster: str) -> None:
+        """Forget a lease another engine has taken (nothing is written)."""
+        before = len(self.held)
+        self.held.pop(cluster, None)
+        self._changed(before)
 
     async def release(self, cluster: str) -> None:
         """Let go now: the lease object says it has expired, so another engine may take it at once."""
         held = self.held.pop(cluster, None)
         if held is None:
             return
+        self._changed(len(self.held) + 1)
         try:
             await self._write(cluster, held.doc.epoch, held.etag, expires=self.clock() - self.skew - 1)
         except NotOwner:

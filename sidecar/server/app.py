@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -36,7 +37,7 @@ from sidecar.ltx.errors import ChecksumMismatch, InvalidHeader
 from sidecar.protocol import INSTANCE_HEADER, REQUEST_ID_HEADER
 from sidecar.server.auth import ADMIN_SCOPE, Scope, Tokens
 from sidecar.server.guard import Guard, GuardedSite, Limits, install_client_mistakes_filter, quiet_accept_errors
-from sidecar.server.handoff import Inbox, Siblings, head_of
+from sidecar.server.handoff import Inbox, Peers, Siblings, head_of
 from sidecar.server.http import ADMIN, CLUSTER, READONLY, error
 from sidecar.server.litefs_api import LiteFSAPI
 from sidecar.server.metrics import Metrics
@@ -79,6 +80,7 @@ class Server:
         self.metrics.watch(engine)
         self.ready = False
         self.siblings: Siblings | None = None  # set by serve() once this process has an address to advertise
+        self.peers: Peers | None = None  # set by serve() for a worker of `serve --workers`
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
         self.router = Router(engine, config.instance_id, on_forward=self.metrics.forwarded.inc)
         self.reads = Reads(engine)
@@ -225,14 +227,33 @@ class Server:
             return False
         if scope is None or scope.admin or url.query.get("cluster", scope.cluster) != scope.cluster:
             return False
+        sock = transport.get_extra_info("socket")
+        lighter = await self._lighter_sibling(scope.cluster)
+        if lighter is not None and self.siblings.hand(lighter, sock, data):
+            self.metrics.handed.inc()
+            return True
         try:
             doc = await self.router.writer(scope.cluster)
         except NotHere:
             return False
-        if doc is None or not doc.addr or not self.siblings.hand(doc.addr, transport.get_extra_info("socket"), data):
+        if doc is None or not doc.addr or not self.siblings.hand(doc.addr, sock, data):
             return False
         self.metrics.handed.inc()
         return True
+
+    async def _lighter_sibling(self, cluster: str) -> str | None:
+        """With `serve --workers`: the address of a sibling holding fewer leases than this process, if `cluster`'s
+        lease is free (so whoever serves this connection takes it); None otherwise (handoff.Peers)."""
+        if self.peers is None or self.engine.owns(cluster):
+            return None
+        lighter = self.peers.lightest(len(self.engine.leases.held))
+        if lighter is None:
+            return None
+        try:
+            doc, _ = await self.engine.leases.holder(cluster)
+        except StorageError:
+            return None
+        return None if self.engine.leases.live(doc) else lighter
 
     def _sign_in(self, token: str) -> Scope | None:
         """The dashboard's sign-in: a token's scope (anything is admin without authentication). The dashboard acts
@@ -284,11 +305,12 @@ def ltx_refusal(err: LTXError) -> tuple[int, str]:
 async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, stop: asyncio.Event,
                 grace: float = 30.0, started: Callable[[str], None] | None = None,
                 metrics: Metrics | None = None, reuse_port: bool = False, advertise: str = "",
-                private: bool = False) -> None:
+                private: bool = False, peers: Path | None = None) -> None:
     """Run until `stop`: the engine's ticker, then graceful shutdown (finish in-flight uploads, flush).
 
     `advertise` is where other server processes reach this one (written into its leases); with `private`, a second
-    listener on a free loopback port serves that purpose (workers share the public port, so it cannot)."""
+    listener on a free loopback port serves that purpose (workers share the public port, so it cannot). `peers`:
+    the state directory whose `worker-<n>` subdirectories hold this process's and its siblings' (handoff.Peers)."""
     server = Server(engine, config, metrics)
     runner = web.AppRunner(server.make_app(), access_log=None, shutdown_timeout=grace,
                            keepalive_timeout=config.idle_timeout)
@@ -327,6 +349,10 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
     inbox = Inbox(advertise, adopt) if advertise else None
     if inbox is not None and inbox.start():
         server.siblings = Siblings(advertise)
+        if peers is not None:
+            server.peers = Peers(peers, engine.state_dir, advertise)
+            server.peers.publish(len(engine.leases.held))
+            engine.leases.on_change = server.peers.publish
     server.ready = True
     log.info("serving", url=url, advertise=advertise or None, clusters=server.tokens.clusters,
              insecure=config.insecure_no_auth)

@@ -20,11 +20,13 @@ once) and every request for another process's cluster is forwarded. (Python's so
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -174,4 +176,44 @@ class Siblings:
         return True
 
 
-__all__ = ["MAX_HANDED", "Inbox", "Siblings", "head_of", "socket_name"]
+class Peers:
+    """The workers of one `serve --workers N`, seen through one small file each in their shared state directory.
+
+    Each process writes `<state_dir>/worker-<n>/peer.json` ({"advertise", "leases", "pid"}) whenever the number of
+    leases it holds changes. A cluster's lease goes to whichever process sees its first request, so without this
+    the clusters split at random: with 8 clusters and two workers, 5:3 or 6:2, and the busier process sets the
+    latency. With it, a process about to take a free lease hands the connection instead to the sibling holding the
+    fewest leases, if that is fewer than its own; the sibling then takes the lease. Counts a moment stale only
+    make a hand-over more or less likely: the lease itself is always decided by the store.
+    """
+
+    FILE = "peer.json"
+
+    def __init__(self, root: Path, own_dir: Path, advertise: str) -> None:
+        self.root = root
+        self.own = own_dir / self.FILE
+        self.advertise = advertise
+
+    def publish(self, leases: int) -> None:
+        """Write this process's count (atomically: a reader sees the old file or the new, never half)."""
+        tmp = self.own.with_name(self.FILE + ".tmp")
+        tmp.write_text(json.dumps({"advertise": self.advertise, "leases": leases, "pid": os.getpid()}))
+        os.replace(tmp, self.own)
+
+    def lightest(self, mine: int) -> str | None:
+        """The address of the sibling holding the fewest leases, if fewer than `mine`; None otherwise."""
+        best: tuple[int, str] | None = None
+        for path in sorted(self.root.glob(f"worker-*/{self.FILE}")):
+            if path == self.own:
+                continue
+            try:
+                doc = json.loads(path.read_text())
+                count, addr = int(doc["leases"]), str(doc["advertise"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being replaced, or left by an older version: skip it
+            if count < mine and (best is None or count < best[0]):
+                best = (count, addr)
+        return best[1] if best else None
+
+
+__all__ = ["MAX_HANDED", "Inbox", "Peers", "Siblings", "head_of", "socket_name"]

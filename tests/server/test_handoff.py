@@ -8,6 +8,7 @@ keep-alive connections, as LiteFS's backup client holds one.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from sidecar.server.metrics import Metrics
 from sidecar.storage import open_storage
 from tests.engine.history import History
 
-TOKENS = {"tok-red-0123456789abcdef0": Scope("red"), "tok-blue-0123456789abcdef": Scope("blue")}
-RED, BLUE = "tok-red-0123456789abcdef0", "tok-blue-0123456789abcdef"
+RED, BLUE, GREEN = "tok-red-0123456789abcdef0", "tok-blue-0123456789abcdef", "tok-green-0123456789abcde"
+TOKENS = {RED: Scope("red"), BLUE: Scope("blue"), GREEN: Scope("green")}
 
 
 @dataclass
@@ -38,13 +39,14 @@ class Proc:
     task: asyncio.Task[None]
 
 
-async def start(store: Path, state: Path, instance: str) -> Proc:
+async def start(store: Path, state: Path, instance: str, peers: Path | None = None) -> Proc:
     engine = await Engine.open(open_storage(f"file://{store}"), state, Levels(l0_interval=0.0))
     metrics = Metrics()
     stop = asyncio.Event()
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(engine, ServerConfig(tokens=TOKENS, instance_id=instance), "127.0.0.1", 0,
-                                     stop=stop, grace=5, started=started.set_result, metrics=metrics))
+                                     stop=stop, grace=5, started=started.set_result, metrics=metrics,
+                                     peers=peers))
     url = await asyncio.wait_for(started, 10)
     return Proc(url, int(url.rsplit(":", 1)[1]), engine, metrics, instance, stop, task)
 
@@ -171,6 +173,36 @@ async def test_after_the_writer_stops_its_clusters_connections_are_served_where_
         assert b.engine.owns("red") and b.metrics.handed._value.get() == 0
     finally:
         conn.close()
+
+
+async def test_workers_share_the_free_clusters_evenly(tmp_path: Path) -> None:
+    """Workers of one `serve --workers` (one state directory, a `worker-<n>` each): a free cluster whose first
+    connection reaches the process holding more leases goes to the one holding fewer, which takes it."""
+    state = tmp_path / "state"
+    a = await start(tmp_path / "store", state / "worker-1", "aaaaaaaaaaaaaaaa", peers=state)
+    b = await start(tmp_path / "store", state / "worker-2", "bbbbbbbbbbbbbbbb", peers=state)
+    conns = []
+    try:
+        answered = []
+        for token in (RED, BLUE, GREEN):  # every first connection reaches a, as a load balancer may send them
+            conns.append(conn := await Conn.to(a))
+            status, headers, _ = await conn.ask("GET", "/pos", token)
+            answered.append((status, headers["lfsc-instance-id"]))
+        # red: a holds nothing yet and takes it; blue: b holds fewer (0 < 1) and gets the connection; green:
+        # both hold one, so a keeps it.
+        assert answered == [(200, a.instance), (200, b.instance), (200, a.instance)]
+        assert (a.engine.owns("red"), b.engine.owns("blue"), a.engine.owns("green")) == (True, True, True)
+        assert a.metrics.handed._value.get() == 1
+        status, headers, _ = await conns[1].ask("GET", "/pos", BLUE)  # the handed connection stays with b
+        assert (status, headers["lfsc-instance-id"]) == (200, b.instance)
+        assert json.loads((state / "worker-1" / "peer.json").read_text())["leases"] == 2
+        assert json.loads((state / "worker-2" / "peer.json").read_text())["leases"] == 1
+    finally:
+        for c in conns:
+            c.close()
+        for p in (a, b):
+            p.stop.set()
+            await p.task
 
 
 def test_head_of_reads_the_first_request_only_once_its_headers_are_in() -> None:
