@@ -14,11 +14,13 @@ Middlewares, outermost first: the access log (one line per request, with its id)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,7 @@ log = structlog.get_logger("sidecar.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/favicon.ico", "/ui"})
 READ_METHODS = frozenset({"GET", "HEAD"})
+GIVEN_SECONDS = 2.0  # how long a free cluster handed to a sibling counts as its lease
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Server:
         self.ready = False
         self.siblings: Siblings | None = None  # set by serve() once this process has an address to advertise
         self.peers: Peers | None = None  # set by serve() for a worker of `serve --workers`
+        self._placing = asyncio.Lock()
+        self._given: list[tuple[float, str]] = []  # (when, sibling's address): free clusters handed lately
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
         self.router = Router(engine, config.instance_id, on_forward=self.metrics.forwarded.inc)
         self.reads = Reads(engine)
@@ -228,15 +233,18 @@ class Server:
         if scope is None or scope.admin or url.query.get("cluster", scope.cluster) != scope.cluster:
             return False
         sock = transport.get_extra_info("socket")
-        lighter = await self._lighter_sibling(scope.cluster)
-        if lighter is not None and self.siblings.hand(lighter, sock, data):
-            self.metrics.handed.inc()
-            return True
-        try:
-            doc = await self.router.writer(scope.cluster)
-        except NotHere:
-            return False
-        if doc is None or not doc.addr or not self.siblings.hand(doc.addr, sock, data):
+        # Workers place free clusters one at a time, each seeing the leases the one before took.
+        async with self._placing if self.peers is not None else contextlib.nullcontext():
+            lighter = await self._lighter_sibling(scope.cluster)
+            if lighter is not None and await self.siblings.hand(lighter, sock, data):
+                self._given.append((time.monotonic(), lighter))
+                self.metrics.handed.inc()
+                return True
+            try:
+                doc = await self.router.writer(scope.cluster)
+            except NotHere:
+                return False
+        if doc is None or not doc.addr or not await self.siblings.hand(doc.addr, sock, data):
             return False
         self.metrics.handed.inc()
         return True
@@ -246,7 +254,10 @@ class Server:
         lease is free (so whoever serves this connection takes it); None otherwise (handoff.Peers)."""
         if self.peers is None or self.engine.owns(cluster):
             return None
-        lighter = self.peers.lightest(len(self.engine.leases.held))
+        now = time.monotonic()
+        # A sibling's file counts a handed cluster only once it has taken the lease: count it here meanwhile.
+        self._given = [(t, addr) for t, addr in self._given if now - t < GIVEN_SECONDS]
+        lighter = self.peers.lightest(len(self.engine.leases.held), Counter(addr for _, addr in self._given))
         if lighter is None:
             return None
         try:

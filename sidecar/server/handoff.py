@@ -25,7 +25,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ log = structlog.get_logger("sidecar.server")
 
 MAX_HANDED = 64 * 1024  # bytes read before the hand-over that travel with the socket; more: served here
 _MISSING_FOR = 5.0  # seconds a sibling that could not be reached is not tried again
+_SEND_WITHIN = 1.0  # seconds a hand-over may wait for room in the sibling's queue
+_BURST = 64  # hand-overs taken per wake-up of the receiving loop
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -114,23 +116,24 @@ class Inbox:
         asyncio.get_running_loop().add_reader(peer, self._receive, peer)
 
     def _receive(self, peer: socket.socket) -> None:
-        try:
-            data, fds, flags, _ = socket.recv_fds(peer, MAX_HANDED, 1)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data, fds, flags = b"", [], 0
-        if not data and not fds:  # the sibling went away
-            asyncio.get_running_loop().remove_reader(peer)
-            self._peers.discard(peer)
-            peer.close()
-            return
-        if len(fds) != 1 or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-            for fd in fds:
-                os.close(fd)
-            return
-        self.received += 1
-        self.adopt(socket.socket(fileno=fds[0]), data)
+        for _ in range(_BURST):
+            try:
+                data, fds, flags, _ = socket.recv_fds(peer, MAX_HANDED, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds, flags = b"", [], 0
+            if not data and not fds:  # the sibling went away
+                asyncio.get_running_loop().remove_reader(peer)
+                self._peers.discard(peer)
+                peer.close()
+                return
+            if len(fds) != 1 or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                for fd in fds:
+                    os.close(fd)
+                continue
+            self.received += 1
+            self.adopt(socket.socket(fileno=fds[0]), data)
 
 
 class Siblings:
@@ -140,6 +143,7 @@ class Siblings:
         self.own = socket_name(own) if own else b""
         self.handed = 0
         self._conns: dict[bytes, socket.socket] = {}
+        self._locks: dict[bytes, asyncio.Lock] = {}
         self._missing: dict[bytes, float] = {}  # name -> monotonic time until which it is not tried
 
     def close(self) -> None:
@@ -147,9 +151,13 @@ class Siblings:
             s.close()
         self._conns.clear()
 
-    def hand(self, addr: str, sock: Any, data: bytes) -> bool:
+    async def hand(self, addr: str, sock: Any, data: bytes) -> bool:
         """Send the connection `sock` (with the bytes read from it) to the process advertising `addr`; False if
-        there is none on this machine or it cannot take it now (the caller then serves it)."""
+        there is none on this machine or it cannot take it within a second (the caller then serves it).
+
+        The kernel queues only a few messages per Unix socket (`net.unix.max_dgram_qlen`): when many connections
+        arrive at once, a send waits for room rather than giving up and leaving the connection forwarded for its
+        whole life."""
         name = socket_name(addr)
         if name == self.own or len(data) > MAX_HANDED or time.monotonic() < self._missing.get(name, 0.0):
             return False
@@ -164,16 +172,34 @@ class Siblings:
                 self._missing[name] = time.monotonic() + _MISSING_FOR
                 return False
             self._conns[name] = conn
+            self._locks[name] = asyncio.Lock()
         try:
-            socket.send_fds(conn, [data], [sock.fileno()])
-        except (BlockingIOError, InterruptedError):
-            return False  # its queue is full: serve this one here
+            async with asyncio.timeout(_SEND_WITHIN), self._locks[name]:  # one waits for room at a time: add_writer
+                while True:                                                # has one callback per descriptor
+                    try:
+                        socket.send_fds(conn, [data], [sock.fileno()])
+                        break
+                    except (BlockingIOError, InterruptedError):
+                        await _writable(conn)
+        except TimeoutError:  # the sibling is not reading (stopped, or hung): stop trying it for a while
+            self._missing[name] = time.monotonic() + _MISSING_FOR
+            return False
         except OSError:
             conn.close()
-            del self._conns[name]
+            self._conns.pop(name, None)
             return False
         self.handed += 1
         return True
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_writer(sock, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock)
 
 
 class Peers:
@@ -200,15 +226,17 @@ class Peers:
         tmp.write_text(json.dumps({"advertise": self.advertise, "leases": leases, "pid": os.getpid()}))
         os.replace(tmp, self.own)
 
-    def lightest(self, mine: int) -> str | None:
-        """The address of the sibling holding the fewest leases, if fewer than `mine`; None otherwise."""
+    def lightest(self, mine: int, extra: Mapping[str, int] | None = None) -> str | None:
+        """The address of the sibling holding the fewest leases (its file's count plus `extra[address]`), if fewer
+        than `mine`; None otherwise."""
         best: tuple[int, str] | None = None
         for path in sorted(self.root.glob(f"worker-*/{self.FILE}")):
             if path == self.own:
                 continue
             try:
                 doc = json.loads(path.read_text())
-                count, addr = int(doc["leases"]), str(doc["advertise"])
+                addr = str(doc["advertise"])
+                count = int(doc["leases"]) + (extra or {}).get(addr, 0)
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # being replaced, or left by an older version: skip it
             if count < mine and (best is None or count < best[0]):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import pytest
 from sidecar.engine import Engine, Levels
 from sidecar.ltx import Pos
 from sidecar.server import Scope, ServerConfig, serve
-from sidecar.server.handoff import head_of
+from sidecar.server.handoff import Siblings, head_of, socket_name
 from sidecar.server.metrics import Metrics
 from sidecar.storage import open_storage
 from tests.engine.history import History
@@ -131,6 +133,49 @@ async def test_a_free_cluster_is_taken_where_its_connection_arrives(pair: tuple[
         assert b.engine.owns("blue") and b.metrics.handed._value.get() == 0
     finally:
         conn.close()
+
+
+async def test_a_hand_over_waits_for_room_in_the_siblings_queue() -> None:
+    """The kernel queues a bounded number of bytes on a Unix socket: when many connections arrive at once (a fleet
+    reconnecting after a restart), a hand-over waits for room, up to a second, rather than leaving its connection
+    forwarded for its whole life."""
+    addr = f"http://127.0.0.1:1/test-{os.getpid()}-{time.monotonic_ns()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(socket_name(addr))
+    listener.listen(4)
+    siblings = Siblings("")
+    left, right = socket.socketpair()  # the connection handed over (the same one each time will do)
+    n, head = 400, b"GET / HTTP/1.1\r\n" + b"X: " + b"y" * 4000 + b"\r\n\r\n"
+    try:
+        sends = [asyncio.create_task(siblings.hand(addr, left, head)) for _ in range(n)]
+        await asyncio.sleep(0.2)
+        queued = sum(t.done() for t in sends)
+        assert 0 < queued < n  # the queue is full: the rest wait
+        peer, _ = listener.accept()
+        peer.setblocking(False)
+        got = 0
+        while got < n:  # drain as the sibling's loop would
+            try:
+                data, fds, _, _ = socket.recv_fds(peer, 8192, 1)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            assert data == head and len(fds) == 1
+            os.close(fds[0])
+            got += 1
+        assert all(await asyncio.gather(*sends))
+        # Nobody reading: after a second's wait the hand-overs give up (all within about a second), the callers
+        # serve their connections, and the sibling is not tried again for a while.
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(siblings.hand(addr, left, head) for _ in range(n)))
+        assert 0 < results.count(False) < n and time.monotonic() - t0 < 5
+        assert not await siblings.hand(addr, left, head)
+        peer.close()
+    finally:
+        siblings.close()
+        listener.close()
+        left.close()
+        right.close()
 
 
 async def test_refusals_are_answered_where_they_arrive(pair: tuple[Proc, Proc]) -> None:
