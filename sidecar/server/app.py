@@ -252,8 +252,8 @@ class Server:
     async def _lighter_sibling(self, cluster: str) -> str | None:
         """With `serve --workers`: the address of a sibling holding fewer leases than this process, if `cluster`'s
         lease is free (so whoever serves this connection takes it); None otherwise (handoff.Peers)."""
-        if self.peers is None or self.engine.owns(cluster):
-            return None
+        if self.peers is None or self.engine.owns(cluster) or self.router.cached(cluster) is not None:
+            return None  # held: here, or by a process seen within the last second (no store read per connection)
         now = time.monotonic()
         # A sibling's file counts a handed cluster only once it has taken the lease: count it here meanwhile.
         self._given = [(t, addr) for t, addr in self._given if now - t < GIVEN_SECONDS]
@@ -264,7 +264,10 @@ class Server:
             doc, _ = await self.engine.leases.holder(cluster)
         except StorageError:
             return None
-        return None if self.engine.leases.live(doc) else lighter
+        if doc is not None and self.engine.leases.live(doc):
+            self.router.remember(cluster, doc)
+            return None
+        return lighter
 
     def _sign_in(self, token: str) -> Scope | None:
         """The dashboard's sign-in: a token's scope (anything is admin without authentication). The dashboard acts

@@ -75,15 +75,22 @@ class Router:
             raise NotHere(NotOwner(cluster, doc), "its writer takes no requests")
         return doc
 
+    def cached(self, cluster: str) -> LeaseDoc | None:
+        """Another process's lease on `cluster` as last seen, if seen within `cache_seconds`."""
+        cached = self._holders.get(cluster)
+        return cached[0] if cached is not None and time.monotonic() < cached[1] else None
+
+    def remember(self, cluster: str, doc: LeaseDoc) -> None:
+        """Note another process's live lease on `cluster` (read by the caller), for `cache_seconds`."""
+        self._holders[cluster] = (doc, time.monotonic() + self.cache_seconds)
+
     async def writer(self, cluster: str) -> LeaseDoc | None:
         """None if this process writes `cluster` (taking its lease if free), else the lease of the process that
         does. Raises NotHere when neither is known."""
         if self.engine.owns(cluster):
             return None
-        cached = self._holders.get(cluster)
-        if cached is not None and time.monotonic() < cached[1]:
-            doc = cached[0]
-        else:
+        doc = self.cached(cluster)
+        if doc is None:
             try:
                 await self.engine.own(cluster, provisional=True)
                 self._holders.pop(cluster, None)
@@ -92,7 +99,7 @@ class Router:
                 if err.holder is None:
                     raise NotHere(err, "its writer is unknown") from None
                 doc = err.holder
-                self._holders[cluster] = (doc, time.monotonic() + self.cache_seconds)
+                self.remember(cluster, doc)
             except StorageError as err:
                 raise NotHere(NotOwner(cluster, None), f"the store did not answer: {err}") from None
         return doc
@@ -101,16 +108,16 @@ class Router:
         """Another live process's lease on `cluster` (with an address), without taking the lease; None otherwise."""
         if self.engine.owns(cluster):
             return None
-        cached = self._holders.get(cluster)
-        if cached is not None and time.monotonic() < cached[1]:
-            return cached[0]
+        cached = self.cached(cluster)
+        if cached is not None:
+            return cached
         try:
             doc, _ = await self.engine.leases.holder(cluster)
         except StorageError:
             return None
         if doc is None or not self.engine.leases.live(doc) or not doc.addr:
             return None
-        self._holders[cluster] = (doc, time.monotonic() + self.cache_seconds)
+        self.remember(cluster, doc)
         return doc
 
     async def fetch(self, request: web.Request, holder: LeaseDoc, path: str) -> Any:
