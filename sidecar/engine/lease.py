@@ -213,10 +213,11 @@ class Leases:
 
     async def release(self, cluster: str) -> None:
         """Let go now: the lease object says it has expired, so another engine may take it at once."""
+        before = len(self.held)
         held = self.held.pop(cluster, None)
         if held is None:
             return
-        self._changed(len(self.held) + 1)
+        self._changed(before)
         try:
             await self._write(cluster, held.doc.epoch, held.etag, expires=self.clock() - self.skew - 1)
         except NotOwner:

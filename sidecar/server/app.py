@@ -220,7 +220,7 @@ class Server:
         writes its cluster, if another does (handoff.py); False to serve it here. Only a routine token's cluster is
         looked at; everything else (refusals included) is served here, as the middlewares decide."""
         head = head_of(data)
-        if head is None or self.siblings is None:
+        if head is None or self.siblings is None:  # (serve() routes only once siblings exist)
             return False
         target, headers = head
         url = URL(target)
@@ -233,15 +233,18 @@ class Server:
         if scope is None or scope.admin or url.query.get("cluster", scope.cluster) != scope.cluster:
             return False
         sock = transport.get_extra_info("socket")
-        # Workers place free clusters one at a time, each seeing the leases the one before took.
-        async with self._placing if self.peers is not None else contextlib.nullcontext():
-            lighter = await self._lighter_sibling(scope.cluster)
+        cluster = scope.cluster
+        unplaced = self.peers is not None and not self.engine.owns(cluster) and self.router.cached(cluster) is None
+        # Workers place clusters no process is known to hold one at a time, each seeing the leases the one before
+        # took; a connection for a cluster already placed never waits behind them.
+        async with self._placing if unplaced else contextlib.nullcontext():
+            lighter = await self._lighter_sibling(cluster) if unplaced else None
             if lighter is not None and await self.siblings.hand(lighter, sock, data):
                 self._given.append((time.monotonic(), lighter))
                 self.metrics.handed.inc()
                 return True
             try:
-                doc = await self.router.writer(scope.cluster)
+                doc = await self.router.writer(cluster)
             except NotHere:
                 return False
         if doc is None or not doc.addr or not await self.siblings.hand(doc.addr, sock, data):
@@ -250,10 +253,10 @@ class Server:
         return True
 
     async def _lighter_sibling(self, cluster: str) -> str | None:
-        """With `serve --workers`: the address of a sibling holding fewer leases than this process, if `cluster`'s
-        lease is free (so whoever serves this connection takes it); None otherwise (handoff.Peers)."""
-        if self.peers is None or self.engine.owns(cluster) or self.router.cached(cluster) is not None:
-            return None  # held: here, or by a process seen within the last second (no store read per connection)
+        """With `serve --workers`, for a cluster neither held here nor seen held elsewhere within the last second:
+        the address of a sibling holding fewer leases than this process, if the cluster's lease is free (so whoever
+        serves this connection takes it); None otherwise (handoff.Peers)."""
+        assert self.peers is not None
         now = time.monotonic()
         # A sibling's file counts a handed cluster only once it has taken the lease: count it here meanwhile.
         self._given = [(t, addr) for t, addr in self._given if now - t < GIVEN_SECONDS]
@@ -332,7 +335,7 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
     quiet_accept_errors(asyncio.get_running_loop())
     undo_filter = install_client_mistakes_filter()
     limits = Limits(config.header_timeout, config.max_connections)
-    sites = [GuardedSite(runner, host, port, limits, route=server.route, reuse_port=reuse_port or None)]
+    sites = [GuardedSite(runner, host, port, limits, reuse_port=reuse_port or None)]
     if private:
         sites.append(GuardedSite(runner, "127.0.0.1", 0, limits))
     try:
@@ -363,6 +366,7 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
     inbox = Inbox(advertise, adopt) if advertise else None
     if inbox is not None and inbox.start():
         server.siblings = Siblings(advertise)
+        sites[0].route = server.route  # without siblings, a new connection's first bytes need not wait for routing
         if peers is not None:
             server.peers = Peers(peers, engine.state_dir, advertise)
             server.peers.publish(len(engine.leases.held))

@@ -32,6 +32,7 @@ from sidecar.server.handoff import MAX_HANDED
 log = structlog.get_logger("sidecar.server")
 
 HEADER_TIMEOUT = 20.0
+ROUTE_WITHIN = 2.0  # seconds a new connection may wait to be routed (handoff.py) before it is served here
 MAX_CONNECTIONS = 10_000
 
 
@@ -121,7 +122,11 @@ class Guard(asyncio.Protocol):
         assert self.transport is not None and self.route is not None
         handed = False
         try:
-            handed = len(held) <= MAX_HANDED and await self.route(held, self.transport)
+            if len(held) <= MAX_HANDED:
+                async with asyncio.timeout(ROUTE_WITHIN):  # a slow store read never holds a connection long
+                    handed = await self.route(held, self.transport)
+        except TimeoutError:
+            log.warning("routing a connection took too long; serving it here", seconds=ROUTE_WITHIN)
         except Exception as exc:  # routing is an optimisation: serve the connection here
             log.warning("routing a connection failed", error=repr(exc))
         if self.transport.is_closing():
@@ -156,7 +161,8 @@ _routing: set[asyncio.Task[None]] = set()
 
 
 class GuardedSite(web.TCPSite):
-    """A TCP site whose connections are guarded by `limits`."""
+    """A TCP site whose connections are guarded by `limits`; `route` (settable once started) applies to each new
+    connection."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: Limits, *, route: Route | None = None,
                  **kwargs: Any) -> None:
@@ -169,9 +175,8 @@ class GuardedSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None
-        limits, route = self.limits, self.route
         self._server = await loop.create_server(
-            lambda: Guard(server(), limits, route=route), self._host, self._port, backlog=self._backlog,
+            lambda: Guard(server(), self.limits, route=self.route), self._host, self._port, backlog=self._backlog,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port)
 
 

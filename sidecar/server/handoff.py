@@ -68,7 +68,6 @@ class Inbox:
     def __init__(self, advertise: str, adopt: Callable[[socket.socket, bytes], None]) -> None:
         self.name = socket_name(advertise)
         self.adopt = adopt
-        self.received = 0
         self._sock: socket.socket | None = None
         self._peers: set[socket.socket] = set()
 
@@ -132,7 +131,6 @@ class Inbox:
                 for fd in fds:
                     os.close(fd)
                 continue
-            self.received += 1
             self.adopt(socket.socket(fileno=fds[0]), data)
 
 
@@ -141,7 +139,6 @@ class Siblings:
 
     def __init__(self, own: str) -> None:
         self.own = socket_name(own) if own else b""
-        self.handed = 0
         self._conns: dict[bytes, socket.socket] = {}
         self._locks: dict[bytes, asyncio.Lock] = {}
         self._missing: dict[bytes, float] = {}  # name -> monotonic time until which it is not tried
@@ -188,7 +185,6 @@ class Siblings:
             conn.close()
             self._conns.pop(name, None)
             return False
-        self.handed += 1
         return True
 
 

@@ -124,15 +124,20 @@ async def test_a_connection_reaches_the_writer_of_its_cluster_whole(pair: tuple[
         first.close()
 
 
-async def test_a_free_cluster_is_taken_where_its_connection_arrives(pair: tuple[Proc, Proc]) -> None:
-    _, b = pair
-    conn = await Conn.to(b)
+async def assert_taken_here(p: Proc, cluster: str, token: str) -> None:
+    """A new connection to `p` for `cluster`: `p` answers it, holds the cluster's lease, and hands nothing over."""
+    conn = await Conn.to(p)
     try:
-        status, headers, _ = await conn.ask("GET", "/pos", BLUE)
-        assert (status, headers["lfsc-instance-id"]) == (200, b.instance)
-        assert b.engine.owns("blue") and b.metrics.handed._value.get() == 0
+        status, headers, _ = await conn.ask("GET", "/pos", token)
+        assert (status, headers["lfsc-instance-id"]) == (200, p.instance)
+        assert p.engine.owns(cluster) and p.metrics.handed._value.get() == 0
     finally:
         conn.close()
+
+
+async def test_a_free_cluster_is_taken_where_its_connection_arrives(pair: tuple[Proc, Proc]) -> None:
+    _, b = pair
+    await assert_taken_here(b, "blue", BLUE)
 
 
 async def test_a_hand_over_waits_for_room_in_the_siblings_queue() -> None:
@@ -211,13 +216,7 @@ async def test_after_the_writer_stops_its_clusters_connections_are_served_where_
     conn.close()
     a.stop.set()
     await a.task
-    conn = await Conn.to(b)
-    try:
-        status, headers, _ = await conn.ask("GET", "/pos", RED)
-        assert (status, headers["lfsc-instance-id"]) == (200, b.instance)
-        assert b.engine.owns("red") and b.metrics.handed._value.get() == 0
-    finally:
-        conn.close()
+    await assert_taken_here(b, "red", RED)
 
 
 async def test_workers_share_the_free_clusters_evenly(tmp_path: Path) -> None:
