@@ -35,7 +35,7 @@ log = structlog.get_logger("sidecar.server")
 
 MAX_HANDED = 64 * 1024  # bytes read before the hand-over that travel with the socket; more: served here
 _MISSING_FOR = 5.0  # seconds a sibling that could not be reached is not tried again
-_SEND_WITHIN = 1.0  # seconds a hand-over may wait for room in the sibling's queue
+SEND_WITHIN = 1.0  # seconds a hand-over may wait for room in the sibling's queue
 _BURST = 64  # hand-overs taken per wake-up of the receiving loop
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -137,8 +137,9 @@ class Inbox:
 class Siblings:
     """Hands connections to the processes on this machine that advertise an address, over one socket each."""
 
-    def __init__(self, own: str) -> None:
+    def __init__(self, own: str, *, send_within: float = SEND_WITHIN) -> None:
         self.own = socket_name(own) if own else b""
+        self.send_within = send_within
         self._conns: dict[bytes, socket.socket] = {}
         self._locks: dict[bytes, asyncio.Lock] = {}
         self._missing: dict[bytes, float] = {}  # name -> monotonic time until which it is not tried
@@ -171,7 +172,7 @@ class Siblings:
             self._conns[name] = conn
             self._locks[name] = asyncio.Lock()
         try:
-            async with asyncio.timeout(_SEND_WITHIN), self._locks[name]:  # one waits for room at a time: add_writer
+            async with asyncio.timeout(self.send_within), self._locks[name]:  # one waits for room at a time: add_writer
                 while True:                                                # has one callback per descriptor
                     try:
                         socket.send_fds(conn, [data], [sock.fileno()])
@@ -240,4 +241,4 @@ class Peers:
         return best[1] if best else None
 
 
-__all__ = ["MAX_HANDED", "Inbox", "Peers", "Siblings", "head_of", "socket_name"]
+__all__ = ["MAX_HANDED", "SEND_WITHIN", "Inbox", "Peers", "Siblings", "head_of", "socket_name"]
