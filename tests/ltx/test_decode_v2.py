@@ -5,7 +5,19 @@ from __future__ import annotations
 import lz4.frame
 import pytest
 
-from sidecar.ltx import FLAG_COMPRESS_LZ4, HEADER_SIZE, TRAILER_SIZE, CorruptCompression, LTXError, Version
+from sidecar.ltx import (
+    CHECKSUM_FLAG,
+    FLAG_COMPRESS_LZ4,
+    HEADER_SIZE,
+    TRAILER_SIZE,
+    CorruptCompression,
+    Header,
+    InvalidPage,
+    LTXError,
+    Trailer,
+    Version,
+)
+from sidecar.ltx.checksum import crc
 from sidecar.ltx.decoder import decode, decode_v2
 from sidecar.ltx.reader import decompress_frame
 from tests.conftest import GO_V2, LITEFS
@@ -107,3 +119,31 @@ class TestDecompressFrame:
         for bad in (oversized, frame[:-5], frame[:-4] + b"\0\0\0\0" + frame[-4:]):
             with pytest.raises(CorruptCompression):
                 decompress_frame(bad)
+
+
+
+def _v2_file(pgnos: list[int], commit: int) -> bytes:
+    """An uncompressed v2 file holding `pgnos` in that order, every checksum right."""
+    ps = 4096
+    header = Header(page_size=ps, commit=commit, min_txid=5, max_txid=5, timestamp=1,
+                    pre_apply_checksum=CHECKSUM_FLAG | 7).pack()
+    block = b"".join(p.to_bytes(4, "big") + bytes([p % 251]) * ps for p in pgnos) + bytes(4)
+    post = (CHECKSUM_FLAG | 9).to_bytes(8, "big")
+    return header + block + Trailer(CHECKSUM_FLAG | 9, CHECKSUM_FLAG | crc(post, crc(block, crc(header)))).pack()
+
+
+@pytest.mark.parametrize(("pgnos", "commit", "why", "at"), [
+    ([1, 3, 2], 4, "page 2 out of order after page 3", 2),
+    ([0, 1], 4, "page number required", 0),
+    ([1, 1], 4, "page 1 out of order after page 1", 1),
+    ([1, 2, 9], 4, "page 9 beyond commit 4", 2),
+    ([1, 262145], 262146, "page 262145 is the lock page", 1),
+], ids=str)
+def test_bad_page_numbers_are_named_page_by_page(pgnos: list[int], commit: int, why: str, at: int) -> None:
+    """Which page, at which offset, for what reason."""
+    with pytest.raises(InvalidPage, match=why) as ours:
+        decode_v2(_v2_file(pgnos, commit))
+    with pytest.raises(LTXError):  # the streaming decoder takes a page number 0 for the end of the pages
+        decode(_v2_file(pgnos, commit), Version.V2)
+    assert ours.value.offset == HEADER_SIZE + at * (4 + 4096)
+    assert whole(_v2_file([1, 2, 9], 9)) == streaming(_v2_file([1, 2, 9], 9))
