@@ -20,7 +20,7 @@ import lz4.block
 
 from sidecar.ltx.checksum import crc
 from sidecar.ltx.errors import ChecksumMismatch, CorruptCompression, InvalidHeader, InvalidPage, LTXError, TruncatedFile
-from sidecar.ltx.reader import BufferSource, LZ4FrameSource, Source, StreamSource, decompress_frame
+from sidecar.ltx.reader import BufferSource, LZ4FrameSource, NotWhole, Source, StreamSource, decompress_frame
 from sidecar.ltx.types import (
     CHECKSUM_FLAG,
     FLAG_COMPRESS_LZ4,
@@ -320,12 +320,16 @@ def _uvarints(data: BytesLike, offset: int) -> list[int]:
     return out
 
 
-def decode_v2(data: BytesLike) -> tuple[Header, Trailer, list[tuple[int, memoryview]]]:
+def decode_v2(data: BytesLike, limit: int = 0, *, strict: bool = False) \
+        -> tuple[Header, Trailer, list[tuple[int, memoryview]]]:
     """Decode and verify a whole LTX v2 file held in memory: (header, trailer, [(pgno, page view)]).
 
     The same checks as `Decoder`, for the sidecar's per-transaction files at a third of the cost: the page
     block is decompressed whole (`decompress_frame`), cut into pages without copying, and checksummed in one
-    call. The views point into one buffer that lives as long as they do.
+    call. The views point into one buffer that lives as long as they do. With a `limit`, a page block that
+    decompresses past it, or an LZ4 frame of another layout, raises NotWhole (before the pages are all in
+    memory): the caller then decodes the file streaming. `strict` checks the LZ4 frame's own checksums too,
+    which the file checksum makes redundant for reading but not for acknowledging (`decompress_frame`).
     """
     view = memoryview(data).cast("B")
     if len(view) < HEADER_SIZE + 4 + TRAILER_SIZE:
@@ -337,8 +341,10 @@ def decode_v2(data: BytesLike) -> tuple[Header, Trailer, list[tuple[int, memoryv
     body = view[HEADER_SIZE:end]
     block = body
     if header.flags & FLAG_COMPRESS_LZ4:
-        whole = decompress_frame(body)
+        whole = decompress_frame(body, limit, strict=strict)
         if whole is None:  # an LZ4 frame laid out otherwise than LiteFS writes it: the general path
+            if limit:  # which holds every page in memory: the caller's is bounded
+                raise NotWhole("an LZ4 frame laid out otherwise than LiteFS writes it")
             dec = Decoder(view, Version.V2)
             copied = [(pgno, memoryview(bytes(page))) for pgno, page in dec.pages()]
             return dec.header, dec.close(), copied

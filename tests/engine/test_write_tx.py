@@ -253,3 +253,42 @@ class TestBadUploads:
                                               rf"checksum {pre:016x}, not the current {history.checksums[1]:016x} "):
             await engine.write_tx("c", DB, forked)
 
+
+
+class TestVerifyingLargeFrames:
+    """An upload is decoded whole in memory only up to WHOLE_LIMIT of pages; LZ4 expands up to 255 times, so a
+    small body may stand for far more, and that one is verified streaming: as strictly, in bounded memory."""
+
+    @staticmethod
+    def zeros_db(path: Path) -> None:
+        con = sqlite3.connect(path)
+        con.execute("CREATE TABLE t (b BLOB)")
+        con.execute("INSERT INTO t VALUES (zeroblob(6 << 20))")  # 6 MiB of pages that compress to nearly nothing
+        con.commit()
+        con.close()
+
+    async def test_it_is_accepted_when_right(self, tmp_path: Path, open_engine: OpenEngine) -> None:
+        from sidecar.engine.accept import WHOLE_LIMIT, check_upload
+        from sidecar.ltx.decoder import decode_v2
+        from sidecar.ltx.reader import NotWhole
+
+        self.zeros_db(tmp_path / "zeros.db")
+        data = snapshot(tmp_path / "zeros.db", 1)
+        assert len(data) < 256 << 10
+        with pytest.raises(NotWhole):
+            decode_v2(data, limit=WHOLE_LIMIT)
+        checked = check_upload(data, "c/app.db")
+        _, pages, _ = decode(data, Version.V2)
+        assert len(checked.crcs) == len(pages) > WHOLE_LIMIT // 4096
+        engine = await open_engine()
+        await engine.write_tx("c", DB, data)
+        assert engine.pos("c", DB).txid == 1
+
+    async def test_it_is_refused_when_its_checksum_is_wrong(self, tmp_path: Path, open_engine: OpenEngine) -> None:
+        self.zeros_db(tmp_path / "zeros.db")
+        data = bytearray(snapshot(tmp_path / "zeros.db", 1))
+        data[-1] ^= 1  # the file checksum
+        engine = await open_engine()
+        with pytest.raises(LTXError, match="file checksum mismatch"):
+            await engine.write_tx("c", DB, bytes(data))
+        assert engine.pos("c", DB).txid == 0

@@ -147,3 +147,31 @@ def test_bad_page_numbers_are_named_page_by_page(pgnos: list[int], commit: int, 
         decode(_v2_file(pgnos, commit), Version.V2)
     assert ours.value.offset == HEADER_SIZE + at * (4 + 4096)
     assert whole(_v2_file([1, 2, 9], 9)) == streaming(_v2_file([1, 2, 9], 9))
+
+
+def test_strict_refuses_every_byte_flip_the_streaming_decoder_refuses() -> None:
+    """`strict` (the server's door) checks the LZ4 frame's own checksums as lz4.frame does: no flip is let through."""
+    data = (LITEFS / "per-tx" / "fx-wal.db" / "0000000000000001-0000000000000001.ltx").read_bytes()
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        try:
+            header, trailer, pages = decode_v2(bytes(bad), strict=True)
+            ours: object = (header, trailer, [(pgno, bytes(page)) for pgno, page in pages])
+        except LTXError as err:
+            ours = type(err).__name__
+        theirs = streaming(bytes(bad))
+        assert isinstance(ours, str) == isinstance(theirs, str), i
+        if not isinstance(ours, str):
+            assert ours == theirs, i
+
+
+def test_a_frame_past_the_limit_is_left_to_the_streaming_decoder() -> None:
+    """LZ4 expands up to 255 times: a small file may stand for a large page block, never decompressed whole."""
+    from sidecar.ltx.reader import NotWhole
+
+    files, _ = build_chain([(300, {p: 0 for p in range(1, 301)})], lz4=True, size=4096)  # 1.2 MB of pages
+    assert len(files[0]) < 20_000
+    with pytest.raises(NotWhole):
+        decode_v2(files[0], limit=1 << 20)
+    assert whole(files[0]) == streaming(files[0])  # without a limit it is decoded whole
