@@ -18,6 +18,7 @@ from sidecar import __version__
 from sidecar.commands import COMMAND_MODULES
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.ltx import LTXError
+from sidecar.malloc import limit_arenas
 
 EPILOG = """\
 examples:
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
+    limit_arenas()  # before any thread starts
     try:
         try:
             return _run(argv)
