@@ -304,7 +304,8 @@ class ServeConfig:
 class LogConfig:
     """Logging, for every command."""
 
-    level: str = _choice("info", "least severe level written", ("debug", "info", "warning", "error"))
+    level: str = _choice("info", "least severe level written (`debug` adds a line per upload and per `GET /pos`)",
+                         ("debug", "info", "warning", "error"))
     format: str = _choice("auto", "`json` (one object per line), `console`, or `auto`: console at a TTY, JSON "
                           "otherwise", ("json", "console", "auto"), example="json")
 
