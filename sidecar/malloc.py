@@ -1,4 +1,4 @@
-"""Fewer glibc malloc arenas for the long-running commands.
+"""Fewer glibc malloc arenas: `main` sets the cap for every command; it matters for `run` and `serve`.
 
 glibc gives each thread that allocates under contention an arena of its own (up to 8 per core) and keeps what
 is freed there for that arena's next use. The sidecar's worker threads (building uploads, writing the store)

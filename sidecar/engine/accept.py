@@ -53,15 +53,15 @@ def check_upload(data: bytes | memoryview, what: str) -> Checked:
     try:
         try:  # in memory: a third of the streaming decoder's cost, for the usual upload (a second of changes)
             header, trailer, pages = decode_v2(data, limit=WHOLE_LIMIT, strict=True)
-            return Checked(header, trailer.post_apply_checksum, {pgno: page_crc(pgno, page) for pgno, page in pages})
-        except NotWhole:
-            pass
-        dec = Decoder(data, Version.V2)
-        crcs = {pgno: page_crc(pgno, page) for pgno, page in dec.pages()}
-        trailer = dec.close()
+        except NotWhole:  # a large page block: streaming, in bounded memory
+            dec = Decoder(data, Version.V2)
+            crcs = {pgno: page_crc(pgno, page) for pgno, page in dec.pages()}
+            header, trailer = dec.header, dec.close()
+        else:
+            crcs = {pgno: page_crc(pgno, page) for pgno, page in pages}
     except LTXError as err:
         raise LTXError(f"{what}: invalid LTX upload: {err}", field=err.field) from err
-    return Checked(dec.header, trailer.post_apply_checksum, crcs)
+    return Checked(header, trailer.post_apply_checksum, crcs)
 
 
 def check_header(header: Header, now: float, skew: float, what: str) -> None:

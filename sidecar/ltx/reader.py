@@ -49,6 +49,8 @@ def decompress_frame(data: BytesLike, limit: int = 0, *, strict: bool = False) -
     if len(view) < 11 or view[:4] != _FRAME_MAGIC or view[4] != 0x64 or (block_max := _BLOCK_MAX.get(view[5] >> 4)) \
             is None or view[5] & 0x8F:
         return None
+    if strict and (xxh32_intdigest(view[4:6]) >> 8) & 0xFF != view[6]:
+        raise CorruptCompression("LZ4 frame descriptor checksum mismatch", offset=6)
     off, end, out, total = 7, len(view) - 4, [], 0  # the last 4 bytes: the content checksum
     while True:
         if limit and total > limit:
@@ -74,11 +76,8 @@ def decompress_frame(data: BytesLike, limit: int = 0, *, strict: bool = False) -
     if off != end:
         raise CorruptCompression("data after the LZ4 frame's end mark", offset=off)
     whole = out[0] if len(out) == 1 else b"".join(out)
-    if strict:
-        if (xxh32_intdigest(view[4:6]) >> 8) & 0xFF != view[6]:
-            raise CorruptCompression("LZ4 frame descriptor checksum mismatch", offset=6)
-        if xxh32_intdigest(whole) != int.from_bytes(view[end:end + 4], "little"):
-            raise CorruptCompression("LZ4 frame content checksum mismatch", offset=end)
+    if strict and xxh32_intdigest(whole) != int.from_bytes(view[end:end + 4], "little"):
+        raise CorruptCompression("LZ4 frame content checksum mismatch", offset=end)
     return whole
 
 

@@ -105,7 +105,7 @@ class Header(NamedTuple):
     """The 100-byte LTX header (docs/format.md §2.1). `timestamp` is milliseconds since the epoch.
 
     A NamedTuple rather than a frozen dataclass: the sidecar parses one per LiteFS file, and a frozen
-    dataclass of 14 fields took 5 µs to build, a tuple 1.
+    dataclass sets each of its 14 fields through `object.__setattr__` (4.2 µs a parse, against 1.6).
     """
 
     page_size: int

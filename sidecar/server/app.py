@@ -137,7 +137,7 @@ class Server:
             route = request.match_info.route.resource.canonical if request.match_info.route.resource else "other"
             self.metrics.request_seconds.labels(route).observe(seconds)
             # Every node's per-second traffic is counted in /metrics and logged only at debug level: a line
-            # per database per second is noise, and it was a tenth of the server's CPU per upload.
+            # per database per second is noise, and at saturation it was about a sixth of the CPU per upload.
             quiet = status < 400 and (request.method, route) in _EVERY_SECOND
             (log.debug if quiet else log.info)("request", request_id=rid, method=request.method, path=request.path,
                      query=request.query_string, status=status, ms=round(seconds * 1000, 1),

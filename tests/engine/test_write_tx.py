@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from sidecar.engine import Engine, Levels
+from sidecar.engine.accept import WHOLE_LIMIT, check_upload
 from sidecar.errors import PosMismatch
 from sidecar.ltx import InvalidHeader, LTXError, Pos, Version
-from sidecar.ltx.decoder import decode
+from sidecar.ltx.decoder import decode, decode_v2
 from sidecar.ltx.encoder import Encoder
+from sidecar.ltx.reader import NotWhole
 from sidecar.ltx.sqlite import encode_db
 from sidecar.storage import open_storage
 from tests.engine.history import History
@@ -268,10 +270,6 @@ class TestVerifyingLargeFrames:
         con.close()
 
     async def test_it_is_accepted_when_right(self, tmp_path: Path, open_engine: OpenEngine) -> None:
-        from sidecar.engine.accept import WHOLE_LIMIT, check_upload
-        from sidecar.ltx.decoder import decode_v2
-        from sidecar.ltx.reader import NotWhole
-
         self.zeros_db(tmp_path / "zeros.db")
         data = snapshot(tmp_path / "zeros.db", 1)
         assert len(data) < 256 << 10

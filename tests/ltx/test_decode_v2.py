@@ -19,7 +19,7 @@ from sidecar.ltx import (
 )
 from sidecar.ltx.checksum import crc
 from sidecar.ltx.decoder import decode, decode_v2
-from sidecar.ltx.reader import decompress_frame
+from sidecar.ltx.reader import NotWhole, decompress_frame
 from tests.conftest import GO_V2, LITEFS
 from tests.ltx.chain import build_chain
 
@@ -168,8 +168,6 @@ def test_strict_refuses_every_byte_flip_the_streaming_decoder_refuses() -> None:
 
 def test_a_frame_past_the_limit_is_left_to_the_streaming_decoder() -> None:
     """LZ4 expands up to 255 times: a small file may stand for a large page block, never decompressed whole."""
-    from sidecar.ltx.reader import NotWhole
-
     files, _ = build_chain([(300, {p: 0 for p in range(1, 301)})], lz4=True, size=4096)  # 1.2 MB of pages
     assert len(files[0]) < 20_000
     with pytest.raises(NotWhole):
