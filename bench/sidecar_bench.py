@@ -49,7 +49,7 @@ from typing import Any
 from bench import machine
 from sidecar.config import SidecarConfig
 from sidecar.daemon.local import LocalDB, LocalFile, prune_victims
-from sidecar.ltx.names import format_filename
+from sidecar.ltx.names import format_filename, parse_filename
 
 GOAL_P99_S = 1.2
 GOAL_CPU_AT = 1000
@@ -111,10 +111,13 @@ def _paced(rate: float, t0: float, seconds: float, step: Any) -> tuple[int, floa
 
 
 def _emulator_load(pipe: Connection, barrier: Any, data: str, mount: str, db: str, rate: float, seconds: float,
-                   seed: int, fsync: bool, compress: bool = True) -> None:
+                   seed: int, fsync: bool, compress: bool = True, replay: bool = False) -> None:
     """A load process: one emulated node writing `db`; sends back [(txid, file mtime)] of the timed steps."""
     from sidecar.emulator import EmulatedNode
 
+    if replay:
+        _replay_load(pipe, Path(data), db, rate, seconds, seed, compress)
+        return
     # Every process builds its node on an empty dbs/ before any database exists: a node started later would
     # "recover" (and truncate) another process's database.
     node = EmulatedNode(data, mount, fsync=fsync, compress=compress, cluster_id="LFSC0000000000BE7C4")
@@ -139,6 +142,55 @@ def _emulator_load(pipe: Connection, barrier: Any, data: str, mount: str, db: st
     cpu1 = os.times()
     con.close()
     node.close()
+    pipe.send((appeared, n, elapsed, (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / elapsed))
+
+
+def _replay_load(pipe: Connection, data: Path, db: str, rate: float, seconds: float, seed: int,
+                 compress: bool) -> None:
+    """`--replay`: the same transactions, made by the emulator before the window in a node of this process's own
+    (`stage-<db>/`), then renamed one by one into `data/dbs/<db>/ltx/` at the rate, each with its mtime set to
+    that moment first. LiteFS too renames each finished file into place; what the sidecar reads is the same, and
+    the load costs one utime and one rename per transaction instead of a SQLite commit and an LTX encoding."""
+    from sidecar.emulator import EmulatedNode
+
+    stage = data.parent / f"stage-{db}"
+    node = EmulatedNode(stage / "data", stage / "mount", fsync=False, compress=compress,
+                        cluster_id="LFSC0000000000BE7C4")
+    con = node.connect(db)
+    con.execute("PRAGMA synchronous=OFF")
+    work = Workload(seed)
+    work.setup(con)
+    node.commit(db)
+    setup = node.pos(db).txid
+    staged: list[tuple[int, str]] = []
+    for k in range(int(rate * seconds) + 1):
+        work.step(con, k)
+        tx = node.commit(db)
+        if tx is not None:
+            staged.append((tx.txid, str(tx.path)))
+    con.close()
+    node.close()
+    ltx = data / "dbs" / db / "ltx"
+    ltx.mkdir(parents=True, exist_ok=True)
+    for path in node.ltx_files(db):  # the schema and prefill: in place before the sidecar starts
+        txids = parse_filename(path.name)
+        if txids is not None and txids[1] <= setup:
+            path.rename(ltx / path.name)
+    pipe.send(("ready", setup))
+    t0 = pipe.recv()
+    appeared: list[tuple[int, float]] = []
+    dst = str(ltx)
+
+    def step(k: int) -> None:
+        txid, src = staged[k]
+        now = time.time()
+        os.utime(src, (now, now))
+        os.rename(src, f"{dst}/{os.path.basename(src)}")
+        appeared.append((txid, now))
+
+    cpu0 = os.times()
+    n, elapsed = _paced(rate, t0, seconds, step)
+    cpu1 = os.times()
     pipe.send((appeared, n, elapsed, (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / elapsed))
 
 
@@ -355,7 +407,7 @@ def run_sidecar(ctx: Any, root: Path, rate: float, args: argparse.Namespace, row
     barrier = ctx.Barrier(len(dbs))
     loads = _start_loads(ctx, _emulator_load, [
         (barrier, str(root / "data"), str(root / "mount"), db, rate / len(dbs), args.seconds, i, args.fsync,
-         not args.uncompressed)
+         not args.uncompressed, args.replay)
         for i, db in enumerate(dbs)])
     setup_txid = {db: pipe.recv()[1] for db, (_, pipe) in zip(dbs, loads, strict=True)}
     profile = Path(args.profile) / f"sidecar-{rate:g}.txt" if args.profile else None
@@ -576,6 +628,9 @@ def main() -> None:
     ap.add_argument("--fsync", action="store_true", help="the emulator fsyncs every LTX file, as LiteFS does")
     ap.add_argument("--uncompressed", action="store_true", help="the emulator writes LTX files without LZ4, as LiteFS "
                     "does with data.compress: false")
+    ap.add_argument("--replay", action="store_true", help="make each rate's transactions before its window and rename "
+                    "them into ltx/ at the rate (one emulator process makes ~3,000 tx/s live, and on two cores the "
+                    "live load competes with the sidecar)")
     ap.add_argument("--no-litestream", action="store_true", help="skip the Litestream comparison")
     ap.add_argument("--profile", metavar="DIR", help="record the sidecar with py-spy (pip install py-spy) into "
                     "DIR, one file of raw stacks per rate (its CPU figures then include py-spy's pauses)")
