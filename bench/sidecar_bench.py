@@ -517,10 +517,11 @@ class Steady:
 def steady_state(rate: float, retention: float, rescan_interval: float, work: Path) -> Steady:
     """Time the per-tick bookkeeping on `rate × retention` files held locally (what LiteFS leaves in ltx/ too).
 
-    A tick ships ⌈rate/256⌉ uploads: one `head` + `chain_from` each and one more `head`, then
-    `prune_victims(oldest())`, which walks from the oldest file and stops at the first it must keep. Synthetic
-    entries (no files) for the tick; a real directory of 20,000 empty files for the rescan and the memory per
-    file, scaled to `rate × retention`.
+    All but the last second's files are shipped, so packed (`LocalDB.pack`). A tick ships ⌈rate/256⌉ uploads: one
+    `head` + `chain_from` each and one more `head`, then `prune_victims(oldest())`, which walks from the oldest
+    file and stops at the first it must keep, then packs what was shipped. Synthetic entries (no files) for the
+    tick; a real directory of 20,000 empty files for the rescan and the memory per file (packed, and not),
+    scaled to `rate × retention`.
     """
     n = int(rate * retention)
     d = work / "steady" / "ltx"
@@ -530,14 +531,17 @@ def steady_state(rate: float, retention: float, rescan_interval: float, work: Pa
     k = 20_000
     for t in range(1, k + 1):
         (d / format_filename(t, t)).touch()
-    tracemalloc.start()
     real = LocalDB("steady.db", d)
+    tracemalloc.start()
     real.scan()
-    mem = tracemalloc.get_traced_memory()[0]
+    unpacked = tracemalloc.get_traced_memory()[0] / k
+    real.pack(below=k)
+    packed = tracemalloc.get_traced_memory()[0] / k
     tracemalloc.stop()
     rescan = min(_timed(real.scan) for _ in range(3))
     shutil.rmtree(d.parent)
-    return Steady(rate, n, tick * 1000, rescan / k * n, mem / k * n / 2**20)
+    shipped = max(0, n - int(rate))
+    return Steady(rate, n, tick * 1000, rescan / k * n, (packed * shipped + unpacked * (n - shipped)) / 2**20)
 
 
 def _tick_time(d: Path, rate: float, n: int, retention: float) -> float:
@@ -547,6 +551,7 @@ def _tick_time(d: Path, rate: float, n: int, retention: float) -> float:
                                                   3600) for t in range(1, n + 1)})
     uploads = max(1, -(-int(rate) // 256))
     hwm = n - int(rate)  # upstream holds all but the last second
+    local.pack(below=hwm)
 
     def tick() -> None:
         for i in range(uploads):
@@ -554,6 +559,7 @@ def _tick_time(d: Path, rate: float, n: int, retention: float) -> float:
             local.chain_from(hwm + 1 + 256 * i, 256)
         assert local.head is not None
         prune_victims(local.oldest(), hwm, now, retention)  # as Sidecar._prune: lazily, oldest first
+        local.pack(below=hwm)
 
     return min(_timed(tick) for _ in range(3))
 
@@ -592,11 +598,11 @@ def report(rows: list[Row], steady: Steady | None, args: argparse.Namespace) -> 
         print()
         print(f"steady state at {steady.rate:g} tx/s, which the short runs above never reach: {steady.files:,} files "
               f"held in ltx/ under a {args.retention:g} s retention")
-        print(f"  {'per tick: head, chain_from, prune_victims(oldest())':<54} {steady.tick_ms:8.1f} ms "
+        print(f"  {'per tick: head, chain_from, prune_victims(oldest()), pack':<54} {steady.tick_ms:8.1f} ms "
               f"= {steady.tick_ms / 10 / args.batch_interval:5.1f}% of a core")
         print(f"  {f'rescan of ltx/ (every {args.rescan_interval:g} s)':<54} {steady.rescan_s * 1000:8.0f} ms "
               f"= {steady.rescan_s / args.rescan_interval * 100:5.1f}% of a core")
-        print(f"  {'LocalDB memory':<54} {steady.mib:8.0f} MiB")
+        print(f"  {'LocalDB memory (shipped files packed)':<54} {steady.mib:8.0f} MiB")
     print()
     print("goals:")
     for r in rows:

@@ -114,7 +114,7 @@ async def _show(node: EmulatedNode, url: str, sidecar: Sidecar, upstream: Engine
                 shipped = db.remote.txid if db.remote else 0
                 lag = sidecar.metrics.lag.labels(name)._value.get()
                 say(f"{elapsed:5.0f}  {name:<8} {pos.txid:>10} {shipped:>10} {db.hwm or 0:>10} {lag:6.2f} "
-                    f"{len(db.local.files):>11}")
+                    f"{db.local.count:>11}")
                 if name not in marks and elapsed >= seconds / 2 and db.remote is not None:
                     marks[name] = (db.remote.txid, time.strftime("%H:%M:%S"))
     finally:

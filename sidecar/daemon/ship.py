@@ -148,7 +148,7 @@ class DbShipper:
         r_local = remote.txid - self.link.offset
         if r_local > head.max_txid:
             return await self._recover(fresh, f"upstream is ahead at {format_txid(remote.txid)}")
-        at = self.local.files.get(r_local)
+        at = self.local.get(r_local)
         if at is not None and self.local.good(at) and at.post != remote.post_apply_checksum:
             return await self._recover(fresh, f"upstream has checksum {remote.post_apply_checksum:016x} at TXID "
                                        f"{format_txid(remote.txid)}, the node has {at.post:016x}")
@@ -161,6 +161,7 @@ class DbShipper:
                                                   f"does not continue upstream's checksum "
                                                   f"{remote.post_apply_checksum:016x}")
             return await self._ship(chain, "files")
+        # (packed files are not looked at: they are below the HWM, so never above upstream's position)
         snap = [f for f in self.local.files.values() if f.min_txid == 1 and f.max_txid > r_local and self.local.good(f)]
         if snap:  # LiteFS replaced ltx/ with a snapshot (a restore, or a replica promoted)
             chain = self.local.chain_from(1, self.max_files)

@@ -120,7 +120,7 @@ class Sidecar:
             db = DbShipper(name, local, self.upstream, self.node, state, self.config.max_files_per_upload)
             self.dbs[name] = db
             self.backoff[name] = _Backoff()
-            log.info("database found", db=name, files=len(local.files),
+            log.info("database found", db=name, files=local.count,
                      head=f"{local.head.max_txid:016x}" if local.head else None)
         return db
 
@@ -140,12 +140,12 @@ class Sidecar:
             if change == watchfiles.Change.deleted:
                 self._deleted_elsewhere(db, Path(raw))
                 db.local.discard(Path(raw))
-            elif (txids := parse_filename(parts[2])) is not None and txids[1] not in db.local.files:
+            elif (txids := parse_filename(parts[2])) is not None and not db.local.has(txids[1]):
                 db.local.add(Path(raw))  # not yet found by the tick's probe
 
     def _deleted_elsewhere(self, db: DbShipper, path: Path) -> None:
         """Someone else deleted a file upstream lacks: LiteFS's own retention is on (it should be off)."""
-        f = db.local.files.get(int(path.name[17:33], 16)) if len(path.name) == 37 else None
+        f = db.local.get(int(path.name[17:33], 16)) if len(path.name) == 37 else None
         remote = db.remote.txid - db.link.offset if db.remote is not None else 0
         if f is not None and f.path == path and f.max_txid > remote and f.min_txid != 1:
             self.metrics.errors.labels("deleted_unshipped").inc()
@@ -235,6 +235,8 @@ class Sidecar:
             except LTXError as err:
                 self._report_bad(db, err)
         self._prune(db)
+        if primary and (hwm := db.local_hwm) is not None:
+            db.local.pack(below=hwm)  # shipped files wait only to be pruned: 16 bytes each, not an object
         self._gauges(db, shipped)
         return shipped
 
@@ -264,6 +266,7 @@ class Sidecar:
         log.info("no longer the primary: letting upstream go to the new primary's sidecar")
         for db in self.dbs.values():
             db.remote = None  # re-read before shipping again, should this node become the primary once more
+            db.local.unpack()  # a replica matches its files to upstream's by checksum: their headers are kept
         try:
             await self.upstream.release()
         except (UpstreamError, SidecarError, OSError) as err:

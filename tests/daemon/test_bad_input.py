@@ -48,6 +48,6 @@ async def test_a_file_deleted_by_someone_else_before_shipping_is_reported(env: E
     write(env, "app.db", 5, start=1)
     victim = env.node.ltx_files("app.db")[-2]
     await eventually(lambda: "app.db" in sidecar.dbs and
-                     victim in [f.path for f in sidecar.dbs["app.db"].local.files.values()])
+                     victim in [f.path for f in sidecar.dbs["app.db"].local.sorted()])
     victim.unlink()  # what LiteFS's retention monitor would do with data.retention on
     await eventually(lambda: sidecar.metrics.errors.labels("deleted_unshipped")._value.get() == 1)

@@ -20,6 +20,7 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("hwm"), st.integers(0, 100)),         # upstream confirms a durable prefix of what it got
     st.tuples(st.just("prune"), st.integers(0, 30)),        # a tick, after this many seconds
     st.tuples(st.just("rescan"), st.just(0)),
+    st.tuples(st.just("pack"), st.just(0)),                 # the shipped files below the HWM are packed
 ), max_size=60)
 
 
@@ -47,13 +48,16 @@ def test_nothing_above_the_hwm_is_ever_deleted(ops: list[tuple[str, int]], reten
                 shipper.hwm = durable + offset if durable else None
             elif op == "rescan":
                 local.scan()
+            elif op == "pack":
+                if shipper.local_hwm is not None:
+                    local.pack(below=shipper.local_hwm)
             else:
                 now += n
-                before = {f.max_txid for f in local.files.values()}
+                before = {f.max_txid for f in local.sorted()}
                 victims = prune_victims(local.oldest(), shipper.local_hwm, now, retention)
                 local.delete(victims)
                 for f in victims:
                     assert f.max_txid <= durable, f"deleted {f.max_txid:x} above the HWM {durable:x}"
                     assert f.max_txid != max(before), "deleted the newest file"
                     assert f.mtime < now - retention
-                assert {int(p.name[17:33], 16) for p in ltx.glob("*.ltx")} == {f.max_txid for f in local.files.values()}
+                assert {int(p.name[17:33], 16) for p in ltx.glob("*.ltx")} == {f.max_txid for f in local.sorted()}
