@@ -435,19 +435,19 @@ class TestSchema:
         env = {env_name(s, f.name): str(f.metadata["default_text"]).lower() if isinstance(
             f.metadata["default_text"], bool) else str(f.metadata["default_text"])
             for s in ALL for f in section_fields(s)}
-        env["LITEFS_SIDECAR_ENGINE_L0_INTERVAL"] = "0s"  # the default beside the sidecar's file:// upstream
+        env["LITEFS_SIDECAR_ENGINE_L0_INTERVAL"] = "1s"  # the default beside the sidecar's file:// upstream
         assert load(ALL, env=env).sections == load(ALL, env={}).sections
 
-    def test_run_on_a_file_upstream_makes_every_upload_a_restore_point(self) -> None:
-        """l0_interval defaults to 0 with the sidecar's file:// upstream; 10 s on S3, in `serve`, or when given."""
+    def test_run_on_a_file_upstream_makes_every_second_a_restore_point(self) -> None:
+        """l0_interval defaults to 1 s with the sidecar's file:// upstream; 10 s on S3, in `serve`, or when given."""
         cfg = load(["sidecar", "engine"], env={})  # the default upstream is file://
-        assert cfg.engine.l0_interval == 0 and cfg.source("engine.l0_interval") == "default for a file:// upstream"
+        assert cfg.engine.l0_interval == 1 and cfg.source("engine.l0_interval") == "default for a file:// upstream"
         cfg = load(["sidecar", "engine"], env={}, flags={"sidecar.upstream": "s3://bucket/litefs"})
         assert cfg.engine.l0_interval == 10 and cfg.source("engine.l0_interval") == "default"
         assert load(["server", "engine"], env={}).engine.l0_interval == 10
         cfg = load(["sidecar", "engine"], env={"LITEFS_SIDECAR_ENGINE_L0_INTERVAL": "2s"})
         assert cfg.engine.l0_interval == 2
-        # The checks see the effective default: an l1_interval under 10 s is fine when l0 is 0.
+        # The checks see the effective default: an l1_interval under 10 s is fine when l0 is 1 s.
         assert load(["sidecar", "engine"], env={}, flags={"engine.l1_interval": "5s"}).engine.l1_interval == 5
 
     def test_os_environ_is_the_default(self, monkeypatch: pytest.MonkeyPatch) -> None:

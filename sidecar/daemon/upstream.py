@@ -180,8 +180,8 @@ class EngineUpstream:
 async def open_upstream(url: str, *, cluster: str, token: str, state_dir: Path, engine: EngineConfig) -> Upstream:
     """The upstream for `url`: http(s):// → a backup server; file:// or s3:// → an engine in-process.
 
-    `engine.l0_interval` is 0 by default for file:// (each upload its own L0 file: see `config.load`), so every
-    upload the sidecar makes is a restore point.
+    `engine.l0_interval` is 1 s by default for file:// (one L0 file a second: see `config.load`), so every second
+    of the sidecar's uploads is a restore point.
     """
     scheme = urlsplit(url).scheme
     if scheme in ("http", "https"):

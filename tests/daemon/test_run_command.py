@@ -14,6 +14,7 @@ import pytest
 
 from sidecar.cli import main
 from sidecar.emulator import LoadWriter
+from sidecar.ltx import parse_filename
 from tests.daemon.conftest import Env, eventually
 
 
@@ -49,14 +50,20 @@ def test_a_state_dir_it_cannot_create_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-async def test_every_upload_of_run_on_a_file_upstream_is_a_restore_point(env: Env, tmp_path: Path,
-                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """`run --upstream file://…` with its defaults ships once a second, and each upload's end TXID restores."""
+async def test_run_on_a_file_upstream_makes_a_restore_point_every_second(env: Env, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --upstream file://…` with its defaults ships once a second and flushes one L0 file a second (not every
+    10 s, as on S3); each L0 file ends at an upload's end, and that TXID restores to the node's checksum."""
     backups = tmp_path / "backups"
     log = tmp_path / "sidecar.log"
     argv = [sys.executable, "-m", "sidecar", "run", "--data-dir", str(env.node.data_dir), "--mount-dir",
             str(env.node.mount_dir), "--litefs-url", env.litefs_url, "--upstream", f"file://{backups}",
             "--state-dir", str(tmp_path / "state"), "--metrics-addr", "", "--log-format", "json"]
+    l0 = backups / "default" / "app.db" / "ltx" / "0"
+
+    def flushed() -> list[int]:
+        return sorted(t[1] for p in l0.glob("*.ltx") if (t := parse_filename(p.name)) is not None)
+
     with open(log, "wb") as out:
         proc = await asyncio.create_subprocess_exec(*argv, stdout=out, stderr=out)
         try:
@@ -64,12 +71,12 @@ async def test_every_upload_of_run_on_a_file_upstream_is_a_restore_point(env: En
                 def uploads() -> list[int]:
                     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
                     return [int(e["txid"].split("-")[1], 16) for e in events if e["event"] == "batch_shipped"]
-                await eventually(lambda: len(uploads()) >= 4, within=60)
+                await eventually(lambda: len(flushed()) >= 4, within=20)  # at 10 s a file: after 30 s
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
-    ends = uploads()
-    assert len(ends) >= 4
+    ends = flushed()
+    assert set(ends) <= set(uploads())
     history = load.history
     url = f"file://{backups}/default/app.db"
     for txid in ends:
