@@ -314,6 +314,20 @@ class LocalDB:
         older = [packed.file(base, t) for t in range(max(txid + 1, packed.lo), packed.hi + 1)] if packed else []
         return older + [self.files[k] for k in self._keys[bisect.bisect_right(self._keys, txid):]]
 
+    def backlog(self, txid: int) -> tuple[int, int, float | None]:
+        """The files above `txid`: how many, their bytes, and the oldest one's mtime (None if there is none); without
+        making objects of packed files (every tick asks, and upstream's position may be far behind)."""
+        self._in_step()
+        packed = self.packed
+        count, size, first = 0, 0, None
+        if packed and txid < packed.hi:
+            i = max(txid + 1, packed.lo) - packed.lo
+            count, size, first = len(packed) - i, sum(packed.sizes[i:]), packed.mtimes[i]
+        newer = [self.files[k] for k in self._keys[bisect.bisect_right(self._keys, txid):]]
+        if newer and first is None:
+            first = newer[0].mtime
+        return count + len(newer), size + sum(f.size for f in newer), first
+
     @property
     def head(self) -> LocalFile | None:
         """The newest file that is not known to be bad."""

@@ -243,8 +243,8 @@ class DbShipper:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             self.local.scan()
-            for f in self.local.sorted():
-                if f.max_txid > before.txid and f.min_txid == f.max_txid and f.post in expect:
+            for f in self.local.above(before.txid):
+                if f.min_txid == f.max_txid and f.post in expect:
                     self._save(Link(onto.txid + 1 - f.max_txid, f.max_txid, (onto.txid, onto.post_apply_checksum)))
                     self.remote = onto
                     return await self.step() or Shipped("import", 0, 0, 0, 0, self.hwm or 0, 0.0)

@@ -313,11 +313,11 @@ class Sidecar:
         not the 0 of the instant after a ship); 0 when idle."""
         m, name = self.metrics, db.name
         remote_local = (db.remote.txid - db.link.offset) if db.remote is not None else 0
-        pending = db.local.above(remote_local)
-        m.pending_files.labels(name).set(len(pending))
-        m.pending_bytes.labels(name).set(sum(f.size for f in pending))
+        files, size, first = db.local.backlog(remote_local)
+        m.pending_files.labels(name).set(files)
+        m.pending_bytes.labels(name).set(size)
         waited = [s.oldest for s in shipped if s.oldest]
-        oldest = pending[0].mtime if pending else min(waited) if waited else None
+        oldest = first if first is not None else min(waited) if waited else None
         m.lag.labels(name).set(0.0 if oldest is None else max(0.0, self.clock() - oldest))
         m.hwm.labels(name).set(db.hwm or 0)
         m.diverged.labels(name).set(1 if db.error else 0)

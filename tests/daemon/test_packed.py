@@ -39,6 +39,8 @@ def _same(packed: LocalDB, plain: LocalDB, probes: list[int]) -> None:
         assert _view(packed.get(t)) == _view(plain.get(t))
         assert [_view(f) for f in packed.chain_from(t, 5)] == [_view(f) for f in plain.chain_from(t, 5)]
         assert [_view(f) for f in packed.above(t)] == [_view(f) for f in plain.above(t)]
+        above = plain.above(t)
+        assert packed.backlog(t) == (len(above), sum(f.size for f in above), above[0].mtime if above else None)
 
 
 def _write(ltx: Path, lo: int, hi: int, now: float) -> Path:
