@@ -110,6 +110,14 @@ def _paced(rate: float, t0: float, seconds: float, step: Any) -> tuple[int, floa
     return k, time.time() - t0
 
 
+def _window(rate: float, t0: float, seconds: float, step: Any) -> tuple[int, float, float]:
+    """`_paced`, plus the share of a core this process used meanwhile: (steps, seconds, CPU share)."""
+    cpu0 = os.times()
+    n, elapsed = _paced(rate, t0, seconds, step)
+    cpu1 = os.times()
+    return n, elapsed, (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / elapsed
+
+
 def _emulator_load(pipe: Connection, barrier: Any, data: str, mount: str, db: str, rate: float, seconds: float,
                    seed: int, fsync: bool, compress: bool = True, replay: bool = False) -> None:
     """A load process: one emulated node writing `db`; sends back [(txid, file mtime)] of the timed steps."""
@@ -137,12 +145,10 @@ def _emulator_load(pipe: Connection, barrier: Any, data: str, mount: str, db: st
         if tx is not None:
             appeared.append((tx.txid, os.stat(tx.path).st_mtime))
 
-    cpu0 = os.times()
-    n, elapsed = _paced(rate, t0, seconds, step)
-    cpu1 = os.times()
+    n, elapsed, cpu = _window(rate, t0, seconds, step)
     con.close()
     node.close()
-    pipe.send((appeared, n, elapsed, (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / elapsed))
+    pipe.send((appeared, n, elapsed, cpu))
 
 
 def _replay_load(pipe: Connection, data: Path, db: str, rate: float, seconds: float, seed: int,
@@ -188,10 +194,8 @@ def _replay_load(pipe: Connection, data: Path, db: str, rate: float, seconds: fl
         os.rename(src, f"{dst}/{os.path.basename(src)}")
         appeared.append((txid, now))
 
-    cpu0 = os.times()
-    n, elapsed = _paced(rate, t0, seconds, step)
-    cpu1 = os.times()
-    pipe.send((appeared, n, elapsed, (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / elapsed))
+    n, elapsed, cpu = _window(rate, t0, seconds, step)
+    pipe.send((appeared, n, elapsed, cpu))
 
 
 def _wal_load(pipe: Connection, path: str, rate: float, seconds: float, seed: int) -> None:
@@ -205,11 +209,9 @@ def _wal_load(pipe: Connection, path: str, rate: float, seconds: float, seed: in
         work.setup(con)
     pipe.send(("ready", 0))
     t0 = pipe.recv()
-    cpu0 = os.times()
-    n, elapsed = _paced(rate, t0, seconds, lambda k: work.step(con, k))
-    cpu1 = os.times()
+    n, elapsed, cpu = _window(rate, t0, seconds, lambda k: work.step(con, k))
     con.close()
-    pipe.send(([], n, elapsed, (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / elapsed))
+    pipe.send(([], n, elapsed, cpu))
 
 
 # -- measuring a process from /proc -----------------------------------------------------------------------

@@ -90,7 +90,7 @@ class Packed:
         return self.lo + len(self.mtimes) - 1
 
     def __contains__(self, txid: int) -> bool:
-        return self.lo <= txid <= self.lo + len(self.mtimes) - 1
+        return self.lo <= txid <= self.hi
 
     def append(self, f: LocalFile) -> None:
         if not self.mtimes:
@@ -199,7 +199,7 @@ class LocalDB:
             self._reindex()
 
     def _insert(self, f: LocalFile) -> None:
-        if self.packed and f.max_txid <= self.packed.hi:  # an old file found late: rare; the packed go back first
+        if f.max_txid <= self.packed.hi:  # an old file found late: rare; the packed go back first
             if f.min_txid == f.max_txid and f.max_txid in self.packed:
                 return  # already held
             self.unpack()
@@ -312,7 +312,11 @@ class LocalDB:
         self._in_step()
         packed, base = self.packed, self._dir
         older = [packed.file(base, t) for t in range(max(txid + 1, packed.lo), packed.hi + 1)] if packed else []
-        return older + [self.files[k] for k in self._keys[bisect.bisect_right(self._keys, txid):]]
+        return older + self._newer(txid)
+
+    def _newer(self, txid: int) -> list[LocalFile]:
+        """The unpacked files whose max TXID is above `txid`, in TXID order."""
+        return [self.files[k] for k in self._keys[bisect.bisect_right(self._keys, txid):]]
 
     def backlog(self, txid: int) -> tuple[int, int, float | None]:
         """The files above `txid`: how many, their bytes, and the oldest one's mtime (None if there is none); without
@@ -323,7 +327,7 @@ class LocalDB:
         if packed and txid < packed.hi:
             i = max(txid + 1, packed.lo) - packed.lo
             count, size, first = len(packed) - i, sum(packed.sizes[i:]), packed.mtimes[i]
-        newer = [self.files[k] for k in self._keys[bisect.bisect_right(self._keys, txid):]]
+        newer = self._newer(txid)
         if newer and first is None:
             first = newer[0].mtime
         return count + len(newer), size + sum(f.size for f in newer), first

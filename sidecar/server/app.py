@@ -139,9 +139,9 @@ class Server:
             # Every node's per-second traffic is counted in /metrics and logged only at debug level: a line
             # per database per second is noise, and at saturation it was about a sixth of the CPU per upload.
             quiet = status < 400 and (request.method, route) in _EVERY_SECOND
-            (log.debug if quiet else log.info)("request", request_id=rid, method=request.method, path=request.path,
-                     query=request.query_string, status=status, ms=round(seconds * 1000, 1),
-                     cluster=request.get(CLUSTER))
+            (log.debug if quiet else log.info)(
+                "request", request_id=rid, method=request.method, path=request.path, query=request.query_string,
+                status=status, ms=round(seconds * 1000, 1), cluster=request.get(CLUSTER))
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
