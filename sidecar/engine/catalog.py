@@ -149,6 +149,18 @@ class Catalog:
         db.index = DbIndex([*kept, *added])
         return True
 
+    async def strays(self, db: Database) -> list[ObjectInfo]:
+        """The database's LTX files in the store that its index lacks: one LIST. Under a lease this engine took
+        over (and reconciled), only a writer whose lease had run out can have put them there."""
+        layout = self.storage.layout
+        known = {e.key(layout, db.prefix) for e in db.index}
+        out = []
+        for obj in await self.storage.list(db.prefix + "/"):
+            parsed = layout.parse(obj.key)
+            if parsed is not None and parsed.prefix == db.prefix and obj.key not in known:
+                out.append(obj)
+        return out
+
     async def stored(self, db: Database, added: FileEntry | None = None) -> None:
         """The database's stored files changed (a flush, a compaction, retention about to delete): the index cache
         is written later (`touch`), and `on_stored` is told now (the engine writes the head object, wakes readers).

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -129,6 +130,9 @@ class Engine:
         self._store_trouble: set[str] = set()  # clusters whose last lease renewal failed on a store error
         self._wanted: dict[str, float] = {}  # cluster -> when a client last needed this engine to write it
         self.quarantined = 0  # upload log records refused at replay
+        # Clusters taken over from another engine -> (next sweep, the gap before it): see `_sweep`.
+        self._sweeps: dict[str, tuple[float, float]] = {}
+        self.strays_deleted = 0  # files found by sweeps, for /metrics
         self._saved = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -403,6 +407,7 @@ class Engine:
                 db.sums = None
         self.leases.drop(cluster)
         self._current.discard(cluster)
+        self._sweeps.pop(cluster, None)  # the new owner sweeps
         log.warning("lease lost: another engine writes this cluster now", cluster=cluster, error=str(err),
                     dropped_uploads=dropped)
 
@@ -441,6 +446,8 @@ class Engine:
                 if not fresh:
                     for db in await self.catalog.reconcile(cluster):
                         self._trim_pending(db)
+                    gap = 2 * self.leases.ttl
+                    self._sweeps[cluster] = (self.clock() + gap, gap)
                 self._current.add(cluster)
             elif self.leases.due(cluster):  # a third of the TTL old: renew while it is used
                 try:
@@ -703,6 +710,14 @@ class Engine:
                 async with sem:
                     await self._job(db, "flush", now, self.flusher.flush(db))
             await asyncio.gather(*map(flush_one, ready))
+        sweeping = {c for c, (at, _) in self._sweeps.items() if at <= now}
+        for db in mine:
+            if db.cluster in sweeping:
+                await self._job(db, "sweep", now, self._sweep(db))
+        for c in sweeping:
+            _, gap = self._sweeps[c]
+            gap = min(2 * gap, max(self.levels.l1_interval, gap))
+            self._sweeps[c] = (now + gap, gap)
         for db in mine:
             # Compaction only adds files and retention only removes what flushes never touch, so uploads go on
             # meanwhile; restores take `maint` so their inputs stay put.
@@ -723,6 +738,8 @@ class Engine:
         """Whether any job of the database would write to the store now (no I/O; a level due with nothing new to
         compact is marked as run)."""
         if db.resync or (db.sums is None and self.intake.verify_checksums) or db.pending:
+            return True
+        if self._sweeps.get(db.cluster, (math.inf, 0.0))[0] <= now:
             return True
         for level in due_levels(db.last_run, now, self.levels):
             try:
@@ -788,6 +805,24 @@ class Engine:
         if health.backoff.failures:
             log.info("job recovered", cluster=db.cluster, db=db.name, job=name, after=health.backoff.failures)
         health.backoff.ok()
+
+    async def _sweep(self, db: Database) -> None:
+        """Delete the database's files that its index lacks. After a takeover's reconcile only this engine writes
+        the cluster, so such a file is a late write of a previous owner: a request that reached the store after its
+        lease had run out (a process paused mid-PUT; S3 has no fencing token). It starts above where this engine
+        took over, or repeats what is stored: it is no part of this engine's history, and a reader that listed the
+        store would see it overlap the files that are. Sweeps run twice the lease TTL after a takeover, then at
+        doubling gaps up to `l1_interval`, for as long as this engine holds the cluster."""
+        async with db.flushing, db.maint:  # none of this engine's own writes is between the store and the index
+            strays = await self.catalog.strays(db)
+            if not strays:
+                return
+            async with asyncio.timeout(await self._fence(db)):
+                await self.storage.delete([o.key for o in strays])
+        self.strays_deleted += len(strays)
+        for o in strays:
+            log.warning("stray file deleted: written by an engine after its lease had run out", cluster=db.cluster,
+                        db=db.name, key=o.key, size=o.size)
 
     async def _resync(self, db: Database) -> None:
         """Rebuild a database's index from the store, and keep only the pending uploads that still continue it."""

@@ -95,6 +95,8 @@ class EngineCollector:
         yield CounterMetricFamily("lfsc_flushes", "L0 files written", value=engine.flushes)
         yield CounterMetricFamily("lfsc_upload_log_quarantined", "Upload log records refused at replay",
                                   value=engine.quarantined)
+        yield CounterMetricFamily("lfsc_stray_files_deleted", "Files a previous owner wrote after its lease had run "
+                                  "out, found and deleted by this engine's sweeps", value=engine.strays_deleted)
         stats = engine.store_stats()
         requests = CounterMetricFamily("lfsc_store_requests", "Object-store requests by operation", labels=["op"])
         errors = CounterMetricFamily("lfsc_store_request_errors", "Object-store requests that failed, by operation",

@@ -121,3 +121,55 @@ async def test_no_write_replaces_another_writers_object(tmp_path: Path, history:
     assert (tmp_path / "store" / key).read_bytes() == b"another writer's file"
     assert a.status("c", "app.db").failing
     await a.close()
+
+
+async def test_a_late_write_of_an_expired_owner_is_swept(tmp_path: Path, history: History) -> None:
+    """a is paused mid-PUT past its lease; b takes over and goes on; then a's PUT lands (S3 has no fencing token, and
+    its key is not b's). b's sweep deletes it: the store holds one history again, with no overlap."""
+    clock = Clock()
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    a = await Engine.open(store, tmp_path / "a", Levels(l0_interval=3600), clock=clock)
+    b = await open_engine(tmp_path, "b", clock)
+    await upload(a, history, clock, 2)
+    await a.flush("c", "app.db")
+    history.write()
+    tx3 = history.commit(int(clock.now * 1000))
+    await a.write_tx("c", "app.db", tx3)  # acknowledged by a; its flush is the PUT that will land late
+    clock.now += a.leases.ttl + a.leases.skew + 1
+    await b.write_tx("c", "app.db", tx3)  # the client sends it again, to b, which takes over at TXID 2
+    await upload(b, history, clock)
+    await b.flush("c", "app.db")
+    late = "c/app.db/ltx/0/0000000000000003-0000000000000003.ltx"
+    await store.put_bytes(late, tx3, if_none_match=True)  # a's PUT lands now
+    keys = sorted(p.name for p in (tmp_path / "store" / "c" / "app.db" / "ltx" / "0").iterdir())
+    assert keys == ["0000000000000001-0000000000000002.ltx", "0000000000000003-0000000000000003.ltx",
+                    "0000000000000003-0000000000000004.ltx"]
+
+    await b.tick(clock.now + 1)  # a sweep comes twice the lease TTL after the takeover
+    assert (tmp_path / "store" / late).exists() and b.strays_deleted == 0
+    await b.tick(clock.now + 2 * b.leases.ttl + 1)
+    assert not (tmp_path / "store" / late).exists() and b.strays_deleted == 1
+    assert b.status("c", "app.db").failing == {}
+    await b.close()
+    await a.close()
+
+    reader = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "reader", clock=clock)
+    spans = sorted((e.min_txid, e.max_txid) for e in reader.index("c", "app.db").level(0))
+    assert spans == [(1, 2), (3, 4)]
+    got = await reader.restore_to("c", "app.db", tmp_path / "out.db")
+    assert got.checksum == history.pos.post_apply_checksum
+    await reader.close()
+
+
+async def test_an_engine_that_took_over_from_nobody_does_not_sweep(tmp_path: Path, history: History) -> None:
+    """Sweeps cost a LIST per database: only a takeover from another engine can leave a late write behind."""
+    clock = Clock()
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    a = await Engine.open(store, tmp_path / "a", Levels(l0_interval=3600), clock=clock)
+    await upload(a, history, clock, 2)
+    await a.flush("c", "app.db")
+    other = "c/app.db/ltx/0/0000000000000001-0000000000000001.ltx"
+    await store.put_bytes(other, b"not ours", if_none_match=True)
+    await a.tick(clock.now + 10 * a.leases.ttl)
+    assert (tmp_path / "store" / other).exists() and a.strays_deleted == 0
+    await a.close()
