@@ -1,10 +1,13 @@
-"""sidecar.malloc: the long-running commands cap glibc's malloc arenas."""
+"""The program's memory: the long-running commands cap glibc's malloc arenas (sidecar.malloc), and nothing only
+a console would use is imported (sidecar.__main__)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +44,17 @@ def test_threads_share_at_most_two_arenas() -> None:
         return int(out.stdout)
     assert arenas("limited") <= 2
     assert arenas("free") > 2
+
+
+def test_the_program_leaves_out_what_structlog_would_import_for_consoles(tmp_path: Path) -> None:
+    """structlog imports rich (7 MiB with pygments) whenever it is installed; the program marks it absent."""
+    fake = tmp_path / "site" / "rich"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(fake.parent), *sys.path]), "PATH": os.environ["PATH"]}
+    subprocess.run([sys.executable, "-c", "import structlog"], env=env, check=True)
+    assert (tmp_path / "imported").exists()  # what structlog does on its own
+    (tmp_path / "imported").unlink()
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "--version"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("litefs-sidecar"), proc.stderr
+    assert not (tmp_path / "imported").exists()

@@ -49,7 +49,7 @@ class TestProjectImage:
         assert entrypoint[-1] == ["litefs-sidecar"]
         with open(REPO / "pyproject.toml", "rb") as f:
             scripts = tomllib.load(f)["project"]["scripts"]
-        assert scripts["litefs-sidecar"] == "sidecar.cli:main"
+        assert scripts["litefs-sidecar"] == "sidecar.__main__:main"
 
     @pytest.mark.parametrize("path", [REPO / "Dockerfile", DEPLOY / "fly" / "node.Dockerfile"],
                              ids=lambda p: str(p.relative_to(REPO)))
