@@ -1,9 +1,10 @@
-"""A fault-injecting HTTP proxy for S3 tests: SlowDown every Nth request, 500s, bodies cut mid-way."""
+"""A fault-injecting HTTP proxy for S3 tests: SlowDown every Nth request, 500s, bodies cut mid-way, PUTs delivered
+late."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,9 @@ class Faults:
     cut_gets: int = 0  # this many GETs with a body are cut...
     cut_after: int = 100  # ...after this many bytes
     put_latency: float = 0.0  # seconds every PUT waits before it is forwarded (a slow store)
+    hold_puts: str = ""  # PUTs whose path contains this wait, whole, until `release` is set (a late delivery)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    held: int = 0  # PUTs waiting now
 
 
 class FaultProxy:
@@ -65,6 +69,10 @@ class FaultProxy:
         body = await request.read()
         if request.method == "PUT" and f.put_latency:
             await asyncio.sleep(f.put_latency)
+        if request.method == "PUT" and f.hold_puts and f.hold_puts in request.path:
+            f.held += 1
+            await f.release.wait()  # forwarded even if its client has given up: the store gets it late
+            f.held -= 1
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         assert self._session is not None
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,

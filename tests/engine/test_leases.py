@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ from sidecar.engine.lease import LeaseDoc, NotOwner, lease_key
 from sidecar.errors import PosMismatch
 from sidecar.storage import open_storage
 from tests.engine.history import History
+from tests.faults import FaultProxy
+from tests.s3server import MotoServer
 
 T0 = 1_700_000_000.0
 
@@ -173,3 +178,56 @@ async def test_an_engine_that_took_over_from_nobody_does_not_sweep(tmp_path: Pat
     await a.tick(clock.now + 10 * a.leases.ttl)
     assert (tmp_path / "store" / other).exists() and a.strays_deleted == 0
     await a.close()
+
+
+async def test_on_s3_a_flush_delivered_after_a_takeover_is_swept(moto_server: MotoServer, tmp_path: Path,
+                                                                 history: History) -> None:
+    """The same on S3, the late PUT made by the expired engine's own flush: the network delivers it, whole, after
+    another engine took the cluster over and stored the same transaction in a file of its own."""
+    clock = Clock()
+    bucket = moto_server.create_bucket()
+    proxy = FaultProxy(moto_server.url)
+    via = await proxy.start()
+    a_store = open_storage(f"s3://{bucket}", endpoint_url=via, force_path_style=True)
+    b_store = open_storage(f"s3://{bucket}", endpoint_url=moto_server.url, force_path_style=True)
+    a = await Engine.open(a_store, tmp_path / "a", Levels(l0_interval=3600), clock=clock)
+    b = await Engine.open(b_store, tmp_path / "b", Levels(l0_interval=3600), clock=clock)
+    try:
+        await upload(a, history, clock, 2)
+        await a.flush("c", "app.db")
+        history.write()
+        tx3 = history.commit(int(clock.now * 1000))
+        await a.write_tx("c", "app.db", tx3)
+        proxy.faults.hold_puts = "/c/app.db/0000/"
+        flushing = asyncio.create_task(a.flush("c", "app.db"))
+        await wait_until(lambda: proxy.faults.held == 1)
+        clock.now += a.leases.ttl + a.leases.skew + 1  # a is paused mid-PUT past its lease
+        await b.write_tx("c", "app.db", tx3)
+        await upload(b, history, clock)
+        await b.flush("c", "app.db")
+        proxy.faults.release.set()
+        with contextlib.suppress(Exception):
+            await flushing
+        spans = sorted(key.rsplit("/", 1)[1] for key in [o.key for o in await b_store.list("c/app.db/0000/")])
+        assert spans == ["0000000000000001-0000000000000002.ltx", "0000000000000003-0000000000000003.ltx",
+                         "0000000000000003-0000000000000004.ltx"]  # the late PUT landed beside b's file
+
+        await b.tick(clock.now + 2 * b.leases.ttl + 1)
+        assert b.strays_deleted == 1
+        reader = await Engine.open(b_store, tmp_path / "reader", clock=clock)
+        assert sorted((e.min_txid, e.max_txid) for e in reader.index("c", "app.db").level(0)) == [(1, 2), (3, 4)]
+        got = await reader.restore_to("c", "app.db", tmp_path / "out.db")
+        assert got.checksum == history.pos.post_apply_checksum
+        await reader.close()
+    finally:
+        await b.close()
+        await a.close()
+        await a_store.close()
+        await b_store.close()
+        await proxy.stop()
+
+
+async def wait_until(cond: Callable[[], bool], within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
