@@ -710,7 +710,7 @@ class Engine:
                 async with sem:
                     await self._job(db, "flush", now, self.flusher.flush(db))
             await asyncio.gather(*map(flush_one, ready))
-        sweeping = {c for c, (at, _) in self._sweeps.items() if at <= now}
+        sweeping = {c for c in self._sweeps if self._sweep_due(c, now)}
         for db in mine:
             if db.cluster in sweeping:
                 await self._job(db, "sweep", now, self._sweep(db))
@@ -739,7 +739,7 @@ class Engine:
         compact is marked as run)."""
         if db.resync or (db.sums is None and self.intake.verify_checksums) or db.pending:
             return True
-        if self._sweeps.get(db.cluster, (math.inf, 0.0))[0] <= now:
+        if self._sweep_due(db.cluster, now):
             return True
         for level in due_levels(db.last_run, now, self.levels):
             try:
@@ -806,13 +806,18 @@ class Engine:
             log.info("job recovered", cluster=db.cluster, db=db.name, job=name, after=health.backoff.failures)
         health.backoff.ok()
 
+    def _sweep_due(self, cluster: str, now: float) -> bool:
+        """Whether the cluster's databases are due a sweep: only while this engine holds the cluster, so a sweep
+        never takes a lease by itself (an idle cluster let go is swept once its writes bring it back)."""
+        return self._sweeps.get(cluster, (math.inf, 0.0))[0] <= now and self.leases.holds(cluster)
+
     async def _sweep(self, db: Database) -> None:
         """Delete the database's files that its index lacks. After a takeover's reconcile only this engine writes
         the cluster, so such a file is a late write of a previous owner: a request that reached the store after its
         lease had run out (a process paused mid-PUT; S3 has no fencing token). It starts above where this engine
         took over, or repeats what is stored: it is no part of this engine's history, and a reader that listed the
         store would see it overlap the files that are. Sweeps run twice the lease TTL after a takeover, then at
-        doubling gaps up to `l1_interval`, for as long as this engine holds the cluster."""
+        doubling gaps up to `l1_interval`, whenever this engine holds the cluster then."""
         async with db.flushing, db.maint:  # none of this engine's own writes is between the store and the index
             strays = await self.catalog.strays(db)
             if not strays:

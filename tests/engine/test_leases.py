@@ -152,15 +152,19 @@ async def test_a_late_write_of_an_expired_owner_is_swept(tmp_path: Path, history
 
     await b.tick(clock.now + 1)  # a sweep comes twice the lease TTL after the takeover
     assert (tmp_path / "store" / late).exists() and b.strays_deleted == 0
+    await b.release("c")  # idle: let go
+    await b.tick(clock.now + 2 * b.leases.ttl + 1)  # due, but a sweep never takes a lease by itself
+    assert (tmp_path / "store" / late).exists() and b.strays_deleted == 0 and not b.owns("c")
+    await upload(b, history, clock)  # busy again: b takes its lease back
     await b.tick(clock.now + 2 * b.leases.ttl + 1)
     assert not (tmp_path / "store" / late).exists() and b.strays_deleted == 1
     assert b.status("c", "app.db").failing == {}
-    await b.close()
+    await b.close()  # flushes TXID 5
     await a.close()
 
     reader = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "reader", clock=clock)
     spans = sorted((e.min_txid, e.max_txid) for e in reader.index("c", "app.db").level(0))
-    assert spans == [(1, 2), (3, 4)]
+    assert spans == [(1, 2), (3, 4), (5, 5)]
     got = await reader.restore_to("c", "app.db", tmp_path / "out.db")
     assert got.checksum == history.pos.post_apply_checksum
     await reader.close()
