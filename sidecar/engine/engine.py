@@ -710,14 +710,18 @@ class Engine:
                 async with sem:
                     await self._job(db, "flush", now, self.flusher.flush(db))
             await asyncio.gather(*map(flush_one, ready))
-        sweeping = {c for c in self._sweeps if self._sweep_due(c, now)}
-        for db in mine:
-            if db.cluster in sweeping:
-                await self._job(db, "sweep", now, self._sweep(db))
-        for c in sweeping:
-            _, gap = self._sweeps[c]
-            gap = min(2 * gap, max(self.levels.l1_interval, gap))
-            self._sweeps[c] = (now + gap, gap)
+        sweeping = [db for db in mine if self._sweep_due(db.cluster, now)]
+        if sweeping:  # a LIST each, many at a time, as flushes
+            sem = asyncio.Semaphore(self.limit.n)
+
+            async def sweep_one(db: Database) -> None:
+                async with sem:
+                    await self._job(db, "sweep", now, self._sweep(db))
+            await asyncio.gather(*map(sweep_one, sweeping))
+            for c in {db.cluster for db in sweeping} & self._sweeps.keys():  # (a lease lost meanwhile is not)
+                _, gap = self._sweeps[c]
+                gap = min(2 * gap, max(self.levels.l1_interval, gap))
+                self._sweeps[c] = (now + gap, gap)
         for db in mine:
             # Compaction only adds files and retention only removes what flushes never touch, so uploads go on
             # meanwhile; restores take `maint` so their inputs stay put.
