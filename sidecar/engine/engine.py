@@ -703,21 +703,10 @@ class Engine:
             if db.sums is None and self.intake.verify_checksums and db.job("checksums").backoff.ready(now):
                 await self._job(db, "checksums", now, self._rebuild_sums(db))
         ready = [db for db in due(mine, now, lv.l0_interval) if db.job("flush").backoff.ready(now)] if flush else []
-        if ready:  # many at a time, as each mostly waits on the store; oldest first
-            sem = asyncio.Semaphore(self.limit.n)
-
-            async def flush_one(db: Database) -> None:
-                async with sem:
-                    await self._job(db, "flush", now, self.flusher.flush(db))
-            await asyncio.gather(*map(flush_one, ready))
+        await self._jobs(ready, "flush", now, self.flusher.flush)  # oldest first
         sweeping = [db for db in mine if self._sweep_due(db.cluster, now)]
-        if sweeping:  # a LIST each, many at a time, as flushes
-            sem = asyncio.Semaphore(self.limit.n)
-
-            async def sweep_one(db: Database) -> None:
-                async with sem:
-                    await self._job(db, "sweep", now, self._sweep(db))
-            await asyncio.gather(*map(sweep_one, sweeping))
+        if sweeping:
+            await self._jobs(sweeping, "sweep", now, self._sweep)
             for c in {db.cluster for db in sweeping} & self._sweeps.keys():  # (a lease lost meanwhile is not)
                 _, gap = self._sweeps[c]
                 gap = min(2 * gap, max(self.levels.l1_interval, gap))
@@ -780,6 +769,16 @@ class Engine:
             for db in mine:
                 self._succeeded(db, "lease")
         return [db for db in dbs if db.cluster in owned]
+
+    async def _jobs(self, dbs: list[Database], name: str, now: float,
+                    work: Callable[[Database], Awaitable[object]]) -> None:
+        """Run one job on each of `dbs`, many at a time (each mostly waits on the store), up to `limit`."""
+        sem = asyncio.Semaphore(self.limit.n)
+
+        async def one(db: Database) -> None:
+            async with sem:
+                await self._job(db, name, now, work(db))
+        await asyncio.gather(*map(one, dbs))
 
     async def _job(self, db: Database, name: str, now: float, work: Awaitable[object]) -> bool:
         """Run one job of one database; a failure is recorded on it and logged, never raised."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from sidecar.engine import Engine, Levels
 from sidecar.engine.lease import LeaseDoc, NotOwner, lease_key
 from sidecar.errors import PosMismatch
 from sidecar.storage import open_storage
+from tests.daemon.conftest import eventually
 from tests.engine.history import History
 from tests.faults import FaultProxy
 from tests.s3server import MotoServer
@@ -204,7 +204,7 @@ async def test_on_s3_a_flush_delivered_after_a_takeover_is_swept(moto_server: Mo
         await a.write_tx("c", "app.db", tx3)
         proxy.faults.hold_puts = "/c/app.db/0000/"
         flushing = asyncio.create_task(a.flush("c", "app.db"))
-        await wait_until(lambda: proxy.faults.held == 1)
+        await eventually(lambda: proxy.faults.held == 1, within=10)
         clock.now += a.leases.ttl + a.leases.skew + 1  # a is paused mid-PUT past its lease
         await b.write_tx("c", "app.db", tx3)
         await upload(b, history, clock)
@@ -229,9 +229,3 @@ async def test_on_s3_a_flush_delivered_after_a_takeover_is_swept(moto_server: Mo
         await a_store.close()
         await b_store.close()
         await proxy.stop()
-
-
-async def wait_until(cond: Callable[[], bool], within: float = 10.0) -> None:
-    async with asyncio.timeout(within):
-        while not cond():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
