@@ -80,6 +80,8 @@ def check_header(header: Header, now: float, skew: float, what: str) -> None:
 def check_continues(db: Database, header: Header) -> None:
     """Raise unless an upload with `header` applies on top of the database's current position."""
     what = f"{db.cluster}/{db.name}"
+    if db.deleted:  # the upload waited for the database while it was deleted: it continues nothing now
+        raise PosMismatch(db.name, Pos(), "the database was deleted")
     if db.page_size and header.page_size != db.page_size and not header.is_snapshot:
         raise InvalidHeader(f"{what}: page size {header.page_size} differs from the database's {db.page_size}",
                             field="page_size")

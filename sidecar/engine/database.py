@@ -64,6 +64,7 @@ class Database:
     jobs: dict[str, JobHealth] = field(default_factory=dict)
     resync: bool = False  # the store contradicted the index: rebuild it before anything else
     sums: PageSums | None = None  # each page's checksum at `pos`; None while unknown (rebuilt from the store)
+    deleted: bool = False  # deleted by an operator: an upload that waited for it is refused
 
     @property
     def prefix(self) -> str:

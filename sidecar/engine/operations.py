@@ -115,6 +115,7 @@ class Operations:
             files = list(db.index)
             await self.storage.delete([self.storage.layout.head_key(db.prefix),
                                        *(e.key(self.storage.layout, db.prefix) for e in files)])
+            db.deleted = True
             self.catalog.forget(db)
         return len(files)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.reader import NotWhole
 from sidecar.ltx.sqlite import encode_db
 from sidecar.storage import open_storage
+from sidecar.storage.file import FileStorage
 from tests.engine.history import History
 
 DB = "app.db"
@@ -218,6 +219,51 @@ class TestAcceptance:
             await task
         assert engine.pos("c", DB) == history.pos
         assert engine.status("c", DB).pending_files == 2
+
+
+    async def test_an_upload_waiting_on_a_deletion_is_refused(self, tmp_path: Path, history: History) -> None:
+        """An upload that waited for the database while it was being deleted is refused with a zero position (the
+        client sends a snapshot of a new database), and nothing of it reaches the store: the deleted database does
+        not come back."""
+        storage = GatedDeletes(tmp_path / "store")
+        engine = await Engine.open(storage, tmp_path / "state", Levels(l0_interval=3600), clock=Clock())
+        try:
+            await ship(engine, history, 1)
+            await engine.flush("c", DB)
+            db = engine.catalog.require("c", DB)
+            deleting = asyncio.create_task(engine.delete_database("c", DB))
+            await storage.deleting.wait()  # the deletion holds the database, waiting for the store
+            history.write()
+            upload = asyncio.create_task(engine.write_tx("c", DB, history.commit(2000)))
+            await asyncio.sleep(0)
+            assert db.uploading == 1 and db.lock.locked()  # the upload waits for the deletion
+            storage.gate.set()
+            assert await deleting == 1
+            with pytest.raises(PosMismatch, match="deleted") as refused:
+                await upload
+            assert refused.value.pos == Pos()
+            await engine.flush_all()
+        finally:
+            await engine.close()
+        assert not list((tmp_path / "store" / "c").rglob("*.*"))
+        again = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state2",
+                                  Levels(l0_interval=3600))
+        assert not again.exists("c", DB)
+        await again.close()
+
+
+class GatedDeletes(FileStorage):
+    """A local store whose deletions wait until the test opens the gate."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = asyncio.Event()
+        self.deleting = asyncio.Event()
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        self.deleting.set()
+        await self.gate.wait()
+        await super().delete(keys)
 
 
 class TestBadUploads:
