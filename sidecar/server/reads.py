@@ -189,7 +189,7 @@ class Reads:
         spec = request.query.get("file", "")
         level_text, _, filename = spec.partition("/")
         txids = parse_filename(filename)
-        if not level_text.isdigit() or int(level_text) > SNAPSHOT_LEVEL or txids is None:
+        if not _digits(level_text) or int(level_text) > SNAPSHOT_LEVEL or txids is None:
             raise _BadRequest(f"file {spec!r}: want <level>/<min txid>-<max txid>.ltx")
         level = int(level_text)
         entry = next((e for e in index.level(level) if (e.min_txid, e.max_txid) == txids), None)
@@ -334,8 +334,9 @@ def _range(header: str | None, size: int) -> tuple[int, int] | None:
     if not header:
         return None
     unit, _, spec = header.partition("=")
-    first, dash, last = spec.strip().partition("-")
-    if unit.strip() != "bytes" or not dash or "," in spec or not (first.isdigit() or last.isdigit()):
+    first, dash, last = (part.strip() for part in spec.strip().partition("-"))
+    if unit.strip() != "bytes" or not dash or "," in spec or not (first or last) or \
+            not all(_digits(part) for part in (first, last) if part):
         raise _BadRange(f"Range {header!r}: want one 'bytes=start-end' range")
     if not first:
         start, end = max(0, size - int(last)), size  # a suffix: the last N bytes
@@ -345,6 +346,11 @@ def _range(header: str | None, size: int) -> tuple[int, int] | None:
     if start >= size or end <= start:
         raise _BadRange(f"Range {header!r} is outside the file's {size} bytes")
     return start, end
+
+
+def _digits(text: str) -> bool:
+    """Whether `text` is a decimal number int() reads: ASCII digits only (str.isdigit() also says yes to '²')."""
+    return text.isascii() and text.isdigit()
 
 
 class _BadRange(SidecarError):

@@ -117,6 +117,19 @@ class TestReadRoutes:
         async with http.get(server.url + "/db/plan?db=app.db&txid=zz", headers=AUTH) as resp:
             assert resp.status == 400
 
+    async def test_digits_that_are_not_ascii_are_refused(self, server: Running, http: aiohttp.ClientSession,
+                                                         history: History) -> None:
+        """A file level or Range with a character Python calls a digit but int() refuses ('²') is the client's
+        mistake (400, 416), not a crash (500)."""
+        await upload(server, history, 1)
+        name = f"{history.pos.txid:016x}-{history.pos.txid:016x}.ltx"
+        async with http.get(f"{server.url}/db/ltx?db=app.db&file=²/{name}", headers=AUTH) as resp:
+            assert resp.status == 400 and "want <level>/" in (await resp.json())["error"]
+        for spec in ("bytes=²-", "bytes=-²", "bytes=0-²"):
+            async with http.get(f"{server.url}/db/ltx?db=app.db&file=0/{name}",
+                                headers={**AUTH, "Range": spec}) as resp:
+                assert resp.status == 416 and (await resp.json())["code"] == "EBADRANGE", spec
+
     async def test_head_long_poll_answers_once_per_change(self, server: Running, http: aiohttp.ClientSession,
                                                           history: History) -> None:
         await upload(server, history, 1)
