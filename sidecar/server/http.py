@@ -64,6 +64,8 @@ async def read_head(request: web.Request, n: int, seconds: float) -> bytes:
         raise ClientError(408, "ETIMEOUT", f"request body not received within {seconds:g}s") from None
     except (RequestPayloadError, HttpProcessingError) as err:
         raise ClientError(400, "EBADBODY", f"request body unreadable: {err.__cause__ or err}") from None
+    except OSError as err:
+        raise _gone(err) from None
 
 
 def check_length(request: web.Request, limit: int) -> None:
@@ -89,7 +91,15 @@ async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
         encoding = request.headers.get("Content-Encoding", "")
         raise ClientError(400, "EBADBODY", f"request body unreadable{' as ' + encoding if encoding else ''}: "
                           f"{err.__cause__ or err}") from None
+    except OSError as err:
+        raise _gone(err) from None
     return bytes(buf)
+
+
+def _gone(err: OSError) -> ClientError:
+    """The client closed the connection before its body was in (aiohttp's "Connection lost"): the client's doing,
+    answered (to no one) as an unreadable body, not an error of the server's."""
+    return ClientError(400, "EBADBODY", f"request body unreadable: the client went away ({err})")
 
 
 __all__ = ["ADMIN", "CLUSTER", "READONLY", "ClientError", "db_param", "error", "read_body", "read_head"]

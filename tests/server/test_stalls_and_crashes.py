@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +16,7 @@ from sidecar.errors import SidecarError
 from sidecar.ltx import Pos
 from tests.engine.history import History
 from tests.server.client import BackupClient
-from tests.server.conftest import TOKEN, start_server
+from tests.server.conftest import TOKEN, start_server, wait_until
 from tests.server.test_hostile import SNAPSHOT
 
 
@@ -36,6 +37,34 @@ class TestStalledUpload:
             writer.close()
             assert head.startswith(b"HTTP/1.1 408 ") and body == {
                 "code": "ETIMEOUT", "error": "request body not received within 0.5s"}
+            assert srv.engine.pos("default", "app.db").is_zero
+            assert await BackupClient(http, srv.url, TOKEN).write_tx("app.db", SNAPSHOT) > 0
+        finally:
+            await srv.shutdown()
+
+
+    async def test_a_sender_that_goes_away_mid_body_is_no_crash(self, tmp_path: Path, http: aiohttp.ClientSession,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+        """Half a body, then the connection closes (a LiteFS node restarting): a refusal like any unreadable body,
+        not an error with a traceback in the log; nothing is stored and the next upload is taken."""
+        srv = await start_server(tmp_path)
+        try:
+            host, port = srv.url.removeprefix("http://").split(":")
+            chunked = f"Transfer-Encoding: chunked\r\n\r\n{len(SNAPSHOT):x}\r\n"
+            length = f"Content-Length: {len(SNAPSHOT)}\r\n\r\n"
+            for framing, sent in ((chunked, len(SNAPSHOT) // 2), (length, len(SNAPSHOT) // 2), (length, 50)):
+                _, writer = await asyncio.open_connection(host, int(port))
+                writer.write(f"POST /db/tx?db=app.db HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n{framing}"
+                             .encode() + SNAPSHOT[:sent])  # the body cut off, or even its header
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+
+            async def answered() -> bool:  # both requests have ended, one way or another
+                async with http.get(srv.url + "/metrics") as resp:
+                    return 'lfsc_request_seconds_count{route="/db/tx"} 3.0' in await resp.text()
+            await wait_until(answered)
+            assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
             assert srv.engine.pos("default", "app.db").is_zero
             assert await BackupClient(http, srv.url, TOKEN).write_tx("app.db", SNAPSHOT) > 0
         finally:
