@@ -54,6 +54,7 @@ _EVERY_SECOND = frozenset({("POST", "/db/tx"), ("GET", "/pos")})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/favicon.ico", "/ui"})
 READ_METHODS = frozenset({"GET", "HEAD"})
+CLIENT_CLOSED = 499  # the access log's status of a request whose client went away mid-answer (as nginx logs it)
 GIVEN_SECONDS = 2.0  # how long a free cluster handed to a sibling counts as its lease
 
 
@@ -169,6 +170,12 @@ class Server:
             retry = getattr(err, "retry_after", None)
             return error(err.http_status, err.code, str(err),
                          headers={"Retry-After": str(retry)} if retry is not None else None)
+        except ConnectionError:
+            if request.transport is not None and not request.transport.is_closing():
+                raise
+            # The client closed the connection while it was being answered (a download cut short): its doing, and
+            # nothing more can reach it. Logged as the access log's one line, not as a server error.
+            return web.Response(status=CLIENT_CLOSED)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:

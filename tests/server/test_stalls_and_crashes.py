@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
+import sqlite3
 from pathlib import Path
 
 import aiohttp
@@ -67,6 +69,37 @@ class TestStalledUpload:
             assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
             assert srv.engine.pos("default", "app.db").is_zero
             assert await BackupClient(http, srv.url, TOKEN).write_tx("app.db", SNAPSHOT) > 0
+        finally:
+            await srv.shutdown()
+
+
+    async def test_a_reader_that_goes_away_mid_download_is_no_crash(self, tmp_path: Path,
+                                                                    http: aiohttp.ClientSession,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+        """A snapshot download whose client closes the connection after the first bytes (a LiteFS node restarting
+        mid-restore, a curl interrupted): not an error with a traceback in the log."""
+        con = sqlite3.connect(tmp_path / "big.db")
+        con.execute("CREATE TABLE t (b BLOB)")
+        con.execute("INSERT INTO t VALUES (randomblob(16 << 20))")  # far more than the sockets buffer
+        con.commit()
+        con.close()
+        srv = await start_server(tmp_path)
+        try:
+            async with http.post(srv.url + "/api/upload?db=big.db", data=io.BytesIO((tmp_path / "big.db").read_bytes()),
+                                 headers={"Authorization": TOKEN}) as resp:
+                assert resp.status == 200
+            host, port = srv.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET /db/snapshot?db=big.db HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n\r\n"
+                         .encode())
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+            writer.transport.abort()
+
+            async def ended() -> bool:
+                async with http.get(srv.url + "/metrics") as resp:
+                    return 'lfsc_request_seconds_count{route="/db/snapshot"} 1.0' in await resp.text()
+            await wait_until(ended)
+            assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
         finally:
             await srv.shutdown()
 
