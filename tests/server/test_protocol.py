@@ -12,7 +12,7 @@ from sidecar.ltx import Pos, Version
 from sidecar.ltx.compactor import compact
 from sidecar.ltx.decoder import decode
 from sidecar.ltx.sqlite import Applier
-from tests.conftest import LITEFS
+from tests.conftest import LITEFS, make_db
 from tests.engine.history import History
 from tests.server.client import BackupClient, Node
 from tests.server.conftest import ADMIN, TOKEN, Running, start_server
@@ -159,3 +159,23 @@ def compacted(files: list[bytes]) -> bytes:
     out = io.BytesIO()
     compact(files, out, version=Version.V2)
     return out.getvalue()
+
+
+async def test_an_uploaded_sqlite_file_that_fails_its_integrity_check_is_refused(server: Running,
+                                                                                http: aiohttp.ClientSession,
+                                                                                tmp_path: Path) -> None:
+    """POST /api/upload of a damaged SQLite file (here a real one cut to half its pages, as a copy taken mid-write
+    would be) is refused with 422 naming the upload, and the head stays where it was: LiteFS would pull it."""
+    for path in uploads("fx-wal.db"):
+        await BackupClient(http, server.url, TOKEN).write_tx("fx-wal.db", path.read_bytes())
+    before = server.engine.pos("default", "fx-wal.db")
+    whole = make_db(tmp_path / "real.db", rows=3000).read_bytes()
+    cut = whole[:len(whole) // 4096 // 2 * 4096]
+    for db in ("fx-wal.db", "new.db"):
+        async with http.post(f"{server.url}/api/upload", params={"db": db}, headers={"Authorization": TOKEN},
+                             data=cut) as resp:
+            body = await resp.json()
+            assert resp.status == 422 and body["code"] == "ENOTSQLITE", body
+            assert f"upload of {db!r}" in body["error"] and "integrity_check" in body["error"]
+    assert server.engine.pos("default", "fx-wal.db") == before
+    assert server.engine.pos("default", "new.db").is_zero
