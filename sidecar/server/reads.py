@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import string
 import struct
 from collections.abc import Mapping
 
@@ -323,10 +324,10 @@ def _hex(query: Mapping[str, str], name: str) -> int | None:
     text = query.get(name)
     if not text:
         return None
-    try:
-        return int(text, 16)
-    except ValueError:
-        raise _BadRequest(f"{name} {text!r}: want a hex TXID") from None
+    # int(text, 16) alone also takes a sign, "0x", "_" and spaces: a TXID of -1 would be looked for
+    if len(text) > 16 or any(c not in string.hexdigits for c in text):
+        raise _BadRequest(f"{name} {text!r}: want a hex TXID (up to 16 hex digits)")
+    return int(text, 16)
 
 
 def _range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -114,8 +114,9 @@ class TestReadRoutes:
             assert resp.status == 404 and (await resp.json())["code"] == "ENOTFOUND"
         async with http.get(server.url + "/db/plan?db=app.db&txid=0000000000000063", headers=AUTH) as resp:
             assert resp.status == 404 and (await resp.json())["code"] == "ENOTXID"
-        async with http.get(server.url + "/db/plan?db=app.db&txid=zz", headers=AUTH) as resp:
-            assert resp.status == 400
+        for bad in ("zz", "-1", "+1", "0x10", "1_0", " 10", "1" * 17):  # int(x, 16) takes all but the first
+            async with http.get(server.url + "/db/plan", params={"db": "app.db", "txid": bad}, headers=AUTH) as resp:
+                assert resp.status == 400 and "want a hex TXID" in (await resp.json())["error"], bad
 
     async def test_digits_that_are_not_ascii_are_refused(self, server: Running, http: aiohttp.ClientSession,
                                                          history: History) -> None:
