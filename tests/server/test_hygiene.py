@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from sidecar.ltx import Header, Pos, Version
+from sidecar.ltx.encoder import encode
 from tests.server.conftest import ADMIN, READER, TOKEN, Running, start_server
 from tests.server.test_hostile import SNAPSHOT
 
@@ -95,6 +99,20 @@ async def test_bad_encodings_are_client_errors(server: Running, http: aiohttp.Cl
         body = await resp.json(content_type=None)
         assert body["code"] and body["error"]
     assert server.engine.pos("default", "app.db").is_zero
+
+
+@pytest.mark.parametrize(("encoding", "compress"), [("gzip", gzip.compress), ("deflate", zlib.compress)])
+async def test_a_compressed_upload_shorter_than_an_ltx_header_is_read_whole(
+        server: Running, http: aiohttp.ClientSession, encoding: str, compress: Callable[[bytes], bytes]) -> None:
+    # One zero page compresses to under 100 bytes: the Content-Length is the compressed size, not the header's.
+    data = encode(Header(page_size=4096, commit=1, min_txid=1, max_txid=1, timestamp=1), [(1, bytes(4096))],
+                  Version.V2)
+    body = compress(data)
+    assert len(body) < 100
+    async with http.post(f"{server.url}/db/tx", params={"db": "app.db"}, data=body,
+                         headers={"Authorization": TOKEN, "Content-Encoding": encoding}) as resp:
+        assert resp.status == 200, await resp.text()
+    assert server.engine.pos("default", "app.db") == Pos(1, int.from_bytes(data[-16:-8], "big"))
 
 
 async def test_the_admin_token_must_name_a_cluster_on_protocol_routes(server: Running,
