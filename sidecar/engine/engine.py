@@ -634,7 +634,12 @@ class Engine:
             db.uploading -= 1
         self.pending_bytes += len(data)
         if self.levels.l0_interval <= 0 or len(data) > BIG_UPLOAD:
-            await self._flush(db)
+            # The upload is accepted whatever the store says now: it is in the upload log and the position has
+            # moved (a client told to retry would find nothing to resend). A failed flush is recorded on the database
+            # and retried with the others; the HWM answered says what the store holds.
+            now = self.clock()
+            if not await self._job(db, "flush", now, self._flush(db)) and db.pending:
+                self.flush_queue.add(db, now)
         elif db.pending:
             self.flush_queue.add(db, due_at(db, self.levels.l0_interval))
         return db.hwm

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,12 +12,14 @@ import pytest
 
 from sidecar.cli import main
 from sidecar.engine import Engine, Levels, plan_restore, scan
-from sidecar.errors import RestoreError
+from sidecar.errors import RestoreError, StorageError
 from sidecar.storage import FILE_LAYOUT, open_storage
+from sidecar.storage.file import FileStorage
 from sidecar.storage.s3 import S3Storage
 from tests.engine.history import History
 from tests.faults import FaultProxy
 from tests.s3server import MotoServer
+from tests.server.conftest import wait_until
 
 T0 = 1_790_000_000.0
 
@@ -62,6 +66,62 @@ async def test_outage_keeps_uploads_and_holds_the_hwm(proxied: tuple[S3Storage, 
     await engine.tick()
     assert engine.hwm("c", "app.db") == history.pos.txid
     result = await engine.restore_to("c", "app.db", tmp_path / "out.db", integrity_check=True)
+    assert result.checksum == history.checksums[history.pos.txid]
+
+
+class DownStore(FileStorage):
+    """A local store whose LTX file writes fail while `down` is set (its lease is taken, its flushes fail)."""
+
+    down = False
+
+    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None,
+                        if_none_match: bool = False, if_match: str | None = None) -> str:
+        if self.down and "/ltx/" in key:
+            raise StorageError(key, "store down (test)", retryable=True)
+        return await super().put_bytes(key, data, timestamp=timestamp, if_none_match=if_none_match,
+                                       if_match=if_match)
+
+    async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None,
+                       if_none_match: bool = False, if_match: str | None = None) -> str:
+        if self.down and "/ltx/" in key:
+            raise StorageError(key, "store down (test)", retryable=True)
+        return await super().put_file(key, path, timestamp=timestamp, if_none_match=if_none_match,
+                                      if_match=if_match)
+
+
+@pytest.mark.parametrize("l0_interval", [0.0, 3600.0], ids=["every upload flushed", "a big upload flushed"])
+async def test_an_upload_whose_inline_flush_failed_is_acknowledged_and_flushed_once_the_store_answers(
+        history: History, tmp_path: Path, l0_interval: float) -> None:
+    """An upload flushed as it arrives (l0_interval 0, or over 8 MiB) is in the upload log and has moved the
+    position before the flush fails: it is acknowledged (a 503 would send a client back to find nothing to resend,
+    or the sidecar to re-ship it for a 409) and its flush retried with the others, not left until the next upload."""
+    store = DownStore(tmp_path / "store")
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=l0_interval))
+    stop = asyncio.Event()
+    ticker = asyncio.create_task(engine.run(stop))
+    try:
+        if l0_interval:  # a snapshot over 8 MiB: flushed as it arrives whatever the interval
+            history.con.execute("INSERT INTO events (at, body) VALUES (1, hex(randomblob(5000000)))")
+        else:  # every upload flushed as it arrives: one in the store first
+            history.write()
+            assert await engine.write_tx("c", "app.db", history.commit(int(time.time() * 1000))) == 1
+            history.write()
+        upload = history.commit(int(time.time() * 1000), compress=False)
+        assert (len(upload) > 8 << 20) == bool(l0_interval)
+        store.down = True
+        stored_before = history.pos.txid - 1
+        assert await engine.write_tx("c", "app.db", upload) == stored_before  # the HWM of what the store holds
+        assert engine.pos("c", "app.db") == history.pos and engine.status("c", "app.db").failing
+        store.down = False
+
+        async def stored() -> bool:
+            return engine.hwm("c", "app.db") == history.pos.txid
+        await wait_until(stored, within=20)
+    finally:
+        stop.set()
+        await ticker
+        await engine.close()
+    result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
     assert result.checksum == history.checksums[history.pos.txid]
 
 
