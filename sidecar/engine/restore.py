@@ -78,7 +78,9 @@ def plan_restore(index: DbIndex | Sequence[FileEntry], *, txid: int | None = Non
     if txid is not None and cur != txid:
         raise RestoreError(_missed(entries, txid, plan[-1]))
     beyond = [e for e in entries if fits(e) and e.max_txid > cur]
-    if beyond:
+    # A file after the target time that continues the chain (an L1 file whose first flushes L0 retention
+    # deleted) means no TXID is missing: the target lies between two restore points, and `cur` is the earlier.
+    if beyond and not any(e.min_txid <= cur + 1 and e.max_txid > cur for e in entries):
         raise RestoreError(_gap(entries, plan[-1]))
     return plan
 
