@@ -106,10 +106,15 @@ class Replica:
         pos = await asyncio.to_thread(self.position)
         if pos is not None and pos != self.current:
             self._save(pos)  # a change a crash interrupted turned out done, or undone
-        if pos is not None and pos.txid >= head.txid:
+        if pos is not None and pos.txid == head.txid and not _differ(pos.checksum, head.post_apply_checksum):
             return pos, 0
         chain: Sequence[FileEntry] = list(head.plan)
-        if pos is not None:
+        if pos is not None and pos.txid >= head.txid:
+            # The backup is behind the copy, or at its TXID in another state: its history started over (the
+            # database was deleted and its node began again from TXID 1).
+            log.warning("backup history does not continue the copy; rebuilding it", path=str(self.path),
+                        txid=f"{pos.txid:016x}", backup=f"{head.txid:016x}")
+        elif pos is not None:
             chain = plan_after(head.plan, pos.txid)
             if chain and chain[0].is_snapshot:  # the latest plan starts over: ask for the files after the copy
                 chain = (await self.source.plan(after=pos.txid)).plan
@@ -187,6 +192,11 @@ def _position(doc: dict[str, str]) -> Position:
 
 def _json(pos: Position) -> dict[str, object]:
     return {"txid": f"{pos.txid:016x}", "checksum": f"{pos.checksum:016x}", "timestamp": pos.timestamp}
+
+
+def _differ(a: int, b: int) -> bool:
+    """Whether two database checksums say the states differ (0: no checksum, nothing to compare)."""
+    return bool(a and b and a != b)
 
 
 def _continues(first: FileEntry, pos: Position) -> bool:

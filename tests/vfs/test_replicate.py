@@ -14,6 +14,7 @@ import pytest
 from sidecar.cli import main
 from sidecar.vfs import journal, open_source
 from sidecar.vfs.replica import Replica
+from tests.engine.history import History
 from tests.server.conftest import wait_until
 from tests.vfs.conftest import EVENTS, Written, rows
 
@@ -136,6 +137,30 @@ class TestReplicate:
             pos, files = await replica.sync()
             assert pos.txid == written.history.pos.txid and files >= 1
             assert rows(copy) == rows(written.history.path)
+        finally:
+            await source.close()
+
+    async def test_a_database_deleted_and_started_over_is_rebuilt(self, written: Written, tmp_path: Path) -> None:
+        """The operator deletes the database and its node starts it over: the backup's new history is behind
+        the copy's TXID (or at it, with another checksum), and the copy is rebuilt, not kept as current."""
+        for _ in range(6):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        source = open_source(written.url, **written.options)
+        try:
+            replica = Replica(source, copy)
+            await replica.sync()
+            await written.engine.delete_database("c", "app.db")
+            for seed in (2, 3):  # started over behind the copy, then again up to the copy's TXID
+                written.history.close()
+                written.history = History(tmp_path / f"live{seed}.db", seed=seed)
+                for _ in range(3):
+                    await written.write()
+                await written.engine.flush_all()
+                pos, files = await replica.sync()
+                assert pos.txid == 3 and files >= 1 and rows(copy) == rows(written.history.path)
+                await written.engine.delete_database("c", "app.db")
         finally:
             await source.close()
 
