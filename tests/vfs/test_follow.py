@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from sidecar.engine import Levels, plan_restore, restore, scan
 from sidecar.errors import NotFound
 from sidecar.vfs import BackupVFS
+from tests.engine.history import History
 from tests.s3server import MotoServer
 from tests.server.conftest import wait_until
 from tests.vfs.conftest import EVENTS, MIN, Written, open_written, rows
@@ -59,6 +60,30 @@ class TestFollow:
             assert float(await asyncio.to_thread(lambda: query(con, "PRAGMA litefs_lag")[0][0])) < 10
         finally:
             await asyncio.to_thread(con.close)
+
+    async def test_a_database_started_over_is_read_from_its_new_files(
+            self, written: Written, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
+        """Deleted and started over, a database's new files have the names of the old ones: a reader of the same
+        VFS reads the new ones, never pages it cached from the old."""
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        vfs = make_vfs(**written.options)
+
+        def read() -> list[tuple[object, ...]]:
+            con = vfs.connect(written.url)
+            try:
+                return query(con)
+            finally:
+                con.close()
+        assert await asyncio.to_thread(read) == rows(written.history.path)
+        await written.engine.delete_database("c", "app.db")
+        written.history.close()
+        written.history = History(tmp_path / "live2.db", seed=9)
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        assert await asyncio.to_thread(read) == rows(written.history.path)
 
     @pytest.mark.parametrize("kind", ["file", "s3", "server", "server-pages"])
     async def test_a_reader_outlives_compaction_and_retention(self, kind: str, tmp_path: Path,
