@@ -145,7 +145,7 @@ async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out:
     with tempfile.TemporaryDirectory(prefix=".restore-", dir=out.parent) as tmpdir:
         paths = await storage.local_files(keys, Path(tmpdir))
         try:
-            result = await asyncio.to_thread(_merge_into, paths, plan, tmp, progress)
+            result = await asyncio.to_thread(_merge_into, paths, keys, plan, tmp, progress)
             if integrity_check:
                 await asyncio.to_thread(check_integrity, tmp)
             for side in replace:
@@ -157,9 +157,9 @@ async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out:
     return result
 
 
-def _merge_into(paths: Sequence[Path], plan: Sequence[FileEntry], tmp: Path,
+def _merge_into(paths: Sequence[Path], keys: Sequence[str], plan: Sequence[FileEntry], tmp: Path,
                 progress: Progress | None) -> RestoreResult:
-    merged = merge(paths, tmp, progress)
+    merged = merge(paths, tmp, progress, names=keys)
     last = plan[-1]
     verified = bool(last.post)
     if verified and merged.checksum != last.post:

@@ -104,3 +104,31 @@ async def test_gap_in_the_store_is_refused_clearly(history: History, tmp_path: P
     assert await asyncio.to_thread(main, ["restore", "-o", str(out), url]) == 1
     assert not out.exists()
     assert plan_restore(index, txid=2)[-1].max_txid == 2  # what precedes the gap still restores
+
+
+async def test_a_corrupt_file_on_s3_is_named_by_its_key(moto_server: MotoServer, history: History, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A restore from S3 merges downloads: its error names the stored file, not the download's local name, and the
+    existing output is left as it was."""
+    bucket = moto_server.create_bucket()
+    s3 = {"endpoint_url": moto_server.url, "force_path_style": True}
+    store = open_storage(f"s3://{bucket}/b", **s3)
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0))
+    for _ in range(4):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(1000))
+    await engine.close()
+    newest = (await scan(store, "c/app.db")).level(0)[-1]
+    key = newest.key(store.layout, "c/app.db")
+    data = bytearray(await store.get_bytes(key))
+    data[120] ^= 0xFF
+    await store.put_bytes(key, bytes(data))
+    await store.close()
+    out = tmp_path / "out.db"
+    out.write_bytes(b"the old database")
+    argv = ["restore", "--s3-endpoint", moto_server.url, "--s3-force-path-style", "-o", str(out),
+            f"s3://{bucket}/b/c/app.db"]
+    assert await asyncio.to_thread(main, argv) == 1
+    name = newest.key(store.layout, "")
+    assert f"corrupt backup file: {name}: file checksum mismatch" in capsys.readouterr().err
+    assert out.read_bytes() == b"the old database"
