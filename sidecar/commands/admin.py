@@ -305,6 +305,11 @@ def cmd_download(args: argparse.Namespace) -> int:
     try:
         with client(args).open("GET", "/api/download", params) as resp, os.fdopen(fd, "wb") as f:
             shutil.copyfileobj(resp, f, 1 << 20)
+            # http.client returns a body cut short by a dropped connection as if it were whole: count it.
+            want, got = resp.headers.get("Content-Length"), f.tell()
+            if want is not None and want.isdigit() and int(want) != got:
+                raise SidecarError(f"download of {args.cluster}/{args.db} cut short: the connection dropped after "
+                                   f"{got} of {want} bytes; nothing was written to {out}")
             f.flush()
             os.fsync(f.fileno())
             txid = resp.headers.get("Litefs-Txid", "")

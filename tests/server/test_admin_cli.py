@@ -19,6 +19,7 @@ from sidecar.ltx import Version, format_timestamp
 from sidecar.ltx.decoder import decode
 from tests.conftest import LITEFS, make_db
 from tests.engine.history import History
+from tests.faults import FaultProxy
 from tests.server.client import BackupClient
 from tests.server.conftest import ADMIN, TOKEN, Running
 from tests.server.test_protocol import uploads
@@ -180,6 +181,24 @@ class TestFiles:
         code, _, err = await admin("download", "--db", "app.db", "-o", str(out))
         assert code == 1 and err == f"litefs-sidecar: -o {out}: {out.parent} does not exist\n"
         assert not (tmp_path / "missing").exists()
+
+    async def test_a_download_cut_short_is_an_error_and_writes_nothing(
+            self, server: Running, http: aiohttp.ClientSession, admin: Admin, tmp_path: Path) -> None:
+        """The connection drops mid-body (a proxy, a restart): the command fails and -o keeps what it held."""
+        (await backed_up(server, http, tmp_path, n=5)).close()
+        proxy = FaultProxy(server.url)
+        proxy.faults.cut_gets, proxy.faults.cut_after = 1, 1000
+        admin.url = await proxy.start()
+        out = tmp_path / "dl.db"
+        out.write_bytes(b"what was there")
+        try:
+            code, _, err = await admin("download", "--db", "app.db", "-o", str(out))
+        finally:
+            await proxy.stop()
+        assert proxy.injected == 1
+        assert code == 1 and "cut short" in err, (code, out.stat().st_size, err)
+        assert out.read_bytes() == b"what was there"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dl.db")] == []
 
     async def test_upload_then_download_round_trips(self, server: Running, admin: Admin, tmp_path: Path) -> None:
         """An uploaded SQLite file becomes the head, byte for byte."""
