@@ -320,9 +320,9 @@ class BackupFile(apsw.VFSFile):
             target = Target(txid=_parse_txid(value))
         else:
             target = Target(timestamp=_parse_time(value))
+        view = self.vfs.loop.call(self.backup.view(target))  # first: a target refused leaves the connection as it was
         if self.target.follow and not target.latest:
             self.vfs.loop.call(self.backup.stop_following())
-        view = self.vfs.loop.call(self.backup.view(target))
         self.target = target
         if self.lock == _NONE:
             self._pin(view)

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from sidecar.engine import Levels, plan_restore, restore, scan
-from sidecar.errors import NotFound
+from sidecar.errors import NotFound, RestoreError
 from sidecar.vfs import BackupVFS
 from tests.engine.history import History
 from tests.s3server import MotoServer
@@ -84,6 +84,29 @@ class TestFollow:
             await written.write()
         await written.engine.flush_all()
         assert await asyncio.to_thread(read) == rows(written.history.path)
+
+    async def test_a_refused_pragma_of_one_follower_does_not_stop_another(
+            self, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
+        """One connection asks for a TXID that cannot be read, then closes: the others still follow."""
+        w = await open_written("file", tmp_path, None)
+        try:
+            await w.write(3)
+            await w.engine.flush_all()
+            vfs = make_vfs()
+            a = await asyncio.to_thread(vfs.connect, w.url, follow=True)
+            b = await asyncio.to_thread(vfs.connect, w.url, follow=True)
+            with pytest.raises(RestoreError, match="beyond the newest restore point"):
+                await asyncio.to_thread(query, a, "PRAGMA litefs_txid = 'ffff'")
+            await asyncio.to_thread(a.close)
+            await w.write(3)
+            await w.engine.flush_all()
+
+            async def visible() -> bool:
+                return await asyncio.to_thread(query, b) == rows(w.history.path)
+            await wait_until(visible, within=15)
+            await asyncio.to_thread(b.close)
+        finally:
+            await w.close()
 
     @pytest.mark.parametrize("kind", ["file", "s3", "server", "server-pages"])
     async def test_a_reader_outlives_compaction_and_retention(self, kind: str, tmp_path: Path,
