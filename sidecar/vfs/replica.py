@@ -32,7 +32,7 @@ import structlog
 from sidecar.engine.head import Head, ltx_object_key, plan_after
 from sidecar.engine.index import FileEntry
 from sidecar.engine.restore import restore
-from sidecar.errors import SidecarError
+from sidecar.errors import RestoreError, SidecarError
 from sidecar.ltx import LTXError, Version, lock_pgno
 from sidecar.ltx.decoder import Decoder
 from sidecar.storage.file import FileStorage
@@ -118,12 +118,24 @@ class Replica:
             chain = plan_after(head.plan, pos.txid)
             if chain and chain[0].is_snapshot:  # the latest plan starts over: ask for the files after the copy
                 chain = (await self.source.plan(after=pos.txid)).plan
-            if not chain[0].is_snapshot and not _continues(chain[0], pos):
+            if not chain[0].is_snapshot and not (_continues(chain[0], pos) and await self._agrees(chain[0], pos)):
                 log.warning("backup history does not continue the copy; rebuilding it", path=str(self.path),
                             txid=f"{pos.txid:016x}", next=f"{chain[0].min_txid:016x}")
                 chain = head.plan
         new = await self._apply(chain, pos)
         return new, len(chain)
+
+    async def _agrees(self, first: FileEntry, pos: Position) -> bool:
+        """Whether the backup's state at the copy's TXID is the copy's, when `first` starts before it (a compacted
+        file holds only the pages changed since its start: on another history, it would leave a mix of both).
+        One more plan, only when the copy fell behind a compaction; without checksums there is nothing to ask."""
+        if first.min_txid > pos.txid or not pos.checksum:
+            return True
+        try:
+            at = await self.source.plan(txid=pos.txid)
+        except RestoreError:
+            return False  # no longer a restore point: nothing says this history holds the copy's state
+        return not _differ(at.post_apply_checksum, pos.checksum)
 
     async def _apply(self, chain: Sequence[FileEntry], pos: Position | None) -> Position:
         last = chain[-1]

@@ -164,6 +164,36 @@ class TestReplicate:
         finally:
             await source.close()
 
+    async def test_a_database_started_over_past_the_copy_is_rebuilt_not_patched(self, written: Written,
+                                                                               tmp_path: Path) -> None:
+        """Started over and past the copy's TXID, the new history's compacted file that spans the copy's TXID
+        holds only the pages that changed since its start: applied to the old copy it would leave a mix of
+        both databases (malformed). The copy is rebuilt."""
+        for _ in range(6):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        source = open_source(written.url, **written.options)
+        try:
+            replica = Replica(source, copy)
+            await replica.sync()
+            await written.engine.delete_database("c", "app.db")
+            written.history.close()
+            written.history = History(tmp_path / "live2.db", seed=2)
+            written.history.con.execute("CREATE TABLE big (x)")
+            written.history.con.executemany("INSERT INTO big VALUES (?)", [("y" * 1000,) for _ in range(200)])
+            for _ in range(12):
+                await written.write()
+            await written.engine.flush_all()
+            await written.engine.compact_level("c", "app.db", 1)
+            pos, _ = await replica.sync()
+            assert pos.txid == written.history.pos.txid
+            assert rows(copy, "SELECT count(*), sum(length(x)) FROM big") == [(200, 200_000)]
+            assert rows(copy) == rows(written.history.path)
+            assert rows(copy, "PRAGMA integrity_check") == [("ok",)]
+        finally:
+            await source.close()
+
     async def test_follow_command_stops_on_sigterm(self, written: Written, tmp_path: Path) -> None:
         for _ in range(3):
             await written.write()
