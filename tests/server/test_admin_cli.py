@@ -226,6 +226,22 @@ class TestCloneAndDelete:
         assert [r["name"] for r in results] == server.engine.databases("qa") == ["app.db", "b.db"]
         history.close()
 
+    async def test_cloning_a_cluster_goes_on_past_a_database_that_fails(
+            self, server: Running, http: aiohttp.ClientSession, admin: Admin, tmp_path: Path) -> None:
+        """One database whose backup is damaged fails alone, named, and the others are still cloned (exit 1)."""
+        for name in ("a.db", "b.db", "c.db"):
+            make_db(tmp_path / name)
+            await admin("upload", "--db", name, str(tmp_path / name))
+        for f in (server.root / "store" / "default" / "a.db").rglob("*.ltx"):
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            f.write_bytes(bytes(data))
+        code, out, err = await admin("clone", "--to-cluster", "qa")
+        assert code == 1, (out, err)
+        assert server.engine.databases("qa") == ["b.db", "c.db"]
+        assert "cloned default/b.db to qa/b.db" in out and "cloned default/c.db to qa/c.db" in out
+        assert "default/a.db" in err and len(err.splitlines()) == 1, err
+
     async def test_delete_needs_yes(self, server: Running, http: aiohttp.ClientSession, admin: Admin,
                                     tmp_path: Path) -> None:
         """Without --yes nothing is deleted (exit 2); with it, every stored file goes."""
