@@ -174,9 +174,9 @@ def _publish(tmp: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
-def check_integrity(path: Path) -> None:
-    """Run `PRAGMA integrity_check`; raise RestoreError with SQLite's first complaint (also when SQLite cannot
-    read the file at all)."""
+def check_integrity(path: Path, what: str = "restored database") -> None:
+    """Run `PRAGMA integrity_check`; raise RestoreError with SQLite's first complaint, naming the file as `what`
+    (also when SQLite cannot read the file at all)."""
     try:
         con = sqlite3.connect(path)  # read-write: a WAL-mode database needs its -shm even to read
         try:
@@ -188,7 +188,7 @@ def check_integrity(path: Path) -> None:
     for suffix in SIDE_FILES:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     if rows != [("ok",)]:
-        raise RestoreError(f"restored database fails integrity_check: {rows[0][0]}")
+        raise RestoreError(f"{what} fails integrity_check: {rows[0][0]}")
 
 
 SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database, and would apply to a new one

@@ -24,7 +24,8 @@ from aiohttp import web
 
 from sidecar.engine import Engine
 from sidecar.engine.index import reachable
-from sidecar.errors import validate_cluster_name, validate_db_name
+from sidecar.engine.restore import check_integrity
+from sidecar.errors import RestoreError, validate_cluster_name, validate_db_name
 from sidecar.ltx import LTXError, format_timestamp
 from sidecar.ltx.sqlite import sqlite_page_size
 from sidecar.protocol import txid_hex
@@ -215,6 +216,10 @@ class OperatorAPI:
         with self.engine.tmp("api-") as tmp:
             db = Path(tmp) / "db"
             db.write_bytes(data)
+            try:  # it becomes the head LiteFS nodes pull: a damaged file (half a copy) is refused here
+                await asyncio.to_thread(check_integrity, db, "the uploaded database")
+            except RestoreError as err:
+                raise ClientError(422, "ENOTSQLITE", f"upload of {name!r}: {err}") from None
             pos = await self.engine.write_state(cluster, name, db)
         return web.json_response({"txid": txid_hex(pos.txid), "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
 

@@ -212,6 +212,18 @@ class TestFiles:
         con.close()
 
 
+    async def test_a_damaged_database_is_refused_at_upload(self, server: Running, admin: Admin,
+                                                            tmp_path: Path) -> None:
+        """A SQLite file cut short (half a copy) is refused, and nothing is stored: it would become the head."""
+        data = make_db(tmp_path / "whole.db", rows=2000).read_bytes()
+        page_size = int.from_bytes(data[16:18], "big")
+        cut = tmp_path / "cut.db"
+        cut.write_bytes(data[:page_size * (len(data) // page_size // 2)])
+        code, _, err = await admin("upload", "--db", "new.db", str(cut))
+        assert code == 1 and "422 ENOTSQLITE" in err and "new.db" in err, err
+        assert server.engine.databases("default") == []
+
+
 class TestCloneAndDelete:
     async def test_clone_a_database_and_a_whole_cluster(self, server: Running, http: aiohttp.ClientSession,
                                                         admin: Admin, tmp_path: Path) -> None:
