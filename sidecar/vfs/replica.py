@@ -138,6 +138,9 @@ class Replica:
         return not _differ(at.post_apply_checksum, pos.checksum)
 
     async def _apply(self, chain: Sequence[FileEntry], pos: Position | None) -> Position:
+        if pos is None and not _is_database(self.path):  # a copy to rebuild in place must be a database
+            raise SidecarError(f"{self.path}: exists and is not a SQLite database (not a copy of a backup to "
+                               "update); nothing was written")
         last = chain[-1]
         new = Position(last.max_txid, last.post, last.timestamp)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +207,16 @@ def _position(doc: dict[str, str]) -> Position:
 
 def _json(pos: Position) -> dict[str, object]:
     return {"txid": f"{pos.txid:016x}", "checksum": f"{pos.checksum:016x}", "timestamp": pos.timestamp}
+
+
+def _is_database(path: Path) -> bool:
+    """Whether `path` is missing, empty, or starts as a SQLite database does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return True
+    return head in (b"", b"SQLite format 3\0")
 
 
 def _differ(a: int, b: int) -> bool:

@@ -194,6 +194,19 @@ class TestReplicate:
         finally:
             await source.close()
 
+    async def test_an_existing_file_that_is_not_sqlite_is_left_alone(self, written: Written, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+        """-o naming a file that is not a database (a typo) fails with one line naming it; nothing is written."""
+        await written.write()
+        await written.engine.flush_all()
+        notes = tmp_path / "notes.txt"
+        notes.write_text("my notes\n" * 100)
+        argv = ["replicate", *written.flags, "-o", str(notes), written.url]
+        assert await asyncio.to_thread(main, argv) == 1
+        assert f"{notes}: exists and is not a SQLite database" in capsys.readouterr().err
+        assert notes.read_text() == "my notes\n" * 100
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("notes", ".notes"))) == ["notes.txt"]
+
     async def test_follow_command_stops_on_sigterm(self, written: Written, tmp_path: Path) -> None:
         for _ in range(3):
             await written.write()
