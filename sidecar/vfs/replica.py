@@ -193,7 +193,7 @@ class Replica:
                     if files:
                         log.info("replicated", path=str(self.path), txid=f"{pos.txid:016x}", files=files)
                 failures = 0
-            except (SidecarError, LTXError, OSError) as err:
+            except (SidecarError, LTXError, OSError, sqlite3.Error) as err:  # sqlite3: a reader held the copy too long
                 failures += 1
                 if failures == 1:
                     log.warning("replication failed; retrying", path=str(self.path), error=str(err))

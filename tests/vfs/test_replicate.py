@@ -207,6 +207,39 @@ class TestReplicate:
         assert notes.read_text() == "my notes\n" * 100
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("notes", ".notes"))) == ["notes.txt"]
 
+    async def test_following_goes_on_when_a_reader_holds_the_copy_too_long(self, written: Written,
+                                                                           tmp_path: Path) -> None:
+        """SQLite gives up waiting for a long read transaction ('database is locked'): the change is retried,
+        not the end of following."""
+        await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        source = open_source(written.url, poll_interval=0.05, **written.options)
+        busy = [1]
+
+        def locked_once(*args: object) -> None:
+            if busy:
+                busy.pop()
+                raise sqlite3.OperationalError("database is locked")  # what BEGIN EXCLUSIVE says after its timeout
+            journal.rewrite(*args)  # type: ignore[arg-type]
+        replica = Replica(source, copy, rewrite=locked_once)
+        await replica.sync()
+        stop = asyncio.Event()
+        follower = asyncio.create_task(replica.follow(stop))
+        try:
+            await written.write()
+            await written.engine.flush_all()
+
+            async def caught_up() -> bool:
+                assert not follower.done(), follower
+                return replica.current is not None and replica.current.txid == written.history.pos.txid
+            await wait_until(caught_up, within=30)
+        finally:
+            stop.set()
+            await follower
+            await source.close()
+        assert not busy and rows(copy) == rows(written.history.path)
+
     async def test_follow_command_stops_on_sigterm(self, written: Written, tmp_path: Path) -> None:
         for _ in range(3):
             await written.write()
