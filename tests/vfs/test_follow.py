@@ -108,6 +108,37 @@ class TestFollow:
         finally:
             await w.close()
 
+    async def test_a_file_with_a_bad_header_does_not_end_following(
+            self, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
+        """Following by LIST (no head object), a stored file with a bad header fails the polls it is listed in;
+        once it is gone, following goes on."""
+        w = await open_written("file", tmp_path, None)
+        try:
+            await w.write(3)
+            await w.engine.flush_all()
+            db_dir = tmp_path / "store" / "c" / "app.db"
+            (db_dir / "head.json").unlink()
+            vfs = make_vfs()
+            con = await asyncio.to_thread(vfs.connect, w.url, follow=True)
+            stats = vfs.stats(w.url)
+            junk = db_dir / "ltx" / "0" / "00000000000000ff-00000000000000ff.ltx"
+            junk.write_bytes(b"not an LTX file" * 10)
+            polls = stats.polls
+
+            async def polled() -> bool:
+                return stats.polls >= polls + 2
+            await wait_until(polled, within=15)
+            junk.unlink()
+            await w.write(3)
+            await w.engine.flush_all()
+
+            async def visible() -> bool:
+                return await asyncio.to_thread(query, con) == rows(w.history.path)
+            await wait_until(visible, within=15)
+            await asyncio.to_thread(con.close)
+        finally:
+            await w.close()
+
     @pytest.mark.parametrize("kind", ["file", "s3", "server", "server-pages"])
     async def test_a_reader_outlives_compaction_and_retention(self, kind: str, tmp_path: Path,
                                                               make_vfs: Callable[..., BackupVFS],
