@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.cli import main
+from sidecar.commands import backup as backup_cmd
 from sidecar.engine import Engine, Levels
 from sidecar.storage import open_storage
 from tests.engine.history import History
@@ -129,3 +131,42 @@ class TestRestoreSafety:
         assert await cli("verify", str(tmp_path / "store" / "c" / "bad.db")) == 1
         err = capsys.readouterr().err
         assert "integrity_check" in err and "Traceback" not in err
+
+
+class _RetentionDuringVerify:
+    """A store whose retention deletes `victim` (an L0 flush an L1 file covers) while `verify` reads the files."""
+
+    def __init__(self, inner: Any, victim: str) -> None:
+        self.inner, self.victim = inner, victim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get_bytes(self, key: str) -> bytes:
+        data = await self.inner.get_bytes(key)
+        await self.inner.delete([self.victim])
+        return data
+
+
+async def test_verify_of_a_live_backup_is_not_failed_by_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A file deleted by retention after the listing is no problem of the backup: verify checks what is stored."""
+    root = tmp_path / "backups"
+    storage = open_storage(f"file://{root}")
+    engine = await Engine.open(storage, tmp_path / "state", Levels(l0_interval=0))
+    history = History(tmp_path / "live.db")
+    for i in range(4):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(T0 + i * 1000))
+    await engine.compact_level("c", "app.db", 1)
+    history.write()
+    await engine.write_tx("c", "app.db", history.commit(T0 + 5000))
+    victim = engine.index("c", "app.db").level(0)[2].key(storage.layout, "")
+    await engine.close()
+    await storage.close()
+    history.close()
+    real = backup_cmd.open_storage
+    monkeypatch.setattr(backup_cmd, "open_storage", lambda url, **kw: _RetentionDuringVerify(real(url, **kw), victim))
+    assert await cli("verify", str(root / "c" / "app.db")) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "ok: " in out and "; 1 deleted by retention or compaction while checking" in out

@@ -305,6 +305,11 @@ def cmd_download(args: argparse.Namespace) -> int:
     try:
         with client(args).open("GET", "/api/download", params) as resp, os.fdopen(fd, "wb") as f:
             shutil.copyfileobj(resp, f, 1 << 20)
+            # http.client returns a body cut short by a dropped connection as if it were whole: count it.
+            want, got = resp.headers.get("Content-Length"), f.tell()
+            if want is not None and want.isdigit() and int(want) != got:
+                raise SidecarError(f"download of {args.cluster}/{args.db} cut short: the connection dropped after "
+                                   f"{got} of {want} bytes; nothing was written to {out}")
             f.flush()
             os.fsync(f.fileno())
             txid = resp.headers.get("Litefs-Txid", "")
@@ -343,17 +348,25 @@ def cmd_clone(args: argparse.Namespace) -> int:
         data = api.json("GET", "/api/databases", {"cluster": args.cluster})
         names = [d["name"] for c in data["clusters"] for d in c["databases"]]
     results = []
+    failed = 0
     for name in names:
         to_db = args.to_db if args.db and args.to_db else name
-        results.append(api.json("POST", "/api/clone", {"cluster": args.cluster, "db": name,
-                                                       "to_cluster": args.to_cluster, "to_db": to_db}))
+        try:
+            results.append(api.json("POST", "/api/clone", {"cluster": args.cluster, "db": name,
+                                                           "to_cluster": args.to_cluster, "to_db": to_db}))
+        except Refused as err:
+            if args.db:
+                raise
+            failed += 1  # one database's failure is its own: the cluster's others are still cloned
+            print(f"litefs-sidecar: clone of {args.cluster}/{name}: {err}", file=sys.stderr)
+            continue
         if not args.json:
             print(f"cloned {args.cluster}/{name} to {args.to_cluster}/{to_db} at TXID {results[-1]['txid']}")
     if args.json:
         print(json.dumps(results, indent=2))
     elif not names:
         print(f"cluster {args.cluster!r} has no databases")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from sidecar.commands import args as argtypes
 from sidecar.engine.index import DbIndex, reachable, scan
 from sidecar.engine.restore import plan_restore, restore, side_files
-from sidecar.errors import RestoreError, SidecarError
+from sidecar.errors import NotFound, RestoreError, SidecarError
 from sidecar.ltx import LTXError, Version, format_timestamp
 from sidecar.ltx.decoder import verify
 from sidecar.storage import open_storage
@@ -206,12 +206,18 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     """Every file decodes with valid checksums, each level's chain is contiguous, and the latest restores."""
     storage = _open(args)
     problems: list[str] = []
+    gone = 0
     try:
         index = await _scan_one(storage, args.url, "verify")
         for e in index:
             key = e.key(storage.layout, "")
             try:
-                verify(await storage.get_bytes(key), Version.V3)
+                data = await storage.get_bytes(key)
+            except NotFound:
+                gone += 1  # deleted since the listing (retention, compaction of a live backup): nothing is lost
+                continue
+            try:
+                verify(data, Version.V3)
             except LTXError as err:
                 problems.append(f"{key}: {err}")
         for level, files in sorted(index.levels.items()):
@@ -238,7 +244,8 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{args.url}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     assert result is not None
-    print(f"{args.url}: ok: {len(index)} files, latest TXID {result.txid:016x} at "
+    print(f"{args.url}: ok: {len(index) - gone} files, latest TXID {result.txid:016x} at "
           f"{format_timestamp(result.timestamp)}, checksum {result.checksum:016x}"
-          + (" (verified)" if result.verified else ""))
+          + (" (verified)" if result.verified else "")
+          + (f"; {gone} deleted by retention or compaction while checking" if gone else ""))
     return 0

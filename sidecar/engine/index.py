@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar.errors import NotFound
 from sidecar.fsutil import write_atomically
 from sidecar.ltx import HEADER_SIZE, Header, LTXError
 from sidecar.storage.base import ObjectInfo, Storage
@@ -247,7 +248,8 @@ async def scan(storage: Storage, prefix: str, objects: Sequence[ObjectInfo] | No
                concurrency: int = 32, on_bad: Callable[[str, LTXError], None] | None = None) -> DbIndex:
     """Rebuild one database's index from the store: one LIST (unless `objects` is a listing already made),
     then every file's header (100 bytes). A file whose header is unreadable raises, or with `on_bad` is reported
-    to it (key, error) and left out of the index: no plan ever uses it."""
+    to it (key, error) and left out of the index: no plan ever uses it. A file deleted between the LIST and its
+    header read is left out."""
     base = prefix.strip("/")
     if objects is None:
         objects = await storage.list(base + "/" if base else "")
@@ -261,7 +263,10 @@ async def scan(storage: Storage, prefix: str, objects: Sequence[ObjectInfo] | No
 
     async def read(obj: ObjectInfo, level: int) -> FileEntry | None:
         async with sem:
-            head = await storage.get_range(obj.key, 0, HEADER_SIZE)
+            try:
+                head = await storage.get_range(obj.key, 0, HEADER_SIZE)
+            except NotFound:
+                return None  # deleted since the LIST (retention, compaction): the index is of what is stored
         try:
             header = Header.unpack(head)
         except LTXError as err:

@@ -73,35 +73,37 @@ class Merged:
 
 
 def merge(paths: Sequence[Path], out: Path, progress: Progress | None = None, *,
-          ranges: int | None = None) -> Merged:
+          ranges: int | None = None, names: Sequence[str] | None = None) -> Merged:
     """Merge the v3 files at `paths` (in TXID order, the first a snapshot) into the SQLite file `out`, fsynced.
 
-    Raises RestoreError naming the file for any corrupt input, and for a page no file holds. `ranges`
-    (default: one per core for a large merge) is how many parts the pages are cut into.
+    Raises RestoreError naming the file (by `names`, its stored key, when given: a download's local name means
+    nothing to the reader) for any corrupt input, and for a page no file holds. `ranges` (default: one per core
+    for a large merge) is how many parts the pages are cut into.
     """
+    labels = list(names) if names is not None else [p.name for p in paths]
     with ExitStack() as stack:
         maps = map_files(stack, paths)
         total = sum(len(mm) for mm in maps)
-        headers = [_read_header(mm, path) for mm, path in zip(maps, paths, strict=True)]
+        headers = [_read_header(mm, label) for mm, label in zip(maps, labels, strict=True)]
         commit, page_size = headers[-1].commit, headers[-1].page_size
         if any(h.page_size != page_size for h in headers):
             raise RestoreError("restore plan mixes page sizes")
         if ranges is None:
             ranges = _cores() if total >= _PARALLEL_MIN_BYTES else 1
         bounds = _split(commit, page_size, ranges)
-        names = [str(p) for p in paths]
+        local = [str(p) for p in paths]
         fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, commit * page_size)  # unwritten pages (the lock page) read as zeros
-            results = _run_ranges(names, str(out), bounds, commit, total, progress)
+            results = _run_ranges(local, labels, str(out), bounds, commit, total, progress)
             os.fsync(fd)
         finally:
             os.close(fd)
         after = before = pages = 0
         for r_after, r_before, r_pages, _ in results:
             after, before, pages = after ^ r_after, before ^ r_before, pages + r_pages
-        for i, (mm, path, header) in enumerate(zip(maps, paths, headers, strict=True)):
-            _check_file(mm, path, header, [r[3][i] for r in results])
+        for i, (mm, label, header) in enumerate(zip(maps, labels, headers, strict=True)):
+            _check_file(mm, label, header, [r[3][i] for r in results])
     if progress:
         progress(total, total)
     # Each placed page's CRC alone, from the file checksums' chain: crc(page, h) = crc(page) ⊕ M·h, M linear,
@@ -114,12 +116,12 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _read_header(mm: mmap.mmap, path: Path) -> Header:
+def _read_header(mm: mmap.mmap, name: str) -> Header:
     try:
         header = Header.unpack(mm[:HEADER_SIZE])
         header.validate(Version.V3)
     except LTXError as err:
-        raise RestoreError(f"corrupt backup file: {path.name}: {err}") from err
+        raise RestoreError(f"corrupt backup file: {name}: {err}") from err
     return header
 
 
@@ -141,12 +143,12 @@ _RangeResult = tuple[int, int, int, list[_Stretch]]  # (XORs of chain values aft
                                                       # pages placed, per file)
 
 
-def _run_ranges(paths: list[str], out: str, bounds: list[tuple[int, int]], commit: int, total: int,
-                progress: Progress | None) -> list[_RangeResult]:
+def _run_ranges(paths: list[str], names: list[str], out: str, bounds: list[tuple[int, int]], commit: int,
+                total: int, progress: Progress | None) -> list[_RangeResult]:
     """Merge every range: the first in this thread, the others in forked processes."""
     tail = len(bounds) - 1
     if len(bounds) == 1:
-        return [_merge_range(paths, out, *bounds[0], commit, True, progress, total)]
+        return [_merge_range(paths, names, out, *bounds[0], commit, True, progress, total)]
     # Imported here, not at the top: every `litefs-sidecar run` imports this module (through the engine) and
     # never restores this big; multiprocessing and its executor add ~30 ms to its start.
     import multiprocessing
@@ -156,20 +158,20 @@ def _run_ranges(paths: list[str], out: str, bounds: list[tuple[int, int]], commi
     # _merge_range, which takes no lock another thread could hold.
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(len(bounds) - 1, mp_context=ctx) as pool:
-        futures = [pool.submit(_merge_range, paths, out, lo, hi, commit, k == tail)
+        futures = [pool.submit(_merge_range, paths, names, out, lo, hi, commit, k == tail)
                    for k, (lo, hi) in enumerate(bounds) if k]
         # Progress is the first range's, as a share of the whole: the ranges are of one size and run together.
-        first = _merge_range(paths, out, *bounds[0], commit, False, progress, total)
+        first = _merge_range(paths, names, out, *bounds[0], commit, False, progress, total)
         return [first, *(f.result() for f in futures)]
 
 
-def _merge_range(paths: list[str], out: str, lo: int, hi: int, commit: int, tail: bool,
+def _merge_range(paths: list[str], names: list[str], out: str, lo: int, hi: int, commit: int, tail: bool,
                  progress: Progress | None = None, total: int = 0) -> _RangeResult:
     """Assemble pages [lo, hi) of the database into `out`, reading and checking every frame of every file
     whose page number falls in the range (and, for the `tail` range, every frame after it)."""
     with ExitStack() as stack:
         maps = map_files(stack, [Path(p) for p in paths])
-        merger = _RangeMerger(maps, [Path(p).name for p in paths], lo)
+        merger = _RangeMerger(maps, names, lo)
         ps, lock = merger.page_size, merger.lock
         per_window = _window_pages(ps)
         after = before = pages = 0
@@ -378,7 +380,7 @@ class _RangeMerger:
 _HIGH_BIT = bytes(b >> 7 for b in range(256))  # translate table: 1 for a varint's continuation bytes
 
 
-def _check_file(mm: mmap.mmap, path: Path, header: Header, stretches: Sequence[_Stretch]) -> None:
+def _check_file(mm: mmap.mmap, name: str, header: Header, stretches: Sequence[_Stretch]) -> None:
     """Combine the ranges' stretches into the file checksum and check it, the index and the trailer."""
     size = len(mm)
     c = crc(mm[:HEADER_SIZE])
@@ -402,7 +404,7 @@ def _check_file(mm: mmap.mmap, path: Path, header: Header, stretches: Sequence[_
                 db ^= s.db
         check_trailer(header, Trailer.unpack(mm[size - 16:]), c, size - 16, db_crc=db)
     except LTXError as err:
-        raise RestoreError(f"corrupt backup file: {path.name}: {err}") from err
+        raise RestoreError(f"corrupt backup file: {name}: {err}") from err
 
 
 __all__ = ["Merged", "WindowWriter", "merge"]

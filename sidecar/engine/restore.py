@@ -78,7 +78,9 @@ def plan_restore(index: DbIndex | Sequence[FileEntry], *, txid: int | None = Non
     if txid is not None and cur != txid:
         raise RestoreError(_missed(entries, txid, plan[-1]))
     beyond = [e for e in entries if fits(e) and e.max_txid > cur]
-    if beyond:
+    # A file after the target time that continues the chain (an L1 file whose first flushes L0 retention
+    # deleted) means no TXID is missing: the target lies between two restore points, and `cur` is the earlier.
+    if beyond and not any(e.min_txid <= cur + 1 and e.max_txid > cur for e in entries):
         raise RestoreError(_gap(entries, plan[-1]))
     return plan
 
@@ -143,7 +145,7 @@ async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out:
     with tempfile.TemporaryDirectory(prefix=".restore-", dir=out.parent) as tmpdir:
         paths = await storage.local_files(keys, Path(tmpdir))
         try:
-            result = await asyncio.to_thread(_merge_into, paths, plan, tmp, progress)
+            result = await asyncio.to_thread(_merge_into, paths, keys, plan, tmp, progress)
             if integrity_check:
                 await asyncio.to_thread(check_integrity, tmp)
             for side in replace:
@@ -155,9 +157,9 @@ async def restore(storage: Storage, prefix: str, plan: Sequence[FileEntry], out:
     return result
 
 
-def _merge_into(paths: Sequence[Path], plan: Sequence[FileEntry], tmp: Path,
+def _merge_into(paths: Sequence[Path], keys: Sequence[str], plan: Sequence[FileEntry], tmp: Path,
                 progress: Progress | None) -> RestoreResult:
-    merged = merge(paths, tmp, progress)
+    merged = merge(paths, tmp, progress, names=keys)
     last = plan[-1]
     verified = bool(last.post)
     if verified and merged.checksum != last.post:
@@ -172,9 +174,9 @@ def _publish(tmp: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
-def check_integrity(path: Path) -> None:
-    """Run `PRAGMA integrity_check`; raise RestoreError with SQLite's first complaint (also when SQLite cannot
-    read the file at all)."""
+def check_integrity(path: Path, what: str = "restored database") -> None:
+    """Run `PRAGMA integrity_check`; raise RestoreError with SQLite's first complaint, naming the file as `what`
+    (also when SQLite cannot read the file at all)."""
     try:
         con = sqlite3.connect(path)  # read-write: a WAL-mode database needs its -shm even to read
         try:
@@ -186,7 +188,7 @@ def check_integrity(path: Path) -> None:
     for suffix in SIDE_FILES:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     if rows != [("ok",)]:
-        raise RestoreError(f"restored database fails integrity_check: {rows[0][0]}")
+        raise RestoreError(f"{what} fails integrity_check: {rows[0][0]}")
 
 
 SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite keeps beside a database, and would apply to a new one

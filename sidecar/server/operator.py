@@ -216,11 +216,10 @@ class OperatorAPI:
         with self.engine.tmp("api-") as tmp:
             db = Path(tmp) / "db"
             db.write_bytes(data)
-            try:  # it becomes the head a LiteFS primary pulls: a damaged file must not get that far
-                await asyncio.to_thread(check_integrity, db)
+            try:  # it becomes the head LiteFS nodes pull: a damaged file (half a copy) is refused here
+                await asyncio.to_thread(check_integrity, db, "the uploaded database")
             except RestoreError as err:
-                raise ClientError(422, "ENOTSQLITE",
-                                  f"upload of {name!r}: not a sound SQLite database ({err})") from None
+                raise ClientError(422, "ENOTSQLITE", f"upload of {name!r}: {err}") from None
             pos = await self.engine.write_state(cluster, name, db)
         return web.json_response({"txid": txid_hex(pos.txid), "postApplyChecksum": f"{pos.post_apply_checksum:016x}"})
 

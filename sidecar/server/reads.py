@@ -49,15 +49,21 @@ IMMUTABLE = "private, max-age=31536000, immutable"
 _INDEX_TAIL = 25  # bytes at the end of an LTX v3 file that locate its page index
 
 
+def _cached(key: str, e: FileEntry) -> str:
+    """What the caches of page indexes know a stored file by: its key alone would be reused by another file once
+    a database is deleted and started over (the same TXIDs, the same names); time, size and checksum differ."""
+    return f"{key}@{e.timestamp}:{e.size}:{e.post:016x}"
+
+
 class Reads:
     """The read routes of one server."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.stopping = asyncio.Event()
-        self._indexes: dict[str, tuple[int, int]] = {}  # stored key -> page index (offset, length)
+        self._indexes: dict[str, tuple[int, int]] = {}  # _cached(key, file) -> page index (offset, length)
         self._heads: dict[tuple[str, str], tuple[tuple[int, int, int], Head | None, str]] = {}
-        self._sparse: dict[str, SparseIndex] = {}  # stored key -> its page index as read so far (recent last)
+        self._sparse: dict[str, SparseIndex] = {}  # _cached(key, file) -> its page index as read so far (recent last)
         self._plans: dict[tuple[str, str, int], tuple[tuple[int, int, int], list[FileEntry]]] = {}
 
     def add_routes(self, app: web.Application) -> None:
@@ -90,14 +96,14 @@ class Reads:
 
         async def locate(e: FileEntry) -> tuple[int, int]:
             key = heads.ltx_object_key(storage, prefix, e)
-            loc = self._indexes.get(key)
+            loc = self._indexes.get(_cached(key, e))
             if loc is None:
                 tail = await storage.get_range(key, max(0, e.size - _INDEX_TAIL), _INDEX_TAIL)
                 try:
                     start, end = index_span(tail, e.size)
                 except ValueError as err:
                     raise SidecarError(f"{key}: {err}") from None
-                loc = self._indexes[key] = (start, end - start)
+                loc = self._indexes[_cached(key, e)] = (start, end - start)
                 if len(self._indexes) > 100_000:
                     self._indexes.pop(next(iter(self._indexes)))
             return loc
@@ -107,7 +113,7 @@ class Reads:
         """What is known of a stored file's page index (read as pages are asked for, by windows when it is
         big), kept for the most recently used MAX_INDEXES files."""
         key = heads.ltx_object_key(self.engine.storage, prefix, e)
-        found = self._sparse.pop(key, None)
+        found = self._sparse.pop(_cached(key, e), None)
         if found is None:
             located = (await self._located(prefix, [e])).indexes
             assert located is not None
@@ -117,7 +123,7 @@ class Reads:
                 found.hold(start, await self.engine.storage.get_range(key, start, length))
             while len(self._sparse) >= MAX_INDEXES:
                 self._sparse.pop(next(iter(self._sparse)))
-        self._sparse[key] = found
+        self._sparse[_cached(key, e)] = found
         return found
 
     async def _take(self, key: str, index: SparseIndex, start: int, length: int, a: bool, b: bool) -> bool:

@@ -32,7 +32,7 @@ import structlog
 from sidecar.engine.head import Head, ltx_object_key, plan_after
 from sidecar.engine.index import FileEntry
 from sidecar.engine.restore import restore
-from sidecar.errors import SidecarError
+from sidecar.errors import RestoreError, SidecarError
 from sidecar.ltx import LTXError, Version, lock_pgno
 from sidecar.ltx.decoder import Decoder
 from sidecar.storage.file import FileStorage
@@ -106,21 +106,41 @@ class Replica:
         pos = await asyncio.to_thread(self.position)
         if pos is not None and pos != self.current:
             self._save(pos)  # a change a crash interrupted turned out done, or undone
-        if pos is not None and pos.txid >= head.txid:
+        if pos is not None and pos.txid == head.txid and not _differ(pos.checksum, head.post_apply_checksum):
             return pos, 0
         chain: Sequence[FileEntry] = list(head.plan)
-        if pos is not None:
+        if pos is not None and pos.txid >= head.txid:
+            # The backup is behind the copy, or at its TXID in another state: its history started over (the
+            # database was deleted and its node began again from TXID 1).
+            log.warning("backup history does not continue the copy; rebuilding it", path=str(self.path),
+                        txid=f"{pos.txid:016x}", backup=f"{head.txid:016x}")
+        elif pos is not None:
             chain = plan_after(head.plan, pos.txid)
             if chain and chain[0].is_snapshot:  # the latest plan starts over: ask for the files after the copy
                 chain = (await self.source.plan(after=pos.txid)).plan
-            if not chain[0].is_snapshot and not _continues(chain[0], pos):
+            if not chain[0].is_snapshot and not (_continues(chain[0], pos) and await self._agrees(chain[0], pos)):
                 log.warning("backup history does not continue the copy; rebuilding it", path=str(self.path),
                             txid=f"{pos.txid:016x}", next=f"{chain[0].min_txid:016x}")
                 chain = head.plan
         new = await self._apply(chain, pos)
         return new, len(chain)
 
+    async def _agrees(self, first: FileEntry, pos: Position) -> bool:
+        """Whether the backup's state at the copy's TXID is the copy's, when `first` starts before it (a compacted
+        file holds only the pages changed since its start: on another history, it would leave a mix of both).
+        One more plan, only when the copy fell behind a compaction; without checksums there is nothing to ask."""
+        if first.min_txid > pos.txid or not pos.checksum:
+            return True
+        try:
+            at = await self.source.plan(txid=pos.txid)
+        except RestoreError:
+            return False  # no longer a restore point: nothing says this history holds the copy's state
+        return not _differ(at.post_apply_checksum, pos.checksum)
+
     async def _apply(self, chain: Sequence[FileEntry], pos: Position | None) -> Position:
+        if pos is None and not _is_database(self.path):  # a copy to rebuild in place must be a database
+            raise SidecarError(f"{self.path}: exists and is not a SQLite database (not a copy of a backup to "
+                               "update); nothing was written")
         last = chain[-1]
         new = Position(last.max_txid, last.post, last.timestamp)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +193,7 @@ class Replica:
                     if files:
                         log.info("replicated", path=str(self.path), txid=f"{pos.txid:016x}", files=files)
                 failures = 0
-            except (SidecarError, LTXError, OSError) as err:
+            except (SidecarError, LTXError, OSError, sqlite3.Error) as err:  # sqlite3: a reader held the copy too long
                 failures += 1
                 if failures == 1:
                     log.warning("replication failed; retrying", path=str(self.path), error=str(err))
@@ -187,6 +207,21 @@ def _position(doc: dict[str, str]) -> Position:
 
 def _json(pos: Position) -> dict[str, object]:
     return {"txid": f"{pos.txid:016x}", "checksum": f"{pos.checksum:016x}", "timestamp": pos.timestamp}
+
+
+def _is_database(path: Path) -> bool:
+    """Whether `path` is missing, empty, or starts as a SQLite database does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return True
+    return head in (b"", b"SQLite format 3\0")
+
+
+def _differ(a: int, b: int) -> bool:
+    """Whether two database checksums say the states differ (0: no checksum, nothing to compare)."""
+    return bool(a and b and a != b)
 
 
 def _continues(first: FileEntry, pos: Position) -> bool:

@@ -36,7 +36,7 @@ import structlog
 
 from sidecar.engine.head import Head
 from sidecar.errors import NotFound, RestoreError, SidecarError
-from sidecar.ltx import format_timestamp
+from sidecar.ltx import LTXError, format_timestamp
 from sidecar.storage.base import parse_rfc3339
 from sidecar.vfs.source import PageServer, Source, Stats, open_source
 from sidecar.vfs.view import FileIndex, PageCache, View
@@ -176,7 +176,7 @@ class Backup:
                     tag = new_tag  # only once its view is ready: a failure asks again
                 self.confirmed = asked
                 failures = 0
-            except (SidecarError, OSError) as err:
+            except (SidecarError, LTXError, OSError) as err:  # LTXError: a stored file's header is unreadable
                 failures += 1
                 if failures == 1:
                     log.warning("following failed; retrying", url=self.source.url, error=str(err))
@@ -320,9 +320,9 @@ class BackupFile(apsw.VFSFile):
             target = Target(txid=_parse_txid(value))
         else:
             target = Target(timestamp=_parse_time(value))
+        view = self.vfs.loop.call(self.backup.view(target))  # first: a target refused leaves the connection as it was
         if self.target.follow and not target.latest:
             self.vfs.loop.call(self.backup.stop_following())
-        view = self.vfs.loop.call(self.backup.view(target))
         self.target = target
         if self.lock == _NONE:
             self._pin(view)

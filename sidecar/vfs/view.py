@@ -84,6 +84,9 @@ class FileIndex:
     def __init__(self, entry: FileEntry, key: str) -> None:
         self.entry = entry
         self.key = key
+        # The page cache's name for this file: its key alone would be reused by another file once a database is
+        # deleted and started over (the same TXIDs, the same names); its time, size and checksum tell them apart.
+        self.cache_key = f"{key}@{entry.timestamp}:{entry.size}:{entry.post:016x}"
         self.sparse: SparseIndex | None = None
         self.raw: bytes | None = None  # the whole file, when small
 
@@ -172,7 +175,8 @@ class View:
         self.size = head.commit * head.page_size
         self._lock_pgno = lock_pgno(head.page_size)
         self._where: dict[int, tuple[int, int, int]] = {}  # pgno -> (file, offset, size), remembered
-        self._keys: dict[int, str] = {}  # remote: pgno -> key of the file its page came from
+        self._keys: dict[int, str] = {}  # remote: pgno -> cache key of the file its page came from
+        self._cache_keys = {f.key: f.cache_key for f in files}
         self._ahead = 0
         self._stream_end = -1 << 40
 
@@ -271,7 +275,7 @@ class View:
         where = self._resolve_known(pgno)
         if where is None:
             return None
-        page = self.cache.get((self.files[where[0]].key, pgno))
+        page = self.cache.get((self.files[where[0]].cache_key, pgno))
         if page is not None:
             self.source.stats.cache_hits += 1
         return page
@@ -325,8 +329,9 @@ class View:
         wanted = None
         for q, key, frame in got:
             page = self._decompress(key, q, frame, 0, len(frame))
-            self.cache.put((key, q), page)
-            self._keys[q] = key
+            ck = self._cache_keys.get(key, key)
+            self.cache.put((ck, q), page)
+            self._keys[q] = ck
             self.source.stats.pages_fetched += 1
             if q == pgno:
                 wanted = page
@@ -339,7 +344,7 @@ class View:
             return await self._fetch_remote(pgno)
         i, off, size = await self._resolve(pgno)
         f = self.files[i]
-        cached = self.cache.get((f.key, pgno))
+        cached = self.cache.get((f.cache_key, pgno))
         if cached is not None:
             return cached
         self._read_ahead(pgno)
@@ -360,9 +365,9 @@ class View:
         wanted = b""
         pos = 0
         for q, _, qsize in run:
-            if q == pgno or (f.key, q) not in self.cache:  # a cached neighbour rode along: one read is cheaper
+            if q == pgno or (f.cache_key, q) not in self.cache:  # a cached neighbour rode along: one read is cheaper
                 page = self._decompress(f.key, q, data, pos, qsize)
-                self.cache.put((f.key, q), page)
+                self.cache.put((f.cache_key, q), page)
                 self.source.stats.pages_fetched += 1
                 if q == pgno:
                     wanted = page

@@ -7,11 +7,12 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.cli import main
-from sidecar.engine import Engine, Levels, plan_restore, scan
+from sidecar.engine import Engine, Levels, plan_restore, restore, scan
 from sidecar.errors import RestoreError, StorageError
 from sidecar.storage import FILE_LAYOUT, open_storage
 from sidecar.storage.file import FileStorage
@@ -164,3 +165,66 @@ async def test_gap_in_the_store_is_refused_clearly(history: History, tmp_path: P
     assert await asyncio.to_thread(main, ["restore", "-o", str(out), url]) == 1
     assert not out.exists()
     assert plan_restore(index, txid=2)[-1].max_txid == 2  # what precedes the gap still restores
+
+
+async def test_a_corrupt_file_on_s3_is_named_by_its_key(moto_server: MotoServer, history: History, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A restore from S3 merges downloads: its error names the stored file, not the download's local name, and the
+    existing output is left as it was."""
+    bucket = moto_server.create_bucket()
+    s3 = {"endpoint_url": moto_server.url, "force_path_style": True}
+    store = open_storage(f"s3://{bucket}/b", **s3)
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0))
+    for _ in range(4):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(1000))
+    await engine.close()
+    newest = (await scan(store, "c/app.db")).level(0)[-1]
+    key = newest.key(store.layout, "c/app.db")
+    data = bytearray(await store.get_bytes(key))
+    data[120] ^= 0xFF
+    await store.put_bytes(key, bytes(data))
+    await store.close()
+    out = tmp_path / "out.db"
+    out.write_bytes(b"the old database")
+    argv = ["restore", "--s3-endpoint", moto_server.url, "--s3-force-path-style", "-o", str(out),
+            f"s3://{bucket}/b/c/app.db"]
+    assert await asyncio.to_thread(main, argv) == 1
+    name = newest.key(store.layout, "")
+    assert f"corrupt backup file: {name}: file checksum mismatch" in capsys.readouterr().err
+    assert out.read_bytes() == b"the old database"
+
+
+class _RetentionAfterList:
+    """A store whose retention deletes `victim` right after each LIST: a restore scanning a live backup."""
+
+    def __init__(self, inner: Any, victim: str) -> None:
+        self.inner, self.victim = inner, victim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def list(self, prefix: str = "") -> Any:
+        objects = await self.inner.list(prefix)
+        await self.inner.delete([self.victim])
+        return objects
+
+
+async def test_a_file_deleted_between_the_list_and_its_header_read_is_left_out(history: History,
+                                                                               tmp_path: Path) -> None:
+    """Retention deleting a file the scan has listed (an L0 flush an L1 file covers) does not fail the restore."""
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0))
+    for _ in range(4):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(1000))
+    await engine.compact_level("c", "app.db", 1)
+    history.write()
+    await engine.write_tx("c", "app.db", history.commit(2000))
+    await engine.close()
+    covered = (await scan(store, "c/app.db")).level(0)[1]
+    racing = _RetentionAfterList(store, covered.key(store.layout, "c/app.db"))
+    index = await scan(racing, "c/app.db")
+    assert covered not in list(index)
+    result = await restore(store, "c/app.db", plan_restore(index), tmp_path / "out.db")
+    assert result.txid == history.pos.txid and result.checksum == history.checksums[history.pos.txid]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.engine import DbIndex, FileEntry, plan_restore
+from sidecar.engine import DbIndex, FileEntry, Levels, plan_restore, retention_victims
 from sidecar.errors import RestoreError
 from sidecar.storage.base import SNAPSHOT_LEVEL
 
@@ -99,3 +99,17 @@ def test_a_gap_after_the_target_does_not_matter() -> None:
     idx = index((S, 1, 10), (0, 11, 11), (0, 14, 15))
     assert plan(idx, txid=11) == [(S, 1, 10), (0, 11, 11)]
     assert plan(idx, timestamp=ts(12)) == [(S, 1, 10), (0, 11, 11)]
+
+
+def test_a_time_inside_a_file_whose_l0_retention_has_begun_restores_the_earlier_point() -> None:
+    """L0 retention deleting the first flushes an L1 file covers is no gap: a time among the flushes left restores
+    the last point before the L1 file, as a time among flushes already deleted does."""
+    flushes = [(0, t, t) for t in range(11, 21)]
+    full = index((S, 1, 10), (1, 11, 20), *flushes)
+    levels = Levels(l0_retention=1, l1_retention=100, l2_retention=100, snapshot_retention=100)
+    gone = retention_victims(full, levels, now=ts(14) / 1000 + 1.5)  # L0 cut-off: just after TXID 14
+    assert {(e.min_txid, e.max_txid) for e in gone} == {(t, t) for t in range(11, 15)}
+    full.remove(gone)
+    assert plan(full, timestamp=ts(12)) == [(S, 1, 10)]
+    assert plan(full, timestamp=ts(17)) == [(S, 1, 10)]
+    assert plan(full, timestamp=ts(20)) == [(S, 1, 10), (1, 11, 20)]

@@ -19,6 +19,7 @@ from sidecar.ltx import Version, format_timestamp
 from sidecar.ltx.decoder import decode
 from tests.conftest import LITEFS, make_db
 from tests.engine.history import History
+from tests.faults import FaultProxy
 from tests.server.client import BackupClient
 from tests.server.conftest import ADMIN, TOKEN, Running
 from tests.server.test_protocol import uploads
@@ -181,6 +182,24 @@ class TestFiles:
         assert code == 1 and err == f"litefs-sidecar: -o {out}: {out.parent} does not exist\n"
         assert not (tmp_path / "missing").exists()
 
+    async def test_a_download_cut_short_is_an_error_and_writes_nothing(
+            self, server: Running, http: aiohttp.ClientSession, admin: Admin, tmp_path: Path) -> None:
+        """The connection drops mid-body (a proxy, a restart): the command fails and -o keeps what it held."""
+        (await backed_up(server, http, tmp_path, n=5)).close()
+        proxy = FaultProxy(server.url)
+        proxy.faults.cut_gets, proxy.faults.cut_after = 1, 1000
+        admin.url = await proxy.start()
+        out = tmp_path / "dl.db"
+        out.write_bytes(b"what was there")
+        try:
+            code, _, err = await admin("download", "--db", "app.db", "-o", str(out))
+        finally:
+            await proxy.stop()
+        assert proxy.injected == 1
+        assert code == 1 and "cut short" in err, (code, out.stat().st_size, err)
+        assert out.read_bytes() == b"what was there"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dl.db")] == []
+
     async def test_upload_then_download_round_trips(self, server: Running, admin: Admin, tmp_path: Path) -> None:
         """An uploaded SQLite file becomes the head, byte for byte."""
         db = make_db(tmp_path / "new.db", rows=500)
@@ -191,6 +210,18 @@ class TestFiles:
         con = sqlite3.connect(tmp_path / "back.db")
         assert con.execute("SELECT count(*) FROM t").fetchone() == (500,)
         con.close()
+
+
+    async def test_a_damaged_database_is_refused_at_upload(self, server: Running, admin: Admin,
+                                                            tmp_path: Path) -> None:
+        """A SQLite file cut short (half a copy) is refused, and nothing is stored: it would become the head."""
+        data = make_db(tmp_path / "whole.db", rows=2000).read_bytes()
+        page_size = int.from_bytes(data[16:18], "big")
+        cut = tmp_path / "cut.db"
+        cut.write_bytes(data[:page_size * (len(data) // page_size // 2)])
+        code, _, err = await admin("upload", "--db", "new.db", str(cut))
+        assert code == 1 and "422 ENOTSQLITE" in err and "new.db" in err, err
+        assert server.engine.databases("default") == []
 
 
 class TestCloneAndDelete:
@@ -206,6 +237,22 @@ class TestCloneAndDelete:
         results = await admin.json("clone", "--to-cluster", "qa")
         assert [r["name"] for r in results] == server.engine.databases("qa") == ["app.db", "b.db"]
         history.close()
+
+    async def test_cloning_a_cluster_goes_on_past_a_database_that_fails(
+            self, server: Running, http: aiohttp.ClientSession, admin: Admin, tmp_path: Path) -> None:
+        """One database whose backup is damaged fails alone, named, and the others are still cloned (exit 1)."""
+        for name in ("a.db", "b.db", "c.db"):
+            make_db(tmp_path / name)
+            await admin("upload", "--db", name, str(tmp_path / name))
+        for f in (server.root / "store" / "default" / "a.db").rglob("*.ltx"):
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            f.write_bytes(bytes(data))
+        code, out, err = await admin("clone", "--to-cluster", "qa")
+        assert code == 1, (out, err)
+        assert server.engine.databases("qa") == ["b.db", "c.db"]
+        assert "cloned default/b.db to qa/b.db" in out and "cloned default/c.db to qa/c.db" in out
+        assert "default/a.db" in err and len(err.splitlines()) == 1, err
 
     async def test_delete_needs_yes(self, server: Running, http: aiohttp.ClientSession, admin: Admin,
                                     tmp_path: Path) -> None:

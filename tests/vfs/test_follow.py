@@ -13,8 +13,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from sidecar.engine import Levels, plan_restore, restore, scan
-from sidecar.errors import NotFound
+from sidecar.errors import NotFound, RestoreError
 from sidecar.vfs import BackupVFS
+from tests.engine.history import History
 from tests.s3server import MotoServer
 from tests.server.conftest import wait_until
 from tests.vfs.conftest import EVENTS, MIN, Written, open_written, rows
@@ -59,6 +60,84 @@ class TestFollow:
             assert float(await asyncio.to_thread(lambda: query(con, "PRAGMA litefs_lag")[0][0])) < 10
         finally:
             await asyncio.to_thread(con.close)
+
+    async def test_a_database_started_over_is_read_from_its_new_files(
+            self, written: Written, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
+        """Deleted and started over, a database's new files have the names of the old ones: a reader of the same
+        VFS reads the new ones, never pages it cached from the old."""
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        vfs = make_vfs(**written.options)
+
+        def read() -> list[tuple[object, ...]]:
+            con = vfs.connect(written.url)
+            try:
+                return query(con)
+            finally:
+                con.close()
+        assert await asyncio.to_thread(read) == rows(written.history.path)
+        await written.engine.delete_database("c", "app.db")
+        written.history.close()
+        written.history = History(tmp_path / "live2.db", seed=9)
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        assert await asyncio.to_thread(read) == rows(written.history.path)
+
+    async def test_a_refused_pragma_of_one_follower_does_not_stop_another(
+            self, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
+        """One connection asks for a TXID that cannot be read, then closes: the others still follow."""
+        w = await open_written("file", tmp_path, None)
+        try:
+            await w.write(3)
+            await w.engine.flush_all()
+            vfs = make_vfs()
+            a = await asyncio.to_thread(vfs.connect, w.url, follow=True)
+            b = await asyncio.to_thread(vfs.connect, w.url, follow=True)
+            with pytest.raises(RestoreError, match="beyond the newest restore point"):
+                await asyncio.to_thread(query, a, "PRAGMA litefs_txid = 'ffff'")
+            await asyncio.to_thread(a.close)
+            await w.write(3)
+            await w.engine.flush_all()
+
+            async def visible() -> bool:
+                return await asyncio.to_thread(query, b) == rows(w.history.path)
+            await wait_until(visible, within=15)
+            await asyncio.to_thread(b.close)
+        finally:
+            await w.close()
+
+    async def test_a_file_with_a_bad_header_does_not_end_following(
+            self, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
+        """Following by LIST (no head object), a stored file with a bad header fails the polls it is listed in;
+        once it is gone, following goes on."""
+        w = await open_written("file", tmp_path, None)
+        try:
+            await w.write(3)
+            await w.engine.flush_all()
+            db_dir = tmp_path / "store" / "c" / "app.db"
+            (db_dir / "head.json").unlink()
+            vfs = make_vfs()
+            con = await asyncio.to_thread(vfs.connect, w.url, follow=True)
+            stats = vfs.stats(w.url)
+            junk = db_dir / "ltx" / "0" / "00000000000000ff-00000000000000ff.ltx"
+            junk.write_bytes(b"not an LTX file" * 10)
+            polls = stats.polls
+
+            async def polled() -> bool:
+                return stats.polls >= polls + 2
+            await wait_until(polled, within=15)
+            junk.unlink()
+            await w.write(3)
+            await w.engine.flush_all()
+
+            async def visible() -> bool:
+                return await asyncio.to_thread(query, con) == rows(w.history.path)
+            await wait_until(visible, within=15)
+            await asyncio.to_thread(con.close)
+        finally:
+            await w.close()
 
     @pytest.mark.parametrize("kind", ["file", "s3", "server", "server-pages"])
     async def test_a_reader_outlives_compaction_and_retention(self, kind: str, tmp_path: Path,

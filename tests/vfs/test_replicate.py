@@ -14,6 +14,7 @@ import pytest
 from sidecar.cli import main
 from sidecar.vfs import journal, open_source
 from sidecar.vfs.replica import Replica
+from tests.engine.history import History
 from tests.server.conftest import wait_until
 from tests.vfs.conftest import EVENTS, Written, rows
 
@@ -138,6 +139,106 @@ class TestReplicate:
             assert rows(copy) == rows(written.history.path)
         finally:
             await source.close()
+
+    async def test_a_database_deleted_and_started_over_is_rebuilt(self, written: Written, tmp_path: Path) -> None:
+        """The operator deletes the database and its node starts it over: the backup's new history is behind
+        the copy's TXID (or at it, with another checksum), and the copy is rebuilt, not kept as current."""
+        for _ in range(6):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        source = open_source(written.url, **written.options)
+        try:
+            replica = Replica(source, copy)
+            await replica.sync()
+            await written.engine.delete_database("c", "app.db")
+            for seed in (2, 3):  # started over behind the copy, then again up to the copy's TXID
+                written.history.close()
+                written.history = History(tmp_path / f"live{seed}.db", seed=seed)
+                for _ in range(3):
+                    await written.write()
+                await written.engine.flush_all()
+                pos, files = await replica.sync()
+                assert pos.txid == 3 and files >= 1 and rows(copy) == rows(written.history.path)
+                await written.engine.delete_database("c", "app.db")
+        finally:
+            await source.close()
+
+    async def test_a_database_started_over_past_the_copy_is_rebuilt_not_patched(self, written: Written,
+                                                                               tmp_path: Path) -> None:
+        """Started over and past the copy's TXID, the new history's compacted file that spans the copy's TXID
+        holds only the pages that changed since its start: applied to the old copy it would leave a mix of
+        both databases (malformed). The copy is rebuilt."""
+        for _ in range(6):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        source = open_source(written.url, **written.options)
+        try:
+            replica = Replica(source, copy)
+            await replica.sync()
+            await written.engine.delete_database("c", "app.db")
+            written.history.close()
+            written.history = History(tmp_path / "live2.db", seed=2)
+            written.history.con.execute("CREATE TABLE big (x)")
+            written.history.con.executemany("INSERT INTO big VALUES (?)", [("y" * 1000,) for _ in range(200)])
+            for _ in range(12):
+                await written.write()
+            await written.engine.flush_all()
+            await written.engine.compact_level("c", "app.db", 1)
+            pos, _ = await replica.sync()
+            assert pos.txid == written.history.pos.txid
+            assert rows(copy, "SELECT count(*), sum(length(x)) FROM big") == [(200, 200_000)]
+            assert rows(copy) == rows(written.history.path)
+            assert rows(copy, "PRAGMA integrity_check") == [("ok",)]
+        finally:
+            await source.close()
+
+    async def test_an_existing_file_that_is_not_sqlite_is_left_alone(self, written: Written, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+        """-o naming a file that is not a database (a typo) fails with one line naming it; nothing is written."""
+        await written.write()
+        await written.engine.flush_all()
+        notes = tmp_path / "notes.txt"
+        notes.write_text("my notes\n" * 100)
+        argv = ["replicate", *written.flags, "-o", str(notes), written.url]
+        assert await asyncio.to_thread(main, argv) == 1
+        assert f"{notes}: exists and is not a SQLite database" in capsys.readouterr().err
+        assert notes.read_text() == "my notes\n" * 100
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("notes", ".notes"))) == ["notes.txt"]
+
+    async def test_following_goes_on_when_a_reader_holds_the_copy_too_long(self, written: Written,
+                                                                           tmp_path: Path) -> None:
+        """SQLite gives up waiting for a long read transaction ('database is locked'): the change is retried,
+        not the end of following."""
+        await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        source = open_source(written.url, poll_interval=0.05, **written.options)
+        busy = [1]
+
+        def locked_once(*args: object) -> None:
+            if busy:
+                busy.pop()
+                raise sqlite3.OperationalError("database is locked")  # what BEGIN EXCLUSIVE says after its timeout
+            journal.rewrite(*args)  # type: ignore[arg-type]
+        replica = Replica(source, copy, rewrite=locked_once)
+        await replica.sync()
+        stop = asyncio.Event()
+        follower = asyncio.create_task(replica.follow(stop))
+        try:
+            await written.write()
+            await written.engine.flush_all()
+
+            async def caught_up() -> bool:
+                assert not follower.done(), follower
+                return replica.current is not None and replica.current.txid == written.history.pos.txid
+            await wait_until(caught_up, within=30)
+        finally:
+            stop.set()
+            await follower
+            await source.close()
+        assert not busy and rows(copy) == rows(written.history.path)
 
     async def test_follow_command_stops_on_sigterm(self, written: Written, tmp_path: Path) -> None:
         for _ in range(3):
