@@ -304,12 +304,12 @@ class Engine:
         for task in self._renewing.values():
             task.cancel()
         await asyncio.gather(*self._renewing.values(), return_exceptions=True)
-        try:
-            await self.flush_all()
-        except (StorageError, OSError, SidecarError, LTXError) as err:
-            pending = sum(len(db.pending) for db in self.catalog)
-            log.warning("closing with uploads not yet in the store; they stay in the upload log for the next start",
-                        uploads=pending, error=str(err))
+        for db in self.catalog:  # each alone: one database the store refuses keeps no other's uploads back
+            try:
+                await self._flush(db)
+            except (StorageError, OSError, SidecarError, LTXError) as err:
+                log.warning("closing with uploads not yet in the store; they stay in the upload log for the next "
+                            "start", cluster=db.cluster, db=db.name, uploads=len(db.pending), error=str(err))
         await self.uploadlog.close()
         try:
             await self.catalog.save_dirty()

@@ -104,3 +104,21 @@ async def test_gap_in_the_store_is_refused_clearly(history: History, tmp_path: P
     assert await asyncio.to_thread(main, ["restore", "-o", str(out), url]) == 1
     assert not out.exists()
     assert plan_restore(index, txid=2)[-1].max_txid == 2  # what precedes the gap still restores
+
+
+async def test_closing_flushes_every_database_even_when_one_fails(tmp_path: Path) -> None:
+    """A database whose flush the store refuses keeps only its own uploads out of the store at close, not others'."""
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    now = [T0]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    histories = {name: History(tmp_path / name, seed=i) for i, name in enumerate(("a.db", "b.db"))}
+    for name, h in histories.items():
+        h.write()
+        await engine.write_tx("c", name, h.commit(int(now[0] * 1000)))
+    # An object already at a.db's next L0 key (a late write of a previous owner): its flush is refused.
+    await store.put_bytes(store.layout.ltx_key("c/a.db", 0, 1, 1), b"not ours")
+    await engine.close()
+    assert engine.hwm("c", "a.db") == 0
+    assert engine.hwm("c", "b.db") == 1 and engine.status("c", "b.db").pending_files == 0
+    for h in histories.values():
+        h.close()
