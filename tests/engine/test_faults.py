@@ -11,6 +11,8 @@ import pytest
 from sidecar.cli import main
 from sidecar.engine import Engine, Levels, plan_restore, scan
 from sidecar.errors import RestoreError
+from sidecar.ltx import Version
+from sidecar.ltx.sqlite import encode_db
 from sidecar.storage import FILE_LAYOUT, open_storage
 from sidecar.storage.s3 import S3Storage
 from tests.engine.history import History
@@ -85,6 +87,34 @@ async def test_closing_while_the_store_is_down_keeps_uploads_for_the_next_start(
     assert engine.hwm("c", "app.db") == history.pos.txid
     result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
     assert result.checksum == history.checksums[history.pos.txid]
+    await engine.close()
+
+
+async def test_a_crash_after_a_snapshot_over_pending_uploads_still_opens_while_the_store_is_down(
+        proxied: tuple[S3Storage, FaultProxy], history: History, tmp_path: Path) -> None:
+    """Replaying the upload log writes nothing to the store: a snapshot logged after other uploads opens from the
+    cache while the store is down, and reaches the store as its own file once it answers."""
+    store, proxy = proxied
+    now = [T0]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    for _ in range(3):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(now[0] * 1000)))
+    history.write()
+    with open(history.path, "rb") as f, open(tmp_path / "snap.ltx", "wb") as out:
+        encode_db(f, out, version=Version.V2, compress=True, txid=5, timestamp=int(now[0] * 1000))
+    assert await engine.write_tx("c", "app.db", (tmp_path / "snap.ltx").read_bytes()) == 3  # 1-3 flushed first
+    snap_pos = engine.pos("c", "app.db")
+    engine.abandon()  # a crash before the index cache was written
+    proxy.faults.down = True
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    assert engine.pos("c", "app.db") == snap_pos
+    proxy.faults.down = False
+    now[0] += 3600
+    await engine.tick()
+    assert [(e.min_txid, e.max_txid) for e in engine.index("c", "app.db").level(0)] == [(1, 3), (1, 5)]
+    result = await engine.restore_to("c", "app.db", tmp_path / "3.db", txid=3)
+    assert result.checksum == history.checksums[3]
     await engine.close()
 
 
