@@ -20,7 +20,7 @@ import structlog
 from sidecar.engine.database import Database
 from sidecar.engine.index import DbIndex, FileEntry, IndexCache, scan
 from sidecar.engine.pagesums import PageSums
-from sidecar.errors import SidecarError, validate_cluster_name, validate_db_name
+from sidecar.errors import InvalidDatabaseName, SidecarError, validate_cluster_name, validate_db_name
 from sidecar.storage.base import ObjectInfo, Storage
 
 log = structlog.get_logger("sidecar.engine")
@@ -121,7 +121,12 @@ class Catalog:
         changed = []
         for db_prefix, objs in sorted(found.items()):
             c, name = db_prefix.split("/")
-            db = self.create(c, name)
+            try:
+                db = self.create(c, name)
+            except InvalidDatabaseName as err:  # not written by an engine (a copied directory): no start stops on it
+                log.error("files in the store under a name no database can have: left out (no restore uses them)",
+                          key=objs[0].key, files=len(objs), error=str(err))
+                continue
             if await self._sync(db, objs):
                 changed.append(db)
         for db in self:

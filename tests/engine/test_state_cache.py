@@ -105,3 +105,17 @@ class TestReconcile:
         assert result.checksum == fresh.pos.post_apply_checksum
         await engine.close()
         fresh.close()
+
+    async def test_objects_under_a_name_no_database_can_have_are_left_out(self, tmp_path: Path,
+                                                                         history: History) -> None:
+        """A copy of a cluster's directory beside it ("prod copy") stops neither the start nor the other clusters."""
+        now = [T0]
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        history.write()
+        await engine.write_tx("prod", "app.db", history.commit(int(now[0] * 1000)))
+        await engine.close()
+        shutil.copytree(tmp_path / "store" / "prod", tmp_path / "store" / "prod copy")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        assert engine.clusters() == ["prod"] and engine.pos("prod", "app.db") == history.pos
+        await engine.close()
