@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar.errors import NotFound
 from sidecar.fsutil import write_atomically
 from sidecar.ltx import HEADER_SIZE, Header, LTXError
 from sidecar.storage.base import ObjectInfo, Storage
@@ -261,7 +262,10 @@ async def scan(storage: Storage, prefix: str, objects: Sequence[ObjectInfo] | No
 
     async def read(obj: ObjectInfo, level: int) -> FileEntry | None:
         async with sem:
-            head = await storage.get_range(obj.key, 0, HEADER_SIZE)
+            try:
+                head = await storage.get_range(obj.key, 0, HEADER_SIZE)
+            except NotFound:
+                return None  # deleted since it was listed (another engine's retention): not in the store
         try:
             header = Header.unpack(head)
         except LTXError as err:

@@ -5,13 +5,34 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from sidecar.engine import Engine, Levels
 from sidecar.storage import open_storage
+from sidecar.storage.base import ObjectInfo, Storage
 from sidecar.storage.layout import IDENTITY_KEY
 from tests.engine.history import History
 
 T0 = 1_700_000_000.0
+
+
+class RacedListing:
+    """A real store where another engine deletes one listed LTX file right after each LIST (its retention)."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.deleted: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        objects = await self.inner.list(prefix)
+        victim = next((o.key for o in objects if o.key.endswith(".ltx") and o.key not in self.deleted), None)
+        if victim is not None:
+            await self.inner.delete([victim])
+            self.deleted.append(victim)
+        return objects
 
 
 async def upload(engine: Engine, history: History, n: int, t: float) -> None:
@@ -118,4 +139,20 @@ class TestReconcile:
         shutil.copytree(tmp_path / "store" / "prod", tmp_path / "store" / "prod copy")
         engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
         assert engine.clusters() == ["prod"] and engine.pos("prod", "app.db") == history.pos
+        await engine.close()
+
+    async def test_a_file_deleted_between_the_listing_and_its_header_read_is_left_out(self, tmp_path: Path,
+                                                                                     history: History) -> None:
+        """Another engine's retention deleting a listed file while this one starts: the start goes on without it."""
+        now = [T0]
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        await upload(engine, history, 3, now[0])
+        await engine.close()
+        shutil.rmtree(tmp_path / "state")  # a new state directory: every file's header is read
+        raced = RacedListing(store)
+        engine = await Engine.open(raced, tmp_path / "state", Levels(l0_interval=0),  # type: ignore[arg-type]
+                                   clock=lambda: now[0])
+        left = {e.key(store.layout, "c/app.db") for e in engine.index("c", "app.db")}
+        assert raced.deleted and len(left) == 2 and not left & set(raced.deleted)
         await engine.close()
