@@ -759,6 +759,8 @@ class Engine:
             except NotOwner as err:
                 self._foreign[cluster] = err.holder.expires / 1000 if err.holder else now + self.leases.ttl
                 log.debug("cluster written by another engine; its jobs are theirs", cluster=cluster, error=str(err))
+                if any(db.pending for db in mine):  # acknowledged while this engine held it (or thought it would)
+                    self._lost(cluster, err)
                 continue
             except StorageError as err:
                 for db in mine:

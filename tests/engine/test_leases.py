@@ -93,6 +93,28 @@ class TestOneWriter:
         assert keys == ["0000000000000001-0000000000000002.ltx"]  # a stored nothing after it lost the lease
         await b.close()
 
+    async def test_an_expired_owner_lets_go_of_what_it_never_stored(self, tmp_path: Path, history: History) -> None:
+        """a, paused past its lease while b took over, drops what it acknowledged and never stored (its client sends
+        it to b): it no longer counts against a's ceiling for its other clusters, nor holds its upload log."""
+        clock = Clock()
+        a = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "a", Levels(l0_interval=3600),
+                              clock=clock, max_pending_bytes=1)
+        b = await open_engine(tmp_path, "b", clock)
+        await upload(a, history, clock)  # acknowledged by a, not yet stored
+        clock.now += a.leases.ttl + a.leases.skew + 1  # a was paused past its lease
+        other = History(tmp_path / "other.db")
+        other.write()
+        await b.write_tx("c", "app.db", other.commit(int(clock.now * 1000)))  # b takes over
+        await a.tick()  # a resumes, and finds the cluster is b's
+        assert a.status("c", "app.db").pending_files == 0
+        another = History(tmp_path / "another.db")
+        another.write()
+        await a.write_tx("d", "app.db", another.commit(int(clock.now * 1000)))  # not refused for c's sake
+        await a.close()
+        await b.close()
+        other.close()
+        another.close()
+
     async def test_a_restart_takes_its_own_lease_back_at_once(self, tmp_path: Path, history: History) -> None:
         clock = Clock()
         a = await open_engine(tmp_path, "a", clock)
