@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.engine import Engine, Levels
+from sidecar.errors import StorageError
 from sidecar.storage import open_storage
 from sidecar.storage.base import ObjectInfo, Storage
 from sidecar.storage.layout import IDENTITY_KEY
@@ -155,4 +156,44 @@ class TestReconcile:
                                    clock=lambda: now[0])
         left = {e.key(store.layout, "c/app.db") for e in engine.index("c", "app.db")}
         assert raced.deleted and len(left) == 2 and not left & set(raced.deleted)
+        await engine.close()
+
+
+class FailingDeletes:
+    """A real store whose deletes fail while `failing` is set (a store refusing DeleteObjects for a while)."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.failing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def delete(self, keys: list[str]) -> None:
+        if self.failing:
+            raise StorageError(keys[0], "delete refused", retryable=True)
+        await self.inner.delete(keys)
+
+
+class TestDelete:
+    async def test_a_deleted_database_stays_deleted_after_a_restart(self, tmp_path: Path, history: History) -> None:
+        """Files an earlier retention pass failed to delete (left out of the index) go with the database, so the
+        next start does not bring it back from them."""
+        now = [T0]
+        levels = Levels(l0_interval=0, l1_interval=60, l0_retention=60)
+        store = FailingDeletes(open_storage(f"file://{tmp_path / 'store'}"))
+        engine = await Engine.open(store, tmp_path / "state", levels,  # type: ignore[arg-type]
+                                   clock=lambda: now[0])
+        await upload(engine, history, 3, now[0])
+        now[0] += 60
+        await engine.tick()  # L1 covers the L0 files
+        store.failing = True
+        now[0] += 61
+        await engine.tick()  # retention drops two L0 files from the index; deleting them fails
+        store.failing = False
+        await engine.delete_database("c", "app.db")
+        await engine.close()
+        engine = await Engine.open(store, tmp_path / "state", levels, clock=lambda: now[0])  # type: ignore[arg-type]
+        assert not engine.exists("c", "app.db")
+        assert not list((tmp_path / "store" / "c").rglob("*.ltx"))
         await engine.close()
