@@ -140,6 +140,8 @@ class UploadLog:
                 segment = int(path.stem, 16)
             except ValueError:
                 continue
+            if not path.is_file():
+                continue  # not a segment: the state directory of a database `<hex>.log` of a cluster `log`
             self._live[segment] = 0
             size = path.stat().st_size
             if size == 0:

@@ -113,3 +113,17 @@ async def test_uploads_logged_after_a_deletion_survive_its_replay(tmp_path: Path
         assert not again.exists("c", "gone.db")
         assert again.pos("c", "kept.db") == history.pos
         again.abandon()
+
+
+async def test_a_cluster_named_log_does_not_stop_the_start(tmp_path: Path, history: History) -> None:
+    """Cluster `log` keeps its index caches beside the upload log's segments: a database `1.log` is a directory
+    named like a segment, which replay leaves alone."""
+    storage = open_storage(f"file://{tmp_path / 'store'}")
+    engine = await Engine.open(storage, tmp_path / "state", Levels(l0_interval=0))
+    history.write()
+    await engine.write_tx("log", "1.log", history.commit(1))
+    await engine.close()
+    assert (tmp_path / "state" / "log" / "1.log").is_dir()
+    engine = await Engine.open(storage, tmp_path / "state", Levels(l0_interval=0))
+    assert engine.pos("log", "1.log") == history.pos
+    await engine.close()
