@@ -378,8 +378,11 @@ class Engine:
             now = self.clock()
             for cluster in list(self.leases.held):
                 dbs = [db for db in self.catalog if db.cluster == cluster]
+                # A job under way (a compaction reading a large database's files for longer than the TTL) counts:
+                # let go under it, its write would be refused at the end, and so again at every retry.
                 busy = now - self._wanted.get(cluster, 0.0) < self.leases.ttl or any(
-                    db.pending or db.uploading or now - db.last_upload < self.leases.ttl for db in dbs)
+                    db.pending or db.uploading or now - db.last_upload < self.leases.ttl or db.maint.locked()
+                    or db.flushing.locked() for db in dbs)
                 async with self._owning.setdefault(cluster, asyncio.Lock()):  # one renewal at a time (If-Match)
                     try:
                         if not self.leases.holds(cluster):

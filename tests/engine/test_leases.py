@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.engine import Engine, Levels
-from sidecar.engine.lease import LeaseDoc, NotOwner, lease_key
+from sidecar.engine.lease import LeaseDoc, Leases, NotOwner, lease_key
 from sidecar.errors import PosMismatch
 from sidecar.storage import open_storage
+from sidecar.storage.base import Storage
 from tests.daemon.conftest import eventually
 from tests.engine.history import History
 from tests.faults import FaultProxy
@@ -251,3 +255,37 @@ async def test_on_s3_a_flush_delivered_after_a_takeover_is_swept(moto_server: Mo
         await a_store.close()
         await b_store.close()
         await proxy.stop()
+
+
+class SlowReads:
+    """A real store whose reads of a job's inputs take `seconds` (a large database's files)."""
+
+    def __init__(self, inner: Storage, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def local_files(self, keys: Sequence[str], tmpdir: Path) -> list[Path]:
+        await asyncio.sleep(self.seconds)
+        return await self.inner.local_files(keys, tmpdir)
+
+
+async def test_a_compaction_longer_than_the_lease_ttl_keeps_the_lease(tmp_path: Path, history: History) -> None:
+    """An idle cluster whose compaction reads its inputs for longer than the lease TTL: the lease is kept (renewed)
+    while the job runs, not let go as idle under it, so the compaction is stored."""
+    store = SlowReads(open_storage(f"file://{tmp_path / 'store'}"), seconds=1.5)
+    leases = Leases(store, ttl=0.6, skew=0.1)  # type: ignore[arg-type]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), leases=leases)  # type: ignore[arg-type]
+    for _ in range(2):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(time.time() * 1000)))
+    stop = asyncio.Event()
+    running = asyncio.create_task(engine.run(stop, period=0.1))
+    try:
+        await eventually(lambda: engine.index("c", "app.db").newest(1) is not None, within=20)
+    finally:
+        stop.set()
+        await running
+        await engine.close()
