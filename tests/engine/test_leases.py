@@ -289,3 +289,39 @@ async def test_a_compaction_longer_than_the_lease_ttl_keeps_the_lease(tmp_path: 
         stop.set()
         await running
         await engine.close()
+
+
+class SlowWrites:
+    """A real store whose writes of L1 files take `seconds` (a large compaction's upload)."""
+
+    def __init__(self, inner: Storage, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def put_file(self, key: str, path: Path, **kwargs: Any) -> str:
+        if "/ltx/1/" in key:
+            await asyncio.sleep(self.seconds)
+        return await self.inner.put_file(key, path, **kwargs)
+
+
+async def test_a_write_longer_than_the_lease_ttl_ends_while_the_lease_is_renewed(tmp_path: Path,
+                                                                                history: History) -> None:
+    """A write may take longer than the lease's TTL as long as the lease is renewed meanwhile: it is bounded by
+    the lease as renewed, not as it was when the write started."""
+    store = SlowWrites(open_storage(f"file://{tmp_path / 'store'}"), seconds=1.5)
+    leases = Leases(store, ttl=0.6, skew=0.1)  # type: ignore[arg-type]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), leases=leases)  # type: ignore[arg-type]
+    for _ in range(2):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(time.time() * 1000)))
+    stop = asyncio.Event()
+    running = asyncio.create_task(engine.run(stop, period=0.1))
+    try:
+        await eventually(lambda: engine.index("c", "app.db").newest(1) is not None, within=20)
+    finally:
+        stop.set()
+        await running
+        await engine.close()
