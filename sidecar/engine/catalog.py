@@ -88,9 +88,9 @@ class Catalog:
     def cached(self) -> list[tuple[str, str]]:
         """(cluster, name) of every database with a directory in the state directory."""
         out = []
+        # `log` is the upload log's directory and may be a cluster's as well: its segments are files, a cluster's
+        # databases directories.
         for cluster_dir in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if cluster_dir.name == "log":
-                continue
             out += [(cluster_dir.name, d.name) for d in sorted(cluster_dir.iterdir()) if d.is_dir()]
         return out
 

@@ -152,3 +152,28 @@ async def test_closing_flushes_every_database_even_when_one_fails(tmp_path: Path
     assert engine.hwm("c", "b.db") == 1 and engine.status("c", "b.db").pending_files == 0
     for h in histories.values():
         h.close()
+
+
+async def test_a_cluster_named_log_keeps_its_uploads_over_a_start_while_the_store_is_down(
+        proxied: tuple[S3Storage, FaultProxy], history: History, tmp_path: Path) -> None:
+    """Cluster `log`'s cached indexes sit beside the upload log's segments: they are read at a start while the store
+    is down like any other cluster's, so its acknowledged uploads still continue them."""
+    store, proxy = proxied
+    now = [T0]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    history.write()
+    await engine.write_tx("log", "app.db", history.commit(int(now[0] * 1000)))
+    await engine.flush("log", "app.db")
+    await engine.close()  # the index cache holds file 1
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    history.write()
+    await engine.write_tx("log", "app.db", history.commit(int(now[0] * 1000)))  # acknowledged, not stored
+    engine.abandon()
+    proxy.faults.down = True
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    assert engine.pos("log", "app.db") == history.pos
+    proxy.faults.down = False
+    now[0] += 3600
+    await engine.tick()
+    assert engine.hwm("log", "app.db") == 2
+    await engine.close()
