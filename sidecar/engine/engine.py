@@ -839,6 +839,11 @@ class Engine:
 
     async def _resync(self, db: Database) -> None:
         """Rebuild a database's index from the store, and keep only the pending uploads that still continue it."""
+        if db.cluster in self._sweeps:
+            # Taken over from another engine: a file the index lacks is that engine's late write (see `_sweep`), not
+            # history to adopt. One at the key of a flush of this engine's would otherwise replace its acknowledged
+            # uploads with the previous owner's (a primary that failed over meanwhile wrote other ones).
+            await self._sweep(db)
         async with db.lock, db.flushing:
             await self.catalog.reconcile(only=db)
             db.resync = False

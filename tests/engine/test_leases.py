@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,8 +14,10 @@ from typing import Any
 import pytest
 
 from sidecar.engine import Engine, Levels
+from sidecar.engine.builder import compact_inputs
 from sidecar.engine.lease import LeaseDoc, Leases, NotOwner, lease_key
 from sidecar.errors import PosMismatch
+from sidecar.ltx import Version
 from sidecar.storage import open_storage
 from sidecar.storage.base import Storage
 from tests.daemon.conftest import eventually
@@ -194,6 +198,40 @@ async def test_a_late_write_of_an_expired_owner_is_swept(tmp_path: Path, history
     got = await reader.restore_to("c", "app.db", tmp_path / "out.db")
     assert got.checksum == history.pos.post_apply_checksum
     await reader.close()
+
+
+async def test_a_late_write_at_the_key_of_the_new_owners_flush_is_swept_not_adopted(tmp_path: Path,
+                                                                                   history: History) -> None:
+    """a's late PUT lands at the very key b's next flush needs, with a's history (the primary failed over meanwhile):
+    b's flush is refused, and b rebuilds from the store without it, so b's own acknowledged history is stored."""
+    clock = Clock()
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    a = await Engine.open(store, tmp_path / "a", Levels(l0_interval=3600), clock=clock)
+    b = await open_engine(tmp_path, "b", clock, l0=1)
+    await upload(a, history, clock, 2)
+    await a.flush("c", "app.db")
+    shutil.copy(history.path, tmp_path / "new-primary.db")  # the new primary, at TXID 2 too
+    primary = History(tmp_path / "new-primary.db", seed=99)
+    primary.pages, primary.pos = dict(history.pages), history.pos
+    history.write()
+    old_tx3 = history.commit(int(clock.now * 1000))
+    await a.write_tx("c", "app.db", old_tx3)  # acknowledged by a; its flush is the PUT that will land late
+    clock.now += a.leases.ttl + a.leases.skew + 1
+    primary.write()
+    new_tx3 = primary.commit(int(clock.now * 1000))
+    await b.write_tx("c", "app.db", new_tx3)  # b takes over at TXID 2 and acknowledges the new primary's TXID 3
+    late = io.BytesIO()
+    compact_inputs([old_tx3], late, Version.V2)
+    await store.put_bytes("c/app.db/ltx/0/0000000000000003-0000000000000003.ltx", late.getvalue(),
+                          if_none_match=True)  # a's PUT lands now, at the key of b's next flush
+    for k in range(1, 8):  # well before b's first sweep (twice the lease TTL after the takeover)
+        await b.tick(clock.now + k)  # the flush is refused; the next tick rebuilds from the store; then flushes
+    assert b.pos("c", "app.db") == primary.pos and b.hwm("c", "app.db") == 3
+    got = await b.restore_to("c", "app.db", tmp_path / "out.db")
+    assert got.checksum == primary.pos.post_apply_checksum
+    await b.close()
+    await a.close()
+    primary.close()
 
 
 async def test_an_engine_that_took_over_from_nobody_does_not_sweep(tmp_path: Path, history: History) -> None:
