@@ -173,8 +173,8 @@ class Intake:
                 db.sums.apply(db.sums.change(header, checked.crcs, checked.post, what), header.page_size)
             except LTXError:
                 db.sums = None  # the cached table is of another history: rebuilt from the store later
-        if header.is_snapshot and db.pending:
-            await self.flush(db)
+        # A snapshot after pending uploads is not flushed over them here (replay writes nothing to the store, which
+        # may be down): the flush ends a batch before it (flush.batch), so it still reaches the store on its own.
         self.log.hold(segment)
         db.pending.append(Pending(header, checked.post, self.clock(), segment, data))
         db.pos, db.page_size = Pos(header.max_txid, checked.post), header.page_size

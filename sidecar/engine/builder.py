@@ -17,10 +17,10 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sidecar.engine.database import Database
 from sidecar.engine.index import FileEntry
@@ -69,9 +69,8 @@ class Builder:
                 header, _ = compact_inputs(inputs, out, version)
             data = out.getvalue()
             entry = FileEntry.from_header(level, header, len(data))
-            async with asyncio.timeout(await self.fence(db)):  # it ends while the lease holds, or not at all
-                await self.storage.put_bytes(self.key(db, entry), data, timestamp=header.timestamp,
-                                             if_none_match=True)
+            await self._fenced(db, self.storage.put_bytes(self.key(db, entry), data, timestamp=header.timestamp,
+                                                          if_none_match=True))
         else:
             async with self._big:
                 self.tmpdir.mkdir(parents=True, exist_ok=True)
@@ -81,14 +80,33 @@ class Builder:
                 try:
                     header, _ = await asyncio.to_thread(_compact_file, inputs, tmp, version)
                     entry = FileEntry.from_header(level, header, tmp.stat().st_size)
-                    async with asyncio.timeout(await self.fence(db)):
-                        await self.storage.put_file(self.key(db, entry), tmp, timestamp=header.timestamp,
-                                                    if_none_match=True)
+                    await self._fenced(db, self.storage.put_file(self.key(db, entry), tmp,
+                                                                 timestamp=header.timestamp, if_none_match=True))
                 finally:
                     tmp.unlink(missing_ok=True)
         if self.timed:
             self.timed(level, time.perf_counter() - t0)
         return entry
+
+
+    async def _fenced(self, db: Database, write: Coroutine[Any, Any, object]) -> None:
+        """Run a write to the store while this engine may write `db`: it ends while the lease holds, or not at all.
+        The fence is asked again each time the seconds it gave run out, so a write longer than the lease's TTL goes
+        on while the lease is renewed, and is cancelled (the fence's error raised) once it is not."""
+        try:
+            left = await self.fence(db)
+        except BaseException:
+            write.close()  # never started
+            raise
+        task = asyncio.ensure_future(write)
+        try:
+            while not (await asyncio.wait([task], timeout=left))[0]:
+                left = await self.fence(db)
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
 
 def compact_inputs(inputs: Sequence[Path | bytes], dst: BinaryIO, version: Version) -> tuple[Header, Trailer]:

@@ -20,7 +20,7 @@ import structlog
 from sidecar.engine.database import Database
 from sidecar.engine.index import DbIndex, FileEntry, IndexCache, scan
 from sidecar.engine.pagesums import PageSums
-from sidecar.errors import SidecarError, validate_cluster_name, validate_db_name
+from sidecar.errors import InvalidDatabaseName, SidecarError, validate_cluster_name, validate_db_name
 from sidecar.storage.base import ObjectInfo, Storage
 
 log = structlog.get_logger("sidecar.engine")
@@ -88,9 +88,9 @@ class Catalog:
     def cached(self) -> list[tuple[str, str]]:
         """(cluster, name) of every database with a directory in the state directory."""
         out = []
+        # `log` is the upload log's directory and may be a cluster's as well: its segments are files, a cluster's
+        # databases directories.
         for cluster_dir in sorted(p for p in self.state_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if cluster_dir.name == "log":
-                continue
             out += [(cluster_dir.name, d.name) for d in sorted(cluster_dir.iterdir()) if d.is_dir()]
         return out
 
@@ -121,7 +121,12 @@ class Catalog:
         changed = []
         for db_prefix, objs in sorted(found.items()):
             c, name = db_prefix.split("/")
-            db = self.create(c, name)
+            try:
+                db = self.create(c, name)
+            except InvalidDatabaseName as err:  # not written by an engine (a copied directory): no start stops on it
+                log.error("files in the store under a name no database can have: left out (no restore uses them)",
+                          key=objs[0].key, files=len(objs), error=str(err))
+                continue
             if await self._sync(db, objs):
                 changed.append(db)
         for db in self:

@@ -304,12 +304,12 @@ class Engine:
         for task in self._renewing.values():
             task.cancel()
         await asyncio.gather(*self._renewing.values(), return_exceptions=True)
-        try:
-            await self.flush_all()
-        except (StorageError, OSError, SidecarError, LTXError) as err:
-            pending = sum(len(db.pending) for db in self.catalog)
-            log.warning("closing with uploads not yet in the store; they stay in the upload log for the next start",
-                        uploads=pending, error=str(err))
+        for db in self.catalog:  # each alone: one database the store refuses keeps no other's uploads back
+            try:
+                await self._flush(db)
+            except (StorageError, OSError, SidecarError, LTXError) as err:
+                log.warning("closing with uploads not yet in the store; they stay in the upload log for the next "
+                            "start", cluster=db.cluster, db=db.name, uploads=len(db.pending), error=str(err))
         await self.uploadlog.close()
         try:
             await self.catalog.save_dirty()
@@ -378,8 +378,11 @@ class Engine:
             now = self.clock()
             for cluster in list(self.leases.held):
                 dbs = [db for db in self.catalog if db.cluster == cluster]
+                # A job under way (a compaction reading a large database's files for longer than the TTL) counts:
+                # let go under it, its write would be refused at the end, and so again at every retry.
                 busy = now - self._wanted.get(cluster, 0.0) < self.leases.ttl or any(
-                    db.pending or db.uploading or now - db.last_upload < self.leases.ttl for db in dbs)
+                    db.pending or db.uploading or now - db.last_upload < self.leases.ttl or db.maint.locked()
+                    or db.flushing.locked() for db in dbs)
                 async with self._owning.setdefault(cluster, asyncio.Lock()):  # one renewal at a time (If-Match)
                     try:
                         if not self.leases.holds(cluster):
@@ -764,6 +767,8 @@ class Engine:
             except NotOwner as err:
                 self._foreign[cluster] = err.holder.expires / 1000 if err.holder else now + self.leases.ttl
                 log.debug("cluster written by another engine; its jobs are theirs", cluster=cluster, error=str(err))
+                if any(db.pending for db in mine):  # acknowledged while this engine held it (or thought it would)
+                    self._lost(cluster, err)
                 continue
             except StorageError as err:
                 for db in mine:
@@ -839,6 +844,11 @@ class Engine:
 
     async def _resync(self, db: Database) -> None:
         """Rebuild a database's index from the store, and keep only the pending uploads that still continue it."""
+        if db.cluster in self._sweeps:
+            # Taken over from another engine: a file the index lacks is that engine's late write (see `_sweep`), not
+            # history to adopt. One at the key of a flush of this engine's would otherwise replace its acknowledged
+            # uploads with the previous owner's (a primary that failed over meanwhile wrote other ones).
+            await self._sweep(db)
         async with db.lock, db.flushing:
             await self.catalog.reconcile(only=db)
             db.resync = False

@@ -59,9 +59,12 @@ def due(dbs: list[Database], now: float, interval: float) -> list[Database]:
 
 
 def batch(db: Database, limit: int = MAX_BATCH) -> int:
-    """How many of the pending uploads the next flush takes: all, or as many as fit in `limit` bytes (at least one)."""
+    """How many of the pending uploads the next flush takes: all, or as many as fit in `limit` bytes (at least one),
+    and never a snapshot with what precedes it."""
     size = 0
     for i, p in enumerate(db.pending):
+        if i and p.header.is_snapshot:
+            return i  # a snapshot starts a file of its own: the states before it stay restorable
         size += len(p.data)
         if size > limit and i:
             return i

@@ -112,9 +112,13 @@ class Operations:
             for p in db.pending:
                 self.log.release(p.segment)
             db.pending = []
-            files = list(db.index)
-            await self.storage.delete([self.storage.layout.head_key(db.prefix),
-                                       *(e.key(self.storage.layout, db.prefix) for e in files)])
+            layout = self.storage.layout
+            # And what the index lacks (a retention delete that failed, a late write): left, it would bring the
+            # database back at the next start's reconcile.
+            files = {e.key(layout, db.prefix) for e in db.index} | {
+                o.key for o in await self.storage.list(db.prefix + "/")
+                if (parsed := layout.parse(o.key)) is not None and parsed.prefix == db.prefix}
+            await self.storage.delete([layout.head_key(db.prefix), *sorted(files)])
             db.deleted = True
             self.catalog.forget(db)
         return len(files)

@@ -140,6 +140,8 @@ class UploadLog:
                 segment = int(path.stem, 16)
             except ValueError:
                 continue
+            if not path.is_file():
+                continue  # not a segment: the state directory of a database `<hex>.log` of a cluster `log`
             self._live[segment] = 0
             size = path.stat().st_size
             if size == 0:
@@ -187,7 +189,10 @@ class UploadLog:
             self._collect()
 
     def _collect(self) -> None:
-        """Delete the oldest segments while they hold nothing (never the active one)."""
+        """Delete the oldest segments while they hold nothing (never the active one); none before `start`: while
+        replaying, a segment's records after the one let go are not yet held, and later segments not yet known."""
+        if self._fd < 0:
+            return
         for segment in sorted(self._live):
             if segment == self._active or self._live[segment]:
                 break

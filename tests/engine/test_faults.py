@@ -14,6 +14,8 @@ import pytest
 from sidecar.cli import main
 from sidecar.engine import Engine, Levels, plan_restore, restore, scan
 from sidecar.errors import RestoreError, StorageError
+from sidecar.ltx import Version
+from sidecar.ltx.sqlite import encode_db
 from sidecar.storage import FILE_LAYOUT, open_storage
 from sidecar.storage.file import FileStorage
 from sidecar.storage.s3 import S3Storage
@@ -149,6 +151,34 @@ async def test_closing_while_the_store_is_down_keeps_uploads_for_the_next_start(
     await engine.close()
 
 
+async def test_a_crash_after_a_snapshot_over_pending_uploads_still_opens_while_the_store_is_down(
+        proxied: tuple[S3Storage, FaultProxy], history: History, tmp_path: Path) -> None:
+    """Replaying the upload log writes nothing to the store: a snapshot logged after other uploads opens from the
+    cache while the store is down, and reaches the store as its own file once it answers."""
+    store, proxy = proxied
+    now = [T0]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    for _ in range(3):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(now[0] * 1000)))
+    history.write()
+    with open(history.path, "rb") as f, open(tmp_path / "snap.ltx", "wb") as out:
+        encode_db(f, out, version=Version.V2, compress=True, txid=5, timestamp=int(now[0] * 1000))
+    assert await engine.write_tx("c", "app.db", (tmp_path / "snap.ltx").read_bytes()) == 3  # 1-3 flushed first
+    snap_pos = engine.pos("c", "app.db")
+    engine.abandon()  # a crash before the index cache was written
+    proxy.faults.down = True
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    assert engine.pos("c", "app.db") == snap_pos
+    proxy.faults.down = False
+    now[0] += 3600
+    await engine.tick()
+    assert [(e.min_txid, e.max_txid) for e in engine.index("c", "app.db").level(0)] == [(1, 3), (1, 5)]
+    result = await engine.restore_to("c", "app.db", tmp_path / "3.db", txid=3)
+    assert result.checksum == history.checksums[3]
+    await engine.close()
+
+
 async def test_gap_in_the_store_is_refused_clearly(history: History, tmp_path: Path) -> None:
     store = open_storage(f"file://{tmp_path / 'store'}")
     engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0))
@@ -228,3 +258,46 @@ async def test_a_file_deleted_between_the_list_and_its_header_read_is_left_out(h
     assert covered not in list(index)
     result = await restore(store, "c/app.db", plan_restore(index), tmp_path / "out.db")
     assert result.txid == history.pos.txid and result.checksum == history.checksums[history.pos.txid]
+
+
+async def test_closing_flushes_every_database_even_when_one_fails(tmp_path: Path) -> None:
+    """A database whose flush the store refuses keeps only its own uploads out of the store at close, not others'."""
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    now = [T0]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    histories = {name: History(tmp_path / name, seed=i) for i, name in enumerate(("a.db", "b.db"))}
+    for name, h in histories.items():
+        h.write()
+        await engine.write_tx("c", name, h.commit(int(now[0] * 1000)))
+    # An object already at a.db's next L0 key (a late write of a previous owner): its flush is refused.
+    await store.put_bytes(store.layout.ltx_key("c/a.db", 0, 1, 1), b"not ours")
+    await engine.close()
+    assert engine.hwm("c", "a.db") == 0
+    assert engine.hwm("c", "b.db") == 1 and engine.status("c", "b.db").pending_files == 0
+    for h in histories.values():
+        h.close()
+
+
+async def test_a_cluster_named_log_keeps_its_uploads_over_a_start_while_the_store_is_down(
+        proxied: tuple[S3Storage, FaultProxy], history: History, tmp_path: Path) -> None:
+    """Cluster `log`'s cached indexes sit beside the upload log's segments: they are read at a start while the store
+    is down like any other cluster's, so its acknowledged uploads still continue them."""
+    store, proxy = proxied
+    now = [T0]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    history.write()
+    await engine.write_tx("log", "app.db", history.commit(int(now[0] * 1000)))
+    await engine.flush("log", "app.db")
+    await engine.close()  # the index cache holds file 1
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    history.write()
+    await engine.write_tx("log", "app.db", history.commit(int(now[0] * 1000)))  # acknowledged, not stored
+    engine.abandon()
+    proxy.faults.down = True
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=3600), clock=lambda: now[0])
+    assert engine.pos("log", "app.db") == history.pos
+    proxy.faults.down = False
+    now[0] += 3600
+    await engine.tick()
+    assert engine.hwm("log", "app.db") == 2
+    await engine.close()

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import shutil
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.engine import Engine, Levels
-from sidecar.engine.lease import LeaseDoc, NotOwner, lease_key
+from sidecar.engine.builder import compact_inputs
+from sidecar.engine.lease import LeaseDoc, Leases, NotOwner, lease_key
 from sidecar.errors import PosMismatch
+from sidecar.ltx import Version
 from sidecar.storage import open_storage
+from sidecar.storage.base import Storage
 from tests.daemon.conftest import eventually
 from tests.engine.history import History
 from tests.faults import FaultProxy
@@ -93,6 +101,28 @@ class TestOneWriter:
         assert keys == ["0000000000000001-0000000000000002.ltx"]  # a stored nothing after it lost the lease
         await b.close()
 
+    async def test_an_expired_owner_lets_go_of_what_it_never_stored(self, tmp_path: Path, history: History) -> None:
+        """a, paused past its lease while b took over, drops what it acknowledged and never stored (its client sends
+        it to b): it no longer counts against a's ceiling for its other clusters, nor holds its upload log."""
+        clock = Clock()
+        a = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "a", Levels(l0_interval=3600),
+                              clock=clock, max_pending_bytes=1)
+        b = await open_engine(tmp_path, "b", clock)
+        await upload(a, history, clock)  # acknowledged by a, not yet stored
+        clock.now += a.leases.ttl + a.leases.skew + 1  # a was paused past its lease
+        other = History(tmp_path / "other.db")
+        other.write()
+        await b.write_tx("c", "app.db", other.commit(int(clock.now * 1000)))  # b takes over
+        await a.tick()  # a resumes, and finds the cluster is b's
+        assert a.status("c", "app.db").pending_files == 0
+        another = History(tmp_path / "another.db")
+        another.write()
+        await a.write_tx("d", "app.db", another.commit(int(clock.now * 1000)))  # not refused for c's sake
+        await a.close()
+        await b.close()
+        other.close()
+        another.close()
+
     async def test_a_restart_takes_its_own_lease_back_at_once(self, tmp_path: Path, history: History) -> None:
         clock = Clock()
         a = await open_engine(tmp_path, "a", clock)
@@ -170,6 +200,40 @@ async def test_a_late_write_of_an_expired_owner_is_swept(tmp_path: Path, history
     await reader.close()
 
 
+async def test_a_late_write_at_the_key_of_the_new_owners_flush_is_swept_not_adopted(tmp_path: Path,
+                                                                                   history: History) -> None:
+    """a's late PUT lands at the very key b's next flush needs, with a's history (the primary failed over meanwhile):
+    b's flush is refused, and b rebuilds from the store without it, so b's own acknowledged history is stored."""
+    clock = Clock()
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    a = await Engine.open(store, tmp_path / "a", Levels(l0_interval=3600), clock=clock)
+    b = await open_engine(tmp_path, "b", clock, l0=1)
+    await upload(a, history, clock, 2)
+    await a.flush("c", "app.db")
+    shutil.copy(history.path, tmp_path / "new-primary.db")  # the new primary, at TXID 2 too
+    primary = History(tmp_path / "new-primary.db", seed=99)
+    primary.pages, primary.pos = dict(history.pages), history.pos
+    history.write()
+    old_tx3 = history.commit(int(clock.now * 1000))
+    await a.write_tx("c", "app.db", old_tx3)  # acknowledged by a; its flush is the PUT that will land late
+    clock.now += a.leases.ttl + a.leases.skew + 1
+    primary.write()
+    new_tx3 = primary.commit(int(clock.now * 1000))
+    await b.write_tx("c", "app.db", new_tx3)  # b takes over at TXID 2 and acknowledges the new primary's TXID 3
+    late = io.BytesIO()
+    compact_inputs([old_tx3], late, Version.V2)
+    await store.put_bytes("c/app.db/ltx/0/0000000000000003-0000000000000003.ltx", late.getvalue(),
+                          if_none_match=True)  # a's PUT lands now, at the key of b's next flush
+    for k in range(1, 8):  # well before b's first sweep (twice the lease TTL after the takeover)
+        await b.tick(clock.now + k)  # the flush is refused; the next tick rebuilds from the store; then flushes
+    assert b.pos("c", "app.db") == primary.pos and b.hwm("c", "app.db") == 3
+    got = await b.restore_to("c", "app.db", tmp_path / "out.db")
+    assert got.checksum == primary.pos.post_apply_checksum
+    await b.close()
+    await a.close()
+    primary.close()
+
+
 async def test_an_engine_that_took_over_from_nobody_does_not_sweep(tmp_path: Path, history: History) -> None:
     """Sweeps cost a LIST per database: only a takeover from another engine can leave a late write behind."""
     clock = Clock()
@@ -229,3 +293,73 @@ async def test_on_s3_a_flush_delivered_after_a_takeover_is_swept(moto_server: Mo
         await a_store.close()
         await b_store.close()
         await proxy.stop()
+
+
+class SlowReads:
+    """A real store whose reads of a job's inputs take `seconds` (a large database's files)."""
+
+    def __init__(self, inner: Storage, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def local_files(self, keys: Sequence[str], tmpdir: Path) -> list[Path]:
+        await asyncio.sleep(self.seconds)
+        return await self.inner.local_files(keys, tmpdir)
+
+
+async def test_a_compaction_longer_than_the_lease_ttl_keeps_the_lease(tmp_path: Path, history: History) -> None:
+    """An idle cluster whose compaction reads its inputs for longer than the lease TTL: the lease is kept (renewed)
+    while the job runs, not let go as idle under it, so the compaction is stored."""
+    store = SlowReads(open_storage(f"file://{tmp_path / 'store'}"), seconds=1.5)
+    leases = Leases(store, ttl=0.6, skew=0.1)  # type: ignore[arg-type]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), leases=leases)  # type: ignore[arg-type]
+    for _ in range(2):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(time.time() * 1000)))
+    stop = asyncio.Event()
+    running = asyncio.create_task(engine.run(stop, period=0.1))
+    try:
+        await eventually(lambda: engine.index("c", "app.db").newest(1) is not None, within=20)
+    finally:
+        stop.set()
+        await running
+        await engine.close()
+
+
+class SlowWrites:
+    """A real store whose writes of L1 files take `seconds` (a large compaction's upload)."""
+
+    def __init__(self, inner: Storage, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def put_file(self, key: str, path: Path, **kwargs: Any) -> str:
+        if "/ltx/1/" in key:
+            await asyncio.sleep(self.seconds)
+        return await self.inner.put_file(key, path, **kwargs)
+
+
+async def test_a_write_longer_than_the_lease_ttl_ends_while_the_lease_is_renewed(tmp_path: Path,
+                                                                                history: History) -> None:
+    """A write may take longer than the lease's TTL as long as the lease is renewed meanwhile: it is bounded by
+    the lease as renewed, not as it was when the write started."""
+    store = SlowWrites(open_storage(f"file://{tmp_path / 'store'}"), seconds=1.5)
+    leases = Leases(store, ttl=0.6, skew=0.1)  # type: ignore[arg-type]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), leases=leases)  # type: ignore[arg-type]
+    for _ in range(2):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(time.time() * 1000)))
+    stop = asyncio.Event()
+    running = asyncio.create_task(engine.run(stop, period=0.1))
+    try:
+        await eventually(lambda: engine.index("c", "app.db").newest(1) is not None, within=20)
+    finally:
+        stop.set()
+        await running
+        await engine.close()

@@ -5,13 +5,35 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from sidecar.engine import Engine, Levels
+from sidecar.errors import StorageError
 from sidecar.storage import open_storage
+from sidecar.storage.base import ObjectInfo, Storage
 from sidecar.storage.layout import IDENTITY_KEY
 from tests.engine.history import History
 
 T0 = 1_700_000_000.0
+
+
+class RacedListing:
+    """A real store where another engine deletes one listed LTX file right after each LIST (its retention)."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.deleted: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        objects = await self.inner.list(prefix)
+        victim = next((o.key for o in objects if o.key.endswith(".ltx") and o.key not in self.deleted), None)
+        if victim is not None:
+            await self.inner.delete([victim])
+            self.deleted.append(victim)
+        return objects
 
 
 async def upload(engine: Engine, history: History, n: int, t: float) -> None:
@@ -105,3 +127,73 @@ class TestReconcile:
         assert result.checksum == fresh.pos.post_apply_checksum
         await engine.close()
         fresh.close()
+
+    async def test_objects_under_a_name_no_database_can_have_are_left_out(self, tmp_path: Path,
+                                                                         history: History) -> None:
+        """A copy of a cluster's directory beside it ("prod copy") stops neither the start nor the other clusters."""
+        now = [T0]
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        history.write()
+        await engine.write_tx("prod", "app.db", history.commit(int(now[0] * 1000)))
+        await engine.close()
+        shutil.copytree(tmp_path / "store" / "prod", tmp_path / "store" / "prod copy")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        assert engine.clusters() == ["prod"] and engine.pos("prod", "app.db") == history.pos
+        await engine.close()
+
+    async def test_a_file_deleted_between_the_listing_and_its_header_read_is_left_out(self, tmp_path: Path,
+                                                                                     history: History) -> None:
+        """Another engine's retention deleting a listed file while this one starts: the start goes on without it."""
+        now = [T0]
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        await upload(engine, history, 3, now[0])
+        await engine.close()
+        shutil.rmtree(tmp_path / "state")  # a new state directory: every file's header is read
+        raced = RacedListing(store)
+        engine = await Engine.open(raced, tmp_path / "state", Levels(l0_interval=0),  # type: ignore[arg-type]
+                                   clock=lambda: now[0])
+        left = {e.key(store.layout, "c/app.db") for e in engine.index("c", "app.db")}
+        assert raced.deleted and len(left) == 2 and not left & set(raced.deleted)
+        await engine.close()
+
+
+class FailingDeletes:
+    """A real store whose deletes fail while `failing` is set (a store refusing DeleteObjects for a while)."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.failing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def delete(self, keys: list[str]) -> None:
+        if self.failing:
+            raise StorageError(keys[0], "delete refused", retryable=True)
+        await self.inner.delete(keys)
+
+
+class TestDelete:
+    async def test_a_deleted_database_stays_deleted_after_a_restart(self, tmp_path: Path, history: History) -> None:
+        """Files an earlier retention pass failed to delete (left out of the index) go with the database, so the
+        next start does not bring it back from them."""
+        now = [T0]
+        levels = Levels(l0_interval=0, l1_interval=60, l0_retention=60)
+        store = FailingDeletes(open_storage(f"file://{tmp_path / 'store'}"))
+        engine = await Engine.open(store, tmp_path / "state", levels,  # type: ignore[arg-type]
+                                   clock=lambda: now[0])
+        await upload(engine, history, 3, now[0])
+        now[0] += 60
+        await engine.tick()  # L1 covers the L0 files
+        store.failing = True
+        now[0] += 61
+        await engine.tick()  # retention drops two L0 files from the index; deleting them fails
+        store.failing = False
+        await engine.delete_database("c", "app.db")
+        await engine.close()
+        engine = await Engine.open(store, tmp_path / "state", levels, clock=lambda: now[0])  # type: ignore[arg-type]
+        assert not engine.exists("c", "app.db")
+        assert not list((tmp_path / "store" / "c").rglob("*.ltx"))
+        await engine.close()

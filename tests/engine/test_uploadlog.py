@@ -94,3 +94,36 @@ async def test_a_deleted_database_is_not_brought_back_by_replay(tmp_path: Path, 
     assert not again.exists("c", "gone.db")
     assert again.status("c", "kept.db").pending_files == 1
     await again.close()
+
+
+async def test_uploads_logged_after_a_deletion_survive_its_replay(tmp_path: Path, history: History) -> None:
+    """Replaying a deletion lets go of the uploads before it; the segment still holds uploads after it, which are
+    replayed, and stay on disk for the next start."""
+    storage = open_storage(f"file://{tmp_path / 'store'}")
+    engine = await Engine.open(storage, tmp_path / "state", Levels(l0_interval=3600))
+    history.write()
+    first = history.commit(1)
+    await engine.write_tx("c", "gone.db", first)
+    await engine.delete_database("c", "gone.db")
+    await engine.write_tx("c", "kept.db", first)  # acknowledged after the deletion, in the same segment
+    engine.abandon()
+    for _ in range(2):  # a crash, and another: the upload is still there
+        again = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state",
+                                  Levels(l0_interval=3600))
+        assert not again.exists("c", "gone.db")
+        assert again.pos("c", "kept.db") == history.pos
+        again.abandon()
+
+
+async def test_a_cluster_named_log_does_not_stop_the_start(tmp_path: Path, history: History) -> None:
+    """Cluster `log` keeps its index caches beside the upload log's segments: a database `1.log` is a directory
+    named like a segment, which replay leaves alone."""
+    storage = open_storage(f"file://{tmp_path / 'store'}")
+    engine = await Engine.open(storage, tmp_path / "state", Levels(l0_interval=0))
+    history.write()
+    await engine.write_tx("log", "1.log", history.commit(1))
+    await engine.close()
+    assert (tmp_path / "state" / "log" / "1.log").is_dir()
+    engine = await Engine.open(storage, tmp_path / "state", Levels(l0_interval=0))
+    assert engine.pos("log", "1.log") == history.pos
+    await engine.close()

@@ -264,6 +264,19 @@ class TestReplay:
         assert sorted(p.name for p in tmp_path.iterdir()) == [f"{4:016x}.log"]
         log.abandon()
 
+    def test_a_release_during_replay_deletes_nothing(self, tmp_path: Path) -> None:
+        """Segments are known only once replayed: a record let go mid-replay deletes none (start() does)."""
+        (tmp_path / f"{1:016x}.log").write_bytes(record("c", "a.db", b"1") + record("c", "b.db", b"2"))
+        log = UploadLog(tmp_path)
+        for r in log.replay():
+            log.hold(r.segment)
+            if r.name == "a.db":
+                log.release(r.segment)  # a.db was deleted: its upload is let go before b.db's is replayed
+        log.end_replay()
+        log.start()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f"{n:016x}.log" for n in (1, 2)]
+        log.abandon()
+
     async def test_records_appended_after_a_restart_go_to_a_new_segment(self, tmp_path: Path) -> None:
         (tmp_path / f"{5:016x}.log").write_bytes(record("c", "a.db", b"old"))
         log = UploadLog(tmp_path)
