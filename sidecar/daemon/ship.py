@@ -149,14 +149,15 @@ class DbShipper:
         if r_local > head.max_txid:
             return await self._recover(fresh, f"upstream is ahead at {format_txid(remote.txid)}")
         at = self.local.get(r_local)
-        if at is not None and self.local.good(at) and at.post != remote.post_apply_checksum:
+        if at is not None and self.local.good(at) and \
+                self.local.read_header(at)[1].post_apply_checksum != remote.post_apply_checksum:
             return await self._recover(fresh, f"upstream has checksum {remote.post_apply_checksum:016x} at TXID "
                                        f"{format_txid(remote.txid)}, the node has {at.post:016x}")
         if r_local == head.max_txid:
             return None
         chain = self.local.chain_from(r_local + 1, self.max_files)
         if chain:
-            if chain[0].pre != remote.post_apply_checksum:
+            if self.local.read_header(chain[0])[0].pre_apply_checksum != remote.post_apply_checksum:
                 return await self._recover(fresh, f"the next local transaction {format_txid(chain[0].min_txid)} "
                                                   f"does not continue upstream's checksum "
                                                   f"{remote.post_apply_checksum:016x}")
