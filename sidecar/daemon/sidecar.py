@@ -28,7 +28,7 @@ import watchfiles
 from sidecar.config import EngineConfig, SidecarConfig
 from sidecar.daemon import litefs_config
 from sidecar.daemon.litefs import LiteFSError, LiteFSNode
-from sidecar.daemon.local import LocalDB, list_databases, prune_victims
+from sidecar.daemon.local import LocalDB, LocalFile, list_databases, prune_victims
 from sidecar.daemon.metrics import Metrics, start_metrics
 from sidecar.daemon.ship import DbShipper, Diverged, Shipped
 from sidecar.daemon.upstream import Upstream, open_upstream
@@ -281,12 +281,25 @@ class Sidecar:
             except (UpstreamError, SidecarError) as err:
                 self._error("upstream", err, db=db.name)
                 continue
-            match = [f for f in db.local.sorted() if db.local.good(f) and f.post == pos.post_apply_checksum]
+            match = [f for f in db.local.sorted() if self._post(db, f) == pos.post_apply_checksum]
             if pos.txid and match:
                 db.link.offset = pos.txid - match[-1].max_txid
                 db.hwm = hwm
             elif db.hwm is not None:
                 db.hwm = hwm
+
+    def _post(self, db: DbShipper, f: LocalFile) -> int | None:
+        """`f`'s post-apply checksum; None if it is bad (reported once) or gone since the listing (a snapshot
+        from the primary replaces every file)."""
+        if not db.local.good(f):
+            return None
+        try:
+            return db.local.read_header(f)[1].post_apply_checksum
+        except FileNotFoundError:
+            return None
+        except LTXError as err:
+            self._report_bad(db, err)
+            return None
 
     def _prune(self, db: DbShipper) -> None:
         victims = prune_victims(db.local.oldest(), db.local_hwm, self.clock(), self.config.retention)
