@@ -304,7 +304,11 @@ class Sidecar:
     def _prune(self, db: DbShipper) -> None:
         victims = prune_victims(db.local.oldest(), db.local_hwm, self.clock(), self.config.retention)
         if victims:
-            db.local.delete(victims)
+            try:
+                db.local.delete(victims)
+            except OSError as err:  # this database's directory only (gone, unwritable): the others go on
+                self._error("prune", err, db=db.name)
+                return
             self.metrics.pruned.labels(db.name).inc(len(victims))
             log.debug("pruned", db=db.name, files=len(victims), upto=f"{max(f.max_txid for f in victims):016x}")
 
