@@ -3,9 +3,10 @@
     sidecar = await Sidecar.open(config.sidecar, config.engine)
     await sidecar.run(stop)          # until `stop` is set; then ships what is batched within the grace period
 
-One task watches the directory (watchfiles), one ticks every `batch_interval`. A tick, per database: learn
-upstream's position when it is unknown or stale, ship until upstream holds the node's head (≤ 256 files per
-upload), then delete local files that are older than `retention` and at or below the HWM, never the newest.
+One task watches the directory (watchfiles), one ticks every `batch_interval`. A tick, per database (each its own
+task, so a slow upload holds back no other database): learn upstream's position when it is unknown or stale, ship
+until upstream holds the node's head (≤ 256 files per upload), then delete local files that are older than
+`retention` and at or below the HWM, never the newest.
 On a replica (`.primary` exists) nothing is shipped; the HWM is polled and the same pruning rule applies.
 """
 
@@ -68,6 +69,9 @@ class Sidecar:
         self.node = node
         self.clock = clock
         self.dbs: dict[str, DbShipper] = {}
+        # Each database's part of a tick runs as its own task: one whose upload is slow or stuck is left to finish
+        # while the next ticks serve the others (it gets no new task until then).
+        self._jobs: dict[str, asyncio.Task[list[Shipped]]] = {}
         self.backoff: dict[str, _Backoff] = {}
         self.positions_backoff = _Backoff()
         self.metrics = Metrics()
@@ -185,13 +189,18 @@ class Sidecar:
     # -- one tick ------------------------------------------------------------------------------------------
 
     async def refresh_positions(self) -> None:
+        busy = set(self._jobs)  # their uploads may land while the positions are read: they know better
         positions = await self.upstream.positions()
         for name, db in self.dbs.items():
-            db.remote = positions.get(name, Pos())
+            if name not in busy and name not in self._jobs:
+                db.remote = positions.get(name, Pos())
         self.positions_at = time.monotonic()
 
-    async def tick(self) -> list[Shipped]:
-        """One batch: ship every database that is behind, then prune. Returns what was shipped."""
+    async def tick(self, wait: float | None = None) -> list[Shipped]:
+        """One batch: ship every database that is behind, then prune. Returns what was shipped.
+
+        With `wait`, a database still busy after that many seconds goes on in the background (shipping the
+        others is not held back by it) and its result counts in a later tick; without, the tick waits for all."""
         self.discover()
         primary = self.node.is_primary() if self.node else True
         self.metrics.primary.set(1 if primary else 0)
@@ -209,8 +218,25 @@ class Sidecar:
                 self._error("upstream", err, db=None, retry_in=round(delay, 2))
         if not primary and stale:
             await self._poll_hwm()
-        results = await asyncio.gather(*(self._tick_db(db, primary) for db in list(self.dbs.values())))
-        return [s for r in results for s in r]
+        for db in list(self.dbs.values()):
+            if db.name not in self._jobs:
+                self._jobs[db.name] = asyncio.create_task(self._tick_db(db, primary), name=f"tick {db.name}")
+        if self._jobs:
+            await asyncio.wait(self._jobs.values(), timeout=wait)
+        shipped: list[Shipped] = []
+        for name, job in list(self._jobs.items()):
+            if job.done():
+                del self._jobs[name]
+                shipped += job.result()  # an unexpected error stops the sidecar, as before
+        return shipped
+
+    async def _cancel_jobs(self) -> None:
+        """Stop what is left of the ticks (a stuck upload): safe, nothing above the HWM was pruned."""
+        jobs = list(self._jobs.values())
+        self._jobs.clear()
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
 
     async def _tick_db(self, db: DbShipper, primary: bool) -> list[Shipped]:
         shipped: list[Shipped] = []
@@ -392,7 +418,7 @@ class Sidecar:
         next_tick, next_scan = loop.time(), loop.time() + self.config.rescan_interval
         try:
             while not stop.is_set():
-                await self.tick()
+                await self.tick(wait=self.config.batch_interval)
                 if loop.time() >= next_scan:
                     self.rescan()
                     next_scan = loop.time() + self.config.rescan_interval
@@ -412,6 +438,7 @@ class Sidecar:
                 log.warning("shutdown grace period ended before everything was shipped")
         finally:
             stop.set()
+            await self._cancel_jobs()
             await watcher
             await pinger
             await self.close()

@@ -1,4 +1,5 @@
-"""Faults: upstream down for 30 s during writes; the sidecar SIGKILLed at 20 random moments."""
+"""Faults: upstream down for 30 s during writes; the sidecar SIGKILLed at 20 random moments; one database's upload
+hanging."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import signal
 import sys
 from pathlib import Path
 
-from sidecar.daemon.upstream import HTTPUpstream
+from sidecar.daemon.upstream import HTTPUpstream, Upstream
 from sidecar.emulator import LoadWriter
 from sidecar.engine import Engine
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
 from tests.daemon.conftest import Env
+from tests.daemon.test_recovery import write
 from tests.faults import FaultProxy
 from tests.server.conftest import TOKEN, start_server
 
@@ -104,3 +106,46 @@ async def test_sigkill_at_20_random_moments_loses_nothing(env: Env, tmp_path: Pa
             assert point.checksum == history[txid][1]
     finally:
         await engine.close()
+
+
+class HeldUpstream:
+    """Wraps a real upstream; uploads of `db` wait until `unblock` is set (a server stuck on one database)."""
+
+    def __init__(self, inner: Upstream, db: str) -> None:
+        self.inner, self.db, self.unblock = inner, db, asyncio.Event()
+        self.url, self.compress, self.identity = inner.url, inner.compress, inner.identity
+
+    async def positions(self) -> dict[str, Pos]:
+        return await self.inner.positions()
+
+    async def upload(self, db: str, data: bytes) -> int:
+        if db == self.db:
+            await self.unblock.wait()
+        return await self.inner.upload(db, data)
+
+    async def snapshot(self, db: str) -> bytes:
+        return await self.inner.snapshot(db)
+
+    async def hwm(self, db: str) -> tuple[int, Pos]:
+        return await self.inner.hwm(db)
+
+    async def release(self) -> None:
+        await self.inner.release()
+
+    async def close(self) -> None:
+        self.unblock.set()
+        await self.inner.close()
+
+
+async def test_a_database_whose_upload_hangs_holds_back_no_other(env: Env) -> None:
+    write(env, "stuck.db", 2)
+    write(env, "app.db", 2)
+    _, inner = await env.upstream(env.config())
+    held = HeldUpstream(inner, "stuck.db")
+    sidecar = await env.start(held)  # type: ignore[arg-type]
+    await env.synced("app.db")
+    write(env, "app.db", 3, start=2)  # shipped while stuck.db's first upload still hangs
+    await env.synced("app.db")
+    assert sidecar.dbs["stuck.db"].remote == Pos()
+    held.unblock.set()
+    await env.synced("stuck.db")
