@@ -134,6 +134,7 @@ class Sidecar:
 
     def _changed(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
         prefix = f"{self.config.data_dir / 'dbs'}/"
+        snapshots: dict[str, int] = {}  # per database, the newest snapshot in ltx/: listed once per batch
         for change, raw in changes:  # plain string work: there are several events per transaction
             if not raw.startswith(prefix):
                 continue
@@ -142,16 +143,17 @@ class Sidecar:
                 continue
             db = self._db(parts[0])
             if change == watchfiles.Change.deleted:
-                self._deleted_elsewhere(db, Path(raw))
+                self._deleted_elsewhere(db, Path(raw), snapshots)
                 db.local.discard(Path(raw))
             elif (txids := parse_filename(parts[2])) is not None and not db.local.has(txids[1]):
                 db.local.add(Path(raw))  # not yet found by the tick's probe
 
-    def _deleted_elsewhere(self, db: DbShipper, path: Path) -> None:
+    def _deleted_elsewhere(self, db: DbShipper, path: Path, snapshots: dict[str, int]) -> None:
         """Someone else deleted a file upstream lacks: LiteFS's own retention is on (it should be off)."""
         f = db.local.get(int(path.name[17:33], 16)) if len(path.name) == 37 else None
         remote = db.remote.txid - db.link.offset if db.remote is not None else 0
-        if f is not None and f.path == path and f.max_txid > remote and f.min_txid != 1:
+        if f is not None and f.path == path and f.max_txid > remote and f.min_txid != 1 and \
+                f.max_txid > _newest_snapshot(db.local.dir, snapshots, db.name):
             self.metrics.errors.labels("deleted_unshipped").inc()
             log.error("an LTX file was deleted before it was shipped; run LiteFS with data.retention <= 0 and no "
                       "backup section beside the sidecar", db=db.name, path=str(path))
@@ -479,6 +481,19 @@ class _Either:
 
     def set(self) -> None:
         self.rewatch.set()
+
+
+def _newest_snapshot(ltx: Path, known: dict[str, int], db: str) -> int:
+    """N of the newest snapshot `1-N` in `ltx/` (0 if none), listed once per `known` (a batch of events): LiteFS
+    deletes every other file when it takes a snapshot (from the primary's stream, or a restore: docs/litefs.md
+    §3), which is no retention at work, and such a batch holds a deletion per file."""
+    if db not in known:
+        try:
+            names = os.listdir(ltx)
+        except OSError:
+            names = []
+        known[db] = max((t[1] for name in names if (t := parse_filename(name)) is not None and t[0] == 1), default=0)
+    return known[db]
 
 
 async def _first(*events: asyncio.Event) -> None:
