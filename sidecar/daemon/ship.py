@@ -191,7 +191,7 @@ class DbShipper:
         except (LTXError, OSError) as err:
             self._find_bad(chain, err)
             raise
-        hwm = await self._upload(body)
+        hwm = await self._upload(body, header.max_txid)
         if kind == "import":
             self._save(Link(off))
         self.remote = Pos(header.max_txid, post)
@@ -215,18 +215,20 @@ class DbShipper:
         if post != pos.post_apply_checksum:
             raise LiteFSError(f"{self.name}: export checksum {post:016x} differs from {self.node.mount_dir}/"
                               f"{self.name}-pos {pos.post_apply_checksum:016x}")
-        hwm = await self._upload(body)
+        hwm = await self._upload(body, pos.txid + self.link.offset)
         self.remote = Pos(pos.txid + self.link.offset, post)
         return Shipped("export" if remote.txid else "snapshot", remote.txid + 1, self.remote.txid, 0, len(body),
                        hwm, 0.0)
 
-    async def _upload(self, body: bytes) -> int:
+    async def _upload(self, body: bytes, max_txid: int) -> int:
+        """Send one LTX file reaching upstream TXID `max_txid`; returns the HWM, never above `max_txid`: upstream
+        cannot hold as durable what it was never sent, and files are pruned under the HWM."""
         try:
             hwm = await self.upstream.upload(self.name, body)
         except PosMismatch as err:
             self.remote = None if err.pos.is_zero else err.pos  # judged afresh on the next step
             raise
-        self.hwm = hwm
+        self.hwm = hwm = min(hwm, max_txid)
         return hwm
 
     async def _recover(self, fresh: bool, why: str) -> Shipped:

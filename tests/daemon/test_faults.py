@@ -14,9 +14,10 @@ from pathlib import Path
 from sidecar.daemon.upstream import HTTPUpstream, Upstream
 from sidecar.emulator import LoadWriter
 from sidecar.engine import Engine
+from sidecar.errors import UpstreamError
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
-from tests.daemon.conftest import Env
+from tests.daemon.conftest import Env, eventually
 from tests.daemon.test_recovery import write
 from tests.faults import FaultProxy
 from tests.server.conftest import TOKEN, start_server
@@ -149,3 +150,30 @@ async def test_a_database_whose_upload_hangs_holds_back_no_other(env: Env) -> No
     assert sidecar.dbs["stuck.db"].remote == Pos()
     held.unblock.set()
     await env.synced("stuck.db")
+
+
+class BoastingUpstream(HeldUpstream):
+    """Wraps a real upstream; says every TXID there will ever be is durable, and fails every upload after the first."""
+
+    def __init__(self, inner: Upstream) -> None:
+        super().__init__(inner, "")
+        self.uploads = 0
+
+    async def upload(self, db: str, data: bytes) -> int:
+        self.uploads += 1
+        if self.uploads > 1:
+            raise UpstreamError(500, "EINTERNAL", "down")
+        await self.inner.upload(db, data)
+        return 2**63 - 1
+
+
+async def test_an_hwm_beyond_what_upstream_holds_prunes_nothing_it_lacks(env: Env) -> None:
+    write(env, "app.db", 9)  # TXIDs 1..10
+    _, inner = await env.upstream(env.config())
+    upstream = BoastingUpstream(inner)
+    sidecar = await env.start(upstream, max_files_per_upload=4)  # type: ignore[arg-type]
+    db = sidecar.dbs["app.db"]
+    await eventually(lambda: db.hwm is not None and sidecar.metrics.errors.labels("upstream")._value.get() > 0)
+    assert db.remote is not None and db.remote.txid == 4  # 1..4 shipped; 5..10 not
+    await eventually(lambda: db.local.count == 6)  # 1..4 pruned: at or below the HWM
+    assert [int(p.name[17:33], 16) for p in env.node.ltx_files("app.db")] == list(range(5, 11))
