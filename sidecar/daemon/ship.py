@@ -15,6 +15,7 @@ restart continues the same history.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import time
@@ -27,6 +28,7 @@ from sidecar.daemon.local import LocalDB, LocalFile
 from sidecar.daemon.upstream import Upstream
 from sidecar.errors import PosMismatch, SidecarError
 from sidecar.ltx import LTXError, Pos
+from sidecar.ltx.sqlite import database_checksum_of
 from sidecar.ltx.types import format_txid
 
 
@@ -206,7 +208,8 @@ class DbShipper:
             raise LiteFSError(f"{self.name}: upstream needs the database's current state (the LTX files after "
                               f"{format_txid(remote.txid - self.link.offset)} are gone), and no LiteFS API is "
                               f"configured to export it")
-        db, pos = await self.node.export(self.name)
+        db, before, after = await self.node.export(self.name)
+        pos = await asyncio.to_thread(self._exported_at, db, before, after)
         if pos.txid + self.link.offset <= remote.txid:
             raise Diverged(f"{self.name}: exported state at {format_txid(pos.txid)} is not ahead of upstream "
                            f"{format_txid(remote.txid)}")
@@ -219,6 +222,21 @@ class DbShipper:
         self.remote = Pos(pos.txid + self.link.offset, post)
         return Shipped("export" if remote.txid else "snapshot", remote.txid + 1, self.remote.txid, 0, len(body),
                        hwm, 0.0)
+
+    def _exported_at(self, db: bytes, before: Pos, after: Pos) -> Pos:
+        """The position an export is at: the one, from `before` to `after` (`<db>-pos` read around it), whose
+        post-apply checksum is the copy's (writes may land while the copy travels)."""
+        post, _ = database_checksum_of(io.BytesIO(db))
+        for pos in (before, after):
+            if pos.post_apply_checksum == post:
+                return pos
+        for f in self.local.above(before.txid):
+            if f.max_txid >= after.txid:
+                break
+            if self.local.good(f) and self.local.read_header(f)[1].post_apply_checksum == post:
+                return Pos(f.max_txid, post)
+        raise LiteFSError(f"{self.name}: the export's checksum {post:016x} is at no TXID from {before} to {after} "
+                          f"in {self.local.dir}")
 
     async def _upload(self, body: bytes, max_txid: int) -> int:
         """Send one LTX file reaching upstream TXID `max_txid`; returns the HWM, never above `max_txid`: upstream
