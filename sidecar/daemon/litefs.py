@@ -2,7 +2,7 @@
 
     node.is_primary()              `.primary` is absent on the primary (docs/litefs.md §6)
     node.pos(db)                   `<mount>/<db>-pos`: TXID/post-apply checksum
-    await node.export(db)          (SQLite bytes, Pos): a consistent copy and the TXID it is at
+    await node.export(db)          (SQLite bytes, Pos before, Pos after): a consistent copy, at a TXID in between
     await node.import_db(db, b)    `POST /import`: LiteFS writes the bytes as its next transaction
 """
 
@@ -51,15 +51,15 @@ class LiteFSNode:
             info: dict[str, Any] = json.loads(body)
             return info
 
-    async def export(self, db: str, attempts: int = 5) -> tuple[bytes, Pos]:
-        """A consistent copy of `db` with its position: `<db>-pos` read before and after must agree."""
-        for _ in range(attempts):
-            before = self.pos(db)
-            data = await self._call("GET", "/export", db)
-            if before is not None and before == self.pos(db):
-                return data, before
-        raise LiteFSError(f"export {db}: the database kept changing during {attempts} exports; "
-                          f"cannot tell which TXID a copy is at")
+    async def export(self, db: str) -> tuple[bytes, Pos, Pos]:
+        """A consistent copy of `db`, with `<db>-pos` read before and after it. LiteFS does not say which TXID the
+        copy is at; on a busy database the two differ, and the caller finds it between them by checksum."""
+        before = self.pos(db)
+        data = await self._call("GET", "/export", db)
+        after = self.pos(db)
+        if before is None or after is None:
+            raise LiteFSError(f"export {db}: cannot read {self.mount_dir / f'{db}-pos'}")
+        return data, before, after
 
     async def import_db(self, db: str, data: bytes) -> None:
         await self._call("POST", "/import", db, data)

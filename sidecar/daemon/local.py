@@ -369,6 +369,17 @@ class LocalDB:
             txid = f.max_txid + 1
         return out
 
+    def read_header(self, f: LocalFile) -> tuple[Header, Trailer]:
+        """`f.read_header()`; a file whose header or trailer does not read is remembered as bad, and the LTXError
+        raised names it (FileNotFoundError passes through: the file went away since the listing)."""
+        try:
+            return f.read_header()
+        except FileNotFoundError:
+            raise
+        except (LTXError, OSError, ValueError) as err:
+            self.bad.add(f.path)
+            raise LTXError(f"{f.path}: {err}") from err
+
     def check(self, f: LocalFile) -> str | None:
         """Verify one file end to end; returns why it is bad, or None. A bad file is remembered."""
         try:

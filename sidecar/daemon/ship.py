@@ -15,6 +15,7 @@ restart continues the same history.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import time
@@ -27,6 +28,7 @@ from sidecar.daemon.local import LocalDB, LocalFile
 from sidecar.daemon.upstream import Upstream
 from sidecar.errors import PosMismatch, SidecarError
 from sidecar.ltx import LTXError, Pos
+from sidecar.ltx.sqlite import database_checksum_of
 from sidecar.ltx.types import format_txid
 
 
@@ -149,14 +151,15 @@ class DbShipper:
         if r_local > head.max_txid:
             return await self._recover(fresh, f"upstream is ahead at {format_txid(remote.txid)}")
         at = self.local.get(r_local)
-        if at is not None and self.local.good(at) and at.post != remote.post_apply_checksum:
+        if at is not None and self.local.good(at) and \
+                self.local.read_header(at)[1].post_apply_checksum != remote.post_apply_checksum:
             return await self._recover(fresh, f"upstream has checksum {remote.post_apply_checksum:016x} at TXID "
                                        f"{format_txid(remote.txid)}, the node has {at.post:016x}")
         if r_local == head.max_txid:
             return None
         chain = self.local.chain_from(r_local + 1, self.max_files)
         if chain:
-            if chain[0].pre != remote.post_apply_checksum:
+            if self.local.read_header(chain[0])[0].pre_apply_checksum != remote.post_apply_checksum:
                 return await self._recover(fresh, f"the next local transaction {format_txid(chain[0].min_txid)} "
                                                   f"does not continue upstream's checksum "
                                                   f"{remote.post_apply_checksum:016x}")
@@ -190,7 +193,7 @@ class DbShipper:
         except (LTXError, OSError) as err:
             self._find_bad(chain, err)
             raise
-        hwm = await self._upload(body)
+        hwm = await self._upload(body, header.max_txid)
         if kind == "import":
             self._save(Link(off))
         self.remote = Pos(header.max_txid, post)
@@ -205,7 +208,8 @@ class DbShipper:
             raise LiteFSError(f"{self.name}: upstream needs the database's current state (the LTX files after "
                               f"{format_txid(remote.txid - self.link.offset)} are gone), and no LiteFS API is "
                               f"configured to export it")
-        db, pos = await self.node.export(self.name)
+        db, before, after = await self.node.export(self.name)
+        pos = await asyncio.to_thread(self._exported_at, db, before, after)
         if pos.txid + self.link.offset <= remote.txid:
             raise Diverged(f"{self.name}: exported state at {format_txid(pos.txid)} is not ahead of upstream "
                            f"{format_txid(remote.txid)}")
@@ -214,18 +218,35 @@ class DbShipper:
         if post != pos.post_apply_checksum:
             raise LiteFSError(f"{self.name}: export checksum {post:016x} differs from {self.node.mount_dir}/"
                               f"{self.name}-pos {pos.post_apply_checksum:016x}")
-        hwm = await self._upload(body)
+        hwm = await self._upload(body, pos.txid + self.link.offset)
         self.remote = Pos(pos.txid + self.link.offset, post)
         return Shipped("export" if remote.txid else "snapshot", remote.txid + 1, self.remote.txid, 0, len(body),
                        hwm, 0.0)
 
-    async def _upload(self, body: bytes) -> int:
+    def _exported_at(self, db: bytes, before: Pos, after: Pos) -> Pos:
+        """The position an export is at: the one, from `before` to `after` (`<db>-pos` read around it), whose
+        post-apply checksum is the copy's (writes may land while the copy travels)."""
+        post, _ = database_checksum_of(io.BytesIO(db))
+        for pos in (before, after):
+            if pos.post_apply_checksum == post:
+                return pos
+        for f in self.local.above(before.txid):
+            if f.max_txid >= after.txid:
+                break
+            if self.local.good(f) and self.local.read_header(f)[1].post_apply_checksum == post:
+                return Pos(f.max_txid, post)
+        raise LiteFSError(f"{self.name}: the export's checksum {post:016x} is at no TXID from {before} to {after} "
+                          f"in {self.local.dir}")
+
+    async def _upload(self, body: bytes, max_txid: int) -> int:
+        """Send one LTX file reaching upstream TXID `max_txid`; returns the HWM, never above `max_txid`: upstream
+        cannot hold as durable what it was never sent, and files are pruned under the HWM."""
         try:
             hwm = await self.upstream.upload(self.name, body)
         except PosMismatch as err:
             self.remote = None if err.pos.is_zero else err.pos  # judged afresh on the next step
             raise
-        self.hwm = hwm
+        self.hwm = hwm = min(hwm, max_txid)
         return hwm
 
     async def _recover(self, fresh: bool, why: str) -> Shipped:

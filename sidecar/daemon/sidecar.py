@@ -3,9 +3,10 @@
     sidecar = await Sidecar.open(config.sidecar, config.engine)
     await sidecar.run(stop)          # until `stop` is set; then ships what is batched within the grace period
 
-One task watches the directory (watchfiles), one ticks every `batch_interval`. A tick, per database: learn
-upstream's position when it is unknown or stale, ship until upstream holds the node's head (≤ 256 files per
-upload), then delete local files that are older than `retention` and at or below the HWM, never the newest.
+One task watches the directory (watchfiles), one ticks every `batch_interval`. A tick, per database (each its own
+task, so a slow upload holds back no other database): learn upstream's position when it is unknown or stale, ship
+until upstream holds the node's head (≤ 256 files per upload), then delete local files that are older than
+`retention` and at or below the HWM, never the newest.
 On a replica (`.primary` exists) nothing is shipped; the HWM is polled and the same pruning rule applies.
 """
 
@@ -28,7 +29,7 @@ import watchfiles
 from sidecar.config import EngineConfig, SidecarConfig
 from sidecar.daemon import litefs_config
 from sidecar.daemon.litefs import LiteFSError, LiteFSNode
-from sidecar.daemon.local import LocalDB, list_databases, prune_victims
+from sidecar.daemon.local import LocalDB, LocalFile, list_databases, prune_victims
 from sidecar.daemon.metrics import Metrics, start_metrics
 from sidecar.daemon.ship import DbShipper, Diverged, Shipped
 from sidecar.daemon.upstream import Upstream, open_upstream
@@ -68,6 +69,9 @@ class Sidecar:
         self.node = node
         self.clock = clock
         self.dbs: dict[str, DbShipper] = {}
+        # Each database's part of a tick runs as its own task: one whose upload is slow or stuck is left to finish
+        # while the next ticks serve the others (it gets no new task until then).
+        self._jobs: dict[str, asyncio.Task[list[Shipped]]] = {}
         self.backoff: dict[str, _Backoff] = {}
         self.positions_backoff = _Backoff()
         self.metrics = Metrics()
@@ -130,6 +134,7 @@ class Sidecar:
 
     def _changed(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
         prefix = f"{self.config.data_dir / 'dbs'}/"
+        snapshots: dict[str, int] = {}  # per database, the newest snapshot in ltx/: listed once per batch
         for change, raw in changes:  # plain string work: there are several events per transaction
             if not raw.startswith(prefix):
                 continue
@@ -138,16 +143,17 @@ class Sidecar:
                 continue
             db = self._db(parts[0])
             if change == watchfiles.Change.deleted:
-                self._deleted_elsewhere(db, Path(raw))
+                self._deleted_elsewhere(db, Path(raw), snapshots)
                 db.local.discard(Path(raw))
             elif (txids := parse_filename(parts[2])) is not None and not db.local.has(txids[1]):
                 db.local.add(Path(raw))  # not yet found by the tick's probe
 
-    def _deleted_elsewhere(self, db: DbShipper, path: Path) -> None:
+    def _deleted_elsewhere(self, db: DbShipper, path: Path, snapshots: dict[str, int]) -> None:
         """Someone else deleted a file upstream lacks: LiteFS's own retention is on (it should be off)."""
         f = db.local.get(int(path.name[17:33], 16)) if len(path.name) == 37 else None
         remote = db.remote.txid - db.link.offset if db.remote is not None else 0
-        if f is not None and f.path == path and f.max_txid > remote and f.min_txid != 1:
+        if f is not None and f.path == path and f.max_txid > remote and f.min_txid != 1 and \
+                f.max_txid > _newest_snapshot(db.local.dir, snapshots, db.name):
             self.metrics.errors.labels("deleted_unshipped").inc()
             log.error("an LTX file was deleted before it was shipped; run LiteFS with data.retention <= 0 and no "
                       "backup section beside the sidecar", db=db.name, path=str(path))
@@ -185,13 +191,18 @@ class Sidecar:
     # -- one tick ------------------------------------------------------------------------------------------
 
     async def refresh_positions(self) -> None:
+        busy = set(self._jobs)  # their uploads may land while the positions are read: they know better
         positions = await self.upstream.positions()
         for name, db in self.dbs.items():
-            db.remote = positions.get(name, Pos())
+            if name not in busy and name not in self._jobs:
+                db.remote = positions.get(name, Pos())
         self.positions_at = time.monotonic()
 
-    async def tick(self) -> list[Shipped]:
-        """One batch: ship every database that is behind, then prune. Returns what was shipped."""
+    async def tick(self, wait: float | None = None) -> list[Shipped]:
+        """One batch: ship every database that is behind, then prune. Returns what was shipped.
+
+        With `wait`, a database still busy after that many seconds goes on in the background (shipping the
+        others is not held back by it) and its result counts in a later tick; without, the tick waits for all."""
         self.discover()
         primary = self.node.is_primary() if self.node else True
         self.metrics.primary.set(1 if primary else 0)
@@ -209,8 +220,25 @@ class Sidecar:
                 self._error("upstream", err, db=None, retry_in=round(delay, 2))
         if not primary and stale:
             await self._poll_hwm()
-        results = await asyncio.gather(*(self._tick_db(db, primary) for db in list(self.dbs.values())))
-        return [s for r in results for s in r]
+        for db in list(self.dbs.values()):
+            if db.name not in self._jobs:
+                self._jobs[db.name] = asyncio.create_task(self._tick_db(db, primary), name=f"tick {db.name}")
+        if self._jobs:
+            await asyncio.wait(self._jobs.values(), timeout=wait)
+        shipped: list[Shipped] = []
+        for name, job in list(self._jobs.items()):
+            if job.done():
+                del self._jobs[name]
+                shipped += job.result()  # an unexpected error stops the sidecar, as before
+        return shipped
+
+    async def _cancel_jobs(self) -> None:
+        """Stop what is left of the ticks (a stuck upload): safe, nothing above the HWM was pruned."""
+        jobs = list(self._jobs.values())
+        self._jobs.clear()
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
 
     async def _tick_db(self, db: DbShipper, primary: bool) -> list[Shipped]:
         shipped: list[Shipped] = []
@@ -281,17 +309,34 @@ class Sidecar:
             except (UpstreamError, SidecarError) as err:
                 self._error("upstream", err, db=db.name)
                 continue
-            match = [f for f in db.local.sorted() if db.local.good(f) and f.post == pos.post_apply_checksum]
+            match = [f for f in db.local.sorted() if self._post(db, f) == pos.post_apply_checksum]
             if pos.txid and match:
                 db.link.offset = pos.txid - match[-1].max_txid
                 db.hwm = hwm
             elif db.hwm is not None:
                 db.hwm = hwm
 
+    def _post(self, db: DbShipper, f: LocalFile) -> int | None:
+        """`f`'s post-apply checksum; None if it is bad (reported once) or gone since the listing (a snapshot
+        from the primary replaces every file)."""
+        if not db.local.good(f):
+            return None
+        try:
+            return db.local.read_header(f)[1].post_apply_checksum
+        except FileNotFoundError:
+            return None
+        except LTXError as err:
+            self._report_bad(db, err)
+            return None
+
     def _prune(self, db: DbShipper) -> None:
         victims = prune_victims(db.local.oldest(), db.local_hwm, self.clock(), self.config.retention)
         if victims:
-            db.local.delete(victims)
+            try:
+                db.local.delete(victims)
+            except OSError as err:  # this database's directory only (gone, unwritable): the others go on
+                self._error("prune", err, db=db.name)
+                return
             self.metrics.pruned.labels(db.name).inc(len(victims))
             log.debug("pruned", db=db.name, files=len(victims), upto=f"{max(f.max_txid for f in victims):016x}")
 
@@ -375,7 +420,7 @@ class Sidecar:
         next_tick, next_scan = loop.time(), loop.time() + self.config.rescan_interval
         try:
             while not stop.is_set():
-                await self.tick()
+                await self.tick(wait=self.config.batch_interval)
                 if loop.time() >= next_scan:
                     self.rescan()
                     next_scan = loop.time() + self.config.rescan_interval
@@ -395,6 +440,7 @@ class Sidecar:
                 log.warning("shutdown grace period ended before everything was shipped")
         finally:
             stop.set()
+            await self._cancel_jobs()
             await watcher
             await pinger
             await self.close()
@@ -435,6 +481,19 @@ class _Either:
 
     def set(self) -> None:
         self.rewatch.set()
+
+
+def _newest_snapshot(ltx: Path, known: dict[str, int], db: str) -> int:
+    """N of the newest snapshot `1-N` in `ltx/` (0 if none), listed once per `known` (a batch of events): LiteFS
+    deletes every other file when it takes a snapshot (from the primary's stream, or a restore: docs/litefs.md
+    §3), which is no retention at work, and such a batch holds a deletion per file."""
+    if db not in known:
+        try:
+            names = os.listdir(ltx)
+        except OSError:
+            names = []
+        known[db] = max((t[1] for name in names if (t := parse_filename(name)) is not None and t[0] == 1), default=0)
+    return known[db]
 
 
 async def _first(*events: asyncio.Event) -> None:

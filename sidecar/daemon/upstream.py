@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -58,7 +59,8 @@ class HTTPUpstream:
         self.url = url.rstrip("/")
         self.token = token
         self.cluster = cluster
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=10))
+        self.timeout = timeout  # longest a request may go without progress; a big body on a slow link may take longer
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
 
     @property
     def identity(self) -> str:
@@ -72,15 +74,32 @@ class HTTPUpstream:
                        ) -> tuple[int, dict[str, str], bytes]:
         params = {"db": db} if db is not None else {}
         try:
-            async with self._session.request(method, self.url + path, params=params, data=data,
-                                             headers=self._headers()) as resp:
-                body = await resp.read()
-                if resp.status == 200:
-                    return resp.status, dict(resp.headers), body
-                raise_for(resp.status, body, db or "", f"{method} {self.url}{path}" + (f"?db={db}" if db else ""))
-        except (aiohttp.ClientError, TimeoutError, OSError) as err:
-            raise UpstreamError(0, "ECONN", f"{method} {self.url}{path}: {err or type(err).__name__}") from err
+            async with asyncio.timeout(self.timeout) as deadline:  # moved on by every chunk sent or received
+                sent = None if data is None else self._chunks(data, deadline)
+                async with self._session.request(method, self.url + path, params=params, data=sent,
+                                                 headers=self._headers()) as resp:
+                    chunks = []
+                    async for chunk in resp.content.iter_any():
+                        chunks.append(chunk)
+                        self._progress(deadline)
+                    body = b"".join(chunks)
+                    if resp.status == 200:
+                        return resp.status, dict(resp.headers), body
+                    raise_for(resp.status, body, db or "", f"{method} {self.url}{path}" + (f"?db={db}" if db else ""))
+        except TimeoutError as err:
+            raise UpstreamError(0, "ECONN", f"{method} {self.url}{path}: no progress for {self.timeout:g} s") from err
+        except (aiohttp.ClientError, OSError) as err:
+            raise UpstreamError(0, "ECONN", f"{method} {self.url}{path}: {str(err) or type(err).__name__}") from err
         raise AssertionError("unreachable")
+
+    async def _chunks(self, data: bytes, deadline: asyncio.Timeout) -> AsyncIterator[bytes]:
+        """The body in 64 KiB chunks (sent chunked, as LiteFS sends it); each one taken moves the deadline on."""
+        for i in range(0, len(data), 1 << 16):
+            yield data[i:i + (1 << 16)]
+            self._progress(deadline)
+
+    def _progress(self, deadline: asyncio.Timeout) -> None:
+        deadline.reschedule(asyncio.get_running_loop().time() + self.timeout)
 
     async def positions(self) -> dict[str, Pos]:
         _, _, body = await self._request("GET", "/pos")

@@ -51,3 +51,19 @@ async def test_a_file_deleted_by_someone_else_before_shipping_is_reported(env: E
                      victim in [f.path for f in sidecar.dbs["app.db"].local.sorted()])
     victim.unlink()  # what LiteFS's retention monitor would do with data.retention on
     await eventually(lambda: sidecar.metrics.errors.labels("deleted_unshipped")._value.get() == 1)
+
+
+async def test_a_broken_header_at_upstreams_position_is_skipped_and_shipping_goes_on(env: Env) -> None:
+    write(env, "app.db", 5)
+    await env.start()
+    await env.synced("app.db")
+    await env.stop()
+    shipped = env.node.ltx_files("app.db")[-1]  # the file upstream's position points at, kept as the newest
+    data = bytearray(shipped.read_bytes())
+    data[0] ^= 0xFF  # its magic: the header no longer reads
+    shipped.write_bytes(data)
+    write(env, "app.db", 5, start=5)
+    sidecar = await env.start()  # a fresh start: no header is remembered
+    await env.synced("app.db")
+    assert shipped in sidecar.dbs["app.db"].local.bad
+    await eventually(lambda: bad_files_reported(env) == 1)

@@ -1,10 +1,19 @@
-"""`run --data-dir` naming a directory that does not exist: said at start and in /healthz, not silently idle."""
+"""`run --data-dir` naming a directory that does not exist: said at start and in /healthz, not silently idle; a
+database directory that vanishes stops nothing else."""
 
 from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
 
 import aiohttp
 import structlog
 
+from sidecar.config import EngineConfig, SidecarConfig
+from sidecar.daemon import Sidecar
+from sidecar.daemon.upstream import EngineUpstream
+from sidecar.emulator import EmulatedNode
 from tests.daemon.conftest import Env
 
 
@@ -22,3 +31,31 @@ async def test_a_missing_data_dir_is_warned_about_and_shown_in_healthz(env: Env)
         (missing / "dbs").mkdir(parents=True)  # LiteFS starts after all: the warning goes
         async with http.get(f"{sidecar.url}/healthz") as resp:
             assert (await resp.json())["warnings"] == []
+
+
+async def test_a_database_directory_removed_before_its_files_are_pruned_stops_nothing(tmp_path: Path) -> None:
+    node = EmulatedNode(tmp_path / "data", tmp_path / "mount")
+    config = SidecarConfig(data_dir=node.data_dir, mount_dir=node.mount_dir, litefs_url="",
+                           upstream=f"file://{tmp_path / 'backups'}", state_dir=tmp_path / "state", metrics_addr="",
+                           retention=60.0)
+    upstream = await EngineUpstream.open(config.upstream, config.cluster, tmp_path / "engine",
+                                         EngineConfig(l0_interval=0.0))
+    now = [time.time()]
+    sidecar = Sidecar(config, upstream, None, clock=lambda: now[0])
+    try:
+        for db in ("gone.db", "kept.db"):
+            for i in range(3):
+                node.execute(db, "CREATE TABLE IF NOT EXISTS t (x)")
+                node.execute(db, "INSERT INTO t VALUES (?)", (i,))
+        await sidecar.tick()  # shipped; kept for the retention
+        assert sidecar.dbs["gone.db"].local.count == 4
+        shutil.rmtree(node.db_dir("gone.db"))  # an operator removes it before the watcher has said so
+        now[0] += 120
+        node.execute("kept.db", "INSERT INTO t VALUES (3)")
+        await sidecar.tick()
+        assert sidecar.dbs["kept.db"].remote == node.pos("kept.db")
+        assert [p.name for p in node.ltx_files("kept.db")] == ["0000000000000005-0000000000000005.ltx"]
+        assert sidecar.metrics.errors.labels("prune")._value.get() == 1
+    finally:
+        await sidecar.close()
+        node.close()

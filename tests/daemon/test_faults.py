@@ -1,4 +1,5 @@
-"""Faults: upstream down for 30 s during writes; the sidecar SIGKILLed at 20 random moments."""
+"""Faults: upstream down for 30 s during writes; the sidecar SIGKILLed at 20 random moments; one database's upload
+hanging."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import signal
 import sys
 from pathlib import Path
 
-from sidecar.daemon.upstream import HTTPUpstream
+from sidecar.daemon.upstream import HTTPUpstream, Upstream
 from sidecar.emulator import LoadWriter
 from sidecar.engine import Engine
+from sidecar.errors import UpstreamError
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
-from tests.daemon.conftest import Env
+from tests.daemon.conftest import Env, eventually
+from tests.daemon.test_recovery import write
 from tests.faults import FaultProxy
 from tests.server.conftest import TOKEN, start_server
 
@@ -104,3 +107,73 @@ async def test_sigkill_at_20_random_moments_loses_nothing(env: Env, tmp_path: Pa
             assert point.checksum == history[txid][1]
     finally:
         await engine.close()
+
+
+class HeldUpstream:
+    """Wraps a real upstream; uploads of `db` wait until `unblock` is set (a server stuck on one database)."""
+
+    def __init__(self, inner: Upstream, db: str) -> None:
+        self.inner, self.db, self.unblock = inner, db, asyncio.Event()
+        self.url, self.compress, self.identity = inner.url, inner.compress, inner.identity
+
+    async def positions(self) -> dict[str, Pos]:
+        return await self.inner.positions()
+
+    async def upload(self, db: str, data: bytes) -> int:
+        if db == self.db:
+            await self.unblock.wait()
+        return await self.inner.upload(db, data)
+
+    async def snapshot(self, db: str) -> bytes:
+        return await self.inner.snapshot(db)
+
+    async def hwm(self, db: str) -> tuple[int, Pos]:
+        return await self.inner.hwm(db)
+
+    async def release(self) -> None:
+        await self.inner.release()
+
+    async def close(self) -> None:
+        self.unblock.set()
+        await self.inner.close()
+
+
+async def test_a_database_whose_upload_hangs_holds_back_no_other(env: Env) -> None:
+    write(env, "stuck.db", 2)
+    write(env, "app.db", 2)
+    _, inner = await env.upstream(env.config())
+    held = HeldUpstream(inner, "stuck.db")
+    sidecar = await env.start(held)  # type: ignore[arg-type]
+    await env.synced("app.db")
+    write(env, "app.db", 3, start=2)  # shipped while stuck.db's first upload still hangs
+    await env.synced("app.db")
+    assert sidecar.dbs["stuck.db"].remote == Pos()
+    held.unblock.set()
+    await env.synced("stuck.db")
+
+
+class BoastingUpstream(HeldUpstream):
+    """Wraps a real upstream; says every TXID there will ever be is durable, and fails every upload after the first."""
+
+    def __init__(self, inner: Upstream) -> None:
+        super().__init__(inner, "")
+        self.uploads = 0
+
+    async def upload(self, db: str, data: bytes) -> int:
+        self.uploads += 1
+        if self.uploads > 1:
+            raise UpstreamError(500, "EINTERNAL", "down")
+        await self.inner.upload(db, data)
+        return 2**63 - 1
+
+
+async def test_an_hwm_beyond_what_upstream_holds_prunes_nothing_it_lacks(env: Env) -> None:
+    write(env, "app.db", 9)  # TXIDs 1..10
+    _, inner = await env.upstream(env.config())
+    upstream = BoastingUpstream(inner)
+    sidecar = await env.start(upstream, max_files_per_upload=4)  # type: ignore[arg-type]
+    db = sidecar.dbs["app.db"]
+    await eventually(lambda: db.hwm is not None and sidecar.metrics.errors.labels("upstream")._value.get() > 0)
+    assert db.remote is not None and db.remote.txid == 4  # 1..4 shipped; 5..10 not
+    await eventually(lambda: db.local.count == 6)  # 1..4 pruned: at or below the HWM
+    assert [int(p.name[17:33], 16) for p in env.node.ltx_files("app.db")] == list(range(5, 11))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from sidecar.daemon import Sidecar
+from sidecar.daemon.litefs import LiteFSNode
+from sidecar.daemon.upstream import EngineUpstream
 from sidecar.emulator import LoadWriter
 from sidecar.ltx import Pos
 from tests.daemon.conftest import Env, eventually
@@ -102,3 +105,36 @@ async def test_operator_restore_upstream_while_the_node_keeps_writing(any_env: E
     assert "import" in kinds
     restored = await env.restore("app.db", tmp_path / "at-head", txid=head.txid)  # the restore point is kept
     assert rows(tmp_path / "at-head") == rows(tmp_path / "good.db") and restored.txid == head.txid
+
+
+class BusyNode(LiteFSNode):
+    """The real API of the emulated node, with a write landing while each export travels (a busy database)."""
+
+    def __init__(self, env: Env) -> None:
+        super().__init__(env.litefs_url, env.node.mount_dir)
+        self.env, self.exports = env, 0
+
+    async def _call(self, method: str, path: str, db: str, data: bytes | None = None) -> bytes:
+        body = await super()._call(method, path, db, data)
+        if path == "/export":
+            self.exports += 1
+            write(self.env, db, 1, start=1000 + self.exports)
+        return body
+
+
+async def test_a_database_written_during_every_export_is_still_shipped(env: Env, tmp_path: Path) -> None:
+    write(env, "app.db", 30)
+    drop_files(env, "app.db", 20)  # upstream is empty and TXID 1 is gone: only an export will do
+    config, upstream = await env.upstream(env.config())
+    sidecar = Sidecar(config, upstream, BusyNode(env))
+    try:
+        await sidecar.tick()
+        [(_, first)] = [(n, s) for n, s in sidecar.shipped if n == "app.db"]
+        assert first.kind == "snapshot" and first.max_txid == 31  # the state the copy was taken at
+        assert sidecar.dbs["app.db"].remote is not None and sidecar.dbs["app.db"].remote.txid == 31
+        await sidecar.tick()  # the write that raced the export follows as a file
+        assert isinstance(upstream, EngineUpstream)
+        got = await upstream.engine.restore_to("default", "app.db", tmp_path / "out")
+        assert Pos(got.txid, got.checksum) == env.node.pos("app.db")
+    finally:
+        await sidecar.close()

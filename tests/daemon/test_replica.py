@@ -59,3 +59,65 @@ async def test_stop_ships_what_is_batched(env: Env, tmp_path: Path) -> None:
     await env.stop()
     engine = env.engine
     assert engine.pos("default", "app.db") == env.node.pos("app.db") != Pos()
+
+
+async def test_a_broken_file_on_a_replica_is_reported_and_stops_nothing(env: Env, tmp_path: Path) -> None:
+    replica = EmulatedNode(tmp_path / "replica-data", tmp_path / "replica-mount", primary=False,
+                           primary_hostname="primary")
+    try:
+        write(env, "app.db", 3)
+        write(env, "other.db", 3)
+        env.node.add_replica(replica)
+        write(env, "app.db", 5, start=3)
+        write(env, "other.db", 5, start=3)
+        foreign = replica.ltx_dir("app.db") / "00000000000000ff-00000000000000ff.ltx"
+        foreign.write_text("not an LTX file\n")
+        primary = await env.start()
+        config = dataclasses.replace(primary.config, data_dir=replica.data_dir, mount_dir=replica.mount_dir,
+                                     state_dir=tmp_path / "replica-sidecar", position_interval=0.2,
+                                     metrics_addr="")
+        side = Sidecar(config, primary.upstream, LiteFSNode("", replica.mount_dir))
+        stop = asyncio.Event()
+        task = asyncio.create_task(side.run(stop))
+        try:
+            await env.synced("other.db")
+            await eventually(lambda: task.done() or txids(replica, "other.db") == {env.node.pos("other.db").txid})
+            assert not task.done()  # the replica's sidecar goes on, and prunes the other database
+            assert foreign in side.dbs["app.db"].local.bad
+            assert side.metrics.errors.labels("bad_file")._value.get() == 1
+        finally:
+            stop.set()
+            await task
+    finally:
+        replica.close()
+
+
+async def test_a_snapshot_from_the_primary_replacing_a_replicas_files_is_no_alarm(env: Env, tmp_path: Path) -> None:
+    replica = EmulatedNode(tmp_path / "replica-data", tmp_path / "replica-mount", primary=False,
+                           primary_hostname="primary")
+    try:
+        write(env, "app.db", 3)
+        env.node.add_replica(replica)
+        write(env, "app.db", 5, start=3)
+        primary = await env.start()
+        config = dataclasses.replace(primary.config, data_dir=replica.data_dir, mount_dir=replica.mount_dir,
+                                     state_dir=tmp_path / "replica-sidecar", position_interval=0.2,
+                                     metrics_addr="", retention=3600.0)
+        side = Sidecar(config, primary.upstream, LiteFSNode("", replica.mount_dir))
+        stop = asyncio.Event()
+        task = asyncio.create_task(side.run(stop))
+        try:
+            held = [p.name for p in replica.ltx_files("app.db")]
+            await eventually(lambda: "app.db" in side.dbs and
+                             [f.name for f in side.dbs["app.db"].local.sorted()] == held)
+            env.node.remove_replica(replica)  # it falls behind; reconnecting, it gets a snapshot (docs/litefs.md §3)
+            write(env, "app.db", 5, start=8)
+            replica.apply_ltx("app.db", env.node.snapshot("app.db"))
+            [snapshot] = replica.ltx_files("app.db")
+            await eventually(lambda: [f.path for f in side.dbs["app.db"].local.sorted()] == [snapshot])
+            assert side.metrics.errors.labels("deleted_unshipped")._value.get() == 0
+        finally:
+            stop.set()
+            await task
+    finally:
+        replica.close()
