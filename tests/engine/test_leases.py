@@ -20,7 +20,8 @@ from sidecar.engine.lease import LeaseDoc, Leases, NotOwner, lease_key
 from sidecar.errors import PosMismatch
 from sidecar.ltx import Version
 from sidecar.storage import open_storage
-from sidecar.storage.base import Storage
+from sidecar.storage.base import ObjectInfo, Storage
+from sidecar.storage.file import FileStorage
 from tests.daemon.conftest import eventually
 from tests.engine.history import History
 from tests.faults import FaultProxy
@@ -350,6 +351,35 @@ async def test_an_engine_that_took_over_from_nobody_does_not_sweep(tmp_path: Pat
     await a.tick(clock.now + 10 * a.leases.ttl)
     assert (tmp_path / "store" / other).exists() and a.strays_deleted == 0
     await a.close()
+
+
+async def test_the_sweeps_after_a_takeover_end(tmp_path: Path, history: History) -> None:
+    """Every restart is a takeover, so its sweeps (a LIST per database each) must end: at doubling gaps from twice
+    the lease TTL up to `l1_interval`, the sweep at that gap the last, however long the cluster stays busy."""
+    clock = Clock()
+    a = await open_engine(tmp_path, "a", clock)
+    await upload(a, history, clock, 2)
+    await a.flush("c", "app.db")
+    a.abandon()  # crashed while holding the lease
+    sweeps: list[float] = []
+
+    class Counting(FileStorage):
+        async def list(self, prefix: str = "") -> list[ObjectInfo]:
+            if prefix == "c/app.db/":
+                sweeps.append(clock.now)
+            return await super().list(prefix)
+
+    again = await Engine.open(Counting(tmp_path / "store"), tmp_path / "a", Levels(l0_interval=3600), clock=clock)
+    await upload(again, history, clock)  # the restart's takeover (and its reconcile)
+    start, l1 = clock.now, again.levels.l1_interval
+    sweeps.clear()
+    while clock.now < start + 10 * l1:  # busy throughout: a write every 10 s keeps the lease
+        clock.now += 10
+        await upload(again, history, clock)
+        await again.tick(clock.now)
+    assert sweeps and max(sweeps) < start + 3 * l1
+    assert all(b - a <= l1 + 10 for a, b in zip([start, *sweeps], sweeps, strict=False))
+    await again.close()
 
 
 async def test_on_s3_a_flush_delivered_after_a_takeover_is_swept(moto_server: MotoServer, tmp_path: Path,
