@@ -717,8 +717,11 @@ class Engine:
             await self._jobs(sweeping, "sweep", now, self._sweep)
             for c in {db.cluster for db in sweeping} & self._sweeps.keys():  # (a lease lost meanwhile is not)
                 _, gap = self._sweeps[c]
-                gap = min(2 * gap, max(self.levels.l1_interval, gap))
-                self._sweeps[c] = (now + gap, gap)
+                if gap >= self.levels.l1_interval:
+                    del self._sweeps[c]  # the last: a PUT still in flight this long after the takeover is not
+                else:
+                    gap = min(2 * gap, self.levels.l1_interval)
+                    self._sweeps[c] = (now + gap, gap)
         for db in mine:
             # Compaction only adds files and retention only removes what flushes never touch, so uploads go on
             # meanwhile; restores take `maint` so their inputs stay put.
@@ -830,7 +833,9 @@ class Engine:
         lease had run out (a process paused mid-PUT; S3 has no fencing token). It starts above where this engine
         took over, or repeats what is stored: it is no part of this engine's history, and a reader that listed the
         store would see it overlap the files that are. Sweeps run twice the lease TTL after a takeover, then at
-        doubling gaps up to `l1_interval`, whenever this engine holds the cluster then."""
+        doubling gaps up to `l1_interval`, whenever this engine holds the cluster then; the one at that gap is the
+        last (every restart is a takeover: a LIST per database for ever after would cost more than the rare late
+        PUT it could still find)."""
         async with db.flushing, db.maint:  # none of this engine's own writes is between the store and the index
             strays = await self.catalog.strays(db)
             if not strays:

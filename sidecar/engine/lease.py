@@ -1,6 +1,6 @@
 """One writer per cluster: leases held in the store itself, taken and renewed with conditional writes.
 
-    .litefs-sidecar/leases/<cluster>      {"owner", "addr", "expires" (ms), "epoch"}
+    .litefs-sidecar/leases/<cluster>      {"owner", "addr", "expires" (ms), "epoch", "host", "run"}
 
 Why per cluster, not per database: a cluster is the unit LiteFS works in (one primary, one backup client, one
 `GET /pos` for all its databases), so one owner can answer everything a node asks; and leases cost a PUT each
@@ -14,9 +14,14 @@ renewal, which per cluster is a few per minute, not per database.
   margin, an old holder has stopped writing before a new one can start. Every data object is also written with
   `If-None-Match: *`, so even a writer paused mid-request cannot replace what another wrote.
 - Renewed every third of the TTL while the cluster is busy; an idle cluster's lease is let go.
-- Taking a lease that nobody else has held since this engine started (none yet, or this state directory's own)
-  keeps this engine's cache of the cluster, which it reconciled with the store at start; any other takeover
-  means the cluster's indexes are rebuilt from the store.
+- `owner` is the state directory's id, the same across restarts, so a restart takes its leases back at once
+  instead of waiting for them to expire; `run` is the process run's own random token.
+- Taking a lease that nobody else has held since this engine started (none yet, or this very run's) keeps this
+  engine's cache of the cluster, which it reconciled with the store at start; any other takeover (another owner,
+  or this owner's previous run) means the cluster's indexes are rebuilt from the store.
+- Two live processes with one owner id (a copied state directory) would take the lease from each other at every
+  renewal. A run that loses its lease to another run of its own owner id logs an error, and from then on counts
+  that run as another engine: it waits for that run's lease to expire like anyone else's.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ class LeaseDoc:
     owner: str  # the holding engine's id (its state directory's)
     addr: str  # where that engine takes requests ("" for an engine inside a sidecar)
     expires: int  # ms since the epoch, the holder's wall clock
-    epoch: int  # +1 at every change of owner
+    epoch: int  # +1 at every takeover (a change of owner or of run)
     host: str = ""  # the holder's host name and process, for people reading logs
+    run: str = ""  # the holding process run's random token ("" in a lease written by an older version)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -65,7 +71,7 @@ class LeaseDoc:
         try:
             doc = json.loads(data)
             return cls(str(doc["owner"]), str(doc["addr"]), int(doc["expires"]), int(doc["epoch"]),
-                       str(doc.get("host", "")))
+                       str(doc.get("host", "")), str(doc.get("run", "")))
         except (ValueError, KeyError, TypeError) as err:
             raise SidecarError(f"unreadable lease object ({err})") from err
 
@@ -106,6 +112,8 @@ class Leases:
             raise ValueError(f"lease TTL {ttl}s must exceed three times the clock-skew margin {skew}s")
         self.storage = storage
         self.owner = owner or secrets.token_hex(8)
+        self.run = secrets.token_hex(8)  # this process run's: several runs may share an owner (restarts, copies)
+        self.twins: set[str] = set()  # live runs of this owner id in other processes (copies of its state directory)
         self.addr = addr
         self.ttl = ttl
         self.skew = skew
@@ -151,13 +159,15 @@ class Leases:
         return LeaseDoc.decode(got[0]), got[1]
 
     def live(self, doc: LeaseDoc | None) -> bool:
-        """Whether `doc` is another engine's lease that has not yet expired (with the skew margin)."""
-        return doc is not None and doc.owner != self.owner and doc.expires + self.skew * 1000 > self.clock() * 1000
+        """Whether `doc` is another engine's lease that has not yet expired (with the skew margin). One of this
+        owner id is this engine's (a previous run's, taken back at once) unless it is a known twin's."""
+        return (doc is not None and (doc.owner != self.owner or doc.run in self.twins)
+                and doc.expires + self.skew * 1000 > self.clock() * 1000)
 
     async def acquire(self, cluster: str) -> bool:
         """Take the cluster's lease (or renew it if held). Returns whether this engine's cache of the cluster is
-        still good (nobody else held the lease since this engine started). Raises NotOwner if another engine holds
-        it."""
+        still good (no other engine or run held the lease since this run started). Raises NotOwner if another
+        engine holds it."""
         if self.holds(cluster):
             await self.renew(cluster)
             return True
@@ -165,13 +175,14 @@ class Leases:
         if self.live(doc):
             raise NotOwner(cluster, doc)
         # Nobody else has written the cluster since this engine's start (which read the whole store) if the lease
-        # was never taken, or this state directory's engine took it last.
-        fresh = doc is None or doc.owner == self.owner
+        # was never taken, or this very run took it last. A previous run of this state directory (or a live copy
+        # of it) may have written since.
+        fresh = doc is None or (doc.owner == self.owner and doc.run == self.run)
         epoch = (doc.epoch if doc else 0) + (0 if fresh else 1)
         await self._write(cluster, epoch, etag)
         if not fresh:
-            log.info("lease taken", cluster=cluster, owner=self.owner, epoch=epoch,
-                     previous=doc.owner if doc else None)
+            log.info("lease taken", cluster=cluster, owner=self.owner, run=self.run, epoch=epoch,
+                     previous=doc.owner if doc else None, previous_run=doc.run if doc else None)
         return fresh
 
     async def renew(self, cluster: str) -> None:
@@ -185,7 +196,7 @@ class Leases:
         start = self.monotonic()
         now = self.clock()
         doc = LeaseDoc(self.owner, self.addr, int(((now + self.ttl) if expires is None else expires) * 1000), epoch,
-                       HOST)
+                       HOST, self.run)
         before = len(self.held)
         try:
             if etag is None:
@@ -196,10 +207,23 @@ class Leases:
             self.held.pop(cluster, None)
             self._changed(before)
             theirs, _ = await self.holder(cluster)
+            if theirs is not None and theirs.owner == self.owner and theirs.run != self.run:
+                self._twin(cluster, theirs)
             raise NotOwner(cluster, theirs) from None
         if expires is None:
             self.held[cluster] = Held(doc, new, start, start + self.ttl - self.skew)
             self._changed(before)
+
+    def _twin(self, cluster: str, theirs: LeaseDoc) -> None:
+        """Another run of this owner id wrote the lease between this run's read and write of it: a live process, not a
+        crashed previous run. From now on its lease is another engine's, or the two would take it from each other at
+        every renewal, each with a cache that misses the other's writes."""
+        if theirs.run in self.twins:
+            return
+        self.twins.add(theirs.run)
+        log.error("another live process uses this state directory's identity (a copied state directory?): each "
+                  "engine needs its own state directory; this one leaves the cluster to it until its lease expires",
+                  cluster=cluster, owner=self.owner, run=self.run, twin_run=theirs.run, twin_host=theirs.host)
 
     async def clusters(self) -> list[str]:
         """Every cluster that has a lease object (held or not): one LIST of the leases' prefix."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from sidecar.engine import Engine, Levels
 from sidecar.engine.builder import compact_inputs
@@ -19,7 +20,8 @@ from sidecar.engine.lease import LeaseDoc, Leases, NotOwner, lease_key
 from sidecar.errors import PosMismatch
 from sidecar.ltx import Version
 from sidecar.storage import open_storage
-from sidecar.storage.base import Storage
+from sidecar.storage.base import ObjectInfo, Storage
+from sidecar.storage.file import FileStorage
 from tests.daemon.conftest import eventually
 from tests.engine.history import History
 from tests.faults import FaultProxy
@@ -144,6 +146,109 @@ class TestOneWriter:
         assert doc.expires < T0 * 1000
 
 
+
+class TestOneStateDirectoryTwoRuns:
+    """`owner` is the state directory's id, the same across restarts (which take their leases back at once); each run
+    of a process is told apart by its lease's `run`."""
+
+    async def test_engines_on_copies_of_one_state_directory_stop_taking_the_lease_from_each_other(
+            self, tmp_path: Path, history: History) -> None:
+        """A volume fork: b runs on a copy of a's state directory, so both have a's owner id. A client offers
+        uploads to both (and goes to the other when refused). Once a has lost the lease to b, it knows b for a
+        live copy, says so, and leaves the cluster to b: the lease stops changing hands, and whatever either engine
+        acknowledged as stored (its HWM) is in the store."""
+        clock = Clock()
+        txs: list[bytes] = []  # the client's transactions; txs[t - 1] is TXID t
+
+        async def send(engine: Engine) -> int | None:
+            """The client sends what the engine lacks of its transactions (from the position it is told); the HWM
+            answered, or None if refused."""
+            for _ in range(3):
+                try:
+                    hwm = 0
+                    for tx in txs[engine.pos("c", "app.db").txid:]:
+                        hwm = await engine.write_tx("c", "app.db", tx)
+                    return hwm
+                except PosMismatch:
+                    continue  # the engine's position changed (it read the store): again from there
+                except NotOwner:
+                    return None
+            return None
+
+        a = await open_engine(tmp_path, "a", clock, l0=0)
+        for _ in range(2):
+            history.write()
+            txs.append(history.commit(int(clock.now * 1000)))
+            await send(a)
+        await a.close()
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        a = await open_engine(tmp_path, "a", clock, l0=0)
+        b = await open_engine(tmp_path, "b", clock, l0=0)
+        assert a.leases.owner == b.leases.owner and a.leases.run != b.leases.run
+
+        acked: set[int] = set()  # HWMs answered
+        holders: list[str] = []  # the lease's run after each upload
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(12):  # four lease TTLs
+                clock.now += a.leases.ttl / 3  # a renewal period
+                for engine, other in ((a, b), (b, a)):
+                    history.write()
+                    txs.append(history.commit(int(clock.now * 1000)))
+                    hwm = await send(engine)
+                    if hwm is None:
+                        hwm = await send(other)
+                    if hwm is not None:
+                        acked.add(hwm)
+                    for _ in range(5):  # let background renewals run
+                        await asyncio.sleep(0)
+                    holders.append(LeaseDoc.decode((tmp_path / "store" / lease_key("c")).read_bytes()).run)
+        assert set(holders[-20:]) == {b.leases.run}  # b has kept it since it took it, renewal after renewal
+        twins = [e for e in logs if e["log_level"] == "error" and "copied state directory" in e["event"]]
+        assert len(twins) == 1 and twins[0]["owner"] == a.leases.owner and twins[0]["twin_run"] == b.leases.run
+        with pytest.raises(NotOwner):
+            await a.write_tx("c", "app.db", txs[-1])  # while b holds it, a takes nothing
+        await a.close()
+        await b.close()
+
+        reader = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "reader", clock=clock)
+        for t in sorted(acked):
+            got = await reader.restore_to("c", "app.db", tmp_path / f"out-{t}.db", txid=t)
+            assert got.checksum == history.checksums[t], t
+        assert max(acked) == len(txs)
+        await reader.close()
+
+    async def test_a_restart_after_a_crash_takes_its_lease_at_once_and_reconciles(self, tmp_path: Path,
+                                                                                 history: History) -> None:
+        """A new run of a crashed engine's state directory takes the lease back without waiting for it to expire,
+        but as a takeover: it reads the store again, so a file that landed after it started (its previous run's
+        late flush, or a copy's) is in its index before it takes an upload."""
+        clock = Clock()
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        a = await open_engine(tmp_path, "a", clock)
+        await upload(a, history, clock, 2)
+        await a.flush("c", "app.db")
+        epoch = LeaseDoc.decode((tmp_path / "store" / lease_key("c")).read_bytes()).epoch
+        a.abandon()  # crashed while holding the lease
+
+        again = await open_engine(tmp_path, "a", clock)  # same state directory, same owner, another run
+        assert again.leases.owner == a.leases.owner
+        history.write()
+        tx3 = history.commit(int(clock.now * 1000))
+        late = io.BytesIO()
+        compact_inputs([tx3], late, Version.V2)  # stored as an engine stores it
+        await store.put_bytes("c/app.db/ltx/0/0000000000000003-0000000000000003.ltx", late.getvalue(),
+                              if_none_match=True)
+        await upload(again, history, clock)  # TXID 4: taken at once (the clock has not moved), after a reconcile
+        assert again.owns("c") and again.pos("c", "app.db") == history.pos
+        assert sorted((e.min_txid, e.max_txid) for e in again.index("c", "app.db").level(0)) == [(1, 2), (3, 3)]
+        doc = LeaseDoc.decode((tmp_path / "store" / lease_key("c")).read_bytes())
+        assert doc.run == again.leases.run and doc.epoch == epoch + 1
+        await again.flush("c", "app.db")
+        got = await again.restore_to("c", "app.db", tmp_path / "out.db")
+        assert got.checksum == history.pos.post_apply_checksum
+        await again.close()
+
+
 async def test_no_write_replaces_another_writers_object(tmp_path: Path, history: History) -> None:
     """Even a writer that believes it holds the lease cannot replace a stored file: L0 keys are written once."""
     clock = Clock()
@@ -246,6 +351,35 @@ async def test_an_engine_that_took_over_from_nobody_does_not_sweep(tmp_path: Pat
     await a.tick(clock.now + 10 * a.leases.ttl)
     assert (tmp_path / "store" / other).exists() and a.strays_deleted == 0
     await a.close()
+
+
+async def test_the_sweeps_after_a_takeover_end(tmp_path: Path, history: History) -> None:
+    """Every restart is a takeover, so its sweeps (a LIST per database each) must end: at doubling gaps from twice
+    the lease TTL up to `l1_interval`, the sweep at that gap the last, however long the cluster stays busy."""
+    clock = Clock()
+    a = await open_engine(tmp_path, "a", clock)
+    await upload(a, history, clock, 2)
+    await a.flush("c", "app.db")
+    a.abandon()  # crashed while holding the lease
+    sweeps: list[float] = []
+
+    class Counting(FileStorage):
+        async def list(self, prefix: str = "") -> list[ObjectInfo]:
+            if prefix == "c/app.db/":
+                sweeps.append(clock.now)
+            return await super().list(prefix)
+
+    again = await Engine.open(Counting(tmp_path / "store"), tmp_path / "a", Levels(l0_interval=3600), clock=clock)
+    await upload(again, history, clock)  # the restart's takeover (and its reconcile)
+    start, l1 = clock.now, again.levels.l1_interval
+    sweeps.clear()
+    while clock.now < start + 10 * l1:  # busy throughout: a write every 10 s keeps the lease
+        clock.now += 10
+        await upload(again, history, clock)
+        await again.tick(clock.now)
+    assert sweeps and max(sweeps) < start + 3 * l1
+    assert all(b - a <= l1 + 10 for a, b in zip([start, *sweeps], sweeps, strict=False))
+    await again.close()
 
 
 async def test_on_s3_a_flush_delivered_after_a_takeover_is_swept(moto_server: MotoServer, tmp_path: Path,
