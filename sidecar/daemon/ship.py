@@ -103,8 +103,12 @@ class DbShipper:
 
     @property
     def local_hwm(self) -> int | None:
-        """The HWM in local TXIDs: every local file at or below it is durable upstream."""
-        return None if self.hwm is None else self.hwm - self.link.offset
+        """The HWM in local TXIDs: every local file at or below it is durable upstream. Never above upstream's
+        position when that is known: a store rolled back or emptied no longer holds what it once called durable."""
+        if self.hwm is None:
+            return None
+        hwm = self.hwm if self.remote is None else min(self.hwm, self.remote.txid)
+        return hwm - self.link.offset
 
     def behind(self) -> bool:
         """Whether the node has transactions upstream lacks (as far as we know)."""

@@ -309,6 +309,7 @@ class Sidecar:
             except (UpstreamError, SidecarError) as err:
                 self._error("upstream", err, db=db.name)
                 continue
+            hwm = min(hwm, pos.txid)  # nothing above its own position is durable, whatever an upstream says
             match = [f for f in db.local.sorted() if self._post(db, f) == pos.post_apply_checksum]
             if pos.txid and match:
                 db.link.offset = pos.txid - match[-1].max_txid

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 from sidecar.daemon.upstream import HTTPUpstream, Upstream
@@ -177,3 +178,40 @@ async def test_an_hwm_beyond_what_upstream_holds_prunes_nothing_it_lacks(env: En
     assert db.remote is not None and db.remote.txid == 4  # 1..4 shipped; 5..10 not
     await eventually(lambda: db.local.count == 6)  # 1..4 pruned: at or below the HWM
     assert [int(p.name[17:33], 16) for p in env.node.ltx_files("app.db")] == list(range(5, 11))
+
+
+class RolledBackUpstream(HeldUpstream):
+    """Wraps a real upstream; once `rolled` is set it is an emptied store that cannot take uploads (restored from
+    an older copy, or emptied by hand): it reports no position, and refuses every upload."""
+
+    def __init__(self, inner: Upstream) -> None:
+        super().__init__(inner, "")
+        self.rolled = False
+
+    async def positions(self) -> dict[str, Pos]:
+        return {} if self.rolled else await self.inner.positions()
+
+    async def upload(self, db: str, data: bytes) -> int:
+        if self.rolled:
+            raise UpstreamError(503, "ESTORAGE", "store unavailable")
+        return await self.inner.upload(db, data)
+
+
+async def test_an_hwm_upstream_no_longer_holds_prunes_nothing(env: Env) -> None:
+    """Files shipped under an HWM that a rolled-back store no longer holds are kept past their retention: the HWM
+    counts only up to upstream's position."""
+    write(env, "app.db", 9)  # TXIDs 1..10
+    _, inner = await env.upstream(env.config())
+    upstream = RolledBackUpstream(inner)
+    sidecar = await env.start(upstream, retention=3.0, position_interval=0.2)  # type: ignore[arg-type]
+    db = sidecar.dbs["app.db"]
+    await env.synced("app.db")
+    await eventually(lambda: db.hwm == 10)
+    upstream.rolled = True
+    await eventually(lambda: db.remote == Pos())
+    kept = env.node.ltx_files("app.db")
+    assert len(kept) > 1  # still within their retention when the store rolled back
+    newest = max(p.stat().st_mtime for p in kept)
+    await eventually(lambda: time.time() > newest + 3.0 + 0.5)  # past the retention, and a few ticks beyond
+    assert db.local_hwm == 0
+    assert env.node.ltx_files("app.db") == kept

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sidecar.daemon import Sidecar
 from sidecar.daemon.litefs import LiteFSNode
+from sidecar.daemon.upstream import Upstream
 from sidecar.emulator import EmulatedNode
 from sidecar.ltx import Pos
 from tests.daemon.conftest import Env, eventually
@@ -116,6 +117,62 @@ async def test_a_snapshot_from_the_primary_replacing_a_replicas_files_is_no_alar
             [snapshot] = replica.ltx_files("app.db")
             await eventually(lambda: [f.path for f in side.dbs["app.db"].local.sorted()] == [snapshot])
             assert side.metrics.errors.labels("deleted_unshipped")._value.get() == 0
+        finally:
+            stop.set()
+            await task
+    finally:
+        replica.close()
+
+
+class BoastingHwm:
+    """Wraps a real upstream; its HWM answer says every TXID there will ever be is durable."""
+
+    def __init__(self, inner: Upstream) -> None:
+        self.inner = inner
+        self.url, self.compress, self.identity = inner.url, inner.compress, inner.identity
+
+    async def positions(self) -> dict[str, Pos]:
+        return await self.inner.positions()
+
+    async def upload(self, db: str, data: bytes) -> int:
+        return await self.inner.upload(db, data)
+
+    async def snapshot(self, db: str) -> bytes:
+        return await self.inner.snapshot(db)
+
+    async def hwm(self, db: str) -> tuple[int, Pos]:
+        _, pos = await self.inner.hwm(db)
+        return 2**63 - 1, pos
+
+    async def release(self) -> None:
+        await self.inner.release()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_replica_prunes_nothing_above_upstreams_position_whatever_hwm_said(env: Env, tmp_path: Path) -> None:
+    replica = EmulatedNode(tmp_path / "replica-data", tmp_path / "replica-mount", primary=False,
+                           primary_hostname="primary")
+    try:
+        env.node.add_replica(replica)
+        write(env, "app.db", 5)
+        primary = await env.start()
+        await env.synced("app.db")
+        shipped = env.node.pos("app.db").txid
+        await env.stop()  # upstream now stays at `shipped`
+        write(env, "app.db", 5, start=50)  # on the replica too, never shipped
+        newest = env.node.pos("app.db").txid
+        config = dataclasses.replace(primary.config, data_dir=replica.data_dir, mount_dir=replica.mount_dir,
+                                     state_dir=tmp_path / "replica-sidecar", position_interval=0.2)
+        _, inner = await env.upstream(config)
+        side = Sidecar(config, BoastingHwm(inner), LiteFSNode("", replica.mount_dir))  # type: ignore[arg-type]
+        stop = asyncio.Event()
+        task = asyncio.create_task(side.run(stop))
+        try:
+            # At or below upstream's position the replica prunes (all but the files after it); never above.
+            await eventually(lambda: min(txids(replica, "app.db")) == shipped + 1)
+            assert txids(replica, "app.db") == set(range(shipped + 1, newest + 1))
         finally:
             stop.set()
             await task
