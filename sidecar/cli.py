@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -85,6 +86,14 @@ def _run(argv: Sequence[str] | None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise  # main's: a reader that has all it wants
+    except OSError as err:  # the system's refusal (a full disk, a missing or unwritable path): it names the file
+        print(f"litefs-sidecar: {err}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as err:  # a database SQLite refuses or keeps locked (replicate onto a copy in use)
+        print(f"litefs-sidecar: SQLite: {err}", file=sys.stderr)
+        return 1
 
 
 def _stdout_to_devnull() -> None:

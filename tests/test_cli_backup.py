@@ -77,6 +77,14 @@ class TestPaths:
 
 
 class TestOutput:
+    async def test_a_place_the_system_refuses_is_one_line_naming_it(self, store: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+        """An output the system will not take (here /proc, where no file can be made; a full disk alike) is the
+        system's error on one line, naming the file: no traceback."""
+        assert await cli("restore", "-o", "/proc/self/out.db", str(store / "default" / "app.db")) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("litefs-sidecar: [Errno ") and "'/proc/self/" in err and len(err.splitlines()) == 1
+
     async def test_a_missing_output_directory_is_refused_not_created(self, store: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
         """As `admin download -o` and `cp` do: exit 1 naming the directory, and nothing is created."""
