@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import json
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -62,6 +63,9 @@ def astuple(e: FileEntry) -> tuple[int, ...]:
     return (e.level, e.min_txid, e.max_txid, e.timestamp, e.size, e.commit, e.page_size, e.pre, e.post)
 
 
+_VERSIONS = itertools.count(1)
+
+
 class DbIndex:
     """The files of one database, per level, sorted by TXID.
 
@@ -77,6 +81,9 @@ class DbIndex:
             files.sort(key=_order)
         self._totals()
         self.changes: list[tuple[str, FileEntry]] = []  # ("+" or "-", file) since the cache last took them
+        # Unique to this index's current contents in this process, for caches of what is derived from it: its
+        # counts and sizes alone can come back (a database deleted and started over, the same TXIDs and sizes).
+        self.version = next(_VERSIONS)
 
     def _totals(self) -> None:
         self._max_txid = max((e.max_txid for files in self.levels.values() for e in files), default=0)
@@ -103,6 +110,7 @@ class DbIndex:
         self._size += entry.size
         self._len += 1
         self.changes.append(("+", entry))
+        self.version = next(_VERSIONS)
 
     def remove(self, entries: Iterable[FileEntry]) -> None:
         gone = set(entries)
@@ -112,6 +120,7 @@ class DbIndex:
             self.levels[level] = [e for e in files if e not in gone]
             self.changes += [("-", e) for e in files if e in gone]
         self._totals()
+        self.version = next(_VERSIONS)
 
     def newest(self, level: int) -> FileEntry | None:
         files = self.levels.get(level)

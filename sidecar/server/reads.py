@@ -62,9 +62,9 @@ class Reads:
         self.engine = engine
         self.stopping = asyncio.Event()
         self._indexes: dict[str, tuple[int, int]] = {}  # _cached(key, file) -> page index (offset, length)
-        self._heads: dict[tuple[str, str], tuple[tuple[int, int, int], Head | None, str]] = {}
+        self._heads: dict[tuple[str, str], tuple[int, Head | None, str]] = {}  # by index version
         self._sparse: dict[str, SparseIndex] = {}  # _cached(key, file) -> its page index as read so far (recent last)
-        self._plans: dict[tuple[str, str, int], tuple[tuple[int, int, int], list[FileEntry]]] = {}
+        self._plans: dict[tuple[str, str, int], tuple[int, list[FileEntry]]] = {}  # by index version
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -150,7 +150,7 @@ class Reads:
             attempt = attempt + 1 if await self._take(key, index, start, length, a, b) else MAX_PROBES
 
     def _plan_at(self, cluster: str, name: str, index: DbIndex, txid: int) -> list[FileEntry]:
-        version = (len(index), index.max_txid, index.size)
+        version = index.version
         cached = self._plans.get((cluster, name, txid))
         if cached is None or cached[0] != version:
             if len(self._plans) > 1024:
@@ -160,7 +160,7 @@ class Reads:
 
     def _latest(self, cluster: str, name: str, index: DbIndex) -> tuple[Head | None, str]:
         """The latest head (without index locations) and its ETag, recomputed only when the index changed."""
-        version = (len(index), index.max_txid, index.size)
+        version = index.version
         cached = self._heads.get((cluster, name))
         if cached is None or cached[0] != version:
             head = heads.latest(index)

@@ -203,3 +203,24 @@ class TestPages:
                                      ({"txid": f"{txid:x}", "pgno": "1", "count": "1000"}, 400, "EBADREQUEST")):
             async with http.get(server.url + "/db/pages", headers=AUTH, params={"db": "app.db", **params}) as resp:
                 assert resp.status == status and (await resp.json())["code"] == code, params
+
+
+def test_plans_and_heads_of_a_database_started_over_are_its_new_ones() -> None:
+    """A database deleted and started over can come back with as many files, as many bytes and the same newest TXID
+    as before: the read routes' caches of its plans and head follow the index itself, not those counts."""
+    from sidecar.engine.index import DbIndex, FileEntry
+    from sidecar.server.reads import Reads
+
+    def history(post: int) -> DbIndex:
+        return DbIndex([FileEntry(9, 1, 3, 1000, 500, 5, 4096, 0, post), FileEntry(0, 4, 4, 2000, 100, 5, 4096,
+                                                                                     post, post + 1)])
+
+    reads = Reads(None)  # type: ignore[arg-type]  # the caches need no engine
+    old, new = history(0xA), history(0xB)
+    assert (len(old), old.max_txid, old.size) == (len(new), new.max_txid, new.size)
+    assert reads._plan_at("c", "app.db", old, 4)[-1].post == 0xB
+    assert reads._plan_at("c", "app.db", new, 4)[-1].post == 0xC
+    head, _ = reads._latest("c", "app.db", old)
+    assert head is not None and head.post_apply_checksum == 0xB
+    head, _ = reads._latest("c", "app.db", new)
+    assert head is not None and head.post_apply_checksum == 0xC
