@@ -42,7 +42,7 @@ from sidecar.ltx import (
     lock_pgno,
 )
 from sidecar.ltx.checksum import crc, crc_combine, database_checksum_from_pages
-from sidecar.ltx.decoder import check_trailer, lz4_block_bound
+from sidecar.ltx.decoder import check_trailer, lz4_block_bound, verify
 
 Progress = Callable[[int, int], None]  # (bytes of input done, bytes of input in all)
 
@@ -94,8 +94,15 @@ def merge(paths: Sequence[Path], out: Path, progress: Progress | None = None, *,
         local = [str(p) for p in paths]
         fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(fd, commit * page_size)  # unwritten pages (the lock page) read as zeros
-            results = _run_ranges(local, labels, str(out), bounds, commit, total, progress)
+            try:
+                results = _run_ranges(local, labels, str(out), bounds, commit, total, progress)
+            except _MissingPage as err:
+                # A page no file holds: a plan short of a file, or a corrupt header (a flipped commit) that only
+                # the file checksum, read at the end, would tell. Blame the file when one is corrupt.
+                raise _corrupt_file(maps, labels) or err from None
+            # Every window is written by now, the lock page's as zeros; the size is set only after that, so a
+            # corrupt commit never makes a file of terabytes first.
+            os.ftruncate(fd, commit * page_size)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -110,6 +117,20 @@ def merge(paths: Sequence[Path], out: Path, progress: Progress | None = None, *,
     # so XOR of crc(page) = XOR of the chain values after the pages ⊕ M·(XOR of the values before them).
     page_crcs = after ^ crc_combine(before, 0, page_size)
     return Merged(database_checksum_from_pages(page_crcs, commit, page_size), pages, page_size)
+
+
+class _MissingPage(RestoreError):
+    """No file of the plan holds a page within commit."""
+
+
+def _corrupt_file(maps: Sequence[mmap.mmap], names: Sequence[str]) -> RestoreError | None:
+    """The first input that does not decode and verify whole, named; None if every one does. Error path only."""
+    for mm, name in zip(maps, names, strict=True):
+        try:
+            verify(mm, Version.V3)
+        except LTXError as err:
+            return RestoreError(f"corrupt backup file: {name}: {err}")
+    return None
 
 
 def _cores() -> int:
@@ -191,7 +212,7 @@ def _merge_range(paths: list[str], names: list[str], out: str, lo: int, hi: int,
                     taken[lock - wlo] = 1
                 missing = taken.find(0, 0, n)
                 if missing >= 0:
-                    raise RestoreError(f"restore plan is missing page {wlo + missing} (commit is {commit})")
+                    raise _MissingPage(f"restore plan is missing page {wlo + missing} (commit is {commit})")
                 writer.write(win[:n * ps], (wlo - 1) * ps)
                 if progress:
                     progress(min(total * (whi - lo) // max(hi - lo, 1), total - 1), total)

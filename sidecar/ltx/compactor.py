@@ -18,6 +18,7 @@ from typing import BinaryIO
 from sidecar.ltx.decoder import Decoder, decode_v2
 from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.errors import CompactionError, LTXError
+from sidecar.ltx.reader import NotWhole
 from sidecar.ltx.types import (
     FLAG_NO_CHECKSUM,
     HEADER_SIZE,
@@ -30,6 +31,7 @@ from sidecar.ltx.types import (
 )
 
 SMALL_MERGE = 4 << 20  # bytes of v2 inputs in memory merged whole (decompressed, a few times that)
+SMALL_MERGE_PAGES = 8 * SMALL_MERGE  # their pages' bytes, at most: LZ4 expands up to 255 times
 
 
 def check_contiguous(headers: Sequence[Header], trailers: Sequence[Trailer] | None = None, *,
@@ -129,7 +131,10 @@ def compact(inputs: Sequence[BinaryIO | BytesLike], out: BinaryIO, *, version: V
     in_memory: list[BytesLike] = [src for src in inputs if not hasattr(src, "readinto")]  # type: ignore[misc]
     if version == Version.V2 and len(in_memory) == len(inputs) and \
             sum(memoryview(src).nbytes for src in in_memory) <= SMALL_MERGE:
-        return _compact_small(in_memory, out, flags, out_version, bool(allow_overlap))
+        try:
+            return _compact_small(in_memory, out, flags, out_version, bool(allow_overlap))
+        except NotWhole:
+            pass  # pages far larger than their files: the streaming merge, one page per input in memory
     decoders = []
     for i, src in enumerate(inputs):
         try:
@@ -159,19 +164,20 @@ def compact(inputs: Sequence[BinaryIO | BytesLike], out: BinaryIO, *, version: V
     return out_header, enc.close(last[1])
 
 
-def merge_v2(inputs: Sequence[BytesLike], names: Sequence[object], *, allow_overlap: bool = False) \
+def merge_v2(inputs: Sequence[BytesLike], names: Sequence[object], *, allow_overlap: bool = False, limit: int = 0) \
         -> tuple[list[Header], list[Trailer], list[tuple[int, memoryview]], int]:
     """v2 files in memory, each decoded and verified whole (`decode_v2`), their pages merged in a dict (a later
     file's page replaces an earlier's): ~3x cheaper than the streaming merge. Errors are prefixed with the file's
     entry in `names`. Returns headers, trailers, the merged pages in order (commit not applied), and how many
-    pages the first file holds."""
+    pages the first file holds. With a `limit`, NotWhole once the pages pass that many bytes (or a file needs the
+    general LZ4 path): nothing is merged, the caller merges streaming."""
     headers: list[Header] = []
     trailers: list[Trailer] = []
     merged: dict[int, memoryview] = {}
-    first_count = 0
+    first_count = held = 0
     for name, data in zip(names, inputs, strict=True):
         try:
-            header, trailer, pages = decode_v2(data)
+            header, trailer, pages = decode_v2(data, max(1, limit - held) if limit else 0)
         except LTXError as err:
             raise type(err)(f"{name}: {err}", field=err.field) from err
         if headers:
@@ -182,6 +188,7 @@ def merge_v2(inputs: Sequence[BytesLike], names: Sequence[object], *, allow_over
         headers.append(header)
         trailers.append(trailer)
         merged.update(pages)
+        held += len(pages) * header.page_size
     return headers, trailers, sorted(merged.items()), first_count
 
 
@@ -195,7 +202,8 @@ def _compact_small(inputs: Sequence[BytesLike], out: BinaryIO, flags: int | None
         except LTXError as err:
             raise type(err)(f"decode header for input {i}: {err}", field=err.field) from err
     check_contiguous(headers, allow_overlap=allow_overlap)
-    _, trailers, pages, _ = merge_v2(inputs, [f"input {i}" for i in range(len(inputs))], allow_overlap=allow_overlap)
+    _, trailers, pages, _ = merge_v2(inputs, [f"input {i}" for i in range(len(inputs))], allow_overlap=allow_overlap,
+                                     limit=SMALL_MERGE_PAGES)
     check_contiguous(headers, trailers, allow_overlap=allow_overlap)
     out_header = compacted_header(headers, headers[0].flags if flags is None else flags,
                                   trailers[-1].post_apply_checksum)

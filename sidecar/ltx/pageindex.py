@@ -111,6 +111,8 @@ def decode(data: bytes | memoryview, base: int, *, aligned_start: bool, aligned_
         else:
             shift += 7
             if shift > 63:
+                if aligned_start and aligned_end:  # no other reading of these bytes: not an index
+                    raise ValueError(f"page index at {base + j}: varint overflows 64 bits")
                 return None
     if shift and aligned_end:
         raise ValueError(f"page index at {base + n}: ends inside a varint")

@@ -178,6 +178,25 @@ class TestRestore:
             await restore(store, "", plan, tmp_path / "out.db")
         assert not (tmp_path / "out.db").exists()
 
+    @pytest.mark.parametrize("flip", [0x01, 0x80])
+    async def test_a_flipped_commit_blames_the_file_not_the_plan(self, chain: Chain, tmp_path: Path,
+                                                                   flip: int) -> None:
+        """A bit flipped in the newest file's commit (the database's size) is that file's corruption, named as
+        such; not "the plan is missing a page", and no output file of terabytes is made to find out."""
+        chain.snapshot(100)
+        bad = chain.add([3, 4], 100)
+        data = bytearray(bad.read_bytes())
+        data[12] ^= flip  # the commit's top byte: 2**24 or 2**31 pages more
+        bad.write_bytes(bytes(data))
+        store = open_storage(f"file://{chain.root}")
+        plan = plan_restore(await scan(store, ""))
+        key = bad.relative_to(chain.root).as_posix()
+        out = tmp_path / "out.db"
+        with pytest.raises(RestoreError, match=rf"corrupt backup file: {key}: file checksum mismatch"):
+            merge_module.merge([chain.root / e.key(FILE_LAYOUT, "") for e in plan], out, names=[
+                e.key(FILE_LAYOUT, "") for e in plan])
+        assert out.stat().st_size <= 100 * 512
+
     async def test_a_plan_without_every_page_is_refused(self, chain: Chain, tmp_path: Path) -> None:
         chain.snapshot(100)
         chain.add([3, 4], 100)

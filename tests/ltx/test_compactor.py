@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import random
+import tracemalloc
 
 import pytest
 
 from sidecar.ltx import FLAG_COMPRESS_LZ4, FLAG_NO_CHECKSUM, HEADER_SIZE, Header, Trailer, Version
 from sidecar.ltx.compactor import check_contiguous, compact, compacted_header, final_checksum_hint
 from sidecar.ltx.decoder import decode
+from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.errors import CompactionError, InvalidHeader, LTXError
 from tests.ltx.chain import PAGE, build_chain, checksum, page, to_v3_no_checksum
 
@@ -222,6 +224,26 @@ class TestCompact:
             compact(bad, io.BytesIO(), version=Version.V2)
         with pytest.raises(LTXError):
             compact([io.BytesIO(f) for f in bad], io.BytesIO(), version=Version.V2)
+
+    def test_inputs_that_decompress_far_past_their_size_are_merged_streaming(self) -> None:
+        """An LZ4 input of 0.4 MB whose pages are 100 MB (zero pages compress 255:1; one client's upload, or a
+        large transaction) is merged a page at a time, not decompressed whole into memory with its neighbours."""
+        out = io.BytesIO()
+        enc = Encoder(out, h(2, 2, F | 5, size=4096, flags=FLAG_COMPRESS_LZ4, commit=25_000), Version.V2)
+        zeros = bytes(4096)
+        for pgno in range(1, 25_001):
+            enc.write_page(pgno, zeros)
+        enc.close(F | 7)
+        data = out.getvalue()
+        assert len(data) < 1 << 20
+        tracemalloc.start()
+        try:
+            header, trailer = compact([data], io.BytesIO(), version=Version.V2)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (header.commit, trailer.post_apply_checksum) == (25_000, F | 7)
+        assert peak < 64 << 20, f"{peak >> 20} MiB held for 100 MB of pages"  # whole: twice the pages (195 MiB)
 
     def test_overlap_is_allowed_by_default_only_in_v3(self) -> None:
         files, db = build_chain([(3, {1: 1}), (3, {2: 2}), (4, {4: 4})])

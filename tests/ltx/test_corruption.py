@@ -7,9 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.ltx import HEADER_SIZE, LTXError, Version
+import sidecar.ltx.sqlite as sqlite_mod
+from sidecar.ltx import HEADER_SIZE, ChecksumMismatch, Header, LTXError, Version, lock_pgno
+from sidecar.ltx.checksum import crc, database_checksum
 from sidecar.ltx.decoder import Decoder, decode, verify
+from sidecar.ltx.encoder import Encoder
+from sidecar.ltx.sqlite import Applier
 from tests.conftest import GO_V2, LITEFS, LITESTREAM
+from tests.ltx.chain import PAGE, build_chain, checksum, page
 
 L0 = LITESTREAM / "replica" / "ltx" / "0"
 CASES = [
@@ -85,3 +90,51 @@ def test_errors_name_field_or_offset() -> None:
     with pytest.raises(LTXError, match="at byte") as err2:
         verify(data[:-5], Version.V2)
     assert err2.value.offset is not None
+
+
+def _grow_file(db: dict[int, bytes], commit: int, writes: dict[int, bytes], post: int, size: int) -> bytes:
+    """A v2 file at TXID 2 on top of `db` (at TXID 1): `writes`, and the database grown to `commit` pages."""
+    out = io.BytesIO()
+    enc = Encoder(out, Header(page_size=size, commit=commit, min_txid=2, max_txid=2, timestamp=1,
+                              pre_apply_checksum=checksum(db, size)), Version.V2)
+    for pgno, data in sorted(writes.items()):
+        enc.write_page(pgno, data)
+    enc.close(post)
+    return out.getvalue()
+
+
+class TestApplierGrowth:
+    def test_huge_commit_is_not_walked_page_by_page(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A checksummed file claiming 2**32 - 2 pages (the rest zeros) with a wrong post-apply checksum is refused
+        by that checksum without summing four billion zero pages first (hours of CRCs, the process stuck)."""
+        files, db = build_chain([(2, {1: 1, 2: 2})])
+        data = _grow_file(db, 2**32 - 2, {1: page(3, 1)}, checksum(db), PAGE)
+        calls = 0
+
+        def counted(*args: object) -> int:
+            nonlocal calls
+            calls += 1
+            assert calls < 10_000, "the applier checksums the new pages one by one"
+            return crc(*args)  # type: ignore[arg-type]
+
+        with open(tmp_path / "db", "w+b") as f:
+            applier = Applier(f)
+            applier.apply(files[0], Version.V2)
+            monkeypatch.setattr(sqlite_mod, "crc", counted)
+            with pytest.raises(ChecksumMismatch, match="post-apply checksum mismatch"):
+                applier.apply(data, Version.V2)
+
+    def test_growth_past_the_lock_page_counts_zero_pages(self, tmp_path: Path) -> None:
+        """Grown pages left unwritten count as zero pages, the lock page never, whatever pages the file writes."""
+        size = 65536
+        lock = lock_pgno(size)
+        files, db = build_chain([(2, {1: 1, 2: 2})], size=size)
+        commit = lock + 4
+        writes = {lock - 1: page(5, lock - 1, size), lock + 2: page(6, lock + 2, size)}
+        after = {**{p: bytes(size) for p in range(1, commit + 1)}, **db, **writes}
+        del after[lock]
+        data = _grow_file(db, commit, writes, database_checksum(sorted(after.items()), size), size)
+        with open(tmp_path / "db", "w+b") as f:
+            applier = Applier(f)
+            applier.apply(files[0], Version.V2)
+            assert applier.apply(data, Version.V2).txid == 2

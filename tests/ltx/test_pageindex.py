@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sidecar.ltx import FLAG_NO_CHECKSUM, Header, Version
 from sidecar.ltx.encoder import Encoder
-from sidecar.ltx.pageindex import SparseIndex, Unknown, decode, index_span
+from sidecar.ltx.pageindex import MAX_PROBES, SparseIndex, Unknown, decode, index_span
 
 
 def ltx_file(pgnos: list[int], seed: int = 0, page_size: int = 512, snapshot: bool = False) -> bytes:
@@ -125,3 +125,28 @@ class TestWindows:
         assert start <= run.start and run.end <= end
         for p, o, s in zip(run.pgnos, run.offsets, run.sizes, strict=True):
             assert truth[p] == (o, s)
+
+
+class TestCorruptIndex:
+    def test_overlong_varint_in_an_aligned_span_is_refused(self) -> None:
+        """A span read whole between known entries (aligned both ends) that holds a varint of more than 64 bits
+        is no index: a ValueError, not "ambiguous, read again", which had the caller re-read it forever."""
+        data = bytearray(ltx_file([1, 2, 3, 7, 9]))
+        start, end = index_span(data[-64:], len(data))
+        data[start + 3:start + 13] = b"\xff" * 10  # ten continuation bytes: 70 bits
+        with pytest.raises(ValueError, match="varint"):
+            decode(data[start:end], start, aligned_start=True, aligned_end=True)
+        idx = SparseIndex(start, end, 10)
+        reads = 0
+        with pytest.raises(ValueError):
+            attempt = 0
+            while True:  # the documented find loop of the module's callers (view.py, server/reads.py)
+                try:
+                    idx.find(7)
+                    break
+                except Unknown:
+                    pass
+                s, length, a, b = idx.read_for(7, attempt)
+                reads += 1
+                assert reads < 10, "the same span is read again and again"
+                attempt = attempt + 1 if idx.take(data[s:s + length], s, a, b) else MAX_PROBES
