@@ -18,9 +18,10 @@ from pathlib import Path
 
 from sidecar.fsutil import map_files
 from sidecar.ltx import FLAG_COMPRESS_LZ4, Header, LTXError, Pos, Trailer, Version
-from sidecar.ltx.compactor import check_contiguous, compacted_header, merge_pages, merge_v2
+from sidecar.ltx.compactor import SMALL_MERGE_PAGES, check_contiguous, compacted_header, merge_pages, merge_v2
 from sidecar.ltx.decoder import Decoder
 from sidecar.ltx.encoder import Encoder
+from sidecar.ltx.reader import NotWhole
 from sidecar.ltx.sqlite import Applier, database_checksum_of, encode_db, sqlite_page_size
 from sidecar.ltx.types import BytesLike, lock_pgno
 
@@ -42,10 +43,14 @@ def compact_files(paths: Sequence[str | Path], *, min_txid: int | None = None, m
         inputs = [_load(stack, path) for path in paths]
         small = [data for data in inputs if isinstance(data, bytes)]
         decoders: list[Decoder] = []
+        merged: list[tuple[int, memoryview]] | None = None
         if len(small) == len(inputs):  # every per-transaction file
-            headers, trailers, merged, first_count = merge_v2(small, paths)
-            check_contiguous(headers, trailers)
-        else:  # a big file among them (a snapshot): a streaming merge holding one page per input
+            try:
+                headers, trailers, merged, first_count = merge_v2(small, paths, limit=SMALL_MERGE_PAGES)
+                check_contiguous(headers, trailers)
+            except NotWhole:  # pages far larger than their files (LZ4 expands up to 255 times): streamed instead
+                merged = None
+        if merged is None:  # a big file among them (a snapshot): a streaming merge holding one page per input
             decoders = [_decoder(path, data) for path, data in zip(paths, inputs, strict=True)]
             headers = [d.header for d in decoders]
             check_contiguous(headers)
@@ -53,7 +58,7 @@ def compact_files(paths: Sequence[str | Path], *, min_txid: int | None = None, m
         header = compacted_header(headers, lz4).replace(**changes)
         out = io.BytesIO()
         enc = Encoder(out, header, Version.V2)
-        for pgno, page in merge_pages(decoders, header.commit) if decoders else merged:
+        for pgno, page in merge_pages(decoders, header.commit) if merged is None else merged:
             if pgno <= header.commit:
                 enc.write_page(pgno, page)
         if decoders:

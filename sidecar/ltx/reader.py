@@ -19,7 +19,9 @@ _CHUNK = 1 << 20  # stream read size
 _LZ4_OUT = 1 << 18  # decompressed bytes produced per refill
 _LZ4_IN = 1 << 16  # compressed bytes fed per refill
 _LZ4_WHOLE = 1 << 18  # an in-memory frame up to this size (compressed) is decompressed in one call,
-_LZ4_WHOLE_OUT = 1 << 24  # into at most this much (python-lz4 is 3× slower with no limit, and slower with a huge one)
+_LZ4_WHOLE_OUT = 1 << 20  # into at most this much (python-lz4 is 3× slower with no limit, and slower with a huge
+# one); a frame of pages that compress far better (LZ4 expands up to 255 times) goes on in `_LZ4_OUT` steps, so a
+# streaming merge of many such inputs holds at most this much of each
 
 
 _FRAME_MAGIC = b"\x04\x22\x4d\x18"

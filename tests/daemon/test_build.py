@@ -3,14 +3,19 @@ give the same upload; a broken file or a gap is refused naming it."""
 
 from __future__ import annotations
 
+import io
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from sidecar.daemon.build import compact_files
-from sidecar.ltx import CompactionError, LTXError, Version
+from sidecar.ltx import FLAG_COMPRESS_LZ4, CompactionError, Header, LTXError, Version
 from sidecar.ltx.decoder import decode
+from sidecar.ltx.encoder import Encoder
 from tests.ltx.chain import build_chain
+
+F = 1 << 63  # the checksum flag
 
 PAGE = 4096
 
@@ -56,3 +61,30 @@ class TestCompactFiles:
         paths = write(tmp_path, files)
         with pytest.raises(CompactionError, match="non-contiguous"):
             compact_files([paths[0], paths[2]])
+
+
+def test_transactions_whose_pages_far_outgrow_their_files_are_merged_streaming(tmp_path: Path) -> None:
+    """Two LiteFS files of 0.2 MB each whose pages are 49 MB each (zero pages compress 255:1: a large transaction
+    of a sparse table) are merged a page at a time, not decompressed whole into the sidecar's memory."""
+    files = []
+    for k, (pre, post) in enumerate(((F | 5, F | 7), (F | 7, F | 9))):
+        out = io.BytesIO()
+        header = Header(page_size=4096, commit=12_000, min_txid=2 + k, max_txid=2 + k, timestamp=0,
+                        pre_apply_checksum=pre, flags=FLAG_COMPRESS_LZ4)
+        enc = Encoder(out, header, Version.V2)
+        for pgno in range(1, 12_001):
+            enc.write_page(pgno, bytes(4096))
+        enc.close(post)
+        files.append(out.getvalue())
+    assert all(len(f) < 1 << 20 for f in files)
+    paths = write(tmp_path, files)
+    tracemalloc.start()
+    try:
+        body, header, post = compact_files(paths)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (header.min_txid, header.max_txid, header.commit, post) == (2, 3, 12_000, F | 9)
+    got = decode(body, Version.V2)
+    assert len(got[1]) == 12_000 and got[2].post_apply_checksum == F | 9
+    assert peak < 48 << 20, f"{peak >> 20} MiB held for 98 MB of pages"  # whole: the 98 MB and more
