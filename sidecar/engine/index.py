@@ -114,8 +114,16 @@ class DbIndex:
         self._totals()
 
     def newest(self, level: int) -> FileEntry | None:
+        """The level's file reaching the highest TXID. Files sort by min_txid, so a snapshot in a level below L9 (an
+        import compacted into it, 1..N) sorts first however far it reaches: the newest is the last file or the
+        last of the snapshots."""
         files = self.levels.get(level)
-        return files[-1] if files else None
+        if not files:
+            return None
+        snaps = bisect.bisect_left(files, (2, 0), key=_order)  # files[:snaps] start at TXID 1, by max_txid
+        if snaps and files[snaps - 1].max_txid > files[-1].max_txid:
+            return files[snaps - 1]
+        return files[-1]
 
     @property
     def max_txid(self) -> int:
