@@ -123,8 +123,16 @@ class DbIndex:
         self.version = next(_VERSIONS)
 
     def newest(self, level: int) -> FileEntry | None:
+        """The level's file reaching the highest TXID. Files sort by min_txid, so a snapshot in a level below L9 (an
+        import compacted into it, 1..N) sorts first however far it reaches: the newest is the last file or the
+        last of the snapshots."""
         files = self.levels.get(level)
-        return files[-1] if files else None
+        if not files:
+            return None
+        snaps = bisect.bisect_left(files, (2, 0), key=_order)  # files[:snaps] start at TXID 1, by max_txid
+        if snaps and files[snaps - 1].max_txid > files[-1].max_txid:
+            return files[snaps - 1]
+        return files[-1]
 
     @property
     def max_txid(self) -> int:
@@ -304,20 +312,18 @@ def restore_points(index: DbIndex) -> list[tuple[int, int, int]]:
 
 
 def reachable(index: DbIndex) -> set[int]:
-    """TXIDs at which a contiguous chain starting from a snapshot ends."""
-    ends = {e.max_txid for e in index if e.is_snapshot}
-    starts: dict[int, list[FileEntry]] = {}
-    for e in index:
-        if not e.is_snapshot:
-            starts.setdefault(e.min_txid, []).append(e)
-    todo = sorted(ends)
-    while todo:
-        t = todo.pop()
-        for e in starts.get(t + 1, ()):
-            if e.max_txid not in ends:
-                ends.add(e.max_txid)
-                todo.append(e.max_txid)
-    return ends
+    """TXIDs at which a chain starting from a snapshot ends, as `plan_restore` chains files: a file continues a chain
+    that reaches any TXID in [min_txid - 1, max_txid - 1], so it may overlap what precedes it (a snapshot taken while
+    L1 lagged ends inside the next L1 file). Taken in min_txid order, a reachable TXID in that range is always known
+    already: the chain reaching it first crosses min_txid - 1 through a file with a smaller min_txid."""
+    known: list[int] = []
+    for e in sorted(index, key=_order):
+        i = bisect.bisect_left(known, e.min_txid - 1)
+        if e.is_snapshot or (i < len(known) and known[i] < e.max_txid):
+            j = bisect.bisect_left(known, e.max_txid)
+            if j == len(known) or known[j] != e.max_txid:
+                known.insert(j, e.max_txid)
+    return set(known)
 
 
 __all__ = ["SNAPSHOT_LEVEL", "DbIndex", "FileEntry", "reachable", "restore_points", "scan"]

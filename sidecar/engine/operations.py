@@ -19,7 +19,7 @@ from sidecar.engine.restore import RestoreResult, plan_restore, restore
 from sidecar.engine.uploadlog import UploadLog
 from sidecar.errors import SidecarError
 from sidecar.ltx import Header, Pos, Trailer, Version
-from sidecar.ltx.sqlite import encode_db
+from sidecar.ltx.sqlite import encode_db, sqlite_page_size
 from sidecar.storage.base import Storage
 
 WriteTx = Callable[[str, str, bytes], Awaitable[int]]
@@ -88,8 +88,11 @@ class Operations:
 
             def encode() -> bytes:
                 with open(db_path, "rb") as src, open(ltx, "wb") as dst:
-                    encode_db(src, dst, version=Version.V2, compress=True, onto=pos,
-                              timestamp=int(self.clock() * 1000))
+                    # A state of another page size (from before a VACUUM that changed it) is a snapshot at the next
+                    # TXID: only a snapshot may change a database's page size.
+                    same = not db.page_size or sqlite_page_size(src.read(100)) == db.page_size
+                    encode_db(src, dst, version=Version.V2, compress=True, onto=pos if same else None,
+                              txid=pos.txid + 1, timestamp=int(self.clock() * 1000))
                 return ltx.read_bytes()
             data = await asyncio.to_thread(encode)
         await self.write_tx(cluster, name, data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import sqlite3
@@ -15,6 +16,7 @@ from sidecar.engine import Engine, Levels, plan_restore
 from sidecar.engine.flush import phase
 from sidecar.errors import PosMismatch, SidecarError
 from sidecar.ltx import LTXError, Pos
+from sidecar.ltx.sqlite import encode_db
 from sidecar.storage import open_storage
 from sidecar.storage.base import SNAPSHOT_LEVEL
 from tests.engine.history import History
@@ -205,3 +207,34 @@ async def test_litestream_restores_our_store(tmp_path: Path, history: History) -
         assert ours.read_bytes() == theirs.read_bytes()
         os.unlink(ours)
         os.unlink(theirs)
+
+
+async def test_a_state_from_before_a_page_size_change_restores_in_place(tmp_path: Path, history: History) -> None:
+    """An operator restore (write_state) of a point before a VACUUM that changed the page size appends it as the new
+    head, as a snapshot (an incremental file cannot change the page size); the history before it stays restorable."""
+    clock = Clock()
+    engine = await open_engine(tmp_path, clock, Levels(l0_interval=0))
+    for _ in range(3):
+        history.write()
+        clock.now += 10
+        await engine.write_tx("c", "app.db", history.commit(int(clock.now * 1000)))
+    history.con.execute("PRAGMA page_size=8192")
+    history.con.execute("VACUUM")
+    history.page_size, history.pages = 8192, {}
+    history.write()
+    clock.now += 10
+    history.commit(int(clock.now * 1000))  # TXID 4's checksum; LiteFS ships a new page size as a snapshot
+    snapshot = io.BytesIO()
+    with open(history.path, "rb") as f:
+        encode_db(f, snapshot, compress=True, txid=4, timestamp=int(clock.now * 1000))
+    await engine.write_tx("c", "app.db", snapshot.getvalue())
+    assert engine.pos("c", "app.db") == history.pos
+    old = await engine.restore_to("c", "app.db", tmp_path / "old.db", txid=2)
+    assert old.page_size == 4096
+    pos = await engine.write_state("c", "app.db", tmp_path / "old.db")
+    assert pos.txid == 5 and engine.hwm("c", "app.db") == 5
+    head = await engine.restore_to("c", "app.db", tmp_path / "head.db")
+    assert (head.txid, head.checksum, head.page_size) == (5, history.checksums[2], 4096)
+    before = await engine.restore_to("c", "app.db", tmp_path / "before.db", txid=4)
+    assert (before.checksum, before.page_size) == (history.checksums[4], 8192)
+    await engine.close()

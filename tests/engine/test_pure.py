@@ -72,6 +72,12 @@ class TestCompactionSources:
         ("L2 from L1", 2, [f(1, 1, 3), f(1, 4, 9)], [(1, 1, 3), (1, 4, 9)]),
         ("snapshot from the restore plan", 9, [f(0, 1, 3), f(0, 4, 5)], [(0, 1, 3), (0, 4, 5)]),
         ("snapshot already current", 9, [f(9, 1, 5), f(0, 1, 3), f(0, 4, 5)], []),
+        # An import (a snapshot upload) made an L1 file starting at TXID 1: it is L1's newest, though it sorts first.
+        ("only what L1 lacks after an import", 1, [f(1, 1, 1), f(1, 2, 5), f(1, 1, 12), f(0, 1, 9), f(0, 10, 12),
+                                                   f(0, 13, 13)], [(0, 13, 13)]),
+        ("nothing new after an import", 1, [f(1, 1, 1), f(1, 2, 5), f(1, 1, 12), f(0, 1, 9), f(0, 10, 12)], []),
+        ("only what L2 lacks after an import", 2, [f(2, 2, 5), f(2, 1, 12), f(1, 1, 12), f(1, 13, 14)],
+         [(1, 13, 14)]),
     ]
 
     @pytest.mark.parametrize(("name", "level", "files", "want"), CASES, ids=[c[0] for c in CASES])
@@ -153,6 +159,11 @@ class TestRetention:
                                                          f(9, 1, 30, 80 * DAY)],
          [(9, 1, 10)]),
         ("each level's newest file stays", [f(0, 1, 5, 10 * DAY)], []),
+        ("old L0 covered by an L1 file from an import goes", [f(9, 1, 1, 50 * DAY), f(1, 1, 1, 50 * DAY),
+                                                              f(1, 2, 5, 90 * DAY), f(1, 1, 12, 98 * DAY),
+                                                              f(0, 2, 5, 90 * DAY), f(0, 1, 9, 98 * DAY),
+                                                              f(0, 10, 12, 98 * DAY), f(0, 13, 13, 99.9 * DAY)],
+         [(0, 2, 5), (0, 1, 9), (0, 10, 12)]),
     ]
 
     @pytest.mark.parametrize(("name", "files", "want"), CASES, ids=[c[0] for c in CASES])

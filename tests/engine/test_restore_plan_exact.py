@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.engine import DbIndex, FileEntry, Levels, plan_restore, retention_victims
+from sidecar.engine import DbIndex, FileEntry, Levels, plan_restore, restore_points, retention_victims
+from sidecar.engine.index import reachable
 from sidecar.errors import RestoreError
 from sidecar.storage.base import SNAPSHOT_LEVEL
 
@@ -60,6 +61,19 @@ def test_overlapping_files_continue_the_chain() -> None:
     """A file starting before the current TXID (v3 overlap) continues the chain if it reaches beyond it."""
     assert plan(index((S, 1, 10), (1, 5, 12), (0, 13, 13))) == [(S, 1, 10), (1, 5, 12), (0, 13, 13)]
     assert plan(index((S, 1, 10), (1, 5, 10), (0, 11, 11))) == [(S, 1, 10), (0, 11, 11)]
+
+
+def test_restore_points_are_the_ends_plans_reach_through_overlapping_files() -> None:
+    """A snapshot taken while L1 lagged (its L1 write failed, or a flush landed during the compaction) ends inside the
+    next L1 file; once L0 retention deleted the flushes after it, that L1 file continues the chain from the snapshot
+    by overlap. Its end and what follows are restore points (`ls`, the operator's list) and the restorable head
+    (the position reported after a restart), as the plans say."""
+    idx = index((S, 1, 12), (1, 11, 20), (1, 21, 25), (0, 26, 26))
+    assert plan(idx) == [(S, 1, 12), (1, 11, 20), (1, 21, 25), (0, 26, 26)]
+    assert [p[0] for p in restore_points(idx)] == [12, 20, 25, 26]
+    assert reachable(idx) == {12, 20, 25, 26}
+    head = idx.restorable_head()
+    assert head is not None and (head.level, head.max_txid) == (0, 26)
 
 
 ERRORS: list[tuple[str, DbIndex, dict[str, int], str]] = [
