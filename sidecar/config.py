@@ -405,6 +405,9 @@ def _from_file(path: str, wanted: Sequence[str], given: dict[str, _Given], probl
         problems.append(f"config file {path}: not found")
     except tomllib.TOMLDecodeError as err:  # the message ends "(at line L, column C)"
         problems.append(f"config file {path}: not valid TOML: {err}")
+    except UnicodeDecodeError as err:  # TOML is UTF-8; tomllib decodes the whole file before parsing
+        line = err.object.count(b"\n", 0, err.start) + 1
+        problems.append(f"config file {path}: not UTF-8: byte 0x{err.object[err.start]:02x} on line {line}")
     except OSError as err:
         problems.append(f"config file {path}: {err.strerror or err}")
     for table, entries in doc.items():

@@ -365,6 +365,13 @@ class TestConfigFile:
         [problem] = problems(sections=["sidecar"], config_file=str(tmp_path))
         assert problem.startswith(f"config file {tmp_path}: ")
 
+    def test_file_not_in_utf8_is_a_problem_not_a_crash(self, tmp_path: Path) -> None:
+        """TOML is UTF-8: a file saved in Latin-1 is reported with its position, like a syntax error."""
+        path = tmp_path / "sidecar.toml"
+        path.write_bytes('[sidecar]\ncluster = "caf\u00e9"\n'.encode("latin-1"))
+        [problem] = problems(sections=["sidecar"], config_file=str(path))
+        assert problem.startswith(f"config file {path}: not UTF-8")
+
 
 class TestFlags:
     def parse(self, argv: list[str], section: str, fields: list[str] | None = None) -> dict[str, Any]:
