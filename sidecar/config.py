@@ -152,6 +152,13 @@ def _url_check(schemes: Sequence[str], empty: bool) -> _Check:
             return "file:// URL needs a path"
         if url.scheme != "file" and not url.netloc:
             return f"{url.scheme}:// URL needs a {'bucket' if url.scheme == 's3' else 'host'}"
+        if url.scheme in ("http", "https"):
+            try:
+                port = url.port  # None when absent; ValueError if not a number or above 65535
+            except ValueError:
+                port = 0
+            if port == 0:
+                return "port must be a number from 1 to 65535"
         return None
     return check
 
