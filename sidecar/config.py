@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, InvalidDatabaseName, validate_cluster_name
 
 ENV_PREFIX = "LITEFS_SIDECAR_"
 
@@ -141,6 +141,17 @@ def _word(value: str) -> str | None:
     return None if value and not any(c.isspace() for c in value) else "must be one word, not empty"
 
 
+def _cluster_name(value: str) -> str | None:
+    """One word that is also a safe name in the store (no `/`, no leading dot): the server's rule for clusters."""
+    if why := _word(value):
+        return why
+    try:
+        validate_cluster_name(value)
+    except InvalidDatabaseName as err:
+        return f"not a cluster name: {err.why}"
+    return None
+
+
 def _url_check(schemes: Sequence[str], empty: bool) -> _Check:
     def check(value: str) -> str | None:
         url = urlsplit(value)
@@ -220,7 +231,7 @@ class SidecarConfig:
                          "engine in-process over `file://` or `s3://` storage", "http", "https", "file", "s3",
                          example="https://backups.internal:20203")
     cluster: str = _setting("str", "default", "cluster name; each cluster is its own backup namespace",
-                            check=_word, example="prod")
+                            check=_cluster_name, example="prod")
     token: str = _secret("auth token for an `http(s)://` upstream", "$(cat /run/secrets/backup-token)")
     batch_interval: float = _duration("1s", "how long to gather LTX files into one upload (sub-second allowed)")
     max_files_per_upload: int = _setting("int", 256, "most LTX files in one upload", check=_at_least(1, "1"))

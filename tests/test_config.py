@@ -229,6 +229,8 @@ class TestScalars:
         ("metrics_addr", "9091", 'want host:port (or "" to disable)'),
         ("metrics_addr", "host:99999", 'want host:port (or "" to disable)'),
         ("cluster", "two words", "must be one word, not empty"),
+        ("cluster", "../prod", "not a cluster name: contains a path separator"),
+        ("cluster", ".litefs-sidecar", "not a cluster name: starts with a dot"),
     ])
     def test_bad_strings(self, name: str, value: str, why: str) -> None:
         """Each names what is wrong."""
