@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from sidecar.errors import SidecarError
@@ -32,6 +33,28 @@ def txid(text: str) -> int:
     return value
 
 
+def positive(text: str) -> float:
+    """`--seconds`, `--poll-interval`: a number greater than 0 (not nan or infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: want a number greater than 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """`--databases`: a whole number greater than 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a whole number greater than 0")
+    return value
+
+
 def check_output(text: str) -> Path:
     """`-o FILE` of a command that writes a file: its directory must exist (it is never created on a guess, as
     `cp` does not); SidecarError (exit 1) before any work is done."""
@@ -45,4 +68,4 @@ def check_output(text: str) -> Path:
     return out
 
 
-__all__ = ["TIMESTAMP_HELP", "TXID_HELP", "check_output", "timestamp", "txid"]
+__all__ = ["TIMESTAMP_HELP", "TXID_HELP", "check_output", "positive", "positive_int", "timestamp", "txid"]
