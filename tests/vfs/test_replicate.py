@@ -264,3 +264,16 @@ class TestReplicate:
                 proc.terminate()
             _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
+
+
+class TestReplicateArguments:
+    @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+    def test_a_poll_interval_that_would_spin_is_a_usage_error(self, value: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+        """0 or less would check the store's head object in a loop without a pause: exit 2, argparse names it."""
+        with pytest.raises(SystemExit) as info:
+            main(["replicate", "--follow", "--poll-interval", value, "-o", str(tmp_path / "copy.db"),
+                  f"file://{tmp_path}/backups/default/app.db"])
+        assert info.value.code == 2
+        assert f"argument --poll-interval: {value!r}: want a number greater than 0" in capsys.readouterr().err
+        assert not (tmp_path / "copy.db").exists()
