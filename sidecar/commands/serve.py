@@ -135,6 +135,9 @@ def _tokens(cfg: Config, problems: list[str]) -> dict[str, Scope]:
             tokens.update(parse_tokens(path.read_text(), str(path)))
         except OSError as err:
             problems.append(f"{where}: {err.strerror or err}")
+        except UnicodeDecodeError as err:
+            line = err.object.count(b"\n", 0, err.start) + 1
+            problems.append(f"{where}: not UTF-8: byte 0x{err.object[err.start]:02x} on line {line}")
         except SidecarError as err:  # its message starts with the path
             problems.append(f"server.tokens_file (from {cfg.source('server.tokens_file')}): {err}")
     if cfg.server.tokens:

@@ -153,6 +153,17 @@ class TestConfiguration:
             "  LITEFS_SIDECAR_SERVR_ADDR (from env): unknown variable; did you mean LITEFS_SIDECAR_SERVER_ADDR?",
         ]
 
+    def test_a_tokens_file_not_in_utf8_is_a_configuration_error(self, tmp_path: Path) -> None:
+        """A Latin-1 comment in the tokens file: exit 2 naming the file and the line, not a traceback."""
+        tokens = tmp_path / "tokens"
+        tokens.write_bytes(f"# caf\u00e9\ndefault {TOKEN}\n".encode("latin-1"))
+        proc = run_serve("--tokens-file", str(tokens), "--storage", f"file://{tmp_path}/s",
+                         "--state-dir", str(tmp_path / "st"))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[1:] == [
+            f"  server.tokens_file = {str(tokens)!r} (from flag --tokens-file): not UTF-8: byte 0xe9 on line 1"]
+        assert not (tmp_path / "st").exists()
+
     def test_tokens_are_required_unless_auth_is_off(self, tmp_path: Path) -> None:
         """No token at all refuses to start, with the way out in the message."""
         proc = run_serve("--storage", f"file://{tmp_path}/s", "--state-dir", str(tmp_path / "st"))
