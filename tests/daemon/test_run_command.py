@@ -39,6 +39,16 @@ def test_a_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and "Unclosed" not in proc.stderr
 
 
+def test_a_metrics_host_that_does_not_resolve_says_so(tmp_path: Path) -> None:
+    """The resolver's words (Name or service not known, or a temporary failure), not "unknown error -2"."""
+    proc = run("--data-dir", str(tmp_path / "data"), "--state-dir", str(tmp_path / "state"),
+               "--upstream", "http://127.0.0.1:9", "--metrics-addr", "no-such-host.invalid:9091")
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.splitlines()[-2]
+    assert line.startswith("litefs-sidecar: cannot serve metrics on no-such-host.invalid:9091 (--metrics-addr): ")
+    assert "unknown error" not in line
+
+
 def test_a_state_dir_it_cannot_create_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
