@@ -465,7 +465,8 @@ def _from_flags(flags: Mapping[str, Any], wanted: Sequence[str], given: dict[str
 
 
 def _check_engine(cfg: EngineConfig, given: Mapping[str, _Given], problems: list[str]) -> None:
-    """Levels get coarser (l0 < l1 < l2 < snapshot), and each level is kept at least as long as its interval."""
+    """Levels get coarser (l0 < l1 < l2 < snapshot), each level is kept at least as long as its interval, and a
+    lease outlasts three times the clock skew it allows for."""
 
     def where(name: str) -> str:
         key = f"engine.{name}"
@@ -479,6 +480,8 @@ def _check_engine(cfg: EngineConfig, given: Mapping[str, _Given], problems: list
     for level in levels:
         if getattr(cfg, f"{level}_retention") < getattr(cfg, f"{level}_interval"):
             problems.append(f"{where(f'{level}_retention')}: must be at least {where(f'{level}_interval')}")
+    if cfg.lease_ttl <= 3 * cfg.lease_skew:  # sidecar.engine.lease.Leases refuses it
+        problems.append(f"{where('lease_ttl')}: must be more than 3 times {where('lease_skew')}")
 
 
 def _build(section: str, given: Mapping[str, _Given], sources: dict[str, str], problems: list[str]) -> Any:

@@ -256,6 +256,13 @@ class TestEngineLevels:
         assert problem == ('engine.l2_retention = "30m" (from flag --l2-retention): '
                            'must be at least engine.l2_interval = "1h" (from default)')
 
+    def test_lease_ttl_must_exceed_three_times_the_skew(self) -> None:
+        """The lease's own rule, checked here so that `run` and `serve` exit 2 instead of raising at start."""
+        [problem] = problems(sections=["engine"], flags={"engine.lease_ttl": "5s"})
+        assert problem == ('engine.lease_ttl = "5s" (from flag --lease-ttl): '
+                           'must be more than 3 times engine.lease_skew = "2s" (from default)')
+        assert load(["engine"], env={}, flags={"engine.lease_ttl": "1s", "engine.lease_skew": "0"})
+
     def test_consistent_levels_load(self) -> None:
         """Short intervals for tests are fine as long as they are ordered."""
         env = {"LITEFS_SIDECAR_ENGINE_" + k: v for k, v in {
