@@ -152,6 +152,9 @@ def _cluster_name(value: str) -> str | None:
     return None
 
 
+_BUCKET = re.compile(r"[a-zA-Z0-9._-]{1,255}")  # what botocore sends; S3 itself is stricter, S3-compatibles vary
+
+
 def _url_check(schemes: Sequence[str], empty: bool) -> _Check:
     def check(value: str) -> str | None:
         url = urlsplit(value)
@@ -163,6 +166,8 @@ def _url_check(schemes: Sequence[str], empty: bool) -> _Check:
             return "file:// URL needs a path"
         if url.scheme != "file" and not url.netloc:
             return f"{url.scheme}:// URL needs a {'bucket' if url.scheme == 's3' else 'host'}"
+        if url.scheme == "s3" and not _BUCKET.fullmatch(url.netloc):
+            return "bucket name may hold only letters, digits, '.', '-' and '_' (s3://bucket/prefix)"
         if url.scheme in ("http", "https"):
             try:
                 port = url.port  # None when absent; ValueError if not a number or above 65535

@@ -222,6 +222,10 @@ class TestScalars:
         ("upstream", "ftp://x", "scheme must be http, https, file or s3"),
         ("upstream", "s3://", "s3:// URL needs a bucket"),
         ("upstream", "file://", "file:// URL needs a path"),
+        ("upstream", "s3://my_bucket!/litefs", "bucket name may hold only letters, digits, '.', '-' and '_' "
+                                                "(s3://bucket/prefix)"),
+        ("upstream", "s3://minio:9000/litefs", "bucket name may hold only letters, digits, '.', '-' and '_' "
+                                               "(s3://bucket/prefix)"),
         ("upstream", "http://backups:99999", "port must be a number from 1 to 65535"),
         ("upstream", "https://backups:https", "port must be a number from 1 to 65535"),
         ("litefs_url", "http://127.0.0.1:0", "port must be a number from 1 to 65535"),
