@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sidecar.errors import SidecarError
 from sidecar.storage.base import parse_rfc3339
@@ -55,6 +56,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def s3_endpoint(text: str) -> str:
+    """`--s3-endpoint`: an http(s) URL of a host, with a port from 1 to 65535 if any."""
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError:  # an unclosed [IPv6 literal, a port that is not a number or too large
+        url, port = None, 0
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want http(s)://HOST[:PORT], e.g. https://fly.storage.tigris.dev")
+    return text
+
+
 def check_output(text: str) -> Path:
     """`-o FILE` of a command that writes a file: its directory must exist (it is never created on a guess, as
     `cp` does not); SidecarError (exit 1) before any work is done."""
@@ -68,4 +81,5 @@ def check_output(text: str) -> Path:
     return out
 
 
-__all__ = ["TIMESTAMP_HELP", "TXID_HELP", "check_output", "positive", "positive_int", "timestamp", "txid"]
+__all__ = ["TIMESTAMP_HELP", "TXID_HELP", "check_output", "positive", "positive_int", "s3_endpoint",
+           "timestamp", "txid"]

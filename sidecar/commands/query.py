@@ -17,6 +17,7 @@ from typing import Any
 import apsw
 
 from sidecar import log as logmod
+from sidecar.commands import args as argtypes
 from sidecar.commands.backup import url_of
 from sidecar.config import load
 from sidecar.errors import SidecarError
@@ -51,7 +52,8 @@ def register(sub: Any) -> None:
 
 def source_flags(p: argparse.ArgumentParser) -> None:
     """Flags of every command that reads a backup by URL."""
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (env AWS_ENDPOINT_URL_S3 too)")
+    p.add_argument("--s3-endpoint", metavar="URL", type=argtypes.s3_endpoint,
+                   help="S3-compatible endpoint (env AWS_ENDPOINT_URL_S3 too)")
     p.add_argument("--s3-region", metavar="REGION")
     p.add_argument("--s3-force-path-style", action="store_true")
 
