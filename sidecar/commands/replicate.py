@@ -46,6 +46,7 @@ def register(sub: Any) -> None:
 
 async def cmd_replicate(args: argparse.Namespace) -> int:
     logmod.setup("info" if args.follow else "warning")
+    argtypes.check_output(args.output)  # as restore -o: a missing directory is a typo, never created on a guess
     source = open_source(args.url, token=token_for(args.url), poll_interval=args.poll_interval,
                          **s3_options(args))
     try:

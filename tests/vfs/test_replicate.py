@@ -267,6 +267,17 @@ class TestReplicate:
 
 
 class TestReplicateArguments:
+    async def test_an_output_in_a_missing_directory_is_refused_not_created(self, written: Written, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+        """As restore -o and admin download -o: exit 1 naming it, before any read; the directory is not made."""
+        await written.write()
+        await written.engine.flush_all()
+        out = tmp_path / "typo" / "copy.db"
+        argv = ["replicate", *written.flags, "-o", str(out), written.url]
+        assert await asyncio.to_thread(main, argv) == 1
+        assert capsys.readouterr().err == f"litefs-sidecar: -o {out}: {out.parent} does not exist\n"
+        assert not out.parent.exists()
+
     @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
     def test_a_poll_interval_that_would_spin_is_a_usage_error(self, value: str, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
