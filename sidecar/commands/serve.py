@@ -142,9 +142,15 @@ def _tokens(cfg: Config, problems: list[str]) -> dict[str, Scope]:
             problems.append(f"server.tokens_file (from {cfg.source('server.tokens_file')}): {err}")
     if cfg.server.tokens:
         try:
-            tokens.update(parse_tokens(cfg.server.tokens, "LITEFS_SIDECAR_SERVER_TOKENS"))
+            more = parse_tokens(cfg.server.tokens, "LITEFS_SIDECAR_SERVER_TOKENS")
         except SidecarError as err:
             problems.append(f"server.tokens (from {cfg.source('server.tokens')}): {err}")
+            more = {}
+        for token, scope in more.items():
+            if tokens.get(token, scope) != scope:
+                problems.append(f"server.tokens (from {cfg.source('server.tokens')}): a token for cluster "
+                                f"{scope.cluster!r} is server.tokens_file's for cluster {tokens[token].cluster!r}")
+        tokens.update(more)
     return tokens
 
 

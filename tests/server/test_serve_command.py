@@ -164,6 +164,25 @@ class TestConfiguration:
             f"  server.tokens_file = {str(tokens)!r} (from flag --tokens-file): not UTF-8: byte 0xe9 on line 1"]
         assert not (tmp_path / "st").exists()
 
+    @pytest.mark.parametrize(("lines", "env", "problem"), [
+        ([f"prod {TOKEN}", f"staging {OTHER}", f"staging {TOKEN}"], "",
+         "server.tokens_file (from flag --tokens-file): {tokens}: line 3: token for cluster 'staging' is already "
+         "line 1's, for cluster 'prod'"),
+        ([f"prod {TOKEN}"], f"staging {OTHER}; staging {TOKEN}",
+         "server.tokens (from env LITEFS_SIDECAR_SERVER_TOKENS): a token for cluster 'staging' is "
+         "server.tokens_file's for cluster 'prod'"),
+    ])
+    def test_one_token_for_two_clusters_is_refused(self, lines: list[str], env: str, problem: str,
+                                                   tmp_path: Path) -> None:
+        """Else the last one wins, and the LiteFS nodes of one cluster back up into the other's."""
+        tokens = tmp_path / "tokens"
+        tokens.write_text("\n".join(lines) + "\n")
+        proc = run_serve("--tokens-file", str(tokens), "--storage", f"file://{tmp_path}/s",
+                         "--state-dir", str(tmp_path / "st"), env={"LITEFS_SIDECAR_SERVER_TOKENS": env})
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[1:] == ["  " + problem.format(tokens=tokens)]
+        assert not (tmp_path / "st").exists()
+
     def test_tokens_are_required_unless_auth_is_off(self, tmp_path: Path) -> None:
         """No token at all refuses to start, with the way out in the message."""
         proc = run_serve("--storage", f"file://{tmp_path}/s", "--state-dir", str(tmp_path / "st"))
