@@ -31,6 +31,7 @@ from sidecar.errors import ConfigError, SidecarError
 from sidecar.retry import Backoff
 from sidecar.sdnotify import Notifier
 from sidecar.server import Scope, ServerConfig, parse_tokens, serve
+from sidecar.server.auth import MIN_TOKEN
 from sidecar.storage import open_storage
 from sidecar.storage.base import Storage
 
@@ -100,6 +101,9 @@ def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     if server is not None:
         before, sc = len(problems), server.server
         tokens = _tokens(server, problems)
+        if sc.admin_token and len(sc.admin_token) < MIN_TOKEN:  # it grants every cluster: no weaker than theirs
+            problems.append(f"server.admin_token (from {server.source('server.admin_token')}): shorter than "
+                            f"{MIN_TOKEN} characters")
         if len(problems) == before and not tokens and not sc.admin_token and not sc.insecure_no_auth:
             problems.append("no tokens configured: give --tokens-file FILE or LITEFS_SIDECAR_SERVER_TOKENS "
                             "(or --insecure-no-auth for local testing)")

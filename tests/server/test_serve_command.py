@@ -183,6 +183,15 @@ class TestConfiguration:
         assert proc.stderr.splitlines()[1:] == ["  " + problem.format(tokens=tokens)]
         assert not (tmp_path / "st").exists()
 
+    def test_a_short_admin_token_is_refused(self, tmp_path: Path) -> None:
+        """The admin token grants every cluster (and delete): it needs the 16 characters a cluster token needs."""
+        proc = run_serve("--storage", f"file://{tmp_path}/s", "--state-dir", str(tmp_path / "st"),
+                         env={"LITEFS_SIDECAR_SERVER_ADMIN_TOKEN": "admin"})
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[1:] == [
+            "  server.admin_token (from env LITEFS_SIDECAR_SERVER_ADMIN_TOKEN): shorter than 16 characters"]
+        assert not (tmp_path / "st").exists()
+
     def test_tokens_are_required_unless_auth_is_off(self, tmp_path: Path) -> None:
         """No token at all refuses to start, with the way out in the message."""
         proc = run_serve("--storage", f"file://{tmp_path}/s", "--state-dir", str(tmp_path / "st"))
