@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, InvalidDatabaseName, validate_cluster_name
 
 ENV_PREFIX = "LITEFS_SIDECAR_"
 
@@ -141,6 +141,20 @@ def _word(value: str) -> str | None:
     return None if value and not any(c.isspace() for c in value) else "must be one word, not empty"
 
 
+def _cluster_name(value: str) -> str | None:
+    """One word that is also a safe name in the store (no `/`, no leading dot): the server's rule for clusters."""
+    if why := _word(value):
+        return why
+    try:
+        validate_cluster_name(value)
+    except InvalidDatabaseName as err:
+        return f"not a cluster name: {err.why}"
+    return None
+
+
+_BUCKET = re.compile(r"[a-zA-Z0-9._-]{1,255}")  # what botocore sends; S3 itself is stricter, S3-compatibles vary
+
+
 def _url_check(schemes: Sequence[str], empty: bool) -> _Check:
     def check(value: str) -> str | None:
         url = urlsplit(value)
@@ -152,6 +166,15 @@ def _url_check(schemes: Sequence[str], empty: bool) -> _Check:
             return "file:// URL needs a path"
         if url.scheme != "file" and not url.netloc:
             return f"{url.scheme}:// URL needs a {'bucket' if url.scheme == 's3' else 'host'}"
+        if url.scheme == "s3" and not _BUCKET.fullmatch(url.netloc):
+            return "bucket name may hold only letters, digits, '.', '-' and '_' (s3://bucket/prefix)"
+        if url.scheme in ("http", "https"):
+            try:
+                port = url.port  # None when absent; ValueError if not a number or above 65535
+            except ValueError:
+                port = 0
+            if port == 0:
+                return "port must be a number from 1 to 65535"
         return None
     return check
 
@@ -213,7 +236,7 @@ class SidecarConfig:
                          "engine in-process over `file://` or `s3://` storage", "http", "https", "file", "s3",
                          example="https://backups.internal:20203")
     cluster: str = _setting("str", "default", "cluster name; each cluster is its own backup namespace",
-                            check=_word, example="prod")
+                            check=_cluster_name, example="prod")
     token: str = _secret("auth token for an `http(s)://` upstream", "$(cat /run/secrets/backup-token)")
     batch_interval: float = _duration("1s", "how long to gather LTX files into one upload (sub-second allowed)")
     max_files_per_upload: int = _setting("int", 256, "most LTX files in one upload", check=_at_least(1, "1"))
@@ -405,6 +428,9 @@ def _from_file(path: str, wanted: Sequence[str], given: dict[str, _Given], probl
         problems.append(f"config file {path}: not found")
     except tomllib.TOMLDecodeError as err:  # the message ends "(at line L, column C)"
         problems.append(f"config file {path}: not valid TOML: {err}")
+    except UnicodeDecodeError as err:  # TOML is UTF-8; tomllib decodes the whole file before parsing
+        line = err.object.count(b"\n", 0, err.start) + 1
+        problems.append(f"config file {path}: not UTF-8: byte 0x{err.object[err.start]:02x} on line {line}")
     except OSError as err:
         problems.append(f"config file {path}: {err.strerror or err}")
     for table, entries in doc.items():
@@ -444,7 +470,8 @@ def _from_flags(flags: Mapping[str, Any], wanted: Sequence[str], given: dict[str
 
 
 def _check_engine(cfg: EngineConfig, given: Mapping[str, _Given], problems: list[str]) -> None:
-    """Levels get coarser (l0 < l1 < l2 < snapshot), and each level is kept at least as long as its interval."""
+    """Levels get coarser (l0 < l1 < l2 < snapshot), each level is kept at least as long as its interval, and a
+    lease outlasts three times the clock skew it allows for."""
 
     def where(name: str) -> str:
         key = f"engine.{name}"
@@ -458,6 +485,8 @@ def _check_engine(cfg: EngineConfig, given: Mapping[str, _Given], problems: list
     for level in levels:
         if getattr(cfg, f"{level}_retention") < getattr(cfg, f"{level}_interval"):
             problems.append(f"{where(f'{level}_retention')}: must be at least {where(f'{level}_interval')}")
+    if cfg.lease_ttl <= 3 * cfg.lease_skew:  # sidecar.engine.lease.Leases refuses it
+        problems.append(f"{where('lease_ttl')}: must be more than 3 times {where('lease_skew')}")
 
 
 def _build(section: str, given: Mapping[str, _Given], sources: dict[str, str], problems: list[str]) -> Any:

@@ -78,6 +78,7 @@ class InvalidDatabaseName(SidecarError):
 
     def __init__(self, name: str, why: str) -> None:
         self.name = name
+        self.why = why
         super().__init__(f"invalid database name {name!r}: {why}")
 
 

@@ -178,3 +178,18 @@ async def test_verify_of_a_live_backup_is_not_failed_by_retention(tmp_path: Path
     assert await cli("verify", str(root / "c" / "app.db")) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "ok: " in out and "; 1 deleted by retention or compaction while checking" in out
+
+
+class TestS3Endpoint:
+    @pytest.mark.parametrize("command", [["ls"], ["verify"], ["restore", "-o", "out.db"], ["query", "--", "SELECT 1"],
+                                         ["replicate", "-o", "copy.db"]])
+    @pytest.mark.parametrize("endpoint", ["minio:9000", "http://127.0.0.1:99999", "ftp://minio"])
+    def test_a_malformed_endpoint_is_a_usage_error(self, command: list[str], endpoint: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+        """Named by argparse, exit 2, before any request: not botocore's ValueError traceback."""
+        argv = [command[0], "--s3-endpoint", endpoint, *command[1:]]
+        argv.insert(argv.index("--") if "--" in argv else len(argv), "s3://bucket/backups/default/app.db")
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        assert f"argument --s3-endpoint: {endpoint!r}: want http(s)://HOST[:PORT]" in capsys.readouterr().err

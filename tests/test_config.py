@@ -222,10 +222,19 @@ class TestScalars:
         ("upstream", "ftp://x", "scheme must be http, https, file or s3"),
         ("upstream", "s3://", "s3:// URL needs a bucket"),
         ("upstream", "file://", "file:// URL needs a path"),
+        ("upstream", "s3://my_bucket!/litefs", "bucket name may hold only letters, digits, '.', '-' and '_' "
+                                                "(s3://bucket/prefix)"),
+        ("upstream", "s3://minio:9000/litefs", "bucket name may hold only letters, digits, '.', '-' and '_' "
+                                               "(s3://bucket/prefix)"),
+        ("upstream", "http://backups:99999", "port must be a number from 1 to 65535"),
+        ("upstream", "https://backups:https", "port must be a number from 1 to 65535"),
+        ("litefs_url", "http://127.0.0.1:0", "port must be a number from 1 to 65535"),
         ("litefs_url", "localhost:20202", "scheme must be http or https"),
         ("metrics_addr", "9091", 'want host:port (or "" to disable)'),
         ("metrics_addr", "host:99999", 'want host:port (or "" to disable)'),
         ("cluster", "two words", "must be one word, not empty"),
+        ("cluster", "../prod", "not a cluster name: contains a path separator"),
+        ("cluster", ".litefs-sidecar", "not a cluster name: starts with a dot"),
     ])
     def test_bad_strings(self, name: str, value: str, why: str) -> None:
         """Each names what is wrong."""
@@ -250,6 +259,13 @@ class TestEngineLevels:
         [problem] = problems(sections=["engine"], flags={"engine.l2_retention": "30m"})
         assert problem == ('engine.l2_retention = "30m" (from flag --l2-retention): '
                            'must be at least engine.l2_interval = "1h" (from default)')
+
+    def test_lease_ttl_must_exceed_three_times_the_skew(self) -> None:
+        """The lease's own rule, checked here so that `run` and `serve` exit 2 instead of raising at start."""
+        [problem] = problems(sections=["engine"], flags={"engine.lease_ttl": "5s"})
+        assert problem == ('engine.lease_ttl = "5s" (from flag --lease-ttl): '
+                           'must be more than 3 times engine.lease_skew = "2s" (from default)')
+        assert load(["engine"], env={}, flags={"engine.lease_ttl": "1s", "engine.lease_skew": "0"})
 
     def test_consistent_levels_load(self) -> None:
         """Short intervals for tests are fine as long as they are ordered."""
@@ -364,6 +380,13 @@ class TestConfigFile:
         """Other I/O errors are reported too."""
         [problem] = problems(sections=["sidecar"], config_file=str(tmp_path))
         assert problem.startswith(f"config file {tmp_path}: ")
+
+    def test_file_not_in_utf8_is_a_problem_not_a_crash(self, tmp_path: Path) -> None:
+        """TOML is UTF-8: a file saved in Latin-1 is reported with its position, like a syntax error."""
+        path = tmp_path / "sidecar.toml"
+        path.write_bytes('[sidecar]\ncluster = "caf\u00e9"\n'.encode("latin-1"))
+        [problem] = problems(sections=["sidecar"], config_file=str(path))
+        assert problem.startswith(f"config file {path}: not UTF-8")
 
 
 class TestFlags:

@@ -65,3 +65,15 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 130
     assert "Traceback" not in err and "Unclosed" not in err, err
+
+
+@pytest.mark.parametrize("argv", [["--seconds", "0"], ["--seconds", "-1"], ["--seconds", "nan"],
+                                  ["--databases", "0"]])
+def test_a_value_that_makes_no_demo_is_a_usage_error(argv: list[str], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 with argparse naming the flag, before anything runs or is written."""
+    with pytest.raises(SystemExit) as info:
+        main(["demo", *argv, "--dir", str(tmp_path / "demo")])
+    assert info.value.code == 2
+    assert f"argument {argv[0]}: {argv[1]!r}: want a" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

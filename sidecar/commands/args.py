@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sidecar.errors import SidecarError
 from sidecar.storage.base import parse_rfc3339
@@ -32,6 +34,40 @@ def txid(text: str) -> int:
     return value
 
 
+def positive(text: str) -> float:
+    """`--seconds`, `--poll-interval`: a number greater than 0 (not nan or infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: want a number greater than 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """`--databases`: a whole number greater than 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want a whole number greater than 0")
+    return value
+
+
+def s3_endpoint(text: str) -> str:
+    """`--s3-endpoint`: an http(s) URL of a host, with a port from 1 to 65535 if any."""
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError:  # an unclosed [IPv6 literal, a port that is not a number or too large
+        url, port = None, 0
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want http(s)://HOST[:PORT], e.g. https://fly.storage.tigris.dev")
+    return text
+
+
 def check_output(text: str) -> Path:
     """`-o FILE` of a command that writes a file: its directory must exist (it is never created on a guess, as
     `cp` does not); SidecarError (exit 1) before any work is done."""
@@ -45,4 +81,5 @@ def check_output(text: str) -> Path:
     return out
 
 
-__all__ = ["TIMESTAMP_HELP", "TXID_HELP", "check_output", "timestamp", "txid"]
+__all__ = ["TIMESTAMP_HELP", "TXID_HELP", "check_output", "positive", "positive_int", "s3_endpoint",
+           "timestamp", "txid"]

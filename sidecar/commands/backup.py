@@ -86,7 +86,8 @@ def register(sub: Any) -> None:
 
 
 def _storage_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (env AWS_ENDPOINT_URL_S3 too)")
+    p.add_argument("--s3-endpoint", metavar="URL", type=argtypes.s3_endpoint,
+                   help="S3-compatible endpoint (env AWS_ENDPOINT_URL_S3 too)")
     p.add_argument("--s3-region", metavar="REGION")
     p.add_argument("--s3-force-path-style", action="store_true")
 

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sidecar.commands import args as argtypes
+
 if TYPE_CHECKING:  # imported when the demo runs: `litefs-sidecar --help` stays quick
     from sidecar.daemon import Sidecar
     from sidecar.daemon.upstream import EngineUpstream
@@ -32,9 +34,11 @@ def register(sub: Any) -> None:
                        description="Run an emulated LiteFS node under a SQLite write load beside the sidecar and an "
                                    "in-process engine; show shipping live; end with a verified point-in-time restore.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=20.0, help="how long the load runs (default %(default)s)")
+    p.add_argument("--seconds", type=argtypes.positive, default=20.0,
+                   help="how long the load runs (default %(default)s)")
     p.add_argument("--rate", type=float, default=100.0, help="transactions per second per database (default 100)")
-    p.add_argument("--databases", type=int, default=2, help="how many databases (default %(default)s)")
+    p.add_argument("--databases", type=argtypes.positive_int, default=2,
+                   help="how many databases (default %(default)s)")
     p.add_argument("--dir", type=Path, help="where to put everything (default: a temporary directory, removed)")
     p.set_defaults(func=cmd_demo)
 

@@ -17,6 +17,7 @@ from typing import Any
 import apsw
 
 from sidecar import log as logmod
+from sidecar.commands import args as argtypes
 from sidecar.commands.backup import url_of
 from sidecar.config import load
 from sidecar.errors import SidecarError
@@ -37,8 +38,8 @@ def register(sub: Any) -> None:
                        description="Query one database's backup in place: only the pages the query needs are "
                        "fetched.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--timestamp", metavar="T", help="RFC 3339 time, e.g. 2026-11-24T09:00:00Z")
-    target.add_argument("--txid", metavar="HEX", help="transaction ID (hex)")
+    target.add_argument("--timestamp", metavar="T", type=argtypes.timestamp, help=argtypes.TIMESTAMP_HELP)
+    target.add_argument("--txid", metavar="HEX", type=argtypes.txid, help=argtypes.TXID_HELP)
     p.add_argument("--json", action="store_true", help="print {txid, timestamp, columns, rows} as JSON")
     p.add_argument("--stats", action="store_true", help="print pages fetched, bytes read and requests to stderr")
     source_flags(p)
@@ -51,7 +52,8 @@ def register(sub: Any) -> None:
 
 def source_flags(p: argparse.ArgumentParser) -> None:
     """Flags of every command that reads a backup by URL."""
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3-compatible endpoint (env AWS_ENDPOINT_URL_S3 too)")
+    p.add_argument("--s3-endpoint", metavar="URL", type=argtypes.s3_endpoint,
+                   help="S3-compatible endpoint (env AWS_ENDPOINT_URL_S3 too)")
     p.add_argument("--s3-region", metavar="REGION")
     p.add_argument("--s3-force-path-style", action="store_true")
 
@@ -73,7 +75,7 @@ def open_vfs(args: argparse.Namespace) -> BackupVFS:
 
 def cmd_query(args: argparse.Namespace) -> int:
     logmod.setup("warning")  # stdout is for rows; what the reader does goes to stderr, and only when it matters
-    target = Target.parse(args.txid, args.timestamp)
+    target = Target(args.txid, args.timestamp)
     t0 = time.perf_counter()
     with open_vfs(args) as vfs:
         con = vfs.connect(args.url, txid=target.txid, timestamp=target.timestamp)

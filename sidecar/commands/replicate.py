@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 from sidecar import log as logmod
+from sidecar.commands import args as argtypes
 from sidecar.commands.backup import url_of
 from sidecar.commands.query import s3_options, source_flags, token_for
 from sidecar.ltx import format_timestamp
@@ -36,7 +37,7 @@ def register(sub: Any) -> None:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the SQLite copy (read it read-only)")
     p.add_argument("--follow", action="store_true", help="keep applying new states until SIGINT or SIGTERM")
-    p.add_argument("--poll-interval", metavar="SECONDS", type=float, default=1.0,
+    p.add_argument("--poll-interval", metavar="SECONDS", type=argtypes.positive, default=1.0,
                    help="with a store URL, how often its head object is checked (default 1)")
     source_flags(p)
     p.add_argument("url", metavar="URL", type=url_of)
@@ -45,6 +46,7 @@ def register(sub: Any) -> None:
 
 async def cmd_replicate(args: argparse.Namespace) -> int:
     logmod.setup("info" if args.follow else "warning")
+    argtypes.check_output(args.output)  # as restore -o: a missing directory is a typo, never created on a guess
     source = open_source(args.url, token=token_for(args.url), poll_interval=args.poll_interval,
                          **s3_options(args))
     try:

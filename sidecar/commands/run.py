@@ -8,7 +8,7 @@ import signal
 from typing import Any
 
 from sidecar import config as cfgmod
-from sidecar.errors import SidecarError
+from sidecar.errors import ConfigError, SidecarError
 
 EXAMPLES = """\
 examples:
@@ -48,7 +48,19 @@ def load(args: argparse.Namespace) -> cfgmod.Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load(args)
+    from sidecar.sdnotify import Notifier
+
+    problems = []
+    try:
+        config = load(args)
+    except ConfigError as err:
+        problems += err.problems
+    try:  # systemd's variables, read again when READY=1 is sent: checked before anything starts, as `serve` does
+        Notifier.from_env()
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        raise ConfigError(problems)
     from sidecar import log as logmod
     from sidecar.daemon import Sidecar
 

@@ -31,6 +31,7 @@ from sidecar.errors import ConfigError, SidecarError
 from sidecar.retry import Backoff
 from sidecar.sdnotify import Notifier
 from sidecar.server import Scope, ServerConfig, parse_tokens, serve
+from sidecar.server.auth import MIN_TOKEN
 from sidecar.storage import open_storage
 from sidecar.storage.base import Storage
 
@@ -100,6 +101,9 @@ def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     if server is not None:
         before, sc = len(problems), server.server
         tokens = _tokens(server, problems)
+        if sc.admin_token and len(sc.admin_token) < MIN_TOKEN:  # it grants every cluster: no weaker than theirs
+            problems.append(f"server.admin_token (from {server.source('server.admin_token')}): shorter than "
+                            f"{MIN_TOKEN} characters")
         if len(problems) == before and not tokens and not sc.admin_token and not sc.insecure_no_auth:
             problems.append("no tokens configured: give --tokens-file FILE or LITEFS_SIDECAR_SERVER_TOKENS "
                             "(or --insecure-no-auth for local testing)")
@@ -135,13 +139,22 @@ def _tokens(cfg: Config, problems: list[str]) -> dict[str, Scope]:
             tokens.update(parse_tokens(path.read_text(), str(path)))
         except OSError as err:
             problems.append(f"{where}: {err.strerror or err}")
+        except UnicodeDecodeError as err:
+            line = err.object.count(b"\n", 0, err.start) + 1
+            problems.append(f"{where}: not UTF-8: byte 0x{err.object[err.start]:02x} on line {line}")
         except SidecarError as err:  # its message starts with the path
             problems.append(f"server.tokens_file (from {cfg.source('server.tokens_file')}): {err}")
     if cfg.server.tokens:
         try:
-            tokens.update(parse_tokens(cfg.server.tokens, "LITEFS_SIDECAR_SERVER_TOKENS"))
+            more = parse_tokens(cfg.server.tokens, "LITEFS_SIDECAR_SERVER_TOKENS")
         except SidecarError as err:
             problems.append(f"server.tokens (from {cfg.source('server.tokens')}): {err}")
+            more = {}
+        for token, scope in more.items():
+            if tokens.get(token, scope) != scope:
+                problems.append(f"server.tokens (from {cfg.source('server.tokens')}): a token for cluster "
+                                f"{scope.cluster!r} is server.tokens_file's for cluster {tokens[token].cluster!r}")
+        tokens.update(more)
     return tokens
 
 

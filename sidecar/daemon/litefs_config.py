@@ -40,7 +40,7 @@ def check(path: Path, env: Mapping[str, str] = os.environ) -> list[str]:
     """What in `path` (and LiteFS's environment twin) conflicts with running the sidecar; [] when all is well."""
     try:
         doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         return [f"{path}: cannot read it to check LiteFS's retention: {err}"]
     if not isinstance(doc, dict):
         return [f"{path}: not a mapping"]

@@ -399,7 +399,9 @@ class Sidecar:
                 runner, self.url = await start_metrics(self.metrics, self.health, self.config.metrics_addr)
             except OSError as err:
                 await self.close()  # nothing else has started; the upstream's connections must not leak
-                why = os.strerror(err.errno) if err.errno else str(err)
+                # errno's own words (asyncio's strerror repeats the address); a resolver error (socket.gaierror,
+                # errno < 0: EAI_NONAME) has its words only in strerror
+                why = os.strerror(err.errno) if err.errno and err.errno > 0 else err.strerror or str(err)
                 failed = SidecarError(f"cannot serve metrics on {self.config.metrics_addr} (--metrics-addr): "
                                       f"{why.lower()}")
                 hint = '--metrics-addr HOST:PORT picks another address; --metrics-addr "" turns metrics off'

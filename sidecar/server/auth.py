@@ -33,6 +33,7 @@ class Scope:
 def parse_tokens(text: str, source: str) -> dict[str, Scope]:
     """Parse a tokens file; returns token -> scope. Raises SidecarError naming the source and line."""
     out: dict[str, Scope] = {}
+    lines: dict[str, int] = {}
     for n, raw in enumerate(text.replace(";", "\n").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -48,7 +49,11 @@ def parse_tokens(text: str, source: str) -> dict[str, Scope]:
         if len(token) < MIN_TOKEN:
             raise SidecarError(f"{source}: line {n}: token for cluster {cluster!r} is shorter than {MIN_TOKEN} "
                                "characters")
-        out[token] = Scope(cluster, readonly=len(parts) == 3)
+        scope = Scope(cluster, readonly=len(parts) == 3)
+        if out.get(token, scope) != scope:  # one would silently win: a node of one cluster writing another's
+            raise SidecarError(f"{source}: line {n}: token for cluster {cluster!r} is already line {lines[token]}'s, "
+                               f"for cluster {out[token].cluster!r}{' (read)' if out[token].readonly else ''}")
+        out[token], lines[token] = scope, n
     return out
 
 

@@ -43,6 +43,14 @@ def test_check(tmp_path: Path, text: str, env: dict[str, str], expect: list[str]
         assert want in problem
 
 
+def test_a_file_not_in_utf8_is_reported_not_raised(tmp_path: Path) -> None:
+    """A Latin-1 comment in litefs.yml: one problem naming the file, not a UnicodeDecodeError that stops `run`."""
+    path = tmp_path / "litefs.yml"
+    path.write_bytes(GOOD.replace("0s", "0s  # caf\u00e9").encode("latin-1"))
+    [problem] = check(path, {})
+    assert problem.startswith(f"{path}: cannot read it")
+
+
 def test_go_durations() -> None:
     assert go_duration("1h30m") == 5400 and go_duration("-1s") == -1 and go_duration("0") == 0
     assert go_duration("500ms") == 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -37,6 +38,35 @@ def test_a_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
         f"litefs-sidecar: cannot serve metrics on {addr} (--metrics-addr): address already in use",
         'hint: --metrics-addr HOST:PORT picks another address; --metrics-addr "" turns metrics off']
     assert "Traceback" not in proc.stderr and "Unclosed" not in proc.stderr
+
+
+def test_a_metrics_host_that_does_not_resolve_says_so(tmp_path: Path) -> None:
+    """The resolver's words (Name or service not known, or a temporary failure), not "unknown error -2"."""
+    proc = run("--data-dir", str(tmp_path / "data"), "--state-dir", str(tmp_path / "state"),
+               "--upstream", "http://127.0.0.1:9", "--metrics-addr", "no-such-host.invalid:9091")
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.splitlines()[-2]
+    assert line.startswith("litefs-sidecar: cannot serve metrics on no-such-host.invalid:9091 (--metrics-addr): ")
+    assert "unknown error" not in line
+
+
+@pytest.mark.parametrize(("env", "problem"), [
+    ({"NOTIFY_SOCKET": "relative/sock"}, "NOTIFY_SOCKET='relative/sock': want an absolute path or @abstract-name"),
+    ({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "soon"}, "WATCHDOG_USEC='soon': want a positive number of microseconds"),
+])
+def test_malformed_systemd_variables_are_named_before_anything_starts(env: dict[str, str], problem: str,
+                                                                       tmp_path: Path) -> None:
+    """As `serve` reports them: exit 2, listed with the other configuration problems, the state dir untouched."""
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "run", "--state-dir", str(tmp_path / "state"),
+                           "--data-dir", str(tmp_path / "data"), "--upstream", f"file://{tmp_path}/backups",
+                           "--metrics-addr", "", "--batch-interval", "soon"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "litefs-sidecar: invalid configuration:",
+        '  sidecar.batch_interval = "soon" (from flag --batch-interval): not a duration (examples: 500ms, 1s, 10m)',
+        f"  {problem}"]
+    assert not (tmp_path / "state").exists() and not (tmp_path / "backups").exists()
 
 
 def test_a_state_dir_it_cannot_create_is_one_line(tmp_path: Path) -> None:

@@ -153,6 +153,45 @@ class TestConfiguration:
             "  LITEFS_SIDECAR_SERVR_ADDR (from env): unknown variable; did you mean LITEFS_SIDECAR_SERVER_ADDR?",
         ]
 
+    def test_a_tokens_file_not_in_utf8_is_a_configuration_error(self, tmp_path: Path) -> None:
+        """A Latin-1 comment in the tokens file: exit 2 naming the file and the line, not a traceback."""
+        tokens = tmp_path / "tokens"
+        tokens.write_bytes(f"# caf\u00e9\ndefault {TOKEN}\n".encode("latin-1"))
+        proc = run_serve("--tokens-file", str(tokens), "--storage", f"file://{tmp_path}/s",
+                         "--state-dir", str(tmp_path / "st"))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[1:] == [
+            f"  server.tokens_file = {str(tokens)!r} (from flag --tokens-file): not UTF-8: byte 0xe9 on line 1"]
+        assert not (tmp_path / "st").exists()
+
+    @pytest.mark.parametrize(("lines", "env", "problem"), [
+        ([f"prod {TOKEN}", f"staging {OTHER}", f"staging {TOKEN}"], "",
+         "server.tokens_file (from flag --tokens-file): {tokens}: line 3: token for cluster 'staging' is already "
+         "line 1's, for cluster 'prod'"),
+        ([f"prod {TOKEN}"], f"staging {OTHER}; staging {TOKEN}",
+         "server.tokens (from env LITEFS_SIDECAR_SERVER_TOKENS): a token for cluster 'staging' is "
+         "server.tokens_file's for cluster 'prod'"),
+    ])
+    def test_one_token_for_two_clusters_is_refused(self, lines: list[str], env: str, problem: str,
+                                                   tmp_path: Path) -> None:
+        """Else the last one wins, and the LiteFS nodes of one cluster back up into the other's."""
+        tokens = tmp_path / "tokens"
+        tokens.write_text("\n".join(lines) + "\n")
+        proc = run_serve("--tokens-file", str(tokens), "--storage", f"file://{tmp_path}/s",
+                         "--state-dir", str(tmp_path / "st"), env={"LITEFS_SIDECAR_SERVER_TOKENS": env})
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[1:] == ["  " + problem.format(tokens=tokens)]
+        assert not (tmp_path / "st").exists()
+
+    def test_a_short_admin_token_is_refused(self, tmp_path: Path) -> None:
+        """The admin token grants every cluster (and delete): it needs the 16 characters a cluster token needs."""
+        proc = run_serve("--storage", f"file://{tmp_path}/s", "--state-dir", str(tmp_path / "st"),
+                         env={"LITEFS_SIDECAR_SERVER_ADMIN_TOKEN": "admin"})
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[1:] == [
+            "  server.admin_token (from env LITEFS_SIDECAR_SERVER_ADMIN_TOKEN): shorter than 16 characters"]
+        assert not (tmp_path / "st").exists()
+
     def test_tokens_are_required_unless_auth_is_off(self, tmp_path: Path) -> None:
         """No token at all refuses to start, with the way out in the message."""
         proc = run_serve("--storage", f"file://{tmp_path}/s", "--state-dir", str(tmp_path / "st"))

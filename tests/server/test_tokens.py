@@ -24,9 +24,9 @@ class TestParseTokens:
         (f"# the tokens\n\n  alpha   {A}  # alpha's # second comment\n\t\nbeta {B}", {A: "alpha", B: "beta"}),
         (f"short {SIXTEEN}", {SIXTEEN: "short"}),
         (f"alpha {A}\nalpha {B}", {A: "alpha", B: "alpha"}),
-        (f"alpha {A}\nbeta {A}", {A: "beta"}),  # the later line wins
+        (f"alpha {A}\nalpha {A}", {A: "alpha"}),
     ], ids=["empty", "lines", "semicolons", "comments and blanks", "sixteen characters", "two tokens, one cluster",
-            "a token given twice"])
+            "a line given twice"])
     def test_good(self, text: str, want: dict[str, str]) -> None:
         """Valid text gives exactly these tokens."""
         assert parse_tokens(text, "tokens.txt") == {t: Scope(c) for t, c in want.items()}
@@ -43,7 +43,12 @@ class TestParseTokens:
         (f"alpha {A};\n;beta", r"^tokens\.txt: line 4: want '<cluster> <token>' or '<cluster> <token> read'$"),
         (f"# c\nalpha {SIXTEEN[:-1]}",
          r"^tokens\.txt: line 2: token for cluster 'alpha' is shorter than 16 characters$"),
-    ], ids=["one field", "three fields", "counted after ;", "fifteen characters"])
+        (f"alpha {A}\nbeta {A}", r"^tokens\.txt: line 2: token for cluster 'beta' is already line 1's, for cluster "
+                                 r"'alpha'$"),
+        (f"alpha {A} read;alpha {A}", r"^tokens\.txt: line 2: token for cluster 'alpha' is already line 1's, for "
+                                      r"cluster 'alpha' \(read\)$"),
+    ], ids=["one field", "three fields", "counted after ;", "fifteen characters", "one token, two clusters",
+            "one token, read and write"])
     def test_bad(self, text: str, error: str) -> None:
         """A malformed line is refused with its source and line number."""
         with pytest.raises(SidecarError, match=error):

@@ -118,3 +118,13 @@ async def test_a_plain_path_is_a_file_url(stored: Stored, tmp_path: Path, monkey
     monkeypatch.chdir(tmp_path)
     code, _, err = await asyncio.to_thread(cli, capsys, "query", "empty", "SELECT 1")
     assert code == 1 and f"file://{tmp_path / 'empty'}: no backup files found" in err
+
+
+@pytest.mark.parametrize("argv", [["--txid", "zz"], ["--txid", "0"], ["--timestamp", "soon"]])
+def test_a_malformed_txid_or_time_is_a_usage_error(argv: list[str], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 with argparse naming the flag, as `restore` and `admin` do (cli.py's exit status table)."""
+    with pytest.raises(SystemExit) as info:
+        main(["query", *argv, f"file://{tmp_path}/backups/default/app.db", "SELECT 1"])
+    assert info.value.code == 2
+    assert f"argument {argv[0]}: {argv[1]!r}: want a" in capsys.readouterr().err

@@ -264,3 +264,27 @@ class TestReplicate:
                 proc.terminate()
             _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()
+
+
+class TestReplicateArguments:
+    async def test_an_output_in_a_missing_directory_is_refused_not_created(self, written: Written, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+        """As restore -o and admin download -o: exit 1 naming it, before any read; the directory is not made."""
+        await written.write()
+        await written.engine.flush_all()
+        out = tmp_path / "typo" / "copy.db"
+        argv = ["replicate", *written.flags, "-o", str(out), written.url]
+        assert await asyncio.to_thread(main, argv) == 1
+        assert capsys.readouterr().err == f"litefs-sidecar: -o {out}: {out.parent} does not exist\n"
+        assert not out.parent.exists()
+
+    @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+    def test_a_poll_interval_that_would_spin_is_a_usage_error(self, value: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+        """0 or less would check the store's head object in a loop without a pause: exit 2, argparse names it."""
+        with pytest.raises(SystemExit) as info:
+            main(["replicate", "--follow", "--poll-interval", value, "-o", str(tmp_path / "copy.db"),
+                  f"file://{tmp_path}/backups/default/app.db"])
+        assert info.value.code == 2
+        assert f"argument --poll-interval: {value!r}: want a number greater than 0" in capsys.readouterr().err
+        assert not (tmp_path / "copy.db").exists()
