@@ -19,9 +19,10 @@ import pytest
 
 from sidecar.engine.index import reachable
 from sidecar.ltx import format_timestamp
+from sidecar.server import Scope
 from tests.engine.history import History
 from tests.server.client import BackupClient
-from tests.server.conftest import ADMIN, OTHER, TOKEN, Running, start_server
+from tests.server.conftest import ADMIN, OTHER, READER, TOKEN, Running, start_server
 
 CHROMIUM = "/usr/bin/chromium"
 playwright_api = pytest.importorskip("playwright.async_api", reason="Playwright is not installed (pip install "
@@ -285,6 +286,37 @@ async def test_changes_need_the_session_csrf_token(backed: Backed) -> None:
             assert resp.status == 401
     async with aiohttp.ClientSession() as http, http.post(f"{backed.url}/ui/login", json={"token": "nope"}) as resp:
         assert resp.status == 401
+
+
+async def test_a_session_ends_when_its_token_changes_scope(backed: Backed) -> None:
+    """After a restart with the token made read-only or moved to another cluster, its session no longer acts."""
+    engine = backed.srv.engine
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        async with http.post(f"{backed.url}/ui/login", json={"token": TOKEN}) as resp:
+            assert resp.status == 200
+            csrf = (await resp.json())["csrf"]
+        cookies = {c.key: c.value for c in jar}
+        await backed.srv.shutdown()
+        before = engine.pos("default", "app.db")
+        for changed in (Scope("default", True), Scope("other")):
+            tokens = {TOKEN: changed, OTHER: Scope("other"), READER: Scope("default", True)}  # the same strings
+            srv = await start_server(backed.srv.root, tokens=tokens)
+            try:
+                async with http.post(f"{srv.url}/api/restore?db=app.db", json={"txid": hx(2)}, cookies=cookies,
+                                     headers={"X-CSRF-Token": csrf}) as resp:
+                    assert resp.status == 401, (changed, await resp.text())
+                async with http.get(f"{srv.url}/ui/session", cookies=cookies) as resp:
+                    assert resp.status == 401, changed
+                assert srv.engine.pos("default", "app.db") == before
+            finally:
+                await srv.shutdown()
+        srv = await start_server(backed.srv.root)  # the tokens as they were: the session still works
+        try:
+            async with http.get(f"{srv.url}/ui/session", cookies=cookies) as resp:
+                assert resp.status == 200 and (await resp.json())["scope"] == "default"
+        finally:
+            await srv.shutdown()
 
 
 async def test_every_level_has_its_timeline_and_its_stretch_of_time(backed: Backed, page: object) -> None:
