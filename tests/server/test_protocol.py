@@ -155,6 +155,42 @@ async def test_admin_api_lists_downloads_uploads_clones_deletes(server: Running,
     assert not list((server.root / "store" / "other").rglob("*.ltx"))
 
 
+async def test_a_refused_first_upload_leaves_no_database(server: Running, http: aiohttp.ClientSession,
+                                                          tmp_path: Path) -> None:
+    """An upload refused for a database never stored (here TXID 2 with no TXID 1; or a restore whose database is
+    deleted under it) leaves no empty database in the operator's list: only what the store holds is listed."""
+    history = History(tmp_path / "live.db")
+    history.write()
+    history.commit(1_790_000_000_000)
+    history.write()
+    second = history.commit(1_790_000_060_000)
+    async with http.post(f"{server.url}/db/tx?db=ghost.db", data=second,
+                         headers={"Authorization": TOKEN}) as resp:
+        assert resp.status == 409
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    async with http.get(f"{server.url}/api/databases", headers=h) as resp:
+        assert [c["databases"] for c in (await resp.json())["clusters"]] in ([], [[]])
+    async with http.get(f"{server.url}/api/db?db=ghost.db&cluster=default", headers=h) as resp:
+        assert resp.status == 404
+
+    # A restore appends its state onto the position it read; the database is deleted before that state arrives.
+    for path in uploads("fx-wal.db"):
+        await BackupClient(http, server.url, TOKEN).write_tx("fx-wal.db", path.read_bytes())
+    engine = server.engine
+    write_tx = engine.ops.write_tx
+
+    async def deleted_first(cluster: str, name: str, data: bytes) -> int:
+        await engine.delete_database(cluster, name)
+        return await write_tx(cluster, name, data)
+    engine.ops.write_tx = deleted_first
+    async with http.post(f"{server.url}/api/restore?db=fx-wal.db", json={"txid": "10"},
+                         headers={"Authorization": TOKEN}) as resp:
+        assert resp.status == 409, await resp.text()
+    assert not engine.exists("default", "fx-wal.db")
+    assert engine.databases("default") == []
+    history.close()
+
+
 def compacted(files: list[bytes]) -> bytes:
     out = io.BytesIO()
     compact(files, out, version=Version.V2)
