@@ -36,13 +36,20 @@ from sidecar.storage.base import parse_rfc3339
 
 
 def describe_tables(path: Path) -> list[dict[str, Any]]:
-    """Each table of a SQLite file, with its row count (read-only; the file is a private temporary copy)."""
+    """Each table of a SQLite file, with its row count (read-only; the file is a private temporary copy). A table
+    this SQLite cannot read (a virtual table of a module it lacks, such as sqlite-vec's vec0) has rows None."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         names = [r[0] for r in con.execute(
             "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-        return [{"name": n, "rows": con.execute(f'SELECT count(*) FROM "{n.replace(chr(34), chr(34) * 2)}"')
-                 .fetchone()[0]} for n in names]
+        out: list[dict[str, Any]] = []
+        for n in names:
+            try:
+                rows = con.execute(f'SELECT count(*) FROM "{n.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
+            except sqlite3.Error:
+                rows = None
+            out.append({"name": n, "rows": rows})
+        return out
     finally:
         con.close()
 

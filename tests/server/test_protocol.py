@@ -191,6 +191,28 @@ async def test_a_refused_first_upload_leaves_no_database(server: Running, http: 
     history.close()
 
 
+async def test_preview_of_a_table_this_sqlite_cannot_read(server: Running, http: aiohttp.ClientSession,
+                                                            tmp_path: Path) -> None:
+    """A virtual table of a module the server's SQLite lacks (sqlite-vec's vec0 here) is listed without a row count;
+    the preview of the database, which the dashboard asks for before every restore, still answers."""
+    import sqlite3
+    db = tmp_path / "vec.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE t (a)")
+    con.execute("INSERT INTO t VALUES (1)")
+    con.execute("PRAGMA writable_schema = ON")  # what an application with sqlite-vec loaded would have created
+    con.execute("INSERT INTO sqlite_schema (type, name, tbl_name, rootpage, sql) VALUES ('table', 'vec', 'vec', 0, "
+                "'CREATE VIRTUAL TABLE vec USING vec0(embedding float[4])')")
+    con.commit()
+    con.close()
+    h = {"Authorization": TOKEN}
+    async with http.post(f"{server.url}/api/upload?db=vec.db", data=db.read_bytes(), headers=h) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.get(f"{server.url}/api/preview?db=vec.db&txid=1", headers=h) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["tables"] == [{"name": "t", "rows": 1}, {"name": "vec", "rows": None}]
+
+
 def compacted(files: list[bytes]) -> bytes:
     out = io.BytesIO()
     compact(files, out, version=Version.V2)

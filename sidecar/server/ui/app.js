@@ -198,7 +198,7 @@ async function databaseView(cluster, name) {
         el("p", {}, "Would restore TXID ", el("code", { id: "preview-txid" }, p.restored.txid), " committed ",
           el("code", { id: "preview-time" }, p.restored.timestamp), ` (${bytes(p.size)}):`),
         el("table", { id: "preview-tables" }, el("tr", {}, el("th", {}, "table"), el("th", { class: "num" }, "rows")),
-          ...p.tables.map((t2) => el("tr", { "data-table": t2.name }, el("td", {}, t2.name), el("td", { class: "num" }, t2.rows)))));
+          ...p.tables.map((t2) => el("tr", { "data-table": t2.name }, el("td", {}, t2.name), el("td", { class: "num" }, t2.rows ?? "—")))));
       previewBox.hidden = false;
       confirmBox.hidden = false;
       confirmName.value = "";
