@@ -191,15 +191,16 @@ async def test_a_refused_first_upload_leaves_no_database(server: Running, http: 
     history.close()
 
 
-async def test_preview_of_a_table_this_sqlite_cannot_read(server: Running, http: aiohttp.ClientSession,
-                                                            tmp_path: Path) -> None:
-    """A virtual table of a module the server's SQLite lacks (sqlite-vec's vec0 here) is listed without a row count;
-    the preview of the database, which the dashboard asks for before every restore, still answers."""
+async def test_preview_lists_every_table(server: Running, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """Every table but SQLite's own (`sqlite_` and then anything) is listed; a virtual table of a module the server's
+    SQLite lacks (sqlite-vec's vec0 here) without a row count: the preview of the database, which the dashboard asks
+    for before every restore, still answers."""
     import sqlite3
     db = tmp_path / "vec.db"
     con = sqlite3.connect(db)
     con.execute("CREATE TABLE t (a)")
     con.execute("INSERT INTO t VALUES (1)")
+    con.execute("CREATE TABLE sqlitebrowser_rename_column_new_table (a)")  # DB Browser's: not one of SQLite's own
     con.execute("PRAGMA writable_schema = ON")  # what an application with sqlite-vec loaded would have created
     con.execute("INSERT INTO sqlite_schema (type, name, tbl_name, rootpage, sql) VALUES ('table', 'vec', 'vec', 0, "
                 "'CREATE VIRTUAL TABLE vec USING vec0(embedding float[4])')")
@@ -210,7 +211,8 @@ async def test_preview_of_a_table_this_sqlite_cannot_read(server: Running, http:
         assert resp.status == 200, await resp.text()
     async with http.get(f"{server.url}/api/preview?db=vec.db&txid=1", headers=h) as resp:
         assert resp.status == 200, await resp.text()
-        assert (await resp.json())["tables"] == [{"name": "t", "rows": 1}, {"name": "vec", "rows": None}]
+        assert (await resp.json())["tables"] == [{"name": "sqlitebrowser_rename_column_new_table", "rows": 0},
+                                                 {"name": "t", "rows": 1}, {"name": "vec", "rows": None}]
 
 
 def compacted(files: list[bytes]) -> bytes:
