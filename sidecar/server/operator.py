@@ -239,6 +239,9 @@ class OperatorAPI:
         validate_db_name(to_db)
         if not request.get(ADMIN) and to_cluster != cluster:
             raise ClientError(401, "EINVALIDAUTH", f"token does not grant cluster {to_cluster!r}")
+        if (to_cluster, to_db) == (cluster, name):
+            raise ClientError(400, "EBADTARGET", f"clone of {cluster}/{name} onto itself: give another to_cluster "
+                                                 "or to_db")
         pos = await self.engine.clone(cluster, name, to_cluster, to_db)
         return web.json_response({"cluster": to_cluster, "name": to_db, "txid": txid_hex(pos.txid)})
 
