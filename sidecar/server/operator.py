@@ -25,7 +25,7 @@ from aiohttp import web
 from sidecar.engine import Engine
 from sidecar.engine.index import reachable
 from sidecar.engine.restore import check_integrity
-from sidecar.errors import RestoreError, validate_cluster_name, validate_db_name
+from sidecar.errors import InvalidDatabaseName, RestoreError, validate_cluster_name, validate_db_name
 from sidecar.ltx import LTXError, format_timestamp
 from sidecar.ltx.sqlite import sqlite_page_size
 from sidecar.protocol import txid_hex
@@ -235,8 +235,14 @@ class OperatorAPI:
         cluster, name = self._existing(request)
         to_cluster = request.query.get("to_cluster", "")
         to_db = request.query.get("to_db") or name
-        validate_cluster_name(to_cluster)
-        validate_db_name(to_db)
+        if not to_cluster:
+            raise ClientError(400, "EBADDB", "missing ?to_cluster=<cluster to clone into>")
+        for field, value, validate in (("to_cluster", to_cluster, validate_cluster_name),
+                                       ("to_db", to_db, validate_db_name)):
+            try:
+                validate(value)
+            except InvalidDatabaseName as err:
+                raise ClientError(400, "EBADDB", f"{field}: {err}") from None
         if not request.get(ADMIN) and to_cluster != cluster:
             raise ClientError(401, "EINVALIDAUTH", f"token does not grant cluster {to_cluster!r}")
         if (to_cluster, to_db) == (cluster, name):

@@ -174,4 +174,11 @@ async def test_a_clone_target_no_token_can_reach_is_refused(server: Running, htt
                          headers={"Authorization": ADMIN}) as resp:
         body = await resp.json()
         assert resp.status == 400 and body["code"] == "EBADDB" and "white space" in body["error"]
+        assert body["error"].startswith("to_cluster: ")
+    for params, error in (({"to_cluster": ""}, "missing ?to_cluster="),
+                          ({"to_cluster": "qa", "to_db": ".x"}, "to_db: invalid database name '.x'")):
+        async with http.post(f"{server.url}/api/clone", params={"db": "app.db", "cluster": "default", **params},
+                             headers={"Authorization": ADMIN}) as resp:
+            body = await resp.json()
+            assert resp.status == 400 and body["code"] == "EBADDB" and body["error"].startswith(error), body
     assert server.engine.clusters() == ["default"]
