@@ -182,6 +182,27 @@ async def test_restore_previews_then_asks_for_the_name_and_appends_a_new_head(ba
     assert hx(7) in await pg.inner_text("#status")
 
 
+async def test_restore_applies_the_state_previewed_not_a_newer_one(backed: Backed, page: object) -> None:
+    """A restore by time restores the TXID its preview showed, even if uploads since then fall before that time."""
+    pg: playwright_api.Page = page  # type: ignore[assignment]
+    engine = backed.srv.engine
+    await sign_in(pg, backed.url, ADMIN)
+    await pg.goto(f"{backed.url}/ui/#/db/default/app.db")
+    at = datetime.fromtimestamp((T0 + 30 * 60_000) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    await pg.fill("#restore-time", at)
+    await pg.click("#preview-button")
+    await pg.wait_for_selector("#preview-tables tr[data-table='events']")
+    assert await pg.inner_text("#preview-txid") == hx(6)
+    backed.history.write()  # LiteFS uploads TXID 7, committed before the time typed, while the operator reads
+    async with aiohttp.ClientSession() as http:
+        await BackupClient(http, backed.url, TOKEN).write_tx("app.db", backed.history.commit(T0 + 10 * 60_000))
+    await pg.fill("#confirm-name", "app.db")
+    await pg.click("#restore")
+    await pg.wait_for_selector("#restore-result:has-text('new head')")
+    assert f"Restored TXID {hx(6)}" in await pg.inner_text("#restore-result")
+    assert engine.pos("default", "app.db").txid == 8
+
+
 async def test_download_at_a_txid_opens_as_sqlite(backed: Backed, page: object, tmp_path: Path) -> None:
     pg: playwright_api.Page = page  # type: ignore[assignment]
     await sign_in(pg, backed.url, TOKEN)

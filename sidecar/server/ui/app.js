@@ -193,7 +193,8 @@ async function databaseView(cluster, name) {
     if (!t.timestamp && !t.txid) return showError("Choose a date and time or a TXID to preview.");
     try {
       const p = await api("GET", `/api/preview?${qs({ ...ref, ...t })}`);
-      previewed = t;
+      // Restore the TXID shown, not the time again: uploads since the preview could resolve it to a newer state.
+      previewed = { txid: p.restored.txid };
       previewBox.replaceChildren(
         el("p", {}, "Would restore TXID ", el("code", { id: "preview-txid" }, p.restored.txid), " committed ",
           el("code", { id: "preview-time" }, p.restored.timestamp), ` (${bytes(p.size)}):`),
@@ -208,7 +209,7 @@ async function databaseView(cluster, name) {
   restoreBtn.addEventListener("click", async () => {
     restoreBtn.disabled = true;
     try {
-      const r = await api("POST", `/api/restore?${qs(ref)}`, { json: previewed.txid ? { txid: previewed.txid } : { timestamp: previewed.timestamp } });
+      const r = await api("POST", `/api/restore?${qs(ref)}`, { json: { txid: previewed.txid } });
       result.textContent = `Restored TXID ${r.restored.txid} (${r.restored.timestamp}) as the new head, TXID ${r.txid}.`;
       resetPreview();
       showStatus(await api("GET", `/api/db?${qs(ref)}`));
