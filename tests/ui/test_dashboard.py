@@ -119,6 +119,18 @@ async def test_sign_in_refuses_a_wrong_token_and_scopes_a_cluster_token(backed: 
     assert "cluster default" in await pg.inner_text("#who")
 
 
+async def test_a_database_of_another_cluster_is_refused_without_signing_out(backed: Backed, page: object) -> None:
+    """A cluster token's session opening another cluster's database (a link an admin shared) sees the refusal, not
+    \"your session ended\": the session is still good."""
+    pg: playwright_api.Page = page  # type: ignore[assignment]
+    await sign_in(pg, backed.url, TOKEN)
+    await pg.goto(f"{backed.url}/ui/#/db/other/side.db")
+    await pg.wait_for_selector("#error:has-text('does not grant cluster')")
+    assert await pg.locator("#token").count() == 0
+    await pg.click("a[href='#/']")
+    await pg.wait_for_selector("#databases tr[data-db='default/app.db']")
+
+
 async def test_overview_lists_every_cluster_for_admin_and_refreshes_live(backed: Backed, page: object) -> None:
     pg: playwright_api.Page = page  # type: ignore[assignment]
     await sign_in(pg, backed.url, ADMIN)

@@ -42,6 +42,12 @@ async function api(method, path, { json, raw } = {}) {
   return data;
 }
 
+// A 401 is a session that ended, or a token that does not grant the cluster asked for: only the first signs out.
+async function sessionEnded(err) {
+  if (err.status !== 401) return false;
+  try { await api("GET", "/ui/session"); return false; } catch (e) { return true; }
+}
+
 const qs = (params) => new URLSearchParams(Object.entries(params).filter(([, v]) => v)).toString();
 const bytes = (n) => n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(1)} GiB` : n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB`
   : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
@@ -163,7 +169,7 @@ async function databaseView(cluster, name) {
   try {
     info = await api("GET", `/api/db?${qs(ref)}`);
   } catch (err) {
-    if (err.status === 401) return loginView("Your session ended; sign in again.");
+    if (await sessionEnded(err)) return loginView("Your session ended; sign in again.");
     render(el("p", {}, el("a", { href: "#/" }, "← all databases")));
     return showError(err.message);
   }
