@@ -624,6 +624,7 @@ class Engine:
         the database, or while another upload of it is in progress.
         """
         await self.own(cluster, provisional=True)
+        new = self.catalog.get(cluster, name) is None
         db = self.catalog.create(cluster, name)
         if db.uploading:
             raise PosMismatch(name, db.pos, "another upload of this database is in progress")
@@ -633,6 +634,12 @@ class Engine:
             if db.sums is None and self.intake.verify_checksums:
                 await self._rebuild_sums(db)  # lost, or the cluster was taken over: read them from the store now
             await self.intake.accept(db, data)
+        except BaseException:
+            # A refused first upload leaves no database behind (the operator's list would show one that has nothing).
+            if new and db.uploading == 1 and db.pos.is_zero and not db.pending and not len(db.index) \
+                    and self.catalog.get(cluster, name) is db:
+                self.catalog.forget(db)
+            raise
         finally:
             db.uploading -= 1
         self.pending_bytes += len(data)

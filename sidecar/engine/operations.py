@@ -81,21 +81,23 @@ class Operations:
         Operator restores and uploads use this, as LiteFS Cloud did: history is kept (the previous state stays
         restorable) and a LiteFS primary finds the server ahead and pulls the snapshot.
         """
-        db = self.catalog.create(cluster, name)
+        # Not created here: write_tx creates it, and leaves nothing behind if it refuses the state.
+        db = self.catalog.get(cluster, name)
         with self.tmp("state-") as tmp:
             ltx = Path(tmp) / "next.ltx"
-            pos = db.pos
+            pos = db.pos if db is not None else Pos()
 
             def encode() -> bytes:
                 with open(db_path, "rb") as src, open(ltx, "wb") as dst:
                     # A state of another page size (from before a VACUUM that changed it) is a snapshot at the next
                     # TXID: only a snapshot may change a database's page size.
-                    same = not db.page_size or sqlite_page_size(src.read(100)) == db.page_size
+                    same = db is None or not db.page_size or sqlite_page_size(src.read(100)) == db.page_size
                     encode_db(src, dst, version=Version.V2, compress=True, onto=pos if same else None,
                               txid=pos.txid + 1, timestamp=int(self.clock() * 1000))
                 return ltx.read_bytes()
             data = await asyncio.to_thread(encode)
         await self.write_tx(cluster, name, data)
+        db = self.catalog.require(cluster, name)
         await self.flush(db)
         return db.pos
 

@@ -95,8 +95,11 @@ class Server:
                                 request_timeout=config.request_timeout)
         self.operator = OperatorAPI(engine, max_body_size=config.max_body_size, request_timeout=config.request_timeout,
                                     router=self.router)
-        # Sessions signed with a key every process with these tokens derives alike: any worker reads them.
-        secrets_ = [*config.tokens, config.admin_token] if (config.tokens or config.admin_token) else []
+        # Sessions signed with a key every process with these tokens derives alike: any worker reads them. Each
+        # token's scope is in the key too: a token moved to another cluster or made read-only (then restarted) ends
+        # the sessions signed in with it, which would otherwise keep its old scope for up to 12 h.
+        secrets_ = ([*(f"{s.cluster} {'read' if s.readonly else 'write'} {t}" for t, s in config.tokens.items()),
+                     f"{ADMIN_SCOPE} admin {config.admin_token}"] if (config.tokens or config.admin_token) else [])
         self.dashboard = Dashboard(self._sign_in, self.metrics,
                                    SignedSessions.from_secrets(secrets_) if secrets_ else None)
 

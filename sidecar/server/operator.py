@@ -25,7 +25,7 @@ from aiohttp import web
 from sidecar.engine import Engine
 from sidecar.engine.index import reachable
 from sidecar.engine.restore import check_integrity
-from sidecar.errors import RestoreError, validate_cluster_name, validate_db_name
+from sidecar.errors import InvalidDatabaseName, RestoreError, validate_cluster_name, validate_db_name
 from sidecar.ltx import LTXError, format_timestamp
 from sidecar.ltx.sqlite import sqlite_page_size
 from sidecar.protocol import txid_hex
@@ -36,13 +36,21 @@ from sidecar.storage.base import parse_rfc3339
 
 
 def describe_tables(path: Path) -> list[dict[str, Any]]:
-    """Each table of a SQLite file, with its row count (read-only; the file is a private temporary copy)."""
+    """Each table of a SQLite file, with its row count (read-only; the file is a private temporary copy). A table
+    this SQLite cannot read (a virtual table of a module it lacks, such as sqlite-vec's vec0) has rows None."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         names = [r[0] for r in con.execute(
-            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-        return [{"name": n, "rows": con.execute(f'SELECT count(*) FROM "{n.replace(chr(34), chr(34) * 2)}"')
-                 .fetchone()[0]} for n in names]
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
+            "ORDER BY name")]
+        out: list[dict[str, Any]] = []
+        for n in names:
+            try:
+                rows = con.execute(f'SELECT count(*) FROM "{n.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
+            except sqlite3.Error:
+                rows = None
+            out.append({"name": n, "rows": rows})
+        return out
     finally:
         con.close()
 
@@ -227,10 +235,19 @@ class OperatorAPI:
         cluster, name = self._existing(request)
         to_cluster = request.query.get("to_cluster", "")
         to_db = request.query.get("to_db") or name
-        validate_cluster_name(to_cluster)
-        validate_db_name(to_db)
+        if not to_cluster:
+            raise ClientError(400, "EBADDB", "missing ?to_cluster=<cluster to clone into>")
+        for field, value, validate in (("to_cluster", to_cluster, validate_cluster_name),
+                                       ("to_db", to_db, validate_db_name)):
+            try:
+                validate(value)
+            except InvalidDatabaseName as err:
+                raise ClientError(400, "EBADDB", f"{field}: {err}") from None
         if not request.get(ADMIN) and to_cluster != cluster:
             raise ClientError(401, "EINVALIDAUTH", f"token does not grant cluster {to_cluster!r}")
+        if (to_cluster, to_db) == (cluster, name):
+            raise ClientError(400, "EBADTARGET", f"clone of {cluster}/{name} onto itself: give another to_cluster "
+                                                 "or to_db")
         pos = await self.engine.clone(cluster, name, to_cluster, to_db)
         return web.json_response({"cluster": to_cluster, "name": to_db, "txid": txid_hex(pos.txid)})
 

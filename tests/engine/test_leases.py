@@ -62,6 +62,20 @@ class TestOneWriter:
         await a.close()
         await b.close()
 
+    async def test_a_state_refused_for_another_writers_cluster_leaves_no_database(self, tmp_path: Path,
+                                                                                   history: History) -> None:
+        """An operator's restore, upload or clone into a cluster another engine writes is refused, and this engine
+        lists no database for it (it would show, empty, in its operator list and dashboard)."""
+        clock = Clock()
+        a = await open_engine(tmp_path, "a", clock)
+        b = await open_engine(tmp_path, "b", clock)
+        await upload(a, history, clock)
+        with pytest.raises(NotOwner):
+            await b.write_state("c", "copy.db", history.path)
+        assert not b.exists("c", "copy.db") and b.databases("c") == []
+        await a.close()
+        await b.close()
+
     async def test_release_hands_over_with_everything_stored(self, tmp_path: Path, history: History) -> None:
         clock = Clock()
         a = await open_engine(tmp_path, "a", clock)

@@ -35,10 +35,13 @@ class Running:
 
 
 async def start_server(root: Path, *, l0_interval: float = 0.0, max_body: int = 1 << 30,
-                       request_timeout: float = 300.0, **options: Any) -> Running:
+                       request_timeout: float = 300.0, tokens: dict[str, Scope] | None = None,
+                       **options: Any) -> Running:
     storage = open_storage(f"file://{root / 'store'}")
     engine = await Engine.open(storage, root / "state", Levels(l0_interval=l0_interval))
-    config = ServerConfig(tokens={TOKEN: Scope("default"), OTHER: Scope("other"), READER: Scope("default", True)},
+    if tokens is None:
+        tokens = {TOKEN: Scope("default"), OTHER: Scope("other"), READER: Scope("default", True)}
+    config = ServerConfig(tokens=tokens,
                           admin_token=ADMIN, max_body_size=max_body, request_timeout=request_timeout, **options)
     stop = asyncio.Event()
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()

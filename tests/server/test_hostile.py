@@ -153,6 +153,20 @@ async def test_lookalike_and_unprintable_names_are_refused(server: Running, http
         or "normal form" in str(body["error"])
 
 
+async def test_a_clone_onto_itself_is_refused(server: Running, http: aiohttp.ClientSession) -> None:
+    """Cloning a database onto itself (the dashboard's form with only the own cluster typed) is a mistake: it would
+    append its own state as a new head, and every LiteFS node would pull a snapshot. Refused; the head stays."""
+    assert (await post(http, server.url, "app.db", SNAPSHOT))[0] == 200
+    before = server.engine.pos("default", "app.db")
+    for params in ({"to_cluster": "default"}, {"to_cluster": "default", "to_db": "app.db"}):
+        async with http.post(f"{server.url}/api/clone", params={"db": "app.db", **params},
+                             headers={"Authorization": TOKEN}) as resp:
+            body = await resp.json()
+            assert resp.status == 400 and body["code"] == "EBADTARGET", body
+            assert "default/app.db onto itself" in body["error"]
+    assert server.engine.pos("default", "app.db") == before
+
+
 async def test_a_clone_target_no_token_can_reach_is_refused(server: Running, http: aiohttp.ClientSession) -> None:
     assert (await post(http, server.url, "app.db", SNAPSHOT))[0] == 200
     async with http.post(f"{server.url}/api/clone", params={"db": "app.db", "to_cluster": "bad name",
@@ -160,4 +174,11 @@ async def test_a_clone_target_no_token_can_reach_is_refused(server: Running, htt
                          headers={"Authorization": ADMIN}) as resp:
         body = await resp.json()
         assert resp.status == 400 and body["code"] == "EBADDB" and "white space" in body["error"]
+        assert body["error"].startswith("to_cluster: ")
+    for params, error in (({"to_cluster": ""}, "missing ?to_cluster="),
+                          ({"to_cluster": "qa", "to_db": ".x"}, "to_db: invalid database name '.x'")):
+        async with http.post(f"{server.url}/api/clone", params={"db": "app.db", "cluster": "default", **params},
+                             headers={"Authorization": ADMIN}) as resp:
+            body = await resp.json()
+            assert resp.status == 400 and body["code"] == "EBADDB" and body["error"].startswith(error), body
     assert server.engine.clusters() == ["default"]

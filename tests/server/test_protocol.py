@@ -155,6 +155,66 @@ async def test_admin_api_lists_downloads_uploads_clones_deletes(server: Running,
     assert not list((server.root / "store" / "other").rglob("*.ltx"))
 
 
+async def test_a_refused_first_upload_leaves_no_database(server: Running, http: aiohttp.ClientSession,
+                                                          tmp_path: Path) -> None:
+    """An upload refused for a database never stored (here TXID 2 with no TXID 1; or a restore whose database is
+    deleted under it) leaves no empty database in the operator's list: only what the store holds is listed."""
+    history = History(tmp_path / "live.db")
+    history.write()
+    history.commit(1_790_000_000_000)
+    history.write()
+    second = history.commit(1_790_000_060_000)
+    async with http.post(f"{server.url}/db/tx?db=ghost.db", data=second,
+                         headers={"Authorization": TOKEN}) as resp:
+        assert resp.status == 409
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    async with http.get(f"{server.url}/api/databases", headers=h) as resp:
+        assert [c["databases"] for c in (await resp.json())["clusters"]] in ([], [[]])
+    async with http.get(f"{server.url}/api/db?db=ghost.db&cluster=default", headers=h) as resp:
+        assert resp.status == 404
+
+    # A restore appends its state onto the position it read; the database is deleted before that state arrives.
+    for path in uploads("fx-wal.db"):
+        await BackupClient(http, server.url, TOKEN).write_tx("fx-wal.db", path.read_bytes())
+    engine = server.engine
+    write_tx = engine.ops.write_tx
+
+    async def deleted_first(cluster: str, name: str, data: bytes) -> int:
+        await engine.delete_database(cluster, name)
+        return await write_tx(cluster, name, data)
+    engine.ops.write_tx = deleted_first
+    async with http.post(f"{server.url}/api/restore?db=fx-wal.db", json={"txid": "10"},
+                         headers={"Authorization": TOKEN}) as resp:
+        assert resp.status == 409, await resp.text()
+    assert not engine.exists("default", "fx-wal.db")
+    assert engine.databases("default") == []
+    history.close()
+
+
+async def test_preview_lists_every_table(server: Running, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """Every table but SQLite's own (`sqlite_` and then anything) is listed; a virtual table of a module the server's
+    SQLite lacks (sqlite-vec's vec0 here) without a row count: the preview of the database, which the dashboard asks
+    for before every restore, still answers."""
+    import sqlite3
+    db = tmp_path / "vec.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE t (a)")
+    con.execute("INSERT INTO t VALUES (1)")
+    con.execute("CREATE TABLE sqlitebrowser_rename_column_new_table (a)")  # DB Browser's: not one of SQLite's own
+    con.execute("PRAGMA writable_schema = ON")  # what an application with sqlite-vec loaded would have created
+    con.execute("INSERT INTO sqlite_schema (type, name, tbl_name, rootpage, sql) VALUES ('table', 'vec', 'vec', 0, "
+                "'CREATE VIRTUAL TABLE vec USING vec0(embedding float[4])')")
+    con.commit()
+    con.close()
+    h = {"Authorization": TOKEN}
+    async with http.post(f"{server.url}/api/upload?db=vec.db", data=db.read_bytes(), headers=h) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.get(f"{server.url}/api/preview?db=vec.db&txid=1", headers=h) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["tables"] == [{"name": "sqlitebrowser_rename_column_new_table", "rows": 0},
+                                                 {"name": "t", "rows": 1}, {"name": "vec", "rows": None}]
+
+
 def compacted(files: list[bytes]) -> bytes:
     out = io.BytesIO()
     compact(files, out, version=Version.V2)

@@ -19,9 +19,10 @@ import pytest
 
 from sidecar.engine.index import reachable
 from sidecar.ltx import format_timestamp
+from sidecar.server import Scope
 from tests.engine.history import History
 from tests.server.client import BackupClient
-from tests.server.conftest import ADMIN, OTHER, TOKEN, Running, start_server
+from tests.server.conftest import ADMIN, OTHER, READER, TOKEN, Running, start_server
 
 CHROMIUM = "/usr/bin/chromium"
 playwright_api = pytest.importorskip("playwright.async_api", reason="Playwright is not installed (pip install "
@@ -118,6 +119,18 @@ async def test_sign_in_refuses_a_wrong_token_and_scopes_a_cluster_token(backed: 
     assert "cluster default" in await pg.inner_text("#who")
 
 
+async def test_a_database_of_another_cluster_is_refused_without_signing_out(backed: Backed, page: object) -> None:
+    """A cluster token's session opening another cluster's database (a link an admin shared) sees the refusal, not
+    \"your session ended\": the session is still good."""
+    pg: playwright_api.Page = page  # type: ignore[assignment]
+    await sign_in(pg, backed.url, TOKEN)
+    await pg.goto(f"{backed.url}/ui/#/db/other/side.db")
+    await pg.wait_for_selector("#error:has-text('does not grant cluster')")
+    assert await pg.locator("#token").count() == 0
+    await pg.click("a[href='#/']")
+    await pg.wait_for_selector("#databases tr[data-db='default/app.db']")
+
+
 async def test_overview_lists_every_cluster_for_admin_and_refreshes_live(backed: Backed, page: object) -> None:
     pg: playwright_api.Page = page  # type: ignore[assignment]
     await sign_in(pg, backed.url, ADMIN)
@@ -179,6 +192,27 @@ async def test_restore_previews_then_asks_for_the_name_and_appends_a_new_head(ba
     assert con.execute("SELECT count(*) FROM events").fetchone()[0] == backed.counts[3]
     con.close()
     assert hx(7) in await pg.inner_text("#status")
+
+
+async def test_restore_applies_the_state_previewed_not_a_newer_one(backed: Backed, page: object) -> None:
+    """A restore by time restores the TXID its preview showed, even if uploads since then fall before that time."""
+    pg: playwright_api.Page = page  # type: ignore[assignment]
+    engine = backed.srv.engine
+    await sign_in(pg, backed.url, ADMIN)
+    await pg.goto(f"{backed.url}/ui/#/db/default/app.db")
+    at = datetime.fromtimestamp((T0 + 30 * 60_000) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    await pg.fill("#restore-time", at)
+    await pg.click("#preview-button")
+    await pg.wait_for_selector("#preview-tables tr[data-table='events']")
+    assert await pg.inner_text("#preview-txid") == hx(6)
+    backed.history.write()  # LiteFS uploads TXID 7, committed before the time typed, while the operator reads
+    async with aiohttp.ClientSession() as http:
+        await BackupClient(http, backed.url, TOKEN).write_tx("app.db", backed.history.commit(T0 + 10 * 60_000))
+    await pg.fill("#confirm-name", "app.db")
+    await pg.click("#restore")
+    await pg.wait_for_selector("#restore-result:has-text('new head')")
+    assert f"Restored TXID {hx(6)}" in await pg.inner_text("#restore-result")
+    assert engine.pos("default", "app.db").txid == 8
 
 
 async def test_download_at_a_txid_opens_as_sqlite(backed: Backed, page: object, tmp_path: Path) -> None:
@@ -285,6 +319,37 @@ async def test_changes_need_the_session_csrf_token(backed: Backed) -> None:
             assert resp.status == 401
     async with aiohttp.ClientSession() as http, http.post(f"{backed.url}/ui/login", json={"token": "nope"}) as resp:
         assert resp.status == 401
+
+
+async def test_a_session_ends_when_its_token_changes_scope(backed: Backed) -> None:
+    """After a restart with the token made read-only or moved to another cluster, its session no longer acts."""
+    engine = backed.srv.engine
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        async with http.post(f"{backed.url}/ui/login", json={"token": TOKEN}) as resp:
+            assert resp.status == 200
+            csrf = (await resp.json())["csrf"]
+        cookies = {c.key: c.value for c in jar}
+        await backed.srv.shutdown()
+        before = engine.pos("default", "app.db")
+        for changed in (Scope("default", True), Scope("other")):
+            tokens = {TOKEN: changed, OTHER: Scope("other"), READER: Scope("default", True)}  # the same strings
+            srv = await start_server(backed.srv.root, tokens=tokens)
+            try:
+                async with http.post(f"{srv.url}/api/restore?db=app.db", json={"txid": hx(2)}, cookies=cookies,
+                                     headers={"X-CSRF-Token": csrf}) as resp:
+                    assert resp.status == 401, (changed, await resp.text())
+                async with http.get(f"{srv.url}/ui/session", cookies=cookies) as resp:
+                    assert resp.status == 401, changed
+                assert srv.engine.pos("default", "app.db") == before
+            finally:
+                await srv.shutdown()
+        srv = await start_server(backed.srv.root)  # the tokens as they were: the session still works
+        try:
+            async with http.get(f"{srv.url}/ui/session", cookies=cookies) as resp:
+                assert resp.status == 200 and (await resp.json())["scope"] == "default"
+        finally:
+            await srv.shutdown()
 
 
 async def test_every_level_has_its_timeline_and_its_stretch_of_time(backed: Backed, page: object) -> None:

@@ -42,6 +42,12 @@ async function api(method, path, { json, raw } = {}) {
   return data;
 }
 
+// A 401 is a session that ended, or a token that does not grant the cluster asked for: only the first signs out.
+async function sessionEnded(err) {
+  if (err.status !== 401) return false;
+  try { await api("GET", "/ui/session"); return false; } catch (e) { return true; }
+}
+
 const qs = (params) => new URLSearchParams(Object.entries(params).filter(([, v]) => v)).toString();
 const bytes = (n) => n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(1)} GiB` : n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB`
   : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${n} B`;
@@ -163,7 +169,7 @@ async function databaseView(cluster, name) {
   try {
     info = await api("GET", `/api/db?${qs(ref)}`);
   } catch (err) {
-    if (err.status === 401) return loginView("Your session ended; sign in again.");
+    if (await sessionEnded(err)) return loginView("Your session ended; sign in again.");
     render(el("p", {}, el("a", { href: "#/" }, "← all databases")));
     return showError(err.message);
   }
@@ -193,12 +199,13 @@ async function databaseView(cluster, name) {
     if (!t.timestamp && !t.txid) return showError("Choose a date and time or a TXID to preview.");
     try {
       const p = await api("GET", `/api/preview?${qs({ ...ref, ...t })}`);
-      previewed = t;
+      // Restore the TXID shown, not the time again: uploads since the preview could resolve it to a newer state.
+      previewed = { txid: p.restored.txid };
       previewBox.replaceChildren(
         el("p", {}, "Would restore TXID ", el("code", { id: "preview-txid" }, p.restored.txid), " committed ",
           el("code", { id: "preview-time" }, p.restored.timestamp), ` (${bytes(p.size)}):`),
         el("table", { id: "preview-tables" }, el("tr", {}, el("th", {}, "table"), el("th", { class: "num" }, "rows")),
-          ...p.tables.map((t2) => el("tr", { "data-table": t2.name }, el("td", {}, t2.name), el("td", { class: "num" }, t2.rows)))));
+          ...p.tables.map((t2) => el("tr", { "data-table": t2.name }, el("td", {}, t2.name), el("td", { class: "num" }, t2.rows ?? "—")))));
       previewBox.hidden = false;
       confirmBox.hidden = false;
       confirmName.value = "";
@@ -208,7 +215,7 @@ async function databaseView(cluster, name) {
   restoreBtn.addEventListener("click", async () => {
     restoreBtn.disabled = true;
     try {
-      const r = await api("POST", `/api/restore?${qs(ref)}`, { json: previewed.txid ? { txid: previewed.txid } : { timestamp: previewed.timestamp } });
+      const r = await api("POST", `/api/restore?${qs(ref)}`, { json: { txid: previewed.txid } });
       result.textContent = `Restored TXID ${r.restored.txid} (${r.restored.timestamp}) as the new head, TXID ${r.txid}.`;
       resetPreview();
       showStatus(await api("GET", `/api/db?${qs(ref)}`));
