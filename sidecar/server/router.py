@@ -31,6 +31,7 @@ log = structlog.get_logger("sidecar.server")
 FORWARDED_HEADER = "Lfsc-Forwarded-By"
 HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
                  "upgrade", "proxy-authorization", "proxy-authenticate"})
+DECODED = frozenset({"gzip", "deflate", "br", "zstd"})  # the request Content-Encodings aiohttp's server decodes
 
 
 class NotHere(NotOwner):
@@ -130,7 +131,9 @@ class Router:
 
     async def forward(self, request: web.Request, cluster: str, holder: LeaseDoc) -> web.StreamResponse:
         """Send the request to the cluster's writer and stream its answer back."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        # aiohttp decoded a body in these encodings before we read it: it goes on decoded, without its encoding
+        drop = HOP | {"content-encoding"} if request.headers.get("Content-Encoding", "").lower() in DECODED else HOP
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
         headers[FORWARDED_HEADER] = self.instance_id
         url = holder.addr.rstrip("/") + request.path_qs
         self.forwarded += 1
