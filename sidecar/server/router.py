@@ -139,6 +139,7 @@ class Router:
         self.forwarded += 1
         if self.on_forward:
             self.on_forward()
+        out: web.StreamResponse | None = None
         try:
             async with self.session().request(request.method, url, headers=headers,
                                               data=request.content if request.can_read_body else None) as up:
@@ -154,6 +155,10 @@ class Router:
         except (aiohttp.ClientError, OSError) as exc:
             self._holders.pop(cluster, None)
             log.warning("forward failed", cluster=cluster, to=holder.addr, error=str(exc))
+            if out is not None and out.prepared:  # its status and headers are sent: no error answer can follow
+                if request.transport is not None:
+                    request.transport.close()  # the client sees the answer cut short, never completed by others
+                raise ConnectionResetError(f"{holder.addr} stopped mid-answer: {exc}") from None
             raise NotHere(NotOwner(cluster, holder), f"{holder.addr} did not answer: {exc}") from None
 
 

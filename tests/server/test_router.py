@@ -11,9 +11,11 @@ import gzip
 import time
 from pathlib import Path
 
+from sidecar.engine.lease import Leases
 from sidecar.ltx import Pos
+from sidecar.storage import open_storage
 from tests.engine.history import History
-from tests.server.test_handoff import RED, Conn, Proc, head_of, pair
+from tests.server.test_handoff import RED, Conn, Proc, head_of, pair, start
 
 __all__ = ["pair"]
 
@@ -61,3 +63,31 @@ async def test_a_compressed_upload_is_forwarded_as_sent(pair: tuple[Proc, Proc],
     finally:
         conn.close()
         first.close()
+
+
+async def test_a_writer_that_stops_mid_answer_cuts_the_forwarded_answer(tmp_path: Path) -> None:
+    """The writer's answer ends early (its process died): the client's connection is closed after the bytes that
+    came, so it sees a truncated answer, never one completed or followed by an error message."""
+    async def writer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
+        await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(writer, "127.0.0.1", 0)
+    port = upstream.sockets[0].getsockname()[1]
+    await Leases(open_storage(f"file://{tmp_path / 'store'}"), "elsewhere", f"http://127.0.0.1:{port}").acquire("red")
+    b = await start(tmp_path / "store", tmp_path / "state-b", "bbbbbbbbbbbbbbbb")
+    conn = await forwarding(b)
+    try:
+        conn.writer.write(f"GET /pos HTTP/1.1\r\nHost: x\r\nAuthorization: FlyV1 {RED}\r\n\r\n".encode())
+        got = await asyncio.wait_for(conn.reader.read(), 10)  # to the end: the connection is closed
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 1000" in head.lower()
+        assert body == b"x" * 100
+    finally:
+        conn.close()
+        b.stop.set()
+        await b.task
+        upstream.close()
+        await upstream.wait_closed()
