@@ -14,9 +14,11 @@ Processes on one machine mostly avoid forwarding: a new connection goes to the w
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -27,10 +29,13 @@ from sidecar.engine.lease import LeaseDoc, NotOwner
 from sidecar.errors import StorageError
 
 log = structlog.get_logger("sidecar.server")
+T = TypeVar("T")
 
 FORWARDED_HEADER = "Lfsc-Forwarded-By"
 HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
                  "upgrade", "proxy-authorization", "proxy-authenticate"})
+PROBE_EVERY = 5.0  # seconds between health checks of a writer that has not yet begun its answer to a forward
+PROBE_WITHIN = 10.0  # seconds a writer has to answer its health check, or the forward ends (its process stopped)
 DECODED = frozenset({"gzip", "deflate", "br", "zstd"})  # the request Content-Encodings aiohttp's server decodes
 
 
@@ -141,8 +146,9 @@ class Router:
             self.on_forward()
         out: web.StreamResponse | None = None
         try:
-            async with self.session().request(request.method, url, headers=headers,
-                                              data=request.content if request.can_read_body else None) as up:
+            async with contextlib.AsyncExitStack() as stack:
+                up = await self._unless_stopped(holder, stack.enter_async_context(self.session().request(
+                    request.method, url, headers=headers, data=request.content if request.can_read_body else None)))
                 out = web.StreamResponse(status=up.status, headers={
                     k: v for k, v in up.headers.items() if k.lower() not in HOP})
                 if up.content_length is not None:
@@ -160,6 +166,37 @@ class Router:
                     request.transport.close()  # the client sees the answer cut short, never completed by others
                 raise ConnectionResetError(f"{holder.addr} stopped mid-answer: {exc}") from None
             raise NotHere(NotOwner(cluster, holder), f"{holder.addr} did not answer: {exc}") from None
+
+    async def _unless_stopped(self, holder: LeaseDoc, answer: Awaitable[T]) -> T:
+        """`answer` (the writer's status and headers), unless the writer stops answering its health check first
+        (a stopped process's kernel still takes connections, and a live writer may take minutes to receive a large
+        body and answer): then TimeoutError."""
+        waiting = asyncio.ensure_future(answer)
+        probing = asyncio.ensure_future(self._stopped(holder))
+        try:
+            await asyncio.wait([waiting, probing], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            probing.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+        if waiting.cancelled():
+            raise TimeoutError(f"no answer, and no answer to its health check within {PROBE_WITHIN:g}s")
+        return waiting.result()
+
+    async def _stopped(self, holder: LeaseDoc) -> None:
+        """Return once the writer at `holder.addr` does not answer its /healthz within PROBE_WITHIN."""
+        url = holder.addr.rstrip("/") + "/healthz"
+        while True:
+            await asyncio.sleep(PROBE_EVERY)
+            try:
+                async with self.session().get(url, timeout=aiohttp.ClientTimeout(total=PROBE_WITHIN)) as resp:
+                    if resp.status == 200:
+                        continue
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            return
 
 
 __all__ = ["FORWARDED_HEADER", "NotHere", "Router"]
