@@ -127,12 +127,19 @@ class Router:
         return doc
 
     async def fetch(self, request: web.Request, holder: LeaseDoc, path: str) -> Any:
-        """GET `path` from another process as the caller (its Authorization), never to be forwarded again."""
+        """GET `path` from another process as the caller (its Authorization), never to be forwarded again; None if
+        it does not answer (gone, or stopped: see `forward`) or not with JSON."""
         headers = {FORWARDED_HEADER: self.instance_id}
         if "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
-        async with self.session().get(holder.addr.rstrip("/") + path, headers=headers) as resp:
-            return await resp.json() if resp.status == 200 else None
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                resp = await self._unless_stopped(holder, stack.enter_async_context(
+                    self.session().get(holder.addr.rstrip("/") + path, headers=headers)))
+                return await resp.json() if resp.status == 200 else None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            log.warning("peer did not answer", to=holder.addr, path=path, error=str(exc))
+            return None
 
     async def forward(self, request: web.Request, cluster: str, holder: LeaseDoc) -> web.StreamResponse:
         """Send the request to the cluster's writer and stream its answer back."""

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import time
 from pathlib import Path
 
 import pytest
 
+from sidecar.engine import Engine, Levels
 from sidecar.engine.lease import Leases
 from sidecar.ltx import Pos
-from sidecar.server import router
+from sidecar.server import ServerConfig, router, serve
+from sidecar.server.metrics import Metrics
 from sidecar.storage import open_storage
 from tests.engine.history import History
-from tests.server.test_handoff import RED, Conn, Proc, head_of, pair, start
+from tests.s3server import free_port
+from tests.server.test_handoff import RED, TOKENS, Conn, Proc, head_of, pair, start
 
 __all__ = ["pair"]
 
@@ -120,6 +124,45 @@ async def test_a_forward_to_a_writer_that_stopped_answering_ends_in_503(tmp_path
         conn.close()
         b.stop.set()
         await b.task
+        for w in stopped:
+            w.close()
+        upstream.close()
+        await upstream.wait_closed()
+
+
+ADMIN = "admin-0123456789abcdef0123456789"
+
+
+async def test_listing_every_cluster_survives_a_writer_that_does_not_answer(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The admin's list of every cluster asks each cluster's writer for its view; one writer that is gone (refused
+    connection) or stopped (no answer) leaves its cluster as this process sees it, and the list is answered."""
+    monkeypatch.setattr(router, "PROBE_EVERY", 0.2)
+    monkeypatch.setattr(router, "PROBE_WITHIN", 0.5)
+    stopped: list[asyncio.StreamWriter] = []
+
+    async def hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stopped.append(writer)
+
+    upstream = await asyncio.start_server(hung, "127.0.0.1", 0)
+    storage = open_storage(f"file://{tmp_path / 'store'}")
+    await Leases(storage, "gone", f"http://127.0.0.1:{free_port()}").acquire("red")
+    await Leases(storage, "stopped", f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}").acquire("blue")
+    engine = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state-b", Levels())
+    stop = asyncio.Event()
+    started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(engine, ServerConfig(tokens=TOKENS, admin_token=ADMIN), "127.0.0.1", 0,
+                                     stop=stop, grace=5, started=started.set_result, metrics=Metrics()))
+    url = await asyncio.wait_for(started, 10)
+    conn = Conn(*await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    try:
+        status, _, body = await ask(conn, "GET", "/api/databases", {"Authorization": f"Bearer {ADMIN}"})
+        assert status == 200, body
+        assert sorted(c["name"] for c in json.loads(body)["clusters"]) == ["blue", "red"]
+    finally:
+        conn.close()
+        stop.set()
+        await task
         for w in stopped:
             w.close()
         upstream.close()
