@@ -26,7 +26,7 @@ from aiohttp import web
 
 from sidecar.engine import Engine
 from sidecar.engine.lease import LeaseDoc, NotOwner
-from sidecar.errors import StorageError
+from sidecar.errors import SidecarError, StorageError
 
 log = structlog.get_logger("sidecar.server")
 T = TypeVar("T")
@@ -119,7 +119,7 @@ class Router:
             return cached
         try:
             doc, _ = await self.engine.leases.holder(cluster)
-        except StorageError:
+        except SidecarError:  # the store did not answer, or its lease object is unreadable: this process's view
             return None
         if doc is None or not self.engine.leases.live(doc) or not doc.addr:
             return None

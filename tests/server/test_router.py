@@ -167,3 +167,28 @@ async def test_listing_every_cluster_survives_a_writer_that_does_not_answer(tmp_
             w.close()
         upstream.close()
         await upstream.wait_closed()
+
+
+async def test_an_unreadable_lease_object_is_named_and_stops_only_its_cluster(tmp_path: Path) -> None:
+    """A cluster whose lease object is not a lease: its own requests are refused naming the object, and the admin's
+    list of every cluster is still answered."""
+    storage = open_storage(f"file://{tmp_path / 'store'}")
+    await Leases(storage, "elsewhere", "").acquire("blue")
+    await storage.put_bytes(".litefs-sidecar/leases/red", b"not a lease")
+    engine = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state-b", Levels())
+    stop = asyncio.Event()
+    started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(engine, ServerConfig(tokens=TOKENS, admin_token=ADMIN), "127.0.0.1", 0,
+                                     stop=stop, grace=5, started=started.set_result, metrics=Metrics()))
+    url = await asyncio.wait_for(started, 10)
+    conn = Conn(*await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    try:
+        status, _, body = await ask(conn, "GET", "/pos", {"Authorization": f"FlyV1 {RED}"})
+        assert status == 500 and b"lease object .litefs-sidecar/leases/red" in body, body
+        status, _, body = await ask(conn, "GET", "/api/databases", {"Authorization": f"Bearer {ADMIN}"})
+        assert status == 200, body
+        assert sorted(c["name"] for c in json.loads(body)["clusters"]) == ["blue", "red"]
+    finally:
+        conn.close()
+        stop.set()
+        await task
