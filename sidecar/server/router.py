@@ -56,12 +56,15 @@ class Router:
         self.instance_id = instance_id
         self.cache_seconds = cache_seconds
         self._session: aiohttp.ClientSession | None = None
+        self._probes: aiohttp.ClientSession | None = None  # its own connections: never queued behind forwards
         self._holders: dict[str, tuple[LeaseDoc, float]] = {}  # cluster -> (another's lease, until when trusted)
         self.forwarded = 0
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._probes is not None:
+            await self._probes.close()
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -198,7 +201,9 @@ class Router:
         while True:
             await asyncio.sleep(PROBE_EVERY)
             try:
-                async with self.session().get(url, timeout=aiohttp.ClientTimeout(total=PROBE_WITHIN)) as resp:
+                if self._probes is None:
+                    self._probes = aiohttp.ClientSession()
+                async with self._probes.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_WITHIN)) as resp:
                     if resp.status == 200:
                         continue
             except (aiohttp.ClientError, TimeoutError):

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from sidecar.engine import Engine, Levels
-from sidecar.engine.lease import Leases
+from sidecar.engine.lease import LeaseDoc, Leases
 from sidecar.ltx import Pos
 from sidecar.server import ServerConfig, router, serve
 from sidecar.server.metrics import Metrics
@@ -192,3 +193,41 @@ async def test_an_unreadable_lease_object_is_named_and_stops_only_its_cluster(tm
         conn.close()
         stop.set()
         await task
+
+
+async def test_a_live_writer_is_not_taken_for_stopped_while_forwards_fill_the_pool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The health check has connections of its own: with every forwarding connection busy on long requests, a
+    writer that answers its /healthz is still seen alive."""
+    monkeypatch.setattr(router, "PROBE_EVERY", 0.1)
+    monkeypatch.setattr(router, "PROBE_WITHIN", 0.5)
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response()
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    engine = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state", Levels())
+    r = router.Router(engine, "x" * 16)
+    busy = [asyncio.create_task(r.session().get(f"http://127.0.0.1:{port}/slow")) for _ in range(100)]
+    try:
+        holder = LeaseDoc("elsewhere", f"http://127.0.0.1:{port}", 0, 1)
+        with pytest.raises(TimeoutError):  # it keeps probing: the writer answers
+            await asyncio.wait_for(r._stopped(holder), 3)
+    finally:
+        release.set()
+        for resp in await asyncio.gather(*busy):
+            resp.release()
+        await r.close()
+        await engine.close()
+        await runner.cleanup()
