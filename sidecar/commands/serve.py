@@ -104,6 +104,13 @@ def configure(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         if sc.admin_token and len(sc.admin_token) < MIN_TOKEN:  # it grants every cluster: no weaker than theirs
             problems.append(f"server.admin_token (from {server.source('server.admin_token')}): shorter than "
                             f"{MIN_TOKEN} characters")
+        if sc.advertise_url and sc.workers > 1 and not sc.worker:  # (a worker is started with its supervisor's)
+            # Every worker would write the one address in its leases: a request forwarded there reaches any worker,
+            # and one that does not hold the cluster answers 503.
+            problems.append(f"server.advertise_url (from {server.source('server.advertise_url')}): one address "
+                            f"cannot name each of the {sc.workers} workers (server.workers, from "
+                            f"{server.source('server.workers')}), which forward to each other by it; leave it unset "
+                            "(each worker then advertises a loopback port of its own), or run one process per address")
         if len(problems) == before and not tokens and not sc.admin_token and not sc.insecure_no_auth:
             problems.append("no tokens configured: give --tokens-file FILE or LITEFS_SIDECAR_SERVER_TOKENS "
                             "(or --insecure-no-auth for local testing)")

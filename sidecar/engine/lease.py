@@ -156,7 +156,10 @@ class Leases:
         except NotFound:
             return None, None
         assert got is not None
-        return LeaseDoc.decode(got[0]), got[1]
+        try:
+            return LeaseDoc.decode(got[0]), got[1]
+        except SidecarError as err:
+            raise SidecarError(f"cluster {cluster!r}: lease object {lease_key(cluster)}: {err}") from None
 
     def live(self, doc: LeaseDoc | None) -> bool:
         """Whether `doc` is another engine's lease that has not yet expired (with the skew margin). One of this

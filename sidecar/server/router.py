@@ -14,9 +14,11 @@ Processes on one machine mostly avoid forwarding: a new connection goes to the w
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -24,13 +26,17 @@ from aiohttp import web
 
 from sidecar.engine import Engine
 from sidecar.engine.lease import LeaseDoc, NotOwner
-from sidecar.errors import StorageError
+from sidecar.errors import SidecarError, StorageError
 
 log = structlog.get_logger("sidecar.server")
+T = TypeVar("T")
 
 FORWARDED_HEADER = "Lfsc-Forwarded-By"
 HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
                  "upgrade", "proxy-authorization", "proxy-authenticate"})
+PROBE_EVERY = 5.0  # seconds between health checks of a writer that has not yet begun its answer to a forward
+PROBE_WITHIN = 10.0  # seconds a writer has to answer its health check, or the forward ends (its process stopped)
+DECODED = frozenset({"gzip", "deflate", "br", "zstd"})  # the request Content-Encodings aiohttp's server decodes
 
 
 class NotHere(NotOwner):
@@ -50,12 +56,15 @@ class Router:
         self.instance_id = instance_id
         self.cache_seconds = cache_seconds
         self._session: aiohttp.ClientSession | None = None
+        self._probes: aiohttp.ClientSession | None = None  # its own connections: never queued behind forwards
         self._holders: dict[str, tuple[LeaseDoc, float]] = {}  # cluster -> (another's lease, until when trusted)
         self.forwarded = 0
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._probes is not None:
+            await self._probes.close()
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -113,7 +122,7 @@ class Router:
             return cached
         try:
             doc, _ = await self.engine.leases.holder(cluster)
-        except StorageError:
+        except SidecarError:  # the store did not answer, or its lease object is unreadable: this process's view
             return None
         if doc is None or not self.engine.leases.live(doc) or not doc.addr:
             return None
@@ -121,24 +130,35 @@ class Router:
         return doc
 
     async def fetch(self, request: web.Request, holder: LeaseDoc, path: str) -> Any:
-        """GET `path` from another process as the caller (its Authorization), never to be forwarded again."""
+        """GET `path` from another process as the caller (its Authorization), never to be forwarded again; None if
+        it does not answer (gone, or stopped: see `forward`) or not with JSON."""
         headers = {FORWARDED_HEADER: self.instance_id}
         if "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
-        async with self.session().get(holder.addr.rstrip("/") + path, headers=headers) as resp:
-            return await resp.json() if resp.status == 200 else None
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                resp = await self._unless_stopped(holder, stack.enter_async_context(
+                    self.session().get(holder.addr.rstrip("/") + path, headers=headers)))
+                return await resp.json() if resp.status == 200 else None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            log.warning("peer did not answer", to=holder.addr, path=path, error=str(exc))
+            return None
 
     async def forward(self, request: web.Request, cluster: str, holder: LeaseDoc) -> web.StreamResponse:
         """Send the request to the cluster's writer and stream its answer back."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        # aiohttp decoded a body in these encodings before we read it: it goes on decoded, without its encoding
+        drop = HOP | {"content-encoding"} if request.headers.get("Content-Encoding", "").lower() in DECODED else HOP
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
         headers[FORWARDED_HEADER] = self.instance_id
         url = holder.addr.rstrip("/") + request.path_qs
         self.forwarded += 1
         if self.on_forward:
             self.on_forward()
+        out: web.StreamResponse | None = None
         try:
-            async with self.session().request(request.method, url, headers=headers,
-                                              data=request.content if request.can_read_body else None) as up:
+            async with contextlib.AsyncExitStack() as stack:
+                up = await self._unless_stopped(holder, stack.enter_async_context(self.session().request(
+                    request.method, url, headers=headers, data=request.content if request.can_read_body else None)))
                 out = web.StreamResponse(status=up.status, headers={
                     k: v for k, v in up.headers.items() if k.lower() not in HOP})
                 if up.content_length is not None:
@@ -151,7 +171,44 @@ class Router:
         except (aiohttp.ClientError, OSError) as exc:
             self._holders.pop(cluster, None)
             log.warning("forward failed", cluster=cluster, to=holder.addr, error=str(exc))
+            if out is not None and out.prepared:  # its status and headers are sent: no error answer can follow
+                if request.transport is not None:
+                    request.transport.close()  # the client sees the answer cut short, never completed by others
+                raise ConnectionResetError(f"{holder.addr} stopped mid-answer: {exc}") from None
             raise NotHere(NotOwner(cluster, holder), f"{holder.addr} did not answer: {exc}") from None
+
+    async def _unless_stopped(self, holder: LeaseDoc, answer: Awaitable[T]) -> T:
+        """`answer` (the writer's status and headers), unless the writer stops answering its health check first
+        (a stopped process's kernel still takes connections, and a live writer may take minutes to receive a large
+        body and answer): then TimeoutError."""
+        waiting = asyncio.ensure_future(answer)
+        probing = asyncio.ensure_future(self._stopped(holder))
+        try:
+            await asyncio.wait([waiting, probing], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            probing.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+        if waiting.cancelled():
+            raise TimeoutError(f"no answer, and no answer to its health check within {PROBE_WITHIN:g}s")
+        return waiting.result()
+
+    async def _stopped(self, holder: LeaseDoc) -> None:
+        """Return once the writer at `holder.addr` does not answer its /healthz within PROBE_WITHIN."""
+        url = holder.addr.rstrip("/") + "/healthz"
+        while True:
+            await asyncio.sleep(PROBE_EVERY)
+            try:
+                if self._probes is None:
+                    self._probes = aiohttp.ClientSession()
+                async with self._probes.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_WITHIN)) as resp:
+                    if resp.status == 200:
+                        continue
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            return
 
 
 __all__ = ["FORWARDED_HEADER", "NotHere", "Router"]

@@ -192,6 +192,19 @@ class TestConfiguration:
             "  server.admin_token (from env LITEFS_SIDECAR_SERVER_ADMIN_TOKEN): shorter than 16 characters"]
         assert not (tmp_path / "st").exists()
 
+    def test_one_advertised_address_for_several_workers_is_refused(self, tmp_path: Path) -> None:
+        """Each worker writes its address in its leases; with one for all, half the forwarded requests reached a
+        worker that did not hold their cluster and got 503."""
+        proc = run_serve("--storage", f"file://{tmp_path}/s", "--state-dir", str(tmp_path / "st"), "--workers", "2",
+                         "--advertise-url", "http://127.0.0.1:20203",
+                         env={"LITEFS_SIDECAR_SERVER_TOKENS": f"prod {TOKEN}"})
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.splitlines()[1:] == [
+            "  server.advertise_url (from flag --advertise-url): one address cannot name each of the 2 workers "
+            "(server.workers, from flag --workers), which forward to each other by it; leave it unset (each worker "
+            "then advertises a loopback port of its own), or run one process per address"]
+        assert not (tmp_path / "st").exists()
+
     def test_tokens_are_required_unless_auth_is_off(self, tmp_path: Path) -> None:
         """No token at all refuses to start, with the way out in the message."""
         proc = run_serve("--storage", f"file://{tmp_path}/s", "--state-dir", str(tmp_path / "st"))
