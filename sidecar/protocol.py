@@ -30,6 +30,14 @@ def txid_hex(txid: int) -> str:
     return f"{txid:016x}"
 
 
+def hex_txid(text: object) -> int | None:
+    """A TXID given as 1 to 16 hex digits (a query parameter, a JSON field); None for anything else, including what
+    int(text, 16) alone would also take: a sign, "0x", "_" or spaces."""
+    if not (isinstance(text, str) and 1 <= len(text) <= 16 and all(c in "0123456789abcdefABCDEF" for c in text)):
+        return None
+    return int(text, 16)
+
+
 def pos_to_json(pos: Pos) -> dict[str, str]:
     return {"txid": txid_hex(pos.txid), "postApplyChecksum": f"{pos.post_apply_checksum:016x}"}
 
@@ -80,4 +88,5 @@ def raise_for(status: int, body: bytes, db: str, what: str) -> None:
 
 
 __all__ = ["CLUSTER_HEADER", "HWM_HEADER", "INSTANCE_HEADER", "REQUEST_ID_HEADER", "TXID_HEADER", "error_json",
+           "hex_txid",
            "pos_from_json", "pos_to_json", "positions_from_json", "raise_for", "read_error", "txid_hex"]

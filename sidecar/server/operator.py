@@ -28,7 +28,7 @@ from sidecar.engine.restore import check_integrity
 from sidecar.errors import InvalidDatabaseName, RestoreError, validate_cluster_name, validate_db_name
 from sidecar.ltx import LTXError, format_timestamp
 from sidecar.ltx.sqlite import sqlite_page_size
-from sidecar.protocol import txid_hex
+from sidecar.protocol import hex_txid, txid_hex
 from sidecar.server.http import ADMIN, CLUSTER, ClientError, db_param, read_body
 from sidecar.server.litefs_api import send_snapshot
 from sidecar.server.router import FORWARDED_HEADER, Router
@@ -63,8 +63,7 @@ def _target(params: Any, *, required: bool = False) -> tuple[int | None, int | N
         raise ClientError(400, "EBADTARGET", "give timestamp or txid, not both")
     if required and not (ts or txid):
         raise ClientError(400, "EBADTARGET", "give a timestamp (RFC 3339) or a txid (16 hex digits)")
-    if txid is not None and not (isinstance(txid, str) and 1 <= len(txid) <= 16
-                                 and all(c in "0123456789abcdefABCDEF" for c in txid)):
+    if txid is not None and hex_txid(txid) is None:
         raise ClientError(400, "EBADTARGET", f"txid: want up to 16 hex digits as a string, got {txid!r}")
     if ts is not None:
         try:

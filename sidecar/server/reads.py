@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import string
 import struct
 from collections.abc import Mapping
 
@@ -38,6 +37,7 @@ from sidecar.engine.index import DbIndex, FileEntry
 from sidecar.errors import RestoreError, SidecarError
 from sidecar.ltx import lock_pgno, parse_filename
 from sidecar.ltx.pageindex import MAX_PROBES, TAIL, SparseIndex, Unknown, index_span
+from sidecar.protocol import hex_txid
 from sidecar.server.http import CLUSTER, error
 from sidecar.storage.base import SNAPSHOT_LEVEL, parse_rfc3339
 
@@ -330,10 +330,10 @@ def _hex(query: Mapping[str, str], name: str) -> int | None:
     text = query.get(name)
     if not text:
         return None
-    # int(text, 16) alone also takes a sign, "0x", "_" and spaces: a TXID of -1 would be looked for
-    if len(text) > 16 or any(c not in string.hexdigits for c in text):
+    value = hex_txid(text)
+    if value is None:  # not looked for as it might parse: a TXID of -1
         raise _BadRequest(f"{name} {text!r}: want a hex TXID (up to 16 hex digits)")
-    return int(text, 16)
+    return value
 
 
 def _range(header: str | None, size: int) -> tuple[int, int] | None:
