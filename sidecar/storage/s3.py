@@ -256,8 +256,8 @@ class S3Storage:
                     return await c.get_object(Bucket=self.bucket, Key=full, Range=r)
                 resp = await self._call(key, get)
             except StorageError as err:
-                if "InvalidRange" in str(err) and pos > start:
-                    return  # the object ended exactly where we stopped
+                if "InvalidRange" in str(err):
+                    return  # the object ends at or before `pos` (where we stopped, or it is shorter or empty)
                 raise
             body = resp["Body"]
             total = _total_size(resp)
