@@ -120,6 +120,8 @@ class S3Storage:
             except ClientError as err:
                 code = str(err.response.get("Error", {}).get("Code", ""))
                 status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+                if code == "NoSuchBucket":  # also a 404, but no object's absence: the configuration is wrong
+                    raise StorageError(key, f"S3 bucket {self.bucket!r} does not exist (NoSuchBucket)") from None
                 if status == 404 or code in ("NoSuchKey", "404", "NotFound"):
                     raise NotFound(key) from None
                 if status == 304 or code == "304":
