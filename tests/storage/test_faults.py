@@ -78,3 +78,22 @@ async def test_a_missing_bucket_is_named_not_taken_for_a_missing_object(moto_ser
             assert not err.value.retryable, name
     finally:
         await store.close()
+
+
+async def test_a_read_resumed_after_a_drop_never_splices_in_a_replacement(
+        proxied: tuple[S3Storage, FaultProxy]) -> None:
+    """The object is replaced between a read's first GET and the ranged GET that resumes it after a drop: the read
+    fails (retryable) rather than returning the old object's start followed by the new one's end."""
+    store, proxy = proxied
+    old, new = b"a" * 5000, b"b" * 5000
+    await store.put_bytes("head.json", old)
+    proxy.faults.cut_gets, proxy.faults.cut_after = 1, 1000
+    got = b""
+    with pytest.raises(StorageError, match="changed while it was read") as err:
+        async for chunk in store.stream("head.json", chunk_size=100):
+            if not got:
+                await store.put_bytes("head.json", new)
+            got += chunk
+    assert err.value.retryable
+    assert got == old[:len(got)]
+    assert proxy.injected == 1
