@@ -173,10 +173,19 @@ class UploadLog:
         self._maps.clear()
 
     def _open_active(self) -> None:
-        self._fd = os.open(self.path(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        self._size = os.fstat(self._fd).st_size
+        self._fd, self._size = self._open(self._active)
         self._live.setdefault(self._active, 0)
-        fsync_dir(self.dir)
+
+    def _open(self, segment: int) -> tuple[int, int]:
+        """Open (creating it durably) a segment for appends: its descriptor and size."""
+        fd = os.open(self.path(segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            fsync_dir(self.dir)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, size
 
     # -- liveness ---------------------------------------------------------------------------------------
 
@@ -234,7 +243,11 @@ class UploadLog:
             # A full segment rolls; so does one whose every record has reached the store, so that its space
             # comes back at once (a small disk holds less than one segment).
             if self._size >= self.segment_size or (self._size >= ROLL_EMPTY and not self._live.get(self._active)):
-                await self._run(self._roll)
+                try:
+                    await self._run(self._roll)
+                except OSError as err:  # the batch still goes to the current segment: its size is no hard limit
+                    log.warning("upload log: could not start a new segment", file=str(self.path(self._active + 1)),
+                                error=str(err))
                 self._collect()
             segment, start = self._active, self._size
             buffers = [b for bufs, _ in batch for b in bufs]
@@ -284,9 +297,12 @@ class UploadLog:
         self._sync(self._fd)
 
     def _roll(self) -> None:
+        """Append to a new segment; if it cannot be created, nothing changes (the current one stays open)."""
+        fd, size = self._open(self._active + 1)
         os.close(self._fd)
+        self._fd, self._size = fd, size
         self._active += 1
-        self._open_active()
+        self._live.setdefault(self._active, 0)
 
     def abandon(self) -> None:
         """Close without waiting or cleaning up, as a crash would."""

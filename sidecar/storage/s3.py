@@ -120,6 +120,8 @@ class S3Storage:
             except ClientError as err:
                 code = str(err.response.get("Error", {}).get("Code", ""))
                 status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+                if code == "NoSuchBucket":  # also a 404, but no object's absence: the configuration is wrong
+                    raise StorageError(key, f"S3 bucket {self.bucket!r} does not exist (NoSuchBucket)") from None
                 if status == 404 or code in ("NoSuchKey", "404", "NotFound"):
                     raise NotFound(key) from None
                 if status == 304 or code == "304":
@@ -245,22 +247,28 @@ class S3Storage:
             yield chunk
 
     async def _ranged(self, key: str, start: int, end: int | None, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
-        """Bytes start..end (inclusive; None = to the end), resuming after a drop mid-body."""
+        """Bytes start..end (inclusive; None = to the end), resuming after a drop mid-body (of the same object only:
+        a resumed GET carries If-Match with the first answer's ETag, so a replacement is never spliced in)."""
         full = self._key(key)
         pos = start
         drops = 0
+        etag = ""
         while end is None or pos <= end:
             rng = f"bytes={pos}-{'' if end is None else end}"
+            same = {"IfMatch": etag} if etag else {}
             try:
-                async def get(c: Any, r: str = rng) -> Any:
-                    return await c.get_object(Bucket=self.bucket, Key=full, Range=r)
+                async def get(c: Any, r: str = rng, cond: dict[str, str] = same) -> Any:
+                    return await c.get_object(Bucket=self.bucket, Key=full, Range=r, **cond)
                 resp = await self._call(key, get)
+            except PreconditionFailed:
+                raise StorageError(key, "the object changed while it was read", retryable=True) from None
             except StorageError as err:
-                if "InvalidRange" in str(err) and pos > start:
-                    return  # the object ended exactly where we stopped
+                if "InvalidRange" in str(err):
+                    return  # the object ends at or before `pos` (where we stopped, or it is shorter or empty)
                 raise
             body = resp["Body"]
             total = _total_size(resp)
+            etag = etag or str(resp.get("ETag", ""))
             try:
                 while True:
                     chunk = await body.read(chunk_size)

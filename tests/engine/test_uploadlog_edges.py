@@ -317,6 +317,26 @@ class TestSegments:
         assert stat.S_IMODE(log.path(1).stat().st_mode) == 0o644 & ~umask
         await log.close()
 
+    async def test_a_segment_that_cannot_be_created_leaves_appends_on_the_current_one(self, tmp_path: Path) -> None:
+        """A roll that fails (no inode or directory space left) neither leaves the upload waiting forever nor
+        closes the current segment's descriptor, which the process may reuse for another file."""
+        log = opened(tmp_path, segment_size=10)
+        assert await log.append("c", "a.db", b"x" * 20) == 1
+        log.path(2).mkdir()  # the next segment cannot be created
+        with structlog.testing.capture_logs() as logs:
+            assert await asyncio.wait_for(log.append("c", "b.db", b"y"), 10) == 1
+        assert [e["event"] for e in logs] == ["upload log: could not start a new segment"]
+        log.path(2).rmdir()
+        other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)
+        try:
+            assert await asyncio.wait_for(log.append("c", "c.db", b"z"), 10) == 2
+            os.write(other, b"mine")
+        finally:
+            os.close(other)
+        await log.close()
+        assert replayed(tmp_path) == [("c", "a.db", b"x" * 20), ("c", "b.db", b"y"), ("c", "c.db", b"z")]
+        assert (tmp_path / "other").read_bytes() == b"mine"
+
     async def test_a_segment_removed_by_hand_is_not_an_error(self, tmp_path: Path) -> None:
         """An operator removed a segment (as the damaged-record error suggests): releasing or closing goes on."""
         log = opened(tmp_path, segment_size=10)

@@ -92,6 +92,19 @@ class TestContract:
             await store.download("nope.bin", tmp_path / "nope")
         assert not (tmp_path / "nope").exists()
 
+    async def test_an_empty_object_and_ranges_from_the_end_read_as_empty(self, store: Storage, tmp_path: Path) -> None:
+        """S3 answers 416 to a range starting at or past an object's end, even `bytes=0-` of an empty object:
+        that is an empty read, as from a file, not a failure."""
+        await store.put_bytes("empty.ltx", b"")
+        await store.put_bytes("ten.ltx", b"0123456789")
+        assert await store.get_bytes("empty.ltx") == b""
+        assert [c async for c in store.stream("empty.ltx")] == []
+        assert await store.get_range("empty.ltx", 0, 100) == b""
+        assert await store.download("empty.ltx", tmp_path / "empty") == 0
+        assert (tmp_path / "empty").read_bytes() == b""
+        assert await store.get_range("ten.ltx", 10, 5) == b""
+        assert await store.get_range("ten.ltx", 20, 5) == b""
+
     async def test_large_file_round_trips(self, store: Storage, tmp_path: Path) -> None:
         data = os.urandom(11 << 20)  # two full 5 MiB parts and a tail on S3
         src = tmp_path / "large"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import StorageError
+from sidecar.errors import NotFound, PreconditionFailed, StorageError
 from sidecar.storage.s3 import S3Storage
 from tests.faults import FaultProxy
 from tests.s3server import MotoServer
@@ -60,3 +60,40 @@ async def test_persistent_failure_is_retryable_error_and_writes_nothing(
     assert not (tmp_path / "k").exists()
     proxy.faults.down = False
     assert await store.list("") == []
+
+
+async def test_a_missing_bucket_is_named_not_taken_for_a_missing_object(moto_server: MotoServer) -> None:
+    """S3 answers 404 NoSuchBucket for a bucket that does not exist: a configuration error to name, not an object
+    that is absent (read as 'no backup', or as a conditional write lost to another writer)."""
+    store = S3Storage("no-such-bucket-here", "p", endpoint_url=moto_server.url, force_path_style=True,
+                      backoff_base=0.001, backoff_cap=0.01, max_attempts=2)
+    try:
+        for name, op in [("get", lambda: store.get_bytes("k")), ("list", lambda: store.list("")),
+                         ("put", lambda: store.put_bytes("k", b"x")),
+                         ("create", lambda: store.put_bytes("k", b"x", if_none_match=True)),
+                         ("delete", lambda: store.delete(["k"]))]:
+            with pytest.raises(StorageError, match="S3 bucket 'no-such-bucket-here' does not exist") as err:
+                await op()
+            assert not isinstance(err.value, NotFound | PreconditionFailed), name
+            assert not err.value.retryable, name
+    finally:
+        await store.close()
+
+
+async def test_a_read_resumed_after_a_drop_never_splices_in_a_replacement(
+        proxied: tuple[S3Storage, FaultProxy]) -> None:
+    """The object is replaced between a read's first GET and the ranged GET that resumes it after a drop: the read
+    fails (retryable) rather than returning the old object's start followed by the new one's end."""
+    store, proxy = proxied
+    old, new = b"a" * 5000, b"b" * 5000
+    await store.put_bytes("head.json", old)
+    proxy.faults.cut_gets, proxy.faults.cut_after = 1, 1000
+    got = b""
+    with pytest.raises(StorageError, match="changed while it was read") as err:
+        async for chunk in store.stream("head.json", chunk_size=100):
+            if not got:
+                await store.put_bytes("head.json", new)
+            got += chunk
+    assert err.value.retryable
+    assert got == old[:len(got)]
+    assert proxy.injected == 1
