@@ -6,13 +6,18 @@ the limit. Here concurrent uploads share one append and one `fdatasync` (group c
 being synced, the next gathers.
 
     <state>/log/<segment, 16 hex>.log      records, in acceptance order
-    record = magic "LSU1" | crc32 (u32) | data length (u64) | cluster length (u16) | name length (u16)
-             | cluster | name | data                          (big-endian; empty data = the database was deleted)
+    record = magic "LSU2" | header crc32 (u32) | crc32 (u32) | data length (u64) | cluster length (u16)
+             | name length (u16) | cluster | name | data     (big-endian; empty data = the database was deleted)
 
-A record stays live until its upload is flushed to the store. Segments roll at `segment_size` and are deleted
-oldest first, once nothing in them or before them is live; so a deletion's record outlives every older upload
-of that database. On open, the segments are replayed in order; a record cut short by a crash (it was never
-acknowledged) ends its segment, and the segment is truncated there.
+The header crc32 covers the four fields after it; the other crc32 covers cluster, name and data. A record stays
+live until its upload is flushed to the store. Segments roll at `segment_size` and are deleted oldest first, once
+nothing in them or before them is live; so a deletion's record outlives every older upload of that database.
+
+On open, the segments are replayed in order. A record cut short by a crash (it was never acknowledged) ends its
+segment, and the segment is truncated there. A damaged record with an intact one after it is acknowledged data
+lost, and the start is refused; but the bytes a whole header claims are that record's own, so an upload's data
+that happens to hold a valid record is never taken for one. Records of version 1 ("LSU1": no header crc32,
+written before 2026-12) are still replayed.
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ from sidecar.fsutil import fsync_dir
 
 log = structlog.get_logger("sidecar.engine")
 
-MAGIC = b"LSU1"
-HEAD = struct.Struct(">4sIQHH")
+MAGIC = b"LSU2"
+HEAD = struct.Struct(">4sIIQHH")  # magic, header crc32, crc32, data length, cluster length, name length
+FIELDS = struct.Struct(">IQHH")  # what the header crc32 covers
+MAGIC_V1 = b"LSU1"
+HEAD_V1 = struct.Struct(">4sIQHH")  # magic, crc32, data length, cluster length, name length
 SEGMENT_SIZE = 64 << 20
 ROLL_EMPTY = 1 << 20  # a segment this large with nothing live in it is replaced by a new one, freeing its space
 IOV_MAX = 1024
@@ -59,18 +67,33 @@ class Record:
 def encode_record(cluster: str, name: str, data: bytes) -> list[bytes]:
     """The record as buffers for writev (the data itself is not copied)."""
     c, n = cluster.encode(), name.encode()
-    crc = zlib.crc32(data, zlib.crc32(n, zlib.crc32(c)))
-    return [HEAD.pack(MAGIC, crc, len(data), len(c), len(n)) + c + n, data]
+    fields = FIELDS.pack(zlib.crc32(data, zlib.crc32(n, zlib.crc32(c))), len(data), len(c), len(n))
+    return [MAGIC + zlib.crc32(fields).to_bytes(4, "big") + fields + c + n, data]
+
+
+def _header(buf: memoryview, offset: int) -> tuple[int, int, int, int, int] | None:
+    """(crc32, data length, cluster length, name length, header size) of the header at `offset`, if one is
+    whole there: a version 2 header whose own crc32 matches, or a version 1 magic (it has no crc32 of its own)."""
+    magic = bytes(buf[offset:offset + 4])
+    if magic == MAGIC and offset + HEAD.size <= len(buf):
+        _, hcrc, crc, size, clen, nlen = HEAD.unpack_from(buf, offset)
+        if zlib.crc32(buf[offset + 8:offset + HEAD.size]) == hcrc:
+            return crc, size, clen, nlen, HEAD.size
+    elif magic == MAGIC_V1 and offset + HEAD_V1.size <= len(buf):
+        _, crc, size, clen, nlen = HEAD_V1.unpack_from(buf, offset)
+        return crc, size, clen, nlen, HEAD_V1.size
+    return None
 
 
 def read_record(segment: int, buf: memoryview, offset: int) -> tuple[Record, int] | None:
     """The whole, intact record at `offset` and where the next starts; None if there is none."""
-    if offset + HEAD.size > len(buf):
+    head = _header(buf, offset)
+    if head is None:
         return None
-    magic, crc, size, clen, nlen = HEAD.unpack_from(buf, offset)
-    start = offset + HEAD.size
+    crc, size, clen, nlen, hsize = head
+    start = offset + hsize
     end = start + clen + nlen + size
-    if magic != MAGIC or end > len(buf):
+    if end > len(buf):
         return None
     c, n, data = buf[start:start + clen], buf[start + clen:start + clen + nlen], buf[start + clen + nlen:end]
     if zlib.crc32(data, zlib.crc32(n, zlib.crc32(c))) != crc:
@@ -92,7 +115,10 @@ def read_records(path: Path, segment: int, mm: mmap.mmap) -> tuple[list[Record],
         out.append(found[0])
         offset = found[1]
     at = offset
-    while (at := mm.find(MAGIC, at + 1)) >= 0:
+    head = _header(buf, offset)
+    if head is not None and head[4] == HEAD.size:  # a whole v2 header: the bytes it claims are its own
+        at = offset + HEAD.size + head[1] + head[2] + head[3] - 1
+    while (at := mm.find(MAGIC[:3], at + 1)) >= 0:
         if read_record(segment, buf, at) is not None:
             raise SidecarError(f"{path}: damaged record at offset {offset}, followed by intact records: "
                                "acknowledged uploads would be lost; restore this file from a copy or remove it "
@@ -126,6 +152,7 @@ class UploadLog:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="upload-log")
         self.commits = 0  # group commits made (for metrics and tests)
         self.disk_full = False  # the last write failed for lack of space
+        self._torn = False  # a failed batch could not be cut off: nothing more may follow it in this segment
 
     def path(self, segment: int) -> Path:
         return self.dir / f"{segment:016x}.log"
@@ -242,12 +269,16 @@ class UploadLog:
             batch, self._queue = self._queue, []
             # A full segment rolls; so does one whose every record has reached the store, so that its space
             # comes back at once (a small disk holds less than one segment).
-            if self._size >= self.segment_size or (self._size >= ROLL_EMPTY and not self._live.get(self._active)):
+            if self._torn or self._size >= self.segment_size or (
+                    self._size >= ROLL_EMPTY and not self._live.get(self._active)):
                 try:
                     await self._run(self._roll)
                 except OSError as err:  # the batch still goes to the current segment: its size is no hard limit
                     log.warning("upload log: could not start a new segment", file=str(self.path(self._active + 1)),
                                 error=str(err))
+                    if self._torn:  # not after a torn batch: a replay would take what follows for its bytes
+                        self._fail(batch, err)
+                        continue
                 self._collect()
             segment, start = self._active, self._size
             buffers = [b for bufs, _ in batch for b in bufs]
@@ -259,16 +290,12 @@ class UploadLog:
                 try:
                     os.ftruncate(self._fd, start)  # nothing of a failed batch stays to be replayed
                 except OSError:
-                    with contextlib.suppress(OSError):  # its tail is then torn, and later appends go elsewhere
+                    self._torn = True  # its tail is torn: later appends go to a new segment, or fail
+                    with contextlib.suppress(OSError):
                         await self._run(self._roll)
-                self.disk_full = err.errno in (errno.ENOSPC, errno.EDQUOT)
                 log.error("upload log write failed", file=str(self.path(segment)), error=str(err),
                           uploads=len(batch))
-                failure = StorageError("upload log", "the server's disk is full" if self.disk_full else
-                                       f"the server could not write its upload log ({err.strerror})", retryable=True)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(failure)
+                self._fail(batch, err)
                 continue
             self.commits += 1
             self.disk_full = False
@@ -279,6 +306,14 @@ class UploadLog:
                 self._live[segment] += 1  # held even if the waiter is gone; its caller releases on cancel
                 if not fut.done():
                     fut.set_result(segment)
+
+    def _fail(self, batch: list[tuple[list[bytes], asyncio.Future[int]]], err: OSError) -> None:
+        self.disk_full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        failure = StorageError("upload log", "the server's disk is full" if self.disk_full else
+                               f"the server could not write its upload log ({err.strerror})", retryable=True)
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(failure)
 
     async def _run(self, fn: Callable[..., None], *args: object) -> None:
         await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -302,6 +337,7 @@ class UploadLog:
         os.close(self._fd)
         self._fd, self._size = fd, size
         self._active += 1
+        self._torn = False
         self._live.setdefault(self._active, 0)
 
     def abandon(self) -> None:

@@ -6,7 +6,9 @@ import asyncio
 import errno
 import os
 import stat
+import struct
 import threading
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -242,6 +244,43 @@ class TestReplay:
         with pytest.raises(SidecarError, match=r"0000000000000001\.log: damaged record at offset \d+, followed by "
                                                r"intact records: acknowledged uploads would be lost; restore this "
                                                r"file from a copy or remove it to accept the loss$"):
+            replayed(tmp_path)
+
+    def test_an_upload_holding_a_whole_record_is_not_taken_for_one(self, tmp_path: Path) -> None:
+        """A client's upload is arbitrary bytes, so it can hold a valid record. Torn by a crash after that inner
+        record, it is a torn tail like any other, not damage followed by intact records that stops the start."""
+        inner = record("c", "b.db", b"a record inside an upload")
+        torn = record("c", "evil.db", b"before" + inner + b"after" * 20)
+        whole = record("c", "a.db", b"whole")
+        segment = tmp_path / f"{1:016x}.log"
+        segment.write_bytes(whole + torn[:len(torn) - 50])
+        with structlog.testing.capture_logs() as logs:
+            assert replayed(tmp_path) == [("c", "a.db", b"whole")]
+        assert [e["event"] for e in logs] == ["upload log: torn record dropped (it was never acknowledged)"]
+        assert segment.stat().st_size == len(whole)
+
+    def test_an_intact_record_after_a_damaged_ones_claimed_bytes_is_still_found(self, tmp_path: Path) -> None:
+        damaged = bytearray(record("c", "b.db", b"before" + record("c", "x.db", b"inner") + b"after"))
+        damaged[-2] ^= 1
+        (tmp_path / f"{1:016x}.log").write_bytes(bytes(damaged) + record("c", "c.db", b"intact"))
+        with pytest.raises(SidecarError, match="damaged record at offset 0, followed by intact records"):
+            replayed(tmp_path)
+
+    def test_version_1_records_are_still_replayed(self, tmp_path: Path) -> None:
+        """Written before the header had a checksum of its own: the log of a server upgraded mid-flight."""
+        def v1(cluster: bytes, name: bytes, data: bytes) -> bytes:
+            crc = zlib.crc32(data, zlib.crc32(name, zlib.crc32(cluster)))
+            return struct.pack(">4sIQHH", b"LSU1", crc, len(data), len(cluster), len(name)) + cluster + name + data
+
+        (tmp_path / f"{1:016x}.log").write_bytes(v1(b"c", b"a.db", b"old") + v1(b"c", b"b.db", b"older")[:-1])
+        (tmp_path / f"{2:016x}.log").write_bytes(record("c", "a.db", b"new"))
+        assert replayed(tmp_path) == [("c", "a.db", b"old"), ("c", "a.db", b"new")]
+
+    def test_a_header_whose_own_checksum_fails_is_damage_not_a_claim(self, tmp_path: Path) -> None:
+        damaged = bytearray(record("c", "b.db", b"x" * 100))
+        damaged[8 + 4] ^= 0x40  # the data length: the header's checksum no longer matches, so nothing is skipped
+        (tmp_path / f"{1:016x}.log").write_bytes(bytes(damaged) + record("c", "c.db", b"intact"))
+        with pytest.raises(SidecarError, match="damaged record at offset 0, followed by intact records"):
             replayed(tmp_path)
 
     def test_a_stray_byte_before_an_intact_record_is_damage(self, tmp_path: Path) -> None:
