@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import sys
 import tempfile
@@ -238,14 +237,22 @@ async def cmd_verify(args: argparse.Namespace) -> int:
             except LTXError as err:
                 problems.append(f"{key}: {err}")
         for level, files in sorted(index.levels.items()):
-            for prev, cur in itertools.pairwise(files):
-                if cur.is_snapshot:
-                    continue
-                if cur.min_txid > prev.max_txid + 1:
-                    problems.append(f"L{level}: gap between {prev.max_txid:016x} and {cur.min_txid:016x}")
-                elif cur.min_txid == prev.max_txid + 1 and cur.pre and prev.post and cur.pre != prev.post:
+            # Compared with everything before it in the level, not just the file sorted before it: a snapshot in
+            # L0 (a new page size) spans TXIDs the next files in min_txid order do not.
+            high = 0  # the highest TXID the level's files reach so far
+            posts: dict[int, int] = {}  # the post-apply checksum at each file's end
+            for cur in files:
+                post = posts.get(cur.min_txid - 1)
+                if cur.is_snapshot or not high:
+                    pass
+                elif cur.min_txid > high + 1:
+                    problems.append(f"L{level}: gap between {high:016x} and {cur.min_txid:016x}")
+                elif cur.pre and post and cur.pre != post:
                     problems.append(f"L{level}: {cur.min_txid:016x} pre-apply checksum {cur.pre:016x} != "
-                                    f"previous post-apply {prev.post:016x}")
+                                    f"previous post-apply {post:016x}")
+                high = max(high, cur.max_txid)
+                if cur.post:
+                    posts[cur.max_txid] = cur.post
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 result = await restore(storage, "", plan_restore(index), Path(tmp) / "verify.db",
