@@ -12,6 +12,9 @@ import pytest
 from sidecar.cli import main
 from sidecar.commands import backup as backup_cmd
 from sidecar.engine import Engine, Levels
+from sidecar.ltx import Version
+from sidecar.ltx.decoder import decode
+from sidecar.ltx.encoder import encode
 from sidecar.storage import open_storage
 from tests.engine.history import History
 
@@ -139,6 +142,70 @@ class TestRestoreSafety:
         assert await cli("verify", str(tmp_path / "store" / "c" / "bad.db")) == 1
         err = capsys.readouterr().err
         assert "integrity_check" in err and "Traceback" not in err
+
+
+async def test_verify_checks_the_database_checksum_a_snapshot_carries(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A snapshot whose stored post-apply checksum is not its pages' (file checksum intact) is a problem: a restore
+    to that point would fail, so verify names the file rather than saying ok."""
+    root = tmp_path / "backups"
+    engine = await Engine.open(open_storage(f"file://{root}"), tmp_path / "state", Levels(l0_interval=0))
+    history = History(tmp_path / "live.db")
+    for i in range(3):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(T0 + i * 1000))
+    await engine.compact_level("c", "app.db", 9)
+    history.write()
+    await engine.write_tx("c", "app.db", history.commit(T0 + 3000))
+    await engine.close()
+    await engine.storage.close()
+    history.close()
+    snapshot = root / "c" / "app.db" / "ltx" / "9" / "0000000000000001-0000000000000003.ltx"
+    header, pages, _ = decode(snapshot.read_bytes(), Version.V3)
+    assert header.db_checksums is not None
+    snapshot.write_bytes(encode(header.replace(ext_post_apply_checksum=header.ext_post_apply_checksum ^ 1), pages,
+                                Version.V3))
+    assert await cli("verify", str(root / "c" / "app.db")) == 1
+    err = capsys.readouterr().err
+    assert "ltx/9/0000000000000001-0000000000000003.ltx: post-apply checksum in header extension" in err
+    assert await cli("restore", "--txid", "3", "-o", str(tmp_path / "at3.db"), str(root / "c" / "app.db")) == 1
+
+
+def _sqlite(path: Path, page_size: int, rows: int) -> Path:
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA page_size={page_size}")
+    con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    con.executemany("INSERT INTO t VALUES (?)", [("x" * 200,) for _ in range(rows)])
+    con.commit()
+    con.close()
+    return path
+
+
+async def test_verify_follows_the_chain_past_a_snapshot_in_l0(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A state of another page size is stored as a snapshot in L0 (TXIDs 1-3 among 1-1, 2-2, 4-4): no gap, as
+    every restore shows; verify says ok, and still names a broken checksum chain and a real gap."""
+    root = tmp_path / "backups"
+    engine = await Engine.open(open_storage(f"file://{root}"), tmp_path / "state", Levels(l0_interval=0))
+    for page_size, rows in ((4096, 10), (4096, 10), (512, 10), (512, 10), (512, 10)):
+        await engine.write_state("c", "app.db", _sqlite(tmp_path / f"{page_size}.db", page_size, rows))
+    await engine.close()
+    await engine.storage.close()
+    level0 = root / "c" / "app.db" / "ltx" / "0"
+    assert sorted(p.name[:33] for p in level0.iterdir()) == [
+        "0000000000000001-0000000000000001", "0000000000000001-0000000000000003", "0000000000000002-0000000000000002",
+        "0000000000000004-0000000000000004", "0000000000000005-0000000000000005"]
+    assert await cli("verify", str(root / "c" / "app.db")) == 0, capsys.readouterr().err
+    assert "ok: 5 files, latest TXID 0000000000000005" in capsys.readouterr().out
+    last = level0 / "0000000000000005-0000000000000005.ltx"
+    header, pages, _ = decode(last.read_bytes(), Version.V3)
+    last.write_bytes(encode(header.replace(ext_pre_apply_checksum=header.ext_pre_apply_checksum ^ 1), pages,
+                            Version.V3))
+    assert await cli("verify", str(root / "c" / "app.db")) == 1
+    assert "L0: 0000000000000005 pre-apply checksum" in capsys.readouterr().err
+    (level0 / "0000000000000004-0000000000000004.ltx").unlink()
+    assert await cli("verify", str(root / "c" / "app.db")) == 1
+    assert "L0: gap between 0000000000000003 and 0000000000000005" in capsys.readouterr().err
 
 
 class _RetentionDuringVerify:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import sys
 import tempfile
@@ -21,8 +20,9 @@ from sidecar.commands import args as argtypes
 from sidecar.engine.index import DbIndex, reachable, scan
 from sidecar.engine.restore import plan_restore, restore, side_files
 from sidecar.errors import NotFound, RestoreError, SidecarError
-from sidecar.ltx import LTXError, Version, format_timestamp
-from sidecar.ltx.decoder import verify
+from sidecar.ltx import ChecksumMismatch, LTXError, Version, format_timestamp
+from sidecar.ltx.checksum import database_checksum
+from sidecar.ltx.decoder import Decoder
 from sidecar.storage import open_storage
 from sidecar.storage.base import Storage
 
@@ -203,6 +203,21 @@ def print_index(index: DbIndex) -> None:
                   f"{format_timestamp(e.timestamp):<26}{e.size:>12}  {'yes' if e.max_txid in reach else 'no'}")
 
 
+def _verify_file(data: bytes) -> None:
+    """Decode one stored file, checking its checksums, and a snapshot's pages against the database checksum it
+    carries (our header extension, which the decoder leaves alone under Litestream's no-checksum flag)."""
+    dec = Decoder(data, Version.V3)
+    sums = dec.header.db_checksums if dec.header.is_snapshot else None
+    if sums is None:
+        dec.close()
+        return
+    got = database_checksum(dec.pages(), dec.header.page_size)
+    dec.close()
+    if got != sums[1]:
+        raise ChecksumMismatch(f"post-apply checksum in header extension ({sums[1]:016x}) does not match the "
+                               f"snapshot's pages ({got:016x})", field="ext_post_apply_checksum", offset=88)
+
+
 async def cmd_verify(args: argparse.Namespace) -> int:
     """Every file decodes with valid checksums, each level's chain is contiguous, and the latest restores."""
     storage = _open(args)
@@ -218,18 +233,26 @@ async def cmd_verify(args: argparse.Namespace) -> int:
                 gone += 1  # deleted since the listing (retention, compaction of a live backup): nothing is lost
                 continue
             try:
-                verify(data, Version.V3)
+                _verify_file(data)
             except LTXError as err:
                 problems.append(f"{key}: {err}")
         for level, files in sorted(index.levels.items()):
-            for prev, cur in itertools.pairwise(files):
-                if cur.is_snapshot:
-                    continue
-                if cur.min_txid > prev.max_txid + 1:
-                    problems.append(f"L{level}: gap between {prev.max_txid:016x} and {cur.min_txid:016x}")
-                elif cur.min_txid == prev.max_txid + 1 and cur.pre and prev.post and cur.pre != prev.post:
+            # Compared with everything before it in the level, not just the file sorted before it: a snapshot in
+            # L0 (a new page size) spans TXIDs the next files in min_txid order do not.
+            high = 0  # the highest TXID the level's files reach so far
+            posts: dict[int, int] = {}  # the post-apply checksum at each file's end
+            for cur in files:
+                post = posts.get(cur.min_txid - 1)
+                if cur.is_snapshot or not high:
+                    pass
+                elif cur.min_txid > high + 1:
+                    problems.append(f"L{level}: gap between {high:016x} and {cur.min_txid:016x}")
+                elif cur.pre and post and cur.pre != post:
                     problems.append(f"L{level}: {cur.min_txid:016x} pre-apply checksum {cur.pre:016x} != "
-                                    f"previous post-apply {prev.post:016x}")
+                                    f"previous post-apply {post:016x}")
+                high = max(high, cur.max_txid)
+                if cur.post:
+                    posts[cur.max_txid] = cur.post
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 result = await restore(storage, "", plan_restore(index), Path(tmp) / "verify.db",

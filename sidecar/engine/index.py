@@ -18,9 +18,9 @@ from pathlib import Path
 
 from sidecar.errors import NotFound
 from sidecar.fsutil import write_atomically
-from sidecar.ltx import HEADER_SIZE, Header, LTXError
+from sidecar.ltx import HEADER_SIZE, Header, InvalidHeader, LTXError
 from sidecar.storage.base import ObjectInfo, Storage
-from sidecar.storage.layout import SNAPSHOT_LEVEL, Layout
+from sidecar.storage.layout import SNAPSHOT_LEVEL, Layout, LTXKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,10 +275,10 @@ async def scan(storage: Storage, prefix: str, objects: Sequence[ObjectInfo] | No
         parsed = storage.layout.parse(obj.key)
         if parsed is None or parsed.prefix != base:
             continue
-        found.append((obj, parsed.level))
+        found.append((obj, parsed))
     sem = asyncio.Semaphore(concurrency)
 
-    async def read(obj: ObjectInfo, level: int) -> FileEntry | None:
+    async def read(obj: ObjectInfo, parsed: LTXKey) -> FileEntry | None:
         async with sem:
             try:
                 head = await storage.get_range(obj.key, 0, HEADER_SIZE)
@@ -286,14 +286,18 @@ async def scan(storage: Storage, prefix: str, objects: Sequence[ObjectInfo] | No
                 return None  # deleted since the LIST (retention, compaction): the index is of what is stored
         try:
             header = Header.unpack(head)
+            if (header.min_txid, header.max_txid) != (parsed.min_txid, parsed.max_txid):
+                # Every reader finds a file by its name (Litestream too): a header of another range is a bad file.
+                raise InvalidHeader(f"header covers TXIDs {header.min_txid:016x}-{header.max_txid:016x}, not the "
+                                    f"{parsed.min_txid:016x}-{parsed.max_txid:016x} its name says", field="min_txid")
         except LTXError as err:
             if on_bad is None:
                 raise LTXError(f"{obj.key}: {err}", field=err.field) from err
             on_bad(obj.key, err)
             return None
-        return FileEntry.from_header(level, header, obj.size)
+        return FileEntry.from_header(parsed.level, header, obj.size)
 
-    entries = await asyncio.gather(*(read(obj, level) for obj, level in found))
+    entries = await asyncio.gather(*(read(obj, parsed) for obj, parsed in found))
     return DbIndex(e for e in entries if e is not None)
 
 

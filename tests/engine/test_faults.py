@@ -14,7 +14,7 @@ import pytest
 from sidecar.cli import main
 from sidecar.engine import Engine, Levels, plan_restore, restore, scan
 from sidecar.errors import RestoreError, StorageError
-from sidecar.ltx import Version
+from sidecar.ltx import LTXError, Version
 from sidecar.ltx.sqlite import encode_db
 from sidecar.storage import FILE_LAYOUT, open_storage
 from sidecar.storage.file import FileStorage
@@ -195,6 +195,26 @@ async def test_gap_in_the_store_is_refused_clearly(history: History, tmp_path: P
     assert await asyncio.to_thread(main, ["restore", "-o", str(out), url]) == 1
     assert not out.exists()
     assert plan_restore(index, txid=2)[-1].max_txid == 2  # what precedes the gap still restores
+
+
+async def test_a_file_whose_name_and_header_disagree_is_named(history: History, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Every reader finds a file by its name (Litestream too): a header of another range is a bad file, named by
+    its key; verify does not take the file its header points at for one deleted by retention and say ok."""
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0))
+    for _ in range(4):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(1000))
+    await engine.close()
+    level0 = tmp_path / "store" / "c" / "app.db" / "ltx" / "0"
+    (level0 / "0000000000000003-0000000000000003.ltx").rename(level0 / "0000000000000003-0000000000000004.ltx")
+    with pytest.raises(LTXError, match=r"0000000000000003-0000000000000004\.ltx: header covers TXIDs "
+                                      r"0000000000000003-0000000000000003, not the 0000000000000003-0000000000000004"):
+        await scan(store, "c/app.db")
+    url = f"file://{tmp_path / 'store' / 'c' / 'app.db'}"
+    assert await asyncio.to_thread(main, ["verify", url]) == 1
+    assert "ltx/0/0000000000000003-0000000000000004.ltx: header covers" in capsys.readouterr().err
 
 
 async def test_a_corrupt_file_on_s3_is_named_by_its_key(moto_server: MotoServer, history: History, tmp_path: Path,
