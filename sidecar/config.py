@@ -267,7 +267,8 @@ class EngineConfig:
     l2_retention: float = _duration("30d", "how long L2 files are kept (at least `l2_interval`)")
     snapshot_retention: float = _duration("30d", "how long snapshots are kept: the oldest restore point",
                                           example="90d")
-    state_dir: Path = _setting("path", "/var/lib/litefs-sidecar/engine", "pending uploads and the index cache")  # noqa: RUF009
+    state_dir: Path = _setting("path", "/var/lib/litefs-sidecar/engine",  # noqa: RUF009
+                               "pending uploads and the index cache (`run`: `<sidecar.state_dir>/engine` unless given)")
     s3_endpoint: str = _url("", "S3-compatible endpoint; empty means AWS", "http", "https", empty=True,
                             example="https://fly.storage.tigris.dev")
     s3_region: str = _setting("str", "", "S3 region; empty means the AWS default chain", example="auto")
@@ -523,7 +524,13 @@ def _contextual_defaults(sections: Sequence[str], given: dict[str, _Given]) -> N
     tx/s the sidecar makes several uploads a second, up to 20 at 5,000 tx/s, and the head object lists every L0
     file since the last L1 (an L1 interval of them: 6,000, 1.3 MB rewritten after each flush, a quarter of a core).
     On S3 (requests cost money) and in `serve` (many databases) uploads are gathered for 10 s.
+
+    `run`'s in-process engine keeps its state in `<sidecar.state_dir>/engine` unless `engine.state_dir` is given.
     """
+    if "sidecar" in sections and "engine" in sections and "engine.state_dir" not in given:
+        state = given.get("sidecar.state_dir")
+        base = state.value if state is not None else _DEFAULT_TEXT["sidecar.state_dir"]
+        given["engine.state_dir"] = _Given(f"{base}/engine", "default under sidecar.state_dir")
     if "sidecar" in sections and "engine" in sections and "engine.l0_interval" not in given:
         upstream = given.get("sidecar.upstream")
         url = upstream.value if upstream is not None else _DEFAULT_TEXT["sidecar.upstream"]

@@ -473,6 +473,15 @@ class TestSchema:
         # The checks see the effective default: an l1_interval under 10 s is fine when l0 is 1 s.
         assert load(["sidecar", "engine"], env={}, flags={"engine.l1_interval": "5s"}).engine.l1_interval == 5
 
+    def test_runs_engine_state_is_under_its_own_unless_given(self) -> None:
+        """`run`'s in-process engine: `<sidecar.state_dir>/engine` by default, `engine.state_dir` when given."""
+        cfg = load(["sidecar", "engine"], env={"LITEFS_SIDECAR_STATE_DIR": "/srv/sidecar"})
+        assert cfg.engine.state_dir == Path("/srv/sidecar/engine")
+        cfg = load(["sidecar", "engine"], env={"LITEFS_SIDECAR_STATE_DIR": "/srv/sidecar"},
+                   flags={"engine.state_dir": "/fast/engine"})
+        assert cfg.engine.state_dir == Path("/fast/engine") and cfg.source("engine.state_dir") == "flag --state-dir"
+        assert load(["server", "engine"], env={}).engine.state_dir == Path("/var/lib/litefs-sidecar/engine")
+
     def test_os_environ_is_the_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without env=, load() reads the process environment."""
         monkeypatch.setenv("LITEFS_SIDECAR_LOG_LEVEL", "error")

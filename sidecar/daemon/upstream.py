@@ -206,7 +206,10 @@ async def open_upstream(url: str, *, cluster: str, token: str, state_dir: Path, 
     if scheme in ("http", "https"):
         return HTTPUpstream(url, token, cluster)
     if scheme in ("file", "s3"):
-        return await EngineUpstream.open(url, cluster, state_dir / "engine", engine)
+        # The CLI sets engine.state_dir (`<sidecar.state_dir>/engine` unless given: config.load); a caller that
+        # left the class default gets the same place under its own state directory.
+        own = engine.state_dir != EngineConfig.__dataclass_fields__["state_dir"].default
+        return await EngineUpstream.open(url, cluster, engine.state_dir if own else state_dir / "engine", engine)
     raise ConfigError([f"sidecar.upstream = {url!r}: scheme must be http, https, file or s3"])
 
 

@@ -59,3 +59,15 @@ async def test_a_database_directory_removed_before_its_files_are_pruned_stops_no
     finally:
         await sidecar.close()
         node.close()
+
+
+async def test_the_in_process_engine_keeps_its_state_where_engine_state_dir_says(tmp_path: Path) -> None:
+    """`[engine] state_dir` is used by `run` too (it used to be ignored for `<sidecar.state_dir>/engine`)."""
+    config = SidecarConfig(data_dir=tmp_path / "data", mount_dir=tmp_path / "mount", litefs_url="",
+                           upstream=f"file://{tmp_path / 'backups'}", state_dir=tmp_path / "state", metrics_addr="")
+    sidecar = await Sidecar.open(config, EngineConfig(l0_interval=0.0, state_dir=tmp_path / "fast"))
+    await sidecar.close()
+    assert (tmp_path / "fast" / "log").is_dir() and not (tmp_path / "state" / "engine").exists()
+    sidecar = await Sidecar.open(config, EngineConfig(l0_interval=0.0))  # the default: under its own
+    await sidecar.close()
+    assert (tmp_path / "state" / "engine" / "log").is_dir()
