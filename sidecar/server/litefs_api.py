@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -80,6 +81,13 @@ class LiteFSAPI:
         return web.json_response({"hwm": txid_hex(self.engine.hwm(cluster, name)), **pos_to_json(pos)})
 
 
+def attachment(name: str) -> str:
+    """A Content-Disposition naming the download after a database whatever its characters (RFC 6266): an ASCII
+    fallback, then the exact name percent-encoded as UTF-8."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
 async def send_snapshot(engine: Engine, request: web.Request, cluster: str, name: str, *,
                         timestamp: int | None = None, txid: int | None = None,
                         sqlite: bool = False) -> web.StreamResponse:
@@ -89,7 +97,7 @@ async def send_snapshot(engine: Engine, request: web.Request, cluster: str, name
         if sqlite:
             result = await engine.restore_to(cluster, name, out, timestamp=timestamp, txid=txid)
             headers = {TXID_HEADER: txid_hex(result.txid), "Content-Type": "application/vnd.sqlite3",
-                       "Content-Disposition": f'attachment; filename="{name}"'}
+                       "Content-Disposition": attachment(name)}
         else:
             header, _ = await engine.snapshot_file(cluster, name, out, timestamp=timestamp, txid=txid)
             headers = {TXID_HEADER: txid_hex(header.max_txid), "Content-Type": "application/octet-stream"}

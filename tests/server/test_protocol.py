@@ -239,3 +239,18 @@ async def test_an_uploaded_sqlite_file_that_fails_its_integrity_check_is_refused
             assert f"upload of {db!r}" in body["error"] and "integrity_check" in body["error"]
     assert server.engine.pos("default", "fx-wal.db") == before
     assert server.engine.pos("default", "new.db").is_zero
+
+
+async def test_a_download_is_named_after_its_database_whatever_its_characters(
+        server: Running, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """Quotes, semicolons and non-ASCII letters in a name: the header still parses, and names it exactly."""
+    history = History(tmp_path / "live.db")
+    history.write()
+    name = 'le "café"; x.db'
+    await BackupClient(http, server.url, TOKEN).write_tx(name, history.commit(1))
+    history.close()
+    async with http.get(f"{server.url}/api/download", params={"db": name, "cluster": "default"},
+                        headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+        assert resp.status == 200
+        assert resp.content_disposition is not None and resp.content_disposition.filename == name
+        assert resp.headers["Content-Disposition"].startswith('attachment; filename="le _caf__; x.db"; ')
