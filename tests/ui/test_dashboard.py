@@ -373,3 +373,24 @@ async def test_every_level_has_its_timeline_and_its_stretch_of_time(backed: Back
     every = {0: "every upload", 1: "every 5 min", 2: "every 1 h", 9: "every 24 h"}
     assert rows == [[kinds[lv], every[lv], format_timestamp(files[0].timestamp), format_timestamp(files[-1].timestamp),
                      str(len(files))] for lv, files in ends.items()]
+
+
+async def test_an_overview_answer_that_comes_after_leaving_it_leaves_the_database_page_alone(
+        backed: Backed, page: object) -> None:
+    """The overview's list, answered only once the operator is on a database page: it neither clears that page's
+    error nor starts the overview's refresh behind it."""
+    pg: playwright_api.Page = page  # type: ignore[assignment]
+    await sign_in(pg, backed.url, TOKEN)
+    held: list[playwright_api.Route] = []
+    await pg.route("**/api/databases", lambda r: held.append(r))
+    await pg.goto(f"{backed.url}/ui/#/")  # the overview asks for the list: held
+    await pg.evaluate("location.hash = '#/db/default/app.db'")
+    await pg.wait_for_selector("#status")
+    await pg.click("#preview-button")  # nothing chosen: the page says so
+    await pg.wait_for_selector("#error:has-text('Choose a date and time or a TXID')")
+    [late] = held
+    async with pg.expect_event("requestfinished", lambda r: r.url.endswith("/api/databases")):
+        await late.continue_()
+    await pg.evaluate("new Promise(r => setTimeout(r, 100))")  # the answer's handler has run
+    assert await pg.evaluate("refresh") is None
+    assert "Choose a date and time or a TXID" in await pg.inner_text("#error")

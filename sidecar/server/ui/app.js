@@ -4,6 +4,7 @@
 
 const session = { scope: null, csrf: null };
 let refresh = null;
+let shown = 0; // the view on screen: bumped by every render, so a view's late answers and timers know they are stale
 
 // -- helpers ----------------------------------------------------------------------------------------------
 
@@ -64,6 +65,7 @@ function target(prefix) {
 // -- views ------------------------------------------------------------------------------------------------
 
 function render(...nodes) {
+  shown += 1;
   if (refresh) { clearInterval(refresh); refresh = null; }
   const main = document.getElementById("main");
   main.replaceChildren(...nodes);
@@ -99,9 +101,11 @@ async function overviewView() {
   const table = el("table", { id: "databases" });
   const stamp = el("span", { class: "muted", id: "updated" });
   render(el("h1", {}, "Backups"), el("section", {}, table, el("p", {}, stamp)));
+  const view = shown;
   const load = async () => {
     try {
       const data = await api("GET", "/api/databases");
+      if (view !== shown) return; // another view replaced this one while the answer came
       const rows = [];
       for (const c of data.clusters) {
         for (const d of c.databases) {
@@ -124,12 +128,13 @@ async function overviewView() {
       stamp.textContent = `Updated ${new Date().toLocaleTimeString()}; refreshes every 2 s.`;
       showError("");
     } catch (err) {
+      if (view !== shown) return;
       if (err.status === 401) return loginView("Your session ended; sign in again.");
       showError(err.message);
     }
   };
   await load();
-  refresh = setInterval(load, 2000);
+  if (view === shown) refresh = setInterval(load, 2000);
 }
 
 const KINDS = { 0: "flushes of uploads", 1: "compactions of L0", 2: "compactions of L1", 9: "snapshots" };
@@ -165,10 +170,13 @@ function timeline(points, levels, onPick) {
 
 async function databaseView(cluster, name) {
   const ref = { cluster, db: name };
+  const asked = location.hash;
   let info;
   try {
     info = await api("GET", `/api/db?${qs(ref)}`);
+    if (location.hash !== asked) return; // the operator went elsewhere while the answer came
   } catch (err) {
+    if (location.hash !== asked) return;
     if (await sessionEnded(err)) return loginView("Your session ended; sign in again.");
     render(el("p", {}, el("a", { href: "#/" }, "← all databases")));
     return showError(err.message);
