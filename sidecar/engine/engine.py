@@ -628,9 +628,9 @@ class Engine:
         db = self.catalog.create(cluster, name)
         if db.uploading:
             raise PosMismatch(name, db.pos, "another upload of this database is in progress")
-        self._check_pressure(db)
         db.uploading += 1
         try:
+            self._check_pressure(db)
             if db.sums is None and self.intake.verify_checksums:
                 await self._rebuild_sums(db)  # lost, or the cluster was taken over: read them from the store now
             await self.intake.accept(db, data)

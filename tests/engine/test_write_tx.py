@@ -12,6 +12,7 @@ import pytest
 
 from sidecar.engine import Engine, Levels
 from sidecar.engine.accept import WHOLE_LIMIT, check_upload
+from sidecar.engine.engine import Backpressure
 from sidecar.errors import PosMismatch
 from sidecar.ltx import InvalidHeader, LTXError, Pos, Version
 from sidecar.ltx.decoder import decode, decode_v2
@@ -204,6 +205,25 @@ class TestAcceptance:
             await engine.write_tx("c", DB, first)
         await task
         assert engine.status("c", DB).uploading == 0 and engine.pos("c", DB) == history.pos
+
+    async def test_a_first_upload_refused_by_back_pressure_leaves_no_database(self, tmp_path: Path,
+                                                                             history: History) -> None:
+        """503 while the store is behind: the new database's name is not listed (nothing of it is stored) and
+        its retry, once the store caught up, starts it as if first."""
+        engine = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state",
+                                   Levels(l0_interval=3600), clock=Clock(), max_pending_bytes=1)
+        await ship(engine, history, 1)  # acknowledged, not stored: over the ceiling
+        other = History(tmp_path / "other.db")
+        other.write()
+        first = other.commit(1000)
+        with pytest.raises(Backpressure, match="retry shortly"):
+            await engine.write_tx("c", "new.db", first)
+        assert not engine.exists("c", "new.db") and [s.name for s in engine.statuses()] == [DB]
+        await engine.flush("c", DB)
+        await engine.write_tx("c", "new.db", first)
+        assert engine.pos("c", "new.db") == other.pos
+        other.close()
+        await engine.close()
 
     async def test_a_cancelled_upload_that_was_logged_stays_accepted(self, history: History,
                                                                     open_engine: OpenEngine) -> None:
