@@ -164,6 +164,38 @@ class TestReplicate:
         finally:
             await source.close()
 
+    async def test_a_reader_open_across_a_rebuild_at_the_same_txid_reads_the_new_database(
+            self, written: Written, tmp_path: Path) -> None:
+        """Started over and back at the copy's TXID, the rebuilt copy gets another change counter: a reader that
+        kept its connection (and SQLite's page cache of the old database) reads the new database."""
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        source = open_source(written.url, **written.options)
+        replica = Replica(source, copy)
+        await replica.sync()
+        reader = sqlite3.connect(copy)
+        try:
+            assert reader.execute(EVENTS).fetchall() == rows(written.history.path)
+            await written.engine.delete_database("c", "app.db")
+            written.history.close()
+            written.history = History(tmp_path / "live2.db", seed=2)
+            for _ in range(3):
+                await written.write()
+            await written.engine.flush_all()
+            pos, _ = await replica.sync()
+            assert pos.txid == 3
+            assert reader.execute(EVENTS).fetchall() == rows(written.history.path)
+            await written.write()  # the new history goes on from the rebuilt copy, in place
+            await written.engine.flush_all()
+            pos, files = await replica.sync()
+            assert (pos.txid, files) == (4, 1) and reader.execute(EVENTS).fetchall() == rows(written.history.path)
+            assert await asyncio.to_thread(Replica(source, copy).position) == pos
+        finally:
+            reader.close()
+            await source.close()
+
     async def test_a_database_started_over_past_the_copy_is_rebuilt_not_patched(self, written: Written,
                                                                                tmp_path: Path) -> None:
         """Started over and past the copy's TXID, the new history's compacted file that spans the copy's TXID
