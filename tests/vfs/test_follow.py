@@ -85,6 +85,37 @@ class TestFollow:
         await written.engine.flush_all()
         assert await asyncio.to_thread(read) == rows(written.history.path)
 
+    async def test_a_connection_open_across_a_start_over_at_the_same_txid_reads_the_new_database(
+            self, written: Written, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
+        """Back at the TXID a connection last read, in another history: SQLite's page cache of the old database
+        is dropped (page 1's change counter differs), whether the connection follows or moves by pragma."""
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        vfs = make_vfs(**written.options)
+        cons = [await asyncio.to_thread(vfs.connect, written.url, follow=follow) for follow in (False, True)]
+        try:
+            for con in cons:
+                assert await asyncio.to_thread(query, con) == rows(written.history.path)
+            old = await asyncio.to_thread(query, cons[0], "PRAGMA litefs_timestamp")
+            await written.engine.delete_database("c", "app.db")
+            written.history.close()
+            written.history = History(tmp_path / "live2.db", seed=2)
+            for _ in range(3):
+                await written.write()
+            await written.engine.flush_all()
+            assert await asyncio.to_thread(query, cons[0], "PRAGMA litefs_txid = latest") == [("0000000000000003",)]
+
+            async def moved() -> bool:  # a transaction moves a follower to the newest state it knows
+                await asyncio.to_thread(query, cons[1], "SELECT count(*) FROM sqlite_master")
+                return await asyncio.to_thread(query, cons[1], "PRAGMA litefs_timestamp") != old
+            await wait_until(moved, within=15)
+            for con in cons:
+                assert await asyncio.to_thread(query, con) == rows(written.history.path)
+        finally:
+            for con in cons:
+                await asyncio.to_thread(con.close)
+
     async def test_a_refused_pragma_of_one_follower_does_not_stop_another(
             self, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
         """One connection asks for a TXID that cannot be read, then closes: the others still follow."""
