@@ -151,8 +151,11 @@ class Replica:
             raise SidecarError(f"{self.path}: exists and is not a SQLite database (not a copy of a backup to "
                                "update); nothing was written")
         last = chain[-1]
+        # An empty file (touched, or opened by an app first) is made as a missing one is: in a transaction on it,
+        # SQLite would write a new database's page 1 over the one written here.
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
         salt = pos.salt if pos is not None and not chain[0].is_snapshot else 0
-        if chain[0].is_snapshot and self.path.exists():  # a rebuild in place: no counter the file had before
+        if chain[0].is_snapshot and not fresh:  # a rebuild in place: no counter the file had before
             old = await asyncio.to_thread(journal.counter_of, self.path)
             while salt == 0 or (last.max_txid + salt) & 0xFFFFFFFF == old:
                 salt = secrets.randbits(32)
@@ -167,8 +170,8 @@ class Replica:
             if chain[0].is_snapshot:
                 merged = Path(tmp) / "merged.db"
                 await restore(local, "", chain, merged)  # checks every file and the database checksum
-                if not self.path.exists():
-                    await asyncio.to_thread(_publish, merged, self.path, last)
+                if fresh:
+                    await asyncio.to_thread(_publish, merged, self.path, last, new.counter)
                     self._save(new)
                     return new
                 self._save(pos or Position(0, 0), pending=new)
@@ -274,12 +277,12 @@ def _rewrite_from_db(path: Path, merged: Path, last: FileEntry, counter: int) ->
                         lambda p: mm[(p - 1) * ps:p * ps], counter)
 
 
-def _publish(merged: Path, dst: Path, last: FileEntry) -> None:
+def _publish(merged: Path, dst: Path, last: FileEntry, counter: int) -> None:
     """Stamp page 1 of a fresh copy and rename it into place (nothing reads it yet)."""
     with open(merged, "r+b") as f:
         page1 = f.read(last.page_size)
         f.seek(0)
-        f.write(journal.stamp(page1, last.max_txid, last.commit))
+        f.write(journal.stamp(page1, counter, last.commit))
         f.flush()
         os.fsync(f.fileno())
     os.replace(merged, dst)

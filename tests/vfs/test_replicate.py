@@ -239,6 +239,26 @@ class TestReplicate:
         assert notes.read_text() == "my notes\n" * 100
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("notes", ".notes"))) == ["notes.txt"]
 
+    async def test_an_existing_empty_file_becomes_the_copy(self, written: Written, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+        """-o naming an empty file (touched, or opened by an app before the first sync) is a copy to make, not a
+        database to rewrite in place (SQLite would write an empty database's page 1 over it)."""
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        copy.touch()
+        assert await asyncio.to_thread(main, ["replicate", *written.flags, "-o", str(copy), written.url]) == 0, \
+            capsys.readouterr().err
+        assert rows(copy) == rows(written.history.path)
+        assert rows(copy, "PRAGMA integrity_check") == [("ok",)]
+        source = open_source(written.url, **written.options)
+        try:
+            replica = Replica(source, copy)
+            assert (await replica.sync())[1] == 0  # its position was kept: already current
+        finally:
+            await source.close()
+
     async def test_following_goes_on_when_a_reader_holds_the_copy_too_long(self, written: Written,
                                                                            tmp_path: Path) -> None:
         """SQLite gives up waiting for a long read transaction ('database is locked'): the change is retried,
