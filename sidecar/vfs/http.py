@@ -72,10 +72,12 @@ class ServerSource:
                                      file=key)
         return body
 
-    async def pages(self, txid: int, pgno: int, count: int) -> list[tuple[int, str, bytes]]:
+    async def pages(self, txid: int, pgno: int, count: int, checksum: int = 0) -> list[tuple[int, str, bytes]]:
+        q = {"txid": f"{txid:016x}", "pgno": str(pgno), "count": str(count)}
+        if checksum:
+            q["checksum"] = f"{checksum:016x}"
         try:
-            _, body, _ = await self._get("/db/pages", {"txid": f"{txid:016x}", "pgno": str(pgno),
-                                                       "count": str(count)})
+            _, body, _ = await self._get("/db/pages", q)
         except RestoreError as err:
             raise NotFound(f"TXID {txid:016x}", f"no longer readable: {err}") from None
         out = []

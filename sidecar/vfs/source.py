@@ -76,10 +76,11 @@ class Source(Protocol):
 class PageServer(Protocol):
     """A source that resolves pages itself (the backup server): a reader then needs no page index."""
 
-    async def pages(self, txid: int, pgno: int, count: int) -> list[tuple[int, str, bytes]]:
+    async def pages(self, txid: int, pgno: int, count: int, checksum: int = 0) -> list[tuple[int, str, bytes]]:
         """Pages pgno..pgno+count-1 (within the database, the lock page skipped) as of `txid`, each as
         (pgno, the `key` of the file it is in, its frame as stored). NotFound when `txid` is no longer
-        readable (compaction and retention moved past it)."""
+        readable (compaction and retention moved past it), or no longer has the post-apply `checksum` (0: not
+        checked) because the database was started over."""
         ...
 
 

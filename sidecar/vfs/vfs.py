@@ -269,7 +269,11 @@ class BackupFile(apsw.VFSFile):
         txid = self.view.head.txid
         log.info("file vanished; planning the same TXID again", key=err.key, txid=f"{txid:016x}")
         try:
-            self._pin(self.vfs.loop.call(self.backup.view_at(txid)))
+            again = self.vfs.loop.call(self.backup.view_at(txid))
+            old, new = self.view.head.post_apply_checksum, again.head.post_apply_checksum
+            if old and new and old != new:  # the database was started over: another state at this TXID
+                raise RestoreError(f"TXID {txid:016x} now holds another state")
+            self._pin(again)
         except RestoreError:
             if self.reads > 1 or self.lock == _NONE:
                 self.replan = True

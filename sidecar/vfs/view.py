@@ -324,7 +324,7 @@ class View:
     async def _fetch_remote(self, pgno: int) -> bytes:
         assert isinstance(self.source, PageServer)
         count = min(1 + self._read_ahead(pgno), self.head.commit - pgno + 1)
-        got = await self.source.pages(self.head.txid, pgno, count)
+        got = await self.source.pages(self.head.txid, pgno, count, self.head.post_apply_checksum)
         self._stream_end = pgno + count
         if len(self._keys) > 1 << 16:
             self._keys.clear()
