@@ -54,7 +54,8 @@ class ServerSource:
         return f"{entry.level}/{format_filename(entry.min_txid, entry.max_txid)}"
 
     async def plan(self, *, txid: int | None = None, timestamp: int | None = None,
-                   after: int | None = None) -> Head:
+                   after: int | None = None, listed: bool = False) -> Head:
+        # `listed` changes nothing: the server plans from its index of the stored files, never a head object.
         q: dict[str, str] = {}
         if txid is not None:
             q["txid"] = f"{txid:016x}"

@@ -36,7 +36,7 @@ import structlog
 from sidecar.engine.head import Head, ltx_object_key, plan_after
 from sidecar.engine.index import FileEntry
 from sidecar.engine.restore import restore
-from sidecar.errors import RestoreError, SidecarError
+from sidecar.errors import NotFound, RestoreError, SidecarError
 from sidecar.ltx import LTXError, Version, lock_pgno
 from sidecar.ltx.decoder import Decoder
 from sidecar.storage.file import FileStorage
@@ -110,8 +110,18 @@ class Replica:
     # -- syncing --------------------------------------------------------------------------------------
 
     async def sync(self, head: Head | None = None) -> tuple[Position, int]:
-        """Bring the copy to `head` (default: the latest); returns its position and how many files it applied."""
+        """Bring the copy to `head` (default: the latest); returns its position and how many files it applied.
+
+        When a file of the plan is gone (a stale head object: its write failed and retention ran since), the
+        latest state is planned from the files instead; nothing is written before every file is downloaded."""
         head = head or await self.source.plan()
+        try:
+            return await self._sync(head)
+        except NotFound as err:
+            log.info("a file of the plan is gone; planning by LIST", path=str(self.path), key=err.key)
+            return await self._sync(await self.source.plan(listed=True))
+
+    async def _sync(self, head: Head) -> tuple[Position, int]:
         pos = await asyncio.to_thread(self.position)
         if pos is not None and pos != self.current:
             self._save(pos)  # a change a crash interrupted turned out done, or undone

@@ -47,9 +47,10 @@ class Source(Protocol):
         ...
 
     async def plan(self, *, txid: int | None = None, timestamp: int | None = None,
-                   after: int | None = None) -> Head:
+                   after: int | None = None, listed: bool = False) -> Head:
         """The state at `txid`, at `timestamp` (ms), or the latest; with `after`, only the files a copy
-        already at TXID `after` needs (see `head.plan_after`). Raises RestoreError when none is possible."""
+        already at TXID `after` needs (see `head.plan_after`). Raises RestoreError when none is possible.
+        `listed`: the latest from the files themselves, not a head object (which can name files deleted since)."""
         ...
 
     async def read(self, key: str, start: int, length: int) -> bytes:
@@ -108,8 +109,8 @@ class StoreSource:
         return heads.ltx_object_key(self.storage, "", entry)
 
     async def plan(self, *, txid: int | None = None, timestamp: int | None = None,
-                   after: int | None = None) -> Head:
-        if txid is None and timestamp is None and after is None:
+                   after: int | None = None, listed: bool = False) -> Head:
+        if txid is None and timestamp is None and after is None and not listed:
             try:
                 got = await self.storage.get_if_changed(heads.HEAD_NAME, None)
                 assert got is not None

@@ -110,7 +110,12 @@ class Backup:
         if target.follow and self._follower is not None and self.latest is not None:
             return self.latest
         head = await self.source.plan(txid=target.txid, timestamp=target.timestamp)
-        view = await self.view_of(head)
+        try:
+            view = await self.view_of(head)
+        except NotFound:
+            if not target.latest:
+                raise
+            view = await self.view_of(await self._listed(head))
         if target.latest:
             self._install(view)
         return view
@@ -124,6 +129,13 @@ class Backup:
         if self.latest is not None and self.latest.head == head:
             return self.latest
         return await View.open(head, self.source, self.cache, self.indexes, remote=self.remote)
+
+    async def _listed(self, head: Head) -> Head:
+        """The latest state planned from the files, when `head` (from the head object) names one that is gone: the
+        object is stale (its write failed and retention ran since, or retention ran while this reader planned)."""
+        log.info("the head object names a deleted file; planning by LIST", url=self.source.url,
+                 txid=f"{head.txid:016x}")
+        return await self.source.plan(listed=True)
 
     def _install(self, view: View) -> None:
         now = time.time()
@@ -172,7 +184,11 @@ class Backup:
                 got = await self.source.follow(tag, FOLLOW_WAIT)
                 if got is not None:
                     head, new_tag = got
-                    self._install(await self.view_of(head))
+                    try:
+                        view = await self.view_of(head)
+                    except NotFound:
+                        view = await self.view_of(await self._listed(head))
+                    self._install(view)
                     tag = new_tag  # only once its view is ready: a failure asks again
                 self.confirmed = asked
                 failures = 0

@@ -16,7 +16,7 @@ from sidecar.vfs import journal, open_source
 from sidecar.vfs.replica import Replica
 from tests.engine.history import History
 from tests.server.conftest import wait_until
-from tests.vfs.conftest import EVENTS, Written, rows
+from tests.vfs.conftest import EVENTS, Written, rows, stale_head
 
 STATE = "SELECT count(*), coalesce(sum(length(body)), 0) FROM events"
 
@@ -258,6 +258,19 @@ class TestReplicate:
             assert (await replica.sync())[1] == 0  # its position was kept: already current
         finally:
             await source.close()
+
+    async def test_a_stale_head_object_is_planned_around(self, tmp_path: Path) -> None:
+        """The head object names files retention deleted since (its later writes failed): the copy is made from
+        the files themselves, the newest stored state."""
+        w = await stale_head(tmp_path)
+        source = open_source(w.url)
+        try:
+            copy = tmp_path / "copy.db"
+            pos, _ = await Replica(source, copy).sync()
+            assert pos.txid == w.history.pos.txid and rows(copy) == rows(w.history.path)
+        finally:
+            await source.close()
+            await w.close()
 
     async def test_following_goes_on_when_a_reader_holds_the_copy_too_long(self, written: Written,
                                                                            tmp_path: Path) -> None:
