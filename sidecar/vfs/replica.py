@@ -87,6 +87,10 @@ class Replica:
         con = sqlite3.connect(self.path, timeout=journal.BUSY_TIMEOUT)
         try:
             con.execute("PRAGMA schema_version").fetchall()
+        except sqlite3.OperationalError:
+            raise  # busy: a reader holds the file (retried)
+        except sqlite3.DatabaseError:
+            return None  # not a database (any more): the copy is rebuilt, or refused when it is not SQLite
         finally:
             con.close()
         counter = journal.counter_of(self.path)
@@ -185,7 +189,13 @@ class Replica:
                     self._save(new)
                     return new
                 self._save(pos or Position(0, 0), pending=new)
-                await asyncio.shield(asyncio.to_thread(_rewrite_from_db, self.path, merged, last, new.counter))
+                try:
+                    await asyncio.shield(asyncio.to_thread(_rewrite_from_db, self.path, merged, last, new.counter))
+                except sqlite3.OperationalError:
+                    raise  # busy: retried
+                except sqlite3.DatabaseError as err:  # SQLite cannot open it: nothing was written to it
+                    raise SidecarError(f"{self.path}: a damaged SQLite database ({err}), not a copy to rebuild in "
+                                       "place; move it away to make a new copy") from None
             else:
                 pages = await asyncio.to_thread(_pages_of_files, paths)
                 self._save(pos or Position(0, 0), pending=new)

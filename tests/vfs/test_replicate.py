@@ -239,6 +239,26 @@ class TestReplicate:
         assert notes.read_text() == "my notes\n" * 100
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("notes", ".notes"))) == ["notes.txt"]
 
+    async def test_a_copy_overwritten_by_a_file_that_is_not_sqlite_is_left_alone(
+            self, written: Written, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """The copy's position file is there but the copy was overwritten (not a database any more, or one SQLite
+        cannot open): one line naming it, as for any file that is not a database; nothing is written."""
+        await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        argv = ["replicate", *written.flags, "-o", str(copy), written.url]
+        assert await asyncio.to_thread(main, argv) == 0
+        copy.write_text("my notes\n" * 100)
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, argv) == 1
+        assert f"{copy}: exists and is not a SQLite database" in capsys.readouterr().err
+        assert copy.read_text() == "my notes\n" * 100
+        damaged = b"SQLite format 3\0" + b"\xff" * 200  # a header SQLite refuses
+        copy.write_bytes(damaged)
+        assert await asyncio.to_thread(main, argv) == 1
+        assert f"{copy}: a damaged SQLite database (file is not a database)" in capsys.readouterr().err
+        assert copy.read_bytes() == damaged
+
     async def test_an_existing_empty_file_becomes_the_copy(self, written: Written, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
         """-o naming an empty file (touched, or opened by an app before the first sync) is a copy to make, not a
