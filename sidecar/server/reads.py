@@ -5,9 +5,11 @@
     GET /db/ltx?db=NAME&file=<level>/<min>-<max>.ltx
         a stored file; `Range: bytes=…` answers 206; a strong ETag and `Cache-Control: private, immutable`
         (a stored file never changes; private, because it is only for the token's cluster)
-    GET /db/pages?db=NAME&txid=HEX&pgno=N[&count=K]
-        the frames of pages N..N+K-1 (K ≤ 256) as of that TXID, resolved here from the plan's page indexes
-        (read as needed and kept: whole when small, by windows for a big snapshot's): per page `>IBQQ`
+    GET /db/pages?db=NAME&txid=HEX&pgno=N[&count=K][&checksum=HEX]
+        the frames of pages N..N+K-1 (K ≤ 256) as of that TXID (ENOTXID when `checksum`, the post-apply
+        checksum the reader planned, is no longer that TXID's: the database was started over), resolved here
+        from the plan's page indexes (read as needed and kept: whole when small, by windows for a big
+        snapshot's): per page `>IBQQ`
         (pgno, and the level, min and max TXID of the file it came from) then its frame as stored (10-byte
         header and LZ4 block). A reader needs no page index of its own: a cold lookup is the plan and one
         request per page it misses
@@ -237,6 +239,9 @@ class Reads:
         cluster, name, index = self._db(request)
         q = request.query
         txid = _hex(q, "txid")
+        checksum = hex_txid(q.get("checksum", "0"))  # a checksum is 16 hex digits too
+        if checksum is None:
+            raise _BadRequest(f"checksum {q['checksum']!r}: want up to 16 hex digits")
         try:
             pgno, count = int(q.get("pgno", "")), int(q.get("count", "1"))
         except ValueError:
@@ -245,6 +250,9 @@ class Reads:
             raise _BadRequest(f"want txid=HEX, pgno >= 1 and count 1..{MAX_PAGES}")
         plan = self._plan_at(cluster, name, index, txid)
         prefix, last = f"{cluster}/{name}", plan[-1]
+        if checksum and last.post and last.post != checksum:
+            raise RestoreError(f"TXID {txid:016x} now holds another state (checksum {last.post:016x}, not "
+                               f"{checksum:016x}): the database was started over")
         indexes = await asyncio.gather(*(self._page_index(prefix, e) for e in plan))
         lock = lock_pgno(last.page_size)
         found: list[tuple[int, int, int, int]] = []  # pgno, file, offset, size

@@ -17,7 +17,8 @@ Design (see each module's docstring for the details):
   by default, as Litestream's VFS). Stored files never change, so entries stay valid across new states.
 - One TXID per read transaction: a connection pins a `View` (one plan) when SQLite takes the shared lock
   that starts a transaction, and changes it only at the next such lock. The VFS rewrites page 1's change
-  counter to the TXID so SQLite drops its own page cache exactly when the TXID changes.
+  counter to the TXID so SQLite drops its own page cache exactly when the TXID changes (plus a per-connection
+  salt that changes when a database started over comes back to a TXID the connection read).
 - Following: a per-URL follower task watches the head (server: long-poll; store: conditional GET of
   `head.json`, never LIST) and prepares the newest view; connections move to it at transaction starts.
 - Where pages are: on a store, each plan file's page index (one ranged read per file; a big one by

@@ -54,7 +54,8 @@ class ServerSource:
         return f"{entry.level}/{format_filename(entry.min_txid, entry.max_txid)}"
 
     async def plan(self, *, txid: int | None = None, timestamp: int | None = None,
-                   after: int | None = None) -> Head:
+                   after: int | None = None, listed: bool = False) -> Head:
+        # `listed` changes nothing: the server plans from its index of the stored files, never a head object.
         q: dict[str, str] = {}
         if txid is not None:
             q["txid"] = f"{txid:016x}"
@@ -72,10 +73,12 @@ class ServerSource:
                                      file=key)
         return body
 
-    async def pages(self, txid: int, pgno: int, count: int) -> list[tuple[int, str, bytes]]:
+    async def pages(self, txid: int, pgno: int, count: int, checksum: int = 0) -> list[tuple[int, str, bytes]]:
+        q = {"txid": f"{txid:016x}", "pgno": str(pgno), "count": str(count)}
+        if checksum:
+            q["checksum"] = f"{checksum:016x}"
         try:
-            _, body, _ = await self._get("/db/pages", {"txid": f"{txid:016x}", "pgno": str(pgno),
-                                                       "count": str(count)})
+            _, body, _ = await self._get("/db/pages", q)
         except RestoreError as err:
             raise NotFound(f"TXID {txid:016x}", f"no longer readable: {err}") from None
         out = []

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sidecar.fsutil import fsync_dir
 from sidecar.ltx import lock_pgno
+from sidecar.ltx.types import valid_page_size
 
 MAGIC = bytes.fromhex("d9d505f920a163d7")
 SECTOR = 512
@@ -63,6 +64,15 @@ def _checksum(nonce: int, page: bytes) -> int:
     return total & 0xFFFFFFFF
 
 
+def _page_size_of(header: bytes) -> int | None:
+    """The page size a database file's header gives (bytes 16-17, 1 meaning 65536), None if there is none."""
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        return None
+    value = int.from_bytes(header[16:18], "big")
+    size = 65536 if value == 1 else value
+    return size if valid_page_size(size) else None
+
+
 def rewrite(path: Path, page_size: int, commit: int, pgnos: Iterable[int], page: Callable[[int], bytes],
             counter: int) -> None:
     """Replace pages `pgnos` of the database at `path` (by `page(pgno)`), set its size to `commit` pages and
@@ -93,13 +103,21 @@ def _rewrite_locked(fd: int, path: Path, page_size: int, commit: int, pgnos: Ite
     journal = Path(f"{path}-journal")
     lock = lock_pgno(page_size)
     todo = sorted({1, *pgnos})
-    old_pages = os.fstat(fd).st_size // page_size
-    saved = sorted(({p for p in todo if p <= old_pages} | set(range(commit + 1, old_pages + 1))) - {lock})
+    size = os.fstat(fd).st_size
+    old_size = _page_size_of(os.pread(fd, 100, 0)) or page_size
+    if old_size == page_size:
+        old_pages = size // page_size
+        saved = sorted(({p for p in todo if p <= old_pages} | set(range(commit + 1, old_pages + 1))) - {lock})
+    else:
+        # The page size changes (a rebuild): the journal holds the whole old file in its own page size, which
+        # SQLite's rollback takes from the journal's header; counted in the new size, a tail would be lost.
+        old_pages = size // old_size
+        saved = [p for p in range(1, old_pages + 1) if p != lock_pgno(old_size)]
     nonce = random.getrandbits(32)
     with open(journal, "wb") as j:
-        j.write(MAGIC + struct.pack(">IIIII", 0, nonce, old_pages, SECTOR, page_size).ljust(SECTOR - 8, b"\0"))
+        j.write(MAGIC + struct.pack(">IIIII", 0, nonce, old_pages, SECTOR, old_size).ljust(SECTOR - 8, b"\0"))
         for p in saved:
-            old = os.pread(fd, page_size, (p - 1) * page_size)
+            old = os.pread(fd, old_size, (p - 1) * old_size)
             j.write(struct.pack(">I", p) + old + struct.pack(">I", _checksum(nonce, old)))
         j.flush()
         os.fsync(j.fileno())

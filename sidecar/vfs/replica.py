@@ -8,10 +8,13 @@ a time (what `litestream restore -f` does, safe against crashes).
                  old state or the new one, and a crash leaves a hot journal that rolls it back.
 
 The copy's position is kept beside it in `<file>-replica` (JSON: TXID and database checksum, and the TXID
-being applied while a change is under way). Page 1's change counter is the TXID's low 32 bits, so after a
-crash the file itself says which of the two it holds. When neither matches (the file was changed by
-someone else), or the backup's history no longer continues the copy's (a database restored or recreated
-upstream, or retention deleted the files after it), the copy is rebuilt from the latest plan, in place.
+being applied while a change is under way). Page 1's change counter is the TXID plus the copy's salt (low 32
+bits), so after a crash the file itself says which of the two it holds. A rebuild in place draws a new salt:
+a history started over comes back to TXIDs the copy held with other content, and a reader whose connection
+kept SQLite's page cache of the old database would take it for the new one when the counters were equal.
+When neither matches (the file was changed by someone else), or the backup's history no longer continues the
+copy's (a database restored or recreated upstream, or retention deleted the files after it), the copy is
+rebuilt from the latest plan, in place.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import json
 import mmap
 import os
+import secrets
 import sqlite3
 import tempfile
 from collections.abc import Callable, Sequence
@@ -32,7 +36,7 @@ import structlog
 from sidecar.engine.head import Head, ltx_object_key, plan_after
 from sidecar.engine.index import FileEntry
 from sidecar.engine.restore import restore
-from sidecar.errors import RestoreError, SidecarError
+from sidecar.errors import NotFound, RestoreError, SidecarError
 from sidecar.ltx import LTXError, Version, lock_pgno
 from sidecar.ltx.decoder import Decoder
 from sidecar.storage.file import FileStorage
@@ -49,6 +53,11 @@ class Position:
     txid: int
     checksum: int
     timestamp: int = 0  # ms
+    salt: int = 0  # added to the TXID for page 1's change counter; drawn anew at each rebuild in place
+
+    @property
+    def counter(self) -> int:
+        return (self.txid + self.salt) & 0xFFFFFFFF
 
 
 class Replica:
@@ -78,11 +87,15 @@ class Replica:
         con = sqlite3.connect(self.path, timeout=journal.BUSY_TIMEOUT)
         try:
             con.execute("PRAGMA schema_version").fetchall()
+        except sqlite3.OperationalError:
+            raise  # busy: a reader holds the file (retried)
+        except sqlite3.DatabaseError:
+            return None  # not a database (any more): the copy is rebuilt, or refused when it is not SQLite
         finally:
             con.close()
         counter = journal.counter_of(self.path)
         for candidate in (pending, pos):
-            if candidate is not None and counter == candidate.txid & 0xFFFFFFFF:
+            if candidate is not None and counter == candidate.counter:
                 return candidate
         return None
 
@@ -101,8 +114,18 @@ class Replica:
     # -- syncing --------------------------------------------------------------------------------------
 
     async def sync(self, head: Head | None = None) -> tuple[Position, int]:
-        """Bring the copy to `head` (default: the latest); returns its position and how many files it applied."""
+        """Bring the copy to `head` (default: the latest); returns its position and how many files it applied.
+
+        When a file of the plan is gone (a stale head object: its write failed and retention ran since), the
+        latest state is planned from the files instead; nothing is written before every file is downloaded."""
         head = head or await self.source.plan()
+        try:
+            return await self._sync(head)
+        except NotFound as err:
+            log.info("a file of the plan is gone; planning by LIST", path=str(self.path), key=err.key)
+            return await self._sync(await self.source.plan(listed=True))
+
+    async def _sync(self, head: Head) -> tuple[Position, int]:
         pos = await asyncio.to_thread(self.position)
         if pos is not None and pos != self.current:
             self._save(pos)  # a change a crash interrupted turned out done, or undone
@@ -142,7 +165,15 @@ class Replica:
             raise SidecarError(f"{self.path}: exists and is not a SQLite database (not a copy of a backup to "
                                "update); nothing was written")
         last = chain[-1]
-        new = Position(last.max_txid, last.post, last.timestamp)
+        # An empty file (touched, or opened by an app first) is made as a missing one is: in a transaction on it,
+        # SQLite would write a new database's page 1 over the one written here.
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        salt = pos.salt if pos is not None and not chain[0].is_snapshot else 0
+        if chain[0].is_snapshot and not fresh:  # a rebuild in place: no counter the file had before
+            old = await asyncio.to_thread(journal.counter_of, self.path)
+            while salt == 0 or (last.max_txid + salt) & 0xFFFFFFFF == old:
+                salt = secrets.randbits(32)
+        new = Position(last.max_txid, last.post, last.timestamp, salt)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{self.path.name}-", dir=self.path.parent) as tmp:
             local = FileStorage(tmp)
@@ -153,19 +184,25 @@ class Replica:
             if chain[0].is_snapshot:
                 merged = Path(tmp) / "merged.db"
                 await restore(local, "", chain, merged)  # checks every file and the database checksum
-                if not self.path.exists():
-                    await asyncio.to_thread(_publish, merged, self.path, last)
+                if fresh:
+                    await asyncio.to_thread(_publish, merged, self.path, last, new.counter)
                     self._save(new)
                     return new
                 self._save(pos or Position(0, 0), pending=new)
-                await asyncio.shield(asyncio.to_thread(_rewrite_from_db, self.path, merged, last))
+                try:
+                    await asyncio.shield(asyncio.to_thread(_rewrite_from_db, self.path, merged, last, new.counter))
+                except sqlite3.OperationalError:
+                    raise  # busy: retried
+                except sqlite3.DatabaseError as err:  # SQLite cannot open it: nothing was written to it
+                    raise SidecarError(f"{self.path}: a damaged SQLite database ({err}), not a copy to rebuild in "
+                                       "place; move it away to make a new copy") from None
             else:
                 pages = await asyncio.to_thread(_pages_of_files, paths)
                 self._save(pos or Position(0, 0), pending=new)
                 # Shielded: a stop waits for a change under way (a kill is safe too: the journal rolls it back).
                 await asyncio.shield(asyncio.to_thread(
                     self._rewrite, self.path, last.page_size, last.commit, sorted(pages), pages.__getitem__,
-                    last.max_txid))
+                    new.counter))
             self._save(new)
         return new
 
@@ -202,11 +239,13 @@ class Replica:
 
 
 def _position(doc: dict[str, str]) -> Position:
-    return Position(int(doc["txid"], 16), int(doc["checksum"], 16), int(doc.get("timestamp", 0)))
+    return Position(int(doc["txid"], 16), int(doc["checksum"], 16), int(doc.get("timestamp", 0)),
+                    int(doc.get("salt", 0)))
 
 
 def _json(pos: Position) -> dict[str, object]:
-    return {"txid": f"{pos.txid:016x}", "checksum": f"{pos.checksum:016x}", "timestamp": pos.timestamp}
+    return {"txid": f"{pos.txid:016x}", "checksum": f"{pos.checksum:016x}", "timestamp": pos.timestamp,
+            "salt": pos.salt}
 
 
 def _is_database(path: Path) -> bool:
@@ -250,20 +289,20 @@ def _pages_of_files(paths: Sequence[Path]) -> dict[int, bytes]:
     return pages
 
 
-def _rewrite_from_db(path: Path, merged: Path, last: FileEntry) -> None:
+def _rewrite_from_db(path: Path, merged: Path, last: FileEntry, counter: int) -> None:
     """Rewrite the copy in place with every page of the database file `merged` (a rebuild)."""
     ps, lock = last.page_size, lock_pgno(last.page_size)
     with open(merged, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         journal.rewrite(path, ps, last.commit, (p for p in range(1, last.commit + 1) if p != lock),
-                        lambda p: mm[(p - 1) * ps:p * ps], last.max_txid)
+                        lambda p: mm[(p - 1) * ps:p * ps], counter)
 
 
-def _publish(merged: Path, dst: Path, last: FileEntry) -> None:
+def _publish(merged: Path, dst: Path, last: FileEntry, counter: int) -> None:
     """Stamp page 1 of a fresh copy and rename it into place (nothing reads it yet)."""
     with open(merged, "r+b") as f:
         page1 = f.read(last.page_size)
         f.seek(0)
-        f.write(journal.stamp(page1, last.max_txid, last.commit))
+        f.write(journal.stamp(page1, counter, last.commit))
         f.flush()
         os.fsync(f.fileno())
     os.replace(merged, dst)

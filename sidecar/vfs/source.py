@@ -47,9 +47,10 @@ class Source(Protocol):
         ...
 
     async def plan(self, *, txid: int | None = None, timestamp: int | None = None,
-                   after: int | None = None) -> Head:
+                   after: int | None = None, listed: bool = False) -> Head:
         """The state at `txid`, at `timestamp` (ms), or the latest; with `after`, only the files a copy
-        already at TXID `after` needs (see `head.plan_after`). Raises RestoreError when none is possible."""
+        already at TXID `after` needs (see `head.plan_after`). Raises RestoreError when none is possible.
+        `listed`: the latest from the files themselves, not a head object (which can name files deleted since)."""
         ...
 
     async def read(self, key: str, start: int, length: int) -> bytes:
@@ -76,10 +77,11 @@ class Source(Protocol):
 class PageServer(Protocol):
     """A source that resolves pages itself (the backup server): a reader then needs no page index."""
 
-    async def pages(self, txid: int, pgno: int, count: int) -> list[tuple[int, str, bytes]]:
+    async def pages(self, txid: int, pgno: int, count: int, checksum: int = 0) -> list[tuple[int, str, bytes]]:
         """Pages pgno..pgno+count-1 (within the database, the lock page skipped) as of `txid`, each as
         (pgno, the `key` of the file it is in, its frame as stored). NotFound when `txid` is no longer
-        readable (compaction and retention moved past it)."""
+        readable (compaction and retention moved past it), or no longer has the post-apply `checksum` (0: not
+        checked) because the database was started over."""
         ...
 
 
@@ -107,8 +109,8 @@ class StoreSource:
         return heads.ltx_object_key(self.storage, "", entry)
 
     async def plan(self, *, txid: int | None = None, timestamp: int | None = None,
-                   after: int | None = None) -> Head:
-        if txid is None and timestamp is None and after is None:
+                   after: int | None = None, listed: bool = False) -> Head:
+        if txid is None and timestamp is None and after is None and not listed:
             try:
                 got = await self.storage.get_if_changed(heads.HEAD_NAME, None)
                 assert got is not None

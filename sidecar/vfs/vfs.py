@@ -110,7 +110,12 @@ class Backup:
         if target.follow and self._follower is not None and self.latest is not None:
             return self.latest
         head = await self.source.plan(txid=target.txid, timestamp=target.timestamp)
-        view = await self.view_of(head)
+        try:
+            view = await self.view_of(head)
+        except NotFound:
+            if not target.latest:
+                raise
+            view = await self.view_of(await self._listed(head))
         if target.latest:
             self._install(view)
         return view
@@ -124,6 +129,13 @@ class Backup:
         if self.latest is not None and self.latest.head == head:
             return self.latest
         return await View.open(head, self.source, self.cache, self.indexes, remote=self.remote)
+
+    async def _listed(self, head: Head) -> Head:
+        """The latest state planned from the files, when `head` (from the head object) names one that is gone: the
+        object is stale (its write failed and retention ran since, or retention ran while this reader planned)."""
+        log.info("the head object names a deleted file; planning by LIST", url=self.source.url,
+                 txid=f"{head.txid:016x}")
+        return await self.source.plan(listed=True)
 
     def _install(self, view: View) -> None:
         now = time.time()
@@ -172,7 +184,11 @@ class Backup:
                 got = await self.source.follow(tag, FOLLOW_WAIT)
                 if got is not None:
                     head, new_tag = got
-                    self._install(await self.view_of(head))
+                    try:
+                        view = await self.view_of(head)
+                    except NotFound:
+                        view = await self.view_of(await self._listed(head))
+                    self._install(view)
                     tag = new_tag  # only once its view is ready: a failure asks again
                 self.confirmed = asked
                 failures = 0
@@ -200,6 +216,11 @@ class BackupFile(apsw.VFSFile):
         self.reads = 0  # xRead calls since the transaction began
         self.replan = False  # the pinned TXID became unreadable: plan the target again at the next start
         self.next_view: View | None = None  # set by a pragma during a transaction
+        # Page 1's change counter is the TXID plus `salt`; `shown` is the counter SQLite last read and the state
+        # it stood for. Back at that TXID in another history (a database started over), the salt changes:
+        # equal counters would keep SQLite's page cache of the old database.
+        self.salt = 0
+        self.shown: tuple[int, tuple[int, int, int]] | None = None
         self.view = vfs.loop.call(backup.view(target))
         backup.views.append(self.view)
         if target.follow:
@@ -207,6 +228,8 @@ class BackupFile(apsw.VFSFile):
 
     def _pin(self, view: View) -> None:
         """Read `view` from now on (the backup keeps the indexes of pinned views' files)."""
+        if self.shown is not None and _state(view) != self.shown[1] and self._counter(view) == self.shown[0]:
+            self.salt += 1
         if self.view is not view:
             if self.view in self.backup.views:
                 self.backup.views.remove(self.view)
@@ -242,29 +265,38 @@ class BackupFile(apsw.VFSFile):
 
     # -- reads ----------------------------------------------------------------------------------------
 
+    def _counter(self, view: View) -> int:
+        return (view.head.txid + self.salt) & 0xFFFFFFFF
+
     def xRead(self, amount: int, offset: int) -> bytes:
         self.reads += 1
-        data = self.view.read_cached(offset, amount)
-        if data is not None:
-            return data
-        try:
-            return self.vfs.loop.call(self.view.read(offset, amount))
-        except NotFound as err:
-            return self._read_after_vanish(err, amount, offset)
+        data = self.view.read_cached(offset, amount, self.salt)
+        if data is None:
+            try:
+                data = self.vfs.loop.call(self.view.read(offset, amount, self.salt))
+            except NotFound as err:
+                data = self._read_after_vanish(err, amount, offset)
+        if offset < 28 and offset + amount > 24:  # the change counter (bytes 24-27) was read
+            self.shown = (self._counter(self.view), _state(self.view))
+        return data
 
     def _read_after_vanish(self, err: NotFound, amount: int, offset: int) -> bytes:
         """A file of the pinned plan is gone: read the same TXID from the files that exist now."""
         txid = self.view.head.txid
         log.info("file vanished; planning the same TXID again", key=err.key, txid=f"{txid:016x}")
         try:
-            self._pin(self.vfs.loop.call(self.backup.view_at(txid)))
+            again = self.vfs.loop.call(self.backup.view_at(txid))
+            old, new = self.view.head.post_apply_checksum, again.head.post_apply_checksum
+            if old and new and old != new:  # the database was started over: another state at this TXID
+                raise RestoreError(f"TXID {txid:016x} now holds another state")
+            self._pin(again)
         except RestoreError:
             if self.reads > 1 or self.lock == _NONE:
                 self.replan = True
                 raise apsw.BusyError(f"TXID {txid:016x} can no longer be read ({err.key} was deleted by "
                                      "compaction or retention); retry the transaction") from None
             self._pin(self.vfs.loop.call(self.backup.view(self.target)))  # nothing read yet: move on
-        return self.vfs.loop.call(self.view.read(offset, amount))
+        return self.vfs.loop.call(self.view.read(offset, amount, self.salt))
 
     def xFileSize(self) -> int:
         return self.view.size
@@ -328,6 +360,11 @@ class BackupFile(apsw.VFSFile):
             self._pin(view)
         else:
             self.next_view = view  # this transaction keeps its TXID; the next one sees the new target
+
+
+def _state(view: View) -> tuple[int, int, int]:
+    """What tells two states of a database apart: its TXID, checksum and time."""
+    return view.head.txid, view.head.post_apply_checksum, view.head.timestamp
 
 
 async def _start_following(backup: Backup) -> None:

@@ -213,17 +213,18 @@ class View:
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def read_cached(self, offset: int, amount: int) -> bytes | None:
-        """The bytes at `offset` if every page they span is cached (or resolved to zeros); else None."""
+    def read_cached(self, offset: int, amount: int, salt: int = 0) -> bytes | None:
+        """The bytes at `offset` if every page they span is cached (or resolved to zeros); else None. `salt` is
+        added to the change counter (see `_patched`)."""
         out = []
         for pgno, lo, hi in self._spans(offset, amount):
             page = self._cached_page(pgno)
             if page is None:
                 return None
             out.append(page[lo:hi])
-        return self._patched(offset, b"".join(out))
+        return self._patched(offset, b"".join(out), salt)
 
-    async def read(self, offset: int, amount: int) -> bytes:
+    async def read(self, offset: int, amount: int, salt: int = 0) -> bytes:
         """The bytes at `offset` (short at the end of the database), reading pages as needed."""
         out = []
         for pgno, lo, hi in self._spans(offset, amount):
@@ -231,7 +232,7 @@ class View:
             if page is None:
                 page = await self._fetch(pgno)
             out.append(page[lo:hi])
-        return self._patched(offset, b"".join(out))
+        return self._patched(offset, b"".join(out), salt)
 
     def _spans(self, offset: int, amount: int) -> list[tuple[int, int, int]]:
         ps = self.page_size
@@ -245,17 +246,18 @@ class View:
             pos += hi - lo
         return spans
 
-    def _patched(self, offset: int, data: bytes) -> bytes:
+    def _patched(self, offset: int, data: bytes, salt: int) -> bytes:
         """Rewrite header fields SQLite trusts, if `data` covers them (bytes 18–31 and 92–95 of page 1).
 
         File format versions 1/1 (rollback journal: a WAL-mode database needs no -wal or -shm here);
-        the change counter and "version valid for" set to the TXID's low 32 bits, so SQLite drops its page
-        cache exactly when a new transaction sees another TXID; the database size to the commit.
+        the change counter and "version valid for" set to the TXID (plus the connection's `salt`, which it
+        changes when it comes back to a TXID it read in another history) low 32 bits, so SQLite drops its page
+        cache exactly when a new transaction sees another state; the database size to the commit.
         """
         if offset >= 96 or not data:
             return data
         buf = bytearray(data)
-        counter = (self.head.txid & 0xFFFFFFFF).to_bytes(4, "big")
+        counter = ((self.head.txid + salt) & 0xFFFFFFFF).to_bytes(4, "big")
         for at, value in ((18, b"\x01\x01"), (24, counter), (28, self.head.commit.to_bytes(4, "big")),
                           (92, counter)):
             for i, byte in enumerate(value):
@@ -322,7 +324,7 @@ class View:
     async def _fetch_remote(self, pgno: int) -> bytes:
         assert isinstance(self.source, PageServer)
         count = min(1 + self._read_ahead(pgno), self.head.commit - pgno + 1)
-        got = await self.source.pages(self.head.txid, pgno, count)
+        got = await self.source.pages(self.head.txid, pgno, count, self.head.post_apply_checksum)
         self._stream_end = pgno + count
         if len(self._keys) > 1 << 16:
             self._keys.clear()

@@ -113,6 +113,20 @@ async def open_written(kind: str, tmp: Path, moto: MotoServer | None, levels: Le
     return w
 
 
+async def stale_head(tmp_path: Path) -> Written:
+    """A local store whose head object still names files retention deleted since (its later writes failed)."""
+    w = await open_written("file", tmp_path, None)
+    for _ in range(3):
+        await w.write()
+    await w.engine.flush_all()
+    old = await w.storage.get_bytes("c/app.db/head.json")
+    for _ in range(400):  # past compaction and retention of the files `old` names
+        await w.write(step=30)
+    await w.engine.flush_all()
+    await w.storage.put_bytes("c/app.db/head.json", old)
+    return w
+
+
 @pytest.fixture(params=["file", "s3", "server"])
 async def written(request: pytest.FixtureRequest, tmp_path: Path,
                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Written]:

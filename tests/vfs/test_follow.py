@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from sidecar.engine import Levels, plan_restore, restore, scan
-from sidecar.errors import NotFound, RestoreError
+from sidecar.errors import NotFound, RestoreError, SidecarError
 from sidecar.vfs import BackupVFS
 from tests.engine.history import History
 from tests.s3server import MotoServer
@@ -84,6 +84,71 @@ class TestFollow:
             await written.write()
         await written.engine.flush_all()
         assert await asyncio.to_thread(read) == rows(written.history.path)
+
+    async def test_a_connection_open_across_a_start_over_at_the_same_txid_reads_the_new_database(
+            self, written: Written, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
+        """Back at the TXID a connection last read, in another history: SQLite's page cache of the old database
+        is dropped (page 1's change counter differs), whether the connection follows or moves by pragma."""
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        vfs = make_vfs(**written.options)
+        cons = [await asyncio.to_thread(vfs.connect, written.url, follow=follow) for follow in (False, True)]
+        try:
+            for con in cons:
+                assert await asyncio.to_thread(query, con) == rows(written.history.path)
+            old = await asyncio.to_thread(query, cons[0], "PRAGMA litefs_timestamp")
+            await written.engine.delete_database("c", "app.db")
+            written.history.close()
+            written.history = History(tmp_path / "live2.db", seed=2)
+            for _ in range(3):
+                await written.write()
+            await written.engine.flush_all()
+            assert await asyncio.to_thread(query, cons[0], "PRAGMA litefs_txid = latest") == [("0000000000000003",)]
+
+            async def moved() -> bool:  # a transaction moves a follower to the newest state it knows
+                await asyncio.to_thread(query, cons[1], "SELECT count(*) FROM sqlite_master")
+                return await asyncio.to_thread(query, cons[1], "PRAGMA litefs_timestamp") != old
+            await wait_until(moved, within=15)
+            for con in cons:
+                assert await asyncio.to_thread(query, con) == rows(written.history.path)
+        finally:
+            for con in cons:
+                await asyncio.to_thread(con.close)
+
+    async def test_a_transaction_open_across_a_start_over_never_reads_both_databases(
+            self, written: Written, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:
+        """A read transaction pinned at a TXID the started-over database reaches again, with other content, fails
+        (or reads on in the old state); it never goes on with the new database's pages. The next one reads
+        the new database, whole."""
+        async def fill(tag: str) -> None:
+            written.history.con.executemany("INSERT INTO events (at, body) VALUES (?, ?)",
+                                            [(i, f"{tag} {i} " + "x" * 300) for i in range(3000)])
+            await written.write(n=2)
+            await written.write(n=2)
+            await written.engine.flush_all()
+        await fill("OLD")
+        vfs = make_vfs(cache_bytes=16 << 10, **written.options)
+        con = await asyncio.to_thread(vfs.connect, written.url)
+        tags = "SELECT DISTINCT substr(body, 1, 3) FROM events WHERE id {} AND body NOT LIKE 'e%'"
+        try:
+            await asyncio.to_thread(query, con, "BEGIN")
+            assert await asyncio.to_thread(query, con, tags.format("< 500")) == [("OLD",)]
+            await written.engine.delete_database("c", "app.db")
+            written.history.close()
+            written.history = History(tmp_path / "live2.db", seed=2)
+            await fill("NEW")
+            try:
+                rest = await asyncio.to_thread(query, con, tags.format(">= 500"))
+            except (apsw.BusyError, SidecarError):
+                pass  # the state it read is gone
+            else:
+                assert rest == [("OLD",)]
+            await asyncio.to_thread(query, con, "ROLLBACK")
+            assert await asyncio.to_thread(query, con, "PRAGMA litefs_txid = latest") == [("0000000000000004",)]
+            assert await asyncio.to_thread(query, con) == rows(written.history.path)
+        finally:
+            await asyncio.to_thread(con.close)
 
     async def test_a_refused_pragma_of_one_follower_does_not_stop_another(
             self, tmp_path: Path, make_vfs: Callable[..., BackupVFS]) -> None:

@@ -16,7 +16,7 @@ from sidecar.vfs import journal, open_source
 from sidecar.vfs.replica import Replica
 from tests.engine.history import History
 from tests.server.conftest import wait_until
-from tests.vfs.conftest import EVENTS, Written, rows
+from tests.vfs.conftest import EVENTS, Written, rows, stale_head
 
 STATE = "SELECT count(*), coalesce(sum(length(body)), 0) FROM events"
 
@@ -164,6 +164,38 @@ class TestReplicate:
         finally:
             await source.close()
 
+    async def test_a_reader_open_across_a_rebuild_at_the_same_txid_reads_the_new_database(
+            self, written: Written, tmp_path: Path) -> None:
+        """Started over and back at the copy's TXID, the rebuilt copy gets another change counter: a reader that
+        kept its connection (and SQLite's page cache of the old database) reads the new database."""
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        source = open_source(written.url, **written.options)
+        replica = Replica(source, copy)
+        await replica.sync()
+        reader = sqlite3.connect(copy)
+        try:
+            assert reader.execute(EVENTS).fetchall() == rows(written.history.path)
+            await written.engine.delete_database("c", "app.db")
+            written.history.close()
+            written.history = History(tmp_path / "live2.db", seed=2)
+            for _ in range(3):
+                await written.write()
+            await written.engine.flush_all()
+            pos, _ = await replica.sync()
+            assert pos.txid == 3
+            assert reader.execute(EVENTS).fetchall() == rows(written.history.path)
+            await written.write()  # the new history goes on from the rebuilt copy, in place
+            await written.engine.flush_all()
+            pos, files = await replica.sync()
+            assert (pos.txid, files) == (4, 1) and reader.execute(EVENTS).fetchall() == rows(written.history.path)
+            assert await asyncio.to_thread(Replica(source, copy).position) == pos
+        finally:
+            reader.close()
+            await source.close()
+
     async def test_a_database_started_over_past_the_copy_is_rebuilt_not_patched(self, written: Written,
                                                                                tmp_path: Path) -> None:
         """Started over and past the copy's TXID, the new history's compacted file that spans the copy's TXID
@@ -206,6 +238,59 @@ class TestReplicate:
         assert f"{notes}: exists and is not a SQLite database" in capsys.readouterr().err
         assert notes.read_text() == "my notes\n" * 100
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("notes", ".notes"))) == ["notes.txt"]
+
+    async def test_a_copy_overwritten_by_a_file_that_is_not_sqlite_is_left_alone(
+            self, written: Written, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """The copy's position file is there but the copy was overwritten (not a database any more, or one SQLite
+        cannot open): one line naming it, as for any file that is not a database; nothing is written."""
+        await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        argv = ["replicate", *written.flags, "-o", str(copy), written.url]
+        assert await asyncio.to_thread(main, argv) == 0
+        copy.write_text("my notes\n" * 100)
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, argv) == 1
+        assert f"{copy}: exists and is not a SQLite database" in capsys.readouterr().err
+        assert copy.read_text() == "my notes\n" * 100
+        damaged = b"SQLite format 3\0" + b"\xff" * 200  # a header SQLite refuses
+        copy.write_bytes(damaged)
+        assert await asyncio.to_thread(main, argv) == 1
+        assert f"{copy}: a damaged SQLite database (file is not a database)" in capsys.readouterr().err
+        assert copy.read_bytes() == damaged
+
+    async def test_an_existing_empty_file_becomes_the_copy(self, written: Written, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+        """-o naming an empty file (touched, or opened by an app before the first sync) is a copy to make, not a
+        database to rewrite in place (SQLite would write an empty database's page 1 over it)."""
+        for _ in range(3):
+            await written.write()
+        await written.engine.flush_all()
+        copy = tmp_path / "copy.db"
+        copy.touch()
+        assert await asyncio.to_thread(main, ["replicate", *written.flags, "-o", str(copy), written.url]) == 0, \
+            capsys.readouterr().err
+        assert rows(copy) == rows(written.history.path)
+        assert rows(copy, "PRAGMA integrity_check") == [("ok",)]
+        source = open_source(written.url, **written.options)
+        try:
+            replica = Replica(source, copy)
+            assert (await replica.sync())[1] == 0  # its position was kept: already current
+        finally:
+            await source.close()
+
+    async def test_a_stale_head_object_is_planned_around(self, tmp_path: Path) -> None:
+        """The head object names files retention deleted since (its later writes failed): the copy is made from
+        the files themselves, the newest stored state."""
+        w = await stale_head(tmp_path)
+        source = open_source(w.url)
+        try:
+            copy = tmp_path / "copy.db"
+            pos, _ = await Replica(source, copy).sync()
+            assert pos.txid == w.history.pos.txid and rows(copy) == rows(w.history.path)
+        finally:
+            await source.close()
+            await w.close()
 
     async def test_following_goes_on_when_a_reader_holds_the_copy_too_long(self, written: Written,
                                                                            tmp_path: Path) -> None:

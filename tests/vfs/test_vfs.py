@@ -17,7 +17,7 @@ from sidecar.ltx import format_timestamp
 from sidecar.storage import open_storage
 from sidecar.vfs import BackupVFS
 from tests.engine.history import History
-from tests.vfs.conftest import Stored
+from tests.vfs.conftest import EVENTS, Stored, rows, stale_head
 
 COUNT = "SELECT count(*), coalesce(sum(length(body)), 0) FROM events"
 
@@ -117,3 +117,24 @@ class TestPageReads:
             finally:
                 con.close()
         await asyncio.to_thread(run)
+
+
+class TestStaleHeadObject:
+    async def test_the_latest_state_is_planned_from_the_files(self, tmp_path: Path,
+                                                              make_vfs: Callable[..., BackupVFS]) -> None:
+        """The head object is a hint; the files are the truth: a connection to the latest state, following or
+        not, reads the newest stored state instead of failing on a deleted file."""
+        w = await stale_head(tmp_path)
+        try:
+            vfs = make_vfs()
+
+            def run(follow: bool) -> tuple[object, list[tuple[object, ...]]]:
+                con = vfs.connect(w.url, follow=follow)
+                try:
+                    return one(con, "PRAGMA litefs_txid")[0], [tuple(r) for r in con.execute(EVENTS)]
+                finally:
+                    con.close()
+            for follow in (False, True):
+                assert await asyncio.to_thread(run, follow) == (f"{w.history.pos.txid:016x}", rows(w.history.path))
+        finally:
+            await w.close()
