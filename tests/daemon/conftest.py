@@ -129,6 +129,12 @@ async def eventually(condition: Callable[[], bool], within: float = 30.0) -> Non
             await asyncio.sleep(0.05)
 
 
+def write(env: Env, db: str, n: int, start: int = 0) -> None:
+    env.node.execute(db, "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(start, start + n):
+        env.node.execute(db, "INSERT INTO t (v) VALUES (?)", (f"row {i}",))
+
+
 @asynccontextmanager
 async def environment(tmp: Path, kind: str = "file", moto: MotoServer | None = None,
                       **node_options: Any) -> AsyncIterator[Env]:

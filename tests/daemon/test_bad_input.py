@@ -6,8 +6,7 @@ import asyncio
 from pathlib import Path
 
 from sidecar.ltx import Pos
-from tests.daemon.conftest import Env, eventually
-from tests.daemon.test_recovery import write
+from tests.daemon.conftest import Env, eventually, write
 
 
 def bad_files_reported(env: Env) -> float:

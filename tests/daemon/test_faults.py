@@ -18,8 +18,7 @@ from sidecar.engine import Engine
 from sidecar.errors import UpstreamError
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
-from tests.daemon.conftest import Env, eventually
-from tests.daemon.test_recovery import write
+from tests.daemon.conftest import Env, eventually, write
 from tests.faults import FaultProxy
 from tests.server.conftest import TOKEN, start_server
 

@@ -6,8 +6,7 @@ import asyncio
 from pathlib import Path
 
 from sidecar.emulator import EmulatedNode
-from tests.daemon.conftest import Env, eventually
-from tests.daemon.test_recovery import write
+from tests.daemon.conftest import Env, eventually, write
 
 
 async def busy(env: Env, db: str, seconds: float, start: int = 0, until: asyncio.Event | None = None) -> int:

@@ -10,7 +10,7 @@ from sidecar.daemon.litefs import LiteFSNode
 from sidecar.daemon.upstream import EngineUpstream
 from sidecar.emulator import LoadWriter
 from sidecar.ltx import Pos
-from tests.daemon.conftest import Env, eventually
+from tests.daemon.conftest import Env, eventually, write
 
 
 def rows(path: Path) -> list[tuple[object, ...]]:
@@ -19,12 +19,6 @@ def rows(path: Path) -> list[tuple[object, ...]]:
         return con.execute("SELECT * FROM t ORDER BY id").fetchall()
     finally:
         con.close()
-
-
-def write(env: Env, db: str, n: int, start: int = 0) -> None:
-    env.node.execute(db, "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
-    for i in range(start, start + n):
-        env.node.execute(db, "INSERT INTO t (v) VALUES (?)", (f"row {i}",))
 
 
 def drop_files(env: Env, db: str, upto: int) -> None:

@@ -11,8 +11,7 @@ from sidecar.daemon.litefs import LiteFSNode
 from sidecar.daemon.upstream import Upstream
 from sidecar.emulator import EmulatedNode
 from sidecar.ltx import Pos
-from tests.daemon.conftest import Env, eventually
-from tests.daemon.test_recovery import write
+from tests.daemon.conftest import Env, eventually, write
 
 
 def txids(node: EmulatedNode, db: str) -> set[int]:

@@ -24,8 +24,7 @@ from sidecar.engine import Engine
 from sidecar.errors import UpstreamError
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
-from tests.daemon.conftest import Env
-from tests.daemon.test_recovery import write
+from tests.daemon.conftest import Env, write
 
 
 async def test_restart_on_a_new_empty_store_resumes_shipping(env: Env, tmp_path: Path) -> None:

@@ -21,8 +21,7 @@ from tests.conftest import LITEFS, make_db
 from tests.engine.history import History
 from tests.faults import FaultProxy
 from tests.server.client import BackupClient
-from tests.server.conftest import ADMIN, TOKEN, Running
-from tests.server.test_protocol import uploads
+from tests.server.conftest import ADMIN, TOKEN, Running, uploads
 
 T0 = 1_790_000_000_000  # ms: the timestamps of the test's transactions
 

@@ -21,7 +21,7 @@ from sidecar.storage import open_storage
 from tests.engine.history import History
 from tests.faults import FaultProxy
 from tests.s3server import MotoServer, free_port
-from tests.server.test_scaleout import wait_up
+from tests.server.conftest import wait_up
 
 TOKEN = "tok-diskfull-0123456789abc"
 SIZE = 24 << 20

@@ -10,16 +10,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import LITEFS
-from tests.server.conftest import ADMIN, OTHER, TOKEN, Running, start_server
-
-SNAPSHOT = sorted((LITEFS / "uploads").glob("*fx-wal.db-0000000000000001-*.ltx"))[0].read_bytes()
-
-
-async def post(http: aiohttp.ClientSession, url: str, db: str, body: bytes, auth: str | None = TOKEN,
-               **params: str) -> tuple[int, dict[str, object]]:
-    headers = {"Authorization": auth} if auth is not None else {}
-    async with http.post(f"{url}/db/tx", params={"db": db, **params}, data=body, headers=headers) as resp:
-        return resp.status, (await resp.json() if resp.status != 200 else {"hwm": resp.headers["Litefs-Hwm"]})
+from tests.server.conftest import ADMIN, OTHER, SNAPSHOT, TOKEN, Running, post, start_server
 
 
 @pytest.mark.parametrize(("auth", "params"), [

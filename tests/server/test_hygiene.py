@@ -14,8 +14,7 @@ import pytest
 
 from sidecar.ltx import Header, Pos, Version
 from sidecar.ltx.encoder import encode
-from tests.server.conftest import ADMIN, READER, TOKEN, Running, start_server
-from tests.server.test_hostile import SNAPSHOT
+from tests.server.conftest import ADMIN, READER, SNAPSHOT, TOKEN, Running, start_server
 
 
 async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:

@@ -4,7 +4,6 @@ nothing is stored; the honest upload after it goes through."""
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,21 +13,8 @@ import pytest
 
 from sidecar.ltx import Version
 from sidecar.ltx.decoder import decode
-from sidecar.ltx.encoder import Encoder
 from tests.engine.history import History
-from tests.server.conftest import TOKEN, Running
-
-
-def forge(data: bytes, *, post: int | None = None, pages: list[tuple[int, bytes]] | None = None,
-          **header: Any) -> bytes:
-    """Re-encode an upload with header fields, pages or post-apply checksum changed; its file checksum stays valid."""
-    h, found, trailer = decode(data, Version.V2)
-    out = io.BytesIO()
-    enc = Encoder(out, h.replace(**header), Version.V2)
-    for pgno, page in found if pages is None else pages:
-        enc.write_page(pgno, page)
-    enc.close(trailer.post_apply_checksum if post is None else post)
-    return out.getvalue()
+from tests.server.conftest import TOKEN, Running, forge
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: bytes, db: str = "app.db") -> tuple[int, dict[str, Any]]:

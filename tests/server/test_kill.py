@@ -17,8 +17,7 @@ from sidecar.ltx import Pos
 from sidecar.storage import open_storage
 from tests.engine.history import History
 from tests.server.client import BackupClient
-from tests.server.conftest import ADMIN, TOKEN
-from tests.server.test_serve_command import serving
+from tests.server.conftest import ADMIN, TOKEN, serving
 
 KILLS = 5
 

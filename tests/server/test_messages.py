@@ -6,8 +6,7 @@ import pytest
 
 from sidecar.daemon.upstream import HTTPUpstream
 from sidecar.errors import PosMismatch
-from tests.server.conftest import TOKEN, Running
-from tests.server.test_protocol import uploads
+from tests.server.conftest import TOKEN, Running, uploads
 
 
 async def test_a_position_mismatch_names_the_database_and_position_once(server: Running) -> None:

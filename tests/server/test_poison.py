@@ -18,8 +18,7 @@ from sidecar.server import Scope, ServerConfig, serve
 from sidecar.storage import open_storage
 from tests.engine.history import History
 from tests.s3server import MotoServer
-from tests.server.conftest import Running
-from tests.server.test_ingest import forge
+from tests.server.conftest import Running, forge
 
 VICTIM = "tok-victim-0123456789abcdef"
 ATTACKER = "tok-attacker-0123456789abcd"

@@ -15,11 +15,7 @@ from sidecar.ltx.sqlite import Applier
 from tests.conftest import LITEFS, make_db
 from tests.engine.history import History
 from tests.server.client import BackupClient, Node
-from tests.server.conftest import ADMIN, TOKEN, Running, start_server
-
-
-def uploads(db: str) -> list[Path]:
-    return sorted(p for p in (LITEFS / "uploads").glob("*.ltx") if p.name.split("-", 1)[1].startswith(db + "-"))
+from tests.server.conftest import ADMIN, TOKEN, Running, start_server, uploads
 
 
 async def test_replaying_litefs_uploads_restores_the_database(server: Running, http: aiohttp.ClientSession,

@@ -19,13 +19,12 @@ from sidecar.engine import Engine, Levels
 from sidecar.engine.lease import LeaseDoc, Leases
 from sidecar.ltx import Pos
 from sidecar.server import ServerConfig, router, serve
+from sidecar.server.handoff import head_of
 from sidecar.server.metrics import Metrics
 from sidecar.storage import open_storage
 from tests.engine.history import History
 from tests.s3server import free_port
-from tests.server.test_handoff import RED, TOKENS, Conn, Proc, head_of, pair, start
-
-__all__ = ["pair"]
+from tests.server.procs import RED, TOKENS, Conn, Proc, start
 
 
 async def ask(conn: Conn, method: str, target: str, headers: dict[str, str], body: bytes | None = None

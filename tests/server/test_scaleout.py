@@ -32,7 +32,7 @@ from sidecar.storage import open_storage
 from sidecar.storage.layout import Layout
 from tests.engine.history import History
 from tests.s3server import MotoServer, free_port
-from tests.server.conftest import wait_until
+from tests.server.conftest import wait_until, wait_up
 
 CLUSTERS = {"red": "tok-red-0123456789abcdef0", "green": "tok-green-0123456789abcdef",
             "blue": "tok-blue-0123456789abcdef"}
@@ -81,19 +81,6 @@ class Cluster:
                 p.proc.kill()
                 p.proc.wait()
         self.log.close()
-
-
-async def wait_up(url: str) -> None:
-    """Until the server at `url` says it is ready."""
-    async with aiohttp.ClientSession() as http, asyncio.timeout(90):  # a restart replays, reconciles, rebuilds
-        while True:
-            try:
-                async with http.get(f"{url}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
 
 
 async def round_robin(backends: list[str]) -> tuple[web.AppRunner, str]:

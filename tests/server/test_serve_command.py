@@ -3,59 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
-import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.server.conftest import ADMIN, OTHER, TOKEN, wait_until
-from tests.server.test_hostile import SNAPSHOT, post
-
-BASE_ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[2])}
-
-
-@dataclass
-class Served:
-    proc: asyncio.subprocess.Process
-    url: str
-    stderr: Path
-
-    def logs(self) -> list[dict[str, object]]:
-        """The JSON log lines written so far."""
-        return [json.loads(line) for line in self.stderr.read_text().splitlines() if line.startswith("{")]
-
-    async def stop(self) -> int:
-        """SIGTERM, as systemd stops a service; the exit code."""
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 60)
-
-
-@asynccontextmanager
-async def serving(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> AsyncIterator[Served]:
-    """`litefs-sidecar serve ARGS` on 127.0.0.1, once it prints the URL it listens on."""
-    stderr = tmp_path / "serve.stderr"
-    with open(stderr, "wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar", "serve", *args, env={**BASE_ENV, **(env or {})},
-            stdout=asyncio.subprocess.PIPE, stderr=err)
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        assert line.startswith("litefs-sidecar serving on "), (line, stderr.read_text())
-        yield Served(proc, line.split()[-1], stderr)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+from tests.server.conftest import ADMIN, BASE_ENV, OTHER, SNAPSHOT, TOKEN, post, serving, wait_until
 
 
 @pytest.fixture

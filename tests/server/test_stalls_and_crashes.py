@@ -18,8 +18,7 @@ from sidecar.errors import SidecarError
 from sidecar.ltx import Pos
 from tests.engine.history import History
 from tests.server.client import BackupClient
-from tests.server.conftest import TOKEN, start_server, wait_until
-from tests.server.test_hostile import SNAPSHOT
+from tests.server.conftest import SNAPSHOT, TOKEN, start_server, wait_until
 
 
 class TestStalledUpload:
