@@ -2,6 +2,7 @@
 
     SidecarError                       every error we raise on purpose
     ├── ConfigError(field, value)      bad configuration; exit 2 before anything starts
+    │   └── ConditionalWritesIgnored   an S3 endpoint that ignores If-None-Match / If-Match (found at start)
     ├── PosMismatch(db, pos)           not contiguous with upstream; HTTP 409, code "EPOSMISMATCH"
     ├── TXIDGap(db, after, got)        a chain of LTX files skips a TXID
     ├── InvalidDatabaseName(name)      a database name that could escape its directory; HTTP 400
@@ -42,6 +43,22 @@ class ConfigError(SidecarError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class ConditionalWritesIgnored(ConfigError):
+    """The S3 endpoint of `url` ignores the conditional-write headers in `ignored` ("If-None-Match", "If-Match"):
+    it overwrote an object a conditional PUT should have left alone. Leases and write-once data files rest on
+    them (engine/lease.py), so such a store is refused at start, before anything of ours is written to it."""
+
+    code = "ECONDITIONAL"
+
+    def __init__(self, url: str, endpoint: str, ignored: list[str]) -> None:
+        self.url, self.endpoint, self.ignored = url, endpoint, ignored
+        super().__init__([
+            f"storage {url} (S3 endpoint {endpoint}): the endpoint ignores {' and '.join(ignored)} on PUT (a "
+            "conditional PUT that had to fail overwrote the object), so leases and write-once files cannot be "
+            "enforced and two writers could overwrite each other; use an endpoint that supports conditional "
+            "writes (AWS S3, a recent MinIO, Cloudflare R2, Tigris)"])
 
 
 class PosMismatch(SidecarError):

@@ -1,5 +1,5 @@
 """A fault-injecting HTTP proxy for S3 tests: SlowDown every Nth request, 500s, bodies cut mid-way, PUTs delivered
-late."""
+late, conditional writes ignored."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ class Faults:
     hold_puts: str = ""  # PUTs whose path contains this wait, whole, until `release` is set (a late delivery)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     held: int = 0  # PUTs waiting now
+    # Writes (PUT, POST) lose If-None-Match and If-Match on the way, as an endpoint that ignores them: moto checks no
+    # signature by default, so dropping a signed header is not noticed.
+    strip_conditions: bool = False
 
 
 class FaultProxy:
@@ -74,6 +77,8 @@ class FaultProxy:
             await f.release.wait()  # forwarded even if its client has given up: the store gets it late
             f.held -= 1
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        if f.strip_conditions and request.method in ("PUT", "POST"):
+            headers = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
         assert self._session is not None
         async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
                                          data=body) as resp:

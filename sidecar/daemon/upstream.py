@@ -149,7 +149,11 @@ class EngineUpstream:
     async def open(cls, url: str, cluster: str, state_dir: Path, config: EngineConfig) -> EngineUpstream:
         storage = open_storage(url, endpoint_url=config.s3_endpoint or None, region=config.s3_region or None,
                                force_path_style=config.s3_force_path_style or None)
-        engine = await Engine.from_config(storage, config, state_dir)
+        try:
+            engine = await Engine.from_config(storage, config, state_dir)
+        except BaseException:
+            await storage.close()  # a store refused at start (say, one ignoring conditional writes) leaks no session
+            raise
         return cls(url, engine, cluster)
 
     @property

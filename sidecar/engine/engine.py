@@ -219,7 +219,9 @@ class Engine:
         return left
 
     async def _check_store(self, *, started: bool) -> None:
-        """Bind the state directory to the store's identity, then reconcile every index with the store."""
+        """Check the store enforces conditional writes (leases and write-once files rest on them; this is before the
+        first: the identity's), bind the state directory to its identity, then reconcile every index with it."""
+        await self.storage.check_conditional_writes()  # ConditionalWritesIgnored: a configuration error, never retried
         identity = await store_identity(self.storage)
         recorded = self.binding.recorded()
         if recorded is not None and recorded != identity.id:

@@ -10,7 +10,8 @@ same guarantees:
 - Conditional writes, as S3 defines them: `if_none_match=True` creates the object only if no object has the
   key; `if_match=etag` replaces it only if its ETag is still `etag`. A failed condition raises
   `PreconditionFailed` and changes nothing. This is what fences writers (engine/lease.py): two writers can
-  never both think they wrote the same key.
+  never both think they wrote the same key. Some S3-compatible endpoints ignore the headers and overwrite, so
+  `check_conditional_writes` proves them once, before anything relies on them (the engine calls it at open).
 - Each LTX object carries its header timestamp where Litestream reads it: the file's mtime (local), or
   the S3 metadata key `litestream-timestamp` (RFC 3339 with nanoseconds).
 - `list` never returns partial uploads or temporary files.
@@ -78,6 +79,13 @@ class Storage(Protocol):
     async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None,
                         if_none_match: bool = False, if_match: str | None = None) -> str:
         """Store `data` under `key`, atomically and durably. Returns the ETag."""
+        ...
+
+    async def check_conditional_writes(self) -> None:
+        """Raise ConditionalWritesIgnored unless this store enforces `if_none_match` and `if_match`. A few requests
+        the first time it is called on this object (S3 writes, tries to overwrite and deletes a scratch object
+        under `PROBE_PREFIX`), nothing after that; a local directory enforces them itself and checks nothing.
+        Other failures raise StorageError as any request does, and the next call checks again."""
         ...
 
     async def get_bytes(self, key: str) -> bytes:

@@ -71,6 +71,9 @@ class FileStorage:
             raise StorageError(key, "invalid key: empty, absolute, or escaping the store")
         return self.root.joinpath(*parts)
 
+    async def check_conditional_writes(self) -> None:
+        """Nothing to check: this module enforces them itself (`link(2)`, `flock`)."""
+
     # Writes always run in a worker thread: however small, they end in fsyncs, which must not stall the loop.
 
     @_timed("put")

@@ -7,6 +7,8 @@ One `Layout` per store kind, so nothing else passes a "file" or "s3" string arou
     <db prefix>/head.json                       the latest state and its restore plan (followers read it)
     <db prefix>/lease.json                      who may write this database now (engine/lease.py)
     .litefs-sidecar/identity.json               the store's identity (engine/identity.py)
+    .litefs-sidecar/probe/<random>              a scratch object of the start-up check of an S3 endpoint's
+                                                conditional writes (storage/s3.py), deleted at once
 
 A database prefix is `<cluster>/<db>`. Litestream reads only the level directories, so the other objects are
 invisible to it. Names never starting with `.` hold data; temporary files do.
@@ -21,6 +23,7 @@ from sidecar.ltx import format_filename, parse_filename
 # Level numbers: 0..8 consecutive, snapshots always at 9 (docs/format.md §5).
 SNAPSHOT_LEVEL = 9
 IDENTITY_KEY = ".litefs-sidecar/identity.json"
+PROBE_PREFIX = ".litefs-sidecar/probe/"  # never a database's prefix: no cluster name starts with a dot
 HEAD_NAME = "head.json"
 LEASE_NAME = "lease.json"
 
@@ -87,4 +90,4 @@ def _join(*parts: str) -> str:
 FILE_LAYOUT = Layout("file", hex_levels=False)
 S3_LAYOUT = Layout("s3", hex_levels=True)
 
-__all__ = ["FILE_LAYOUT", "IDENTITY_KEY", "S3_LAYOUT", "SNAPSHOT_LEVEL", "LTXKey", "Layout"]
+__all__ = ["FILE_LAYOUT", "IDENTITY_KEY", "PROBE_PREFIX", "S3_LAYOUT", "SNAPSHOT_LEVEL", "LTXKey", "Layout"]

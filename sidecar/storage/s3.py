@@ -6,8 +6,9 @@ up as multipart uploads; reads resume with a ranged GET when a connection drops 
 the `litestream-timestamp` metadata Litestream reads.
 
 Conditional writes send `If-None-Match: *` or `If-Match: <etag>` (AWS S3, R2, Tigris, MinIO and moto all honour
-them). A retried conditional PUT is ambiguous: the first attempt may have landed before its answer was lost,
-and the retry then fails its own condition. Each conditional PUT therefore carries a random `put-id` in its
+them; some older gateways ignore them and overwrite, which `check_conditional_writes` finds at start). A retried
+conditional PUT is ambiguous: the first attempt may have landed before its answer was lost, and the retry then
+fails its own condition. Each conditional PUT therefore carries a random `put-id` in its
 metadata; a 412 after a retry reads the object's metadata back and, if the put-id is ours, reports success.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import os
 import secrets
 import time
@@ -28,10 +30,10 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sidecar.errors import NotFound, PreconditionFailed, StorageError
+from sidecar.errors import ConditionalWritesIgnored, NotFound, PreconditionFailed, StorageError
 from sidecar.retry import full_jitter
 from sidecar.storage.base import ObjectInfo, RequestStats, format_rfc3339_nano, parse_rfc3339
-from sidecar.storage.layout import S3_LAYOUT
+from sidecar.storage.layout import PROBE_PREFIX, S3_LAYOUT
 
 T = TypeVar("T")
 
@@ -73,6 +75,8 @@ class S3Storage:
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
         self._lock = asyncio.Lock()
+        self._checked = False  # conditional writes proven honoured (check_conditional_writes)
+        self._check_lock = asyncio.Lock()
         self.requests = 0  # every HTTP request attempted, for cost tests and metrics
         self.stats = RequestStats()
 
@@ -138,6 +142,43 @@ class S3Storage:
             finally:
                 self.stats.record(name, time.perf_counter() - t0, ok)
             await asyncio.sleep(full_jitter(attempt - 1, self.backoff_base, self.backoff_cap))
+
+    # -- the start-up check --------------------------------------------------------------------------
+
+    async def check_conditional_writes(self) -> None:
+        """Raise ConditionalWritesIgnored if the endpoint ignores `If-None-Match: *` or `If-Match` on PUT: write a
+        scratch object, PUT it again under each condition (both must fail with 412), delete it. Once per object:
+        four requests at start, none per write after."""
+        async with self._check_lock:
+            if self._checked:
+                return
+            key = PROBE_PREFIX + secrets.token_hex(8)
+            await self.put_bytes(key, b"probe")
+            try:
+                ignored = await self._overwrites(key)
+            except BaseException:
+                with contextlib.suppress(StorageError):
+                    await self.delete([key])
+                raise
+            await self.delete([key])
+            if ignored:
+                raise ConditionalWritesIgnored(self.url, self.endpoint_url or f"AWS S3 ({self.region})", ignored)
+            self._checked = True
+
+    async def _overwrites(self, key: str) -> builtins.list[str]:
+        """The conditions that failed to stop an overwrite of the existing object `key`."""
+        ignored = []
+        try:
+            await self.put_bytes(key, b"created again", if_none_match=True)
+            ignored.append("If-None-Match")
+        except PreconditionFailed:
+            pass
+        try:
+            await self.put_bytes(key, b"replaced", if_match=f'"{secrets.token_hex(16)}"')  # an ETag it never had
+            ignored.append("If-Match")
+        except PreconditionFailed:
+            pass
+        return ignored
 
     # -- writes ---------------------------------------------------------------------------------------
 

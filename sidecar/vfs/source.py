@@ -187,6 +187,9 @@ class _Counted:
                         if_none_match: bool = False, if_match: str | None = None) -> str:
         raise SidecarError(f"{key}: readers never write")
 
+    async def check_conditional_writes(self) -> None:
+        raise SidecarError(f"{self.url}: readers never write")
+
     async def head(self, key: str) -> ObjectInfo:
         self.reads.requests += 1
         return await self.inner.head(key)

@@ -141,6 +141,13 @@ class TestContract:
         with pytest.raises(NotFound):
             await store.get_bytes("absent")
 
+    async def test_the_conditional_writes_check_passes_and_leaves_nothing(self, store: Storage) -> None:
+        """Both stores enforce conditional writes, so the start-up check passes (S3: by trying them on a scratch
+        object), and it leaves no object behind that a listing could take for data."""
+        await store.check_conditional_writes()
+        await store.check_conditional_writes()
+        assert await store.list("") == []
+
     async def test_conditional_get(self, store: Storage) -> None:
         etag = await store.put_bytes("head.json", b"one")
         got = await store.get_if_changed("head.json", None)

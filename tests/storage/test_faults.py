@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import NotFound, PreconditionFailed, StorageError
+from sidecar.errors import ConditionalWritesIgnored, ConfigError, NotFound, PreconditionFailed, StorageError
 from sidecar.storage.s3 import S3Storage
 from tests.faults import FaultProxy
 from tests.s3server import MotoServer
@@ -97,3 +97,45 @@ async def test_a_read_resumed_after_a_drop_never_splices_in_a_replacement(
     assert err.value.retryable
     assert got == old[:len(got)]
     assert proxy.injected == 1
+
+
+async def test_the_conditional_writes_check_passes_on_moto_leaves_nothing_and_runs_once(
+        proxied: tuple[S3Storage, FaultProxy]) -> None:
+    store, proxy = proxied
+    await store.check_conditional_writes()
+    assert await store.list("") == []  # the scratch object is deleted
+    before = proxy.requests
+    await store.check_conditional_writes()
+    assert proxy.requests == before  # once per store object: no cost after start
+
+
+async def test_an_endpoint_that_ignores_conditional_writes_is_refused(proxied: tuple[S3Storage, FaultProxy]) -> None:
+    store, proxy = proxied
+    proxy.faults.strip_conditions = True
+    await store.put_bytes("k", b"first")
+    await store.put_bytes("k", b"second", if_none_match=True)  # the danger: a write-once object replaced, silently
+    assert await store.get_bytes("k") == b"second"
+    await store.delete(["k"])
+    for _ in range(2):  # never remembered as passed
+        with pytest.raises(ConditionalWritesIgnored) as err:
+            await store.check_conditional_writes()
+        assert err.value.ignored == ["If-None-Match", "If-Match"]
+        assert isinstance(err.value, ConfigError) and not isinstance(err.value, StorageError)  # exit 2, not retried
+        assert f"storage {store.url} (S3 endpoint {proxy.url}): the endpoint ignores If-None-Match and If-Match" \
+               in str(err.value)
+        assert "leases and write-once files cannot be enforced" in str(err.value)
+        assert await store.list("") == []  # the scratch object is deleted all the same
+    proxy.faults.strip_conditions = False
+    await store.check_conditional_writes()
+
+
+async def test_a_store_failing_during_the_check_is_a_retryable_storage_error(
+        proxied: tuple[S3Storage, FaultProxy]) -> None:
+    store, proxy = proxied
+    proxy.faults.down = True
+    with pytest.raises(StorageError) as err:
+        await store.check_conditional_writes()
+    assert err.value.retryable and not isinstance(err.value, ConditionalWritesIgnored)
+    proxy.faults.down = False
+    await store.check_conditional_writes()  # checked again once the store answers
+    assert await store.list("") == []
