@@ -7,8 +7,10 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import apsw
 import pytest
+from aiohttp import web
 
 from sidecar.engine import Engine, Levels, scan
 from sidecar.engine.index import restore_points
@@ -16,8 +18,9 @@ from sidecar.errors import RestoreError, SidecarError
 from sidecar.ltx import format_timestamp
 from sidecar.storage import open_storage
 from sidecar.vfs import BackupVFS
+from sidecar.vfs.http import ServerSource
 from tests.engine.history import History
-from tests.vfs.conftest import EVENTS, Stored, rows, stale_head
+from tests.vfs.conftest import EVENTS, READER, Stored, open_written, rows, stale_head
 
 COUNT = "SELECT count(*), coalesce(sum(length(body)), 0) FROM events"
 
@@ -137,4 +140,40 @@ class TestStaleHeadObject:
             for follow in (False, True):
                 assert await asyncio.to_thread(run, follow) == (f"{w.history.pos.txid:016x}", rows(w.history.path))
         finally:
+            await w.close()
+
+
+class TestThroughAProxy:
+    async def test_a_proxy_that_ignores_range_still_gives_the_bytes_asked(self, tmp_path: Path) -> None:
+        """Some caches and proxies answer a ranged GET with 200 and the whole file: the reader takes its range."""
+        w = await open_written("server", tmp_path, None)
+        for _ in range(3):
+            await w.write()
+        await w.engine.flush_all()
+        assert w.served is not None
+
+        async def whole(request: web.Request) -> web.Response:
+            headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization",)}
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"{w.served.url}{request.path_qs}", headers=headers) as resp:  # type: ignore[union-attr]
+                return web.Response(status=resp.status, body=await resp.read())
+
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", whole)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        direct, proxied = ServerSource(w.url, token=READER), ServerSource(f"http://127.0.0.1:{port}/app.db",
+                                                                         token=READER)
+        try:
+            entry = (await direct.plan()).plan[-1]
+            stored = await direct.read(direct.key(entry), 0, entry.size)
+            assert len(stored) == entry.size
+            assert await proxied.read(proxied.key(entry), 10, 50) == stored[10:60]
+        finally:
+            await direct.close()
+            await proxied.close()
+            await runner.cleanup()
             await w.close()
