@@ -258,7 +258,8 @@ async def _main(setup: Setup) -> None:
 
 async def supervise(argv: list[str], n: int, stop: asyncio.Event, notifier: Notifier) -> None:
     """`serve --workers N`: run N copies of this command as worker processes on the same port, restart one that
-    dies, pass SIGTERM on, and return once all have stopped. READY=1 once every worker serves."""
+    dies, pass SIGTERM on, and return once all have stopped. READY=1 once every worker serves. A worker that
+    refuses its configuration (exit status 2) stops them all: ConfigError, never a restart loop."""
     log = logmod.get_logger("sidecar.server")
     procs: dict[int, asyncio.subprocess.Process] = {}
     ready: set[int] = set()
@@ -299,6 +300,15 @@ async def supervise(argv: list[str], n: int, stop: asyncio.Event, notifier: Noti
             await asyncio.gather(*(p.wait() for p in procs.values()))
             break
         stopping.cancel()
+        refused = [i for w, i in waiters.items() if w in done and procs[i].returncode == 2]
+        if refused:  # exit status 2 is a configuration error (cli.py): every restart would fail the same way
+            for p in procs.values():
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+            await asyncio.gather(*(p.wait() for p in procs.values()))
+            await asyncio.gather(*relays, return_exceptions=True)
+            raise ConfigError([f"serve --workers {n}: worker {refused[0]} refused its configuration (exit status 2, "
+                               "its error is above); every worker stopped"])
         for w in done:
             i = waiters[w]
             code = procs.pop(i).returncode

@@ -114,7 +114,7 @@ def test_no_layout_takes_a_scratch_object_for_an_ltx_file() -> None:
         assert layout.parse(PROBE_PREFIX + "0123456789abcdef") is None
 
 
-@pytest.mark.parametrize("command", ["serve", "run"])
+@pytest.mark.parametrize("command", ["serve", "serve --workers 2", "run"])
 async def test_serve_and_run_refuse_to_start_and_exit_2(command: str, moto_server: MotoServer, proxy: FaultProxy,
                                                         tmp_path: Path) -> None:
     bucket = moto_server.create_bucket()
@@ -122,8 +122,8 @@ async def test_serve_and_run_refuse_to_start_and_exit_2(command: str, moto_serve
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[2]), **CREDENTIALS,
            "LITEFS_SIDECAR_ENGINE_S3_ENDPOINT": proxy.url, "LITEFS_SIDECAR_ENGINE_S3_FORCE_PATH_STYLE": "true",
            "LITEFS_SIDECAR_ENGINE_STATE_DIR": str(tmp_path / "engine")}
-    if command == "serve":
-        args = ["serve", "--insecure-no-auth", "--storage", url, "--addr", "127.0.0.1:0"]
+    if command.startswith("serve"):  # with workers, each refuses, and the supervisor stops (no restart loop)
+        args = [*command.split(), "--insecure-no-auth", "--storage", url, "--addr", "127.0.0.1:0"]
     else:
         (tmp_path / "litefs" / "dbs").mkdir(parents=True)
         args = ["run", "--data-dir", str(tmp_path / "litefs"), "--mount-dir", str(tmp_path / "mnt"),
