@@ -246,7 +246,8 @@ class SidecarConfig:
                                          "on an idle node, as LiteFS's 10 s full sync does)")
     metrics_addr: str = _addr("127.0.0.1:9091", 'where to serve `/metrics`; "" disables', empty=True,
                               example="0.0.0.0:9091")
-    shutdown_grace: float = _duration("10s", "on stop, how long to ship what is batched; keep it below the "
+    shutdown_grace: float = _duration("10s", "on stop, how long to ship what is batched, and then how long the "
+                                      "in-process engine's final flush may take; keep twice it below the "
                                       "platform's kill timeout", check=None)
     backoff_max: float = _duration("30s", "longest wait between retries of a failed upload")
     state_dir: Path = _setting("path", "/var/lib/litefs-sidecar", "the sidecar's own state")  # noqa: RUF009
@@ -313,7 +314,8 @@ class ServeConfig:
     idle_timeout: float = _duration("75s", "an idle keep-alive connection is closed after this")
     max_connections: int = _setting("int", 10000, "connections held at once; one more is closed at once",
                                     check=_at_least(1, "1"))
-    shutdown_grace: float = _duration("30s", "on stop, how long in-flight uploads may finish", check=None)
+    shutdown_grace: float = _duration("30s", "on stop, how long in-flight uploads may finish, and then how long "
+                                      "the final flush to the store may take", check=None)
     workers: int = _setting("int", 1, "processes serving `addr` together (SO_REUSEPORT), each with its own engine "
                             "and `<state_dir>/worker-<n>`; a connection whose first request is for a cluster another "
                             "process writes is handed to that process whole", check=_at_least(1, "1"))

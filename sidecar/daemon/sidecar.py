@@ -468,7 +468,8 @@ class Sidecar:
             log.error("LiteFS is configured against the sidecar", problem=problem)
 
     async def close(self) -> None:
-        await self.upstream.close()
+        # Bounded as the shipping was: a stop ends within twice the grace whatever the store does.
+        await self.upstream.close(within=self.config.shutdown_grace)
         if self.node is not None:
             await self.node.close()
 

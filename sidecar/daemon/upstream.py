@@ -47,7 +47,8 @@ class Upstream(Protocol):
 
     async def release(self) -> None: ...
 
-    async def close(self) -> None: ...
+    async def close(self, within: float | None = None) -> None:
+        """Let go of upstream; what waits for the store waits at most `within` seconds (None: no bound)."""
 
 
 class HTTPUpstream:
@@ -129,7 +130,7 @@ class HTTPUpstream:
     async def release(self) -> None:
         return None  # the server decides who writes
 
-    async def close(self) -> None:
+    async def close(self, within: float | None = None) -> None:
         await self._session.close()
 
 
@@ -193,10 +194,10 @@ class EngineUpstream:
         await self.engine.refresh(self.cluster, db)  # a replica's engine writes nothing: the store says
         return self.engine.hwm(self.cluster, db), self.engine.pos(self.cluster, db)
 
-    async def close(self) -> None:
+    async def close(self, within: float | None = None) -> None:
         self._stop.set()
         await self._ticker
-        await self.engine.close()
+        await self.engine.close(within=within)  # what the store does not take stays in the upload log
         await self.engine.storage.close()
 
 

@@ -295,33 +295,47 @@ class Engine:
         self.uploadlog.abandon()
         self._closed = True
 
-    async def close(self) -> None:
+    async def close(self, *, within: float | None = None) -> None:
         """Flush every pending upload to the store, then let go of the state directory.
 
-        If the store cannot take them (it is down), they stay in the upload log, acknowledged and durable, and
-        the next start flushes them; closing goes on regardless.
+        If the store cannot take them (it is down, or hangs past `within` seconds), they stay in the upload log,
+        acknowledged and durable, and the next start flushes them; closing goes on regardless. `within` bounds
+        the flushes and the lease release together, so that a stop ends within the platform's kill timeout
+        (not an `asyncio.timeout` around the call: the upload log and the state directory are closed whatever).
         """
         if self._closed:
             return
+        deadline = None if within is None else asyncio.get_running_loop().time() + within
         for task in self._renewing.values():
             task.cancel()
         await asyncio.gather(*self._renewing.values(), return_exceptions=True)
-        for db in self.catalog:  # each alone: one database the store refuses keeps no other's uploads back
-            try:
-                await self._flush(db)
-            except (StorageError, OSError, SidecarError, LTXError) as err:
-                log.warning("closing with uploads not yet in the store; they stay in the upload log for the next "
-                            "start", cluster=db.cluster, db=db.name, uploads=len(db.pending), error=str(err))
+        try:
+            async with asyncio.timeout_at(deadline):
+                for db in self.catalog:  # each alone: one database the store refuses keeps no other's uploads back
+                    try:
+                        await self._flush(db)
+                    except (StorageError, OSError, SidecarError, LTXError) as err:
+                        log.warning("closing with uploads not yet in the store; they stay in the upload log for "
+                                    "the next start", cluster=db.cluster, db=db.name, uploads=len(db.pending),
+                                    error=str(err))
+        except TimeoutError:
+            for db in self.catalog:
+                if db.pending:
+                    log.warning("closing with uploads not yet in the store; they stay in the upload log for "
+                                "the next start", cluster=db.cluster, db=db.name, uploads=len(db.pending),
+                                error=f"the store did not answer within {within:g}s")
         await self.uploadlog.close()
         try:
             await self.catalog.save_dirty()
         except OSError as err:
             log.warning("index cache not written; the next start rebuilds it from the store", error=str(err))
         for cluster in list(self.leases.held):
-            try:
-                await self.leases.release(cluster)
-            except StorageError as err:
-                log.warning("lease not released; it expires by itself", cluster=cluster, error=str(err))
+            try:  # past the deadline, one more second: a store that answers lets the next owner in at once
+                async with asyncio.timeout_at(None if deadline is None else max(
+                        deadline, asyncio.get_running_loop().time() + 1)):
+                    await self.leases.release(cluster)
+            except (StorageError, TimeoutError) as err:
+                log.warning("lease not released; it expires by itself", cluster=cluster, error=str(err) or "timeout")
         self._closed = True
         if self._lock_fd >= 0:
             os.close(self._lock_fd)

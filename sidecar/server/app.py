@@ -411,7 +411,7 @@ async def serve(engine: Engine, config: ServerConfig, host: str, port: int, *, s
             await engine.close()
             raise SidecarError(f"engine stopped: {ticker.exception()!r}")
         await ticker
-        await engine.close()  # flush what was accepted
+        await engine.close(within=grace)  # flush what was accepted; what the store does not take waits in the log
         undo_filter()
         log.info("stopped")
 

@@ -133,9 +133,9 @@ class HeldUpstream:
     async def release(self) -> None:
         await self.inner.release()
 
-    async def close(self) -> None:
+    async def close(self, within: float | None = None) -> None:
         self.unblock.set()
-        await self.inner.close()
+        await self.inner.close(within)
 
 
 async def test_a_database_whose_upload_hangs_holds_back_no_other(env: Env) -> None:

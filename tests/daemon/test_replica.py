@@ -146,8 +146,8 @@ class BoastingHwm:
     async def release(self) -> None:
         await self.inner.release()
 
-    async def close(self) -> None:
-        await self.inner.close()
+    async def close(self, within: float | None = None) -> None:
+        await self.inner.close(within)
 
 
 async def test_a_replica_prunes_nothing_above_upstreams_position_whatever_hwm_said(env: Env, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from sidecar.cli import main
 from sidecar.engine import Engine, Levels, plan_restore, restore, scan
@@ -149,6 +150,33 @@ async def test_closing_while_the_store_is_down_keeps_uploads_for_the_next_start(
     result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
     assert result.checksum == history.checksums[history.pos.txid]
     await engine.close()
+
+
+async def test_closing_on_a_hung_store_ends_at_its_timeout_and_keeps_the_uploads(
+        proxied: tuple[S3Storage, FaultProxy], history: History, tmp_path: Path) -> None:
+    """A store that takes PUTs and never answers (`run` and `serve` stopping while it hangs): the flush on close
+    gives up at `timeout`, within the platform's kill timeout, and the uploads wait in the upload log."""
+    store, proxy = proxied
+    now = [T0]
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=10), clock=lambda: now[0])
+    for _ in range(3):
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(int(now[0] * 1000)))
+    proxy.faults.hold_puts = "/c/app.db/"
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(engine.close(within=0.5), 30)  # each held PUT would wait 60 s, and be retried
+    assert any("upload log" in e["event"] and e.get("uploads") == 3 for e in logs), logs
+    proxy.faults.hold_puts = ""
+    proxy.faults.release.set()  # the abandoned PUT lands after all: the store is the truth the next start reads
+
+    async def landed() -> bool:
+        return proxy.faults.held == 0 and any(o.key.endswith(".ltx") for o in await store.list("c/app.db/"))
+    await wait_until(landed, within=20)
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=10), clock=lambda: now[0])
+    assert engine.pos("c", "app.db") == history.pos
+    await engine.close()
+    result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
+    assert result.checksum == history.checksums[history.pos.txid]
 
 
 async def test_a_crash_after_a_snapshot_over_pending_uploads_still_opens_while_the_store_is_down(
