@@ -218,6 +218,9 @@ class Sidecar:
             except UpstreamError as err:
                 delay = self.positions_backoff.fail(time.monotonic(), self.config.backoff_max)
                 self._error("upstream", err, db=None, retry_in=round(delay, 2))
+                for db in self.dbs.values():
+                    if db.remote is None:  # not shipped until upstream's position is known: say why
+                        db.error = str(err)
         if not primary and stale:
             await self._poll_hwm()
         for db in list(self.dbs.values()):
@@ -384,12 +387,13 @@ class Sidecar:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """What `/healthz` answers: each database's positions and error."""
+        """What `/healthz` answers: each database's positions and error; `ok` is False while any has one."""
         dbs = {name: {"remote": str(db.remote) if db.remote else None,
                       "local": f"{db.local.head.max_txid:016x}" if db.local.head else None,
                       "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None}
                for name, db in sorted(self.dbs.items())}
-        return {"ok": True, "data_dir": str(self.config.data_dir), "warnings": self.warnings(), "databases": dbs}
+        ok = not any(db["error"] for db in dbs.values())
+        return {"ok": ok, "data_dir": str(self.config.data_dir), "warnings": self.warnings(), "databases": dbs}
 
     async def run(self, stop: asyncio.Event, *, started: Callable[[Sidecar], None] | None = None) -> None:
         """Watch and ship until `stop`; then ship what is batched within `shutdown_grace` and close."""

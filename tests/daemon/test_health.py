@@ -1,0 +1,66 @@
+"""What an operator sees in the sidecar's `/healthz` and `/metrics` while upstream refuses it, and once it recovers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from sidecar.daemon import Sidecar
+from sidecar.daemon.upstream import HTTPUpstream
+from tests.daemon.conftest import Env, eventually, write
+from tests.faults import FaultProxy
+from tests.server.conftest import TOKEN, start_server
+
+
+async def _look(sidecar: Sidecar) -> tuple[int, dict[str, Any], str]:
+    """/healthz's status and JSON, and /metrics' text, over HTTP."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{sidecar.url}/healthz") as resp:
+            status, health = resp.status, await resp.json()
+        async with http.get(f"{sidecar.url}/metrics") as resp:
+            return status, health, await resp.text()
+
+
+class TestUpstreamRefusingPositions:
+    async def test_a_bad_token_shows_on_every_database_it_keeps_from_shipping(self, env: Env, tmp_path: Path) -> None:
+        """401 on GET /pos: each database says why it is not shipped, instead of looking healthy."""
+        server = await start_server(tmp_path / "server")
+        try:
+            write(env, "app.db", 3)
+            sidecar = await env.start(HTTPUpstream(server.url, "not-the-token", "default"), upstream=server.url)
+            await eventually(lambda: sidecar.metrics.errors.labels("upstream")._value.get() >= 2)
+            _, health, metrics = await _look(sidecar)
+            assert health["ok"] is False
+            assert "401 EINVALIDAUTH" in health["databases"]["app.db"]["error"]
+            assert 'litefs_sidecar_db_error{db="app.db"} 1.0' in metrics
+        finally:
+            await env.stop()
+            await server.shutdown()
+
+    async def test_an_upstream_down_then_back_shows_and_then_clears(self, env: Env, tmp_path: Path) -> None:
+        """5xx on GET /pos from the start: shown per database; once upstream answers and it ships, it clears."""
+        server = await start_server(tmp_path / "server")
+        proxy = FaultProxy(server.url)
+        await proxy.start()
+        proxy.faults.down = True
+        try:
+            write(env, "app.db", 3)
+            sidecar = await env.start(HTTPUpstream(proxy.url, TOKEN, "default"), upstream=proxy.url)
+            await eventually(lambda: sidecar.metrics.errors.labels("upstream")._value.get() >= 2)
+            _, health, metrics = await _look(sidecar)
+            assert health["ok"] is False and "500" in health["databases"]["app.db"]["error"]
+            assert 'litefs_sidecar_db_error{db="app.db"} 1.0' in metrics
+            proxy.faults.down = False
+            await env.synced("app.db")
+            write(env, "app.db", 1, start=3)  # a tick that ships clears the error
+            await env.synced("app.db")
+            await eventually(lambda: not sidecar.dbs["app.db"].error)
+            _, health, metrics = await _look(sidecar)
+            assert health["ok"] is True and health["databases"]["app.db"]["error"] is None
+            assert 'litefs_sidecar_db_error{db="app.db"} 0.0' in metrics
+        finally:
+            await env.stop()
+            await proxy.stop()
+            await server.shutdown()
