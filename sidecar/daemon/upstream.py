@@ -22,7 +22,7 @@ import aiohttp
 from sidecar.config import EngineConfig
 from sidecar.engine import Engine
 from sidecar.engine.lease import NotOwner
-from sidecar.errors import ConfigError, UpstreamError
+from sidecar.errors import ConfigError, StorageError, UpstreamError
 from sidecar.ltx import Pos, parse_txid
 from sidecar.protocol import HWM_HEADER, pos_from_json, positions_from_json, raise_for
 from sidecar.storage import open_storage
@@ -167,6 +167,8 @@ class EngineUpstream:
             await self.engine.own(self.cluster)
         except NotOwner as err:
             raise UpstreamError(503, err.code, f"{self.url}: {err}; waiting for it to be let go or to expire") from err
+        except StorageError as err:  # the lease could not be read or written: retried, as a server's 503 would be
+            raise UpstreamError(503, err.code, f"{self.url}: {err}") from err
 
     async def positions(self) -> dict[str, Pos]:
         await self._own()

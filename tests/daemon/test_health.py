@@ -64,3 +64,21 @@ class TestUpstreamRefusingPositions:
             await env.stop()
             await proxy.stop()
             await server.shutdown()
+
+
+class TestInProcessEngineStoreFailing:
+    async def test_a_store_refusing_the_lease_is_shown_not_a_crash(self, env: Env) -> None:
+        """`run --upstream file://…` whose store fails the lease read: the sidecar goes on, says why each database is
+        not shipped, and ships once the store answers."""
+        write(env, "app.db", 3)
+        leases = env.backups / ".litefs-sidecar" / "leases"
+        leases.parent.mkdir(parents=True)
+        leases.write_text("in the way")  # reading leases/default fails: ENOTDIR
+        sidecar = await env.start()
+        await eventually(lambda: sidecar.metrics.errors.labels("upstream")._value.get() >= 2)
+        assert env._task is not None and not env._task.done()
+        _, health, metrics = await _look(sidecar)
+        assert health["ok"] is False and "leases/default" in health["databases"]["app.db"]["error"]
+        assert 'litefs_sidecar_db_error{db="app.db"} 1.0' in metrics
+        leases.unlink()
+        await env.synced("app.db")
