@@ -369,7 +369,7 @@ class Sidecar:
         oldest = first if first is not None else min(waited) if waited else None
         m.lag.labels(name).set(0.0 if oldest is None else max(0.0, self.clock() - oldest))
         m.hwm.labels(name).set(db.hwm or 0)
-        m.diverged.labels(name).set(1 if db.error else 0)
+        m.diverged.labels(name).set(1 if db.error or self.upstream.failing(name) else 0)
 
     def _error(self, kind: str, err: Exception, *, db: str | None, **extra: object) -> None:
         self.metrics.errors.labels(kind).inc()
@@ -387,12 +387,14 @@ class Sidecar:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """What `/healthz` answers: each database's positions and error; `ok` is False while any has one."""
+        """What `/healthz` answers: each database's positions, error and failing jobs of an in-process engine; `ok`
+        is False while any database has either."""
         dbs = {name: {"remote": str(db.remote) if db.remote else None,
                       "local": f"{db.local.head.max_txid:016x}" if db.local.head else None,
-                      "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None}
+                      "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None,
+                      "failing": self.upstream.failing(name) or None}
                for name, db in sorted(self.dbs.items())}
-        ok = not any(db["error"] for db in dbs.values())
+        ok = not any(db["error"] or db["failing"] for db in dbs.values())
         return {"ok": ok, "data_dir": str(self.config.data_dir), "warnings": self.warnings(), "databases": dbs}
 
     async def run(self, stop: asyncio.Event, *, started: Callable[[Sidecar], None] | None = None) -> None:

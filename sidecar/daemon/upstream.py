@@ -47,6 +47,11 @@ class Upstream(Protocol):
 
     async def release(self) -> None: ...
 
+    def failing(self, db: str) -> dict[str, str]:
+        """`db`'s jobs an engine in this process runs that are failing now (job -> last error); empty if none, and
+        for a server, which shows its own (`/api/databases`, `/metrics`)."""
+        ...
+
     async def close(self, within: float | None = None) -> None:
         """Let go of upstream; what waits for the store waits at most `within` seconds (None: no bound)."""
 
@@ -130,6 +135,9 @@ class HTTPUpstream:
     async def release(self) -> None:
         return None  # the server decides who writes
 
+    def failing(self, db: str) -> dict[str, str]:
+        return {}
+
     async def close(self, within: float | None = None) -> None:
         await self._session.close()
 
@@ -191,6 +199,9 @@ class EngineUpstream:
     async def release(self) -> None:
         """This node is no longer the primary: store what is pending, and let the new primary's sidecar write."""
         await self.engine.release(self.cluster)
+
+    def failing(self, db: str) -> dict[str, str]:
+        return self.engine.status(self.cluster, db).failing if self.engine.exists(self.cluster, db) else {}
 
     async def hwm(self, db: str) -> tuple[int, Pos]:
         await self.engine.refresh(self.cluster, db)  # a replica's engine writes nothing: the store says

@@ -82,3 +82,24 @@ class TestInProcessEngineStoreFailing:
         assert 'litefs_sidecar_db_error{db="app.db"} 1.0' in metrics
         leases.unlink()
         await env.synced("app.db")
+
+    async def test_a_flush_failing_in_the_engine_shows_until_it_recovers(self, env: Env) -> None:
+        """The in-process engine acknowledges uploads but cannot store them: the database shows the failing job,
+        which the engine's own log alone said before; it clears once the flush goes through."""
+        write(env, "app.db", 3)
+        sidecar = await env.start()
+        await env.synced("app.db")
+        blocker = env.backups / "default" / "app.db" / "ltx" / "0" / "0000000000000005-0000000000000005.ltx"
+        blocker.mkdir()  # the next flush's key is taken
+        write(env, "app.db", 1, start=3)
+        await eventually(lambda: "flush" in env.engine.status("default", "app.db").failing)
+        _, health, _ = await _look(sidecar)
+        assert health["ok"] is False
+        assert "0000000000000005-0000000000000005.ltx" in health["databases"]["app.db"]["failing"]["flush"]
+        await eventually(lambda: sidecar.metrics.diverged.labels("app.db")._value.get() == 1)
+        blocker.rmdir()
+        await eventually(lambda: not env.engine.status("default", "app.db").failing)
+        await eventually(lambda: sidecar.metrics.diverged.labels("app.db")._value.get() == 0)
+        _, health, metrics = await _look(sidecar)
+        assert 'litefs_sidecar_db_error{db="app.db"} 0.0' in metrics
+        assert health["ok"] is True and health["databases"]["app.db"]["failing"] is None
