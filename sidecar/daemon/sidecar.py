@@ -297,6 +297,7 @@ class Sidecar:
         log.info("no longer the primary: letting upstream go to the new primary's sidecar")
         for db in self.dbs.values():
             db.remote = None  # re-read before shipping again, should this node become the primary once more
+            db.error = ""  # shipping's errors were the primary's; a replica ships nothing to fail
             db.local.unpack()  # a replica matches its files to upstream's by checksum: their headers are kept
         try:
             await self.upstream.release()

@@ -103,3 +103,26 @@ class TestInProcessEngineStoreFailing:
         _, health, metrics = await _look(sidecar)
         assert 'litefs_sidecar_db_error{db="app.db"} 0.0' in metrics
         assert health["ok"] is True and health["databases"]["app.db"]["failing"] is None
+
+
+class TestNoLongerPrimary:
+    async def test_a_shipping_error_clears_once_the_node_is_a_replica(self, env: Env, tmp_path: Path) -> None:
+        """An error from shipping is about the primary's work: a node that became a replica no longer shows it."""
+        server = await start_server(tmp_path / "server")
+        proxy = FaultProxy(server.url)
+        await proxy.start()
+        proxy.faults.down = True
+        try:
+            write(env, "app.db", 3)
+            sidecar = await env.start(HTTPUpstream(proxy.url, TOKEN, "default"), upstream=proxy.url)
+            await eventually(lambda: sidecar.metrics.diverged.labels("app.db")._value.get() == 1)
+            env.node.set_primary(False, "elsewhere")  # LiteFS made another node the primary
+            await eventually(lambda: sidecar.metrics.primary._value.get() == 0)
+            proxy.faults.down = False
+            await eventually(lambda: sidecar.metrics.diverged.labels("app.db")._value.get() == 0)
+            _, health, _ = await _look(sidecar)
+            assert health["ok"] is True and health["databases"]["app.db"]["error"] is None
+        finally:
+            await env.stop()
+            await proxy.stop()
+            await server.shutdown()
