@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from sidecar.daemon import Sidecar
-from sidecar.daemon.upstream import HTTPUpstream
+from sidecar.daemon.upstream import EngineUpstream, HTTPUpstream
+from sidecar.engine import Engine, Levels
+from sidecar.errors import SidecarError
+from sidecar.storage.s3 import S3Storage
 from tests.daemon.conftest import Env, eventually, write
 from tests.faults import FaultProxy
+from tests.s3server import MotoServer
 from tests.server.conftest import TOKEN, start_server
 
 
@@ -126,3 +132,48 @@ class TestNoLongerPrimary:
             await env.stop()
             await proxy.stop()
             await server.shutdown()
+
+
+@pytest.fixture
+def other_moto(moto_server: MotoServer) -> Iterator[MotoServer]:
+    """A second S3 endpoint (the session's moto sets the credentials)."""
+    server = MotoServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def _engine_via(proxy: FaultProxy, bucket: str, state: Path) -> EngineUpstream:
+    store = S3Storage(bucket, "b", endpoint_url=proxy.url, force_path_style=True, max_attempts=2,
+                      backoff_base=0.001, backoff_cap=0.005)
+    return EngineUpstream(f"s3://{bucket}/b", await Engine.open(store, state, Levels(l0_interval=0)), "default")
+
+
+class TestInProcessEngineStopped:
+    async def test_an_engine_whose_loop_ends_stops_the_sidecar_saying_why(self, env: Env, moto_server: MotoServer,
+                                                                         other_moto: MotoServer) -> None:
+        """The engine's loop ends (here: the store, unreachable at start, comes back as another store, which it
+        asks to be restarted for): the sidecar stops with that error, as `serve` does, for its supervisor to
+        restart it, instead of going on with an engine that stores nothing while the watchdog says all is well."""
+        bucket = moto_server.create_bucket()
+        other_moto.create_bucket(bucket)
+        proxy = FaultProxy(moto_server.url)
+        await proxy.start()
+        url = f"s3://{bucket}/b"
+        try:
+            write(env, "app.db", 3)
+            await env.start(await _engine_via(proxy, bucket, env.tmp / "engine"), upstream=url)
+            await env.synced("app.db")
+            await env.stop()
+            proxy.faults.down = True
+            proxy.upstream = other_moto.url  # the bucket is replaced with an empty one while unreachable
+            await env.start(await _engine_via(proxy, bucket, env.tmp / "engine"), upstream=url)
+            proxy.faults.down = False
+            task = env._task
+            assert task is not None
+            await eventually(task.done)
+            env._task = None
+            with pytest.raises(SidecarError, match="is another store than this state directory"):
+                await task
+        finally:
+            await proxy.stop()
