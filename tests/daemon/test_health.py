@@ -10,11 +10,9 @@ import aiohttp
 import pytest
 
 from sidecar.daemon import Sidecar
-from sidecar.daemon.upstream import EngineUpstream, HTTPUpstream
-from sidecar.engine import Engine, Levels
+from sidecar.daemon.upstream import HTTPUpstream
 from sidecar.errors import SidecarError
-from sidecar.storage.s3 import S3Storage
-from tests.daemon.conftest import Env, eventually, write
+from tests.daemon.conftest import Env, engine_via, eventually, write
 from tests.faults import FaultProxy
 from tests.s3server import MotoServer
 from tests.server.conftest import TOKEN, start_server
@@ -143,12 +141,6 @@ def other_moto(moto_server: MotoServer) -> Iterator[MotoServer]:
     server.stop()
 
 
-async def _engine_via(proxy: FaultProxy, bucket: str, state: Path) -> EngineUpstream:
-    store = S3Storage(bucket, "b", endpoint_url=proxy.url, force_path_style=True, max_attempts=2,
-                      backoff_base=0.001, backoff_cap=0.005)
-    return EngineUpstream(f"s3://{bucket}/b", await Engine.open(store, state, Levels(l0_interval=0)), "default")
-
-
 class TestInProcessEngineStopped:
     async def test_an_engine_whose_loop_ends_stops_the_sidecar_saying_why(self, env: Env, moto_server: MotoServer,
                                                                          other_moto: MotoServer) -> None:
@@ -162,12 +154,12 @@ class TestInProcessEngineStopped:
         url = f"s3://{bucket}/b"
         try:
             write(env, "app.db", 3)
-            await env.start(await _engine_via(proxy, bucket, env.tmp / "engine"), upstream=url)
+            await env.start(await engine_via(proxy, bucket, env.tmp / "engine"), upstream=url)
             await env.synced("app.db")
             await env.stop()
             proxy.faults.down = True
             proxy.upstream = other_moto.url  # the bucket is replaced with an empty one while unreachable
-            await env.start(await _engine_via(proxy, bucket, env.tmp / "engine"), upstream=url)
+            await env.start(await engine_via(proxy, bucket, env.tmp / "engine"), upstream=url)
             proxy.faults.down = False
             task = env._task
             assert task is not None
