@@ -87,6 +87,7 @@ class Sidecar:
         self.url = ""  # the metrics server's, once started
         self._was_primary = False
         self._reported: set[Path] = set()
+        self._prune_errors: dict[str, str] = {}  # database -> why its last prune failed
         self.shipped: collections.deque[tuple[str, Shipped]] = collections.deque(maxlen=100_000)  # recent uploads
         self._bind_links()
 
@@ -336,10 +337,12 @@ class Sidecar:
 
     def _prune(self, db: DbShipper) -> None:
         victims = prune_victims(db.local.oldest(), db.local_hwm, self.clock(), self.config.retention)
+        self._prune_errors.pop(db.name, None)
         if victims:
             try:
                 db.local.delete(victims)
             except OSError as err:  # this database's directory only (gone, unwritable): the others go on
+                self._prune_errors[db.name] = f"prune: {err}"  # shown until a tick prunes (or has nothing to)
                 self._error("prune", err, db=db.name)
                 return
             self.metrics.pruned.labels(db.name).inc(len(victims))
@@ -370,7 +373,7 @@ class Sidecar:
         oldest = first if first is not None else min(waited) if waited else None
         m.lag.labels(name).set(0.0 if oldest is None else max(0.0, self.clock() - oldest))
         m.hwm.labels(name).set(db.hwm or 0)
-        m.diverged.labels(name).set(1 if db.error or self.upstream.failing(name) else 0)
+        m.diverged.labels(name).set(1 if db.error or name in self._prune_errors or self.upstream.failing(name) else 0)
 
     def _error(self, kind: str, err: Exception, *, db: str | None, **extra: object) -> None:
         self.metrics.errors.labels(kind).inc()
@@ -388,11 +391,12 @@ class Sidecar:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """What `/healthz` answers: each database's positions, error and failing jobs of an in-process engine; `ok`
-        is False while any database has either."""
+        """What `/healthz` answers: each database's positions, error (shipping or pruning it) and failing jobs of an
+        in-process engine; `ok` is False while any database has either."""
         dbs = {name: {"remote": str(db.remote) if db.remote else None,
                       "local": f"{db.local.head.max_txid:016x}" if db.local.head else None,
-                      "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None,
+                      "hwm": f"{db.hwm:016x}" if db.hwm is not None else None,
+                      "error": db.error or self._prune_errors.get(name) or None,
                       "failing": self.upstream.failing(name) or None}
                for name, db in sorted(self.dbs.items())}
         ok = not any(db["error"] or db["failing"] for db in dbs.values())

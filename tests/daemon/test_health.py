@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,30 @@ class TestInProcessEngineStopped:
                 await task
         finally:
             await proxy.stop()
+
+
+def _chattr(flag: str, path: Path) -> None:
+    subprocess.run(["chattr", flag, str(path)], check=True)
+
+
+class TestPruneFailing:
+    async def test_a_file_that_cannot_be_deleted_shows_until_it_can(self, env: Env) -> None:
+        """LiteFS's disk would fill up behind a file the sidecar cannot delete (here immutable, EPERM even for
+        root): the database shows the error, naming the file, until the file goes."""
+        write(env, "app.db", 3)
+        [oldest, *_] = sorted(env.node.ltx_files("app.db"))
+        _chattr("+i", oldest)
+        try:
+            sidecar = await env.start(retention=0.0)
+            await env.synced("app.db")
+            write(env, "app.db", 3, start=3)  # the first files are now below the HWM and not the newest
+            await eventually(lambda: sidecar.metrics.errors.labels("prune")._value.get() >= 2)
+            _, health, metrics = await _look(sidecar)
+            assert health["ok"] is False and oldest.name in health["databases"]["app.db"]["error"]
+            assert 'litefs_sidecar_db_error{db="app.db"} 1.0' in metrics
+        finally:
+            _chattr("-i", oldest)
+        await eventually(lambda: not oldest.exists())
+        await eventually(lambda: sidecar.metrics.diverged.labels("app.db")._value.get() == 0)
+        _, health, _ = await _look(sidecar)
+        assert health["ok"] is True and health["databases"]["app.db"]["error"] is None
