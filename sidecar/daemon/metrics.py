@@ -28,7 +28,9 @@ class Metrics:
                          registry=r)
         self.last_ship = Gauge("litefs_sidecar_last_ship_timestamp_seconds", "When the last upload was accepted",
                                ["db"], registry=r)
-        self.diverged = Gauge("litefs_sidecar_db_error", "1 while a database cannot be shipped", ["db"], registry=r)
+        self.diverged = Gauge("litefs_sidecar_db_error", "1 while a database cannot be shipped or pruned, or a "
+                              "job of its in-process engine (flush, compaction, retention) is failing", ["db"],
+                              registry=r)
         self.primary = Gauge("litefs_sidecar_primary", "1 on the primary, 0 on a replica", registry=r)
 
 

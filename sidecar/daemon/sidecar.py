@@ -87,6 +87,7 @@ class Sidecar:
         self.url = ""  # the metrics server's, once started
         self._was_primary = False
         self._reported: set[Path] = set()
+        self._prune_errors: dict[str, str] = {}  # database -> why its last prune failed
         self.shipped: collections.deque[tuple[str, Shipped]] = collections.deque(maxlen=100_000)  # recent uploads
         self._bind_links()
 
@@ -218,6 +219,9 @@ class Sidecar:
             except UpstreamError as err:
                 delay = self.positions_backoff.fail(time.monotonic(), self.config.backoff_max)
                 self._error("upstream", err, db=None, retry_in=round(delay, 2))
+                for db in self.dbs.values():
+                    if db.remote is None:  # not shipped until upstream's position is known: say why
+                        db.error = str(err)
         if not primary and stale:
             await self._poll_hwm()
         for db in list(self.dbs.values()):
@@ -294,6 +298,7 @@ class Sidecar:
         log.info("no longer the primary: letting upstream go to the new primary's sidecar")
         for db in self.dbs.values():
             db.remote = None  # re-read before shipping again, should this node become the primary once more
+            db.error = ""  # shipping's errors were the primary's; a replica ships nothing to fail
             db.local.unpack()  # a replica matches its files to upstream's by checksum: their headers are kept
         try:
             await self.upstream.release()
@@ -332,10 +337,12 @@ class Sidecar:
 
     def _prune(self, db: DbShipper) -> None:
         victims = prune_victims(db.local.oldest(), db.local_hwm, self.clock(), self.config.retention)
+        self._prune_errors.pop(db.name, None)
         if victims:
             try:
                 db.local.delete(victims)
             except OSError as err:  # this database's directory only (gone, unwritable): the others go on
+                self._prune_errors[db.name] = f"prune: {err}"  # shown until a tick prunes (or has nothing to)
                 self._error("prune", err, db=db.name)
                 return
             self.metrics.pruned.labels(db.name).inc(len(victims))
@@ -366,7 +373,7 @@ class Sidecar:
         oldest = first if first is not None else min(waited) if waited else None
         m.lag.labels(name).set(0.0 if oldest is None else max(0.0, self.clock() - oldest))
         m.hwm.labels(name).set(db.hwm or 0)
-        m.diverged.labels(name).set(1 if db.error else 0)
+        m.diverged.labels(name).set(1 if db.error or name in self._prune_errors or self.upstream.failing(name) else 0)
 
     def _error(self, kind: str, err: Exception, *, db: str | None, **extra: object) -> None:
         self.metrics.errors.labels(kind).inc()
@@ -384,12 +391,16 @@ class Sidecar:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """What `/healthz` answers: each database's positions and error."""
+        """What `/healthz` answers: each database's positions, error (shipping or pruning it) and failing jobs of an
+        in-process engine; `ok` is False while any database has either."""
         dbs = {name: {"remote": str(db.remote) if db.remote else None,
                       "local": f"{db.local.head.max_txid:016x}" if db.local.head else None,
-                      "hwm": f"{db.hwm:016x}" if db.hwm is not None else None, "error": db.error or None}
+                      "hwm": f"{db.hwm:016x}" if db.hwm is not None else None,
+                      "error": db.error or self._prune_errors.get(name) or None,
+                      "failing": self.upstream.failing(name) or None}
                for name, db in sorted(self.dbs.items())}
-        return {"ok": True, "data_dir": str(self.config.data_dir), "warnings": self.warnings(), "databases": dbs}
+        ok = not any(db["error"] or db["failing"] for db in dbs.values())
+        return {"ok": ok, "data_dir": str(self.config.data_dir), "warnings": self.warnings(), "databases": dbs}
 
     async def run(self, stop: asyncio.Event, *, started: Callable[[Sidecar], None] | None = None) -> None:
         """Watch and ship until `stop`; then ship what is batched within `shutdown_grace` and close."""

@@ -22,7 +22,7 @@ import aiohttp
 from sidecar.config import EngineConfig
 from sidecar.engine import Engine
 from sidecar.engine.lease import NotOwner
-from sidecar.errors import ConfigError, UpstreamError
+from sidecar.errors import ConfigError, SidecarError, StorageError, UpstreamError
 from sidecar.ltx import Pos, parse_txid
 from sidecar.protocol import HWM_HEADER, pos_from_json, positions_from_json, raise_for
 from sidecar.storage import open_storage
@@ -46,6 +46,11 @@ class Upstream(Protocol):
     async def hwm(self, db: str) -> tuple[int, Pos]: ...
 
     async def release(self) -> None: ...
+
+    def failing(self, db: str) -> dict[str, str]:
+        """`db`'s jobs an engine in this process runs that are failing now (job -> last error); empty if none, and
+        for a server, which shows its own (`/api/databases`, `/metrics`)."""
+        ...
 
     async def close(self, within: float | None = None) -> None:
         """Let go of upstream; what waits for the store waits at most `within` seconds (None: no bound)."""
@@ -130,6 +135,9 @@ class HTTPUpstream:
     async def release(self) -> None:
         return None  # the server decides who writes
 
+    def failing(self, db: str) -> dict[str, str]:
+        return {}
+
     async def close(self, within: float | None = None) -> None:
         await self._session.close()
 
@@ -145,6 +153,7 @@ class EngineUpstream:
         self.cluster = cluster
         self._stop = asyncio.Event()
         self._ticker = asyncio.create_task(engine.run(self._stop), name="engine ticker")
+        self._told = False  # whether the sidecar was given the error the ticker ended with
 
     @classmethod
     async def open(cls, url: str, cluster: str, state_dir: Path, config: EngineConfig) -> EngineUpstream:
@@ -161,12 +170,29 @@ class EngineUpstream:
     def identity(self) -> str:
         return f"{self.url} store {self.engine.store_id} cluster {self.cluster}"
 
+    def _stopped(self) -> SidecarError | None:
+        """Why the engine's loop (flushes, compaction, leases) ended, if it ended with an error."""
+        if not self._ticker.done() or self._ticker.cancelled() or (err := self._ticker.exception()) is None:
+            return None
+        while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:  # its TaskGroup's one error
+            err = err.exceptions[0]
+        stopped = SidecarError(f"{self.url}: engine stopped: {err}")
+        stopped.__cause__ = err
+        return stopped
+
     async def _own(self) -> None:
-        """Only the holder of the cluster's lease ships (another sidecar may hold it during a failover)."""
+        """Only the holder of the cluster's lease ships (another sidecar may hold it during a failover). Raises
+        SidecarError once the engine's loop has ended with an error: nothing accepted would reach the store any
+        more, so the sidecar stops with why, for its supervisor to restart it (as `serve` does)."""
+        if (stopped := self._stopped()) is not None:
+            self._told = True
+            raise stopped
         try:
             await self.engine.own(self.cluster)
         except NotOwner as err:
             raise UpstreamError(503, err.code, f"{self.url}: {err}; waiting for it to be let go or to expire") from err
+        except StorageError as err:  # the lease could not be read or written: retried, as a server's 503 would be
+            raise UpstreamError(503, err.code, f"{self.url}: {err}") from err
 
     async def positions(self) -> dict[str, Pos]:
         await self._own()
@@ -190,15 +216,20 @@ class EngineUpstream:
         """This node is no longer the primary: store what is pending, and let the new primary's sidecar write."""
         await self.engine.release(self.cluster)
 
+    def failing(self, db: str) -> dict[str, str]:
+        return self.engine.status(self.cluster, db).failing if self.engine.exists(self.cluster, db) else {}
+
     async def hwm(self, db: str) -> tuple[int, Pos]:
         await self.engine.refresh(self.cluster, db)  # a replica's engine writes nothing: the store says
         return self.engine.hwm(self.cluster, db), self.engine.pos(self.cluster, db)
 
     async def close(self, within: float | None = None) -> None:
         self._stop.set()
-        await self._ticker
+        await asyncio.wait([self._ticker])
         await self.engine.close(within=within)  # what the store does not take stays in the upload log
         await self.engine.storage.close()
+        if (stopped := self._stopped()) is not None and not self._told:
+            raise stopped
 
 
 async def open_upstream(url: str, *, cluster: str, token: str, state_dir: Path, engine: EngineConfig) -> Upstream:

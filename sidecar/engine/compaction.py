@@ -9,6 +9,7 @@ flushes go on meanwhile; restores and retention wait (the database's `maint` loc
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from sidecar.engine.index import DbIndex, FileEntry
 from sidecar.engine.levels import Levels, due
 from sidecar.engine.restore import plan_restore
 from sidecar.errors import SidecarError
-from sidecar.ltx import Version
+from sidecar.ltx import LTXError, Version
+from sidecar.ltx.decoder import verify
 from sidecar.storage.layout import SNAPSHOT_LEVEL
 
 log = structlog.get_logger("sidecar.engine")
@@ -82,12 +84,29 @@ class Compactor:
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="inputs-", dir=self.tmpdir) as tmp:
             paths = await storage.local_files(keys, Path(tmp))
-            entry = await self.builder.build(db, level, paths, Version.V3)
+            try:
+                entry = await self.builder.build(db, level, paths, Version.V3)
+            except LTXError as err:  # a damaged input: name the object to look at (the merge knows no keys)
+                bad = await asyncio.to_thread(_first_bad, paths, keys)
+                if bad is None:
+                    raise
+                raise type(err)(f"{bad}: {err}", field=err.field) from err
         db.index.add(entry)
         await self.catalog.stored(db)
         log.info("compacted", cluster=db.cluster, db=db.name, level=level, min_txid=f"{entry.min_txid:016x}",
                  max_txid=f"{entry.max_txid:016x}", inputs=len(inputs), bytes=entry.size)
         return entry
+
+
+def _first_bad(paths: list[Path], keys: list[str]) -> str | None:
+    """The key of the first input that does not decode on its own; None if each does (a break between them)."""
+    for path, key in zip(paths, keys, strict=True):
+        try:
+            with open(path, "rb") as f:
+                verify(f, Version.V3)
+        except LTXError:
+            return key
+    return None
 
 
 __all__ = ["Compactor", "SourceGap", "due_levels", "sources"]

@@ -119,7 +119,7 @@ class Engine:
         self._lock_fd = -1
         self._closed = False
         self._store_checked = True  # False while the store could not be checked at start
-        self.store_id = ""  # the store's identity (identity.py), once checked
+        self.store_id = ""  # the store's identity (identity.py), once checked; the bound one's while unreachable
         self._owning: dict[str, asyncio.Lock] = {}
         self._held_before: set[str] = set()  # clusters this state directory's engine has held (<state>/leases.json)
         # Clusters whose indexes are current under the lease held now: set once a takeover's reconcile is done, so
@@ -191,6 +191,10 @@ class Engine:
                         store=self.storage.url, error=str(err))
             self.catalog.load_cached()
             self._store_checked = False
+            # The store this state directory belongs to, as far as it knows: if the store answers as another, the
+            # check stops the engine. Left empty, the sidecar took it for another store and discarded its state
+            # about this one (the TXID offsets after an import), then imported over the node's newer writes.
+            self.store_id = self.binding.recorded() or ""
         for db in self.catalog:
             if db.sums is not None and db.sums.txid < db.hwm:
                 db.sums = None  # older than the store: rebuilt below

@@ -75,8 +75,9 @@ def check_length(request: web.Request, limit: int) -> None:
         raise ClientError(413, "ETOOLARGE", f"request body of {request.content_length} bytes exceeds {limit}")
 
 
-async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
-    """The rest of the request body, at most `limit` bytes, received within `seconds`."""
+async def read_body(request: web.Request, limit: int, seconds: float, *, read: int = 0) -> bytes:
+    """The rest of the request body, received within `seconds`; `limit` bytes at most in all, the `read` bytes the
+    caller already took included (a 413 names the limit the client is held to)."""
     if request.content.total_bytes == 0:
         check_length(request, limit)
     buf = bytearray()
@@ -84,7 +85,7 @@ async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
         async with asyncio.timeout(seconds):  # a slow or stalled sender holds nothing
             async for chunk in request.content.iter_chunked(1 << 20):
                 buf += chunk
-                if len(buf) > limit:
+                if read + len(buf) > limit:
                     raise ClientError(413, "ETOOLARGE", f"request body exceeds {limit} bytes")
     except TimeoutError:
         raise ClientError(408, "ETIMEOUT", f"request body not received within {seconds:g}s") from None

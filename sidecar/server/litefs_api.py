@@ -61,7 +61,7 @@ class LiteFSAPI:
             except LTXError as err:
                 raise LTXError(f"{cluster}/{name}: invalid LTX upload: {err}", field=err.field) from err
             self.engine.precheck(cluster, name, header)
-            data = head + await read_body(request, self.max_body_size - len(head), self.request_timeout)
+            data = head + await read_body(request, self.max_body_size, self.request_timeout, read=len(head))
             hwm = await self.engine.write_tx(cluster, name, data)
         finally:
             self.inflight -= 1

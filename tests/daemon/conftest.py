@@ -16,8 +16,10 @@ from sidecar.daemon import Sidecar
 from sidecar.daemon.litefs import LiteFSNode
 from sidecar.daemon.upstream import EngineUpstream, HTTPUpstream, Upstream
 from sidecar.emulator import EmulatedNode, start_http
-from sidecar.engine import Engine
+from sidecar.engine import Engine, Levels
 from sidecar.engine.restore import RestoreResult
+from sidecar.storage.s3 import S3Storage
+from tests.faults import FaultProxy
 from tests.s3server import MotoServer
 from tests.server.conftest import TOKEN, Running, start_server
 
@@ -127,6 +129,14 @@ async def eventually(condition: Callable[[], bool], within: float = 30.0) -> Non
             if condition():
                 return
             await asyncio.sleep(0.05)
+
+
+async def engine_via(proxy: FaultProxy, bucket: str, state: Path) -> EngineUpstream:
+    """An in-process engine on `s3://<bucket>/b` reached through `proxy` (tests.faults), which retries a failing
+    request only once (an unreachable store is found at once)."""
+    store = S3Storage(bucket, "b", endpoint_url=proxy.url, force_path_style=True, max_attempts=2,
+                      backoff_base=0.001, backoff_cap=0.005)
+    return EngineUpstream(f"s3://{bucket}/b", await Engine.open(store, state, Levels(l0_interval=0)), "default")
 
 
 def write(env: Env, db: str, n: int, start: int = 0) -> None:

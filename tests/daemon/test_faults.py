@@ -133,6 +133,9 @@ class HeldUpstream:
     async def release(self) -> None:
         await self.inner.release()
 
+    def failing(self, db: str) -> dict[str, str]:
+        return self.inner.failing(db)
+
     async def close(self, within: float | None = None) -> None:
         self.unblock.set()
         await self.inner.close(within)

@@ -146,6 +146,9 @@ class BoastingHwm:
     async def release(self) -> None:
         await self.inner.release()
 
+    def failing(self, db: str) -> dict[str, str]:
+        return self.inner.failing(db)
+
     async def close(self, within: float | None = None) -> None:
         await self.inner.close(within)
 

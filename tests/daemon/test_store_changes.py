@@ -24,7 +24,9 @@ from sidecar.engine import Engine
 from sidecar.errors import UpstreamError
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
-from tests.daemon.conftest import Env, write
+from tests.daemon.conftest import Env, engine_via, eventually, write
+from tests.faults import FaultProxy
+from tests.s3server import MotoServer
 
 
 async def test_restart_on_a_new_empty_store_resumes_shipping(env: Env, tmp_path: Path) -> None:
@@ -181,3 +183,35 @@ async def test_a_primary_that_becomes_a_replica_lets_the_lease_go(env: Env, tmp_
         assert positions["app.db"] == env.node.pos("app.db")  # the new writer continues from what was stored
     finally:
         await second.close()
+
+
+async def test_a_restart_while_the_store_is_unreachable_keeps_what_the_node_wrote(env: Env,
+                                                                                  moto_server: MotoServer) -> None:
+    """After an import (upstream's TXIDs run ahead of the node's), `run` restarted while its store does not answer
+    opens its engine from the cache: the sidecar's state about that store (the TXID offset) is still its store's,
+    so the transactions the node wrote meanwhile are shipped once the store answers, not replaced by another
+    import of upstream's older state."""
+    bucket = moto_server.create_bucket()
+    proxy = FaultProxy(moto_server.url)
+    await proxy.start()
+    url = f"s3://{bucket}/b"
+    try:
+        write(env, "app.db", 10)
+        sidecar = await env.start(await engine_via(proxy, bucket, env.tmp / "engine"), upstream=url)
+        await env.synced("app.db")
+        engine = env.engine
+        await engine.restore_to("default", "app.db", env.tmp / "good.db", txid=env.node.pos("app.db").txid)
+        await engine.write_state("default", "app.db", env.tmp / "good.db")  # an operator's restore: an import
+        await eventually(lambda: sidecar.dbs["app.db"].link.offset != 0)
+        await env.synced("app.db")
+        await env.stop()
+        proxy.faults.down = True
+        write(env, "app.db", 5, start=100)  # while the store does not answer
+        sidecar = await env.start(await engine_via(proxy, bucket, env.tmp / "engine"), upstream=url)
+        proxy.faults.down = False
+        await env.synced("app.db")
+        with sqlite3.connect(env.node.path("app.db")) as con:
+            assert [v for (v,) in con.execute("SELECT v FROM t WHERE id > 10")] == [f"row {i}" for i in range(100, 105)]
+        assert [s.kind for _, s in sidecar.shipped] == ["files"]
+    finally:
+        await proxy.stop()

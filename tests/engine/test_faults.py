@@ -349,3 +349,28 @@ async def test_a_cluster_named_log_keeps_its_uploads_over_a_start_while_the_stor
     await engine.tick()
     assert engine.hwm("log", "app.db") == 2
     await engine.close()
+
+
+async def test_a_corrupt_stored_file_is_named_by_the_compaction_it_fails(history: History, tmp_path: Path) -> None:
+    """A stored L0 file damaged in the store (bit rot, a foreign write): L1 compaction fails alone, and its error, in
+    the log and in `failing` (/api/databases, the sidecar's /healthz), names the object to look at."""
+    now = [T0]
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=10), clock=lambda: now[0])
+    try:
+        for _ in range(3):
+            history.write()
+            await engine.write_tx("c", "app.db", history.commit(int(now[0] * 1000)))
+            now[0] += 10
+            await engine.tick()
+        *_, damaged = sorted((tmp_path / "store" / "c" / "app.db" / "ltx" / "0").iterdir())  # not yet in L1
+        data = bytearray(damaged.read_bytes())
+        for i in range(120, len(data) - 40, 7):  # page data, past the header
+            data[i] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+        now[0] += 300
+        await engine.tick()
+        failing = engine.status("c", "app.db").failing
+        assert f"c/app.db/ltx/0/{damaged.name}" in failing["L1"]
+    finally:
+        await engine.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -61,6 +62,25 @@ async def test_body_size_limit(tmp_path: Path, http: aiohttp.ClientSession) -> N
     try:
         status, body = await post(http, srv.url, "app.db", SNAPSHOT)
         assert status == 413 and body["code"] == "ETOOLARGE"
+    finally:
+        await srv.shutdown()
+
+
+async def test_a_chunked_upload_over_the_limit_is_refused_naming_the_limit(tmp_path: Path,
+                                                                           http: aiohttp.ClientSession) -> None:
+    """LiteFS sends uploads chunked (no Content-Length): the 413 says the limit it is held to (max_body_size), not
+    what was left of it after the header was read."""
+    srv = await start_server(tmp_path, max_body=1000)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield SNAPSHOT
+
+    try:
+        async with http.post(f"{srv.url}/db/tx", params={"db": "app.db"}, data=chunked(),
+                             headers={"Authorization": TOKEN}) as resp:
+            assert resp.status == 413
+            body = await resp.json()
+        assert body["code"] == "ETOOLARGE" and body["error"] == "request body exceeds 1000 bytes"
     finally:
         await srv.shutdown()
 
