@@ -86,6 +86,7 @@ class Sidecar:
         self._streak: dict[str, int] = {}
         self.url = ""  # the metrics server's, once started
         self._was_primary = False
+        self._letting_go = False  # set while a demoted node's ship jobs finish their upload in flight
         self._reported: set[Path] = set()
         self.shipped: collections.deque[tuple[str, Shipped]] = collections.deque(maxlen=100_000)  # recent uploads
         self._bind_links()
@@ -247,7 +248,7 @@ class Sidecar:
         now = time.monotonic()
         if primary and db.remote is not None and now >= backoff.until:
             try:
-                while len(shipped) < _CATCH_UP and (s := await db.step()) is not None:
+                while len(shipped) < _CATCH_UP and not self._letting_go and (s := await db.step()) is not None:
                     shipped.append(s)
                     self._shipped(db, s)
                 backoff.ok()
@@ -292,6 +293,15 @@ class Sidecar:
     async def _let_go(self) -> None:
         """This node stopped being the primary (`.primary` appeared): let the new primary's sidecar write upstream."""
         log.info("no longer the primary: letting upstream go to the new primary's sidecar")
+        # A catch-up still under way would go on uploading (and take back the lease let go below): it stops after the
+        # upload in flight, which is waited for (cancelled, it could leave the store with half of it), up to
+        # `shutdown_grace`: one that hangs is cancelled then, as at shutdown.
+        self._letting_go = True
+        try:
+            if self._jobs and (await asyncio.wait(self._jobs.values(), timeout=self.config.shutdown_grace))[1]:
+                await self._cancel_jobs()
+        finally:
+            self._letting_go = False
         for db in self.dbs.values():
             db.remote = None  # re-read before shipping again, should this node become the primary once more
             db.local.unpack()  # a replica matches its files to upstream's by checksum: their headers are kept

@@ -18,7 +18,7 @@ from sidecar.engine import Engine
 from sidecar.errors import UpstreamError
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
-from tests.daemon.conftest import Env, eventually, write
+from tests.daemon.conftest import Env, HeldUpstream, eventually, write
 from tests.faults import FaultProxy
 from tests.server.conftest import TOKEN, start_server
 
@@ -107,35 +107,6 @@ async def test_sigkill_at_20_random_moments_loses_nothing(env: Env, tmp_path: Pa
             assert point.checksum == history[txid][1]
     finally:
         await engine.close()
-
-
-class HeldUpstream:
-    """Wraps a real upstream; uploads of `db` wait until `unblock` is set (a server stuck on one database)."""
-
-    def __init__(self, inner: Upstream, db: str) -> None:
-        self.inner, self.db, self.unblock = inner, db, asyncio.Event()
-        self.url, self.compress, self.identity = inner.url, inner.compress, inner.identity
-
-    async def positions(self) -> dict[str, Pos]:
-        return await self.inner.positions()
-
-    async def upload(self, db: str, data: bytes) -> int:
-        if db == self.db:
-            await self.unblock.wait()
-        return await self.inner.upload(db, data)
-
-    async def snapshot(self, db: str) -> bytes:
-        return await self.inner.snapshot(db)
-
-    async def hwm(self, db: str) -> tuple[int, Pos]:
-        return await self.inner.hwm(db)
-
-    async def release(self) -> None:
-        await self.inner.release()
-
-    async def close(self, within: float | None = None) -> None:
-        self.unblock.set()
-        await self.inner.close(within)
 
 
 async def test_a_database_whose_upload_hangs_holds_back_no_other(env: Env) -> None:
