@@ -144,7 +144,10 @@ class EngineUpstream:
         self.engine = engine
         self.cluster = cluster
         self._stop = asyncio.Event()
-        self._ticker = asyncio.create_task(engine.run(self._stop), name="engine ticker")
+        # The engine's own jobs (flushes, compactions, retention, lease renewals) run only while this sidecar writes
+        # the cluster: on a replica its ticker would take a free lease to compact, writing the store and keeping the
+        # primary's sidecar out for a lease TTL.
+        self._ticker: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, url: str, cluster: str, state_dir: Path, config: EngineConfig) -> EngineUpstream:
@@ -167,6 +170,15 @@ class EngineUpstream:
             await self.engine.own(self.cluster)
         except NotOwner as err:
             raise UpstreamError(503, err.code, f"{self.url}: {err}; waiting for it to be let go or to expire") from err
+        if self._ticker is None:
+            self._stop = asyncio.Event()
+            self._ticker = asyncio.create_task(self.engine.run(self._stop), name="engine ticker")
+
+    async def _stop_ticker(self) -> None:
+        if self._ticker is not None:
+            self._stop.set()
+            ticker, self._ticker = self._ticker, None
+            await ticker
 
     async def positions(self) -> dict[str, Pos]:
         await self._own()
@@ -188,6 +200,7 @@ class EngineUpstream:
 
     async def release(self) -> None:
         """This node is no longer the primary: store what is pending, and let the new primary's sidecar write."""
+        await self._stop_ticker()
         await self.engine.release(self.cluster)
 
     async def hwm(self, db: str) -> tuple[int, Pos]:
@@ -195,8 +208,7 @@ class EngineUpstream:
         return self.engine.hwm(self.cluster, db), self.engine.pos(self.cluster, db)
 
     async def close(self, within: float | None = None) -> None:
-        self._stop.set()
-        await self._ticker
+        await self._stop_ticker()
         await self.engine.close(within=within)  # what the store does not take stays in the upload log
         await self.engine.storage.close()
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from pathlib import Path
 
 from sidecar.daemon import Sidecar
 from sidecar.daemon.litefs import LiteFSNode
-from sidecar.daemon.upstream import Upstream
+from sidecar.daemon.upstream import EngineUpstream, Upstream
 from sidecar.emulator import EmulatedNode
 from sidecar.ltx import Pos
 from tests.daemon.conftest import Env, eventually, write
@@ -172,6 +173,39 @@ async def test_a_replica_prunes_nothing_above_upstreams_position_whatever_hwm_sa
             # At or below upstream's position the replica prunes (all but the files after it); never above.
             await eventually(lambda: min(txids(replica, "app.db")) == shipped + 1)
             assert txids(replica, "app.db") == set(range(shipped + 1, newest + 1))
+        finally:
+            stop.set()
+            await task
+    finally:
+        replica.close()
+
+
+async def test_a_replicas_engine_takes_no_free_lease_and_writes_nothing(env: Env, tmp_path: Path) -> None:
+    """A replica's sidecar on file:// runs an engine of its own; while the cluster's lease is free (the primary's
+    sidecar restarting, a failover under way) that engine must not take it to compact: the replica would write the
+    store, and the primary's sidecar would be refused until the lease idled out."""
+    replica = EmulatedNode(tmp_path / "replica-data", tmp_path / "replica-mount", primary=False,
+                           primary_hostname="primary")
+    try:
+        env.node.add_replica(replica)
+        write(env, "app.db", 20)
+        await env.start()
+        await env.synced("app.db")  # L0 holds files no compaction has consumed: L1 is due at once
+        await env.stop()  # the primary's sidecar lets the lease go
+        config = dataclasses.replace(env.config(), data_dir=replica.data_dir, mount_dir=replica.mount_dir,
+                                     state_dir=tmp_path / "replica-sidecar", position_interval=0.2)
+        _, upstream = await env.upstream(config)
+        assert isinstance(upstream, EngineUpstream)
+        took: list[int] = []
+        upstream.engine.leases.on_change = took.append
+        side = Sidecar(config, upstream, LiteFSNode("", replica.mount_dir))
+        stop = asyncio.Event()
+        task = asyncio.create_task(side.run(stop))
+        try:
+            await eventually(lambda: "app.db" in side.dbs and side.dbs["app.db"].hwm is not None)  # it polls
+            with contextlib.suppress(TimeoutError):  # the engine ticks every second; give it a few
+                await eventually(lambda: bool(took), within=3)
+            assert not took and not upstream.engine.index("default", "app.db").level(1)
         finally:
             stop.set()
             await task
