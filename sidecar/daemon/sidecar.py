@@ -262,7 +262,9 @@ class Sidecar:
                 delay = backoff.fail(now, self.config.backoff_max)
                 self._error(kind, err, db=db.name, retry_in=round(delay, 2))
             except LTXError as err:
-                self._report_bad(db, err)
+                if not self._report_bad(db, err):  # no bad local file explains it: the in-process engine refused the
+                    db.error = str(err)  # upload at its door (as `serve` answers 422): the database's error, retried
+                    backoff.fail(now, self.config.backoff_max)
         self._prune(db)
         if primary and (hwm := db.local_hwm) is not None:
             db.local.pack(below=hwm)  # shipped files wait only to be pruned: 16 bytes each, not an object
@@ -382,7 +384,8 @@ class Sidecar:
         self.metrics.errors.labels(kind).inc()
         log.warning("ship failed", kind=kind, db=db, error=str(err), **extra)
 
-    def _report_bad(self, db: DbShipper, err: LTXError) -> None:
+    def _report_bad(self, db: DbShipper, err: LTXError) -> bool:
+        """Report bad local files not reported yet; returns whether there were any."""
         new = db.local.bad - self._reported
         self._reported |= new
         for path in sorted(new):
@@ -390,6 +393,7 @@ class Sidecar:
             log.error("bad LTX file skipped; it will not be shipped", db=db.name, path=str(path), error=str(err))
         if not new:
             self._error("ltx", err, db=db.name)
+        return bool(new)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
