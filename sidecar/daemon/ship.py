@@ -19,7 +19,7 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sidecar.daemon.build import compact_files, encode_state, import_checksums, snapshot_to_db
@@ -115,6 +115,13 @@ class DbShipper:
             return None
         hwm = self.hwm if self.remote is None else min(self.hwm, self.remote.txid)
         return hwm - self.link.offset
+
+    def relink(self, offset: int) -> None:
+        """Upstream TXID = local TXID + `offset` (as a replica learns it by checksum): kept in the state directory, so
+        this node's sidecar, restarted once the node is promoted, ships on from upstream's head instead of taking
+        the node's TXIDs for upstream's (and importing upstream's state over what upstream lacks)."""
+        if offset != self.link.offset:
+            self._save(replace(self.link, offset=offset))
 
     def behind(self) -> bool:
         """Whether the node has transactions upstream lacks (as far as we know)."""

@@ -324,7 +324,7 @@ class Sidecar:
             hwm = min(hwm, pos.txid)  # nothing above its own position is durable, whatever an upstream says
             match = [f for f in db.local.sorted() if self._post(db, f) == pos.post_apply_checksum]
             if pos.txid and match:
-                db.link.offset = pos.txid - match[-1].max_txid
+                db.relink(pos.txid - match[-1].max_txid)
                 db.hwm = hwm
             elif db.hwm is not None:
                 db.hwm = hwm
