@@ -22,7 +22,7 @@ import aiohttp
 from sidecar.config import EngineConfig
 from sidecar.engine import Engine
 from sidecar.engine.lease import NotOwner
-from sidecar.errors import ConfigError, UpstreamError
+from sidecar.errors import ConfigError, StorageError, UpstreamError
 from sidecar.ltx import Pos, parse_txid
 from sidecar.protocol import HWM_HEADER, pos_from_json, positions_from_json, raise_for
 from sidecar.storage import open_storage
@@ -170,6 +170,8 @@ class EngineUpstream:
             await self.engine.own(self.cluster)
         except NotOwner as err:
             raise UpstreamError(503, err.code, f"{self.url}: {err}; waiting for it to be let go or to expire") from err
+        except StorageError as err:  # the store cannot be reached to take the lease: retried, as `serve`'s 503 is
+            raise UpstreamError(err.http_status, err.code, f"{self.url}: {err}") from err
         if self._ticker is None:
             self._stop = asyncio.Event()
             self._ticker = asyncio.create_task(self.engine.run(self._stop), name="engine ticker")
