@@ -19,7 +19,7 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sidecar.daemon.build import compact_files, encode_state, import_checksums, snapshot_to_db
@@ -49,12 +49,18 @@ class Link:
     offset: int = 0  # upstream TXID = local TXID + offset
     rebase: int = 0  # local TXID of an imported full-state transaction to ship onto `onto`
     onto: tuple[int, int] | None = None
+    # An import of `onto`'s state was sent to the node at this local TXID: LiteFS may have applied it though its
+    # answer never came (or the sidecar died before recording it). The import is looked for above it before
+    # importing again, which would discard what was written on top of the first.
+    importing: int | None = None
 
     @classmethod
     def load(cls, path: Path) -> Link:
         try:
             doc = json.loads(path.read_text())
-            return cls(int(doc["offset"]), int(doc["rebase"]), tuple(doc["onto"]) if doc["onto"] else None)
+            importing = doc.get("importing")
+            return cls(int(doc["offset"]), int(doc["rebase"]), tuple(doc["onto"]) if doc["onto"] else None,
+                       None if importing is None else int(importing))
         except FileNotFoundError:
             return cls()
         except (ValueError, KeyError, TypeError) as err:
@@ -109,6 +115,13 @@ class DbShipper:
             return None
         hwm = self.hwm if self.remote is None else min(self.hwm, self.remote.txid)
         return hwm - self.link.offset
+
+    def relink(self, offset: int) -> None:
+        """Upstream TXID = local TXID + `offset` (as a replica learns it by checksum): kept in the state directory, so
+        this node's sidecar, restarted once the node is promoted, ships on from upstream's head instead of taking
+        the node's TXIDs for upstream's (and importing upstream's state over what upstream lacks)."""
+        if offset != self.link.offset:
+            self._save(replace(self.link, offset=offset))
 
     def behind(self) -> bool:
         """Whether the node has transactions upstream lacks (as far as we know)."""
@@ -262,20 +275,36 @@ class DbShipper:
         snap = await self.upstream.snapshot(self.name)
         db, onto = await asyncio.to_thread(snapshot_to_db, snap)
         expect = await asyncio.to_thread(import_checksums, db)
+        target = (onto.txid, onto.post_apply_checksum)
+        if self.link.importing is not None and self.link.onto == target and \
+                (done := self._imported(self.link.importing, expect)) is not None:
+            return await self._imported_at(done, onto)
         before = self.node.pos(self.name) or Pos()
+        since = self.link.importing if self.link.onto == target and self.link.importing is not None else before.txid
+        self._save(Link(self.link.offset, 0, target, since))
         await self.node.import_db(self.name, db)
         # The import is the node's next transaction; find it by checksum (writes may land around it).
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             self.local.scan()
-            for f in self.local.above(before.txid):
-                if f.min_txid == f.max_txid and f.post in expect:
-                    self._save(Link(onto.txid + 1 - f.max_txid, f.max_txid, (onto.txid, onto.post_apply_checksum)))
-                    self.remote = onto
-                    return await self.step() or Shipped("import", 0, 0, 0, 0, self.hwm or 0, 0.0)
+            if (done := self._imported(since, expect)) is not None:
+                return await self._imported_at(done, onto)
             await asyncio.sleep(0.05)
         raise Diverged(f"{self.name}: {why}; imported upstream's state but its transaction did not appear in "
                        f"{self.local.dir}")
+
+    def _imported(self, since: int, expect: set[int]) -> LocalFile | None:
+        """The node's transaction that imported upstream's state (post-apply checksum in `expect`), above `since`."""
+        for f in self.local.above(since):
+            if f.min_txid == f.max_txid and f.post in expect:
+                return f
+        return None
+
+    async def _imported_at(self, f: LocalFile, onto: Pos) -> Shipped:
+        """Ship the import `f` onto upstream's head `onto`, and what follows it."""
+        self._save(Link(onto.txid + 1 - f.max_txid, f.max_txid, (onto.txid, onto.post_apply_checksum)))
+        self.remote = onto
+        return await self.step() or Shipped("import", 0, 0, 0, 0, self.hwm or 0, 0.0)
 
     def _find_bad(self, chain: list[LocalFile], err: Exception) -> None:
         for f in chain:

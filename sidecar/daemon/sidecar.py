@@ -86,6 +86,7 @@ class Sidecar:
         self._streak: dict[str, int] = {}
         self.url = ""  # the metrics server's, once started
         self._was_primary = False
+        self._letting_go = False  # set while a demoted node's ship jobs finish their upload in flight
         self._reported: set[Path] = set()
         self._prune_errors: dict[str, str] = {}  # database -> why its last prune failed
         self.shipped: collections.deque[tuple[str, Shipped]] = collections.deque(maxlen=100_000)  # recent uploads
@@ -251,7 +252,7 @@ class Sidecar:
         now = time.monotonic()
         if primary and db.remote is not None and now >= backoff.until:
             try:
-                while len(shipped) < _CATCH_UP and (s := await db.step()) is not None:
+                while len(shipped) < _CATCH_UP and not self._letting_go and (s := await db.step()) is not None:
                     shipped.append(s)
                     self._shipped(db, s)
                 backoff.ok()
@@ -265,7 +266,9 @@ class Sidecar:
                 delay = backoff.fail(now, self.config.backoff_max)
                 self._error(kind, err, db=db.name, retry_in=round(delay, 2))
             except LTXError as err:
-                self._report_bad(db, err)
+                if not self._report_bad(db, err):  # no bad local file explains it: the in-process engine refused the
+                    db.error = str(err)  # upload at its door (as `serve` answers 422): the database's error, retried
+                    backoff.fail(now, self.config.backoff_max)
         self._prune(db)
         if primary and (hwm := db.local_hwm) is not None:
             db.local.pack(below=hwm)  # shipped files wait only to be pruned: 16 bytes each, not an object
@@ -296,6 +299,15 @@ class Sidecar:
     async def _let_go(self) -> None:
         """This node stopped being the primary (`.primary` appeared): let the new primary's sidecar write upstream."""
         log.info("no longer the primary: letting upstream go to the new primary's sidecar")
+        # A catch-up still under way would go on uploading (and take back the lease let go below): it stops after the
+        # upload in flight, which is waited for (cancelled, it could leave the store with half of it), up to
+        # `shutdown_grace`: one that hangs is cancelled then, as at shutdown.
+        self._letting_go = True
+        try:
+            if self._jobs and (await asyncio.wait(self._jobs.values(), timeout=self.config.shutdown_grace))[1]:
+                await self._cancel_jobs()
+        finally:
+            self._letting_go = False
         for db in self.dbs.values():
             db.remote = None  # re-read before shipping again, should this node become the primary once more
             db.error = ""  # shipping's errors were the primary's; a replica ships nothing to fail
@@ -317,7 +329,7 @@ class Sidecar:
             hwm = min(hwm, pos.txid)  # nothing above its own position is durable, whatever an upstream says
             match = [f for f in db.local.sorted() if self._post(db, f) == pos.post_apply_checksum]
             if pos.txid and match:
-                db.link.offset = pos.txid - match[-1].max_txid
+                db.relink(pos.txid - match[-1].max_txid)
                 db.hwm = hwm
             elif db.hwm is not None:
                 db.hwm = hwm
@@ -379,7 +391,8 @@ class Sidecar:
         self.metrics.errors.labels(kind).inc()
         log.warning("ship failed", kind=kind, db=db, error=str(err), **extra)
 
-    def _report_bad(self, db: DbShipper, err: LTXError) -> None:
+    def _report_bad(self, db: DbShipper, err: LTXError) -> bool:
+        """Report bad local files not reported yet; returns whether there were any."""
         new = db.local.bad - self._reported
         self._reported |= new
         for path in sorted(new):
@@ -387,6 +400,7 @@ class Sidecar:
             log.error("bad LTX file skipped; it will not be shipped", db=db.name, path=str(path), error=str(err))
         if not new:
             self._error("ltx", err, db=db.name)
+        return bool(new)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 

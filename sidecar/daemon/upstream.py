@@ -152,7 +152,10 @@ class EngineUpstream:
         self.engine = engine
         self.cluster = cluster
         self._stop = asyncio.Event()
-        self._ticker = asyncio.create_task(engine.run(self._stop), name="engine ticker")
+        # The engine's own jobs (flushes, compactions, retention, lease renewals) run only while this sidecar writes
+        # the cluster: on a replica its ticker would take a free lease to compact, writing the store and keeping the
+        # primary's sidecar out for a lease TTL.
+        self._ticker: asyncio.Task[None] | None = None
         self._told = False  # whether the sidecar was given the error the ticker ended with
 
     @classmethod
@@ -172,7 +175,8 @@ class EngineUpstream:
 
     def _stopped(self) -> SidecarError | None:
         """Why the engine's loop (flushes, compaction, leases) ended, if it ended with an error."""
-        if not self._ticker.done() or self._ticker.cancelled() or (err := self._ticker.exception()) is None:
+        t = self._ticker
+        if t is None or not t.done() or t.cancelled() or (err := t.exception()) is None:
             return None
         while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:  # its TaskGroup's one error
             err = err.exceptions[0]
@@ -191,8 +195,19 @@ class EngineUpstream:
             await self.engine.own(self.cluster)
         except NotOwner as err:
             raise UpstreamError(503, err.code, f"{self.url}: {err}; waiting for it to be let go or to expire") from err
-        except StorageError as err:  # the lease could not be read or written: retried, as a server's 503 would be
-            raise UpstreamError(503, err.code, f"{self.url}: {err}") from err
+        except StorageError as err:  # the store cannot be reached to take the lease: retried, as `serve`'s 503 is
+            raise UpstreamError(err.http_status, err.code, f"{self.url}: {err}") from err
+        if self._ticker is None:
+            self._stop = asyncio.Event()
+            self._ticker = asyncio.create_task(self.engine.run(self._stop), name="engine ticker")
+
+    async def _stop_ticker(self) -> None:
+        """Stop the engine's jobs; one that ended with an error is kept, for `_own` and `close` to say why."""
+        if self._ticker is not None:
+            self._stop.set()
+            await asyncio.wait([self._ticker])
+            if self._stopped() is None:
+                self._ticker = None
 
     async def positions(self) -> dict[str, Pos]:
         await self._own()
@@ -214,6 +229,7 @@ class EngineUpstream:
 
     async def release(self) -> None:
         """This node is no longer the primary: store what is pending, and let the new primary's sidecar write."""
+        await self._stop_ticker()
         await self.engine.release(self.cluster)
 
     def failing(self, db: str) -> dict[str, str]:
@@ -224,8 +240,7 @@ class EngineUpstream:
         return self.engine.hwm(self.cluster, db), self.engine.pos(self.cluster, db)
 
     async def close(self, within: float | None = None) -> None:
-        self._stop.set()
-        await asyncio.wait([self._ticker])
+        await self._stop_ticker()
         await self.engine.close(within=within)  # what the store does not take stays in the upload log
         await self.engine.storage.close()
         if (stopped := self._stopped()) is not None and not self._told:

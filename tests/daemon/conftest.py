@@ -18,6 +18,7 @@ from sidecar.daemon.upstream import EngineUpstream, HTTPUpstream, Upstream
 from sidecar.emulator import EmulatedNode, start_http
 from sidecar.engine import Engine, Levels
 from sidecar.engine.restore import RestoreResult
+from sidecar.ltx import Pos
 from sidecar.storage.s3 import S3Storage
 from tests.faults import FaultProxy
 from tests.s3server import MotoServer
@@ -120,6 +121,38 @@ class Env:
 
     async def restore(self, db: str, out: Path, **target: Any) -> RestoreResult:
         return await self.engine.restore_to("default", db, out, **target)
+
+
+class HeldUpstream:
+    """Wraps a real upstream; uploads of `db` wait until `unblock` is set (a server stuck on one database)."""
+
+    def __init__(self, inner: Upstream, db: str) -> None:
+        self.inner, self.db, self.unblock = inner, db, asyncio.Event()
+        self.url, self.compress, self.identity = inner.url, inner.compress, inner.identity
+
+    async def positions(self) -> dict[str, Pos]:
+        return await self.inner.positions()
+
+    async def upload(self, db: str, data: bytes) -> int:
+        if db == self.db:
+            await self.unblock.wait()
+        return await self.inner.upload(db, data)
+
+    async def snapshot(self, db: str) -> bytes:
+        return await self.inner.snapshot(db)
+
+    async def hwm(self, db: str) -> tuple[int, Pos]:
+        return await self.inner.hwm(db)
+
+    async def release(self) -> None:
+        await self.inner.release()
+
+    def failing(self, db: str) -> dict[str, str]:
+        return self.inner.failing(db)
+
+    async def close(self, within: float | None = None) -> None:
+        self.unblock.set()
+        await self.inner.close(within)
 
 
 async def eventually(condition: Callable[[], bool], within: float = 30.0) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from sidecar.ltx import Pos
-from tests.daemon.conftest import Env, eventually, write
+from tests.daemon.conftest import Env, environment, eventually, write
 
 
 def bad_files_reported(env: Env) -> float:
@@ -66,3 +67,18 @@ async def test_a_broken_header_at_upstreams_position_is_skipped_and_shipping_goe
     await env.synced("app.db")
     assert shipped in sidecar.dbs["app.db"].local.bad
     await eventually(lambda: bad_files_reported(env) == 1)
+
+
+async def test_an_upload_the_engine_refuses_is_a_visible_error_retried_with_backoff(tmp_path: Path) -> None:
+    """A node whose clock runs more than `engine.max_clock_skew` ahead: the in-process engine refuses its uploads at
+    the door. That is the database's error in `/healthz`, retried with backoff (as `serve`'s 422 would be), not a
+    stall reported as a bad local file on every tick while the health looks fine."""
+    async with environment(tmp_path, clock=lambda: time.time() + 7200) as env:
+        write(env, "app.db", 3)
+        sidecar = await env.start()
+        await env.synced("app.db")  # the first upload: the node's state exported, stamped by the sidecar's clock
+        write(env, "app.db", 3, start=3)  # these carry the node's own timestamps
+        await eventually(lambda: "past this server's clock" in (sidecar.health()["databases"]["app.db"]["error"]
+                                                                or ""))
+        assert "app.db" in sidecar.health()["databases"]["app.db"]["error"]
+        assert sidecar.backoff["app.db"].failures > 0 and not sidecar.dbs["app.db"].local.bad

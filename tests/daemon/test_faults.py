@@ -12,13 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-from sidecar.daemon.upstream import HTTPUpstream, Upstream
+from sidecar.config import EngineConfig
+from sidecar.daemon.upstream import EngineUpstream, HTTPUpstream, Upstream
 from sidecar.emulator import LoadWriter
 from sidecar.engine import Engine
-from sidecar.errors import UpstreamError
+from sidecar.engine.lease import PREFIX
+from sidecar.errors import StorageError, UpstreamError
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
-from tests.daemon.conftest import Env, eventually, write
+from sidecar.storage.file import FileStorage
+from tests.daemon.conftest import Env, HeldUpstream, eventually, write
 from tests.faults import FaultProxy
 from tests.server.conftest import TOKEN, start_server
 
@@ -109,38 +112,6 @@ async def test_sigkill_at_20_random_moments_loses_nothing(env: Env, tmp_path: Pa
         await engine.close()
 
 
-class HeldUpstream:
-    """Wraps a real upstream; uploads of `db` wait until `unblock` is set (a server stuck on one database)."""
-
-    def __init__(self, inner: Upstream, db: str) -> None:
-        self.inner, self.db, self.unblock = inner, db, asyncio.Event()
-        self.url, self.compress, self.identity = inner.url, inner.compress, inner.identity
-
-    async def positions(self) -> dict[str, Pos]:
-        return await self.inner.positions()
-
-    async def upload(self, db: str, data: bytes) -> int:
-        if db == self.db:
-            await self.unblock.wait()
-        return await self.inner.upload(db, data)
-
-    async def snapshot(self, db: str) -> bytes:
-        return await self.inner.snapshot(db)
-
-    async def hwm(self, db: str) -> tuple[int, Pos]:
-        return await self.inner.hwm(db)
-
-    async def release(self) -> None:
-        await self.inner.release()
-
-    def failing(self, db: str) -> dict[str, str]:
-        return self.inner.failing(db)
-
-    async def close(self, within: float | None = None) -> None:
-        self.unblock.set()
-        await self.inner.close(within)
-
-
 async def test_a_database_whose_upload_hangs_holds_back_no_other(env: Env) -> None:
     write(env, "stuck.db", 2)
     write(env, "app.db", 2)
@@ -217,3 +188,43 @@ async def test_an_hwm_upstream_no_longer_holds_prunes_nothing(env: Env) -> None:
     await eventually(lambda: time.time() > newest + 3.0 + 0.5)  # past the retention, and a few ticks beyond
     assert db.local_hwm == 0
     assert env.node.ltx_files("app.db") == kept
+
+
+class LeaseDownStore(FileStorage):
+    """A local store that cannot be reached for the cluster's lease while `down` is set (an outage)."""
+
+    down = False
+
+    async def get_if_changed(self, key: str, etag: str | None) -> tuple[bytes, str] | None:
+        if self.down and key.startswith(PREFIX):
+            raise StorageError(key, "store unreachable (test)", retryable=True)
+        return await super().get_if_changed(key, etag)
+
+    async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None,
+                        if_none_match: bool = False, if_match: str | None = None) -> str:
+        if self.down and key.startswith(PREFIX):
+            raise StorageError(key, "store unreachable (test)", retryable=True)
+        return await super().put_bytes(key, data, timestamp=timestamp, if_none_match=if_none_match,
+                                       if_match=if_match)
+
+
+async def test_a_store_outage_past_the_lease_is_retried_not_the_end_of_the_sidecar(env: Env, tmp_path: Path) -> None:
+    """`run --upstream s3://…` while the store cannot be reached for longer than the lease: reading upstream's
+    positions must take the lease again, which fails; that is an upstream error, retried with backoff (as with
+    `serve`), never an exception that stops the sidecar and every database with it."""
+    write(env, "app.db", 3)
+    store = LeaseDownStore(env.backups)
+    engine = await Engine.from_config(store, EngineConfig(l0_interval=0.0, lease_ttl=4.0, lease_skew=1.0),
+                                      tmp_path / "engine")
+    sidecar = await env.start(EngineUpstream(f"file://{env.backups}", engine, "default"), position_interval=0.2)
+    await env.synced("app.db")
+    store.down = True
+    upstream_errors = sidecar.metrics.errors.labels("upstream")
+    task = env._task
+    assert task is not None
+    await eventually(lambda: (not engine.leases.holds("default") and upstream_errors._value.get() > 0)
+                     or task.done())
+    assert not task.done()
+    store.down = False
+    write(env, "app.db", 3, start=3)
+    await env.synced("app.db")

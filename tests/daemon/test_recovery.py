@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.daemon import Sidecar
-from sidecar.daemon.litefs import LiteFSNode
+from sidecar.daemon.litefs import LiteFSError, LiteFSNode
 from sidecar.daemon.upstream import EngineUpstream
 from sidecar.emulator import LoadWriter
 from sidecar.ltx import Pos
@@ -132,3 +134,61 @@ async def test_a_database_written_during_every_export_is_still_shipped(env: Env,
         assert Pos(got.txid, got.checksum) == env.node.pos("app.db")
     finally:
         await sidecar.close()
+
+
+class LostAnswerNode(LiteFSNode):
+    """The real API of the emulated node; the first `POST /import` is applied but its answer is lost (a timeout, a
+    connection reset), and the application writes at once on top of the imported state."""
+
+    def __init__(self, env: Env) -> None:
+        super().__init__(env.litefs_url, env.node.mount_dir)
+        self.env, self.imports = env, 0
+
+    async def _call(self, method: str, path: str, db: str, data: bytes | None = None) -> bytes:
+        body = await super()._call(method, path, db, data)
+        if path == "/import":
+            self.imports += 1
+            if self.imports == 1:
+                self.env.node.execute(db, "INSERT INTO t (v) VALUES ('written after the import')")
+                raise LiteFSError(f"{method} {self.url}{path}?name={db}: Connection reset by peer")
+        return body
+
+
+async def test_an_import_whose_answer_was_lost_is_not_done_again_over_later_writes(env: Env, tmp_path: Path) -> None:
+    """After an operator restore the sidecar imports upstream's state; when LiteFS applied the import but its answer
+    never came, the retry finds the import in `ltx/` instead of importing again over what was written since."""
+    write(env, "app.db", 10)
+    node = LostAnswerNode(env)
+    config, upstream = await env.upstream(env.config())
+    sidecar = Sidecar(config, upstream, node)
+    try:
+        while (await sidecar.tick()) or sidecar.dbs["app.db"].remote != env.node.pos("app.db"):
+            pass
+        good = env.node.pos("app.db")
+        write(env, "app.db", 5, start=10)  # a "bad migration", shipped
+        while sidecar.dbs["app.db"].remote != env.node.pos("app.db"):
+            await sidecar.tick()
+        assert isinstance(upstream, EngineUpstream)
+        engine = upstream.engine
+        await engine.restore_to("default", "app.db", tmp_path / "good.db", txid=good.txid)
+        await engine.write_state("default", "app.db", tmp_path / "good.db")  # the operator's restore
+        await sidecar.refresh_positions()
+        await eventually_ticked(sidecar, lambda: node.imports >= 1 and sidecar.dbs["app.db"].remote is not None and
+                                sidecar.dbs["app.db"].remote.post_apply_checksum ==
+                                env.node.pos("app.db").post_apply_checksum)
+        assert node.imports == 1
+        assert [v for _, v in rows(env.node.path("app.db"))] == \
+            [f"row {i}" for i in range(10)] + ["written after the import"]
+        got = await upstream.engine.restore_to("default", "app.db", tmp_path / "out")
+        assert Pos(got.txid, got.checksum) == Pos(sidecar.dbs["app.db"].remote.txid, env.node.pos(
+            "app.db").post_apply_checksum)
+    finally:
+        await sidecar.close()
+
+
+async def eventually_ticked(sidecar: Sidecar, condition: Callable[[], bool]) -> None:
+    """Tick `sidecar` (past its backoffs) until `condition()` holds."""
+    async with asyncio.timeout(30):
+        while not condition():
+            await sidecar.tick()
+            await asyncio.sleep(0.05)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import sqlite3
 from pathlib import Path
 
 from sidecar.daemon import Sidecar
 from sidecar.daemon.litefs import LiteFSNode
-from sidecar.daemon.upstream import Upstream
-from sidecar.emulator import EmulatedNode
+from sidecar.daemon.upstream import EngineUpstream, Upstream
+from sidecar.emulator import EmulatedNode, start_http
 from sidecar.ltx import Pos
 from tests.daemon.conftest import Env, eventually, write
 
@@ -180,3 +182,106 @@ async def test_a_replica_prunes_nothing_above_upstreams_position_whatever_hwm_sa
             await task
     finally:
         replica.close()
+
+
+async def test_a_replicas_engine_takes_no_free_lease_and_writes_nothing(env: Env, tmp_path: Path) -> None:
+    """A replica's sidecar on file:// runs an engine of its own; while the cluster's lease is free (the primary's
+    sidecar restarting, a failover under way) that engine must not take it to compact: the replica would write the
+    store, and the primary's sidecar would be refused until the lease idled out."""
+    replica = EmulatedNode(tmp_path / "replica-data", tmp_path / "replica-mount", primary=False,
+                           primary_hostname="primary")
+    try:
+        env.node.add_replica(replica)
+        write(env, "app.db", 20)
+        await env.start()
+        await env.synced("app.db")  # L0 holds files no compaction has consumed: L1 is due at once
+        await env.stop()  # the primary's sidecar lets the lease go
+        config = dataclasses.replace(env.config(), data_dir=replica.data_dir, mount_dir=replica.mount_dir,
+                                     state_dir=tmp_path / "replica-sidecar", position_interval=0.2)
+        _, upstream = await env.upstream(config)
+        assert isinstance(upstream, EngineUpstream)
+        took: list[int] = []
+        upstream.engine.leases.on_change = took.append
+        side = Sidecar(config, upstream, LiteFSNode("", replica.mount_dir))
+        stop = asyncio.Event()
+        task = asyncio.create_task(side.run(stop))
+        try:
+            await eventually(lambda: "app.db" in side.dbs and side.dbs["app.db"].hwm is not None)  # it polls
+            with contextlib.suppress(TimeoutError):  # the engine ticks every second; give it a few
+                await eventually(lambda: bool(took), within=3)
+            assert not took and not upstream.engine.index("default", "app.db").level(1)
+        finally:
+            stop.set()
+            await task
+    finally:
+        replica.close()
+
+
+async def test_a_promoted_replica_restarted_ships_only_what_the_store_lacks_after_an_import(env: Env,
+                                                                                            tmp_path: Path) -> None:
+    """After an operator restore the primary's sidecar imports it, and from then on upstream's TXIDs are the node's
+    plus one. A replica's sidecar learns that offset from its polls and keeps it: restarted on the promoted node, it
+    ships the transactions the old primary committed but never shipped (which the replica holds), never importing
+    upstream's state over them."""
+    replica = EmulatedNode(tmp_path / "replica-data", tmp_path / "replica-mount", primary=False,
+                           primary_hostname="primary")
+    runner, url = await start_http(replica)
+    try:
+        env.node.add_replica(replica)
+        write(env, "app.db", 10)
+        primary = await env.start()
+        await env.synced("app.db")
+        good = env.node.pos("app.db")
+        write(env, "app.db", 5, start=10)  # a "bad migration", shipped
+        await env.synced("app.db")
+        await env.engine.restore_to("default", "app.db", tmp_path / "good.db", txid=good.txid)
+        await env.engine.write_state("default", "app.db", tmp_path / "good.db")  # the operator's restore
+        await eventually(lambda: any(s.kind == "import" for _, s in primary.shipped))
+        write(env, "app.db", 2, start=20)
+        await env.synced("app.db")
+        assert primary.dbs["app.db"].link.offset == 1
+        config = dataclasses.replace(env.config(), data_dir=replica.data_dir, mount_dir=replica.mount_dir,
+                                     litefs_url=url, state_dir=tmp_path / "replica-sidecar", position_interval=0.2)
+        _, upstream = await env.upstream(config)
+        side = Sidecar(config, upstream, LiteFSNode(url, replica.mount_dir))
+        stop = asyncio.Event()
+        task = asyncio.create_task(side.run(stop))
+        try:
+            await eventually(lambda: "app.db" in side.dbs and side.dbs["app.db"].hwm is not None
+                             and side.dbs["app.db"].link.offset == 1)  # learned from its polls
+        finally:
+            stop.set()
+            await task
+        await env.stop()
+        write(env, "app.db", 3, start=30)  # committed on the old primary, replicated, never shipped
+        env.node.remove_replica(replica)
+        env.node.set_primary(False, "replica")
+        replica.set_primary(True)
+        expected = rows(replica.path("app.db"))
+        _, upstream = await env.upstream(config)
+        side = Sidecar(config, upstream, LiteFSNode(url, replica.mount_dir))  # restarted on the promoted node
+        stop = asyncio.Event()
+        task = asyncio.create_task(side.run(stop))
+        try:
+            await eventually(lambda: side.dbs.get("app.db") is not None and side.dbs["app.db"].remote is not None
+                             and side.dbs["app.db"].remote.post_apply_checksum ==
+                             replica.pos("app.db").post_apply_checksum)
+            assert [s.kind for _, s in side.shipped] == ["files"]
+            assert rows(replica.path("app.db")) == expected
+            assert isinstance(upstream, EngineUpstream)
+            got = await upstream.engine.restore_to("default", "app.db", tmp_path / "out")
+            assert got.checksum == replica.pos("app.db").post_apply_checksum
+        finally:
+            stop.set()
+            await task
+    finally:
+        await runner.cleanup()
+        replica.close()
+
+
+def rows(path: Path) -> list[tuple[object, ...]]:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT * FROM t ORDER BY id").fetchall()
+    finally:
+        con.close()

@@ -24,7 +24,7 @@ from sidecar.engine import Engine
 from sidecar.errors import UpstreamError
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
-from tests.daemon.conftest import Env, engine_via, eventually, write
+from tests.daemon.conftest import Env, HeldUpstream, engine_via, eventually, write
 from tests.faults import FaultProxy
 from tests.s3server import MotoServer
 
@@ -215,3 +215,46 @@ async def test_a_restart_while_the_store_is_unreachable_keeps_what_the_node_wrot
         assert [s.kind for _, s in sidecar.shipped] == ["files"]
     finally:
         await proxy.stop()
+
+
+async def test_a_catch_up_under_way_when_the_node_is_demoted_stops_and_lets_the_lease_go(env: Env,
+                                                                                           tmp_path: Path) -> None:
+    """A catch-up under way when `.primary` appears ends with the upload in flight: the demoted node's sidecar
+    ships nothing more and lets the lease go after it (never to take it back), so the new primary's sidecar
+    writes at once."""
+    write(env, "app.db", 10)
+    config = env.config()
+    _, inner = await env.upstream(config)
+    assert isinstance(inner, EngineUpstream)
+    held = HeldUpstream(inner, "app.db")  # the first upload hangs, after upstream's positions took the lease
+    sidecar = await env.start(held, max_files_per_upload=1)  # type: ignore[arg-type]  # eleven uploads to ship
+    await eventually(lambda: "app.db" in sidecar._jobs and inner.engine.leases.holds("default"))
+    job = sidecar._jobs["app.db"]
+    env.node.set_primary(False, "node-b")  # LiteFS moved the primary elsewhere
+    await eventually(lambda: sidecar.metrics.primary._value.get() == 0)  # the sidecar has seen it
+    held.unblock.set()  # the upload in flight goes on
+    await eventually(job.done)
+    assert len(sidecar.shipped) <= 1  # that one at most: the catch-up stopped there
+    await eventually(lambda: not inner.engine.leases.held)
+    _, second = await env.upstream(dataclasses.replace(config, state_dir=tmp_path / "second"))
+    try:
+        positions = await second.positions()  # free for the new primary's sidecar: no 503
+        assert positions.get("app.db", Pos()).txid <= 1
+    finally:
+        await second.close()
+
+
+async def test_an_upload_hanging_when_the_node_is_demoted_holds_the_lease_no_longer_than_the_grace(
+        env: Env, tmp_path: Path) -> None:
+    """The upload in flight is waited for only up to `shutdown_grace`; one that hangs is then cancelled, and the
+    lease let go."""
+    write(env, "app.db", 10)
+    _, inner = await env.upstream(env.config())
+    assert isinstance(inner, EngineUpstream)
+    held = HeldUpstream(inner, "app.db")  # never unblocked until the end
+    sidecar = await env.start(held, shutdown_grace=0.5)  # type: ignore[arg-type]
+    await eventually(lambda: "app.db" in sidecar._jobs and inner.engine.leases.holds("default"))
+    env.node.set_primary(False, "node-b")
+    await eventually(lambda: not inner.engine.leases.held)
+    assert not sidecar.shipped
+    await env.stop()
