@@ -107,10 +107,12 @@ class Catalog:
         self.load_cached()
         await self.reconcile()
 
-    async def reconcile(self, cluster: str | None = None, only: Database | None = None) -> list[Database]:
+    async def reconcile(self, cluster: str | None = None, only: Database | None = None, *,
+                        following: bool = False) -> list[Database]:
         """Bring indexes in line with one listing of the store (of one cluster, or of one database): files an
         index lacks are added (their headers read), entries whose object is gone are dropped. Returns the
-        databases whose index changed."""
+        databases whose index changed. `following`: an engine that reads what another writes (a replica's), for
+        which a change is the news it asked for, not a cache found wrong (a warning)."""
         prefix = only.prefix + "/" if only else f"{cluster}/" if cluster else ""
         objects = await self.storage.list(prefix)
         found: dict[str, list[ObjectInfo]] = {}
@@ -135,8 +137,9 @@ class Catalog:
                 db.index = DbIndex()
                 changed.append(db)
         for db in changed:
-            log.warning("index reconciled with the store", cluster=db.cluster, db=db.name, files=len(db.index),
-                        hwm=f"{db.hwm:016x}")
+            (log.debug if following else log.warning)(
+                "index reconciled with the store", cluster=db.cluster, db=db.name, files=len(db.index),
+                hwm=f"{db.hwm:016x}")
             db.refresh_pos()
             await self.save(db)
         return changed

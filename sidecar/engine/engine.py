@@ -551,7 +551,7 @@ class Engine:
         """Read one database's state from the store again (for an engine that does not write its cluster)."""
         db = self.catalog.create(cluster, name)
         if not self.leases.holds(cluster):
-            await self.catalog.reconcile(only=db)
+            await self.catalog.reconcile(only=db, following=True)
 
     async def release(self, cluster: str) -> None:
         """Flush the cluster's pending uploads and let its lease go, so another engine may take it at once."""

@@ -161,6 +161,27 @@ class TestOneWriter:
 
 
 
+class TestAReader:
+    async def test_a_readers_refresh_follows_the_writer_without_a_warning(self, tmp_path: Path,
+                                                                         history: History) -> None:
+        """A replica's engine reads what the primary's writes: a changed index is the news it asked for, not a
+        cache found wrong (a warning every position poll, per database, was noise in every replica's log)."""
+        clock = Clock()
+        a = await open_engine(tmp_path, "a", clock)
+        b = await open_engine(tmp_path, "b", clock)
+        try:
+            for _ in range(3):
+                await upload(a, history, clock)
+                await a.flush("c", "app.db")
+                with structlog.testing.capture_logs() as logs:
+                    await b.refresh("c", "app.db")
+                assert b.hwm("c", "app.db") == a.hwm("c", "app.db") == history.pos.txid
+                assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+        finally:
+            await a.close()
+            await b.close()
+
+
 class TestOneStateDirectoryTwoRuns:
     """`owner` is the state directory's id, the same across restarts (which take their leases back at once); each run
     of a process is told apart by its lease's `run`."""
