@@ -155,7 +155,7 @@ class TestServer:
     def test_stops_within_the_grace_period(self) -> None:
         cfg = command("server").config
         assert cfg is not None
-        assert cfg.server.shutdown_grace < parse_duration(service("server")["stop_grace_period"])
+        assert 2 * cfg.server.shutdown_grace < parse_duration(service("server")["stop_grace_period"])
 
     def test_engine_state_is_on_a_volume(self) -> None:
         cfg = command("server").config
@@ -230,4 +230,4 @@ class TestNode:
     def test_stops_within_the_grace_period(self) -> None:
         cfg = node_sidecar().config
         assert cfg is not None
-        assert cfg.sidecar.shutdown_grace < parse_duration(service("node")["stop_grace_period"])
+        assert 2 * cfg.sidecar.shutdown_grace < parse_duration(service("node")["stop_grace_period"])

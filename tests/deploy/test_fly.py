@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from sidecar.config import parse_duration
+from sidecar.server.app import OPEN_PATHS
 from tests.deploy.deployfiles import (
     DEPLOY,
     REPO,
@@ -104,7 +105,7 @@ class TestNodeApp:
     def test_sidecar_stops_within_the_kill_timeout(self) -> None:
         cfg = sidecar_command().config
         assert cfg is not None
-        assert cfg.sidecar.shutdown_grace < parse_duration(node_app()["kill_timeout"])
+        assert 2 * cfg.sidecar.shutdown_grace < parse_duration(node_app()["kill_timeout"])
 
     def test_public_port_is_the_litefs_proxy_and_metrics_are_the_sidecars(self) -> None:
         app, lf = node_app(), litefs_yml()
@@ -213,13 +214,20 @@ class TestServerApp:
     def test_stops_within_the_kill_timeout(self) -> None:
         cfg = server_command().config
         assert cfg is not None
-        assert cfg.server.shutdown_grace < parse_duration(server_app()["kill_timeout"])
+        assert 2 * cfg.server.shutdown_grace < parse_duration(server_app()["kill_timeout"])
 
     def test_stores_in_s3_through_tigris(self) -> None:
         cfg = server_command().config
         assert cfg is not None
         assert cfg.server.storage.startswith("s3://")
         assert cfg.engine.s3_endpoint == "https://fly.storage.tigris.dev"
+
+    def test_its_health_check_asks_an_open_route_on_the_port_it_serves(self) -> None:
+        cfg = server_command().config
+        assert cfg is not None
+        [check] = server_app()["checks"].values()
+        assert check["type"] == "http" and check["path"] == "/readyz" and "/readyz" in OPEN_PATHS  # no token needed
+        assert check["port"] == int(host_port(cfg.server.addr)[1])
 
     def test_has_no_build_section_the_readme_gives_the_dockerfile(self) -> None:
         assert "build" not in server_app()
