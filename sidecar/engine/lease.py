@@ -247,8 +247,10 @@ class Leases:
         self._changed(before)
         try:
             await self._write(cluster, held.doc.epoch, held.etag, expires=self.clock() - self.skew - 1)
-        except NotOwner:
-            pass  # taken already
+        except NotOwner as err:
+            log.info("lease already taken by another engine; nothing to release", cluster=cluster, owner=self.owner,
+                     holder=err.holder.owner if err.holder else None)
+            return
         log.info("lease released", cluster=cluster, owner=self.owner)
 
 

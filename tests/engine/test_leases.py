@@ -161,6 +161,27 @@ class TestOneWriter:
 
 
 
+class TestLettingGo:
+    async def test_releasing_a_lease_another_engine_took_says_so(self, tmp_path: Path, history: History) -> None:
+        """a was paused past its lease and b took the cluster: a's release changes nothing, and its log says that
+        rather than 'lease released' (which an operator reads as a clean hand-over)."""
+        clock = Clock()
+        a = await open_engine(tmp_path, "a", clock)
+        b = await open_engine(tmp_path, "b", clock)
+        try:
+            await upload(a, history, clock)
+            await a.flush("c", "app.db")
+            clock.now += a.leases.ttl + a.leases.skew + 1
+            await upload(b, history, clock)  # b takes over
+            with structlog.testing.capture_logs() as logs:
+                await a.leases.release("c")
+            assert [e["event"] for e in logs] == ["lease already taken by another engine; nothing to release"]
+            assert logs[0]["holder"] == b.leases.owner and b.leases.holds("c")
+        finally:
+            await a.close()
+            await b.close()
+
+
 class TestAReader:
     async def test_a_readers_refresh_follows_the_writer_without_a_warning(self, tmp_path: Path,
                                                                          history: History) -> None:
