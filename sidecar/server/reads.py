@@ -16,7 +16,7 @@
     GET /db/head?db=NAME[&wait=SECONDS]
         the latest state's plan with its ETag; with `If-None-Match: <that ETag>` the request is held until
         the state changes (a flush, compaction or retention) or `wait` passes (then 304): one request per
-        change, so a follower needs no polling
+        change, so a follower needs no polling; a client that hangs up ends its poll at once
 
 These only read, so read-only tokens (`<cluster> <token> read`) can use them, within their cluster. Errors
 are the server's JSON `{code, error}`: 404 ENODB (no such database), ENOTXID (no state at that target),
@@ -40,6 +40,7 @@ from sidecar.errors import RestoreError, SidecarError
 from sidecar.ltx import lock_pgno, parse_filename
 from sidecar.ltx.pageindex import MAX_PROBES, TAIL, SparseIndex, Unknown, index_span
 from sidecar.protocol import hex_txid
+from sidecar.server.guard import Guard
 from sidecar.server.http import CLUSTER, error
 from sidecar.storage.base import SNAPSHOT_LEVEL, parse_rfc3339
 
@@ -302,11 +303,22 @@ class Reads:
                 if self.stopping.is_set() or not self.engine.exists(cluster, name):
                     return True
                 return self._latest(cluster, name, self.engine.index(cluster, name))[1] != tag
-            try:
+            async def held() -> None:
                 async with self.engine.stored:
-                    await asyncio.wait_for(self.engine.stored.wait_for(changed), wait)
-            except TimeoutError:
-                pass
+                    await self.engine.stored.wait_for(changed)
+            # Until a change, `wait`, or the client going away (aiohttp would leave the poll waiting for nobody).
+            protocol = request.transport.get_protocol() if request.transport is not None else None
+            lost = protocol.lost() if isinstance(protocol, Guard) else asyncio.get_running_loop().create_future()
+            waiting = asyncio.ensure_future(held())
+            try:
+                await asyncio.wait([waiting, lost], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+                await asyncio.wait([waiting])
+            if lost.done():
+                raise ConnectionResetError("the client went away during a long-poll")
+            if not waiting.cancelled():
+                waiting.result()
             if not self.engine.exists(cluster, name):
                 raise _NoDatabase(f"database {name!r} was deleted")
             head, tag = self._latest(cluster, name, self.engine.index(cluster, name))

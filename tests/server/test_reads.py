@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,9 +17,16 @@ from sidecar.errors import SidecarError
 from sidecar.ltx.pageindex import decode as decode_index
 from sidecar.server import Scope, parse_tokens
 from tests.engine.history import History
-from tests.server.conftest import ADMIN, OTHER, READER, TOKEN, Running
+from tests.server.conftest import ADMIN, OTHER, READER, TOKEN, Running, wait_until
 
 AUTH = {"Authorization": f"Bearer {READER}"}
+
+
+def async_(cond: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """`cond` as wait_until takes it."""
+    async def check() -> bool:
+        return cond()
+    return check
 
 
 async def upload(server: Running, history: History, n: int) -> None:
@@ -161,6 +169,33 @@ class TestReadRoutes:
         resp = await asyncio.wait_for(held, 5)
         async with resp:
             assert resp.status == 304
+
+    async def test_a_long_poll_ends_when_its_client_goes_away(self, server: Running, http: aiohttp.ClientSession,
+                                                               history: History) -> None:
+        """A client that opens long-polls and hangs up holds nothing: the polls the connection cap no longer counts
+        would otherwise stay waiting (three tasks each) for up to a minute, as many as a client cares to churn."""
+        await upload(server, history, 1)
+        stored = server.engine.stored
+        await wait_until(async_(lambda: bool(server.engine.index("default", "app.db").level(9))))  # head stable now
+        async with http.get(server.url + "/db/head?db=app.db", headers=AUTH) as resp:
+            tag = resp.headers["ETag"]
+        canary = asyncio.ensure_future(http.get(server.url + "/db/head?db=app.db&wait=60",
+                                                headers={**AUTH, "If-None-Match": tag}))
+        host, port = server.url.removeprefix("http://").split(":")
+        request = (f"GET /db/head?db=app.db&wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\n"
+                   f"If-None-Match: {tag}\r\n\r\n").encode()
+        writers = []
+        for _ in range(50):
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            writers.append(writer)
+        await wait_until(async_(lambda: len(stored._waiters) == 51))  # type: ignore[attr-defined]
+        for writer in writers:
+            writer.close()
+            await writer.wait_closed()
+        await wait_until(async_(lambda: len(stored._waiters) == 1))  # type: ignore[attr-defined]
+        assert not canary.done()  # the head did not change: the 50 ended because their clients left
+        canary.cancel()
 
     async def test_admin_needs_a_cluster(self, server: Running, http: aiohttp.ClientSession,
                                          history: History) -> None:
