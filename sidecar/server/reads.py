@@ -49,6 +49,7 @@ MAX_PAGES = 256  # pages in one /db/pages answer
 MAX_INDEXES = 512  # stored files whose page index (as read so far) is kept
 _PAGE = struct.Struct(">IBQQ")  # pgno, and the level, min and max TXID of the file a frame comes from
 IMMUTABLE = "private, max-age=31536000, immutable"
+_SLICE = 1 << 20  # bytes of a ranged answer read from the store at once
 _INDEX_TAIL = 25  # bytes at the end of an LTX v3 file that locate its page index
 
 
@@ -225,10 +226,17 @@ class Reads:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_type = "application/octet-stream"
         resp.content_length = end - start
-        if status == 206 or request.method == "HEAD":
-            data = await self.engine.storage.get_range(key, start, end - start) if request.method != "HEAD" else b""
+        if request.method == "HEAD":
             await resp.prepare(request)
-            await resp.write(data)
+        elif status == 206:
+            await resp.prepare(request)
+            # By slices: a range may be the whole of a multi-GB snapshot, never held in memory at once.
+            while start < end:
+                data = await self.engine.storage.get_range(key, start, min(_SLICE, end - start))
+                if not data:
+                    raise SidecarError(f"{key}: the stored file ends at byte {start}, before its indexed size")
+                await resp.write(data)
+                start += len(data)
         else:
             await resp.prepare(request)
             async for chunk in self.engine.storage.stream(key):

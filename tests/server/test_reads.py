@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -125,6 +126,32 @@ class TestReadRoutes:
         for bad in ("zz", "-1", "+1", "0x10", "1_0", " 10", "1" * 17):  # int(x, 16) takes all but the first
             async with http.get(server.url + "/db/plan", params={"db": "app.db", "txid": bad}, headers=AUTH) as resp:
                 assert resp.status == 400 and "want a hex TXID" in (await resp.json())["error"], bad
+
+    async def test_a_range_as_big_as_the_file_is_streamed(self, server: Running, http: aiohttp.ClientSession,
+                                                          history: History) -> None:
+        """`Range: bytes=0-` of a stored file costs the server what a whole download costs, not the file's size in
+        memory (a multi-GB snapshot asked for so, a few times at once, would take the server down)."""
+        history.con.execute("CREATE TABLE blobs (b BLOB)")
+        history.con.execute("BEGIN")
+        for _ in range(2000):
+            history.con.execute("INSERT INTO blobs VALUES (randomblob(4000))")  # incompressible: ~8 MiB stored
+        history.con.execute("COMMIT")
+        await server.engine.write_tx("default", "app.db", history.commit(1_790_000_000_000))
+        entry = server.engine.index("default", "app.db").level(0)[-1]
+        assert entry.size > 8_000_000
+        url = f"{server.url}/db/ltx?db=app.db&file=0/{entry.min_txid:016x}-{entry.max_txid:016x}.ltx"
+        tracemalloc.start()
+        try:
+            async with http.get(url, headers={**AUTH, "Range": "bytes=0-"}) as resp:
+                assert resp.status == 206 and resp.headers["Content-Range"] == f"bytes 0-{entry.size - 1}/{entry.size}"
+                received = 0
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    received += len(chunk)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert received == entry.size
+        assert peak < entry.size // 2, (peak, entry.size)
 
     async def test_digits_that_are_not_ascii_are_refused(self, server: Running, http: aiohttp.ClientSession,
                                                          history: History) -> None:
