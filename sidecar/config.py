@@ -307,7 +307,9 @@ class ServeConfig:
                           "prod 6f1e…;staging 93ab…")
     admin_token: str = _secret("token for the operator API", "$(openssl rand -hex 24)")
     insecure_no_auth: bool = _setting("bool", False, "accept any caller (local testing only)")
-    max_body_size: int = _setting("size", "1GiB", "largest accepted upload", check=_at_least(1, "1 byte"))
+    max_body_size: int = _setting("size", "1GiB", "largest accepted upload, and most bytes of uploads one cluster "
+                                   "may have in flight at once (one more gets 503 `EBUSY`)",
+                                   check=_at_least(1, "1 byte"))
     request_timeout: float = _duration("300s", "longest a request may take")
     header_timeout: float = _duration("20s", "a new connection that has not sent its request headers by then is "
                                       "closed")

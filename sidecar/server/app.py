@@ -40,7 +40,7 @@ from sidecar.protocol import INSTANCE_HEADER, REQUEST_ID_HEADER
 from sidecar.server.auth import ADMIN_SCOPE, Scope, Tokens
 from sidecar.server.guard import Guard, GuardedSite, Limits, install_client_mistakes_filter, quiet_accept_errors
 from sidecar.server.handoff import Inbox, Peers, Siblings, head_of
-from sidecar.server.http import ADMIN, CLUSTER, READONLY, error
+from sidecar.server.http import ADMIN, CLUSTER, READONLY, Receiving, error
 from sidecar.server.litefs_api import LiteFSAPI
 from sidecar.server.metrics import Metrics
 from sidecar.server.operator import OperatorAPI
@@ -91,10 +91,11 @@ class Server:
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
         self.router = Router(engine, config.instance_id, on_forward=self.metrics.forwarded.inc)
         self.reads = Reads(engine)
+        receiving = Receiving(config.max_body_size)  # one cluster's upload bytes in memory at once, whatever the route
         self.litefs = LiteFSAPI(engine, self.metrics, max_body_size=config.max_body_size,
-                                request_timeout=config.request_timeout)
+                                request_timeout=config.request_timeout, receiving=receiving)
         self.operator = OperatorAPI(engine, max_body_size=config.max_body_size, request_timeout=config.request_timeout,
-                                    router=self.router)
+                                    router=self.router, receiving=receiving)
         # Sessions signed with a key every process with these tokens derives alike: any worker reads them. Each
         # token's scope is in the key too: a token moved to another cluster or made read-only (then restarted) ends
         # the sessions signed in with it, which would otherwise keep its old scope for up to 12 h.

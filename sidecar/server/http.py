@@ -8,6 +8,9 @@ status); the error middleware in app.py turns it into the answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -29,6 +32,44 @@ class ClientError(SidecarError):
         super().__init__(message)
         self.http_status = status
         self.code = code
+
+
+class Busy(SidecarError):
+    """The caller's cluster already has as many upload bytes in flight as it may: 503, retry shortly."""
+
+    code = "EBUSY"
+    http_status = 503
+    retry_after = 1
+
+
+class Receiving:
+    """Upload bytes held in memory while bodies are received and accepted, by cluster. One cluster's uploads hold at
+    most `limit` bytes at once, so a client holding many large uploads open (each within the body limit) cannot take
+    the server's memory, nor does it take another cluster's share."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, cluster: str, what: str) -> Iterator[Callable[[int], None]]:
+        """A `take(n)` that counts n more bytes of one upload (`what` names it) against its cluster, raising Busy
+        past the limit; everything taken is given back on exit."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            if self.held[cluster] + n > self.limit:
+                raise Busy(f"{what}: cluster {cluster!r} already has {self.held[cluster]} bytes of uploads in flight "
+                           f"(limit {self.limit}); retry shortly")
+            self.held[cluster] += n
+            taken += n
+        try:
+            yield take
+        finally:
+            self.held[cluster] -= taken
+            if self.held[cluster] <= 0:
+                del self.held[cluster]
 
 
 def error(status: int, code: str, message: str, pos: Pos | None = None,
@@ -75,14 +116,18 @@ def check_length(request: web.Request, limit: int) -> None:
         raise ClientError(413, "ETOOLARGE", f"request body of {request.content_length} bytes exceeds {limit}")
 
 
-async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
-    """The rest of the request body, at most `limit` bytes, received within `seconds`."""
+async def read_body(request: web.Request, limit: int, seconds: float,
+                    take: Callable[[int], None] | None = None) -> bytes:
+    """The rest of the request body, at most `limit` bytes, received within `seconds`; `take` (Receiving.hold)
+    counts each chunk as it arrives."""
     if request.content.total_bytes == 0:
         check_length(request, limit)
     buf = bytearray()
     try:
         async with asyncio.timeout(seconds):  # a slow or stalled sender holds nothing
             async for chunk in request.content.iter_chunked(1 << 20):
+                if take is not None:
+                    take(len(chunk))
                 buf += chunk
                 if len(buf) > limit:
                     raise ClientError(413, "ETOOLARGE", f"request body exceeds {limit} bytes")
@@ -103,4 +148,5 @@ def _gone(err: OSError) -> ClientError:
     return ClientError(400, "EBADBODY", f"request body unreadable: the client went away ({err})")
 
 
-__all__ = ["ADMIN", "CLUSTER", "READONLY", "ClientError", "db_param", "error", "read_body", "read_head"]
+__all__ = ["ADMIN", "CLUSTER", "READONLY", "Busy", "ClientError", "Receiving", "db_param", "error", "read_body",
+           "read_head"]

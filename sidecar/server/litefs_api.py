@@ -18,17 +18,19 @@ from sidecar.engine import Engine
 from sidecar.errors import PosMismatch
 from sidecar.ltx import HEADER_SIZE, Header, LTXError
 from sidecar.protocol import HWM_HEADER, TXID_HEADER, pos_to_json, txid_hex
-from sidecar.server.http import CLUSTER, ClientError, check_length, db_param, error, read_body, read_head
+from sidecar.server.http import CLUSTER, ClientError, Receiving, check_length, db_param, error, read_body, read_head
 from sidecar.server.metrics import Metrics
 
 
 class LiteFSAPI:
     """Handlers of the protocol routes over one engine."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, *, max_body_size: int, request_timeout: float) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, *, max_body_size: int, request_timeout: float,
+                 receiving: Receiving | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_body_size = max_body_size
+        self.receiving = receiving or Receiving(max_body_size)
         self.request_timeout = request_timeout
         self.inflight = 0
 
@@ -61,8 +63,10 @@ class LiteFSAPI:
             except LTXError as err:
                 raise LTXError(f"{cluster}/{name}: invalid LTX upload: {err}", field=err.field) from err
             self.engine.precheck(cluster, name, header)
-            data = head + await read_body(request, self.max_body_size - len(head), self.request_timeout)
-            hwm = await self.engine.write_tx(cluster, name, data)
+            with self.receiving.hold(cluster, f"upload of {name!r}") as take:  # until accepted (then pending)
+                take(len(head))
+                data = head + await read_body(request, self.max_body_size - len(head), self.request_timeout, take)
+                hwm = await self.engine.write_tx(cluster, name, data)
         finally:
             self.inflight -= 1
         self.metrics.uploads.labels(cluster).inc()

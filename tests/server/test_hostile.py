@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sidecar.ltx import HEADER_SIZE
 from tests.conftest import LITEFS
-from tests.server.conftest import ADMIN, OTHER, SNAPSHOT, TOKEN, Running, post, start_server
+from tests.server.conftest import ADMIN, OTHER, SNAPSHOT, TOKEN, Running, post, start_server, wait_until
 
 
 @pytest.mark.parametrize(("auth", "params"), [
@@ -62,6 +64,35 @@ async def test_body_size_limit(tmp_path: Path, http: aiohttp.ClientSession) -> N
         status, body = await post(http, srv.url, "app.db", SNAPSHOT)
         assert status == 413 and body["code"] == "ETOOLARGE"
     finally:
+        await srv.shutdown()
+
+
+async def test_uploads_held_open_cannot_take_the_servers_memory(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Each upload is within the body limit, but a client holding many open (to new databases) held that many
+    bodies in memory: one cluster's bytes in flight are capped at the body limit, and other clusters go on."""
+    srv = await start_server(tmp_path, max_body=1 << 20)
+    host, port = srv.url.removeprefix("http://").split(":")
+    body = SNAPSHOT[:HEADER_SIZE] + bytes(700 << 10)  # a valid header, then bytes the server must buffer
+    _, held = await asyncio.open_connection(host, int(port))
+    try:
+        held.write(f"POST /db/tx?db=held.db HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n"
+                   f"Content-Length: {len(body) + 1}\r\n\r\n".encode() + body)  # one byte short: never ends
+        await held.drain()
+
+        async def refused() -> bool:
+            status, reply = await post(http, srv.url, "other.db", body)
+            assert status in (400, 503), (status, reply)  # 400: the junk after the header (the first upload not in)
+            return status == 503 and reply["code"] == "EBUSY"
+        await wait_until(refused)
+        assert (await post(http, srv.url, "app.db", SNAPSHOT, OTHER))[0] == 200  # another cluster is not held up
+        held.close()
+        await held.wait_closed()
+
+        async def accepted() -> bool:
+            return (await post(http, srv.url, "app.db", SNAPSHOT))[0] == 200
+        await wait_until(accepted)  # the held upload's bytes are given back when it ends
+    finally:
+        held.close()
         await srv.shutdown()
 
 
