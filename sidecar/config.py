@@ -289,6 +289,9 @@ class EngineConfig:
                                       "database's page checksums before accepting it")
     max_pending_bytes: int = _setting("size", "1GiB", "acknowledged upload bytes not yet in the store beyond which "
                                       "uploads get 503 with Retry-After (0: no ceiling)", check=_at_least(0, "0"))
+    max_databases: int = _setting("int", 10000, "most databases one cluster may hold; an upload creating one more "
+                                  "is refused (403 `ETOOMANYDBS`) before its body is read (0: no ceiling)",
+                                  check=_at_least(0, "0"))
     max_hwm_lag: float = _duration("60s", "how far behind a database's HWM may fall (its oldest upload not yet in "
                                    "the store) before its uploads get 503 with Retry-After (0: no ceiling)",
                                    check=None)

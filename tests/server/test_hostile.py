@@ -96,6 +96,27 @@ async def test_uploads_held_open_cannot_take_the_servers_memory(tmp_path: Path, 
         await srv.shutdown()
 
 
+async def test_a_cluster_creates_at_most_max_databases(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Each database costs the server memory, store objects and a share of every tick: a token's holder creating
+    them without end would starve the other clusters. Past the ceiling a new name is refused before its body is read;
+    the cluster's existing databases and other clusters go on, and a deleted database frees its place."""
+    srv = await start_server(tmp_path, max_databases=2)
+    try:
+        for name in ("a.db", "b.db"):
+            assert (await post(http, srv.url, name, SNAPSHOT))[0] == 200
+        status, reply = await post(http, srv.url, "c.db", SNAPSHOT)
+        assert status == 403 and reply["code"] == "ETOOMANYDBS", reply
+        assert "default" in str(reply["error"]) and "2" in str(reply["error"])
+        assert srv.engine.databases("default") == ["a.db", "b.db"]
+        assert (await post(http, srv.url, "c.db", SNAPSHOT, OTHER))[0] == 200  # another cluster has its own count
+        async with http.delete(f"{srv.url}/api/db", params={"db": "a.db", "cluster": "default"},
+                               headers={"Authorization": ADMIN}) as resp:
+            assert resp.status == 200
+        assert (await post(http, srv.url, "c.db", SNAPSHOT))[0] == 200
+    finally:
+        await srv.shutdown()
+
+
 async def test_health_ready_and_metrics(server: Running, http: aiohttp.ClientSession) -> None:
     async with http.get(f"{server.url}/healthz") as resp:
         assert resp.status == 200
