@@ -974,7 +974,13 @@ class Engine:
 
     async def delete_database(self, cluster: str, name: str) -> int:
         """Forget a database and delete every stored file of it; returns how many files were deleted."""
-        return await self.ops.delete(self.catalog.require(cluster, name))
+        db = self.catalog.require(cluster, name)
+        try:
+            return await self.ops.delete(db)
+        finally:
+            if self.catalog.get(cluster, name) is None:  # its head goes with it (a loop of creates and deletes)
+                self._heads.pop(db.prefix, None)
+                self._latest.pop(db.prefix, None)
 
     def tmp(self, prefix: str = "tmp-") -> contextlib.AbstractContextManager[str]:
         """A private temporary directory on the state directory's file system (removed on exit)."""

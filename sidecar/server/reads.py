@@ -49,6 +49,7 @@ MAX_PAGES = 256  # pages in one /db/pages answer
 MAX_INDEXES = 512  # stored files whose page index (as read so far) is kept
 _PAGE = struct.Struct(">IBQQ")  # pgno, and the level, min and max TXID of the file a frame comes from
 IMMUTABLE = "private, max-age=31536000, immutable"
+_HEADS_SLACK = 64  # heads cached beyond twice those of existing databases before deleted ones' are dropped
 _SLICE = 1 << 20  # bytes of a ranged answer read from the store at once
 _INDEX_TAIL = 25  # bytes at the end of an LTX v3 file that locate its page index
 
@@ -67,6 +68,7 @@ class Reads:
         self.stopping = asyncio.Event()
         self._indexes: dict[str, tuple[int, int]] = {}  # _cached(key, file) -> page index (offset, length)
         self._heads: dict[tuple[str, str], tuple[int, Head | None, str]] = {}  # by index version
+        self._heads_limit = _HEADS_SLACK
         self._sparse: dict[str, SparseIndex] = {}  # _cached(key, file) -> its page index as read so far (recent last)
         self._plans: dict[tuple[str, str, int], tuple[int, list[FileEntry]]] = {}  # by index version
 
@@ -170,6 +172,9 @@ class Reads:
             head = heads.latest(index)
             tag = f'"{hashlib.sha256(heads.encode(head)).hexdigest()[:32]}"' if head else '"none"'
             cached = self._heads[(cluster, name)] = (version, head, tag)
+            if len(self._heads) > self._heads_limit:  # the heads of deleted databases go (amortised: limit doubles)
+                self._heads = {k: v for k, v in self._heads.items() if self.engine.exists(*k)}
+                self._heads_limit = 2 * len(self._heads) + _HEADS_SLACK
         return cached[1], cached[2]
 
     # -- routes ---------------------------------------------------------------------------------------

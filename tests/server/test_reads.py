@@ -17,8 +17,9 @@ from sidecar.engine import head as heads
 from sidecar.errors import SidecarError
 from sidecar.ltx.pageindex import decode as decode_index
 from sidecar.server import Scope, parse_tokens
+from sidecar.server.reads import Reads
 from tests.engine.history import History
-from tests.server.conftest import ADMIN, OTHER, READER, TOKEN, Running, wait_until
+from tests.server.conftest import ADMIN, OTHER, READER, SNAPSHOT, TOKEN, Running, post, wait_until
 
 AUTH = {"Authorization": f"Bearer {READER}"}
 
@@ -223,6 +224,22 @@ class TestReadRoutes:
         await wait_until(async_(lambda: len(stored._waiters) == 1))  # type: ignore[attr-defined]
         assert not canary.done()  # the head did not change: the 50 ended because their clients left
         canary.cancel()
+
+    async def test_deleted_databases_leave_nothing_in_the_head_caches(self, server: Running,
+                                                                      http: aiohttp.ClientSession) -> None:
+        """A token may create and delete its databases in a loop: the heads cached for them must go with them, or
+        the server's memory grows with every database that ever was (each entry holding a whole index)."""
+        reads = Reads(server.engine)
+        for i in range(100):
+            name = f"churn-{i}.db"
+            assert (await post(http, server.url, name, SNAPSHOT))[0] == 200
+            reads._latest("default", name, server.engine.index("default", name))
+            async with http.delete(f"{server.url}/api/db", params={"db": name},
+                                   headers={"Authorization": TOKEN}) as resp:
+                assert resp.status == 200
+        assert server.engine.databases("default") == []
+        assert not server.engine._heads and not server.engine._latest
+        assert len(reads._heads) < 70  # pruned to the databases that exist, with some slack
 
     async def test_admin_needs_a_cluster(self, server: Running, http: aiohttp.ClientSession,
                                          history: History) -> None:
