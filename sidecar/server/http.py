@@ -72,6 +72,28 @@ class Receiving:
                 del self.held[cluster]
 
 
+class Slots:
+    """At most `limit` requests of one kind (`what`) at once per cluster, for requests that each hold something big
+    while their client reads (a snapshot's temporary file): one more gets 503 Busy."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self.held: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, cluster: str) -> Iterator[None]:
+        if self.held[cluster] >= self.limit:
+            raise Busy(f"cluster {cluster!r} already has {self.limit} {self.what} in progress; retry shortly")
+        self.held[cluster] += 1
+        try:
+            yield
+        finally:
+            self.held[cluster] -= 1
+            if not self.held[cluster]:
+                del self.held[cluster]
+
+
 def error(status: int, code: str, message: str, pos: Pos | None = None,
           headers: dict[str, str] | None = None) -> web.Response:
     """A JSON error answer."""
@@ -148,5 +170,5 @@ def _gone(err: OSError) -> ClientError:
     return ClientError(400, "EBADBODY", f"request body unreadable: the client went away ({err})")
 
 
-__all__ = ["ADMIN", "CLUSTER", "READONLY", "Busy", "ClientError", "Receiving", "db_param", "error", "read_body",
-           "read_head"]
+__all__ = ["ADMIN", "CLUSTER", "READONLY", "Busy", "ClientError", "Receiving", "Slots", "db_param", "error",
+           "read_body", "read_head"]

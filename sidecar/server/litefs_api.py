@@ -18,19 +18,32 @@ from sidecar.engine import Engine
 from sidecar.errors import PosMismatch
 from sidecar.ltx import HEADER_SIZE, Header, LTXError
 from sidecar.protocol import HWM_HEADER, TXID_HEADER, pos_to_json, txid_hex
-from sidecar.server.http import CLUSTER, ClientError, Receiving, check_length, db_param, error, read_body, read_head
+from sidecar.server.http import (
+    CLUSTER,
+    ClientError,
+    Receiving,
+    Slots,
+    check_length,
+    db_param,
+    error,
+    read_body,
+    read_head,
+)
 from sidecar.server.metrics import Metrics
+
+MAX_SNAPSHOTS = 4  # snapshot downloads one cluster may have at once: each holds a temporary file of its database's size
 
 
 class LiteFSAPI:
     """Handlers of the protocol routes over one engine."""
 
     def __init__(self, engine: Engine, metrics: Metrics, *, max_body_size: int, request_timeout: float,
-                 receiving: Receiving | None = None) -> None:
+                 receiving: Receiving | None = None, snapshots: Slots | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_body_size = max_body_size
         self.receiving = receiving or Receiving(max_body_size)
+        self.snapshots = snapshots or Slots(MAX_SNAPSHOTS, "snapshot downloads")
         self.request_timeout = request_timeout
         self.inflight = 0
 
@@ -77,7 +90,8 @@ class LiteFSAPI:
         cluster, name = db_param(request)
         if not self.engine.exists(cluster, name) or self.engine.pos(cluster, name).is_zero:
             return error(404, "ENODB", f"database {name!r} has no backup in cluster {cluster!r}")
-        return await send_snapshot(self.engine, request, cluster, name)
+        with self.snapshots.hold(cluster):
+            return await send_snapshot(self.engine, request, cluster, name)
 
     async def get_hwm(self, request: web.Request) -> web.Response:
         cluster, name = db_param(request)
@@ -95,7 +109,8 @@ def attachment(name: str) -> str:
 async def send_snapshot(engine: Engine, request: web.Request, cluster: str, name: str, *,
                         timestamp: int | None = None, txid: int | None = None,
                         sqlite: bool = False) -> web.StreamResponse:
-    """Stream the database at a target: an LTX v2 snapshot, or (`sqlite`) the SQLite file itself."""
+    """Stream the database at a target: an LTX v2 snapshot, or (`sqlite`) the SQLite file itself. It is built in a
+    temporary file held until the client has it all: callers bound how many run at once (MAX_SNAPSHOTS)."""
     with engine.tmp("serve-") as tmp:
         out = Path(tmp) / "out"
         if sqlite:
@@ -115,4 +130,4 @@ async def send_snapshot(engine: Engine, request: web.Request, cluster: str, name
         return resp
 
 
-__all__ = ["LiteFSAPI", "send_snapshot"]
+__all__ = ["MAX_SNAPSHOTS", "LiteFSAPI", "send_snapshot"]

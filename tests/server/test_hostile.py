@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ import aiohttp
 import pytest
 
 from sidecar.ltx import HEADER_SIZE
+from sidecar.server.litefs_api import MAX_SNAPSHOTS
 from tests.conftest import LITEFS
+from tests.engine.history import History
 from tests.server.conftest import ADMIN, OTHER, SNAPSHOT, TOKEN, Running, post, start_server, wait_until
 
 
@@ -114,6 +117,60 @@ async def test_a_cluster_creates_at_most_max_databases(tmp_path: Path, http: aio
             assert resp.status == 200
         assert (await post(http, srv.url, "c.db", SNAPSHOT))[0] == 200
     finally:
+        await srv.shutdown()
+
+
+async def test_stalled_snapshot_downloads_cannot_fill_the_servers_disk(tmp_path: Path,
+                                                                       http: aiohttp.ClientSession) -> None:
+    """Each snapshot download is built in a temporary file of the database's size on the state directory's disk,
+    held while the client reads: clients that never read, many at once, filled the disk the upload log needs. One
+    cluster has at most MAX_SNAPSHOTS downloads at once; another cluster's go on."""
+    srv = await start_server(tmp_path)
+    history = History(tmp_path / "live.db")
+    stalled: list[asyncio.StreamWriter] = []
+    try:
+        history.con.execute("CREATE TABLE blobs (b BLOB)")
+        history.con.execute("BEGIN")
+        for _ in range(2000):
+            history.con.execute("INSERT INTO blobs VALUES (randomblob(4000))")  # ~8 MiB: more than socket buffers
+        history.con.execute("COMMIT")
+        await srv.engine.write_tx("default", "app.db", history.commit(1_790_000_000_000))
+        assert (await post(http, srv.url, "app.db", SNAPSHOT, OTHER))[0] == 200
+        host, port = srv.url.removeprefix("http://").split(":")
+        for _ in range(MAX_SNAPSHOTS):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small, and never read
+            sock.connect((host, int(port)))
+            _, writer = await asyncio.open_connection(sock=sock, limit=1024)
+            writer.write(f"GET /db/snapshot?db=app.db HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n\r\n"
+                         .encode())
+            stalled.append(writer)
+
+        async def held() -> bool:  # each stalled download's snapshot built, in its temporary file
+            return len(list((tmp_path / "state" / ".tmp").rglob("out"))) == MAX_SNAPSHOTS
+        await wait_until(held)
+
+        async def refused() -> bool:
+            async with http.get(f"{srv.url}/db/snapshot?db=app.db", headers={"Authorization": TOKEN}) as resp:
+                if resp.status == 200:
+                    await resp.read()
+                    return False
+                assert resp.status == 503 and (await resp.json())["code"] == "EBUSY"
+                return True
+        await wait_until(refused)
+        async with http.get(f"{srv.url}/db/snapshot?db=app.db", headers={"Authorization": OTHER}) as resp:
+            assert resp.status == 200  # another cluster is not held up
+        for writer in stalled:
+            writer.close()
+
+        async def served() -> bool:
+            async with http.get(f"{srv.url}/db/snapshot?db=app.db", headers={"Authorization": TOKEN}) as resp:
+                return resp.status == 200 and len(await resp.read()) > 8_000_000
+        await wait_until(served)  # the stalled downloads' places are given back when their clients go
+    finally:
+        for writer in stalled:
+            writer.close()
+        history.close()
         await srv.shutdown()
 
 
