@@ -313,7 +313,8 @@ class ServeConfig:
     max_body_size: int = _setting("size", "1GiB", "largest accepted upload, and most bytes of uploads one cluster "
                                    "may have in flight at once (one more gets 503 `EBUSY`)",
                                    check=_at_least(1, "1 byte"))
-    request_timeout: float = _duration("300s", "longest a request may take")
+    request_timeout: float = _duration("300s", "longest an upload's body may take to arrive, and a download's client "
+                                       "to take each chunk (1 MiB) of it")
     header_timeout: float = _duration("20s", "a new connection that has not sent its request headers by then is "
                                       "closed")
     idle_timeout: float = _duration("75s", "an idle keep-alive connection is closed after this")

@@ -66,7 +66,7 @@ class ServerConfig:
     insecure_no_auth: bool = False
     admin_token: str = ""
     max_body_size: int = 1 << 30
-    request_timeout: float = 300.0  # seconds to receive an upload's body
+    request_timeout: float = 300.0  # seconds to receive an upload's body; for a download's client to take a chunk
     header_timeout: float = 20.0  # seconds for a new connection to send its request headers
     idle_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
     max_connections: int = 10_000
@@ -90,7 +90,7 @@ class Server:
         self._given: list[tuple[float, str]] = []  # (when, sibling's address): free clusters handed lately
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
         self.router = Router(engine, config.instance_id, on_forward=self.metrics.forwarded.inc)
-        self.reads = Reads(engine)
+        self.reads = Reads(engine, config.request_timeout)
         # Per cluster, whatever the route: upload bytes in memory at once, snapshot downloads (temporary files) at once.
         receiving = Receiving(config.max_body_size)
         snapshots = Slots(MAX_SNAPSHOTS, "snapshot downloads")

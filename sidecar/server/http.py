@@ -164,6 +164,18 @@ async def read_body(request: web.Request, limit: int, seconds: float,
     return bytes(buf)
 
 
+async def send(request: web.Request, resp: web.StreamResponse, data: bytes, seconds: float) -> None:
+    """Write `data`, which the client must take within `seconds`: one that stopped reading a download holds its
+    connection (and whatever the download holds, a snapshot's temporary file) no longer than that."""
+    try:
+        async with asyncio.timeout(seconds):
+            await resp.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError(f"the client took no data for {seconds:g}s") from None
+
+
 def _gone(err: OSError) -> ClientError:
     """The client closed the connection before its body was in (aiohttp's "Connection lost"): the client's doing,
     answered (to no one) as an unreadable body, not an error of the server's."""
@@ -171,4 +183,4 @@ def _gone(err: OSError) -> ClientError:
 
 
 __all__ = ["ADMIN", "CLUSTER", "READONLY", "Busy", "ClientError", "Receiving", "Slots", "db_param", "error",
-           "read_body", "read_head"]
+           "read_body", "read_head", "send"]

@@ -28,6 +28,7 @@ from sidecar.server.http import (
     error,
     read_body,
     read_head,
+    send,
 )
 from sidecar.server.metrics import Metrics
 
@@ -91,7 +92,7 @@ class LiteFSAPI:
         if not self.engine.exists(cluster, name) or self.engine.pos(cluster, name).is_zero:
             return error(404, "ENODB", f"database {name!r} has no backup in cluster {cluster!r}")
         with self.snapshots.hold(cluster):
-            return await send_snapshot(self.engine, request, cluster, name)
+            return await send_snapshot(self.engine, request, cluster, name, within=self.request_timeout)
 
     async def get_hwm(self, request: web.Request) -> web.Response:
         cluster, name = db_param(request)
@@ -108,9 +109,10 @@ def attachment(name: str) -> str:
 
 async def send_snapshot(engine: Engine, request: web.Request, cluster: str, name: str, *,
                         timestamp: int | None = None, txid: int | None = None,
-                        sqlite: bool = False) -> web.StreamResponse:
+                        sqlite: bool = False, within: float = 300.0) -> web.StreamResponse:
     """Stream the database at a target: an LTX v2 snapshot, or (`sqlite`) the SQLite file itself. It is built in a
-    temporary file held until the client has it all: callers bound how many run at once (MAX_SNAPSHOTS)."""
+    temporary file held until the client has it all: callers bound how many run at once (MAX_SNAPSHOTS), and the
+    client must take each chunk `within` seconds."""
     with engine.tmp("serve-") as tmp:
         out = Path(tmp) / "out"
         if sqlite:
@@ -125,7 +127,7 @@ async def send_snapshot(engine: Engine, request: web.Request, cluster: str, name
         await resp.prepare(request)
         with open(out, "rb") as f:
             while chunk := await asyncio.to_thread(f.read, 1 << 20):
-                await resp.write(chunk)
+                await send(request, resp, chunk, within)
         await resp.write_eof()
         return resp
 

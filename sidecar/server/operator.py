@@ -212,7 +212,7 @@ class OperatorAPI:
             raise ClientError(400, "EBADFORMAT", f"format {fmt!r}: want sqlite or ltx")
         with self.snapshots.hold(cluster):
             return await send_snapshot(self.engine, request, cluster, name, timestamp=ts, txid=txid,
-                                       sqlite=fmt == "sqlite")
+                                       sqlite=fmt == "sqlite", within=self.request_timeout)
 
     async def upload(self, request: web.Request) -> web.Response:
         cluster, name = db_param(request)

@@ -41,7 +41,7 @@ from sidecar.ltx import lock_pgno, parse_filename
 from sidecar.ltx.pageindex import MAX_PROBES, TAIL, SparseIndex, Unknown, index_span
 from sidecar.protocol import hex_txid
 from sidecar.server.guard import Guard
-from sidecar.server.http import CLUSTER, error
+from sidecar.server.http import CLUSTER, error, send
 from sidecar.storage.base import SNAPSHOT_LEVEL, parse_rfc3339
 
 MAX_WAIT = 60.0  # seconds a long-poll may be held
@@ -63,8 +63,9 @@ def _cached(key: str, e: FileEntry) -> str:
 class Reads:
     """The read routes of one server."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, request_timeout: float = 300.0) -> None:
         self.engine = engine
+        self.request_timeout = request_timeout  # the most a client may take to accept each chunk of a file
         self.stopping = asyncio.Event()
         self._indexes: dict[str, tuple[int, int]] = {}  # _cached(key, file) -> page index (offset, length)
         self._heads: dict[tuple[str, str], tuple[int, Head | None, str]] = {}  # by index version
@@ -240,12 +241,12 @@ class Reads:
                 data = await self.engine.storage.get_range(key, start, min(_SLICE, end - start))
                 if not data:
                     raise SidecarError(f"{key}: the stored file ends at byte {start}, before its indexed size")
-                await resp.write(data)
+                await send(request, resp, data, self.request_timeout)
                 start += len(data)
         else:
             await resp.prepare(request)
             async for chunk in self.engine.storage.stream(key):
-                await resp.write(chunk)
+                await send(request, resp, chunk, self.request_timeout)
         await resp.write_eof()
         return resp
 

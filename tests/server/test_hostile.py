@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -170,6 +171,45 @@ async def test_stalled_snapshot_downloads_cannot_fill_the_servers_disk(tmp_path:
     finally:
         for writer in stalled:
             writer.close()
+        history.close()
+        await srv.shutdown()
+
+
+async def test_a_download_whose_client_stopped_reading_is_ended(tmp_path: Path) -> None:
+    """A client that stops reading a download held its connection and the snapshot's temporary file for ever: the
+    client must take each chunk within request_timeout."""
+    srv = await start_server(tmp_path, request_timeout=0.5)
+    history = History(tmp_path / "live.db")
+    sock = socket.socket()
+    try:
+        history.con.execute("CREATE TABLE blobs (b BLOB)")
+        history.con.execute("BEGIN")
+        for _ in range(2000):
+            history.con.execute("INSERT INTO blobs VALUES (randomblob(4000))")  # ~8 MiB: more than socket buffers
+        history.con.execute("COMMIT")
+        await srv.engine.write_tx("default", "app.db", history.commit(1_790_000_000_000))
+        host, port = srv.url.removeprefix("http://").split(":")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small, and not read until the end
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+        writer.write(f"GET /db/snapshot?db=app.db HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n\r\n".encode())
+        temp = tmp_path / "state" / ".tmp"
+
+        async def built() -> bool:
+            return bool(list(temp.rglob("out")))
+        await wait_until(built)
+
+        async def released() -> bool:
+            return not list(temp.rglob("out"))
+        await wait_until(released)
+        received = 0
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(1 << 16):  # what was in flight, then the end: the server closed it
+                received += len(chunk)
+        assert received < 8_000_000
+        writer.close()
+    finally:
+        sock.close()
         history.close()
         await srv.shutdown()
 
