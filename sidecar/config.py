@@ -289,6 +289,9 @@ class EngineConfig:
                                       "database's page checksums before accepting it")
     max_pending_bytes: int = _setting("size", "1GiB", "acknowledged upload bytes not yet in the store beyond which "
                                       "uploads get 503 with Retry-After (0: no ceiling)", check=_at_least(0, "0"))
+    max_databases: int = _setting("int", 10000, "most databases one cluster may hold; an upload creating one more "
+                                  "is refused (403 `ETOOMANYDBS`) before its body is read (0: no ceiling)",
+                                  check=_at_least(0, "0"))
     max_hwm_lag: float = _duration("60s", "how far behind a database's HWM may fall (its oldest upload not yet in "
                                    "the store) before its uploads get 503 with Retry-After (0: no ceiling)",
                                    check=None)
@@ -307,8 +310,11 @@ class ServeConfig:
                           "prod 6f1e…;staging 93ab…")
     admin_token: str = _secret("token for the operator API", "$(openssl rand -hex 24)")
     insecure_no_auth: bool = _setting("bool", False, "accept any caller (local testing only)")
-    max_body_size: int = _setting("size", "1GiB", "largest accepted upload", check=_at_least(1, "1 byte"))
-    request_timeout: float = _duration("300s", "longest a request may take")
+    max_body_size: int = _setting("size", "1GiB", "largest accepted upload, and most bytes of uploads one cluster "
+                                   "may have in flight at once (one more gets 503 `EBUSY`)",
+                                   check=_at_least(1, "1 byte"))
+    request_timeout: float = _duration("300s", "longest an upload's body may take to arrive, and a download's client "
+                                       "to take each chunk (1 MiB) of it")
     header_timeout: float = _duration("20s", "a new connection that has not sent its request headers by then is "
                                       "closed")
     idle_timeout: float = _duration("75s", "an idle keep-alive connection is closed after this")

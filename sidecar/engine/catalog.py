@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +36,7 @@ class Catalog:
         self.storage = storage
         self.state_dir = state_dir
         self._dbs: dict[tuple[str, str], Database] = {}
+        self._counts: Counter[str] = Counter()  # databases by cluster
         self._dirty: set[tuple[str, str]] = set()
         self._caches: dict[tuple[str, str], IndexCache] = {}
         self.on_stored: Callable[[Database, FileEntry | None], Awaitable[None]] | None = None
@@ -68,11 +70,13 @@ class Catalog:
             if not len(db.index):
                 db.sums = PageSums.empty()
             self._dbs[(cluster, name)] = db
+            self._counts[cluster] += 1
         return db
 
     def forget(self, db: Database) -> None:
         """Drop a database and its cache (it was deleted)."""
-        self._dbs.pop((db.cluster, db.name), None)
+        if self._dbs.pop((db.cluster, db.name), None) is not None:
+            self._counts[db.cluster] -= 1
         self._dirty.discard((db.cluster, db.name))
         self._caches.pop((db.cluster, db.name), None)
         shutil.rmtree(db.dir, ignore_errors=True)
@@ -82,6 +86,10 @@ class Catalog:
 
     def databases(self, cluster: str) -> list[str]:
         return sorted(n for c, n in self._dbs if c == cluster)
+
+    def count(self, cluster: str) -> int:
+        """How many databases `cluster` has."""
+        return self._counts[cluster]
 
     # -- the cache ------------------------------------------------------------------------------------
 

@@ -77,13 +77,21 @@ class Backpressure(SidecarError):
         self.retry_after = retry_after
 
 
+class TooManyDatabases(SidecarError):
+    """An upload would create a database in a cluster already holding `max_databases`: refused (HTTP 403)."""
+
+    code = "ETOOMANYDBS"
+    http_status = 403
+
+
 class Engine:
     """One engine per store. Use `await Engine.open(...)`, then `write_tx`, `tick` (or `run`), `close`."""
 
     def __init__(self, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
                  clock: Clock = time.time, timed: Timed | None = None, fence: Fence | None = None,
                  leases: Leases | None = None, max_skew: float = 3600.0, verify_checksums: bool = True,
-                 max_pending_bytes: int = 0, max_hwm_lag: float = 0.0, commit_delay: float = 0.0) -> None:
+                 max_pending_bytes: int = 0, max_hwm_lag: float = 0.0, commit_delay: float = 0.0,
+                 max_databases: int = 0) -> None:
         self.storage = storage
         self._own_leases = leases is None
         # Leases run on the engine's clock, so tests driving a fake clock drive the leases too.
@@ -110,6 +118,7 @@ class Engine:
         self.pending_bytes = 0  # acknowledged upload bytes not yet in the store
         self.max_pending_bytes = max_pending_bytes
         self.max_hwm_lag = max_hwm_lag
+        self.max_databases = max_databases  # per cluster; 0: no ceiling
         self.intake = Intake(self.uploadlog, clock, self._flush, max_skew=max_skew,
                              verify_checksums=verify_checksums)
         self.compactor = Compactor(self.builder, self.catalog, self.tmpdir)
@@ -141,10 +150,10 @@ class Engine:
     async def open(cls, storage: Storage, state_dir: str | os.PathLike[str], levels: Levels | None = None, *,
                    clock: Clock = time.time, timed: Timed | None = None, fence: Fence | None = None,
                    leases: Leases | None = None, max_skew: float = 3600.0, verify_checksums: bool = True,
-                   max_pending_bytes: int = 0, max_hwm_lag: float = 0.0) -> Engine:
+                   max_pending_bytes: int = 0, max_hwm_lag: float = 0.0, max_databases: int = 0) -> Engine:
         engine = cls(storage, state_dir, levels, clock=clock, timed=timed, fence=fence, leases=leases,
                      max_skew=max_skew, verify_checksums=verify_checksums, max_pending_bytes=max_pending_bytes,
-                     max_hwm_lag=max_hwm_lag)
+                     max_hwm_lag=max_hwm_lag, max_databases=max_databases)
         try:
             await engine._load()
         except BaseException:
@@ -161,7 +170,7 @@ class Engine:
         engine = cls(storage, state_dir or config.state_dir, levels_of(config), leases=leases,
                      max_skew=config.max_clock_skew, verify_checksums=config.verify_checksums,
                      max_pending_bytes=config.max_pending_bytes, max_hwm_lag=config.max_hwm_lag,
-                     commit_delay=config.commit_delay)
+                     commit_delay=config.commit_delay, max_databases=config.max_databases)
         engine._own_leases = owner is None
         try:
             await engine._load()
@@ -645,6 +654,8 @@ class Engine:
         """
         await self.own(cluster, provisional=True)
         new = self.catalog.get(cluster, name) is None
+        if new:
+            self._check_room(cluster, name)
         db = self.catalog.create(cluster, name)
         if db.uploading:
             raise PosMismatch(name, db.pos, "another upload of this database is in progress")
@@ -674,6 +685,13 @@ class Engine:
             self.flush_queue.add(db, due_at(db, self.levels.l0_interval))
         return db.hwm
 
+    def _check_room(self, cluster: str, name: str) -> None:
+        """Refuse a new database in a cluster at its ceiling: each costs memory, objects and a share of every tick,
+        and a cluster creating them without end would take those from every other cluster."""
+        if self.max_databases and self.catalog.count(cluster) >= self.max_databases:
+            raise TooManyDatabases(f"{cluster}/{name}: cluster {cluster!r} already has {self.max_databases} databases "
+                                   "(engine.max_databases); delete one or raise the ceiling")
+
     def _check_pressure(self, db: Database) -> None:
         """Refuse (503, Retry-After) while the store cannot keep up: rather a retried upload than a log that grows
         until the disk is full and an HWM that lags without bound."""
@@ -695,6 +713,8 @@ class Engine:
         the cluster) a position it does not continue. `write_tx` checks everything again."""
         check_header(header, self.clock(), self.intake.max_skew, f"{cluster}/{name}")
         db = self.catalog.get(cluster, name)
+        if db is None:
+            self._check_room(cluster, name)
         if db is not None and self.leases.holds(cluster):
             check_continues(db, header)
 
@@ -958,7 +978,13 @@ class Engine:
 
     async def delete_database(self, cluster: str, name: str) -> int:
         """Forget a database and delete every stored file of it; returns how many files were deleted."""
-        return await self.ops.delete(self.catalog.require(cluster, name))
+        db = self.catalog.require(cluster, name)
+        try:
+            return await self.ops.delete(db)
+        finally:
+            if self.catalog.get(cluster, name) is None:  # its head goes with it (a loop of creates and deletes)
+                self._heads.pop(db.prefix, None)
+                self._latest.pop(db.prefix, None)
 
     def tmp(self, prefix: str = "tmp-") -> contextlib.AbstractContextManager[str]:
         """A private temporary directory on the state directory's file system (removed on exit)."""
@@ -973,4 +999,4 @@ def levels_of(engine: EngineConfig) -> Levels:
                   snapshot_retention=engine.snapshot_retention)
 
 
-__all__ = ["Backpressure", "Engine", "levels_of"]
+__all__ = ["Backpressure", "Engine", "TooManyDatabases", "levels_of"]

@@ -40,8 +40,8 @@ from sidecar.protocol import INSTANCE_HEADER, REQUEST_ID_HEADER
 from sidecar.server.auth import ADMIN_SCOPE, Scope, Tokens
 from sidecar.server.guard import Guard, GuardedSite, Limits, install_client_mistakes_filter, quiet_accept_errors
 from sidecar.server.handoff import Inbox, Peers, Siblings, head_of
-from sidecar.server.http import ADMIN, CLUSTER, READONLY, error
-from sidecar.server.litefs_api import LiteFSAPI
+from sidecar.server.http import ADMIN, CLUSTER, READONLY, Receiving, Slots, error
+from sidecar.server.litefs_api import MAX_SNAPSHOTS, LiteFSAPI
 from sidecar.server.metrics import Metrics
 from sidecar.server.operator import OperatorAPI
 from sidecar.server.reads import Reads
@@ -66,7 +66,7 @@ class ServerConfig:
     insecure_no_auth: bool = False
     admin_token: str = ""
     max_body_size: int = 1 << 30
-    request_timeout: float = 300.0  # seconds to receive an upload's body
+    request_timeout: float = 300.0  # seconds to receive an upload's body; for a download's client to take a chunk
     header_timeout: float = 20.0  # seconds for a new connection to send its request headers
     idle_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
     max_connections: int = 10_000
@@ -90,11 +90,14 @@ class Server:
         self._given: list[tuple[float, str]] = []  # (when, sibling's address): free clusters handed lately
         self._requests = itertools.count()  # request ids: this instance's id + a counter (no syscall per request)
         self.router = Router(engine, config.instance_id, on_forward=self.metrics.forwarded.inc)
-        self.reads = Reads(engine)
+        self.reads = Reads(engine, config.request_timeout)
+        # Per cluster, whatever the route: upload bytes in memory at once, snapshot downloads (temporary files) at once.
+        receiving = Receiving(config.max_body_size)
+        snapshots = Slots(MAX_SNAPSHOTS, "snapshot downloads")
         self.litefs = LiteFSAPI(engine, self.metrics, max_body_size=config.max_body_size,
-                                request_timeout=config.request_timeout)
+                                request_timeout=config.request_timeout, receiving=receiving, snapshots=snapshots)
         self.operator = OperatorAPI(engine, max_body_size=config.max_body_size, request_timeout=config.request_timeout,
-                                    router=self.router)
+                                    router=self.router, receiving=receiving, snapshots=snapshots)
         # Sessions signed with a key every process with these tokens derives alike: any worker reads them. Each
         # token's scope is in the key too: a token moved to another cluster or made read-only (then restarted) ends
         # the sessions signed in with it, which would otherwise keep its old scope for up to 12 h.

@@ -68,6 +68,8 @@ class Guard(asyncio.Protocol):
         self.held: bytearray | None = bytearray() if route else None  # the first bytes, while not yet routed
         self.counted = False
         self.made = False  # whether aiohttp's protocol has the connection
+        self.gone = False  # whether the connection is lost
+        self._lost: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -140,7 +142,19 @@ class Guard(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return self.inner.eof_received() if self.made else None
 
+    def lost(self) -> asyncio.Future[None]:
+        """Done once the connection is lost. aiohttp does not cancel a handler whose client went away (a GET has no
+        body to fail), so a handler that waits long (a long-poll) waits on this too."""
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_future()
+            if self.gone:
+                self._lost.set_result(None)
+        return self._lost
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         if self.timer is not None:
             self.timer.cancel()
         if self.counted:

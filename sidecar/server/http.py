@@ -8,6 +8,9 @@ status); the error middleware in app.py turns it into the answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -29,6 +32,66 @@ class ClientError(SidecarError):
         super().__init__(message)
         self.http_status = status
         self.code = code
+
+
+class Busy(SidecarError):
+    """The caller's cluster already has as many upload bytes in flight as it may: 503, retry shortly."""
+
+    code = "EBUSY"
+    http_status = 503
+    retry_after = 1
+
+
+class Receiving:
+    """Upload bytes held in memory while bodies are received and accepted, by cluster. One cluster's uploads hold at
+    most `limit` bytes at once, so a client holding many large uploads open (each within the body limit) cannot take
+    the server's memory, nor does it take another cluster's share."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, cluster: str, what: str) -> Iterator[Callable[[int], None]]:
+        """A `take(n)` that counts n more bytes of one upload (`what` names it) against its cluster, raising Busy
+        past the limit; everything taken is given back on exit."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            if self.held[cluster] + n > self.limit:
+                raise Busy(f"{what}: cluster {cluster!r} already has {self.held[cluster]} bytes of uploads in flight "
+                           f"(limit {self.limit}); retry shortly")
+            self.held[cluster] += n
+            taken += n
+        try:
+            yield take
+        finally:
+            self.held[cluster] -= taken
+            if self.held[cluster] <= 0:
+                del self.held[cluster]
+
+
+class Slots:
+    """At most `limit` requests of one kind (`what`) at once per cluster, for requests that each hold something big
+    while their client reads (a snapshot's temporary file): one more gets 503 Busy."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self.held: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def hold(self, cluster: str) -> Iterator[None]:
+        if self.held[cluster] >= self.limit:
+            raise Busy(f"cluster {cluster!r} already has {self.limit} {self.what} in progress; retry shortly")
+        self.held[cluster] += 1
+        try:
+            yield
+        finally:
+            self.held[cluster] -= 1
+            if not self.held[cluster]:
+                del self.held[cluster]
 
 
 def error(status: int, code: str, message: str, pos: Pos | None = None,
@@ -75,18 +138,22 @@ def check_length(request: web.Request, limit: int) -> None:
         raise ClientError(413, "ETOOLARGE", f"request body of {request.content_length} bytes exceeds {limit}")
 
 
-async def read_body(request: web.Request, limit: int, seconds: float, *, read: int = 0) -> bytes:
+async def read_body(request: web.Request, limit: int, seconds: float, take: Callable[[int], None] | None = None, *,
+                    read: int = 0) -> bytes:
     """The rest of the request body, received within `seconds`; `limit` bytes at most in all, the `read` bytes the
-    caller already took included (a 413 names the limit the client is held to)."""
+    caller already took included (a 413 names the limit the client is held to); `take` (Receiving.hold) counts
+    each chunk as it arrives."""
     if request.content.total_bytes == 0:
         check_length(request, limit)
     buf = bytearray()
     try:
         async with asyncio.timeout(seconds):  # a slow or stalled sender holds nothing
             async for chunk in request.content.iter_chunked(1 << 20):
-                buf += chunk
-                if read + len(buf) > limit:
+                if read + len(buf) + len(chunk) > limit:  # too big whatever else is in flight: 413, not 503
                     raise ClientError(413, "ETOOLARGE", f"request body exceeds {limit} bytes")
+                if take is not None:
+                    take(len(chunk))
+                buf += chunk
     except TimeoutError:
         raise ClientError(408, "ETIMEOUT", f"request body not received within {seconds:g}s") from None
     except (RequestPayloadError, HttpProcessingError) as err:
@@ -98,10 +165,23 @@ async def read_body(request: web.Request, limit: int, seconds: float, *, read: i
     return bytes(buf)
 
 
+async def send(request: web.Request, resp: web.StreamResponse, data: bytes, seconds: float) -> None:
+    """Write `data`, which the client must take within `seconds`: one that stopped reading a download holds its
+    connection (and whatever the download holds, a snapshot's temporary file) no longer than that."""
+    try:
+        async with asyncio.timeout(seconds):
+            await resp.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError(f"the client took no data for {seconds:g}s") from None
+
+
 def _gone(err: OSError) -> ClientError:
     """The client closed the connection before its body was in (aiohttp's "Connection lost"): the client's doing,
     answered (to no one) as an unreadable body, not an error of the server's."""
     return ClientError(400, "EBADBODY", f"request body unreadable: the client went away ({err})")
 
 
-__all__ = ["ADMIN", "CLUSTER", "READONLY", "ClientError", "db_param", "error", "read_body", "read_head"]
+__all__ = ["ADMIN", "CLUSTER", "READONLY", "Busy", "ClientError", "Receiving", "Slots", "db_param", "error",
+           "read_body", "read_head", "send"]

@@ -18,17 +18,33 @@ from sidecar.engine import Engine
 from sidecar.errors import PosMismatch
 from sidecar.ltx import HEADER_SIZE, Header, LTXError
 from sidecar.protocol import HWM_HEADER, TXID_HEADER, pos_to_json, txid_hex
-from sidecar.server.http import CLUSTER, ClientError, check_length, db_param, error, read_body, read_head
+from sidecar.server.http import (
+    CLUSTER,
+    ClientError,
+    Receiving,
+    Slots,
+    check_length,
+    db_param,
+    error,
+    read_body,
+    read_head,
+    send,
+)
 from sidecar.server.metrics import Metrics
+
+MAX_SNAPSHOTS = 4  # snapshot downloads one cluster may have at once: each holds a temporary file of its database's size
 
 
 class LiteFSAPI:
     """Handlers of the protocol routes over one engine."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, *, max_body_size: int, request_timeout: float) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, *, max_body_size: int, request_timeout: float,
+                 receiving: Receiving | None = None, snapshots: Slots | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_body_size = max_body_size
+        self.receiving = receiving or Receiving(max_body_size)
+        self.snapshots = snapshots or Slots(MAX_SNAPSHOTS, "snapshot downloads")
         self.request_timeout = request_timeout
         self.inflight = 0
 
@@ -61,8 +77,11 @@ class LiteFSAPI:
             except LTXError as err:
                 raise LTXError(f"{cluster}/{name}: invalid LTX upload: {err}", field=err.field) from err
             self.engine.precheck(cluster, name, header)
-            data = head + await read_body(request, self.max_body_size, self.request_timeout, read=len(head))
-            hwm = await self.engine.write_tx(cluster, name, data)
+            with self.receiving.hold(cluster, f"upload of {name!r}") as take:  # until accepted (then pending)
+                take(len(head))
+                data = head + await read_body(request, self.max_body_size, self.request_timeout, take,
+                                              read=len(head))
+                hwm = await self.engine.write_tx(cluster, name, data)
         finally:
             self.inflight -= 1
         self.metrics.uploads.labels(cluster).inc()
@@ -73,7 +92,8 @@ class LiteFSAPI:
         cluster, name = db_param(request)
         if not self.engine.exists(cluster, name) or self.engine.pos(cluster, name).is_zero:
             return error(404, "ENODB", f"database {name!r} has no backup in cluster {cluster!r}")
-        return await send_snapshot(self.engine, request, cluster, name)
+        with self.snapshots.hold(cluster):
+            return await send_snapshot(self.engine, request, cluster, name, within=self.request_timeout)
 
     async def get_hwm(self, request: web.Request) -> web.Response:
         cluster, name = db_param(request)
@@ -90,8 +110,10 @@ def attachment(name: str) -> str:
 
 async def send_snapshot(engine: Engine, request: web.Request, cluster: str, name: str, *,
                         timestamp: int | None = None, txid: int | None = None,
-                        sqlite: bool = False) -> web.StreamResponse:
-    """Stream the database at a target: an LTX v2 snapshot, or (`sqlite`) the SQLite file itself."""
+                        sqlite: bool = False, within: float = 300.0) -> web.StreamResponse:
+    """Stream the database at a target: an LTX v2 snapshot, or (`sqlite`) the SQLite file itself. It is built in a
+    temporary file held until the client has it all: callers bound how many run at once (MAX_SNAPSHOTS), and the
+    client must take each chunk `within` seconds."""
     with engine.tmp("serve-") as tmp:
         out = Path(tmp) / "out"
         if sqlite:
@@ -106,9 +128,9 @@ async def send_snapshot(engine: Engine, request: web.Request, cluster: str, name
         await resp.prepare(request)
         with open(out, "rb") as f:
             while chunk := await asyncio.to_thread(f.read, 1 << 20):
-                await resp.write(chunk)
+                await send(request, resp, chunk, within)
         await resp.write_eof()
         return resp
 
 
-__all__ = ["LiteFSAPI", "send_snapshot"]
+__all__ = ["MAX_SNAPSHOTS", "LiteFSAPI", "send_snapshot"]

@@ -29,8 +29,8 @@ from sidecar.errors import InvalidDatabaseName, RestoreError, validate_cluster_n
 from sidecar.ltx import LTXError, format_timestamp
 from sidecar.ltx.sqlite import sqlite_page_size
 from sidecar.protocol import hex_txid, txid_hex
-from sidecar.server.http import ADMIN, CLUSTER, ClientError, db_param, read_body
-from sidecar.server.litefs_api import send_snapshot
+from sidecar.server.http import ADMIN, CLUSTER, ClientError, Receiving, Slots, db_param, read_body
+from sidecar.server.litefs_api import MAX_SNAPSHOTS, send_snapshot
 from sidecar.server.router import FORWARDED_HEADER, Router
 from sidecar.storage.base import parse_rfc3339
 
@@ -80,11 +80,14 @@ class OperatorAPI:
     """Handlers of /api/... over one engine."""
 
     def __init__(self, engine: Engine, *, max_body_size: int, request_timeout: float,
-                 router: Router | None = None) -> None:
+                 router: Router | None = None, receiving: Receiving | None = None,
+                 snapshots: Slots | None = None) -> None:
         self.engine = engine
         self.router = router
         self.max_body_size = max_body_size
         self.request_timeout = request_timeout
+        self.receiving = receiving or Receiving(max_body_size)
+        self.snapshots = snapshots or Slots(MAX_SNAPSHOTS, "snapshot downloads")
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -207,12 +210,17 @@ class OperatorAPI:
         fmt = request.query.get("format", "sqlite")
         if fmt not in ("sqlite", "ltx"):
             raise ClientError(400, "EBADFORMAT", f"format {fmt!r}: want sqlite or ltx")
-        return await send_snapshot(self.engine, request, cluster, name, timestamp=ts, txid=txid,
-                                   sqlite=fmt == "sqlite")
+        with self.snapshots.hold(cluster):
+            return await send_snapshot(self.engine, request, cluster, name, timestamp=ts, txid=txid,
+                                       sqlite=fmt == "sqlite", within=self.request_timeout)
 
     async def upload(self, request: web.Request) -> web.Response:
         cluster, name = db_param(request)
-        data = await read_body(request, self.max_body_size, self.request_timeout)
+        with self.receiving.hold(cluster, f"upload of {name!r}") as take:  # its bytes are held until stored
+            return await self._upload(request, cluster, name,
+                                      await read_body(request, self.max_body_size, self.request_timeout, take))
+
+    async def _upload(self, request: web.Request, cluster: str, name: str, data: bytes) -> web.Response:
         try:
             page_size = sqlite_page_size(data[:100])
         except LTXError as err:

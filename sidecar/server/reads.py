@@ -16,7 +16,7 @@
     GET /db/head?db=NAME[&wait=SECONDS]
         the latest state's plan with its ETag; with `If-None-Match: <that ETag>` the request is held until
         the state changes (a flush, compaction or retention) or `wait` passes (then 304): one request per
-        change, so a follower needs no polling
+        change, so a follower needs no polling; a client that hangs up ends its poll at once
 
 These only read, so read-only tokens (`<cluster> <token> read`) can use them, within their cluster. Errors
 are the server's JSON `{code, error}`: 404 ENODB (no such database), ENOTXID (no state at that target),
@@ -40,7 +40,8 @@ from sidecar.errors import RestoreError, SidecarError
 from sidecar.ltx import lock_pgno, parse_filename
 from sidecar.ltx.pageindex import MAX_PROBES, TAIL, SparseIndex, Unknown, index_span
 from sidecar.protocol import hex_txid
-from sidecar.server.http import CLUSTER, error
+from sidecar.server.guard import Guard
+from sidecar.server.http import CLUSTER, error, send
 from sidecar.storage.base import SNAPSHOT_LEVEL, parse_rfc3339
 
 MAX_WAIT = 60.0  # seconds a long-poll may be held
@@ -48,6 +49,8 @@ MAX_PAGES = 256  # pages in one /db/pages answer
 MAX_INDEXES = 512  # stored files whose page index (as read so far) is kept
 _PAGE = struct.Struct(">IBQQ")  # pgno, and the level, min and max TXID of the file a frame comes from
 IMMUTABLE = "private, max-age=31536000, immutable"
+_HEADS_SLACK = 64  # heads cached beyond twice those of existing databases before deleted ones' are dropped
+_SLICE = 1 << 20  # bytes of a ranged answer read from the store at once
 _INDEX_TAIL = 25  # bytes at the end of an LTX v3 file that locate its page index
 
 
@@ -60,11 +63,13 @@ def _cached(key: str, e: FileEntry) -> str:
 class Reads:
     """The read routes of one server."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, request_timeout: float = 300.0) -> None:
         self.engine = engine
+        self.request_timeout = request_timeout  # the most a client may take to accept each chunk of a file
         self.stopping = asyncio.Event()
         self._indexes: dict[str, tuple[int, int]] = {}  # _cached(key, file) -> page index (offset, length)
         self._heads: dict[tuple[str, str], tuple[int, Head | None, str]] = {}  # by index version
+        self._heads_limit = _HEADS_SLACK
         self._sparse: dict[str, SparseIndex] = {}  # _cached(key, file) -> its page index as read so far (recent last)
         self._plans: dict[tuple[str, str, int], tuple[int, list[FileEntry]]] = {}  # by index version
 
@@ -168,6 +173,9 @@ class Reads:
             head = heads.latest(index)
             tag = f'"{hashlib.sha256(heads.encode(head)).hexdigest()[:32]}"' if head else '"none"'
             cached = self._heads[(cluster, name)] = (version, head, tag)
+            if len(self._heads) > self._heads_limit:  # the heads of deleted databases go (amortised: limit doubles)
+                self._heads = {k: v for k, v in self._heads.items() if self.engine.exists(*k)}
+                self._heads_limit = 2 * len(self._heads) + _HEADS_SLACK
         return cached[1], cached[2]
 
     # -- routes ---------------------------------------------------------------------------------------
@@ -224,14 +232,21 @@ class Reads:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_type = "application/octet-stream"
         resp.content_length = end - start
-        if status == 206 or request.method == "HEAD":
-            data = await self.engine.storage.get_range(key, start, end - start) if request.method != "HEAD" else b""
+        if request.method == "HEAD":
             await resp.prepare(request)
-            await resp.write(data)
+        elif status == 206:
+            await resp.prepare(request)
+            # By slices: a range may be the whole of a multi-GB snapshot, never held in memory at once.
+            while start < end:
+                data = await self.engine.storage.get_range(key, start, min(_SLICE, end - start))
+                if not data:
+                    raise SidecarError(f"{key}: the stored file ends at byte {start}, before its indexed size")
+                await send(request, resp, data, self.request_timeout)
+                start += len(data)
         else:
             await resp.prepare(request)
             async for chunk in self.engine.storage.stream(key):
-                await resp.write(chunk)
+                await send(request, resp, chunk, self.request_timeout)
         await resp.write_eof()
         return resp
 
@@ -302,11 +317,22 @@ class Reads:
                 if self.stopping.is_set() or not self.engine.exists(cluster, name):
                     return True
                 return self._latest(cluster, name, self.engine.index(cluster, name))[1] != tag
-            try:
+            async def held() -> None:
                 async with self.engine.stored:
-                    await asyncio.wait_for(self.engine.stored.wait_for(changed), wait)
-            except TimeoutError:
-                pass
+                    await self.engine.stored.wait_for(changed)
+            # Until a change, `wait`, or the client going away (aiohttp would leave the poll waiting for nobody).
+            protocol = request.transport.get_protocol() if request.transport is not None else None
+            lost = protocol.lost() if isinstance(protocol, Guard) else asyncio.get_running_loop().create_future()
+            waiting = asyncio.ensure_future(held())
+            try:
+                await asyncio.wait([waiting, lost], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+                await asyncio.wait([waiting])
+            if lost.done():
+                raise ConnectionResetError("the client went away during a long-poll")
+            if not waiting.cancelled():
+                waiting.result()
             if not self.engine.exists(cluster, name):
                 raise _NoDatabase(f"database {name!r} was deleted")
             head, tag = self._latest(cluster, name, self.engine.index(cluster, name))

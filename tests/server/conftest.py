@@ -54,9 +54,9 @@ class Running:
 
 async def start_server(root: Path, *, l0_interval: float = 0.0, max_body: int = 1 << 30,
                        request_timeout: float = 300.0, tokens: dict[str, Scope] | None = None,
-                       **options: Any) -> Running:
+                       max_databases: int = 0, **options: Any) -> Running:
     storage = open_storage(f"file://{root / 'store'}")
-    engine = await Engine.open(storage, root / "state", Levels(l0_interval=l0_interval))
+    engine = await Engine.open(storage, root / "state", Levels(l0_interval=l0_interval), max_databases=max_databases)
     if tokens is None:
         tokens = {TOKEN: Scope("default"), OTHER: Scope("other"), READER: Scope("default", True)}
     config = ServerConfig(tokens=tokens,

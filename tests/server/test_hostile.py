@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -10,8 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sidecar.ltx import HEADER_SIZE
+from sidecar.server.litefs_api import MAX_SNAPSHOTS
 from tests.conftest import LITEFS
-from tests.server.conftest import ADMIN, OTHER, SNAPSHOT, TOKEN, Running, post, start_server
+from tests.engine.history import History
+from tests.server.conftest import ADMIN, OTHER, SNAPSHOT, TOKEN, Running, post, start_server, wait_until
 
 
 @pytest.mark.parametrize(("auth", "params"), [
@@ -82,6 +88,149 @@ async def test_a_chunked_upload_over_the_limit_is_refused_naming_the_limit(tmp_p
             body = await resp.json()
         assert body["code"] == "ETOOLARGE" and body["error"] == "request body exceeds 1000 bytes"
     finally:
+        await srv.shutdown()
+
+
+async def test_uploads_held_open_cannot_take_the_servers_memory(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Each upload is within the body limit, but a client holding many open (to new databases) held that many
+    bodies in memory: one cluster's bytes in flight are capped at the body limit, and other clusters go on."""
+    srv = await start_server(tmp_path, max_body=1 << 20)
+    host, port = srv.url.removeprefix("http://").split(":")
+    body = SNAPSHOT[:HEADER_SIZE] + bytes(700 << 10)  # a valid header, then bytes the server must buffer
+    _, held = await asyncio.open_connection(host, int(port))
+    try:
+        held.write(f"POST /db/tx?db=held.db HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n"
+                   f"Content-Length: {len(body) + 1}\r\n\r\n".encode() + body)  # one byte short: never ends
+        await held.drain()
+
+        async def refused() -> bool:
+            status, reply = await post(http, srv.url, "other.db", body)
+            assert status in (400, 503), (status, reply)  # 400: the junk after the header (the first upload not in)
+            return status == 503 and reply["code"] == "EBUSY"
+        await wait_until(refused)
+        assert (await post(http, srv.url, "app.db", SNAPSHOT, OTHER))[0] == 200  # another cluster is not held up
+        held.close()
+        await held.wait_closed()
+
+        async def accepted() -> bool:
+            return (await post(http, srv.url, "app.db", SNAPSHOT))[0] == 200
+        await wait_until(accepted)  # the held upload's bytes are given back when it ends
+    finally:
+        held.close()
+        await srv.shutdown()
+
+
+async def test_a_cluster_creates_at_most_max_databases(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Each database costs the server memory, store objects and a share of every tick: a token's holder creating
+    them without end would starve the other clusters. Past the ceiling a new name is refused before its body is read;
+    the cluster's existing databases and other clusters go on, and a deleted database frees its place."""
+    srv = await start_server(tmp_path, max_databases=2)
+    try:
+        for name in ("a.db", "b.db"):
+            assert (await post(http, srv.url, name, SNAPSHOT))[0] == 200
+        status, reply = await post(http, srv.url, "c.db", SNAPSHOT)
+        assert status == 403 and reply["code"] == "ETOOMANYDBS", reply
+        assert "default" in str(reply["error"]) and "2" in str(reply["error"])
+        assert srv.engine.databases("default") == ["a.db", "b.db"]
+        assert (await post(http, srv.url, "c.db", SNAPSHOT, OTHER))[0] == 200  # another cluster has its own count
+        async with http.delete(f"{srv.url}/api/db", params={"db": "a.db", "cluster": "default"},
+                               headers={"Authorization": ADMIN}) as resp:
+            assert resp.status == 200
+        assert (await post(http, srv.url, "c.db", SNAPSHOT))[0] == 200
+    finally:
+        await srv.shutdown()
+
+
+async def test_stalled_snapshot_downloads_cannot_fill_the_servers_disk(tmp_path: Path,
+                                                                       http: aiohttp.ClientSession) -> None:
+    """Each snapshot download is built in a temporary file of the database's size on the state directory's disk,
+    held while the client reads: clients that never read, many at once, filled the disk the upload log needs. One
+    cluster has at most MAX_SNAPSHOTS downloads at once; another cluster's go on."""
+    srv = await start_server(tmp_path)
+    history = History(tmp_path / "live.db")
+    stalled: list[asyncio.StreamWriter] = []
+    try:
+        history.con.execute("CREATE TABLE blobs (b BLOB)")
+        history.con.execute("BEGIN")
+        for _ in range(2000):
+            history.con.execute("INSERT INTO blobs VALUES (randomblob(4000))")  # ~8 MiB: more than socket buffers
+        history.con.execute("COMMIT")
+        await srv.engine.write_tx("default", "app.db", history.commit(1_790_000_000_000))
+        assert (await post(http, srv.url, "app.db", SNAPSHOT, OTHER))[0] == 200
+        host, port = srv.url.removeprefix("http://").split(":")
+        for _ in range(MAX_SNAPSHOTS):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small, and never read
+            sock.connect((host, int(port)))
+            _, writer = await asyncio.open_connection(sock=sock, limit=1024)
+            writer.write(f"GET /db/snapshot?db=app.db HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n\r\n"
+                         .encode())
+            stalled.append(writer)
+
+        async def held() -> bool:  # each stalled download's snapshot built, in its temporary file
+            return len(list((tmp_path / "state" / ".tmp").rglob("out"))) == MAX_SNAPSHOTS
+        await wait_until(held)
+
+        async def refused() -> bool:
+            async with http.get(f"{srv.url}/db/snapshot?db=app.db", headers={"Authorization": TOKEN}) as resp:
+                if resp.status == 200:
+                    await resp.read()
+                    return False
+                assert resp.status == 503 and (await resp.json())["code"] == "EBUSY"
+                return True
+        await wait_until(refused)
+        async with http.get(f"{srv.url}/db/snapshot?db=app.db", headers={"Authorization": OTHER}) as resp:
+            assert resp.status == 200  # another cluster is not held up
+        for writer in stalled:
+            writer.close()
+
+        async def served() -> bool:
+            async with http.get(f"{srv.url}/db/snapshot?db=app.db", headers={"Authorization": TOKEN}) as resp:
+                return resp.status == 200 and len(await resp.read()) > 8_000_000
+        await wait_until(served)  # the stalled downloads' places are given back when their clients go
+    finally:
+        for writer in stalled:
+            writer.close()
+        history.close()
+        await srv.shutdown()
+
+
+async def test_a_download_whose_client_stopped_reading_is_ended(tmp_path: Path) -> None:
+    """A client that stops reading a download held its connection and the snapshot's temporary file for ever: the
+    client must take each chunk within request_timeout."""
+    srv = await start_server(tmp_path, request_timeout=0.5)
+    history = History(tmp_path / "live.db")
+    sock = socket.socket()
+    try:
+        history.con.execute("CREATE TABLE blobs (b BLOB)")
+        history.con.execute("BEGIN")
+        for _ in range(2000):
+            history.con.execute("INSERT INTO blobs VALUES (randomblob(4000))")  # ~8 MiB: more than socket buffers
+        history.con.execute("COMMIT")
+        await srv.engine.write_tx("default", "app.db", history.commit(1_790_000_000_000))
+        host, port = srv.url.removeprefix("http://").split(":")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small, and not read until the end
+        sock.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+        writer.write(f"GET /db/snapshot?db=app.db HTTP/1.1\r\nHost: x\r\nAuthorization: {TOKEN}\r\n\r\n".encode())
+        temp = tmp_path / "state" / ".tmp"
+
+        async def built() -> bool:
+            return bool(list(temp.rglob("out")))
+        await wait_until(built)
+
+        async def released() -> bool:
+            return not list(temp.rglob("out"))
+        await wait_until(released)
+        received = 0
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(1 << 16):  # what was in flight, then the end: the server closed it
+                received += len(chunk)
+        assert received < 8_000_000
+        writer.close()
+    finally:
+        sock.close()
+        history.close()
         await srv.shutdown()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import tracemalloc
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -15,10 +17,18 @@ from sidecar.engine import head as heads
 from sidecar.errors import SidecarError
 from sidecar.ltx.pageindex import decode as decode_index
 from sidecar.server import Scope, parse_tokens
+from sidecar.server.reads import Reads
 from tests.engine.history import History
-from tests.server.conftest import ADMIN, OTHER, READER, TOKEN, Running
+from tests.server.conftest import ADMIN, OTHER, READER, SNAPSHOT, TOKEN, Running, post, wait_until
 
 AUTH = {"Authorization": f"Bearer {READER}"}
+
+
+def async_(cond: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """`cond` as wait_until takes it."""
+    async def check() -> bool:
+        return cond()
+    return check
 
 
 async def upload(server: Running, history: History, n: int) -> None:
@@ -118,6 +128,32 @@ class TestReadRoutes:
             async with http.get(server.url + "/db/plan", params={"db": "app.db", "txid": bad}, headers=AUTH) as resp:
                 assert resp.status == 400 and "want a hex TXID" in (await resp.json())["error"], bad
 
+    async def test_a_range_as_big_as_the_file_is_streamed(self, server: Running, http: aiohttp.ClientSession,
+                                                          history: History) -> None:
+        """`Range: bytes=0-` of a stored file costs the server what a whole download costs, not the file's size in
+        memory (a multi-GB snapshot asked for so, a few times at once, would take the server down)."""
+        history.con.execute("CREATE TABLE blobs (b BLOB)")
+        history.con.execute("BEGIN")
+        for _ in range(2000):
+            history.con.execute("INSERT INTO blobs VALUES (randomblob(4000))")  # incompressible: ~8 MiB stored
+        history.con.execute("COMMIT")
+        await server.engine.write_tx("default", "app.db", history.commit(1_790_000_000_000))
+        entry = server.engine.index("default", "app.db").level(0)[-1]
+        assert entry.size > 8_000_000
+        url = f"{server.url}/db/ltx?db=app.db&file=0/{entry.min_txid:016x}-{entry.max_txid:016x}.ltx"
+        tracemalloc.start()
+        try:
+            async with http.get(url, headers={**AUTH, "Range": "bytes=0-"}) as resp:
+                assert resp.status == 206 and resp.headers["Content-Range"] == f"bytes 0-{entry.size - 1}/{entry.size}"
+                received = 0
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    received += len(chunk)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert received == entry.size
+        assert peak < entry.size // 2, (peak, entry.size)
+
     async def test_digits_that_are_not_ascii_are_refused(self, server: Running, http: aiohttp.ClientSession,
                                                          history: History) -> None:
         """A file level or Range with a character Python calls a digit but int() refuses ('²') is the client's
@@ -161,6 +197,49 @@ class TestReadRoutes:
         resp = await asyncio.wait_for(held, 5)
         async with resp:
             assert resp.status == 304
+
+    async def test_a_long_poll_ends_when_its_client_goes_away(self, server: Running, http: aiohttp.ClientSession,
+                                                               history: History) -> None:
+        """A client that opens long-polls and hangs up holds nothing: the polls the connection cap no longer counts
+        would otherwise stay waiting (three tasks each) for up to a minute, as many as a client cares to churn."""
+        await upload(server, history, 1)
+        stored = server.engine.stored
+        await wait_until(async_(lambda: bool(server.engine.index("default", "app.db").level(9))))  # head stable now
+        async with http.get(server.url + "/db/head?db=app.db", headers=AUTH) as resp:
+            tag = resp.headers["ETag"]
+        canary = asyncio.ensure_future(http.get(server.url + "/db/head?db=app.db&wait=60",
+                                                headers={**AUTH, "If-None-Match": tag}))
+        host, port = server.url.removeprefix("http://").split(":")
+        request = (f"GET /db/head?db=app.db&wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\n"
+                   f"If-None-Match: {tag}\r\n\r\n").encode()
+        writers = []
+        for _ in range(50):
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            writers.append(writer)
+        await wait_until(async_(lambda: len(stored._waiters) == 51))  # type: ignore[attr-defined]
+        for writer in writers:
+            writer.close()
+            await writer.wait_closed()
+        await wait_until(async_(lambda: len(stored._waiters) == 1))  # type: ignore[attr-defined]
+        assert not canary.done()  # the head did not change: the 50 ended because their clients left
+        canary.cancel()
+
+    async def test_deleted_databases_leave_nothing_in_the_head_caches(self, server: Running,
+                                                                      http: aiohttp.ClientSession) -> None:
+        """A token may create and delete its databases in a loop: the heads cached for them must go with them, or
+        the server's memory grows with every database that ever was (each entry holding a whole index)."""
+        reads = Reads(server.engine)
+        for i in range(100):
+            name = f"churn-{i}.db"
+            assert (await post(http, server.url, name, SNAPSHOT))[0] == 200
+            reads._latest("default", name, server.engine.index("default", name))
+            async with http.delete(f"{server.url}/api/db", params={"db": name},
+                                   headers={"Authorization": TOKEN}) as resp:
+                assert resp.status == 200
+        assert server.engine.databases("default") == []
+        assert not server.engine._heads and not server.engine._latest
+        assert len(reads._heads) < 70  # pruned to the databases that exist, with some slack
 
     async def test_admin_needs_a_cluster(self, server: Running, http: aiohttp.ClientSession,
                                          history: History) -> None:
