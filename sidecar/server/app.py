@@ -40,7 +40,7 @@ from sidecar.protocol import INSTANCE_HEADER, REQUEST_ID_HEADER
 from sidecar.server.auth import ADMIN_SCOPE, Scope, Tokens
 from sidecar.server.guard import Guard, GuardedSite, Limits, install_client_mistakes_filter, quiet_accept_errors
 from sidecar.server.handoff import Inbox, Peers, Siblings, head_of
-from sidecar.server.http import ADMIN, CLUSTER, READONLY, Receiving, Slots, error
+from sidecar.server.http import ADMIN, CLUSTER, READONLY, Quota, error
 from sidecar.server.litefs_api import MAX_SNAPSHOTS, LiteFSAPI
 from sidecar.server.metrics import Metrics
 from sidecar.server.operator import OperatorAPI
@@ -92,8 +92,8 @@ class Server:
         self.router = Router(engine, config.instance_id, on_forward=self.metrics.forwarded.inc)
         self.reads = Reads(engine, config.request_timeout)
         # Per cluster, whatever the route: upload bytes in memory at once, snapshot downloads (temporary files) at once.
-        receiving = Receiving(config.max_body_size)
-        snapshots = Slots(MAX_SNAPSHOTS, "snapshot downloads")
+        receiving = Quota(config.max_body_size, "bytes of uploads in flight")
+        snapshots = Quota(MAX_SNAPSHOTS, "snapshot downloads under way")
         self.litefs = LiteFSAPI(engine, self.metrics, max_body_size=config.max_body_size,
                                 request_timeout=config.request_timeout, receiving=receiving, snapshots=snapshots)
         self.operator = OperatorAPI(engine, max_body_size=config.max_body_size, request_timeout=config.request_timeout,

@@ -42,55 +42,36 @@ class Busy(SidecarError):
     retry_after = 1
 
 
-class Receiving:
-    """Upload bytes held in memory while bodies are received and accepted, by cluster. One cluster's uploads hold at
-    most `limit` bytes at once, so a client holding many large uploads open (each within the body limit) cannot take
-    the server's memory, nor does it take another cluster's share."""
+class Quota:
+    """At most `limit` of something (`unit`: bytes of uploads in flight, snapshot downloads under way) held at once
+    per cluster, whatever the route: one cluster's clients cannot take the server's memory or disk, nor another
+    cluster's share. Past it, 503 Busy."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, unit: str) -> None:
         self.limit = limit
+        self.unit = unit
         self.held: Counter[str] = Counter()
 
     @contextlib.contextmanager
-    def hold(self, cluster: str, what: str) -> Iterator[Callable[[int], None]]:
-        """A `take(n)` that counts n more bytes of one upload (`what` names it) against its cluster, raising Busy
-        past the limit; everything taken is given back on exit."""
+    def hold(self, cluster: str, what: str, first: int = 0) -> Iterator[Callable[[int], None]]:
+        """A `take(n)` that counts n more units of one request (`what` names it; `first` taken at once) against its
+        cluster, raising Busy past the limit; everything taken is given back on exit."""
         taken = 0
 
         def take(n: int) -> None:
             nonlocal taken
             if self.held[cluster] + n > self.limit:
-                raise Busy(f"{what}: cluster {cluster!r} already has {self.held[cluster]} bytes of uploads in flight "
+                raise Busy(f"{what}: cluster {cluster!r} already has {self.held[cluster]} {self.unit} "
                            f"(limit {self.limit}); retry shortly")
             self.held[cluster] += n
             taken += n
         try:
+            if first:
+                take(first)
             yield take
         finally:
             self.held[cluster] -= taken
             if self.held[cluster] <= 0:
-                del self.held[cluster]
-
-
-class Slots:
-    """At most `limit` requests of one kind (`what`) at once per cluster, for requests that each hold something big
-    while their client reads (a snapshot's temporary file): one more gets 503 Busy."""
-
-    def __init__(self, limit: int, what: str) -> None:
-        self.limit = limit
-        self.what = what
-        self.held: Counter[str] = Counter()
-
-    @contextlib.contextmanager
-    def hold(self, cluster: str) -> Iterator[None]:
-        if self.held[cluster] >= self.limit:
-            raise Busy(f"cluster {cluster!r} already has {self.limit} {self.what} in progress; retry shortly")
-        self.held[cluster] += 1
-        try:
-            yield
-        finally:
-            self.held[cluster] -= 1
-            if not self.held[cluster]:
                 del self.held[cluster]
 
 
@@ -141,7 +122,7 @@ def check_length(request: web.Request, limit: int) -> None:
 async def read_body(request: web.Request, limit: int, seconds: float, take: Callable[[int], None] | None = None, *,
                     read: int = 0) -> bytes:
     """The rest of the request body, received within `seconds`; `limit` bytes at most in all, the `read` bytes the
-    caller already took included (a 413 names the limit the client is held to); `take` (Receiving.hold) counts
+    caller already took included (a 413 names the limit the client is held to); `take` (Quota.hold) counts
     each chunk as it arrives."""
     if request.content.total_bytes == 0:
         check_length(request, limit)
@@ -183,5 +164,5 @@ def _gone(err: OSError) -> ClientError:
     return ClientError(400, "EBADBODY", f"request body unreadable: the client went away ({err})")
 
 
-__all__ = ["ADMIN", "CLUSTER", "READONLY", "Busy", "ClientError", "Receiving", "Slots", "db_param", "error",
+__all__ = ["ADMIN", "CLUSTER", "READONLY", "Busy", "ClientError", "Quota", "db_param", "error",
            "read_body", "read_head", "send"]

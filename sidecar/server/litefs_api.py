@@ -21,8 +21,7 @@ from sidecar.protocol import HWM_HEADER, TXID_HEADER, pos_to_json, txid_hex
 from sidecar.server.http import (
     CLUSTER,
     ClientError,
-    Receiving,
-    Slots,
+    Quota,
     check_length,
     db_param,
     error,
@@ -39,12 +38,12 @@ class LiteFSAPI:
     """Handlers of the protocol routes over one engine."""
 
     def __init__(self, engine: Engine, metrics: Metrics, *, max_body_size: int, request_timeout: float,
-                 receiving: Receiving | None = None, snapshots: Slots | None = None) -> None:
+                 receiving: Quota | None = None, snapshots: Quota | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_body_size = max_body_size
-        self.receiving = receiving or Receiving(max_body_size)
-        self.snapshots = snapshots or Slots(MAX_SNAPSHOTS, "snapshot downloads")
+        self.receiving = receiving or Quota(max_body_size, "bytes of uploads in flight")
+        self.snapshots = snapshots or Quota(MAX_SNAPSHOTS, "snapshot downloads under way")
         self.request_timeout = request_timeout
         self.inflight = 0
 
@@ -92,7 +91,7 @@ class LiteFSAPI:
         cluster, name = db_param(request)
         if not self.engine.exists(cluster, name) or self.engine.pos(cluster, name).is_zero:
             return error(404, "ENODB", f"database {name!r} has no backup in cluster {cluster!r}")
-        with self.snapshots.hold(cluster):
+        with self.snapshots.hold(cluster, f"download of {name!r}", 1):
             return await send_snapshot(self.engine, request, cluster, name, within=self.request_timeout)
 
     async def get_hwm(self, request: web.Request) -> web.Response:

@@ -29,7 +29,7 @@ from sidecar.errors import InvalidDatabaseName, RestoreError, validate_cluster_n
 from sidecar.ltx import LTXError, format_timestamp
 from sidecar.ltx.sqlite import sqlite_page_size
 from sidecar.protocol import hex_txid, txid_hex
-from sidecar.server.http import ADMIN, CLUSTER, ClientError, Receiving, Slots, db_param, read_body
+from sidecar.server.http import ADMIN, CLUSTER, ClientError, Quota, db_param, read_body
 from sidecar.server.litefs_api import MAX_SNAPSHOTS, send_snapshot
 from sidecar.server.router import FORWARDED_HEADER, Router
 from sidecar.storage.base import parse_rfc3339
@@ -80,14 +80,14 @@ class OperatorAPI:
     """Handlers of /api/... over one engine."""
 
     def __init__(self, engine: Engine, *, max_body_size: int, request_timeout: float,
-                 router: Router | None = None, receiving: Receiving | None = None,
-                 snapshots: Slots | None = None) -> None:
+                 router: Router | None = None, receiving: Quota | None = None,
+                 snapshots: Quota | None = None) -> None:
         self.engine = engine
         self.router = router
         self.max_body_size = max_body_size
         self.request_timeout = request_timeout
-        self.receiving = receiving or Receiving(max_body_size)
-        self.snapshots = snapshots or Slots(MAX_SNAPSHOTS, "snapshot downloads")
+        self.receiving = receiving or Quota(max_body_size, "bytes of uploads in flight")
+        self.snapshots = snapshots or Quota(MAX_SNAPSHOTS, "snapshot downloads under way")
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -210,7 +210,7 @@ class OperatorAPI:
         fmt = request.query.get("format", "sqlite")
         if fmt not in ("sqlite", "ltx"):
             raise ClientError(400, "EBADFORMAT", f"format {fmt!r}: want sqlite or ltx")
-        with self.snapshots.hold(cluster):
+        with self.snapshots.hold(cluster, f"download of {name!r}", 1):
             return await send_snapshot(self.engine, request, cluster, name, timestamp=ts, txid=txid,
                                        sqlite=fmt == "sqlite", within=self.request_timeout)
 

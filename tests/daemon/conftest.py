@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -170,6 +171,15 @@ async def engine_via(proxy: FaultProxy, bucket: str, state: Path) -> EngineUpstr
     store = S3Storage(bucket, "b", endpoint_url=proxy.url, force_path_style=True, max_attempts=2,
                       backoff_base=0.001, backoff_cap=0.005)
     return EngineUpstream(f"s3://{bucket}/b", await Engine.open(store, state, Levels(l0_interval=0)), "default")
+
+
+def rows(path: Path) -> list[tuple[object, ...]]:
+    """Table t of the database at `path`, read-only, by id."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT * FROM t ORDER BY id").fetchall()
+    finally:
+        con.close()
 
 
 def write(env: Env, db: str, n: int, start: int = 0) -> None:

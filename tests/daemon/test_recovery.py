@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,15 +11,7 @@ from sidecar.daemon.litefs import LiteFSError, LiteFSNode
 from sidecar.daemon.upstream import EngineUpstream
 from sidecar.emulator import LoadWriter
 from sidecar.ltx import Pos
-from tests.daemon.conftest import Env, eventually, write
-
-
-def rows(path: Path) -> list[tuple[object, ...]]:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return con.execute("SELECT * FROM t ORDER BY id").fetchall()
-    finally:
-        con.close()
+from tests.daemon.conftest import Env, eventually, rows, write
 
 
 def drop_files(env: Env, db: str, upto: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import sqlite3
 from pathlib import Path
 
 from sidecar.daemon import Sidecar
@@ -13,7 +12,7 @@ from sidecar.daemon.litefs import LiteFSNode
 from sidecar.daemon.upstream import EngineUpstream, Upstream
 from sidecar.emulator import EmulatedNode, start_http
 from sidecar.ltx import Pos
-from tests.daemon.conftest import Env, eventually, write
+from tests.daemon.conftest import Env, eventually, rows, write
 
 
 def txids(node: EmulatedNode, db: str) -> set[int]:
@@ -278,10 +277,3 @@ async def test_a_promoted_replica_restarted_ships_only_what_the_store_lacks_afte
         await runner.cleanup()
         replica.close()
 
-
-def rows(path: Path) -> list[tuple[object, ...]]:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return con.execute("SELECT * FROM t ORDER BY id").fetchall()
-    finally:
-        con.close()
