@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GO_V2 = FIXTURES / "go-ltx-v2"
@@ -28,6 +31,23 @@ def make_db(path: Path, rows: int = 200, page_size: int = 4096, seed: int = 0) -
     con.commit()
     con.close()
     return path
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Undo what a test's setup() did (a command run in-process sets the level to warning, say): each test starts
+    from structlog's and logging's defaults, whichever tests ran before it in its process."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    noisy = {name: logging.getLogger(name).level
+             for name in ("botocore", "aiobotocore", "s3transfer", "urllib3", "watchfiles")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, old in noisy.items():
+        logging.getLogger(name).setLevel(old)
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
 
 
 @pytest.fixture

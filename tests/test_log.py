@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,21 +13,6 @@ import pytest
 import structlog
 
 from sidecar import log
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Undo setup() so other tests see structlog's and logging's defaults."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    noisy = {name: logging.getLogger(name).level for name in ("botocore", "aiobotocore", "s3transfer", "urllib3")}
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, old in noisy.items():
-        logging.getLogger(name).setLevel(old)
-    structlog.contextvars.clear_contextvars()
-    structlog.reset_defaults()
 
 
 class _TTY(io.StringIO):
