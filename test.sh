@@ -14,4 +14,6 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
 fi
 python3 -m ruff check sidecar tests bench tools
 python3 -m mypy
-python3 -m pytest -q "$@"
+# Two processes, each test file whole in one of them (its module fixtures and servers are started once).
+# -p no:benchmark: pytest-benchmark, where installed, refuses to run beside xdist.
+python3 -m pytest -q -n 2 --dist loadfile -p no:benchmark "$@"
