@@ -33,6 +33,15 @@ class Metrics:
                               registry=r)
         self.primary = Gauge("litefs_sidecar_primary", "1 on the primary, 0 on a replica", registry=r)
 
+    def forget(self, db: str) -> None:
+        """Remove every series labelled `db` (a database that no longer exists): none stays at its last value."""
+        for metric in (self.bytes, self.pruned, self.lag, self.pending_files, self.pending_bytes, self.hwm,
+                       self.last_ship, self.diverged):
+            metric.remove(db)
+        kinds = {s.labels["kind"] for family in self.uploads.collect() for s in family.samples if s.labels["db"] == db}
+        for kind in kinds:
+            self.uploads.remove(db, kind)
+
 
 async def start_metrics(metrics: Metrics, health: Callable[[], dict[str, Any]], addr: str
                         ) -> tuple[web.AppRunner, str]:

@@ -143,7 +143,9 @@ class Sidecar:
             parts = raw[len(prefix):].split("/")
             if len(parts) != 3 or parts[1] != "ltx":
                 continue
-            db = self._db(parts[0])
+            db = self.dbs.get(parts[0])
+            if db is None:  # a database forgotten since (its directory is gone); a new one is found by discover()
+                continue
             if change == watchfiles.Change.deleted:
                 self._deleted_elsewhere(db, Path(raw), snapshots)
                 db.local.discard(Path(raw))
@@ -179,16 +181,35 @@ class Sidecar:
                                                    stop_event=_Either(stop, self._rewatch), recursive=False):
                 self._changed(changes)
             for name in self._watched:  # files that came while the watch was being rebuilt (LiteFS names them
-                self.dbs[name].local.probe()  # in sequence; the periodic rescan is the safety net)
+                if (db := self.dbs.get(name)) is not None:  # in sequence; the periodic rescan is the safety net)
+                    db.local.probe()
 
     def discover(self) -> None:
-        """Pick up databases that appeared since the last look; the watcher then follows their `ltx/` too."""
-        new = [name for name in list_databases(self.config.data_dir) if name not in self.dbs]
+        """Pick up databases that appeared since the last look, and forget those whose `ltx/` is gone (LiteFS removed
+        the database) unless a tick job of theirs is still under way; the watcher then follows what is left."""
+        present = list_databases(self.config.data_dir)
+        new = [name for name in present if name not in self.dbs]
+        gone = set(self.dbs) - set(present) - set(self._jobs)
         for name in new:
             self._db(name)
-        if new or set(self.dbs) - self._watched - self._following:
+        for name in sorted(gone):
+            self._forget(name)
+        if new or gone or set(self.dbs) - self._watched - self._following:
             self._rewatch.set()
             self._rewatch_async.set()
+
+    def _forget(self, name: str) -> None:
+        """Drop everything held about a removed database, its metric series included (else they would be exported
+        for ever at their last values). Its link file stays: it is what the in-memory link was (every change is
+        saved), so a database back under this name carries on exactly as after a restart of the sidecar."""
+        db = self.dbs.pop(name)
+        self.backoff.pop(name, None)
+        self._streak.pop(name, None)
+        self._following.discard(name)
+        self._prune_errors.pop(name, None)
+        self._reported = {path for path in self._reported if path.parent != db.local.dir}
+        self.metrics.forget(name)
+        log.info("database removed", db=name)
 
     # -- one tick ------------------------------------------------------------------------------------------
 

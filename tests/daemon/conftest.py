@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from sidecar.config import EngineConfig, SidecarConfig
@@ -163,6 +164,15 @@ async def eventually(condition: Callable[[], bool], within: float = 30.0) -> Non
             if condition():
                 return
             await asyncio.sleep(0.05)
+
+
+async def look(sidecar: Sidecar) -> tuple[int, dict[str, Any], str]:
+    """/healthz's status and JSON, and /metrics' text, over HTTP."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{sidecar.url}/healthz") as resp:
+            status, health = resp.status, await resp.json()
+        async with http.get(f"{sidecar.url}/metrics") as resp:
+            return status, health, await resp.text()
 
 
 async def engine_via(proxy: FaultProxy, bucket: str, state: Path) -> EngineUpstream:

@@ -1,5 +1,5 @@
 """`run --data-dir` naming a directory that does not exist: said at start and in /healthz, not silently idle; a
-database directory that vanishes stops nothing else."""
+database directory that vanishes stops nothing else, and the database is forgotten until it comes back."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sidecar.config import EngineConfig, SidecarConfig
 from sidecar.daemon import Sidecar
 from sidecar.daemon.upstream import EngineUpstream
 from sidecar.emulator import EmulatedNode
-from tests.daemon.conftest import Env
+from tests.daemon.conftest import Env, HeldUpstream, eventually, look, rows, write
 
 
 async def test_a_missing_data_dir_is_warned_about_and_shown_in_healthz(env: Env) -> None:
@@ -55,7 +55,8 @@ async def test_a_database_directory_removed_before_its_files_are_pruned_stops_no
         await sidecar.tick()
         assert sidecar.dbs["kept.db"].remote == node.pos("kept.db")
         assert [p.name for p in node.ltx_files("kept.db")] == ["0000000000000005-0000000000000005.ltx"]
-        assert sidecar.metrics.errors.labels("prune")._value.get() == 1
+        assert "gone.db" not in sidecar.dbs  # forgotten before its tick: its files went with the directory
+        assert sidecar.metrics.errors.labels("prune")._value.get() == 0
     finally:
         await sidecar.close()
         node.close()
@@ -71,3 +72,59 @@ async def test_the_in_process_engine_keeps_its_state_where_engine_state_dir_says
     sidecar = await Sidecar.open(config, EngineConfig(l0_interval=0.0))  # the default: under its own
     await sidecar.close()
     assert (tmp_path / "state" / "engine" / "log").is_dir()
+
+
+class TestDatabaseRemoved:
+    """LiteFS removed `dbs/<name>/` (an invalid database header at start-up; an operator): the database is forgotten."""
+
+    async def test_a_removed_database_is_forgotten_and_found_again_when_it_returns(self, env: Env) -> None:
+        """Gone: no more ticks, no series frozen at their last value, not in /healthz; back: found again, and it ships
+        on from upstream's position (its state is upstream's and the link file's, not the forgotten object's)."""
+        write(env, "gone.db", 3)
+        write(env, "app.db", 3)
+        env.node.ltx_dir("empty.db").mkdir(parents=True)  # nothing written yet: a database all the same
+        sidecar = await env.start()
+        await env.synced("gone.db")
+        await env.synced("app.db")
+        aside = env.tmp / "aside"
+        with structlog.testing.capture_logs() as logs:
+            shutil.copytree(env.node.db_dir("gone.db"), aside)
+            shutil.rmtree(env.node.db_dir("gone.db"))  # the watcher sees each file go
+            await eventually(lambda: "gone.db" not in sidecar.dbs)
+            write(env, "app.db", 2, start=3)  # the others ship on
+            await env.synced("app.db")
+            _, health, metrics = await look(sidecar)
+            assert sorted(health["databases"]) == ["app.db", "empty.db"] and health["ok"] is True
+            assert 'db="gone.db"' not in metrics
+            assert 'litefs_sidecar_lag_seconds{db="app.db"}' in metrics
+            assert "gone.db" not in sidecar.backoff and "gone.db" not in sidecar._jobs
+            aside.rename(env.node.db_dir("gone.db"))
+            await eventually(lambda: "gone.db" in sidecar.dbs)
+            before = len([s for n, s in sidecar.shipped if n == "gone.db"])
+            write(env, "gone.db", 2, start=3)
+            await env.synced("gone.db")
+        assert [e["db"] for e in logs if e["event"] == "database removed"] == ["gone.db"]
+        assert [e["db"] for e in logs if e["event"] == "database found"] == ["gone.db"]
+        assert set([s.kind for n, s in sidecar.shipped if n == "gone.db"][before:]) == {"files"}  # no snapshot again
+        await env.restore("gone.db", env.tmp / "restored.db")
+        assert [v for _, v in rows(env.tmp / "restored.db")] == [f"row {i}" for i in range(5)]
+
+    async def test_a_database_is_not_forgotten_while_its_upload_is_under_way(self, env: Env) -> None:
+        """Its tick job still runs (an upload hangs) when the directory goes: forgotten once the job has ended."""
+        write(env, "stuck.db", 2)
+        write(env, "app.db", 2)
+        _, inner = await env.upstream(env.config())
+        held = HeldUpstream(inner, "stuck.db")
+        sidecar = await env.start(held)  # type: ignore[arg-type]
+        await env.synced("app.db")
+        assert "stuck.db" in sidecar._jobs
+        shutil.rmtree(env.node.db_dir("stuck.db"))
+        write(env, "late.db", 1)  # found, and so shipped, by a tick that looked after the removal
+        await env.synced("late.db")
+        assert "stuck.db" in sidecar.dbs and "stuck.db" in sidecar._jobs
+        held.unblock.set()
+        await eventually(lambda: "stuck.db" not in sidecar.dbs)
+        assert env._task is not None and not env._task.done()  # the job's end in a vanished directory stopped nothing
+        _, health, metrics = await look(sidecar)
+        assert sorted(health["databases"]) == ["app.db", "late.db"]
+        assert 'db="stuck.db"' not in metrics

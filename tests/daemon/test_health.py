@@ -5,27 +5,15 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
-from sidecar.daemon import Sidecar
 from sidecar.daemon.upstream import HTTPUpstream
 from sidecar.errors import SidecarError
-from tests.daemon.conftest import Env, engine_via, eventually, write
+from tests.daemon.conftest import Env, engine_via, eventually, look, write
 from tests.faults import FaultProxy
 from tests.s3server import MotoServer
 from tests.server.conftest import TOKEN, start_server
-
-
-async def _look(sidecar: Sidecar) -> tuple[int, dict[str, Any], str]:
-    """/healthz's status and JSON, and /metrics' text, over HTTP."""
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{sidecar.url}/healthz") as resp:
-            status, health = resp.status, await resp.json()
-        async with http.get(f"{sidecar.url}/metrics") as resp:
-            return status, health, await resp.text()
 
 
 class TestUpstreamRefusingPositions:
@@ -36,7 +24,7 @@ class TestUpstreamRefusingPositions:
             write(env, "app.db", 3)
             sidecar = await env.start(HTTPUpstream(server.url, "not-the-token", "default"), upstream=server.url)
             await eventually(lambda: sidecar.metrics.errors.labels("upstream")._value.get() >= 2)
-            _, health, metrics = await _look(sidecar)
+            _, health, metrics = await look(sidecar)
             assert health["ok"] is False
             assert "401 EINVALIDAUTH" in health["databases"]["app.db"]["error"]
             assert 'litefs_sidecar_db_error{db="app.db"} 1.0' in metrics
@@ -54,7 +42,7 @@ class TestUpstreamRefusingPositions:
             write(env, "app.db", 3)
             sidecar = await env.start(HTTPUpstream(proxy.url, TOKEN, "default"), upstream=proxy.url)
             await eventually(lambda: sidecar.metrics.errors.labels("upstream")._value.get() >= 2)
-            _, health, metrics = await _look(sidecar)
+            _, health, metrics = await look(sidecar)
             assert health["ok"] is False and "500" in health["databases"]["app.db"]["error"]
             assert 'litefs_sidecar_db_error{db="app.db"} 1.0' in metrics
             proxy.faults.down = False
@@ -62,7 +50,7 @@ class TestUpstreamRefusingPositions:
             write(env, "app.db", 1, start=3)  # a tick that ships clears the error
             await env.synced("app.db")
             await eventually(lambda: not sidecar.dbs["app.db"].error)
-            _, health, metrics = await _look(sidecar)
+            _, health, metrics = await look(sidecar)
             assert health["ok"] is True and health["databases"]["app.db"]["error"] is None
             assert 'litefs_sidecar_db_error{db="app.db"} 0.0' in metrics
         finally:
@@ -82,7 +70,7 @@ class TestInProcessEngineStoreFailing:
         sidecar = await env.start()
         await eventually(lambda: sidecar.metrics.errors.labels("upstream")._value.get() >= 2)
         assert env._task is not None and not env._task.done()
-        _, health, metrics = await _look(sidecar)
+        _, health, metrics = await look(sidecar)
         assert health["ok"] is False and "leases/default" in health["databases"]["app.db"]["error"]
         assert 'litefs_sidecar_db_error{db="app.db"} 1.0' in metrics
         leases.unlink()
@@ -98,14 +86,14 @@ class TestInProcessEngineStoreFailing:
         blocker.mkdir()  # the next flush's key is taken
         write(env, "app.db", 1, start=3)
         await eventually(lambda: "flush" in env.engine.status("default", "app.db").failing)
-        _, health, _ = await _look(sidecar)
+        _, health, _ = await look(sidecar)
         assert health["ok"] is False
         assert "0000000000000005-0000000000000005.ltx" in health["databases"]["app.db"]["failing"]["flush"]
         await eventually(lambda: sidecar.metrics.diverged.labels("app.db")._value.get() == 1)
         blocker.rmdir()
         await eventually(lambda: not env.engine.status("default", "app.db").failing)
         await eventually(lambda: sidecar.metrics.diverged.labels("app.db")._value.get() == 0)
-        _, health, metrics = await _look(sidecar)
+        _, health, metrics = await look(sidecar)
         assert 'litefs_sidecar_db_error{db="app.db"} 0.0' in metrics
         assert health["ok"] is True and health["databases"]["app.db"]["failing"] is None
 
@@ -125,7 +113,7 @@ class TestNoLongerPrimary:
             await eventually(lambda: sidecar.metrics.primary._value.get() == 0)
             proxy.faults.down = False
             await eventually(lambda: sidecar.metrics.diverged.labels("app.db")._value.get() == 0)
-            _, health, _ = await _look(sidecar)
+            _, health, _ = await look(sidecar)
             assert health["ok"] is True and health["databases"]["app.db"]["error"] is None
         finally:
             await env.stop()
@@ -188,12 +176,12 @@ class TestPruneFailing:
             await env.synced("app.db")
             write(env, "app.db", 3, start=3)  # the first files are now below the HWM and not the newest
             await eventually(lambda: sidecar.metrics.errors.labels("prune")._value.get() >= 2)
-            _, health, metrics = await _look(sidecar)
+            _, health, metrics = await look(sidecar)
             assert health["ok"] is False and oldest.name in health["databases"]["app.db"]["error"]
             assert 'litefs_sidecar_db_error{db="app.db"} 1.0' in metrics
         finally:
             _chattr("-i", oldest)
         await eventually(lambda: not oldest.exists())
         await eventually(lambda: sidecar.metrics.diverged.labels("app.db")._value.get() == 0)
-        _, health, _ = await _look(sidecar)
+        _, health, _ = await look(sidecar)
         assert health["ok"] is True and health["databases"]["app.db"]["error"] is None
