@@ -17,10 +17,14 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from sidecar.engine.index import DbIndex
 from sidecar.engine.pagesums import PageSums
 from sidecar.ltx import Header, Pos
 from sidecar.retry import Backoff
+
+log = structlog.get_logger("sidecar.engine")
 
 
 @dataclass
@@ -65,6 +69,8 @@ class Database:
     resync: bool = False  # the store contradicted the index: rebuild it before anything else
     sums: PageSums | None = None  # each page's checksum at `pos`; None while unknown (rebuilt from the store)
     deleted: bool = False  # deleted by an operator: an upload that waited for it is refused
+    # (index version, gap) as last told: a gap is logged once when it appears, and once when it is filled
+    _gap: tuple[int, str] = field(default=(0, ""), init=False, repr=False)
 
     @property
     def prefix(self) -> str:
@@ -73,8 +79,36 @@ class Database:
 
     @property
     def hwm(self) -> int:
-        """The highest TXID durable in the store."""
-        return self.index.max_txid
+        """The highest TXID durable in the store: what a restore reaches. Clients delete their copies at or below it,
+        so past a gap in the stored chain it stops before the gap (and the gap is logged)."""
+        hwm = self.index.hwm
+        if self._gap[0] != self.index.version and (hwm < self.index.max_txid or self._gap[1]):
+            self.gap()
+        return hwm
+
+    def gap(self) -> str:
+        """What breaks the stored chain ("" if nothing): logged when it appears, changes or is filled."""
+        if self._gap[0] == self.index.version:
+            return self._gap[1]
+        missing = self.index.gap()
+        gap = ""
+        if missing:
+            first, last = missing
+            where = f"after TXID {first - 1:016x}" if first > 1 else "before any snapshot"
+            gap = (f"TXIDs {first:016x}..{last:016x} are missing from the store {where}: TXIDs {last + 1:016x}.."
+                   f"{self.index.max_txid:016x} cannot be restored, and the HWM stays at {first - 1:016x}")
+        if gap != self._gap[1]:
+            if missing:
+                # A person must act: the client may still hold the missing TXIDs (it keeps what is above the HWM, and
+                # fills the gap if it sends them again); else only a new snapshot makes the newest state restorable.
+                log.error("backup has a gap: the HWM stops before it", cluster=self.cluster, db=self.name,
+                          missing=f"{missing[0]:016x}-{missing[1]:016x}", hwm=f"{missing[0] - 1:016x}",
+                          stored=f"{self.index.max_txid:016x}")
+            else:
+                log.info("backup gap filled", cluster=self.cluster, db=self.name, hwm=f"{self.index.hwm:016x}",
+                         was=self._gap[1])
+        self._gap = (self.index.version, gap)
+        return gap
 
     def job(self, name: str) -> JobHealth:
         return self.jobs.setdefault(name, JobHealth())
@@ -95,7 +129,7 @@ class Database:
                         sum(len(p.data) for p in self.pending), self.index.size, len(self.index), self.last_upload,
                         self.pending[0].arrived if self.pending else 0.0,
                         {k: (j.failures, j.backoff.failures, j.last_error) for k, j in self.jobs.items()},
-                        self.page_size, self.uploading)
+                        self.page_size, self.uploading, self.gap())
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +150,15 @@ class DbStatus:
     jobs: dict[str, tuple[int, int, str]] = field(default_factory=dict)
     page_size: int = 0
     uploading: int = 0  # uploads being verified or logged right now
+    gap: str = ""  # what breaks the stored chain, which holds the HWM below it ("" if nothing)
+
     @property
     def failing(self) -> dict[str, str]:
-        """The jobs failing right now, with their last error."""
-        return {k: err for k, (_, now, err) in self.jobs.items() if now}
+        """The jobs failing right now, with their last error; a gap in the stored chain as "chain"."""
+        out = {k: err for k, (_, now, err) in self.jobs.items() if now}
+        if self.gap:
+            out["chain"] = self.gap
+        return out
 
 
 __all__ = ["Database", "DbStatus", "JobHealth", "Pending"]

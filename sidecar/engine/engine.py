@@ -8,7 +8,8 @@ Where a transaction lives, in order:
                     ──compact─▶ L1 (5 min), L2 (1 h), L9 (daily snapshot)
 
 The store is the source of truth; the state directory holds the log of pending uploads and a cache of each
-database's store index (catalog.py). The high-water mark (HWM) is the highest TXID durable in the store.
+database's store index (catalog.py). The high-water mark (HWM) is the highest TXID durable in the store: where a
+restore's chain of stored files ends, so never past a gap in it (a file lost or deleted by hand).
 
 `Engine` is a facade over its parts, one per job:
 
@@ -205,7 +206,7 @@ class Engine:
             # about this one (the TXID offsets after an import), then imported over the node's newer writes.
             self.store_id = self.binding.recorded() or ""
         for db in self.catalog:
-            if db.sums is not None and db.sums.txid < db.hwm:
+            if db.sums is not None and db.sums.txid < db.index.max_txid:
                 db.sums = None  # older than the store: rebuilt below
             elif db.sums is None and db.pos.is_zero and not len(db.index):
                 db.sums = PageSums.empty()
@@ -911,7 +912,9 @@ class Engine:
         keep: list[Pending] = []
         drop: list[Pending] = []
         for p in db.pending:
-            head = keep[-1].header.max_txid if keep else db.hwm
+            # The newest TXID stored, past a gap in the chain too: an acknowledged upload continuing it is kept (the
+            # HWM, which clients prune under, still stops before the gap).
+            head = keep[-1].header.max_txid if keep else db.index.max_txid
             (keep if p.header.min_txid == head + 1 or (p.header.is_snapshot and p.header.max_txid > head)
              else drop).append(p)
         for p in drop:

@@ -70,7 +70,8 @@ class DbIndex:
     """The files of one database, per level, sorted by TXID.
 
     A database backed up for a day holds thousands of files (8,640 L0 files at one every 10 s), and a flush
-    consults the index at every upload: adding the newest file, the HWM and the stored size are O(1).
+    consults the index at every upload: adding the newest file, the HWM and the stored size are O(1) (the HWM is
+    walked again from every file only after a removal, or while a gap breaks the chain).
     """
 
     def __init__(self, entries: Iterable[FileEntry] = ()) -> None:
@@ -89,6 +90,7 @@ class DbIndex:
         self._max_txid = max((e.max_txid for files in self.levels.values() for e in files), default=0)
         self._size = sum(e.size for files in self.levels.values() for e in files)
         self._len = sum(len(files) for files in self.levels.values())
+        self._hwm: int | None = None  # the end of the restorable chain; None until walked (`hwm`)
 
     def __iter__(self) -> Iterator[FileEntry]:
         for level in sorted(self.levels):
@@ -106,6 +108,12 @@ class DbIndex:
             files.append(entry)  # the usual case: a flush or compaction adds the newest file of its level
         else:
             bisect.insort(files, entry, key=_order)
+        if self._hwm is not None:
+            if self._hwm < self._max_txid:
+                self._hwm = None  # a gap: the file may fill it and make the files past it reachable
+            elif entry.is_snapshot or entry.min_txid - 1 <= self._hwm:
+                self._hwm = max(self._hwm, entry.max_txid)  # the usual case: the newest file continues the chain
+            # else it starts past the end of the chain: a gap opens, and the HWM stays where the chain ends
         self._max_txid = max(self._max_txid, entry.max_txid)
         self._size += entry.size
         self._len += 1
@@ -136,7 +144,26 @@ class DbIndex:
 
     @property
     def max_txid(self) -> int:
+        """The highest TXID of any stored file, restorable or not (see `hwm`)."""
         return self._max_txid
+
+    @property
+    def hwm(self) -> int:
+        """The high-water mark: the highest TXID a restore reaches (a chain from a snapshot, as `plan_restore` walks
+        it); 0 if none. Every TXID at or below it is restorable from the store; past a gap (a file lost or deleted
+        by hand) it stays below `max_txid`, since what lies beyond cannot be restored."""
+        if self._hwm is None:
+            self._hwm = max(reachable(self), default=0)
+        return self._hwm
+
+    def gap(self) -> tuple[int, int] | None:
+        """The first TXIDs missing from the chain (first, last), with stored files past them; None when a restore
+        reaches every file."""
+        hwm = self.hwm
+        if hwm >= self._max_txid:
+            return None
+        # A file not reachable starts past hwm + 1 (one starting at or below it would continue the chain).
+        return hwm + 1, min(e.min_txid for e in self if e.min_txid > hwm + 1) - 1
 
     def restorable_head(self) -> FileEntry | None:
         """The file ending at the newest state a restore can reach (a chain from a snapshot), at its finest

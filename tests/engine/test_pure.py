@@ -8,11 +8,15 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from sidecar.engine import DbIndex, FileEntry, Levels, plan_restore, retention_victims
 from sidecar.engine.compaction import SourceGap, due_levels, sources
 from sidecar.engine.database import Database, Pending
 from sidecar.engine.flush import due, due_at, phase
+from sidecar.engine.index import reachable
 from sidecar.errors import RestoreError
 from sidecar.ltx import Header, Pos, Version
 from sidecar.ltx.sqlite import apply_files, database_checksum_of, encode_db
@@ -179,6 +183,52 @@ class TestRetention:
             except RestoreError:
                 continue
             plan_restore(kept, txid=e.max_txid)
+
+
+class TestHwm:
+    """The HWM is where a restore's chain ends: past a gap in the stored files it stops before the gap."""
+
+    CASES = [
+        ("empty", [], 0, None),
+        ("a healthy chain reaches its newest file", [f(9, 1, 10), f(1, 11, 20), f(0, 11, 15), f(0, 16, 22)], 22,
+         None),
+        ("a lost L0 file", [f(0, 1, 1), f(0, 2, 2), f(0, 4, 4), f(0, 5, 5)], 2, (3, 3)),
+        ("no snapshot", [f(0, 2, 2), f(0, 3, 3)], 0, (1, 1)),
+        ("an L1 file bridges a lost L0 file", [f(0, 1, 1), f(1, 2, 4), f(0, 2, 2), f(0, 4, 4)], 4, None),
+        ("a snapshot taken past a gap restarts the chain", [f(0, 1, 1), f(0, 3, 3), f(9, 1, 3), f(0, 4, 4)], 4,
+         None),
+        ("a snapshot ending inside the next file", [f(9, 1, 12), f(1, 11, 20)], 20, None),
+    ]
+
+    @pytest.mark.parametrize(("name", "files", "hwm", "gap"), CASES, ids=[c[0] for c in CASES])
+    def test_hwm(self, name: str, files: list[FileEntry], hwm: int, gap: tuple[int, int] | None) -> None:
+        index = DbIndex(files)
+        assert (index.hwm, index.gap()) == (hwm, gap)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.integers(1, 12), st.integers(0, 3)),
+                    max_size=30))
+    def test_kept_up_to_date_as_files_come_and_go(self, ops: list[tuple[bool, int, int, int]]) -> None:
+        """Added one by one (the O(1) path) or removed, the HWM is always what a walk of every file finds."""
+        index = DbIndex()
+        for add, level, lo, span in ops:
+            if add:
+                index.add(f(level, lo, lo + span))
+            elif len(index):
+                index.remove([list(index)[lo % len(index)]])
+            assert index.hwm == max(reachable(index), default=0) == DbIndex(index).hwm
+            assert index.hwm <= index.max_txid and (index.gap() is None) == (index.hwm == index.max_txid)
+
+    def test_a_gap_is_logged_once_and_so_is_its_filling(self) -> None:
+        db = Database("c", "app.db", Path("unused"), DbIndex([f(0, 1, 1), f(0, 2, 2), f(0, 4, 4)]))
+        with capture_logs() as logs:
+            assert (db.hwm, db.hwm) == (2, 2)
+            assert db.status().failing == {"chain": db.gap()} and "TXIDs 0000000000000003..0000000000000003" in \
+                db.gap()
+            db.index.add(f(0, 3, 3))
+            assert (db.hwm, db.hwm, db.status().gap) == (4, 4, "")
+        assert [(e["event"], e["log_level"]) for e in logs] == [
+            ("backup has a gap: the HWM stops before it", "error"), ("backup gap filled", "info")]
 
 
 def sqlite_bytes(tmp: Path, name: str, rows: int, page_size: int = 4096) -> bytes:

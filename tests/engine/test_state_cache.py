@@ -7,8 +7,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from sidecar.engine import Engine, Levels
 from sidecar.errors import StorageError
+from sidecar.ltx import Pos
 from sidecar.storage import open_storage
 from sidecar.storage.base import ObjectInfo, Storage
 from sidecar.storage.layout import IDENTITY_KEY
@@ -127,6 +130,39 @@ class TestReconcile:
         assert result.checksum == fresh.pos.post_apply_checksum
         await engine.close()
         fresh.close()
+
+    async def test_a_gap_in_the_store_holds_the_hwm_below_it_until_an_upload_fills_it(self, tmp_path: Path,
+                                                                                        history: History) -> None:
+        """An L0 file lost from the store (deleted by hand): TXIDs past the gap cannot be restored, so the HWM
+        answered (what clients prune their local copies under) stops before it, until a re-sent upload fills it."""
+        now = [T0]
+        store = open_storage(f"file://{tmp_path / 'store'}")
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        sent = []
+        for _ in range(5):
+            history.write()
+            sent.append(history.commit(int(now[0] * 1000)))
+            assert await engine.write_tx("c", "app.db", sent[-1]) == len(sent)  # each flushed as its own L0 file
+        await engine.close()
+        lost = engine.index("c", "app.db").level(0)[2]
+        assert (lost.min_txid, lost.max_txid) == (3, 3)
+        (tmp_path / "store" / lost.key(store.layout, "c/app.db")).unlink()
+        levels = Levels(l0_interval=3600)  # the re-sent upload stays pending: the answer is what the store holds
+        with capture_logs() as logs:
+            engine = await Engine.open(store, tmp_path / "state", levels, clock=lambda: now[0])
+        assert engine.pos("c", "app.db") == Pos(2, history.checksums[2])  # a restore reaches TXID 2, no further
+        assert engine.hwm("c", "app.db") == 2  # not 5: TXIDs 3..5 are not restorable
+        gap = [e for e in logs if e["event"] == "backup has a gap: the HWM stops before it"]
+        assert gap and gap[0]["missing"] == "0000000000000003-0000000000000003" and gap[0]["hwm"] == f"{2:016x}"
+        assert "TXIDs 0000000000000003..0000000000000003 are missing" in engine.status("c", "app.db").failing["chain"]
+        # The client still holds TXID 3 (the HWM never covered it): it sends it again, and the answer stays at 2
+        # while the upload waits for the store.
+        assert await engine.write_tx("c", "app.db", sent[2]) == 2
+        assert await engine.flush("c", "app.db") == 5  # filled: the files past the gap are restorable again
+        assert engine.status("c", "app.db").gap == ""
+        result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
+        assert (result.txid, result.checksum) == (5, history.checksums[5])
+        await engine.close()
 
     async def test_objects_under_a_name_no_database_can_have_are_left_out(self, tmp_path: Path,
                                                                          history: History) -> None:
