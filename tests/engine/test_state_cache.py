@@ -204,6 +204,29 @@ class TestReconcile:
             assert (result.txid, result.checksum) == (txid, history.checksums[txid])
         await engine.close()
 
+    async def test_an_upload_sent_again_that_the_store_holds_is_not_written_again(self, tmp_path: Path,
+                                                                                 history: History) -> None:
+        """Past a lost L0 file the client sends 3, 4 and 5 again one by one (LiteFS sends from the position it is
+        told): 4 and 5 meet the stored 4-4 and 5-5 (write-once), which hold the very same transactions. They count as
+        flushed: no failed flush, no index rebuild, no acknowledged upload dropped, no overlapping files."""
+        now = [T0]
+        store, sent = await lose_the_third_of_five(tmp_path, history, now[0])
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        with capture_logs() as logs:
+            assert await engine.write_tx("c", "app.db", sent[2]) == 5
+            assert await engine.write_tx("c", "app.db", sent[3]) == 5
+            await engine.tick()  # an index rebuild here would drop the acknowledged 4, and refuse 5 (position 5)
+            assert await engine.write_tx("c", "app.db", sent[4]) == 5
+        assert engine.pos("c", "app.db") == history.pos
+        assert [e["event"] for e in logs if e["log_level"] in ("warning", "error")] == []
+        assert engine.status("c", "app.db").failing == {}
+        assert [e.get("already_stored", False) for e in logs if e["event"] == "flushed"] == [False, True, True]
+        index = engine.index("c", "app.db")
+        assert [(e.level, e.min_txid, e.max_txid) for e in index.level(0)] == [(0, t, t) for t in range(1, 6)]
+        result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
+        assert (result.txid, result.checksum) == (5, history.checksums[5])
+        await engine.close()
+
     async def test_an_upload_meeting_a_stored_file_of_another_history_goes_in_a_file_of_its_own(
             self, tmp_path: Path, history: History) -> None:
         """Past a lost L0 file, a node whose TXID 4 differs from the stored one (same 1..3) sends 3, 4 and 5: its 4
