@@ -38,7 +38,12 @@ class SourceGap(SidecarError):
 def sources(index: DbIndex, level: int) -> list[FileEntry]:
     """The files to compact into one new file of `level`; empty if there is nothing new (pure).
 
-    Raises SourceGap if the source level does not continue the level's newest file.
+    The source level's files that continue the level's newest file, chained as `plan_restore` chains them: each
+    step takes the file reaching furthest (at equal reach the one starting first, so a snapshot), and a file that
+    another covers is left out. Overlapping files are redundant, not fatal: a gap healed by a client sending its
+    transactions again leaves the stored ones beside those it sent (`4-4`, `5-5` beside `3-5`). A snapshot picked
+    supersedes what the chain holds before it. The chain stops at a gap; raises SourceGap if nothing continues the
+    level while files lie beyond.
     """
     if level == SNAPSHOT_LEVEL:
         newest = index.newest(SNAPSHOT_LEVEL)
@@ -47,15 +52,23 @@ def sources(index: DbIndex, level: int) -> list[FileEntry]:
         plan = plan_restore(index)
         return [] if len(plan) == 1 and plan[0].level == SNAPSHOT_LEVEL else plan
     newest = index.newest(level)
-    seek = newest.max_txid + 1 if newest else 1
-    found = [e for e in index.level(level - 1) if e.min_txid >= seek or (e.is_snapshot and e.max_txid >= seek)]
-    snaps = [e for e in found if e.is_snapshot]
-    if snaps:  # the newest snapshot supersedes every file it covers
-        snap = max(snaps, key=lambda e: e.max_txid)
-        found = [snap, *(e for e in found if e.min_txid > snap.max_txid)]
-    if found and not found[0].is_snapshot and found[0].min_txid != seek:
-        raise SourceGap(f"L{level - 1} skips TXIDs {seek:016x}..{found[0].min_txid - 1:016x}")
-    return found
+    after = newest.max_txid if newest else 0
+    files = index.level(level - 1)  # sorted by (min_txid, max_txid): snapshots first
+    chain: list[FileEntry] = []
+    cur, i = after, 0
+    while True:
+        best: FileEntry | None = None
+        while i < len(files) and files[i].min_txid <= cur + 1:  # every file that continues `cur`, or lies below it
+            if files[i].max_txid > max(cur, best.max_txid if best else 0):
+                best = files[i]
+            i += 1
+        if best is None:
+            break
+        chain = [best] if best.is_snapshot else [*chain, best]
+        cur = best.max_txid
+    if not chain and i < len(files):
+        raise SourceGap(f"L{level - 1} skips TXIDs {after + 1:016x}..{files[i].min_txid - 1:016x}")
+    return chain
 
 
 def due_levels(last_run: dict[int, float], now: float, levels: Levels) -> list[int]:

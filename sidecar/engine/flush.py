@@ -17,6 +17,7 @@ bounds. `FlushQueue` knows when each database comes due, so the loop never scans
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -28,9 +29,11 @@ import structlog
 
 from sidecar.engine.builder import Builder
 from sidecar.engine.catalog import Catalog
-from sidecar.engine.database import Database
+from sidecar.engine.database import Database, Pending
+from sidecar.engine.index import FileEntry
 from sidecar.engine.uploadlog import UploadLog
-from sidecar.ltx import Version
+from sidecar.errors import NotFound, PreconditionFailed
+from sidecar.ltx import HEADER_SIZE, Header, LTXError, Version
 
 log = structlog.get_logger("sidecar.engine")
 
@@ -128,22 +131,52 @@ class Flusher:
         self.flushed = flushed  # (database, bytes of uploads flushed, seconds): the engine's accounting
 
     async def flush(self, db: Database) -> None:
-        """Compact the uploads pending now (up to MAX_BATCH bytes) into one L0 file in the store."""
+        """Compact the uploads pending now (up to MAX_BATCH bytes) into one L0 file in the store. Uploads that the
+        store holds already as one L0 file (the same TXIDs and database checksums) count as flushed."""
         async with db.flushing:
             if not db.pending:
                 return
             t0 = time.perf_counter()
             taken = db.pending[:batch(db)]
-            entry = await self.builder.build(db, 0, [p.data for p in taken], Version.V2, in_memory=True)
-            db.index.add(entry)
-            await self.catalog.stored(db, added=entry)
+            try:
+                entry = await self.builder.build(db, 0, [p.data for p in taken], Version.V2, in_memory=True)
+            except PreconditionFailed:
+                # Write-once: the key is taken. A client sending again what the store already holds (after a gap
+                # in the stored chain, it sends from the position it is told) meets its own file: nothing to write.
+                # Any other file there is another history or a stray write: the error stands (the index is rebuilt).
+                same = await self._already_stored(db, taken)
+                if same is None:
+                    raise
+                entry, stored = same, True
+            else:
+                stored = False
+                db.index.add(entry)
+                await self.catalog.stored(db, added=entry)
             db.pending = db.pending[len(taken):]
             for p in taken:
                 self.log.release(p.segment)
         if self.flushed:
             self.flushed(db, sum(len(p.data) for p in taken), time.perf_counter() - t0)
         log.info("flushed", cluster=db.cluster, db=db.name, level=0, min_txid=f"{entry.min_txid:016x}",
-                 max_txid=f"{entry.max_txid:016x}", uploads=len(taken), bytes=entry.size)
+                 max_txid=f"{entry.max_txid:016x}", uploads=len(taken), bytes=entry.size,
+                 **({"already_stored": True} if stored else {}))
+
+    async def _already_stored(self, db: Database, taken: list[Pending]) -> FileEntry | None:
+        """The stored L0 file holding exactly the transactions of `taken`: the same TXIDs and the same database
+        checksums before and after, as the index knows it and its header in the store confirms; None if none."""
+        first, last = taken[0].header, taken[-1]
+        span = (first.min_txid, last.header.max_txid)
+        sums = (0 if first.is_snapshot else first.pre_apply_checksum, last.post)
+        files = db.index.level(0)
+        i = bisect.bisect_left(files, span, key=lambda e: (e.min_txid, e.max_txid))
+        if i == len(files) or (files[i].min_txid, files[i].max_txid) != span or (files[i].pre, files[i].post) != sums:
+            return None
+        storage = self.builder.storage
+        try:
+            header = Header.unpack(await storage.get_range(files[i].key(storage.layout, db.prefix), 0, HEADER_SIZE))
+        except (NotFound, LTXError):
+            return None
+        return files[i] if (header.min_txid, header.max_txid) == span and header.db_checksums == sums else None
 
 
 __all__ = ["MAX_BATCH", "FlushQueue", "Flusher", "Limit", "batch", "due", "due_at", "phase"]

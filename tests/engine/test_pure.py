@@ -4,6 +4,7 @@ flush order, and encoding a database on top of a position."""
 from __future__ import annotations
 
 import io
+import itertools
 import sqlite3
 from pathlib import Path
 
@@ -82,6 +83,18 @@ class TestCompactionSources:
         ("nothing new after an import", 1, [f(1, 1, 1), f(1, 2, 5), f(1, 1, 12), f(0, 1, 9), f(0, 10, 12)], []),
         ("only what L2 lacks after an import", 2, [f(2, 2, 5), f(2, 1, 12), f(1, 1, 12), f(1, 13, 14)],
          [(1, 13, 14)]),
+        # A lost L0 file 3-3 filled by the client sending 3..5 again, while 4-4 and 5-5 are still stored: the chain
+        # takes the file reaching furthest and leaves out the files it covers, as a restore plan does.
+        ("a gap filled by one upload over stored files", 1, [f(0, 1, 1), f(0, 2, 2), f(0, 3, 5), f(0, 4, 4),
+                                                            f(0, 5, 5), f(0, 6, 6)],
+         [(0, 1, 1), (0, 2, 2), (0, 3, 5), (0, 6, 6)]),
+        ("a gap filled one upload at a time over stored files", 1, [f(0, 1, 1), f(0, 2, 2), f(0, 3, 3), f(0, 4, 4),
+                                                                   f(0, 4, 5), f(0, 5, 5)],
+         [(0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 4, 5)]),
+        ("a source file reaching past the level's newest", 1, [f(1, 1, 5), f(0, 5, 6), f(0, 7, 7)],
+         [(0, 5, 6), (0, 7, 7)]),
+        ("overlapping L1 files into L2", 2, [f(1, 1, 2), f(1, 3, 5), f(1, 5, 6)], [(1, 1, 2), (1, 3, 5), (1, 5, 6)]),
+        ("up to a gap", 1, [f(0, 1, 2), f(0, 4, 5)], [(0, 1, 2)]),
     ]
 
     @pytest.mark.parametrize(("name", "level", "files", "want"), CASES, ids=[c[0] for c in CASES])
@@ -91,6 +104,27 @@ class TestCompactionSources:
     def test_gap_in_the_source_level_is_refused(self) -> None:
         with pytest.raises(SourceGap, match="skips TXIDs 0000000000000004"):
             sources(DbIndex([f(1, 1, 3), f(0, 6, 7)]), 1)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 3)), max_size=20), st.integers(0, 6))
+    def test_the_chain_compacted_is_the_one_a_restore_walks(self, spans_: list[tuple[int, int]], done: int) -> None:
+        """Whatever the L0 files overlap, L1's next file continues L1 and ends where a restore's chain does."""
+        l0 = [f(0, lo, lo + span) for lo, span in spans_]
+        l1 = [f(1, 1, done)] if done else []
+        index = DbIndex([*l1, *l0])
+        try:
+            chain = sources(index, 1)
+        except SourceGap:
+            assert not any(e.min_txid <= done + 1 < e.max_txid + 1 for e in l0)  # nothing continues L1
+            assert any(e.min_txid > done + 1 for e in l0)
+            return
+        for prev, cur in itertools.pairwise(chain):
+            assert cur.min_txid <= prev.max_txid + 1 and cur.max_txid > prev.max_txid  # as the compactor checks
+        if chain:
+            assert chain[0].is_snapshot or chain[0].min_txid <= done + 1 < chain[0].max_txid + 1
+        # From L1's newest file (a chain's start, like a snapshot), it ends as far as a restore gets: nothing is left.
+        start = [f(9, 1, done)] if done else []
+        assert (chain[-1].max_txid if chain else done) == max(reachable(DbIndex([*start, *l0])), default=0)
 
 
 class TestSchedule:

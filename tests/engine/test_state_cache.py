@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,8 @@ from structlog.testing import capture_logs
 
 from sidecar.engine import Engine, Levels
 from sidecar.errors import StorageError
-from sidecar.ltx import Pos
+from sidecar.ltx import Pos, Version
+from sidecar.ltx.compactor import compact
 from sidecar.storage import open_storage
 from sidecar.storage.base import ObjectInfo, Storage
 from sidecar.storage.layout import IDENTITY_KEY
@@ -43,6 +45,23 @@ async def upload(engine: Engine, history: History, n: int, t: float) -> None:
     for _ in range(n):
         history.write()
         await engine.write_tx("c", "app.db", history.commit(int(t * 1000)))
+
+
+async def lose_the_third_of_five(tmp_path: Path, history: History, t: float) -> tuple[Storage, list[bytes]]:
+    """Five uploads, each flushed to its own L0 file (1-1..5-5) by an engine then closed; then 3-3 is deleted
+    from the store by hand. Returns the store and the uploads, which the client still holds."""
+    store = open_storage(f"file://{tmp_path / 'store'}")
+    engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: t)
+    sent = []
+    for _ in range(5):
+        history.write()
+        sent.append(history.commit(int(t * 1000)))
+        assert await engine.write_tx("c", "app.db", sent[-1]) == len(sent)  # each flushed as its own L0 file
+    await engine.close()
+    lost = engine.index("c", "app.db").level(0)[2]
+    assert (lost.min_txid, lost.max_txid) == (3, 3)
+    (tmp_path / "store" / lost.key(store.layout, "c/app.db")).unlink()
+    return store, sent
 
 
 class TestStoreIdentity:
@@ -136,17 +155,7 @@ class TestReconcile:
         """An L0 file lost from the store (deleted by hand): TXIDs past the gap cannot be restored, so the HWM
         answered (what clients prune their local copies under) stops before it, until a re-sent upload fills it."""
         now = [T0]
-        store = open_storage(f"file://{tmp_path / 'store'}")
-        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
-        sent = []
-        for _ in range(5):
-            history.write()
-            sent.append(history.commit(int(now[0] * 1000)))
-            assert await engine.write_tx("c", "app.db", sent[-1]) == len(sent)  # each flushed as its own L0 file
-        await engine.close()
-        lost = engine.index("c", "app.db").level(0)[2]
-        assert (lost.min_txid, lost.max_txid) == (3, 3)
-        (tmp_path / "store" / lost.key(store.layout, "c/app.db")).unlink()
+        store, sent = await lose_the_third_of_five(tmp_path, history, now[0])
         levels = Levels(l0_interval=3600)  # the re-sent upload stays pending: the answer is what the store holds
         with capture_logs() as logs:
             engine = await Engine.open(store, tmp_path / "state", levels, clock=lambda: now[0])
@@ -163,6 +172,87 @@ class TestReconcile:
         result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
         assert (result.txid, result.checksum) == (5, history.checksums[5])
         await engine.close()
+
+    async def test_levels_go_on_after_a_gap_is_filled_over_the_files_past_it(self, tmp_path: Path,
+                                                                            history: History) -> None:
+        """The client sends TXIDs 3..5 again in one upload past a lost L0 file 3-3 while 4-4 and 5-5 are still
+        stored: L0 files overlap, and L1, L2 and the snapshot are built from the chain a restore walks, every
+        acknowledged TXID in it; L0 retention then deletes the files left out."""
+        now = [T0]
+        store, sent = await lose_the_third_of_five(tmp_path, history, now[0])
+        levels = Levels(l0_interval=0, l0_retention=600)
+        engine = await Engine.open(store, tmp_path / "state", levels, clock=lambda: now[0])
+        merged = io.BytesIO()
+        compact(sent[2:], merged, version=Version.V2)
+        assert await engine.write_tx("c", "app.db", merged.getvalue()) == 5
+        l0 = [(e.min_txid, e.max_txid) for e in engine.index("c", "app.db").level(0)]
+        assert l0 == [(1, 1), (2, 2), (3, 5), (4, 4), (5, 5)]
+        await engine.tick()  # L1, L2 and the snapshot are due
+        index = engine.index("c", "app.db")
+        assert engine.status("c", "app.db").failing == {}
+        assert [(e.level, e.min_txid, e.max_txid) for e in index if e.level] == [(1, 1, 5), (2, 1, 5), (9, 1, 5)]
+        assert index.newest(1).post == history.checksums[5]  # type: ignore[union-attr]
+        now[0] += 700  # past L0 retention and an L1 boundary
+        history.write()
+        assert await engine.write_tx("c", "app.db", history.commit(int(now[0] * 1000))) == 6
+        await engine.tick()
+        index = engine.index("c", "app.db")
+        assert engine.status("c", "app.db").failing == {}
+        assert [(e.level, e.min_txid, e.max_txid) for e in index if e.level < 2] == [(0, 6, 6), (1, 1, 5), (1, 6, 6)]
+        for txid in (5, 6):  # from L1 alone now: nothing acknowledged was left out of it
+            result = await engine.restore_to("c", "app.db", tmp_path / f"out{txid}.db", txid=txid)
+            assert (result.txid, result.checksum) == (txid, history.checksums[txid])
+        await engine.close()
+
+    async def test_an_upload_sent_again_that_the_store_holds_is_not_written_again(self, tmp_path: Path,
+                                                                                 history: History) -> None:
+        """Past a lost L0 file the client sends 3, 4 and 5 again one by one (LiteFS sends from the position it is
+        told): 4 and 5 meet the stored 4-4 and 5-5 (write-once), which hold the very same transactions. They count as
+        flushed: no failed flush, no index rebuild, no acknowledged upload dropped, no overlapping files."""
+        now = [T0]
+        store, sent = await lose_the_third_of_five(tmp_path, history, now[0])
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        with capture_logs() as logs:
+            assert await engine.write_tx("c", "app.db", sent[2]) == 5
+            assert await engine.write_tx("c", "app.db", sent[3]) == 5
+            await engine.tick()  # an index rebuild here would drop the acknowledged 4, and refuse 5 (position 5)
+            assert await engine.write_tx("c", "app.db", sent[4]) == 5
+        assert engine.pos("c", "app.db") == history.pos
+        assert [e["event"] for e in logs if e["log_level"] in ("warning", "error")] == []
+        assert engine.status("c", "app.db").failing == {}
+        assert [e.get("already_stored", False) for e in logs if e["event"] == "flushed"] == [False, True, True]
+        index = engine.index("c", "app.db")
+        assert [(e.level, e.min_txid, e.max_txid) for e in index.level(0)] == [(0, t, t) for t in range(1, 6)]
+        result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
+        assert (result.txid, result.checksum) == (5, history.checksums[5])
+        await engine.close()
+
+    async def test_an_upload_meeting_a_stored_file_of_another_history_goes_in_a_file_of_its_own(
+            self, tmp_path: Path, history: History) -> None:
+        """Past a lost L0 file, a node whose TXID 4 differs from the stored one (same 1..3) sends 3, 4 and 5: its 4
+        is not taken for the stored 4-4. That flush fails, 4 goes out with 5 as 4-5 over the stored 4-4 and 5-5, and
+        L1 and restores follow the client's chain (reaching furthest), every acknowledged TXID of it."""
+        now = [T0]
+        store, _ = await lose_the_third_of_five(tmp_path, history, now[0])
+        other = History(tmp_path / "other.db")  # the same seed: the same first three transactions
+        sent = []
+        for n in (5, 5, 5, 50, 5):
+            other.write(n)
+            sent.append(other.commit(int(now[0] * 1000)))
+        assert other.checksums[3] == history.checksums[3] and other.checksums[4] != history.checksums[4]
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        for data in sent[2:]:
+            await engine.write_tx("c", "app.db", data)
+        index = engine.index("c", "app.db")
+        assert [(e.min_txid, e.max_txid) for e in index.level(0)] == [(1, 1), (2, 2), (3, 3), (4, 4), (4, 5), (5, 5)]
+        await engine.tick()
+        assert engine.status("c", "app.db").failing == {}
+        index = engine.index("c", "app.db")
+        assert [(e.min_txid, e.max_txid, e.post) for e in index.level(1)] == [(1, 5, other.checksums[5])]
+        result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
+        assert (result.txid, result.checksum) == (5, other.checksums[5])
+        await engine.close()
+        other.close()
 
     async def test_objects_under_a_name_no_database_can_have_are_left_out(self, tmp_path: Path,
                                                                          history: History) -> None:
