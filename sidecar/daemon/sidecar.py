@@ -8,6 +8,9 @@ task, so a slow upload holds back no other database): learn upstream's position 
 until upstream holds the node's head (≤ 256 files per upload), then delete local files that are older than
 `retention` and at or below the HWM, never the newest.
 On a replica (`.primary` exists) nothing is shipped; the HWM is polled and the same pruning rule applies.
+Reading upstream's positions (or HWMs) and letting go of it after a demotion are one more task, waited for as the
+databases' are: a store that hangs or retries for minutes holds up that call, never the ticks that notice a
+demotion, find new databases, prune and keep the gauges.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class Sidecar:
         # Each database's part of a tick runs as its own task: one whose upload is slow or stuck is left to finish
         # while the next ticks serve the others (it gets no new task until then).
         self._jobs: dict[str, asyncio.Task[list[Shipped]]] = {}
+        # The tick's own call to upstream, one at a time and in order: reading positions (a primary), polling HWMs
+        # (a replica) or letting go (a demotion). Left to finish while the next ticks go on, as a job is.
+        self._call: asyncio.Task[None] | None = None
         self.backoff: dict[str, _Backoff] = {}
         self.positions_backoff = _Backoff()
         self.metrics = Metrics()
@@ -214,38 +220,50 @@ class Sidecar:
     # -- one tick ------------------------------------------------------------------------------------------
 
     async def refresh_positions(self) -> None:
-        busy = set(self._jobs)  # their uploads may land while the positions are read: they know better
+        # An upload that lands while the positions are read knows better: one under way when the read starts or
+        # ends, or one that set the database's position meanwhile (the read may span ticks: see `tick`).
+        busy = set(self._jobs)
+        before = {name: db.remote for name, db in self.dbs.items()}
         positions = await self.upstream.positions()
         for name, db in self.dbs.items():
-            if name not in busy and name not in self._jobs:
+            if name not in busy and name not in self._jobs and db.remote is before.get(name):
                 db.remote = positions.get(name, Pos())
         self.positions_at = time.monotonic()
+
+    async def _read_positions(self) -> None:
+        try:
+            await self.refresh_positions()
+            self.positions_backoff.ok()
+        except UpstreamError as err:
+            delay = self.positions_backoff.fail(time.monotonic(), self.config.backoff_max)
+            self._error("upstream", err, db=None, retry_in=round(delay, 2))
+            for db in self.dbs.values():
+                if db.remote is None:  # not shipped until upstream's position is known: say why
+                    db.error = str(err)
 
     async def tick(self, wait: float | None = None) -> list[Shipped]:
         """One batch: ship every database that is behind, then prune. Returns what was shipped.
 
         With `wait`, a database still busy after that many seconds goes on in the background (shipping the
-        others is not held back by it) and its result counts in a later tick; without, the tick waits for all."""
+        others is not held back by it) and its result counts in a later tick; so does the tick's own call to
+        upstream (positions, HWMs, letting go), which a store retrying for minutes would otherwise hold up, and the
+        next tick's demotion check with it. Without `wait`, the tick waits for all."""
         self.discover()
         primary = self.node.is_primary() if self.node else True
         self.metrics.primary.set(1 if primary else 0)
         if self._was_primary and not primary:
             await self._let_go()
         self._was_primary = primary
-        stale = time.monotonic() - self.positions_at >= self.config.position_interval
-        wanted = stale or any(db.remote is None for db in self.dbs.values())
-        if primary and wanted and time.monotonic() >= self.positions_backoff.until:
-            try:
-                await self.refresh_positions()
-                self.positions_backoff.ok()
-            except UpstreamError as err:
-                delay = self.positions_backoff.fail(time.monotonic(), self.config.backoff_max)
-                self._error("upstream", err, db=None, retry_in=round(delay, 2))
-                for db in self.dbs.values():
-                    if db.remote is None:  # not shipped until upstream's position is known: say why
-                        db.error = str(err)
-        if not primary and stale:
-            await self._poll_hwm()
+        if self._call is None:
+            stale = time.monotonic() - self.positions_at >= self.config.position_interval
+            wanted = stale or any(db.remote is None for db in self.dbs.values())
+            if primary and wanted and time.monotonic() >= self.positions_backoff.until:
+                self._call = asyncio.create_task(self._read_positions(), name="positions")
+            elif not primary and stale:
+                self._call = asyncio.create_task(self._poll_hwm(), name="hwm poll")
+        if self._call is not None:
+            await asyncio.wait([self._call], timeout=wait)
+            self._reap_call()
         for db in list(self.dbs.values()):
             if db.name not in self._jobs:
                 self._jobs[db.name] = asyncio.create_task(self._tick_db(db, primary), name=f"tick {db.name}")
@@ -258,10 +276,20 @@ class Sidecar:
                 shipped += job.result()  # an unexpected error stops the sidecar, as before
         return shipped
 
+    def _reap_call(self) -> None:
+        """Forget the tick's call to upstream once it is done; it handles the errors it can (an unexpected one stops
+        the sidecar, as a job's does)."""
+        if self._call is not None and self._call.done():
+            call, self._call = self._call, None
+            if not call.cancelled():
+                call.result()
+
     async def _cancel_jobs(self) -> None:
-        """Stop what is left of the ticks (a stuck upload): safe, nothing above the HWM was pruned."""
-        jobs = list(self._jobs.values())
+        """Stop what is left of the ticks (a stuck upload, a call to upstream that hangs): safe, nothing above the
+        HWM was pruned."""
+        jobs = list(self._jobs.values()) + ([self._call] if self._call is not None else [])
         self._jobs.clear()
+        self._call = None
         for job in jobs:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
@@ -322,17 +350,25 @@ class Sidecar:
         log.info("no longer the primary: letting upstream go to the new primary's sidecar")
         # A catch-up still under way would go on uploading (and take back the lease let go below): it stops after the
         # upload in flight, which is waited for (cancelled, it could leave the store with half of it), up to
-        # `shutdown_grace`: one that hangs is cancelled then, as at shutdown.
+        # `shutdown_grace`: one that hangs is cancelled then, as at shutdown. So is the tick's call to upstream under
+        # way (a positions read would take the lease back).
         self._letting_go = True
         try:
-            if self._jobs and (await asyncio.wait(self._jobs.values(), timeout=self.config.shutdown_grace))[1]:
+            busy = [*self._jobs.values(), *([self._call] if self._call is not None else [])]
+            if busy and (await asyncio.wait(busy, timeout=self.config.shutdown_grace))[1]:
                 await self._cancel_jobs()
+            self._reap_call()
         finally:
             self._letting_go = False
         for db in self.dbs.values():
             db.remote = None  # re-read before shipping again, should this node become the primary once more
             db.error = ""  # shipping's errors were the primary's; a replica ships nothing to fail
             db.local.unpack()  # a replica matches its files to upstream's by checksum: their headers are kept
+        # The release writes to the store (pending uploads, the lease): it is the tick's next call, so a store that
+        # hangs holds up no tick, and no positions are read (taking the lease back) before it is done.
+        self._call = asyncio.create_task(self._release(), name="let go")
+
+    async def _release(self) -> None:
         try:
             await self.upstream.release()
         except (UpstreamError, SidecarError, OSError) as err:

@@ -197,7 +197,7 @@ class EngineUpstream:
             raise UpstreamError(503, err.code, f"{self.url}: {err}; waiting for it to be let go or to expire") from err
         except StorageError as err:  # the store cannot be reached to take the lease: retried, as `serve`'s 503 is
             raise UpstreamError(err.http_status, err.code, f"{self.url}: {err}") from err
-        if self._ticker is None:
+        if self._ticker is None or self._ticker.done():  # or stopped by a release that was then cut short
             self._stop = asyncio.Event()
             self._ticker = asyncio.create_task(self.engine.run(self._stop), name="engine ticker")
 

@@ -175,12 +175,12 @@ async def look(sidecar: Sidecar) -> tuple[int, dict[str, Any], str]:
             return status, health, await resp.text()
 
 
-async def engine_via(proxy: FaultProxy, bucket: str, state: Path) -> EngineUpstream:
+async def engine_via(proxy: FaultProxy, bucket: str, state: Path, **store: Any) -> EngineUpstream:
     """An in-process engine on `s3://<bucket>/b` reached through `proxy` (tests.faults), which retries a failing
-    request only once (an unreachable store is found at once)."""
-    store = S3Storage(bucket, "b", endpoint_url=proxy.url, force_path_style=True, max_attempts=2,
-                      backoff_base=0.001, backoff_cap=0.005)
-    return EngineUpstream(f"s3://{bucket}/b", await Engine.open(store, state, Levels(l0_interval=0)), "default")
+    request only once (an unreachable store is found at once); `store`: more S3Storage options."""
+    options: dict[str, Any] = {"max_attempts": 2, "backoff_base": 0.001, "backoff_cap": 0.005, **store}
+    storage = S3Storage(bucket, "b", endpoint_url=proxy.url, force_path_style=True, **options)
+    return EngineUpstream(f"s3://{bucket}/b", await Engine.open(storage, state, Levels(l0_interval=0)), "default")
 
 
 def rows(path: Path) -> list[tuple[object, ...]]:
