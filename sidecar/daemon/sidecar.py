@@ -377,7 +377,7 @@ class Sidecar:
     async def _poll_hwm(self) -> None:
         """Replicas: learn each database's HWM, and how local TXIDs map onto upstream's (by checksum)."""
         self.positions_at = time.monotonic()
-        for db in self.dbs.values():
+        for db in list(self.dbs.values()):  # ticks go on meanwhile, and find or forget databases
             try:
                 hwm, pos = await self.upstream.hwm(db.name)
             except (UpstreamError, SidecarError) as err:

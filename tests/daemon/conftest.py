@@ -78,6 +78,11 @@ class Env:
         await started.wait()
         return self.sidecar
 
+    @property
+    def done(self) -> bool:
+        """Whether the started sidecar has stopped by itself (an error ended its run)."""
+        return self._task is not None and self._task.done()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._stop.set()

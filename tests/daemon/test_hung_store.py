@@ -4,7 +4,8 @@ demotion is acted on, new databases are found and a stop stops, while upstream's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +102,31 @@ class TestStoreHanging:
         async with asyncio.timeout(30):  # only so a failure ends: unfixed, the stop waits as long as the store hangs
             await env.stop()
         assert hung.hanging
+
+    async def test_a_database_found_while_a_replica_polls_a_hung_store_stops_nothing(
+            self, env: Env, hung: Hung, tmp_path: Path) -> None:
+        """A replica's HWM poll, held by a hung store, goes on over the databases it started with when a tick finds a
+        new one meanwhile (it iterated the live dict: 'changed size during iteration' ended the sidecar)."""
+        write(env, "app.db", 3)
+        sidecar = await env.start(hung.upstream, upstream=hung.url, shutdown_grace=0.5, position_interval=0.2)
+        await env.synced("app.db")
+        env.node.set_primary(False, "node-b")
+        await eventually(lambda: sidecar.metrics.primary._value.get() == 0)
+        demoted = time.monotonic()
+        await eventually(lambda: sidecar.positions_at > demoted)  # let go, and polling the HWMs
+        hung.hang()
+        await eventually(lambda: hung.hanging)  # a poll of the HWMs waits on the store
+        other = EmulatedNode(tmp_path / "b" / "data", tmp_path / "b" / "mount")
+        try:
+            other.execute("new.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            env.node.apply_ltx("new.db", other.snapshot("new.db"))
+        finally:
+            other.close()
+        await eventually(lambda: "new.db" in sidecar.dbs)
+        hung.answer()
+        def polled_since(t: float) -> Callable[[], bool]:
+            return lambda: sidecar.positions_at > t or env.done
+
+        for _ in range(2):  # the held poll ends, and a later one starts (one call at a time)
+            await eventually(polled_since(time.monotonic()))
+        assert not env.done, "the sidecar stopped"
