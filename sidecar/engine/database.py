@@ -92,7 +92,12 @@ class Database:
             return self._gap[1]
         missing = self.index.gap()
         gap = ""
-        if missing:
+        if missing and missing[1] < missing[0]:
+            first = missing[0]
+            gap = (f"the stored files past TXID {first - 1:016x} apply on another state than the one stored there "
+                   f"(another history, past a lost file): TXIDs {first:016x}..{self.index.max_txid:016x} cannot be "
+                   f"restored, and the HWM stays at {first - 1:016x}")
+        elif missing:
             first, last = missing
             where = f"after TXID {first - 1:016x}" if first > 1 else "before any snapshot"
             gap = (f"TXIDs {first:016x}..{last:016x} are missing from the store {where}: TXIDs {last + 1:016x}.."
@@ -102,8 +107,8 @@ class Database:
                 # A person must act: the client may still hold the missing TXIDs (it keeps what is above the HWM, and
                 # fills the gap if it sends them again); else only a new snapshot makes the newest state restorable.
                 log.error("backup has a gap: the HWM stops before it", cluster=self.cluster, db=self.name,
-                          missing=f"{missing[0]:016x}-{missing[1]:016x}", hwm=f"{missing[0] - 1:016x}",
-                          stored=f"{self.index.max_txid:016x}")
+                          missing=f"{missing[0]:016x}-{missing[1]:016x}" if missing[1] >= missing[0] else "",
+                          hwm=f"{missing[0] - 1:016x}", stored=f"{self.index.max_txid:016x}", reason=gap)
             else:
                 log.info("backup gap filled", cluster=self.cluster, db=self.name, hwm=f"{self.index.hwm:016x}",
                          was=self._gap[1])

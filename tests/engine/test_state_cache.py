@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from sidecar.engine import Engine, Levels
-from sidecar.errors import StorageError
+from sidecar.errors import RestoreError, StorageError
 from sidecar.ltx import Pos, Version
 from sidecar.ltx.compactor import compact
 from sidecar.storage import open_storage
@@ -62,6 +63,23 @@ async def lose_the_third_of_five(tmp_path: Path, history: History, t: float) -> 
     assert (lost.min_txid, lost.max_txid) == (3, 3)
     (tmp_path / "store" / lost.key(store.layout, "c/app.db")).unlink()
     return store, sent
+
+
+class Forked(History):
+    """A node's history that shares TXIDs 1 and 2 with the `history` fixture's (the same seed) and differs from 3 on;
+    `sent` holds its uploads."""
+
+    sent: list[bytes]
+
+
+def forked_at_three(tmp_path: Path, history: History, t: float) -> Forked:
+    other = Forked(tmp_path / "other.db")
+    other.sent = []
+    for n in (5, 5, 50, 5, 5):
+        other.write(n)
+        other.sent.append(other.commit(int(t * 1000)))
+    assert other.checksums[2] == history.checksums[2] and other.checksums[3] != history.checksums[3]
+    return other
 
 
 class TestStoreIdentity:
@@ -251,6 +269,29 @@ class TestReconcile:
         assert [(e.min_txid, e.max_txid, e.post) for e in index.level(1)] == [(1, 5, other.checksums[5])]
         result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
         assert (result.txid, result.checksum) == (5, other.checksums[5])
+        await engine.close()
+        other.close()
+
+    async def test_files_of_another_history_past_a_lost_file_are_not_durable(self, tmp_path: Path,
+                                                                            history: History) -> None:
+        """Past a lost L0 file 3-3, a node of another history from TXID 3 on (a new primary that never had the old
+        3..5) sends its own 3: it applies on TXID 2, but the stored 4-4 and 5-5 apply on the old 3, not on it. The
+        HWM (what the client prunes under) stays at 3, and no restore applies the old 4 and 5 on the node's 3."""
+        now = [T0]
+        store, _ = await lose_the_third_of_five(tmp_path, history, now[0])
+        other = forked_at_three(tmp_path, history, now[0])
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        assert engine.hwm("c", "app.db") == 2
+        assert await engine.write_tx("c", "app.db", other.sent[2]) == 3  # not 5: the stored 4 and 5 are not its own
+        status = engine.status("c", "app.db")
+        assert status.hwm == 3 and "apply on another state" in status.failing["chain"]
+        result = await engine.restore_to("c", "app.db", tmp_path / "out3.db", txid=3)
+        assert (result.txid, result.checksum) == (3, other.checksums[3])
+        with pytest.raises(RestoreError, match="0000000000000004-0000000000000004 after it applies on another state"):
+            await engine.restore_to("c", "app.db", tmp_path / "out.db")
+        await engine.tick()  # L1 holds the node's chain, and stops there
+        assert [(e.min_txid, e.max_txid, e.post) for e in engine.index("c", "app.db").level(1)] == [
+            (1, 3, other.checksums[3])]
         await engine.close()
         other.close()
 
