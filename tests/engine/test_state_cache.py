@@ -263,6 +263,7 @@ class TestReconcile:
             await engine.write_tx("c", "app.db", data)
         index = engine.index("c", "app.db")
         assert [(e.min_txid, e.max_txid) for e in index.level(0)] == [(1, 1), (2, 2), (3, 3), (4, 4), (4, 5), (5, 5)]
+        assert not (tmp_path / "store" / ".litefs-sidecar" / "quarantine").exists()  # the old 4-4 continues 3
         await engine.tick()
         assert engine.status("c", "app.db").failing == {}
         index = engine.index("c", "app.db")
@@ -294,6 +295,43 @@ class TestReconcile:
             (1, 3, other.checksums[3])]
         await engine.close()
         other.close()
+
+    async def test_the_other_history_goes_on_over_stored_files_no_restore_reaches(self, tmp_path: Path,
+                                                                               history: History) -> None:
+        """The node of another history goes on with its 4 and 5, whose keys the old 4-4 and 5-5 hold (write-once):
+        those files, past the HWM and reached by no chain, are set aside under the store's quarantine prefix
+        (logged, with their keys) and the node's written in their place; the HWM follows the node's files only as
+        they are stored, and L1 and restores hold its history."""
+        now = [T0]
+        store, _ = await lose_the_third_of_five(tmp_path, history, now[0])
+        other = forked_at_three(tmp_path, history, now[0])
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        with capture_logs() as logs:
+            for txid in (3, 4, 5):
+                assert await engine.write_tx("c", "app.db", other.sent[txid - 1]) == txid
+        status = engine.status("c", "app.db")
+        assert (status.pos, status.failing) == (other.pos, {})
+        set_aside = [e for e in logs if e["event"].startswith("stored file of another history set aside")]
+        keys = [f"c/app.db/ltx/0/{t:016x}-{t:016x}.ltx" for t in (4, 5)]
+        assert [(e["key"], e["log_level"]) for e in set_aside] == [(k, "warning") for k in keys]
+        for e, key in zip(set_aside, keys, strict=True):  # the old files are kept aside, byte for byte
+            kept = tmp_path / "store" / e["kept"]
+            assert e["kept"].startswith(f".litefs-sidecar/quarantine/{key}.") and kept.stat().st_size > 0
+        assert [(e.min_txid, e.max_txid, e.post) for e in engine.index("c", "app.db").level(0)] == [
+            (t, t, (history if t < 3 else other).checksums[t]) for t in range(1, 6)]
+        await engine.tick()
+        assert engine.status("c", "app.db").failing == {}
+        assert [(e.min_txid, e.max_txid, e.post) for e in engine.index("c", "app.db").level(1)] == [
+            (1, 5, other.checksums[5])]
+        result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
+        assert (result.txid, result.checksum) == (5, other.checksums[5])
+        await engine.close()
+        other.close()
+        # A new start finds the same: the files set aside are no part of the database.
+        engine = await Engine.open(store, tmp_path / "state2", Levels(l0_interval=0), clock=lambda: now[0])
+        assert (engine.pos("c", "app.db"), engine.hwm("c", "app.db")) == (other.pos, 5)
+        assert engine.status("c", "app.db").failing == {}
+        await engine.close()
 
     async def test_objects_under_a_name_no_database_can_have_are_left_out(self, tmp_path: Path,
                                                                          history: History) -> None:
