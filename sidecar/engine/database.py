@@ -80,11 +80,15 @@ class Database:
     @property
     def hwm(self) -> int:
         """The highest TXID durable in the store: what a restore reaches. Clients delete their copies at or below it,
-        so past a gap in the stored chain it stops before the gap (and the gap is logged)."""
+        so past a gap in the stored chain it stops before the gap (and the gap is logged). Never past what the client
+        has sent and the store holds (the position, before any pending upload but a snapshot): stored files beyond
+        it (left past a gap that its upload filled) may be of another history than the client's, which checksums
+        cannot tell while the two agree up to there."""
         hwm = self.index.hwm
         if self._gap[0] != self.index.version and (hwm < self.index.max_txid or self._gap[1]):
             self.gap()
-        return hwm
+        first = self.pending[0].header if self.pending else None
+        return min(hwm, first.min_txid - 1 if first and not first.is_snapshot else self.pos.txid)
 
     def gap(self) -> str:
         """What breaks the stored chain ("" if nothing): logged when it appears, changes or is filled."""

@@ -313,7 +313,7 @@ class TestHwm:
                 assert cur.min_txid <= prev.max_txid or cur.pre == prev.post  # each applies on the state before
 
     def test_a_gap_is_logged_once_and_so_is_its_filling(self) -> None:
-        db = Database("c", "app.db", Path("unused"), DbIndex([f(0, 1, 1), f(0, 2, 2), f(0, 4, 4)]))
+        db = Database("c", "app.db", Path("unused"), DbIndex([f(0, 1, 1), f(0, 2, 2), f(0, 4, 4)]), pos=Pos(4, 0))
         with capture_logs() as logs:
             assert (db.hwm, db.hwm) == (2, 2)
             assert db.status().failing == {"chain": db.gap()} and "TXIDs 0000000000000003..0000000000000003" in \

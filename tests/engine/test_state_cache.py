@@ -185,7 +185,10 @@ class TestReconcile:
         # The client still holds TXID 3 (the HWM never covered it): it sends it again, and the answer stays at 2
         # while the upload waits for the store.
         assert await engine.write_tx("c", "app.db", sent[2]) == 2
-        assert await engine.flush("c", "app.db") == 5  # filled: the files past the gap are restorable again
+        # Filled: the files past the gap are restorable again, but the answer is not past what the client sent (the
+        # stored 4 and 5 could be another history's; the client sends its own next).
+        assert await engine.flush("c", "app.db") == 3
+        assert engine.index("c", "app.db").hwm == 5
         assert engine.status("c", "app.db").gap == ""
         result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
         assert (result.txid, result.checksum) == (5, history.checksums[5])
@@ -231,8 +234,8 @@ class TestReconcile:
         store, sent = await lose_the_third_of_five(tmp_path, history, now[0])
         engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
         with capture_logs() as logs:
-            assert await engine.write_tx("c", "app.db", sent[2]) == 5
-            assert await engine.write_tx("c", "app.db", sent[3]) == 5
+            assert await engine.write_tx("c", "app.db", sent[2]) == 3  # not past what the client sent
+            assert await engine.write_tx("c", "app.db", sent[3]) == 4
             await engine.tick()  # an index rebuild here would drop the acknowledged 4, and refuse 5 (position 5)
             assert await engine.write_tx("c", "app.db", sent[4]) == 5
         assert engine.pos("c", "app.db") == history.pos
@@ -259,8 +262,9 @@ class TestReconcile:
             sent.append(other.commit(int(now[0] * 1000)))
         assert other.checksums[3] == history.checksums[3] and other.checksums[4] != history.checksums[4]
         engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
-        for data in sent[2:]:
-            await engine.write_tx("c", "app.db", data)
+        # The stored 4-4 and 5-5 continue the same 3 as the node's: no checksum tells that they are not its own. The
+        # HWM answered stays at what the node sent, so it keeps its 4 and 5 until they are stored.
+        assert [await engine.write_tx("c", "app.db", data) for data in sent[2:]] == [3, 3, 5]
         index = engine.index("c", "app.db")
         assert [(e.min_txid, e.max_txid) for e in index.level(0)] == [(1, 1), (2, 2), (3, 3), (4, 4), (4, 5), (5, 5)]
         assert not (tmp_path / "store" / ".litefs-sidecar" / "quarantine").exists()  # the old 4-4 continues 3
