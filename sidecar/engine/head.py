@@ -205,6 +205,9 @@ def decode(data: bytes | str) -> Head:
         if not (cur.min_txid <= prev.max_txid + 1 and cur.max_txid > prev.max_txid):
             raise ValueError(f"plan[{i}]: {cur.min_txid:016x}-{cur.max_txid:016x} does not continue "
                              f"{prev.max_txid:016x}")
+        if cur.min_txid == prev.max_txid + 1 and not continues(prev.post, cur.pre):
+            raise ValueError(f"plan[{i}]: preApplyChecksum {cur.pre:016x} is not the postApplyChecksum "
+                             f"{prev.post:016x} of plan[{i - 1}]")
     head = Head(_hex(doc, "txid", "head"), _hex(doc, "postApplyChecksum", "head"), _int(doc, "timestamp", "head"),
                 _int(doc, "pageSize", "head"), _int(doc, "commit", "head"), tuple(entries),
                 tuple(indexes) if indexes else None)
