@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.commands import args as argtypes
-from sidecar.engine.index import DbIndex, reachable, scan
+from sidecar.engine.index import DbIndex, chain, scan
 from sidecar.engine.restore import plan_restore, restore, side_files
 from sidecar.errors import NotFound, RestoreError, SidecarError
 from sidecar.ltx import ChecksumMismatch, LTXError, Version, format_timestamp
@@ -195,12 +195,12 @@ async def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def print_index(index: DbIndex) -> None:
-    reach = reachable(index)
+    reach = set(chain(index)[0])
     print(f"{'level':<6}{'min_txid':<18}{'max_txid':<18}{'timestamp':<26}{'size':>12}  restorable")
     for level in sorted(index.levels):
         for e in index.level(level):
             print(f"{'L' + str(level):<6}{e.min_txid:016x}  {e.max_txid:016x}  "
-                  f"{format_timestamp(e.timestamp):<26}{e.size:>12}  {'yes' if e.max_txid in reach else 'no'}")
+                  f"{format_timestamp(e.timestamp):<26}{e.size:>12}  {'yes' if e in reach else 'no'}")
 
 
 def _verify_file(data: bytes) -> None:

@@ -18,7 +18,7 @@ import structlog
 from sidecar.engine.builder import Builder
 from sidecar.engine.catalog import Catalog
 from sidecar.engine.database import Database
-from sidecar.engine.index import DbIndex, FileEntry
+from sidecar.engine.index import DbIndex, FileEntry, continues
 from sidecar.engine.levels import Levels, due
 from sidecar.engine.restore import plan_restore
 from sidecar.errors import SidecarError
@@ -55,17 +55,29 @@ def sources(index: DbIndex, level: int) -> list[FileEntry]:
     after = newest.max_txid if newest else 0
     files = index.level(level - 1)  # sorted by (min_txid, max_txid): snapshots first
     chain: list[FileEntry] = []
+    ends = {after: newest.post} if newest else {}  # TXID -> post-apply checksum where the chain's files end
     cur, i = after, 0
+    stray: FileEntry | None = None  # the first file that starts where the chain ends but applies on another state
     while True:
         best: FileEntry | None = None
         while i < len(files) and files[i].min_txid <= cur + 1:  # every file that continues `cur`, or lies below it
-            if files[i].max_txid > max(cur, best.max_txid if best else 0):
-                best = files[i]
+            e = files[i]
+            p = e.min_txid - 1
+            if e.max_txid > max(cur, best.max_txid if best else 0):
+                if p in ends and not continues(ends[p], e.pre):
+                    stray = stray or e  # another history than the chain's (past a lost file)
+                else:
+                    best = e
             i += 1
         if best is None:
             break
         chain = [best] if best.is_snapshot else [*chain, best]
         cur = best.max_txid
+        ends[cur] = best.post
+    if not chain and stray is not None:
+        raise SourceGap(f"L{level - 1} {stray.min_txid:016x}-{stray.max_txid:016x} applies on another state than "
+                        f"L{level} holds at {after:016x} (pre-apply checksum {stray.pre:016x}, not "
+                        f"{ends[stray.min_txid - 1]:016x}: another history)")
     if not chain and i < len(files):
         raise SourceGap(f"L{level - 1} skips TXIDs {after + 1:016x}..{files[i].min_txid - 1:016x}")
     return chain

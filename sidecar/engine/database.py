@@ -80,11 +80,15 @@ class Database:
     @property
     def hwm(self) -> int:
         """The highest TXID durable in the store: what a restore reaches. Clients delete their copies at or below it,
-        so past a gap in the stored chain it stops before the gap (and the gap is logged)."""
+        so past a gap in the stored chain it stops before the gap (and the gap is logged). Never past what the client
+        has sent and the store holds (the position, before any pending upload but a snapshot): stored files beyond
+        it (left past a gap that its upload filled) may be of another history than the client's, which checksums
+        cannot tell while the two agree up to there."""
         hwm = self.index.hwm
         if self._gap[0] != self.index.version and (hwm < self.index.max_txid or self._gap[1]):
             self.gap()
-        return hwm
+        first = self.pending[0].header if self.pending else None
+        return min(hwm, first.min_txid - 1 if first and not first.is_snapshot else self.pos.txid)
 
     def gap(self) -> str:
         """What breaks the stored chain ("" if nothing): logged when it appears, changes or is filled."""
@@ -92,7 +96,12 @@ class Database:
             return self._gap[1]
         missing = self.index.gap()
         gap = ""
-        if missing:
+        if missing and missing[1] < missing[0]:
+            first = missing[0]
+            gap = (f"the stored files past TXID {first - 1:016x} apply on another state than the one stored there "
+                   f"(another history, past a lost file): TXIDs {first:016x}..{self.index.max_txid:016x} cannot be "
+                   f"restored, and the HWM stays at {first - 1:016x}")
+        elif missing:
             first, last = missing
             where = f"after TXID {first - 1:016x}" if first > 1 else "before any snapshot"
             gap = (f"TXIDs {first:016x}..{last:016x} are missing from the store {where}: TXIDs {last + 1:016x}.."
@@ -102,8 +111,8 @@ class Database:
                 # A person must act: the client may still hold the missing TXIDs (it keeps what is above the HWM, and
                 # fills the gap if it sends them again); else only a new snapshot makes the newest state restorable.
                 log.error("backup has a gap: the HWM stops before it", cluster=self.cluster, db=self.name,
-                          missing=f"{missing[0]:016x}-{missing[1]:016x}", hwm=f"{missing[0] - 1:016x}",
-                          stored=f"{self.index.max_txid:016x}")
+                          missing=f"{missing[0]:016x}-{missing[1]:016x}" if missing[1] >= missing[0] else "",
+                          hwm=f"{missing[0] - 1:016x}", stored=f"{self.index.max_txid:016x}", reason=gap)
             else:
                 log.info("backup gap filled", cluster=self.cluster, db=self.name, hwm=f"{self.index.hwm:016x}",
                          was=self._gap[1])

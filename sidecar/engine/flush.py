@@ -30,10 +30,11 @@ import structlog
 from sidecar.engine.builder import Builder
 from sidecar.engine.catalog import Catalog
 from sidecar.engine.database import Database, Pending
-from sidecar.engine.index import FileEntry
+from sidecar.engine.index import FileEntry, chain
 from sidecar.engine.uploadlog import UploadLog
 from sidecar.errors import NotFound, PreconditionFailed
 from sidecar.ltx import HEADER_SIZE, Header, LTXError, Version
+from sidecar.storage.layout import QUARANTINE_PREFIX
 
 log = structlog.get_logger("sidecar.engine")
 
@@ -138,18 +139,23 @@ class Flusher:
                 return
             t0 = time.perf_counter()
             taken = db.pending[:batch(db)]
+            stored = False
             try:
                 entry = await self.builder.build(db, 0, [p.data for p in taken], Version.V2, in_memory=True)
             except PreconditionFailed:
                 # Write-once: the key is taken. A client sending again what the store already holds (after a gap
                 # in the stored chain, it sends from the position it is told) meets its own file: nothing to write.
-                # Any other file there is another history or a stray write: the error stands (the index is rebuilt).
+                # A file of another history past the end of the chain (a node that never had the TXIDs past a lost
+                # file) is set aside, and the write tried again. Anything else (a reachable file, a stray write the
+                # index lacks) stands: the error is raised, and the index rebuilt.
                 same = await self._already_stored(db, taken)
-                if same is None:
+                if same is not None:
+                    entry, stored = same, True
+                elif await self._set_aside(db, taken):
+                    entry = await self.builder.build(db, 0, [p.data for p in taken], Version.V2, in_memory=True)
+                else:
                     raise
-                entry, stored = same, True
-            else:
-                stored = False
+            if not stored:
                 db.index.add(entry)
                 await self.catalog.stored(db, added=entry)
             db.pending = db.pending[len(taken):]
@@ -177,6 +183,42 @@ class Flusher:
         except (NotFound, LTXError):
             return None
         return files[i] if (header.min_txid, header.max_txid) == span and header.db_checksums == sums else None
+
+    async def _set_aside(self, db: Database, taken: list[Pending]) -> bool:
+        """Move the stored L0 file in the way of `taken` under the store's quarantine prefix, if it is garbage to
+        every restore: a file the index knows (its header in the store confirms it) that no chain from a snapshot
+        reaches, starting past the HWM, so the file of another history than the one stored below it (past a lost
+        file). False (nothing touched) otherwise. A copy is kept for a person; then the file is deleted."""
+        span = (taken[0].header.min_txid, taken[-1].header.max_txid)
+        async with db.maint:  # no compaction, retention or restore reads the index meanwhile
+            files = db.index.level(0)
+            i = bisect.bisect_left(files, span, key=lambda e: (e.min_txid, e.max_txid))
+            if i == len(files) or (files[i].min_txid, files[i].max_txid) != span:
+                return False
+            other = files[i]
+            if other.min_txid <= db.index.hwm or other in chain(db.index)[0]:
+                return False
+            storage = self.builder.storage
+            key = other.key(storage.layout, db.prefix)
+            try:
+                data = await storage.get_bytes(key)
+                header = Header.unpack(data[:HEADER_SIZE])
+            except (NotFound, LTXError):
+                return False
+            seen = FileEntry.from_header(0, header, len(data))
+            if (seen.min_txid, seen.max_txid, seen.pre, seen.post) != (other.min_txid, other.max_txid, other.pre,
+                                                                      other.post):
+                return False
+            await self.builder.fence(db)
+            kept = f"{QUARANTINE_PREFIX}{key}.{int(time.time() * 1000)}"
+            await storage.put_bytes(kept, data, timestamp=header.timestamp)
+            db.index.remove([other])
+            await self.catalog.stored(db)
+            await storage.delete([key])
+        log.warning("stored file of another history set aside: an upload continuing the stored chain needs its "
+                    "key, and no restore reaches it", cluster=db.cluster, db=db.name, key=key, kept=kept,
+                    pre=f"{other.pre:016x}", hwm=f"{db.index.hwm:016x}")
+        return True
 
 
 __all__ = ["MAX_BATCH", "FlushQueue", "Flusher", "Limit", "batch", "due", "due_at", "phase"]

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.engine.index import DbIndex, FileEntry
+from sidecar.engine.index import DbIndex, FileEntry, continues
 from sidecar.engine.restore import plan_restore
 from sidecar.errors import RestoreError
 from sidecar.storage.base import Storage
@@ -84,11 +84,11 @@ def latest(index: DbIndex | Iterable[FileEntry]) -> Head | None:
 
 def extended(prev: Head | None, added: FileEntry, index: DbIndex) -> Head | None:
     """The latest head of `index` after a flush added only `added` to it, when `added` continues `prev` (the
-    latest head before) and is the newest file: `prev`'s plan and that file. No other file reaches as far, so
-    the planner's choices up to `prev` stay as they were. None otherwise (then plan again: `latest`). O(plan),
-    where `latest` is O(n log n) in the index (a day of L0 files: ~5 ms a flush)."""
+    latest head before), applies on its state, and is the newest file: `prev`'s plan and that file. No other file
+    reaches as far, so the planner's choices up to `prev` stay as they were. None otherwise (then plan again:
+    `latest`). O(plan), where `latest` is O(n log n) in the index (a day of L0 files: ~5 ms a flush)."""
     if (prev is None or added.is_snapshot or added.min_txid != prev.txid + 1
-            or added.max_txid != index.max_txid):
+            or not continues(prev.post_apply_checksum, added.pre) or added.max_txid != index.max_txid):
         return None
     return Head.of_plan((*prev.plan, added))
 
@@ -113,13 +113,20 @@ def plan(index: DbIndex | Iterable[FileEntry], *, txid: int | None = None,
     rest = [e for e in fitting if e.max_txid > base or (e.is_snapshot and e.max_txid == base)]
     rest.sort(key=lambda e: (e.min_txid, -e.max_txid))
     kept: list[FileEntry] = []
-    reach = -1
+    reach = -1  # how far the files starting before the current start reach
+    start, same = 0, list[FileEntry]()  # the current start, and the files starting there, widest first
     for e in rest:
-        # Sorted by start, widest first: `e` is covered when an earlier-starting file reaches as far (files
-        # with the very same range stay: the planner picks among them by level).
-        if e.max_txid > reach or (kept and (kept[-1].min_txid, kept[-1].max_txid) == (e.min_txid, e.max_txid)):
+        # Sorted by start, widest first: `e` is covered when an earlier-starting file reaches as far, or one starting
+        # at the same TXID that applies wherever `e` does (no pre-apply checksum, or `e`'s: one of another history,
+        # past a lost file, is no cover). Files with the very same range stay: the planner picks among them by level.
+        if e.min_txid != start:
+            reach = max([reach, *(w.max_txid for w in same)])
+            start, same = e.min_txid, []
+        covered = e.max_txid <= reach or any(
+            w.max_txid > e.max_txid and (not w.pre or w.pre == e.pre) for w in same)
+        if not covered or (kept and (kept[-1].min_txid, kept[-1].max_txid) == (e.min_txid, e.max_txid)):
             kept.append(e)
-        reach = max(reach, e.max_txid)
+        same.append(e)
     try:
         return plan_restore(kept, txid=txid, timestamp=timestamp)
     except RestoreError:
@@ -198,6 +205,9 @@ def decode(data: bytes | str) -> Head:
         if not (cur.min_txid <= prev.max_txid + 1 and cur.max_txid > prev.max_txid):
             raise ValueError(f"plan[{i}]: {cur.min_txid:016x}-{cur.max_txid:016x} does not continue "
                              f"{prev.max_txid:016x}")
+        if cur.min_txid == prev.max_txid + 1 and not continues(prev.post, cur.pre):
+            raise ValueError(f"plan[{i}]: preApplyChecksum {cur.pre:016x} is not the postApplyChecksum "
+                             f"{prev.post:016x} of plan[{i - 1}]")
     head = Head(_hex(doc, "txid", "head"), _hex(doc, "postApplyChecksum", "head"), _int(doc, "timestamp", "head"),
                 _int(doc, "pageSize", "head"), _int(doc, "commit", "head"), tuple(entries),
                 tuple(indexes) if indexes else None)

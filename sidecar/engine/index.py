@@ -91,6 +91,7 @@ class DbIndex:
         self._size = sum(e.size for files in self.levels.values() for e in files)
         self._len = sum(len(files) for files in self.levels.values())
         self._hwm: int | None = None  # the end of the restorable chain; None until walked (`hwm`)
+        self._tip: set[int] = set()  # the post-apply checksums of the states the chain reaches at `_hwm`
 
     def __iter__(self) -> Iterator[FileEntry]:
         for level in sorted(self.levels):
@@ -109,10 +110,19 @@ class DbIndex:
         else:
             bisect.insort(files, entry, key=_order)
         if self._hwm is not None:
-            if self._hwm < self._max_txid:
+            hwm, p = self._hwm, entry.min_txid - 1
+            if hwm < self._max_txid:
                 self._hwm = None  # a gap: the file may fill it and make the files past it reachable
-            elif entry.is_snapshot or entry.min_txid - 1 <= self._hwm:
-                self._hwm = max(self._hwm, entry.max_txid)  # the usual case: the newest file continues the chain
+            elif entry.is_snapshot and entry.max_txid > hwm:
+                self._hwm, self._tip = entry.max_txid, {entry.post}
+            elif p == hwm and entry.max_txid > hwm:
+                if any(continues(c, entry.pre) for c in self._tip):
+                    self._hwm, self._tip = entry.max_txid, {entry.post}  # the usual case: it continues the chain
+                # else it applies on another history than the one stored there: the HWM stays
+            elif p < hwm and not (entry.max_txid == hwm and entry.post in self._tip):
+                # A compaction's output, or an upload overlapping stored files: whether it is reachable (a chain
+                # point it starts at has its state) and what it reaches takes a walk (once per compaction).
+                self._hwm = None
             # else it starts past the end of the chain: a gap opens, and the HWM stays where the chain ends
         self._max_txid = max(self._max_txid, entry.max_txid)
         self._size += entry.size
@@ -153,26 +163,26 @@ class DbIndex:
         it); 0 if none. Every TXID at or below it is restorable from the store; past a gap (a file lost or deleted
         by hand) it stays below `max_txid`, since what lies beyond cannot be restored."""
         if self._hwm is None:
-            self._hwm = max(reachable(self), default=0)
+            sums = chain(self)[1]
+            self._hwm = max(sums, default=0)
+            self._tip = sums.get(self._hwm, set())
         return self._hwm
 
     def gap(self) -> tuple[int, int] | None:
         """The first TXIDs missing from the chain (first, last), with stored files past them; None when a restore
-        reaches every file."""
+        reaches every file. When no TXID is missing but the files past the chain apply on another state than the
+        one stored (another history, past a lost file), `last` is `first - 1`."""
         hwm = self.hwm
         if hwm >= self._max_txid:
             return None
-        # A file not reachable starts past hwm + 1 (one starting at or below it would continue the chain).
-        return hwm + 1, min(e.min_txid for e in self if e.min_txid > hwm + 1) - 1
+        return hwm + 1, max(hwm, min(e.min_txid for e in self if e.max_txid > hwm) - 1)
 
     def restorable_head(self) -> FileEntry | None:
         """The file ending at the newest state a restore can reach (a chain from a snapshot), at its finest
         level; None if no chain reaches anything. Its post checksum is the stored position."""
-        reach = reachable(self)
         best: FileEntry | None = None
-        for e in self:
-            if e.max_txid in reach and (best is None or e.max_txid > best.max_txid or (
-                    e.max_txid == best.max_txid and e.level < best.level)):
+        for e in chain(self)[0]:
+            if best is None or e.max_txid > best.max_txid or (e.max_txid == best.max_txid and e.level < best.level):
                 best = e
         return best
 
@@ -334,27 +344,53 @@ def restore_points(index: DbIndex) -> list[tuple[int, int, int]]:
     A file's end is a restore point when some chain from a snapshot reaches it; at one TXID the
     finest level is reported.
     """
-    reach = reachable(index)
     best: dict[int, tuple[int, int, int]] = {}
-    for e in index:
-        if e.max_txid in reach and (e.max_txid not in best or e.level < best[e.max_txid][2]):
+    for e in chain(index)[0]:
+        if e.max_txid not in best or e.level < best[e.max_txid][2]:
             best[e.max_txid] = (e.max_txid, e.timestamp, e.level)
     return sorted(best.values())
 
 
-def reachable(index: DbIndex) -> set[int]:
-    """TXIDs at which a chain starting from a snapshot ends, as `plan_restore` chains files: a file continues a chain
-    that reaches any TXID in [min_txid - 1, max_txid - 1], so it may overlap what precedes it (a snapshot taken while
-    L1 lagged ends inside the next L1 file). Taken in min_txid order, a reachable TXID in that range is always known
-    already: the chain reaching it first crosses min_txid - 1 through a file with a smaller min_txid."""
-    known: list[int] = []
-    for e in sorted(index, key=_order):
-        i = bisect.bisect_left(known, e.min_txid - 1)
-        if e.is_snapshot or (i < len(known) and known[i] < e.max_txid):
-            j = bisect.bisect_left(known, e.max_txid)
-            if j == len(known) or known[j] != e.max_txid:
-                known.insert(j, e.max_txid)
-    return set(known)
+def continues(post: int, pre: int) -> bool:
+    """Whether a file with pre-apply checksum `pre` applies on a state with post-apply checksum `post`: they are
+    equal, or either is unknown (0: Litestream's files carry no checksums, a snapshot no pre-apply checksum)."""
+    return pre == post or not pre or not post
 
 
-__all__ = ["SNAPSHOT_LEVEL", "DbIndex", "FileEntry", "reachable", "restore_points", "scan"]
+def chain(entries: Iterable[FileEntry]) -> tuple[list[FileEntry], dict[int, set[int]]]:
+    """The files some chain from a snapshot reaches, as `plan_restore` chains them, in (min_txid, max_txid) order,
+    and the post-apply checksums of the states reached at each TXID a chain ends at.
+
+    A file continues the chain point min_txid - 1 when it applies on a state reached there (`continues`: a file
+    of another history, past a lost file, does not), and a file starting inside a reachable file (no chain ends
+    at min_txid - 1) when a chain ends in [min_txid, max_txid - 1]: it overlaps what precedes it (a snapshot taken
+    while L1 lagged ends inside the next L1 file). Taken in min_txid order, every chain ending at or past
+    min_txid - 1 below max_txid is known already: the chain reaching it first crosses min_txid - 1 through a file
+    with a smaller min_txid."""
+    known: list[int] = []  # TXIDs at which a chain ends, sorted
+    sums: dict[int, set[int]] = {}  # TXID -> post-apply checksums of the states chains reach there
+    files: list[FileEntry] = []
+    for e in sorted(entries, key=_order):
+        p = e.min_txid - 1
+        i = bisect.bisect_left(known, p)
+        if e.is_snapshot:
+            ok = True
+        elif i < len(known) and known[i] == p:
+            ok = any(continues(post, e.pre) for post in sums[p])
+        else:
+            ok = i < len(known) and known[i] < e.max_txid
+        if ok:
+            files.append(e)
+            if e.max_txid not in sums:
+                bisect.insort(known, e.max_txid)
+                sums[e.max_txid] = set()
+            sums[e.max_txid].add(e.post)
+    return files, sums
+
+
+def reachable(index: DbIndex | Iterable[FileEntry]) -> set[int]:
+    """TXIDs at which a chain starting from a snapshot ends (see `chain`)."""
+    return set(chain(index)[1])
+
+
+__all__ = ["SNAPSHOT_LEVEL", "DbIndex", "FileEntry", "chain", "continues", "reachable", "restore_points", "scan"]

@@ -11,7 +11,6 @@ left at `out` unless every check passed.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import os
 import sqlite3
 import tempfile
@@ -19,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.engine.index import DbIndex, FileEntry
+from sidecar.engine.index import DbIndex, FileEntry, chain, continues
 from sidecar.engine.merge import Progress, merge
 from sidecar.errors import RestoreError
 from sidecar.fsutil import fsync_dir
@@ -68,44 +67,59 @@ def plan_restore(index: DbIndex | Sequence[FileEntry], *, txid: int | None = Non
         raise RestoreError(f"target {target} is before every snapshot{where}")
     plan = [max(snapshots, key=lambda e: (e.max_txid, e.level, -e.timestamp))]
     cur = plan[0].max_txid
+    ends = {cur: plan[0].post}  # TXID -> post-apply checksum, where each file of the plan ends
+
+    def continues_plan(e: FileEntry) -> bool:
+        """`e` takes the plan past `cur`: it starts within it, and applies on the state the plan has there when
+        the plan has one at e.min_txid - 1 (a file of another history, past a lost file, does not)."""
+        p = e.min_txid - 1
+        return e.min_txid <= cur + 1 and e.max_txid > cur and (p not in ends or continues(ends[p], e.pre))
+
     while txid is None or cur < txid:
-        eligible = [e for e in entries if e.min_txid <= cur + 1 and e.max_txid > cur and fits(e)]
+        eligible = [e for e in entries if continues_plan(e) and fits(e)]
         if not eligible:
             break
         best = max(eligible, key=lambda e: (e.max_txid, -e.min_txid, e.level))
         plan.append(best)
         cur = best.max_txid
+        ends[cur] = best.post
     if txid is not None and cur != txid:
-        raise RestoreError(_missed(entries, txid, plan[-1]))
+        raise RestoreError(_missed(entries, txid, plan[-1], any(map(continues_plan, entries))))
     beyond = [e for e in entries if fits(e) and e.max_txid > cur]
     # A file after the target time that continues the chain (an L1 file whose first flushes L0 retention
     # deleted) means no TXID is missing: the target lies between two restore points, and `cur` is the earlier.
-    if beyond and not any(e.min_txid <= cur + 1 and e.max_txid > cur for e in entries):
+    if beyond and not any(map(continues_plan, entries)):
         raise RestoreError(_gap(entries, plan[-1]))
     return plan
 
 
 def _gap(entries: Sequence[FileEntry], last: FileEntry) -> str:
-    """The chain stops at `last` although later files exist: name the missing TXIDs."""
+    """The chain stops at `last` although later files exist: name the missing TXIDs, or the file that applies on
+    another state than the one the chain reaches (another history, past a lost file)."""
     cur = last.max_txid
+    stray = [e for e in entries if e.min_txid <= cur + 1 and e.max_txid > cur]
+    if stray:
+        e = min(stray, key=lambda e: (e.min_txid, e.max_txid, e.level))
+        return (f"the backup's chain stops at {describe(last)}: L{e.level} {e.min_txid:016x}-{e.max_txid:016x} after "
+                f"it applies on another state (pre-apply checksum {e.pre:016x}; another history)")
     resume = min(e.min_txid for e in entries if e.min_txid > cur + 1)
     return f"the backup has a gap: TXIDs {cur + 1:016x}..{resume - 1:016x} are missing after {describe(last)}"
 
 
-def _missed(entries: Sequence[FileEntry], txid: int, below: FileEntry) -> str:
-    """Why no plan ends exactly at `txid`; `below` is the nearest restore point under it.
+def _missed(entries: Sequence[FileEntry], txid: int, below: FileEntry, goes_on: bool) -> str:
+    """Why no plan ends exactly at `txid`; `below` is the nearest restore point under it, and `goes_on` whether a
+    file continues the chain past it.
 
     Past every file: beyond the newest restore point. Nothing continues the chain after `below`: a gap (a
-    file is missing). Otherwise a file spans `txid`: it is not a restore point, and the nearest above is
-    named too.
+    file is missing, or of another history). Otherwise a file spans `txid`: it is not a restore point, and the
+    nearest above is named too.
     """
     points = _points(entries)
     if txid > max(e.max_txid for e in entries):
         newest = points[max(points)]
         out = f"TXID {txid:016x} is beyond the newest restore point {describe(newest)}"
         return out + (f"; {_gap(entries, newest)}" if any(e.max_txid > newest.max_txid for e in entries) else "")
-    cur = below.max_txid
-    if not any(e.min_txid <= cur + 1 and e.max_txid > cur for e in entries):
+    if not goes_on:
         return f"TXID {txid:016x} cannot be restored: {_gap(entries, below)}"
     above = points[min(t for t in points if t > txid)]
     return (f"TXID {txid:016x} is not a restore point; the nearest are {describe(below)} below and "
@@ -113,21 +127,11 @@ def _missed(entries: Sequence[FileEntry], txid: int, below: FileEntry) -> str:
 
 
 def _points(entries: Sequence[FileEntry]) -> dict[int, FileEntry]:
-    """Every TXID a plan can end at, with the finest-level file ending there.
-
-    A file extends the chain when some reachable TXID lies in [min_txid - 1, max_txid - 1] (files may overlap,
-    as `plan_restore` allows). Taken in min_txid order, a reachable TXID in that range is always known already:
-    the chain reaching it first crosses min_txid - 1 through a file with a smaller min_txid.
-    """
-    known: list[int] = []
+    """Every TXID a plan can end at, with the finest-level file ending there (chains as `index.chain` walks them)."""
     best: dict[int, FileEntry] = {}
-    for e in sorted(entries, key=lambda e: (e.min_txid, e.max_txid)):
-        i = bisect.bisect_left(known, e.min_txid - 1)
-        if e.is_snapshot or (i < len(known) and known[i] < e.max_txid):
-            if e.max_txid not in best:
-                bisect.insort(known, e.max_txid)
-            if e.max_txid not in best or e.level < best[e.max_txid].level:
-                best[e.max_txid] = e
+    for e in chain(entries)[0]:
+        if e.max_txid not in best or e.level < best[e.max_txid].level:
+            best[e.max_txid] = e
     return best
 
 

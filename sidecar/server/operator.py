@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.engine import Engine
-from sidecar.engine.index import reachable
+from sidecar.engine.index import chain
 from sidecar.engine.restore import check_integrity
 from sidecar.errors import InvalidDatabaseName, RestoreError, validate_cluster_name, validate_db_name
 from sidecar.ltx import LTXError, format_timestamp
@@ -128,11 +128,11 @@ class OperatorAPI:
         level the stretch of time it covers and how far apart its points are (`interval`, seconds; 0 = every
         upload): which stretch is restorable at which granularity."""
         index = self.engine.index(cluster, name)
-        reach = reachable(index)
+        reach = set(chain(index)[0])
         points: list[dict[str, Any]] = []
         levels: list[dict[str, Any]] = []
         for level in sorted(index.levels):
-            mine = [e for e in index.level(level) if e.max_txid in reach]
+            mine = [e for e in index.level(level) if e in reach]
             if not mine:
                 continue
             points += [{"txid": txid_hex(e.max_txid), "timestamp": format_timestamp(e.timestamp), "level": level}

@@ -9,6 +9,7 @@ One `Layout` per store kind, so nothing else passes a "file" or "s3" string arou
     .litefs-sidecar/identity.json               the store's identity (engine/identity.py)
     .litefs-sidecar/probe/<random>              a scratch object of the start-up check of an S3 endpoint's
                                                 conditional writes (storage/s3.py), deleted at once
+    .litefs-sidecar/quarantine/<key>.<ms>       an LTX file set aside at <ms> (engine/flush.py), kept for a person
 
 A database prefix is `<cluster>/<db>`. Litestream reads only the level directories, so the other objects are
 invisible to it. Names never starting with `.` hold data; temporary files do.
@@ -24,6 +25,9 @@ from sidecar.ltx import format_filename, parse_filename
 SNAPSHOT_LEVEL = 9
 IDENTITY_KEY = ".litefs-sidecar/identity.json"
 PROBE_PREFIX = ".litefs-sidecar/probe/"  # never a database's prefix: no cluster name starts with a dot
+# Files set aside (engine/flush.py: an L0 file of another history in the way of an upload): `<prefix><key>.<ms>`,
+# a name no reader takes for an LTX file.
+QUARANTINE_PREFIX = ".litefs-sidecar/quarantine/"
 HEAD_NAME = "head.json"
 LEASE_NAME = "lease.json"
 
@@ -90,4 +94,5 @@ def _join(*parts: str) -> str:
 FILE_LAYOUT = Layout("file", hex_levels=False)
 S3_LAYOUT = Layout("s3", hex_levels=True)
 
-__all__ = ["FILE_LAYOUT", "IDENTITY_KEY", "PROBE_PREFIX", "S3_LAYOUT", "SNAPSHOT_LEVEL", "LTXKey", "Layout"]
+__all__ = ["FILE_LAYOUT", "IDENTITY_KEY", "PROBE_PREFIX", "QUARANTINE_PREFIX", "S3_LAYOUT", "SNAPSHOT_LEVEL", "LTXKey",
+           "Layout"]

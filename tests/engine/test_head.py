@@ -91,7 +91,7 @@ class TestPlan:
 
 class TestHeadJson:
     def test_round_trip_with_and_without_indexes(self) -> None:
-        plan = [entry(9, 1, 10, commit=7), entry(2, 11, 40, pre=(1 << 63) | 3), entry(0, 41, 41, commit=8)]
+        plan = [entry(9, 1, 10, commit=7), entry(2, 11, 40, pre=(1 << 63) | 10), entry(0, 41, 41, commit=8)]
         h = Head.of_plan(plan)
         assert (h.txid, h.commit, h.timestamp, h.post_apply_checksum) == (41, 8, 41_000, (1 << 63) | 41)
         assert head.decode(head.encode(h)) == h
@@ -122,6 +122,13 @@ class TestHeadJson:
         doc = head.encode(Head.of_plan([entry(9, 1, 10), entry(0, 11, 12)])).replace(b'"000000000000000b"',
                                                                                     b'"000000000000000d"')
         with pytest.raises(ValueError, match=r"plan\[1\]"):
+            head.decode(doc)
+
+    def test_a_plan_of_two_histories_is_refused(self) -> None:
+        """A file that applies on another state than the one the plan reaches before it (its pre-apply checksum)."""
+        doc = head.encode(Head.of_plan([entry(9, 1, 10), entry(0, 11, 12, pre=(1 << 63) | 3)]))
+        with pytest.raises(ValueError, match=r"plan\[1\]: preApplyChecksum 8000000000000003 is not the "
+                                             r"postApplyChecksum 800000000000000a of plan\[0\]"):
             head.decode(doc)
 
     def test_keys(self) -> None:

@@ -13,7 +13,8 @@ from sidecar.engine.index import JOURNAL_MIN, IndexCache
 
 
 def entry(level: int, lo: int, hi: int, t: int = 0, size: int = 100) -> FileEntry:
-    return FileEntry(level, lo, hi, t, size, 10, 4096, lo, hi)
+    """A file of one history, whose database checksum at TXID t is t: it applies on the state at lo - 1."""
+    return FileEntry(level, lo, hi, t, size, 10, 4096, lo - 1, hi)
 
 
 def day_of_files(rng: random.Random, flushes: int) -> list[FileEntry]:
@@ -136,7 +137,7 @@ def test_version_1_caches_are_still_read(tmp_path: Path) -> None:
     e = entry(9, 1, 4)
     path = tmp_path / "index.json"
     fields = ["level", "min_txid", "max_txid", "timestamp", "size", "commit", "page_size", "pre", "post"]
-    path.write_text(json.dumps({"version": 1, "files": [dict(zip(fields, (9, 1, 4, 0, 100, 10, 4096, 1, 4),
+    path.write_text(json.dumps({"version": 1, "files": [dict(zip(fields, (9, 1, 4, 0, 100, 10, 4096, 0, 4),
                                                                  strict=True))]}))
     loaded = DbIndex.load(path)
     assert loaded is not None and list(loaded) == [e]

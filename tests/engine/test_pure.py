@@ -31,6 +31,20 @@ def f(level: int, lo: int, hi: int, t: float = 0.0, pre: int = 0, post: int = 0)
     return FileEntry(level, lo, hi, int(t * S), 100, 1, 4096, pre, post)
 
 
+def sum_at(history: str, txid: int) -> int:
+    """The database checksum at `txid` in one of two histories that agree up to TXID 2 (0 before TXID 1)."""
+    return 0 if txid < 1 else (0x100 if txid <= 2 or history == "a" else 0x200) + txid
+
+
+def hf(history: str, level: int, lo: int, hi: int) -> FileEntry:
+    """A stored file of `history` ("a": the stored one; "b": another node's, from TXID 3 on) with its checksums."""
+    return f(level, lo, hi, pre=0 if lo == 1 else sum_at(history, lo - 1), post=sum_at(history, hi))
+
+
+# L0 files 1..5 of history a, 3-3 lost, then the other node's 3-3 (its TXID 3 applies on the same TXID 2).
+FORKED = [hf("a", 0, 1, 1), hf("a", 0, 2, 2), hf("b", 0, 3, 3), hf("a", 0, 4, 4), hf("a", 0, 5, 5)]
+
+
 def spans(entries: list[FileEntry]) -> list[tuple[int, int, int]]:
     return [(e.level, e.min_txid, e.max_txid) for e in entries]
 
@@ -52,6 +66,16 @@ class TestPlanRestore:
          {"timestamp": 15 * S}, [(9, 1, 10), (0, 11, 12)]),
         ("before every snapshot", [f(9, 5, 10, 100)], {"timestamp": 50 * S}, "before every snapshot"),
         ("gap", [f(9, 1, 10), f(0, 11, 12), f(0, 14, 15)], {}, "gap"),
+        # Past a lost file, files of another history do not continue the chain: their TXIDs follow, their state not.
+        ("another history past a lost file", FORKED, {}, "L0 0000000000000004-0000000000000004 after it applies on "
+                                                         "another state"),
+        ("up to the end of the chain past a lost file", FORKED, {"txid": 3}, [(0, 1, 1), (0, 2, 2), (0, 3, 3)]),
+        ("beyond the end of the chain past a lost file", FORKED, {"txid": 4}, "cannot be restored: the backup's "
+                                                                              "chain stops at 0000000000000003"),
+        ("an overlapping file of the chain's history goes on", [*FORKED[:3], hf("a", 0, 4, 4), hf("b", 0, 2, 5)],
+         {}, [(0, 1, 1), (0, 2, 5)]),
+        ("unknown checksums chain as TXIDs do", [f(9, 1, 2, post=5), f(0, 3, 3), f(0, 4, 4, pre=7)], {},
+         [(9, 1, 2), (0, 3, 3), (0, 4, 4)]),
         ("nothing", [], {}, "no backup files"),
     ]
 
@@ -95,6 +119,10 @@ class TestCompactionSources:
          [(0, 5, 6), (0, 7, 7)]),
         ("overlapping L1 files into L2", 2, [f(1, 1, 2), f(1, 3, 5), f(1, 5, 6)], [(1, 1, 2), (1, 3, 5), (1, 5, 6)]),
         ("up to a gap", 1, [f(0, 1, 2), f(0, 4, 5)], [(0, 1, 2)]),
+        ("up to the end of the chain past a lost file", 1, FORKED, [(0, 1, 1), (0, 2, 2), (0, 3, 3)]),
+        ("another history's file overlapping the chain is left out", 1,
+         [*FORKED, hf("b", 0, 4, 4), hf("a", 0, 4, 6), hf("b", 0, 5, 5)], [(0, 1, 1), (0, 2, 2), (0, 3, 3),
+                                                                            (0, 4, 4), (0, 5, 5)]),
     ]
 
     @pytest.mark.parametrize(("name", "level", "files", "want"), CASES, ids=[c[0] for c in CASES])
@@ -104,6 +132,10 @@ class TestCompactionSources:
     def test_gap_in_the_source_level_is_refused(self) -> None:
         with pytest.raises(SourceGap, match="skips TXIDs 0000000000000004"):
             sources(DbIndex([f(1, 1, 3), f(0, 6, 7)]), 1)
+
+    def test_another_history_in_the_source_level_is_refused(self) -> None:
+        with pytest.raises(SourceGap, match="L0 0000000000000004-0000000000000004 applies on another state"):
+            sources(DbIndex([hf("b", 1, 1, 3), *FORKED]), 1)
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 3)), max_size=20), st.integers(0, 6))
@@ -232,6 +264,11 @@ class TestHwm:
         ("a snapshot taken past a gap restarts the chain", [f(0, 1, 1), f(0, 3, 3), f(9, 1, 3), f(0, 4, 4)], 4,
          None),
         ("a snapshot ending inside the next file", [f(9, 1, 12), f(1, 11, 20)], 20, None),
+        ("another history past a lost file", FORKED, 3, (4, 3)),
+        ("its files where the other is lost", [hf("a", 0, 1, 1), hf("a", 0, 2, 2), hf("a", 0, 3, 3),
+                                               hf("b", 0, 4, 4), hf("b", 0, 5, 5)], 3, (4, 3)),
+        ("a snapshot of the other history restarts the chain", [*FORKED, hf("b", 9, 1, 4), hf("b", 0, 5, 5)], 5,
+         None),
     ]
 
     @pytest.mark.parametrize(("name", "files", "hwm", "gap"), CASES, ids=[c[0] for c in CASES])
@@ -253,8 +290,30 @@ class TestHwm:
             assert index.hwm == max(reachable(index), default=0) == DbIndex(index).hwm
             assert index.hwm <= index.max_txid and (index.gap() is None) == (index.hwm == index.max_txid)
 
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.booleans(), st.sampled_from("ab"), st.integers(0, 1), st.integers(1, 6),
+                              st.integers(0, 2)), max_size=30))
+    def test_kept_up_to_date_over_two_histories(self, ops: list[tuple[bool, str, int, int, int]]) -> None:
+        """Files of two histories added one by one or removed: the HWM is what a walk finds, and a restore reaches
+        it when no TXID is a fork (no state of each history is stored there)."""
+        index = DbIndex()
+        for add, history, level, lo, span in ops:
+            if add:
+                index.add(hf(history, level, lo, lo + span))
+            elif len(index):
+                index.remove([list(index)[lo % len(index)]])
+            assert index.hwm == max(reachable(index), default=0) == DbIndex(index).hwm
+            assert index.hwm <= index.max_txid and (index.gap() is None) == (index.hwm == index.max_txid)
+        ends: dict[int, set[int]] = {}
+        for e in index:
+            ends.setdefault(e.max_txid, set()).add(e.post)
+        if index.hwm and all(len(sums) == 1 for sums in ends.values()):
+            plan = plan_restore(index, txid=index.hwm)
+            for prev, cur in itertools.pairwise(plan):
+                assert cur.min_txid <= prev.max_txid or cur.pre == prev.post  # each applies on the state before
+
     def test_a_gap_is_logged_once_and_so_is_its_filling(self) -> None:
-        db = Database("c", "app.db", Path("unused"), DbIndex([f(0, 1, 1), f(0, 2, 2), f(0, 4, 4)]))
+        db = Database("c", "app.db", Path("unused"), DbIndex([f(0, 1, 1), f(0, 2, 2), f(0, 4, 4)]), pos=Pos(4, 0))
         with capture_logs() as logs:
             assert (db.hwm, db.hwm) == (2, 2)
             assert db.status().failing == {"chain": db.gap()} and "TXIDs 0000000000000003..0000000000000003" in \

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from sidecar.engine import Engine, Levels
-from sidecar.errors import StorageError
+from sidecar.errors import RestoreError, StorageError
 from sidecar.ltx import Pos, Version
 from sidecar.ltx.compactor import compact
 from sidecar.storage import open_storage
@@ -62,6 +63,23 @@ async def lose_the_third_of_five(tmp_path: Path, history: History, t: float) -> 
     assert (lost.min_txid, lost.max_txid) == (3, 3)
     (tmp_path / "store" / lost.key(store.layout, "c/app.db")).unlink()
     return store, sent
+
+
+class Forked(History):
+    """A node's history that shares TXIDs 1 and 2 with the `history` fixture's (the same seed) and differs from 3 on;
+    `sent` holds its uploads."""
+
+    sent: list[bytes]
+
+
+def forked_at_three(tmp_path: Path, history: History, t: float) -> Forked:
+    other = Forked(tmp_path / "other.db")
+    other.sent = []
+    for n in (5, 5, 50, 5, 5):
+        other.write(n)
+        other.sent.append(other.commit(int(t * 1000)))
+    assert other.checksums[2] == history.checksums[2] and other.checksums[3] != history.checksums[3]
+    return other
 
 
 class TestStoreIdentity:
@@ -167,7 +185,10 @@ class TestReconcile:
         # The client still holds TXID 3 (the HWM never covered it): it sends it again, and the answer stays at 2
         # while the upload waits for the store.
         assert await engine.write_tx("c", "app.db", sent[2]) == 2
-        assert await engine.flush("c", "app.db") == 5  # filled: the files past the gap are restorable again
+        # Filled: the files past the gap are restorable again, but the answer is not past what the client sent (the
+        # stored 4 and 5 could be another history's; the client sends its own next).
+        assert await engine.flush("c", "app.db") == 3
+        assert engine.index("c", "app.db").hwm == 5
         assert engine.status("c", "app.db").gap == ""
         result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
         assert (result.txid, result.checksum) == (5, history.checksums[5])
@@ -213,8 +234,8 @@ class TestReconcile:
         store, sent = await lose_the_third_of_five(tmp_path, history, now[0])
         engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
         with capture_logs() as logs:
-            assert await engine.write_tx("c", "app.db", sent[2]) == 5
-            assert await engine.write_tx("c", "app.db", sent[3]) == 5
+            assert await engine.write_tx("c", "app.db", sent[2]) == 3  # not past what the client sent
+            assert await engine.write_tx("c", "app.db", sent[3]) == 4
             await engine.tick()  # an index rebuild here would drop the acknowledged 4, and refuse 5 (position 5)
             assert await engine.write_tx("c", "app.db", sent[4]) == 5
         assert engine.pos("c", "app.db") == history.pos
@@ -241,10 +262,12 @@ class TestReconcile:
             sent.append(other.commit(int(now[0] * 1000)))
         assert other.checksums[3] == history.checksums[3] and other.checksums[4] != history.checksums[4]
         engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
-        for data in sent[2:]:
-            await engine.write_tx("c", "app.db", data)
+        # The stored 4-4 and 5-5 continue the same 3 as the node's: no checksum tells that they are not its own. The
+        # HWM answered stays at what the node sent, so it keeps its 4 and 5 until they are stored.
+        assert [await engine.write_tx("c", "app.db", data) for data in sent[2:]] == [3, 3, 5]
         index = engine.index("c", "app.db")
         assert [(e.min_txid, e.max_txid) for e in index.level(0)] == [(1, 1), (2, 2), (3, 3), (4, 4), (4, 5), (5, 5)]
+        assert not (tmp_path / "store" / ".litefs-sidecar" / "quarantine").exists()  # the old 4-4 continues 3
         await engine.tick()
         assert engine.status("c", "app.db").failing == {}
         index = engine.index("c", "app.db")
@@ -253,6 +276,66 @@ class TestReconcile:
         assert (result.txid, result.checksum) == (5, other.checksums[5])
         await engine.close()
         other.close()
+
+    async def test_files_of_another_history_past_a_lost_file_are_not_durable(self, tmp_path: Path,
+                                                                            history: History) -> None:
+        """Past a lost L0 file 3-3, a node of another history from TXID 3 on (a new primary that never had the old
+        3..5) sends its own 3: it applies on TXID 2, but the stored 4-4 and 5-5 apply on the old 3, not on it. The
+        HWM (what the client prunes under) stays at 3, and no restore applies the old 4 and 5 on the node's 3."""
+        now = [T0]
+        store, _ = await lose_the_third_of_five(tmp_path, history, now[0])
+        other = forked_at_three(tmp_path, history, now[0])
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        assert engine.hwm("c", "app.db") == 2
+        assert await engine.write_tx("c", "app.db", other.sent[2]) == 3  # not 5: the stored 4 and 5 are not its own
+        status = engine.status("c", "app.db")
+        assert status.hwm == 3 and "apply on another state" in status.failing["chain"]
+        result = await engine.restore_to("c", "app.db", tmp_path / "out3.db", txid=3)
+        assert (result.txid, result.checksum) == (3, other.checksums[3])
+        with pytest.raises(RestoreError, match="0000000000000004-0000000000000004 after it applies on another state"):
+            await engine.restore_to("c", "app.db", tmp_path / "out.db")
+        await engine.tick()  # L1 holds the node's chain, and stops there
+        assert [(e.min_txid, e.max_txid, e.post) for e in engine.index("c", "app.db").level(1)] == [
+            (1, 3, other.checksums[3])]
+        await engine.close()
+        other.close()
+
+    async def test_the_other_history_goes_on_over_stored_files_no_restore_reaches(self, tmp_path: Path,
+                                                                               history: History) -> None:
+        """The node of another history goes on with its 4 and 5, whose keys the old 4-4 and 5-5 hold (write-once):
+        those files, past the HWM and reached by no chain, are set aside under the store's quarantine prefix
+        (logged, with their keys) and the node's written in their place; the HWM follows the node's files only as
+        they are stored, and L1 and restores hold its history."""
+        now = [T0]
+        store, _ = await lose_the_third_of_five(tmp_path, history, now[0])
+        other = forked_at_three(tmp_path, history, now[0])
+        engine = await Engine.open(store, tmp_path / "state", Levels(l0_interval=0), clock=lambda: now[0])
+        with capture_logs() as logs:
+            for txid in (3, 4, 5):
+                assert await engine.write_tx("c", "app.db", other.sent[txid - 1]) == txid
+        status = engine.status("c", "app.db")
+        assert (status.pos, status.failing) == (other.pos, {})
+        set_aside = [e for e in logs if e["event"].startswith("stored file of another history set aside")]
+        keys = [f"c/app.db/ltx/0/{t:016x}-{t:016x}.ltx" for t in (4, 5)]
+        assert [(e["key"], e["log_level"]) for e in set_aside] == [(k, "warning") for k in keys]
+        for e, key in zip(set_aside, keys, strict=True):  # the old files are kept aside, byte for byte
+            kept = tmp_path / "store" / e["kept"]
+            assert e["kept"].startswith(f".litefs-sidecar/quarantine/{key}.") and kept.stat().st_size > 0
+        assert [(e.min_txid, e.max_txid, e.post) for e in engine.index("c", "app.db").level(0)] == [
+            (t, t, (history if t < 3 else other).checksums[t]) for t in range(1, 6)]
+        await engine.tick()
+        assert engine.status("c", "app.db").failing == {}
+        assert [(e.min_txid, e.max_txid, e.post) for e in engine.index("c", "app.db").level(1)] == [
+            (1, 5, other.checksums[5])]
+        result = await engine.restore_to("c", "app.db", tmp_path / "out.db")
+        assert (result.txid, result.checksum) == (5, other.checksums[5])
+        await engine.close()
+        other.close()
+        # A new start finds the same: the files set aside are no part of the database.
+        engine = await Engine.open(store, tmp_path / "state2", Levels(l0_interval=0), clock=lambda: now[0])
+        assert (engine.pos("c", "app.db"), engine.hwm("c", "app.db")) == (other.pos, 5)
+        assert engine.status("c", "app.db").failing == {}
+        await engine.close()
 
     async def test_objects_under_a_name_no_database_can_have_are_left_out(self, tmp_path: Path,
                                                                          history: History) -> None:
