@@ -540,7 +540,7 @@ class EmulatedNode:
             post = out.enc.pages_checksum  # every page was written
             out.commit(post)
             for path in (self.database_path(name), self.path(name), self.work_path(name)):
-                path.write_bytes(data)
+                write_atomically(path, bytes(data), durable=self.fsync)  # readers see the old or the new, as in LiteFS
             return self._advance(db, header, post, out.enc.page_count, final)
 
     def export(self, name: str) -> bytes:

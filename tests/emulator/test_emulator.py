@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -231,6 +232,35 @@ class TestImportExport:
         assert after is not None and after.txid == rec.txid + 1
         data, pos = replay(node.ltx_files("app.db"), tmp_path / "r.db")
         assert data == node.export("app.db") and pos == after.pos
+
+    def test_a_reader_during_an_import_sees_the_old_database_or_the_new(self, node: EmulatedNode,
+                                                                      tmp_path: Path) -> None:
+        """LiteFS applies an import as one transaction: a reader never sees a half-written file (the emulator wrote
+        it in place, and a reader could meet an empty database: "no such table")."""
+        node.execute("app.db", "CREATE TABLE t (x)")
+        src = make_db(tmp_path / "src.db", rows=2000).read_bytes()
+        errors: list[str] = []
+        done = threading.Event()
+
+        def read() -> None:
+            while not done.is_set():
+                con = sqlite3.connect(f"file:{node.path('app.db')}?mode=ro", uri=True)
+                try:
+                    con.execute("SELECT count(*) FROM t").fetchone()
+                except sqlite3.Error as err:
+                    errors.append(str(err))
+                finally:
+                    con.close()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            for _ in range(30):
+                node.import_db("app.db", src)
+        finally:
+            done.set()
+            reader.join()
+        assert errors == []
 
     def test_import_into_a_new_database_is_a_snapshot(self, node: EmulatedNode, tmp_path: Path) -> None:
         """With no transactions yet, the import is TXID 1 with pre-apply 0."""
