@@ -284,10 +284,14 @@ class Sidecar:
             if not call.cancelled():
                 call.result()
 
+    def _tasks(self) -> list[asyncio.Task[Any]]:
+        """What the ticks left running: the databases' jobs and the call to upstream."""
+        return [*self._jobs.values(), *([self._call] if self._call is not None else [])]
+
     async def _cancel_jobs(self) -> None:
         """Stop what is left of the ticks (a stuck upload, a call to upstream that hangs): safe, nothing above the
         HWM was pruned."""
-        jobs = list(self._jobs.values()) + ([self._call] if self._call is not None else [])
+        jobs = self._tasks()
         self._jobs.clear()
         self._call = None
         for job in jobs:
@@ -354,8 +358,7 @@ class Sidecar:
         # way (a positions read would take the lease back).
         self._letting_go = True
         try:
-            busy = [*self._jobs.values(), *([self._call] if self._call is not None else [])]
-            if busy and (await asyncio.wait(busy, timeout=self.config.shutdown_grace))[1]:
+            if (busy := self._tasks()) and (await asyncio.wait(busy, timeout=self.config.shutdown_grace))[1]:
                 await self._cancel_jobs()
             self._reap_call()
         finally:

@@ -30,7 +30,7 @@ import structlog
 from sidecar.engine.builder import Builder
 from sidecar.engine.catalog import Catalog
 from sidecar.engine.database import Database, Pending
-from sidecar.engine.index import FileEntry, chain
+from sidecar.engine.index import FileEntry
 from sidecar.engine.uploadlog import UploadLog
 from sidecar.errors import NotFound, PreconditionFailed
 from sidecar.ltx import HEADER_SIZE, Header, LTXError, Version
@@ -171,32 +171,27 @@ class Flusher:
         """The stored L0 file holding exactly the transactions of `taken`: the same TXIDs and the same database
         checksums before and after, as the index knows it and its header in the store confirms; None if none."""
         first, last = taken[0].header, taken[-1]
-        span = (first.min_txid, last.header.max_txid)
         sums = (0 if first.is_snapshot else first.pre_apply_checksum, last.post)
-        files = db.index.level(0)
-        i = bisect.bisect_left(files, span, key=lambda e: (e.min_txid, e.max_txid))
-        if i == len(files) or (files[i].min_txid, files[i].max_txid) != span or (files[i].pre, files[i].post) != sums:
+        entry = _l0_file(db, taken)
+        if entry is None or (entry.pre, entry.post) != sums:
             return None
         storage = self.builder.storage
         try:
-            header = Header.unpack(await storage.get_range(files[i].key(storage.layout, db.prefix), 0, HEADER_SIZE))
+            header = Header.unpack(await storage.get_range(entry.key(storage.layout, db.prefix), 0, HEADER_SIZE))
         except (NotFound, LTXError):
             return None
-        return files[i] if (header.min_txid, header.max_txid) == span and header.db_checksums == sums else None
+        return entry if (header.min_txid, header.max_txid) == (entry.min_txid, entry.max_txid) and \
+            header.db_checksums == sums else None
 
     async def _set_aside(self, db: Database, taken: list[Pending]) -> bool:
         """Move the stored L0 file in the way of `taken` under the store's quarantine prefix, if it is garbage to
         every restore: a file the index knows (its header in the store confirms it) that no chain from a snapshot
         reaches, starting past the HWM, so the file of another history than the one stored below it (past a lost
         file). False (nothing touched) otherwise. A copy is kept for a person; then the file is deleted."""
-        span = (taken[0].header.min_txid, taken[-1].header.max_txid)
         async with db.maint:  # no compaction, retention or restore reads the index meanwhile
-            files = db.index.level(0)
-            i = bisect.bisect_left(files, span, key=lambda e: (e.min_txid, e.max_txid))
-            if i == len(files) or (files[i].min_txid, files[i].max_txid) != span:
-                return False
-            other = files[i]
-            if other.min_txid <= db.index.hwm or other in chain(db.index)[0]:
+            other = _l0_file(db, taken)
+            # Every file a chain reaches ends at or below the HWM: one starting past it is reached by none.
+            if other is None or other.min_txid <= db.index.hwm:
                 return False
             storage = self.builder.storage
             key = other.key(storage.layout, db.prefix)
@@ -219,6 +214,14 @@ class Flusher:
                     "key, and no restore reaches it", cluster=db.cluster, db=db.name, key=key, kept=kept,
                     pre=f"{other.pre:016x}", hwm=f"{db.index.hwm:016x}")
         return True
+
+
+def _l0_file(db: Database, taken: list[Pending]) -> FileEntry | None:
+    """The stored L0 file with exactly the TXIDs of `taken` (the key their flush writes), as the index knows it."""
+    span = (taken[0].header.min_txid, taken[-1].header.max_txid)
+    files = db.index.level(0)
+    i = bisect.bisect_left(files, span, key=lambda e: (e.min_txid, e.max_txid))
+    return files[i] if i < len(files) and (files[i].min_txid, files[i].max_txid) == span else None
 
 
 __all__ = ["MAX_BATCH", "FlushQueue", "Flusher", "Limit", "batch", "due", "due_at", "phase"]

@@ -162,6 +162,17 @@ class HeldUpstream:
         await self.inner.close(within)
 
 
+async def start_stuck(env: Env) -> tuple[Sidecar, HeldUpstream]:
+    """A sidecar shipping app.db while the first upload of stuck.db hangs (until `held.unblock` is set)."""
+    write(env, "stuck.db", 2)
+    write(env, "app.db", 2)
+    _, inner = await env.upstream(env.config())
+    held = HeldUpstream(inner, "stuck.db")
+    sidecar = await env.start(held)  # type: ignore[arg-type]
+    await env.synced("app.db")
+    return sidecar, held
+
+
 async def eventually(condition: Callable[[], bool], within: float = 30.0) -> None:
     """Wait until `condition()` holds, polling; TimeoutError after `within` seconds."""
     async with asyncio.timeout(within):

@@ -14,7 +14,7 @@ from sidecar.config import EngineConfig, SidecarConfig
 from sidecar.daemon import Sidecar
 from sidecar.daemon.upstream import EngineUpstream
 from sidecar.emulator import EmulatedNode
-from tests.daemon.conftest import Env, HeldUpstream, eventually, look, rows, write
+from tests.daemon.conftest import Env, eventually, look, rows, start_stuck, write
 
 
 async def test_a_missing_data_dir_is_warned_about_and_shown_in_healthz(env: Env) -> None:
@@ -111,12 +111,7 @@ class TestDatabaseRemoved:
 
     async def test_a_database_is_not_forgotten_while_its_upload_is_under_way(self, env: Env) -> None:
         """Its tick job still runs (an upload hangs) when the directory goes: forgotten once the job has ended."""
-        write(env, "stuck.db", 2)
-        write(env, "app.db", 2)
-        _, inner = await env.upstream(env.config())
-        held = HeldUpstream(inner, "stuck.db")
-        sidecar = await env.start(held)  # type: ignore[arg-type]
-        await env.synced("app.db")
+        sidecar, held = await start_stuck(env)
         assert "stuck.db" in sidecar._jobs
         shutil.rmtree(env.node.db_dir("stuck.db"))
         write(env, "late.db", 1)  # found, and so shipped, by a tick that looked after the removal

@@ -21,7 +21,7 @@ from sidecar.errors import StorageError, UpstreamError
 from sidecar.ltx import Pos
 from sidecar.storage import open_storage
 from sidecar.storage.file import FileStorage
-from tests.daemon.conftest import Env, HeldUpstream, eventually, write
+from tests.daemon.conftest import Env, HeldUpstream, eventually, start_stuck, write
 from tests.faults import FaultProxy
 from tests.server.conftest import TOKEN, start_server
 
@@ -113,12 +113,7 @@ async def test_sigkill_at_20_random_moments_loses_nothing(env: Env, tmp_path: Pa
 
 
 async def test_a_database_whose_upload_hangs_holds_back_no_other(env: Env) -> None:
-    write(env, "stuck.db", 2)
-    write(env, "app.db", 2)
-    _, inner = await env.upstream(env.config())
-    held = HeldUpstream(inner, "stuck.db")
-    sidecar = await env.start(held)  # type: ignore[arg-type]
-    await env.synced("app.db")
+    sidecar, held = await start_stuck(env)
     write(env, "app.db", 3, start=2)  # shipped while stuck.db's first upload still hangs
     await env.synced("app.db")
     assert sidecar.dbs["stuck.db"].remote == Pos()
