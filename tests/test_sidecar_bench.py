@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.sidecar_bench import _replay_load
+from bench.sidecar_bench import Row, Usage, _replay_load, ratios
 from sidecar.daemon.build import compact_files
 from sidecar.ltx import parse_filename
 
@@ -39,3 +39,21 @@ def test_replay_places_the_setup_first_then_one_unbroken_chain_at_the_rate(tmp_p
     # the files chain as LiteFS's do: every checksum verified, each pre-apply checksum the previous post-apply
     _, header, _ = compact_files(files)
     assert (header.min_txid, header.max_txid) == (1, setup + 100)
+
+
+def test_the_goals_are_judged_on_each_rates_median_ratio_over_its_runs() -> None:
+    def row(rate: float, run: int, sidecar: float, litestream: float | None, rss: float = 60.0) -> Row:
+        return Row(rate, run, sidecar=Usage(cpu_pct=sidecar, rss_max=rss),
+                   litestream=None if litestream is None else Usage(cpu_pct=litestream, rss_max=30.0))
+
+    rows = [row(1000, 0, 4.0, 2.0), row(5000, 0, 12.0, 6.0, rss=66.0), row(1000, 1, 3.0, 2.0),
+            row(5000, 1, 10.0, 4.0), row(1000, 2, 6.0, 2.0), row(100, 0, 1.0, None)]
+    by_rate = {r.rate: r for r in ratios(rows)}
+    assert sorted(by_rate) == [1000, 5000]  # a rate Litestream did not run beside has no ratio
+    one = by_rate[1000]
+    assert one.cpu == 2.0 and one.cpu_range == (1.5, 3.0)  # the median of 2.0, 1.5 and 3.0, not of the CPUs' sum
+    assert (one.sidecar_cpu, one.litestream_cpu) == (4.0, 2.0)
+    assert one.rss == 2.0 and one.rss_spread == ""
+    five = by_rate[5000]
+    assert five.cpu == 2.25 and five.cpu_range == (2.0, 2.5)  # two runs: the mean of the middle pair
+    assert five.rss_range == (2.0, 2.2)
