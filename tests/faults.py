@@ -1,5 +1,5 @@
 """A fault-injecting HTTP proxy for S3 tests: SlowDown every Nth request, 500s, bodies cut mid-way, PUTs delivered
-late, a store that hangs, conditional writes ignored."""
+late, a store that hangs (for every request or one database's), conditional writes ignored."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class Faults:
     hold_puts: str = ""  # PUTs whose path contains this wait, whole, until `release` is set (a late delivery)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     hang: bool = False  # every request waits, whole, until `release` is set (a store or server that hangs)
+    hang_on: str = ""  # requests whose path and query contain this wait, whole, until `release` is set (one database's)
     held: int = 0  # requests waiting now
     # Writes (PUT, POST) lose If-None-Match and If-Match on the way, as an endpoint that ignores them: moto checks no
     # signature by default, so dropping a signed header is not noticed.
@@ -74,7 +75,8 @@ class FaultProxy:
         body = await request.read()
         if request.method == "PUT" and f.put_latency:
             await asyncio.sleep(f.put_latency)
-        if f.hang or (request.method == "PUT" and f.hold_puts and f.hold_puts in request.path):
+        if f.hang or (f.hang_on and f.hang_on in request.path_qs) or \
+                (request.method == "PUT" and f.hold_puts and f.hold_puts in request.path):
             f.held += 1
             await f.release.wait()  # forwarded even if its client has given up: the store gets it late
             f.held -= 1

@@ -307,6 +307,15 @@ class LocalDB:
             yield from (packed.file(base, t) for t in range(packed.lo, packed.hi + 1))
         yield from (self.files[k] for k in self._keys)
 
+    def newest(self) -> Iterator[LocalFile]:
+        """Files in reverse TXID order, lazily (do not change the files while iterating): a search for a recent
+        file reads only as far back as it must."""
+        self._in_step()
+        packed, base = self.packed, self._dir
+        yield from (self.files[k] for k in reversed(self._keys))
+        if packed:
+            yield from (packed.file(base, t) for t in range(packed.hi, packed.lo - 1, -1))
+
     def above(self, txid: int) -> list[LocalFile]:
         """Files whose max TXID is above `txid`, in TXID order."""
         self._in_step()

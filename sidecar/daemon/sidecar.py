@@ -7,7 +7,8 @@ One task watches the directory (watchfiles), one ticks every `batch_interval`. A
 task, so a slow upload holds back no other database): learn upstream's position when it is unknown or stale, ship
 until upstream holds the node's head (≤ 256 files per upload), then delete local files that are older than
 `retention` and at or below the HWM, never the newest.
-On a replica (`.primary` exists) nothing is shipped; the HWM is polled and the same pruning rule applies.
+On a replica (`.primary` exists) nothing is shipped; each database's HWM is polled (many at once) and the same
+pruning rule applies.
 Reading upstream's positions (or HWMs) and letting go of it after a demotion are one more task, waited for as the
 databases' are: a store that hangs or retries for minutes holds up that call, never the ticks that notice a
 demotion, find new databases, prune and keep the gauges.
@@ -45,6 +46,10 @@ from sidecar.sdnotify import Notifier
 log = get_logger("sidecar.daemon")
 
 _CATCH_UP = 64  # uploads per database per tick while catching up after an outage
+# HWM calls a replica's poll makes at once: enough that a few databases whose calls hang (a store or server slow for
+# them, each waiting up to upstream's timeout) hold back no other's HWM and pruning, few enough that a node with
+# thousands of databases does not open as many requests to the server or store every `position_interval`.
+_HWM_POLLS = 16
 _FOLLOW_AFTER = 3  # ticks in a row in which the probe found new files before a database is followed by name
 
 
@@ -378,21 +383,43 @@ class Sidecar:
             self._error("upstream", err, db=None)
 
     async def _poll_hwm(self) -> None:
-        """Replicas: learn each database's HWM, and how local TXIDs map onto upstream's (by checksum)."""
+        """Replicas: learn each database's HWM, and how local TXIDs map onto upstream's (by checksum). The databases
+        are asked at the same time (up to `_HWM_POLLS`), so one whose call hangs holds back no other's HWM."""
         self.positions_at = time.monotonic()
-        for db in list(self.dbs.values()):  # ticks go on meanwhile, and find or forget databases
-            try:
-                hwm, pos = await self.upstream.hwm(db.name)
-            except (UpstreamError, SidecarError) as err:
-                self._error("upstream", err, db=db.name)
-                continue
-            hwm = min(hwm, pos.txid)  # nothing above its own position is durable, whatever an upstream says
-            match = [f for f in db.local.sorted() if self._post(db, f) == pos.post_apply_checksum]
-            if pos.txid and match:
-                db.relink(pos.txid - match[-1].max_txid)
-                db.hwm = hwm
-            elif db.hwm is not None:
-                db.hwm = hwm
+        polls = asyncio.Semaphore(_HWM_POLLS)
+
+        async def poll(db: DbShipper) -> None:
+            async with polls:
+                await self._poll_db_hwm(db)
+        try:
+            async with asyncio.TaskGroup() as tg:  # an unexpected error ends the others and the poll, as before
+                for db in list(self.dbs.values()):  # ticks go on meanwhile, and find or forget databases
+                    tg.create_task(poll(db), name=f"hwm {db.name}")
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:  # raised as it was when the databases were asked one after another
+                raise group.exceptions[0] from None
+            raise
+
+    async def _poll_db_hwm(self, db: DbShipper) -> None:
+        """Learn one database's HWM; an upstream that fails is reported, and the database keeps what it knew."""
+        try:
+            hwm, pos = await self.upstream.hwm(db.name)
+        except (UpstreamError, SidecarError) as err:
+            self._error("upstream", err, db=db.name)
+            return
+        hwm = min(hwm, pos.txid)  # nothing above its own position is durable, whatever an upstream says
+        # The newest file whose checksum is upstream's, searched newest first: a replica in step finds it in a header
+        # or two, where reading all of them (600,000 files at 1,000 tx/s under a 10-minute retention) took seconds
+        # and kept every header in memory. Files below it are not looked at (nor found bad here: a replica ships
+        # nothing, and a promoted node's sidecar reads the headers of what it ships).
+        match: LocalFile | None = None
+        if pos.txid:  # upstream holds nothing: no file to match
+            match = next((f for f in db.local.newest() if self._post(db, f) == pos.post_apply_checksum), None)
+        if match is not None:
+            db.relink(pos.txid - match.max_txid)
+            db.hwm = hwm
+        elif db.hwm is not None:
+            db.hwm = hwm
 
     def _post(self, db: DbShipper, f: LocalFile) -> int | None:
         """`f`'s post-apply checksum; None if it is bad (reported once) or gone since the listing (a snapshot

@@ -32,6 +32,8 @@ def _view(f: LocalFile | None) -> tuple[int, int, float, int] | None:
 
 def _same(packed: LocalDB, plain: LocalDB, probes: list[int]) -> None:
     assert [_view(f) for f in packed.sorted()] == [_view(f) for f in plain.sorted()]
+    for db in (packed, plain):
+        assert [_view(f) for f in db.newest()] == [_view(f) for f in plain.sorted()][::-1]  # sorted(), newest first
     assert packed.count == plain.count
     assert _view(packed.head) == _view(plain.head)
     for t in probes:

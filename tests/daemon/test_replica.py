@@ -277,3 +277,40 @@ async def test_a_promoted_replica_restarted_ships_only_what_the_store_lacks_afte
         await runner.cleanup()
         replica.close()
 
+
+
+async def test_a_replica_reads_the_headers_of_its_files_down_to_upstreams_position_only(env: Env,
+                                                                                      tmp_path: Path) -> None:
+    """A replica maps upstream's position onto its files by checksum newest first, stopping at the first match: it
+    reads the headers of the files above that position and of the match, not of every file it holds (600,000 under
+    a 10-minute retention at 1,000 tx/s), and learns the same HWM and TXID offset as a search of them all."""
+    replica = EmulatedNode(tmp_path / "replica-data", tmp_path / "replica-mount", primary=False,
+                           primary_hostname="primary")
+    try:
+        env.node.add_replica(replica)
+        write(env, "app.db", 200)
+        primary = await env.start()
+        await env.synced("app.db")
+        shipped = env.node.pos("app.db").txid
+        await env.stop()  # upstream now stays at `shipped`
+        write(env, "app.db", 3, start=200)  # on the replica too, never shipped
+        newest = env.node.pos("app.db").txid
+        config = dataclasses.replace(primary.config, data_dir=replica.data_dir, mount_dir=replica.mount_dir,
+                                     state_dir=tmp_path / "replica-sidecar", position_interval=0.2,
+                                     retention=3600.0, metrics_addr="")  # nothing pruned: every file stays
+        _, upstream = await env.upstream(config)
+        side = Sidecar(config, upstream, LiteFSNode("", replica.mount_dir))
+        stop = asyncio.Event()
+        task = asyncio.create_task(side.run(stop))
+        try:
+            await eventually(lambda: task.done() or ("app.db" in side.dbs and side.dbs["app.db"].hwm is not None))
+            assert not task.done()
+            db = side.dbs["app.db"]
+            assert db.hwm == shipped and db.link.offset == 0
+            read = [f.max_txid for f in db.local.oldest() if f.header is not None]  # headers are kept once read
+            assert db.local.count > 200 and read == list(range(shipped, newest + 1))
+        finally:
+            stop.set()
+            await task
+    finally:
+        replica.close()
