@@ -12,10 +12,11 @@ import pytest
 from sidecar.cli import main
 from sidecar.commands import backup as backup_cmd
 from sidecar.engine import Engine, Levels
-from sidecar.ltx import Version
+from sidecar.ltx import Version, format_timestamp
 from sidecar.ltx.decoder import decode
 from sidecar.ltx.encoder import encode
 from sidecar.storage import open_storage
+from sidecar.storage.layout import set_aside_key
 from tests.engine.history import History
 
 T0 = 1_790_000_000_000
@@ -73,6 +74,19 @@ class TestPaths:
             f"litefs-sidecar: {url} is not one database's backup; {verb} one of the 2 it holds:",
             f"  {url}/default/app.db", f"  {url}/prod/shop.db"]
         assert not (tmp_path / "out.db").exists()
+
+    async def test_ls_counts_the_copies_set_aside_from_the_backup(self, store: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        """Copies of a backup's files set aside at the store's root are counted, with the oldest's time; another
+        database's (`app.dbx`) are not, and a backup with none says nothing of them."""
+        for prefix, ms in (("default/app.db", T0 + 5000), ("default/app.db", T0), ("default/app.dbx", T0 - 1000)):
+            copy = store / set_aside_key(f"{prefix}/ltx/0/{2:016x}-{2:016x}.ltx", ms)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(b"an LTX file of another history")
+        assert await cli("ls", str(store / "default" / "app.db")) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"set aside: 2 files (oldest {format_timestamp(T0)})"
+        assert await cli("ls", str(store / "prod" / "shop.db")) == 0
+        assert "set aside" not in capsys.readouterr().out
 
     async def test_an_empty_place_says_so(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert await cli("ls", str(tmp_path)) == 1

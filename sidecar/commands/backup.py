@@ -2,7 +2,8 @@
 
 URL names one database: `file:///root/<cluster>/<db>`, `s3://bucket/prefix/<cluster>/<db>`, or a
 Litestream 0.5 replica URL (same layout). The index is rebuilt from the store on each call: one LIST
-and one 100-byte read per file.
+and one 100-byte read per file. `ls` also counts the copies of its files set aside at the store's root
+(`.litefs-sidecar/quarantine/<cluster>/<db>/`, docs/format.md): one more LIST.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse, urlunparse
 
 from sidecar.commands import args as argtypes
 from sidecar.engine.index import DbIndex, chain, scan
 from sidecar.engine.restore import plan_restore, restore, side_files
-from sidecar.errors import NotFound, RestoreError, SidecarError
+from sidecar.errors import NotFound, RestoreError, SidecarError, StorageError
 from sidecar.ltx import ChecksumMismatch, LTXError, Version, format_timestamp
 from sidecar.ltx.checksum import database_checksum
 from sidecar.ltx.decoder import Decoder
 from sidecar.storage import open_storage
 from sidecar.storage.base import Storage
+from sidecar.storage.layout import parse_set_aside, set_aside_prefix
 
 EXAMPLES = """\
 examples:
@@ -191,7 +194,41 @@ async def cmd_ls(args: argparse.Namespace) -> int:
     if not len(index):
         raise RestoreError(f"{args.url}: no backup files found")
     print_index(index)
+    try:
+        copies = await _set_aside_times(args)
+    except StorageError as err:  # a key allowed to read only the backup's own prefix, say
+        print(f"set aside: not known ({err})", file=sys.stderr)
+        return 0
+    if copies:
+        print(f"set aside: {len(copies)} file{'s' if len(copies) > 1 else ''} (oldest "
+              f"{format_timestamp(min(copies))})")
     return 0
+
+
+def _store_root(url: str) -> tuple[str, str] | None:
+    """The URL of the store holding the backup at `url`, and the backup's prefix in it (`<cluster>/<db>`: the last
+    two parts of the path); None if the path has fewer."""
+    parsed = urlparse(url_of(url))
+    parts = [p for p in parsed.path.split("/") if p]
+    if len(parts) < 2:
+        return None
+    return urlunparse(parsed._replace(path="/" + "/".join(parts[:-2]))), "/".join(parts[-2:])
+
+
+async def _set_aside_times(args: argparse.Namespace) -> list[int]:
+    """When each copy of the backup's files was set aside (epoch ms): one LIST of its quarantine prefix at the
+    store's root; empty if the URL names no `<cluster>/<db>` under a root."""
+    where = _store_root(args.url)
+    if where is None:
+        return []
+    root, prefix = where
+    storage = open_storage(root, endpoint_url=args.s3_endpoint, region=args.s3_region,
+                           force_path_style=args.s3_force_path_style or None)
+    try:
+        listed = await storage.list(set_aside_prefix(prefix))
+    finally:
+        await storage.close()
+    return [copy.ms for o in listed if (copy := parse_set_aside(o.key)) is not None]
 
 
 def print_index(index: DbIndex) -> None:

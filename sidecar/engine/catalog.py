@@ -23,6 +23,7 @@ from sidecar.engine.index import DbIndex, FileEntry, IndexCache, scan
 from sidecar.engine.pagesums import PageSums
 from sidecar.errors import InvalidDatabaseName, SidecarError, validate_cluster_name, validate_db_name
 from sidecar.storage.base import ObjectInfo, Storage
+from sidecar.storage.layout import QUARANTINE_PREFIX, parse_set_aside, set_aside_prefix
 
 log = structlog.get_logger("sidecar.engine")
 
@@ -151,6 +152,24 @@ class Catalog:
             db.refresh_pos()
             await self.save(db)
         return changed
+
+    async def learn_set_aside(self) -> None:
+        """Tell every database which copies of its files are set aside in the store, from one listing of the
+        quarantine prefix for the whole store (retention deletes them later without listing anything), and warn of
+        each database that has any. Copies of a database the engine does not know are only warned of."""
+        found: dict[str, dict[str, int]] = {}
+        for obj in await self.storage.list(QUARANTINE_PREFIX):
+            if (copy := parse_set_aside(obj.key)) is not None:
+                found.setdefault(copy.prefix, {})[copy.key] = copy.ms
+        for db in self:
+            db.set_aside = found.pop(db.prefix, {})
+            if db.set_aside:
+                log.warning("stored files set aside (of another history): kept until older than the snapshot "
+                            "retention, or until the database is deleted", cluster=db.cluster, db=db.name,
+                            files=len(db.set_aside), under=set_aside_prefix(db.prefix))
+        for prefix, copies in sorted(found.items()):
+            log.warning("stored files set aside from a database the store no longer holds: left for a person",
+                        files=len(copies), under=set_aside_prefix(prefix))
 
     async def _sync(self, db: Database, objects: list[ObjectInfo]) -> bool:
         layout = self.storage.layout

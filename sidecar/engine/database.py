@@ -69,6 +69,9 @@ class Database:
     resync: bool = False  # the store contradicted the index: rebuild it before anything else
     sums: PageSums | None = None  # each page's checksum at `pos`; None while unknown (rebuilt from the store)
     deleted: bool = False  # deleted by an operator: an upload that waited for it is refused
+    # Copies of its files set aside in the store (engine/flush.py), key -> when (epoch ms): learned as they are made
+    # and from one listing at start, so retention deletes them when they expire without listing anything.
+    set_aside: dict[str, int] = field(default_factory=dict)
     # (index version, gap) as last told: a gap is logged once when it appears, and once when it is filled
     _gap: tuple[int, str] = field(default=(0, ""), init=False, repr=False)
 
@@ -138,7 +141,7 @@ class Database:
                         sum(len(p.data) for p in self.pending), self.index.size, len(self.index), self.last_upload,
                         self.pending[0].arrived if self.pending else 0.0,
                         {k: (j.failures, j.backoff.failures, j.last_error) for k, j in self.jobs.items()},
-                        self.page_size, self.uploading, self.gap())
+                        self.page_size, self.uploading, self.gap(), len(self.set_aside))
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,7 @@ class DbStatus:
     page_size: int = 0
     uploading: int = 0  # uploads being verified or logged right now
     gap: str = ""  # what breaks the stored chain, which holds the HWM below it ("" if nothing)
+    set_aside: int = 0  # copies of its files set aside in the store, kept until the snapshot retention has passed
 
     @property
     def failing(self) -> dict[str, str]:

@@ -50,7 +50,7 @@ from sidecar.engine.levels import Levels
 from sidecar.engine.operations import Operations
 from sidecar.engine.pagesums import PageSums
 from sidecar.engine.restore import RestoreResult, plan_restore
-from sidecar.engine.retention import Retention, retention_victims
+from sidecar.engine.retention import Retention, expired_set_aside, retention_victims
 from sidecar.engine.uploadlog import Record, UploadLog
 from sidecar.errors import NotFound, PosMismatch, PreconditionFailed, SidecarError, StorageError
 from sidecar.fsutil import write_atomically
@@ -111,7 +111,7 @@ class Engine:
         self._latest: dict[str, tuple[DbIndex, heads.Head]] = {}  # the latest head computed, of that index
         self._fence_extra = fence
         self.builder = Builder(storage, self.tmpdir, timed=timed, fence=self._fence)
-        self.flusher = Flusher(self.builder, self.catalog, self.uploadlog, self._flushed)
+        self.flusher = Flusher(self.builder, self.catalog, self.uploadlog, self._flushed, clock)
         self.flush_queue = FlushQueue()
         self.limit = Limit()
         self.flushes = 0  # L0 files written, for /metrics
@@ -234,7 +234,8 @@ class Engine:
 
     async def _check_store(self, *, started: bool) -> None:
         """Check the store enforces conditional writes (leases and write-once files rest on them; this is before the
-        first: the identity's), bind the state directory to its identity, then reconcile every index with it."""
+        first: the identity's), bind the state directory to its identity, then reconcile every index with it and
+        learn the copies set aside."""
         await self.storage.check_conditional_writes()  # ConditionalWritesIgnored: a configuration error, never retried
         identity = await store_identity(self.storage)
         recorded = self.binding.recorded()
@@ -253,6 +254,7 @@ class Engine:
                 self._trim_pending(db)
         else:
             await self.catalog.load()
+        await self.catalog.learn_set_aside()
         self._store_checked = True
 
     def _lock_state_dir(self) -> None:
@@ -781,6 +783,10 @@ class Engine:
                         db.last_run[level] = now
                 if db.job("retention").backoff.ready(now):
                     await self._job(db, "retention", now, self.retention.apply(db, now))
+                # A job of its own: a copy the store fails to delete is retried after a backoff, and never holds
+                # back the retention of the database's files.
+                if db.set_aside and db.job("set_aside").backoff.ready(now):
+                    await self._job(db, "set_aside", now, self.retention.delete_expired_set_aside(db, now))
         self.pending_bytes = sum(len(p.data) for db in self.catalog for p in db.pending)  # recounted: drift-free
         if time.monotonic() - self._saved >= SAVE_EVERY:
             self._saved = time.monotonic()
@@ -800,7 +806,7 @@ class Engine:
             except SidecarError:
                 return True  # a gap: the job reports it
             db.last_run[level] = now  # nothing new to compact at this boundary
-        return bool(retention_victims(db.index, self.levels, now))
+        return bool(retention_victims(db.index, self.levels, now) or expired_set_aside(db.set_aside, self.levels, now))
 
     async def _owned(self, dbs: list[Database], now: float) -> list[Database]:
         """The databases of `dbs` whose cluster this engine writes (taking free leases); the rest are another's

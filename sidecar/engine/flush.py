@@ -34,7 +34,7 @@ from sidecar.engine.index import FileEntry
 from sidecar.engine.uploadlog import UploadLog
 from sidecar.errors import NotFound, PreconditionFailed
 from sidecar.ltx import HEADER_SIZE, Header, LTXError, Version
-from sidecar.storage.layout import QUARANTINE_PREFIX
+from sidecar.storage.layout import set_aside_key
 
 log = structlog.get_logger("sidecar.engine")
 
@@ -125,11 +125,13 @@ class Flusher:
     """Moves pending uploads into the store as L0 files."""
 
     def __init__(self, builder: Builder, catalog: Catalog, log_: UploadLog,
-                 flushed: Callable[[Database, int, float], None] | None = None) -> None:
+                 flushed: Callable[[Database, int, float], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.builder = builder
         self.catalog = catalog
         self.log = log_
         self.flushed = flushed  # (database, bytes of uploads flushed, seconds): the engine's accounting
+        self.clock = clock  # the engine's: when a file is set aside, which its retention counts from
 
     async def flush(self, db: Database) -> None:
         """Compact the uploads pending now (up to MAX_BATCH bytes) into one L0 file in the store. Uploads that the
@@ -187,7 +189,8 @@ class Flusher:
         """Move the stored L0 file in the way of `taken` under the store's quarantine prefix, if it is garbage to
         every restore: a file the index knows (its header in the store confirms it) that no chain from a snapshot
         reaches, starting past the HWM, so the file of another history than the one stored below it (past a lost
-        file). False (nothing touched) otherwise. A copy is kept for a person; then the file is deleted."""
+        file). False (nothing touched) otherwise. A copy is kept for a person (and the database told of it, for
+        retention to delete once older than the snapshot retention); then the file is deleted."""
         async with db.maint:  # no compaction, retention or restore reads the index meanwhile
             other = _l0_file(db, taken)
             # Every file a chain reaches ends at or below the HWM: one starting past it is reached by none.
@@ -205,8 +208,10 @@ class Flusher:
                                                                       other.post):
                 return False
             await self.builder.fence(db)
-            kept = f"{QUARANTINE_PREFIX}{key}.{int(time.time() * 1000)}"
+            ms = int(self.clock() * 1000)
+            kept = set_aside_key(key, ms)
             await storage.put_bytes(kept, data, timestamp=header.timestamp)
+            db.set_aside[kept] = ms
             db.index.remove([other])
             await self.catalog.stored(db)
             await storage.delete([key])

@@ -21,6 +21,7 @@ from sidecar.errors import SidecarError
 from sidecar.ltx import Header, Pos, Trailer, Version
 from sidecar.ltx.sqlite import encode_db, sqlite_page_size
 from sidecar.storage.base import Storage
+from sidecar.storage.layout import set_aside_prefix
 
 WriteTx = Callable[[str, str, bytes], Awaitable[int]]
 
@@ -109,7 +110,8 @@ class Operations:
             return await self.write_state(to_cluster, to_name, path)
 
     async def delete(self, db: Database) -> int:
-        """Forget a database and delete every stored file of it; returns how many files were deleted."""
+        """Forget a database and delete every stored file of it, and the copies set aside from it; returns how many
+        files were deleted."""
         async with db.lock, db.flushing, db.maint:
             # The deletion's record: the pending uploads before it are not replayed. Segments go oldest first,
             # so it stays on disk as long as any of them does.
@@ -123,10 +125,19 @@ class Operations:
             files = {e.key(layout, db.prefix) for e in db.index} | {
                 o.key for o in await self.storage.list(db.prefix + "/")
                 if (parsed := layout.parse(o.key)) is not None and parsed.prefix == db.prefix}
-            await self.storage.delete([layout.head_key(db.prefix), *sorted(files)])
+            # The copies first: a crash midway leaves files that bring the database back (its copies with it), not
+            # copies of a database that is gone.
+            copies = await self._set_aside(db)
+            await self.storage.delete([*copies, layout.head_key(db.prefix), *sorted(files)])
             db.deleted = True
             self.catalog.forget(db)
-        return len(files)
+        return len(copies) + len(files)
+
+    async def _set_aside(self, db: Database) -> list[str]:
+        """The keys of every copy set aside from `db`: those it knows, and those a listing of its own quarantine
+        prefix finds (set aside by another engine that wrote the cluster before this one)."""
+        listed = await self.storage.list(set_aside_prefix(db.prefix))
+        return sorted(db.set_aside.keys() | {o.key for o in listed})
 
 
 __all__ = ["Operations"]

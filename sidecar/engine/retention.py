@@ -3,9 +3,14 @@
 `retention_victims` is pure and decides; `Retention` drops the files from the index, then deletes them. The index
 cache on disk may be older (it is written every few seconds): every start reconciles it with a listing of the
 store, which drops what is gone and finds what a crash left behind.
+
+Copies of files set aside (engine/flush.py) go once older than the snapshot retention, the furthest back a restore
+reaches: `expired_set_aside` decides from what the database knows of them, so a database with none costs nothing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import structlog
 
@@ -61,6 +66,13 @@ def retention_victims(index: DbIndex, levels: Levels, now: float) -> list[FileEn
     return doomed
 
 
+def expired_set_aside(copies: Mapping[str, int], levels: Levels, now: float) -> list[str]:
+    """The keys of the set-aside copies (key -> when set aside, epoch ms) older than the snapshot retention at `now`
+    (seconds), sorted; pure."""
+    cutoff = int(now * 1000) - int(levels.snapshot_retention * 1000)
+    return sorted(key for key, ms in copies.items() if ms < cutoff)
+
+
 class Retention:
     """Applies retention to one database at a time."""
 
@@ -86,5 +98,20 @@ class Retention:
         log.info("retention", cluster=db.cluster, db=db.name, deleted=len(doomed))
         return len(doomed)
 
+    async def delete_expired_set_aside(self, db: Database, now: float) -> int:
+        """Delete the database's set-aside copies older than the snapshot retention at `now`; returns how many. They
+        are forgotten only once deleted: a failed delete raises (StorageError), and a later pass tries again. The
+        caller holds `db.maint`."""
+        expired = expired_set_aside(db.set_aside, self.levels, now)
+        if not expired:
+            return 0
+        await self.fence(db)
+        await self.storage.delete(expired)
+        for key in expired:
+            del db.set_aside[key]
+        log.info("set-aside files deleted: older than the snapshot retention", cluster=db.cluster, db=db.name,
+                 deleted=len(expired), left=len(db.set_aside))
+        return len(expired)
 
-__all__ = ["Retention", "retention_victims"]
+
+__all__ = ["Retention", "expired_set_aside", "retention_victims"]

@@ -64,13 +64,18 @@ class EngineCollector:
         lag_seconds = GaugeMetricFamily("lfsc_hwm_lag_seconds", "Age of the oldest acknowledged upload not yet in "
                                         "the store (0 when the HWM is the position)", labels=["cluster", "db"])
         failures = GaugeMetricFamily("lfsc_job_failures", "Failures of a database's job since start (flush, L1, "
-                                     "L2, snapshot, retention, lease, checksums)", labels=["cluster", "db", "job"])
+                                     "L2, snapshot, retention, set_aside, lease, checksums)",
+                                     labels=["cluster", "db", "job"])
+        set_aside = GaugeMetricFamily("lfsc_set_aside_files", "Copies of a database's stored files set aside in the "
+                                      "store (of another history), kept until older than the snapshot retention",
+                                      labels=["cluster", "db"])
         worst, failing = 0.0, 0
         for st in statuses:
             lag_txids.add_metric([st.cluster, st.name], st.pos.txid - st.hwm)
             lag = max(0.0, now - st.oldest_pending) if st.oldest_pending else 0.0
             worst = max(worst, lag)
             lag_seconds.add_metric([st.cluster, st.name], lag)
+            set_aside.add_metric([st.cluster, st.name], st.set_aside)
             for job, (total, in_a_row, _) in st.jobs.items():
                 failures.add_metric([st.cluster, st.name, job], total)
                 failing += bool(in_a_row)
@@ -78,6 +83,7 @@ class EngineCollector:
         yield lag_seconds
         yield GaugeMetricFamily("lfsc_hwm_lag_seconds_max", "The largest HWM lag of any database", value=worst)
         yield failures
+        yield set_aside
         yield GaugeMetricFamily("lfsc_jobs_failing", "Database jobs failing right now", value=failing)
         yield GaugeMetricFamily("lfsc_pending_uploads", "Accepted uploads not yet in the store",
                                 value=sum(st.pending_files for st in statuses))

@@ -10,6 +10,7 @@ One `Layout` per store kind, so nothing else passes a "file" or "s3" string arou
     .litefs-sidecar/probe/<random>              a scratch object of the start-up check of an S3 endpoint's
                                                 conditional writes (storage/s3.py), deleted at once
     .litefs-sidecar/quarantine/<key>.<ms>       an LTX file set aside at <ms> (engine/flush.py), kept for a person
+                                                as long as the snapshot retention, or until its database is deleted
 
 A database prefix is `<cluster>/<db>`. Litestream reads only the level directories, so the other objects are
 invisible to it. Names never starting with `.` hold data; temporary files do.
@@ -30,6 +31,37 @@ PROBE_PREFIX = ".litefs-sidecar/probe/"  # never a database's prefix: no cluster
 QUARANTINE_PREFIX = ".litefs-sidecar/quarantine/"
 HEAD_NAME = "head.json"
 LEASE_NAME = "lease.json"
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """What a set-aside copy's key says: the database it was taken from and when (epoch ms)."""
+
+    key: str  # the copy's own key, under QUARANTINE_PREFIX
+    prefix: str  # the database's: `<cluster>/<db>`
+    ms: int
+
+
+def set_aside_key(key: str, ms: int) -> str:
+    """The key of the copy of the stored object at `key` set aside at `ms` (epoch ms)."""
+    return f"{QUARANTINE_PREFIX}{key}.{ms}"
+
+
+def set_aside_prefix(db_prefix: str) -> str:
+    """The prefix of every copy set aside from the database at `db_prefix`, and of no other's: it ends with "/",
+    so database `a` holds none of `ab`'s."""
+    return f"{QUARANTINE_PREFIX}{db_prefix}/"
+
+
+def parse_set_aside(key: str) -> SetAside | None:
+    """What the key of a set-aside copy says, or None if `key` is not one (`<prefix><cluster>/<db>/…/<name>.<ms>`)."""
+    if not key.startswith(QUARANTINE_PREFIX):
+        return None
+    original, dot, ms = key[len(QUARANTINE_PREFIX):].rpartition(".")
+    parts = original.split("/")
+    if not dot or not ms.isdigit() or len(parts) < 3 or not all(parts[:2]):
+        return None
+    return SetAside(key, "/".join(parts[:2]), int(ms))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,4 +127,4 @@ FILE_LAYOUT = Layout("file", hex_levels=False)
 S3_LAYOUT = Layout("s3", hex_levels=True)
 
 __all__ = ["FILE_LAYOUT", "IDENTITY_KEY", "PROBE_PREFIX", "QUARANTINE_PREFIX", "S3_LAYOUT", "SNAPSHOT_LEVEL", "LTXKey",
-           "Layout"]
+           "Layout", "SetAside", "parse_set_aside", "set_aside_key", "set_aside_prefix"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.engine import DbIndex, FileEntry, Levels, retention_victims
+from sidecar.engine.retention import expired_set_aside
 from sidecar.storage.base import SNAPSHOT_LEVEL
 
 S = SNAPSHOT_LEVEL
@@ -75,3 +76,11 @@ def test_retention_victims(files: list[File], gone: set[File]) -> None:
     """Exactly the files listed go, each once."""
     victims = retention_victims(entries(files), LEVELS, NOW)
     assert sorted((e.level, e.min_txid, e.max_txid, e.timestamp) for e in victims) == sorted(gone)
+
+
+def test_set_aside_copies_older_than_the_snapshot_retention_expire() -> None:
+    """A copy set aside before the snapshot window's start (90_000 ms at NOW) expires; one at its start or later,
+    like a snapshot there, stays; none known, none expire."""
+    copies = {"q/c/a/x.89999": 89_999, "q/c/a/y.90000": 90_000, "q/c/a/z.99000": 99_000, "q/c/a/w.1000": 1_000}
+    assert expired_set_aside(copies, LEVELS, NOW) == ["q/c/a/w.1000", "q/c/a/x.89999"]
+    assert expired_set_aside({}, LEVELS, NOW) == []

@@ -17,10 +17,11 @@ from sidecar.ltx import Pos, Version
 from sidecar.ltx.compactor import compact
 from sidecar.storage import open_storage
 from sidecar.storage.base import ObjectInfo, Storage
-from sidecar.storage.layout import IDENTITY_KEY
+from sidecar.storage.layout import IDENTITY_KEY, QUARANTINE_PREFIX, set_aside_key
 from tests.engine.history import History
 
 T0 = 1_700_000_000.0
+HOUR = 3600.0
 
 
 class RacedListing:
@@ -80,6 +81,29 @@ def forked_at_three(tmp_path: Path, history: History, t: float) -> Forked:
         other.sent.append(other.commit(int(t * 1000)))
     assert other.checksums[2] == history.checksums[2] and other.checksums[3] != history.checksums[3]
     return other
+
+
+async def set_aside_4_then_5(tmp_path: Path, history: History, now: list[float], levels: Levels,
+                             wrap: Any = None) -> tuple[Engine, Forked, list[str]]:
+    """Past a lost 3-3, a node of another history sends its 3, 4 and 5 (see
+    `test_the_other_history_goes_on_over_stored_files_no_restore_reaches`): the stored 4-4 is set aside at `now`,
+    the stored 5-5 1000 s later (the clock moves). Returns the engine (its store wrapped by `wrap`), the node, and the
+    keys of the two copies, oldest first."""
+    store, _ = await lose_the_third_of_five(tmp_path, history, now[0])
+    other = forked_at_three(tmp_path, history, now[0])
+    engine = await Engine.open(wrap(store) if wrap else store, tmp_path / "state", levels, clock=lambda: now[0])
+    for txid in (3, 4):
+        assert await engine.write_tx("c", "app.db", other.sent[txid - 1]) == txid
+    now[0] += 1000
+    assert await engine.write_tx("c", "app.db", other.sent[4]) == 5
+    copies = await set_aside(engine)
+    assert [c.rsplit(".", 1)[1] for c in copies] == [str(int(T0 * 1000)), str(int((T0 + 1000) * 1000))]
+    return engine, other, copies
+
+
+async def set_aside(engine: Engine) -> list[str]:
+    """The keys under the store's quarantine prefix, oldest first."""
+    return sorted((o.key for o in await engine.storage.list(QUARANTINE_PREFIX)), key=lambda k: int(k.rsplit(".")[-1]))
 
 
 class TestStoreIdentity:
@@ -406,3 +430,88 @@ class TestDelete:
         assert not engine.exists("c", "app.db")
         assert not list((tmp_path / "store" / "c").rglob("*.ltx"))
         await engine.close()
+
+    async def test_deleting_a_database_deletes_its_set_aside_copies_and_no_other_databases(
+            self, tmp_path: Path, history: History) -> None:
+        """The copies of a database's files set aside go with it; those of `app.dbx`, whose prefix starts with
+        `app.db`'s, stay."""
+        now = [T0]
+        engine, other, _ = await set_aside_4_then_5(tmp_path, history, now, Levels(l0_interval=0))
+        theirs = set_aside_key(f"c/app.dbx/ltx/0/{4:016x}-{4:016x}.ltx", int(T0 * 1000))
+        await engine.storage.put_bytes(theirs, b"a copy of another database's file")
+        await engine.delete_database("c", "app.db")
+        assert await set_aside(engine) == [theirs]
+        await engine.close()
+        other.close()
+
+
+class RefusingSetAsideDeletes(FailingDeletes):
+    """A real store that, while `failing`, refuses to delete set-aside copies (and deletes everything else)."""
+
+    async def delete(self, keys: list[str]) -> None:
+        if self.failing and any(k.startswith(QUARANTINE_PREFIX) for k in keys):
+            raise StorageError(keys[0], "delete refused", retryable=True)
+        await self.inner.delete(keys)
+
+
+class TestSetAsideExpiry:
+    async def test_copies_older_than_the_snapshot_retention_go_younger_ones_stay_also_after_a_restart(
+            self, tmp_path: Path, history: History) -> None:
+        """Retention deletes a copy once older than the snapshot retention, and not before: until then it costs no
+        request. A restart learns the copies left from one listing (and warns of them), and they still expire."""
+        now = [T0]
+        levels = Levels(l0_interval=0, snapshot_retention=HOUR)
+        engine, other, (older, younger) = await set_aside_4_then_5(tmp_path, history, now, levels)
+        assert engine.status("c", "app.db").set_aside == 2
+        await engine.tick()  # compactions
+        requests = sum(engine.store_stats().count.values())
+        while now[0] < T0 + HOUR:  # both copies within the retention: idle, no request
+            now[0] = min(now[0] + 300, T0 + HOUR)
+            await engine.tick()
+        assert sum(engine.store_stats().count.values()) == requests
+        assert await set_aside(engine) == [older, younger]
+        now[0] = T0 + HOUR + 1  # the older copy is past the retention
+        with capture_logs() as logs:
+            await engine.tick()
+        assert await set_aside(engine) == [younger]
+        assert [e["deleted"] for e in logs if e["event"].startswith("set-aside files deleted")] == [1]
+        assert engine.status("c", "app.db").set_aside == 1
+        await engine.close()
+        with capture_logs() as logs:
+            engine = await Engine.open(engine.storage, tmp_path / "state", levels, clock=lambda: now[0])
+        assert [(e["log_level"], e["files"], e["under"]) for e in logs if e["event"].startswith(
+            "stored files set aside")] == [("warning", 1, ".litefs-sidecar/quarantine/c/app.db/")]
+        assert engine.status("c", "app.db").set_aside == 1
+        now[0] = T0 + 1000 + HOUR + 1
+        await engine.tick()
+        assert await set_aside(engine) == []
+        assert (engine.status("c", "app.db").set_aside, engine.status("c", "app.db").failing) == (0, {})
+        await engine.close()
+        other.close()
+
+    async def test_a_copy_the_store_fails_to_delete_is_retried_and_holds_no_retention_back(
+            self, tmp_path: Path, history: History) -> None:
+        """A failed delete of an expired copy is logged and shown as the database's failing `set_aside` job; the
+        retention of its LTX files goes on in the same pass, and a later pass deletes the copy."""
+        now = [T0]
+        levels = Levels(l0_interval=0, l1_interval=60, l0_retention=60, snapshot_retention=HOUR)
+        engine, other, (older, younger) = await set_aside_4_then_5(tmp_path, history, now, levels,
+                                                                   RefusingSetAsideDeletes)
+        store = engine.storage
+        assert isinstance(store, RefusingSetAsideDeletes)
+        store.failing = True
+        now[0] = T0 + HOUR + 1
+        with capture_logs() as logs:
+            await engine.tick()  # L1 covers the L0 files: all but the newest go; the older copy's delete fails
+        assert len(engine.index("c", "app.db").level(0)) == 1
+        assert not list((tmp_path / "store" / "c").glob("app.db/ltx/0/0000000000000001-*"))
+        assert await set_aside(engine) == [older, younger]
+        assert list(engine.status("c", "app.db").failing) == ["set_aside"]
+        assert [e["job"] for e in logs if e["event"] == "job failed"] == ["set_aside"]
+        store.failing = False
+        now[0] += 60  # past the backoff
+        await engine.tick()
+        assert await set_aside(engine) == [younger]
+        assert engine.status("c", "app.db").failing == {}
+        await engine.close()
+        other.close()

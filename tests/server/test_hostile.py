@@ -15,6 +15,7 @@ import pytest
 
 from sidecar.ltx import HEADER_SIZE
 from sidecar.server.litefs_api import MAX_SNAPSHOTS
+from sidecar.storage.layout import set_aside_key
 from tests.conftest import LITEFS
 from tests.engine.history import History
 from tests.server.conftest import ADMIN, OTHER, SNAPSHOT, TOKEN, Running, post, start_server, wait_until
@@ -270,6 +271,25 @@ async def test_health_ready_and_metrics(server: Running, http: aiohttp.ClientSes
     assert await server.engine.compact_level("default", "app.db", 1) is not None
     async with http.get(f"{server.url}/metrics") as resp:
         assert 'lfsc_build_seconds_count{level="1"} 1.0' in await resp.text()
+
+
+async def test_metrics_count_the_copies_set_aside_per_database(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """A copy set aside in the store is learned at start and counted under its own database, and only there."""
+    srv = await start_server(tmp_path)
+    await post(http, srv.url, "app.db", SNAPSHOT)
+    await post(http, srv.url, "app.dbx", SNAPSHOT)
+    await srv.shutdown()
+    copy = tmp_path / "store" / set_aside_key(f"default/app.db/ltx/0/{2:016x}-{2:016x}.ltx", 1_700_000_000_000)
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(b"an LTX file of another history")
+    srv = await start_server(tmp_path)
+    try:
+        async with http.get(f"{srv.url}/metrics") as resp:
+            text = await resp.text()
+    finally:
+        await srv.shutdown()
+    assert 'lfsc_set_aside_files{cluster="default",db="app.db"} 1.0' in text
+    assert 'lfsc_set_aside_files{cluster="default",db="app.dbx"} 0.0' in text
 
 
 def test_serve_refuses_to_start_without_tokens(tmp_path: Path) -> None:
