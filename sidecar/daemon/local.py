@@ -42,7 +42,7 @@ class LocalFile:
 
     @property
     def fspath(self) -> str:
-        return f"{self.dir}/{format_filename(self.min_txid, self.max_txid)}"
+        return f"{self.dir}/{self.min_txid:016x}-{self.max_txid:016x}.ltx"  # format_filename, inlined: per file
 
     @property
     def path(self) -> Path:
@@ -92,11 +92,12 @@ class Packed:
     def __contains__(self, txid: int) -> bool:
         return self.lo <= txid <= self.hi
 
-    def append(self, f: LocalFile) -> None:
+    def extend(self, first: int, mtimes: list[float], sizes: list[int]) -> None:
+        """Pack the files `first`, `first + 1`, … (the caller checks that they follow `hi`)."""
         if not self.mtimes:
-            self.lo = f.max_txid
-        self.mtimes.append(f.mtime)
-        self.sizes.append(f.size)
+            self.lo = first
+        self.mtimes.extend(mtimes)
+        self.sizes.extend(sizes)
 
     def file(self, base: str, txid: int) -> LocalFile:
         """A LocalFile for packed `txid` (made anew: its header, if read, is not kept)."""
@@ -155,16 +156,21 @@ class LocalDB:
         """Pack the oldest per-transaction files with max TXID < `below` (shipped: the caller's HWM), as long as
         they follow the packed ones without a gap; never the newest file nor a bad one. Returns how many."""
         self._in_step()
-        keys, files, packed = self._keys, self.files, self.packed
-        n = 0
+        keys, files, packed, bad = self._keys, self.files, self.packed, self.bad
         limit = len(keys) - 1  # never the newest
+        n, nxt = 0, packed.hi + 1 if packed else None  # the TXID the next packed file must have
+        mtimes: list[float] = []
+        sizes: list[int] = []
         while n < limit and (t := keys[n]) < below:
             f = files[t]
-            if f.min_txid != t or (packed and t != packed.hi + 1) or not self.good(f):
+            if f.min_txid != t or (nxt is not None and t != nxt) or (bad and not self.good(f)):
                 break
-            packed.append(f)
+            mtimes.append(f.mtime)
+            sizes.append(f.size)
+            nxt = t + 1
             n += 1
         if n:
+            packed.extend(keys[0], mtimes, sizes)
             for t in keys[:n]:
                 del files[t]
             del keys[:n]
@@ -269,18 +275,22 @@ class LocalDB:
         head = self._keys[-1] if self._keys else self.packed.hi if self.packed else None
         if head is None:
             return 0
-        found = 0
+        # Runs once per transaction (1,000 times a second at 1,000 tx/s): a string path, not a Path, and the files
+        # found go into the index at once. Every one is above the head, so none is held yet.
         txid = head + 1
-        files, stat, base = self.files, os.stat, self._dir
+        stat, base, found = os.stat, self._dir, []
         while True:
-            try:  # a string path, not a Path: this runs once per transaction
-                st = stat(f"{base}/{format_filename(txid, txid)}")
+            try:
+                st = stat(f"{base}/{txid:016x}-{txid:016x}.ltx")
             except FileNotFoundError:
-                return found
-            if txid not in files:
-                self._insert(LocalFile(base, txid, txid, st.st_mtime, st.st_size))
-                found += 1
+                break
+            found.append(LocalFile(base, txid, txid, st.st_mtime, st.st_size))
             txid += 1
+        if found:
+            self._in_step()
+            self.files.update(zip(range(head + 1, txid), found, strict=True))
+            self._keys += range(head + 1, txid)
+        return len(found)
 
     def discard(self, path: Path) -> None:
         """A file the watcher saw disappear."""

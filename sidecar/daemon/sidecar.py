@@ -148,6 +148,7 @@ class Sidecar:
     def _changed(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
         prefix = f"{self.config.data_dir / 'dbs'}/"
         snapshots: dict[str, int] = {}  # per database, the newest snapshot in ltx/: listed once per batch
+        probed: set[str] = set()
         for change, raw in changes:  # plain string work: there are several events per transaction
             if not raw.startswith(prefix):
                 continue
@@ -161,7 +162,12 @@ class Sidecar:
                 self._deleted_elsewhere(db, Path(raw), snapshots)
                 db.local.discard(Path(raw))
             elif (txids := parse_filename(parts[2])) is not None and not db.local.has(txids[1]):
-                db.local.add(Path(raw))  # not yet found by the tick's probe
+                if db.name not in probed:  # not yet found by the tick's probe: nor, likely, the files named after it,
+                    probed.add(db.name)  # which a probe finds at once by name (a stat each, no Path, no sorting)
+                    db.local.probe()
+                    if db.local.has(txids[1]):
+                        continue
+                db.local.add(Path(raw))  # out of sequence (a snapshot, a file after a gap)
 
     def _deleted_elsewhere(self, db: DbShipper, path: Path, snapshots: dict[str, int]) -> None:
         """Someone else deleted a file upstream lacks: LiteFS's own retention is on (it should be off)."""
