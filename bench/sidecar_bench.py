@@ -588,6 +588,10 @@ class Ratio:
     litestream_cpu: float
     sidecar_rss: float
     litestream_rss: float
+    # Litestream's load (one Python process committing to a WAL database) may fall short of the rate on a slow
+    # machine: then its lowest achieved rate, and the CPU ratio per transaction (median over the runs)
+    litestream_short: float | None = None
+    cpu_per_tx: float | None = None
 
     @property
     def cpu_spread(self) -> str:
@@ -608,16 +612,21 @@ def ratios(rows: list[Row]) -> list[Ratio]:
     """Per rate (ascending), the median over its runs that Litestream ran beside; rates without one are left out."""
     out = []
     for rate in sorted({r.rate for r in rows}):
-        runs = [(r.sidecar, r.litestream) for r in rows if r.rate == rate and r.litestream is not None]
+        paired = [r for r in rows if r.rate == rate and r.litestream is not None]
+        runs = [(r.sidecar, r.litestream) for r in paired if r.litestream is not None]
         if not runs:
             continue
         cpu = [sc.cpu_pct / max(ls.cpu_pct, 1e-9) for sc, ls in runs]
         rss = [sc.rss_max / max(ls.rss_max, 1e-9) for sc, ls in runs]
+        short = [r for r in paired if r.ls_achieved < 0.95 * r.achieved]
+        per_tx = [cpu_ratio * r.ls_achieved / max(r.achieved, 1e-9) for cpu_ratio, r in zip(cpu, paired, strict=True)]
         out.append(Ratio(rate, statistics.median(cpu), statistics.median(rss), (min(cpu), max(cpu)),
                          (min(rss), max(rss)), statistics.median(sc.cpu_pct for sc, _ in runs),
                          statistics.median(ls.cpu_pct for _, ls in runs),
                          statistics.median(sc.rss_max for sc, _ in runs),
-                         statistics.median(ls.rss_max for _, ls in runs)))
+                         statistics.median(ls.rss_max for _, ls in runs),
+                         min(r.ls_achieved for r in short) if short else None,
+                         statistics.median(per_tx) if short else None))
     return out
 
 
@@ -667,6 +676,9 @@ def report(rows: list[Row], steady: Steady | None, args: argparse.Namespace) -> 
         verdict = f" (goal ≤ {goal:g}×) — {_ok(ratio.cpu <= goal)}" if goal else ""
         print(f"  CPU at {ratio.rate:g} tx/s: sidecar {ratio.sidecar_cpu:.2f}% = {ratio.cpu:.2f}×{ratio.cpu_spread} "
               f"Litestream's {ratio.litestream_cpu:.2f}%{verdict}")
+        if ratio.cpu_per_tx is not None:
+            print(f"    (Litestream's load reached only {ratio.litestream_short:.0f} tx/s: per transaction the "
+                  f"sidecar's CPU is {ratio.cpu_per_tx:.2f}× Litestream's)")
         print(f"  RSS at {ratio.rate:g} tx/s: {ratio.sidecar_rss:.0f} MiB = {ratio.rss:.2f}×{ratio.rss_spread} "
               f"Litestream's {ratio.litestream_rss:.0f} MiB (goal ≤ {GOAL_RSS_RATIO:g}×) — "
               f"{_ok(ratio.rss <= GOAL_RSS_RATIO)}")

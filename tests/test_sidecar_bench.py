@@ -57,3 +57,19 @@ def test_the_goals_are_judged_on_each_rates_median_ratio_over_its_runs() -> None
     five = by_rate[5000]
     assert five.cpu == 2.25 and five.cpu_range == (2.0, 2.5)  # two runs: the mean of the middle pair
     assert five.rss_range == (2.0, 2.2)
+
+
+def test_a_litestream_load_that_falls_short_is_also_compared_per_transaction() -> None:
+    """On a slow machine Litestream's own load (one Python process committing) may not reach the rate: the CPU
+    ratio is then also given per transaction, as each side's CPU over the transactions it replicated."""
+    def row(run: int, ls_achieved: float) -> Row:
+        r = Row(5000, run, sidecar=Usage(cpu_pct=40.0, rss_max=60.0), litestream=Usage(cpu_pct=8.0, rss_max=30.0))
+        r.achieved, r.ls_achieved = 5000.0, ls_achieved
+        return r
+
+    (short,) = ratios([row(0, 4000.0), row(1, 4000.0), row(2, 5000.0)])
+    assert short.cpu == 5.0  # 40% against 8% in each run, whatever the load reached
+    assert short.litestream_short == 4000.0
+    assert short.cpu_per_tx == 4.0  # the median of 4.0, 4.0 and 5.0: 40% for 5,000 tx/s against 8% for 4,000
+    (even,) = ratios([row(0, 4990.0)])
+    assert even.litestream_short is None and even.cpu_per_tx is None  # within 5%: the same load
