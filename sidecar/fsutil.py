@@ -5,9 +5,10 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -19,17 +20,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes | str, *, durable: bool = True) -> None:
-    """Replace the small file `path` with `data` as one step: temp file, fsync, rename, fsync of the directory.
-
-    A reader (or a crash) sees the old content or the new, never a mix. `durable=False` skips the fsyncs
-    (the emulator's "LiteFS without fsync" mode).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def atomic_output(path: Path, *, durable: bool = True) -> Iterator[BinaryIO]:
+    """Write `path` through a temp file beside it, renamed over `path` only if the block ends without an error
+    (the temp file is removed otherwise): a reader, or a crash, sees the old file or the new one, never a mix.
+    `durable` fsyncs the file before the rename and the directory after it; `durable=False` skips both (the
+    emulator's "LiteFS without fsync" mode)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # writers never share one
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
@@ -39,6 +39,13 @@ def write_atomically(path: Path, data: bytes | str, *, durable: bool = True) -> 
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def write_atomically(path: Path, data: bytes | str, *, durable: bool = True) -> None:
+    """Replace the small file `path` with `data` as one step (`atomic_output`), making its directory if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, durable=durable) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def map_files(stack: ExitStack, paths: Sequence[Path]) -> list[mmap.mmap]:

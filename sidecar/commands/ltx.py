@@ -10,14 +10,14 @@ import argparse
 import mmap
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from sidecar.fsutil import atomic_output
 from sidecar.ltx import HEADER_SIZE, LTXError, Version
 from sidecar.ltx.compactor import compact
 from sidecar.ltx.decoder import Decoder, detect_version
@@ -284,28 +284,12 @@ def _first_header(path: str, fmt: str) -> Header:
         return Decoder(data, _version(data, fmt)).header
 
 
-@contextmanager
-def _atomic_output(path: str) -> Iterator[BinaryIO]:
-    """Write `path` through a temp file in the same directory; keep it only on success."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cmd_encode_db(args: argparse.Namespace) -> int:
     """Write a snapshot of DBFILE; the output is replaced atomically (never left with old bytes)."""
     version = FORMATS.get(args.format, Version.V2)
     try:
         txid = int(args.txid, 16)
-        with open(args.db, "rb") as db, _atomic_output(args.output) as out:
+        with open(args.db, "rb") as db, atomic_output(Path(args.output)) as out:
             encode_db(db, out, version=version, compress=args.compress, txid=txid,
                       timestamp=int(time.time() * 1000))
     except ValueError:
@@ -333,7 +317,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
                 flags = FLAG_COMPRESS_LZ4 if args.compress else 0
             else:
                 flags = first_flags & FLAG_NO_CHECKSUM if version == Version.V3 else 0
-            with _atomic_output(args.output) as out:
+            with atomic_output(Path(args.output)) as out:
                 compact([inputs[i] for i in order], out, version=version, flags=flags, out_version=out_version)
     except (LTXError, OSError) as err:
         print(f"compact: {err}", file=sys.stderr)

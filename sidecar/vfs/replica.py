@@ -37,6 +37,7 @@ from sidecar.engine.head import Head, ltx_object_key, plan_after
 from sidecar.engine.index import FileEntry
 from sidecar.engine.restore import restore
 from sidecar.errors import NotFound, RestoreError, SidecarError
+from sidecar.fsutil import write_atomically
 from sidecar.ltx import LTXError, Version, lock_pgno
 from sidecar.ltx.decoder import Decoder
 from sidecar.storage.file import FileStorage
@@ -103,12 +104,7 @@ class Replica:
         doc: dict[str, object] = {"url": self.source.url, **_json(pos)}
         if pending is not None:
             doc["pending"] = _json(pending)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.state.name}.", suffix=".tmp", dir=self.state.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state)
+        write_atomically(self.state, json.dumps(doc))  # a temp file left by a failed write is removed
         self.current = pos
 
     # -- syncing --------------------------------------------------------------------------------------
