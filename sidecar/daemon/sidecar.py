@@ -20,11 +20,9 @@ import asyncio
 import collections
 import json
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from sidecar.errors import PosMismatch, SidecarError, UpstreamError
 from sidecar.fsutil import write_atomically
 from sidecar.log import get_logger
 from sidecar.ltx import LTXError, Pos, parse_filename
+from sidecar.retry import Backoff
 from sidecar.sdnotify import Notifier
 
 log = get_logger("sidecar.daemon")
@@ -51,22 +50,6 @@ _CATCH_UP = 64  # uploads per database per tick while catching up after an outag
 # thousands of databases does not open as many requests to the server or store every `position_interval`.
 _HWM_POLLS = 16
 _FOLLOW_AFTER = 3  # ticks in a row in which the probe found new files before a database is followed by name
-
-
-@dataclass
-class _Backoff:
-    failures: int = 0
-    until: float = 0.0
-
-    def fail(self, now: float, cap: float) -> float:
-        """Full-jitter exponential backoff: the next attempt waits a random time up to min(cap, 0.5 s × 2ⁿ)."""
-        self.failures += 1
-        delay = random.uniform(0, min(cap, 0.5 * 2 ** min(self.failures, 16)))
-        self.until = now + delay
-        return delay
-
-    def ok(self) -> None:
-        self.failures, self.until = 0, 0.0
 
 
 class Sidecar:
@@ -83,8 +66,8 @@ class Sidecar:
         # The tick's own call to upstream, one at a time and in order: reading positions (a primary), polling HWMs
         # (a replica) or letting go (a demotion). Left to finish while the next ticks go on, as a job is.
         self._call: asyncio.Task[None] | None = None
-        self.backoff: dict[str, _Backoff] = {}
-        self.positions_backoff = _Backoff()
+        self.backoff: dict[str, Backoff] = {}  # base 0.5 s, capped at `backoff_max` by each call
+        self.positions_backoff = Backoff()
         self.metrics = Metrics()
         self.positions_at = -1e18  # when upstream's positions were last read (monotonic)
         self._rewatch = threading.Event()  # read by the watcher's thread
@@ -136,7 +119,7 @@ class Sidecar:
             state = self.config.state_dir / "links" / self.config.cluster / f"{name}.json"
             db = DbShipper(name, local, self.upstream, self.node, state, self.config.max_files_per_upload)
             self.dbs[name] = db
-            self.backoff[name] = _Backoff()
+            self.backoff[name] = Backoff()
             log.info("database found", db=name, files=local.count,
                      head=f"{local.head.max_txid:016x}" if local.head else None)
         return db
