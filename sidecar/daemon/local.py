@@ -42,7 +42,7 @@ class LocalFile:
 
     @property
     def fspath(self) -> str:
-        return f"{self.dir}/{self.min_txid:016x}-{self.max_txid:016x}.ltx"  # format_filename, inlined: per file
+        return f"{self.dir}/{format_filename(self.min_txid, self.max_txid)}"
 
     @property
     def path(self) -> Path:
@@ -281,7 +281,7 @@ class LocalDB:
         stat, base, found = os.stat, self._dir, []
         while True:
             try:
-                st = stat(f"{base}/{txid:016x}-{txid:016x}.ltx")
+                st = stat(f"{base}/{format_filename(txid, txid)}")
             except FileNotFoundError:
                 break
             found.append(LocalFile(base, txid, txid, st.st_mtime, st.st_size))
