@@ -154,6 +154,18 @@ class FileStorage:
                 for w in waiting:
                     if not w.done():
                         w.set_exception(OSError(err.errno, err.strerror))
+            except BaseException as err:  # cancelled (the loop is closing), or no thread to run it: none waits on
+                for w in [*waiting, *self._waiting]:
+                    if w.done():
+                        continue
+                    if isinstance(err, Exception):
+                        w.set_exception(err)
+                    else:
+                        w.cancel()
+                self._waiting = []
+                if not isinstance(err, Exception):
+                    raise
+                return
             else:
                 for w in waiting:
                     if not w.done():
@@ -382,7 +394,12 @@ class FileStorage:
         return removed
 
     async def close(self) -> None:
-        return None
+        if self._group is not None:
+            syncing = self._syncing
+            if syncing is not None and not syncing.done() and syncing.get_loop() is asyncio.get_running_loop():
+                await asyncio.wait([syncing])  # the writes waiting for it
+            self._group.close()
+        self._group, self._group_opened = None, False
 
 
 def _write_failed(key: str, err: OSError) -> StorageError:

@@ -29,17 +29,20 @@ class Syncfs:
         self.real = real
         self.calls: list[tuple[float, float]] = []
         self.fail = 0
+        self.began = threading.Event()  # set as each call begins
+        self.delay = 0.002  # a slower disk: writers arrive while it runs
         self.lock = threading.Lock()
 
     def syncfs(self, fd: int) -> int:
         start = time.monotonic()
+        self.began.set()
         if self.fail:
             self.fail -= 1
             ctypes.set_errno(errno.EIO)
             rc = -1
         else:
             rc = self.real.syncfs(fd)
-            time.sleep(0.002)  # a slower disk: writers arrive while it runs
+            time.sleep(self.delay)
         with self.lock:
             self.calls.append((start, time.monotonic()))
         return int(rc)
@@ -122,3 +125,32 @@ async def test_a_directory_on_another_file_system_is_fsynced_instead(tmp_path: P
         for p in elsewhere.iterdir():
             p.unlink()
         elsewhere.rmdir()
+
+
+async def test_a_write_cancelled_while_it_waits_stores_nothing(tmp_path: Path, syncfs: Syncfs) -> None:
+    store = FileStorage(tmp_path / "store")
+    await store.put_bytes("c/db/head.json", b"{}")
+    syncfs.delay = 0.3
+    syncfs.began.clear()
+    write = asyncio.create_task(store.put_bytes("c/db/ltx/0/a.ltx", b"a", if_none_match=True))
+    assert await asyncio.to_thread(syncfs.began.wait, 10)  # its data's syncfs has begun
+    write.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await write
+    syncfs.delay = 0.0
+    await store.put_bytes("c/db/ltx/0/b.ltx", b"b", if_none_match=True)
+    assert await store.get_bytes("c/db/ltx/0/b.ltx") == b"b"
+    with pytest.raises(NotFound):
+        await store.get_bytes("c/db/ltx/0/a.ltx")
+    assert not list((tmp_path / "store").rglob("*.tmp"))
+
+
+async def test_a_closed_store_writes_again(tmp_path: Path, syncfs: Syncfs) -> None:
+    store = FileStorage(tmp_path / "store")
+    await store.put_bytes("one", b"1")
+    await store.close()
+    syncfs.calls.clear()
+    await store.put_bytes("two", b"2")
+    assert await store.get_bytes("two") == b"2"
+    assert len(syncfs.calls) == 2, "the data, then the name"
+    await store.close()
