@@ -85,22 +85,32 @@ class FileStorage:
     # A write is staged (written to a temp file beside its key), made durable, published (linked or renamed to its
     # key), and its name made durable. Durability is a group commit where the kernel reports syncfs errors
     # (`GroupSync`: one syncfs for every write waiting, in a worker thread), else an fsync of the file and of its
-    # directory. A small write that needs no lock (`put_bytes` of up to `_INLINE` bytes, not compare-and-replace)
-    # makes its file calls on the loop, microseconds each, and waits for the group's syncfs without holding a
+    # directory. A small write that needs no lock (`put_bytes` of up to `_INLINE` bytes, not compare-and-replace,
+    # into a directory on the group's file system) makes its file calls on the loop, microseconds
+    # each, and waits for the group's syncfs without holding a
     # thread: the flushes of a thousand databases share a few syncfs calls a second, where each would otherwise
     # cost two fsyncs and a worker thread's GIL handoffs per system call. Other writes run whole in a worker thread.
 
     @_timed("put")
     async def put_file(self, key: str, path: str | os.PathLike[str], *, timestamp: int | None = None,
                        if_none_match: bool = False, if_match: str | None = None) -> str:
-        return await asyncio.to_thread(self._put, key, None, Path(path), timestamp, if_none_match, if_match)
+        return await asyncio.to_thread(self._put, key, None, Path(path), timestamp, if_none_match, if_match,
+                                       self._group if self._grouped() else None)
 
     @_timed("put")
     async def put_bytes(self, key: str, data: bytes, *, timestamp: int | None = None,
                         if_none_match: bool = False, if_match: str | None = None) -> str:
-        if if_match is None and len(data) <= _INLINE and self._grouped():
-            return await self._put_inline(key, data, timestamp, if_none_match)
-        return await asyncio.to_thread(self._put, key, data, None, timestamp, if_none_match, if_match)
+        group = self._group if self._grouped() else None
+        if group is not None and if_match is None and len(data) <= _INLINE:
+            dst = self._path(key)
+            try:
+                made = _makedirs(dst.parent)
+                here = os.stat(dst.parent).st_dev == group.dev
+            except OSError as err:
+                raise _write_failed(key, err) from err
+            if here:
+                return await self._put_inline(key, dst, data, timestamp, if_none_match, group, made)
+        return await asyncio.to_thread(self._put, key, data, None, timestamp, if_none_match, if_match, group)
 
     def _grouped(self) -> bool:
         """Whether writes under the root are made durable by a GroupSync (opened at the first write: the root
@@ -113,22 +123,23 @@ class FileStorage:
             self._group_opened = True
         return self._group is not None
 
-    async def _put_inline(self, key: str, data: bytes, timestamp: int | None, if_none_match: bool) -> str:
-        dst = self._path(key)
+    async def _put_inline(self, key: str, dst: Path, data: bytes, timestamp: int | None, if_none_match: bool,
+                          group: GroupSync, made: builtins.list[Path]) -> str:
+        """A small write whose directory is on the group's file system (`made`: the directories just made for it):
+        its file calls on the loop."""
         try:
-            tmp, _ = self._stage(dst, data, None, timestamp, grouped=True)
-        except OSError as err:
-            raise _write_failed(key, err) from err
-        if tmp is None:  # on another file system than the root (a mount below it): fsync it in a thread
-            return await asyncio.to_thread(self._put, key, data, None, timestamp, if_none_match, None)
-        try:
+            tmp, made_now, covered = self._stage(dst, data, None, timestamp, group)
             try:
-                await self._sync()  # the data, before any name points at it
+                if covered is not None:
+                    await self._sync()  # the data, before any name points at it
                 self._publish(key, tmp, dst, if_none_match, None)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            await self._sync()  # the name, and any directory made for it
+            if covered is not None:
+                await self._sync()  # the name, and any directory made for it
+            else:  # its directory was replaced by a mount since it was checked: fsynced as before
+                await asyncio.to_thread(_fsync_dirs, [dst.parent, *made, *made_now])
             return etag_of(dst.stat())
         except OSError as err:
             raise _write_failed(key, err) from err
@@ -172,39 +183,31 @@ class FileStorage:
                         w.set_result(None)
 
     def _put(self, key: str, data: bytes | None, src: Path | None, timestamp: int | None, if_none_match: bool,
-             if_match: str | None) -> str:
+             if_match: str | None, group: GroupSync | None) -> str:
         """A whole write, in a worker thread."""
         dst = self._path(key)
         try:
-            grouped = self._grouped()
-            tmp, made = self._stage(dst, data, src, timestamp, grouped=grouped)
-            if tmp is None:
-                grouped = False
-                tmp, made = self._stage(dst, data, src, timestamp, grouped=False)
-            assert tmp is not None
+            tmp, made, covered = self._stage(dst, data, src, timestamp, group)
             try:
-                if grouped:
-                    assert self._group is not None
-                    self._group.sync()  # the data, before any name points at it
+                if covered is not None:
+                    covered.sync()  # the data, before any name points at it
                 self._publish(key, tmp, dst, if_none_match, if_match)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            if grouped:
-                assert self._group is not None
-                self._group.sync()  # the name, and any directory made for it
+            if covered is not None:
+                covered.sync()  # the name, and any directory made for it
             else:
-                for d in [dst.parent, *made]:
-                    fsync_dir(d)
+                _fsync_dirs([dst.parent, *made])
             return etag_of(dst.stat())
         except OSError as err:
             raise _write_failed(key, err) from err
 
-    def _stage(self, dst: Path, data: bytes | None, src: Path | None, timestamp: int | None, *,
-               grouped: bool) -> tuple[Path | None, builtins.list[Path]]:
-        """Write the temp file for `dst` (and fsync it unless `grouped`); return it and the directories made
-        for it. With `grouped`, a temp file on another file system than the group's is removed and None
-        returned: the caller stages it again without the group."""
+    @staticmethod
+    def _stage(dst: Path, data: bytes | None, src: Path | None, timestamp: int | None, group: GroupSync | None) \
+            -> tuple[Path, builtins.list[Path], GroupSync | None]:
+        """Write the temp file for `dst`; return it, the directories made for it, and `group` if that makes it
+        durable (it is on the group's file system), else None: the file is then fsynced here."""
         made = _makedirs(dst.parent)
         try:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
@@ -214,9 +217,8 @@ class FileStorage:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as f:
-                if grouped and not (self._group is not None and self._group.covers(f.fileno())):
-                    tmp.unlink()
-                    return None, made
+                if group is not None and not group.covers(f.fileno()):
+                    group = None
                 if data is not None:
                     f.write(data)
                 else:
@@ -227,12 +229,12 @@ class FileStorage:
                 if timestamp is not None:
                     ns = timestamp * 1_000_000
                     os.utime(f.fileno(), ns=(ns, ns))
-                if not grouped:
+                if group is None:
                     os.fsync(f.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return tmp, made
+        return tmp, made, group
 
     @staticmethod
     def _publish(key: str, tmp: Path, dst: Path, if_none_match: bool, if_match: str | None) -> None:
@@ -400,6 +402,11 @@ class FileStorage:
                 await asyncio.wait([syncing])  # the writes waiting for it
             self._group.close()
         self._group, self._group_opened = None, False
+
+
+def _fsync_dirs(dirs: builtins.list[Path]) -> None:
+    for d in dirs:
+        fsync_dir(d)
 
 
 def _write_failed(key: str, err: OSError) -> StorageError:
