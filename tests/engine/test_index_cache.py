@@ -141,3 +141,75 @@ def test_version_1_caches_are_still_read(tmp_path: Path) -> None:
                                                                  strict=True))]}))
     loaded = DbIndex.load(path)
     assert loaded is not None and list(loaded) == [e]
+
+
+async def test_every_changed_index_is_saved_in_one_go_and_one_that_fails_stays_changed(tmp_path: Path) -> None:
+    """`save_dirty` writes each changed database's index and page checksums; a database whose state directory cannot
+    be written is reported, stays to be written the next time, and holds back none of the others."""
+    import shutil
+
+    from structlog.testing import capture_logs
+
+    from sidecar.engine import DbIndex as Index
+    from sidecar.engine import Engine, Levels
+    from sidecar.engine.pagesums import PageSums
+    from sidecar.storage import open_storage
+    from tests.engine.history import History
+
+    engine = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state",
+                               Levels(l0_interval=3600))
+    histories = {name: History(tmp_path / f"{name}.live") for name in ("a.db", "b.db", "c.db")}
+    try:
+        for name, history in histories.items():
+            for _ in range(3):
+                history.write()
+                await engine.write_tx("c", name, history.commit(1_790_000_000_000))
+            await engine.flush("c", name)
+        dbs = {name: engine.catalog.require("c", name) for name in histories}
+        blocked = dbs["b.db"].dir
+        shutil.rmtree(blocked, ignore_errors=True)
+        blocked.parent.mkdir(parents=True, exist_ok=True)
+        blocked.write_text("not a directory")  # every write under it fails
+        with capture_logs() as logs:
+            await engine.catalog.save_dirty()
+        for name in ("a.db", "c.db"):
+            db = dbs[name]
+            assert list(Index.load(db.dir / "index.json") or []) == list(db.index)
+            sums = PageSums.load(db.dir)
+            assert sums is not None and db.sums is not None and sums.dump() == db.sums.dump()
+        assert [(e["db"], e["log_level"]) for e in logs if e["event"] == "index cache not written; tried again later"] \
+            == [("b.db", "warning")]
+        blocked.unlink()  # the disk is writable again: the next save writes what the failed one did not
+        await engine.catalog.save_dirty()
+        assert list(Index.load(blocked / "index.json") or []) == list(dbs["b.db"].index)
+        assert PageSums.load(blocked) is not None
+    finally:
+        for history in histories.values():
+            history.close()
+        await engine.close()
+
+
+async def test_a_save_under_way_is_not_waited_for_and_its_database_is_saved_the_next_time(tmp_path: Path) -> None:
+    import asyncio
+
+    from sidecar.engine import DbIndex as Index
+    from sidecar.engine import Engine, Levels
+    from sidecar.storage import open_storage
+    from tests.engine.history import History
+
+    engine = await Engine.open(open_storage(f"file://{tmp_path / 'store'}"), tmp_path / "state",
+                               Levels(l0_interval=3600))
+    history = History(tmp_path / "live")
+    try:
+        history.write()
+        await engine.write_tx("c", "app.db", history.commit(1_790_000_000_000))
+        await engine.flush("c", "app.db")
+        db = engine.catalog.require("c", "app.db")
+        async with db.saving:  # a compaction's save, say
+            await asyncio.wait_for(engine.catalog.save_dirty(), 5)  # does not wait for it
+            assert Index.load(db.dir / "index.json") is None
+        await engine.catalog.save_dirty()
+        assert list(Index.load(db.dir / "index.json") or []) == list(db.index)
+    finally:
+        history.close()
+        await engine.close()
