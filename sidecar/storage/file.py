@@ -34,6 +34,10 @@ from sidecar.storage.layout import FILE_LAYOUT
 
 _BIG = 1 << 20  # files above this size are read in a worker thread
 _INLINE = 256 << 10  # writes up to this size make their file calls on the loop (see put_bytes)
+# While other writes are under way, a syncfs starts no sooner than this after the last one began, so that more join
+# it: each costs a worker thread's GIL handoffs, which on a busy server cost more than the syncfs itself (the flushes
+# of a thousand databases made 260 a second). A lone writer never waits.
+GATHER = 0.025
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -72,6 +76,8 @@ class FileStorage:
         self._group_opened = False
         self._waiting: builtins.list[asyncio.Future[None]] = []  # writers waiting for the next syncfs
         self._syncing: asyncio.Task[None] | None = None
+        self._sync_began = -GATHER  # when the last syncfs began (monotonic)
+        self._inline = 0  # writes in `_put_inline`
 
     def _path(self, key: str) -> Path:
         parts = key.split("/")
@@ -127,6 +133,7 @@ class FileStorage:
                           group: GroupSync, made: builtins.list[Path]) -> str:
         """A small write whose directory is on the group's file system (`made`: the directories just made for it):
         its file calls on the loop."""
+        self._inline += 1
         try:
             tmp, made_now, covered = self._stage(dst, data, None, timestamp, group)
             try:
@@ -143,6 +150,8 @@ class FileStorage:
             return etag_of(dst.stat())
         except OSError as err:
             raise _write_failed(key, err) from err
+        finally:
+            self._inline -= 1
 
     async def _sync(self) -> None:
         """Wait for a syncfs that begins after this call: writers arriving while one runs share the next."""
@@ -158,7 +167,11 @@ class FileStorage:
         assert self._group is not None
         await asyncio.sleep(0)  # let the writers ready to wait join the first syncfs
         while self._waiting:
+            wait = self._sync_began + GATHER - time.monotonic()
+            if wait > 0 and self._inline > len(self._waiting):  # other writes under way will want one too
+                await asyncio.sleep(wait)
             waiting, self._waiting = self._waiting, []
+            self._sync_began = time.monotonic()
             try:
                 await asyncio.to_thread(self._group.sync)
             except OSError as err:

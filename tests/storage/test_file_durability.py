@@ -66,6 +66,49 @@ async def test_concurrent_writes_share_syncfs_calls(tmp_path: Path, syncfs: Sync
     assert not list((tmp_path / "store").rglob("*.tmp"))
 
 
+async def test_while_writes_are_under_way_a_syncfs_waits_for_more_to_join(tmp_path: Path, syncfs: Syncfs,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes that arrive one after another while others are under way (a server's flushes, each at its own moment)
+    share fewer syncfs calls with the gather than without it, and each is still durable when it returns."""
+    from sidecar.storage import file as file_store
+
+    async def staggered(store: FileStorage, tag: str) -> int:
+        syncfs.calls.clear()
+        keys = [f"c/db{i}/ltx/0/{tag}{i:015x}.ltx" for i in range(8)]
+
+        async def put(i: int) -> None:
+            await asyncio.sleep(0.003 * i)
+            await store.put_bytes(keys[i], keys[i].encode(), if_none_match=True)
+        await asyncio.gather(*(put(i) for i in range(8)))
+        assert [await store.get_bytes(k) for k in keys] == [k.encode() for k in keys]
+        return len(syncfs.calls)
+
+    store = FileStorage(tmp_path / "store")
+    await store.put_bytes("first", b"makes the root")
+    for i in range(8):  # the directories, made once
+        await store.put_bytes(f"c/db{i}/ltx/0/made", b"")
+    monkeypatch.setattr(file_store, "GATHER", 0.0)
+    one_by_one = await staggered(store, "a")
+    monkeypatch.setattr(file_store, "GATHER", 0.1)
+    gathered = await staggered(store, "b")
+    assert gathered <= one_by_one / 2, f"{gathered} syncfs calls with the gather, {one_by_one} without"
+    assert not list((tmp_path / "store").rglob("*.tmp"))
+
+
+async def test_a_lone_writer_never_waits_for_a_gather(tmp_path: Path, syncfs: Syncfs,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar.storage import file as file_store
+
+    monkeypatch.setattr(file_store, "GATHER", 60.0)  # were any write to wait for one, the test would time out
+    store = FileStorage(tmp_path / "store")
+    await store.put_bytes("first", b"makes the root")
+    syncfs.calls.clear()
+    async with asyncio.timeout(20):
+        for i in range(5):
+            await store.put_bytes(f"c/db/ltx/0/{i:016x}.ltx", b"x", if_none_match=True)
+    assert len(syncfs.calls) == 10  # its data, then its name, each write
+
+
 def test_each_sync_waits_for_a_syncfs_begun_after_it(tmp_path: Path, syncfs: Syncfs) -> None:
     group = GroupSync.open(tmp_path)
     assert group is not None
