@@ -60,7 +60,7 @@ class Builder:
         `in_memory` builds it in memory whatever its size (flushes: their inputs are in memory already, bounded,
         and a flush must work on a full disk)."""
         t0 = time.perf_counter()
-        size = sum(len(i) if isinstance(i, bytes) else SMALL + 1 for i in inputs)
+        size = sum(len(i) if isinstance(i, bytes) else os.stat(i).st_size for i in inputs)
         if size <= SMALL or in_memory:
             out = io.BytesIO()
             if size > THREAD:
