@@ -68,30 +68,26 @@ async def test_concurrent_writes_share_syncfs_calls(tmp_path: Path, syncfs: Sync
 
 async def test_while_writes_are_under_way_a_syncfs_waits_for_more_to_join(tmp_path: Path, syncfs: Syncfs,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Writes that arrive one after another while others are under way (a server's flushes, each at its own moment)
-    share fewer syncfs calls with the gather than without it, and each is still durable when it returns."""
+    """Twelve writes arriving 3 ms apart (a server's flushes, each at its own moment) share three syncfs calls: the
+    first write's, then, once the gather has passed, one for every write's data and one for every name. Made as
+    they come, they took 7 to 10 on this machine. Each write is still durable when it returns."""
     from sidecar.storage import file as file_store
 
-    async def staggered(store: FileStorage, tag: str) -> int:
-        syncfs.calls.clear()
-        keys = [f"c/db{i}/ltx/0/{tag}{i:015x}.ltx" for i in range(8)]
-
-        async def put(i: int) -> None:
-            await asyncio.sleep(0.003 * i)
-            await store.put_bytes(keys[i], keys[i].encode(), if_none_match=True)
-        await asyncio.gather(*(put(i) for i in range(8)))
-        assert [await store.get_bytes(k) for k in keys] == [k.encode() for k in keys]
-        return len(syncfs.calls)
-
+    monkeypatch.setattr(file_store, "GATHER", 0.1)
     store = FileStorage(tmp_path / "store")
     await store.put_bytes("first", b"makes the root")
-    for i in range(8):  # the directories, made once
+    keys = [f"c/db{i}/ltx/0/{i:016x}.ltx" for i in range(12)]
+    for i in range(12):  # the directories, made once
         await store.put_bytes(f"c/db{i}/ltx/0/made", b"")
-    monkeypatch.setattr(file_store, "GATHER", 0.0)
-    one_by_one = await staggered(store, "a")
-    monkeypatch.setattr(file_store, "GATHER", 0.1)
-    gathered = await staggered(store, "b")
-    assert gathered <= one_by_one / 2, f"{gathered} syncfs calls with the gather, {one_by_one} without"
+    await asyncio.sleep(0.1)  # past the gather of the writes above
+    syncfs.calls.clear()
+
+    async def put(i: int) -> None:
+        await asyncio.sleep(0.003 * i)
+        await store.put_bytes(keys[i], keys[i].encode(), if_none_match=True)
+    await asyncio.gather(*(put(i) for i in range(12)))
+    assert [await store.get_bytes(k) for k in keys] == [k.encode() for k in keys]
+    assert len(syncfs.calls) <= 5, f"{len(syncfs.calls)} syncfs calls for 12 writes under way together"
     assert not list((tmp_path / "store").rglob("*.tmp"))
 
 
