@@ -135,7 +135,7 @@ class FileStorage:
         its file calls on the loop."""
         self._inline += 1
         try:
-            tmp, made_now, covered = self._stage(dst, data, None, timestamp, group)
+            tmp, made, covered = self._stage(dst, data, None, timestamp, group, made)
             try:
                 if covered is not None:
                     await self._sync()  # the data, before any name points at it
@@ -146,7 +146,7 @@ class FileStorage:
             if covered is not None:
                 await self._sync()  # the name, and any directory made for it
             else:  # its directory was replaced by a mount since it was checked: fsynced as before
-                await asyncio.to_thread(_fsync_dirs, [dst.parent, *made, *made_now])
+                await asyncio.to_thread(_fsync_dirs, [dst.parent, *made])
             return etag_of(dst.stat())
         except OSError as err:
             raise _write_failed(key, err) from err
@@ -217,11 +217,13 @@ class FileStorage:
             raise _write_failed(key, err) from err
 
     @staticmethod
-    def _stage(dst: Path, data: bytes | None, src: Path | None, timestamp: int | None, group: GroupSync | None) \
-            -> tuple[Path, builtins.list[Path], GroupSync | None]:
-        """Write the temp file for `dst`; return it, the directories made for it, and `group` if that makes it
-        durable (it is on the group's file system), else None: the file is then fsynced here."""
-        made = _makedirs(dst.parent)
+    def _stage(dst: Path, data: bytes | None, src: Path | None, timestamp: int | None, group: GroupSync | None,
+               made: builtins.list[Path] | None = None) -> tuple[Path, builtins.list[Path], GroupSync | None]:
+        """Write the temp file for `dst`; return it, the directories made for it (`made`: made by the caller
+        already), and `group` if that makes it durable (it is on the group's file system), else None: the file is
+        then fsynced here."""
+        if made is None:
+            made = _makedirs(dst.parent)
         try:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
         except FileNotFoundError:  # a delete pruned the directory just made empty: make it again
