@@ -129,11 +129,15 @@ class Intake:
             change = self._change(db, checked, what)
             if header.is_snapshot and db.pending:
                 await self.flush(db)
-            logged = asyncio.ensure_future(self._log(db, checked, change, data))
+            # Once logged, the upload is accepted even if its request is gone: the bookkeeping is the commit's
+            # callback (run before this task resumes, and with the lock still held if it was cancelled meanwhile).
+            logged = self.log.enqueue(db.cluster, db.name, data)
+            logged.add_done_callback(lambda fut: self._logged(db, checked, change, data, fut))
             try:
-                await asyncio.shield(logged)  # once logged, the upload is accepted even if its request is gone
+                await asyncio.shield(logged)
             except asyncio.CancelledError:
-                await asyncio.wait([logged])
+                if not logged.done():
+                    await asyncio.wait([logged])
                 if not logged.cancelled():
                     logged.exception()
                 raise
@@ -150,8 +154,12 @@ class Intake:
             db.sums = PageSums.empty(checked.header.page_size)
         return db.sums.change(checked.header, checked.crcs, checked.post, what)
 
-    async def _log(self, db: Database, checked: Checked, change: Change | None, data: bytes) -> None:
-        segment = await self.log.append(db.cluster, db.name, data)
+    def _logged(self, db: Database, checked: Checked, change: Change | None, data: bytes,
+                logged: asyncio.Future[int]) -> None:
+        """The upload is in the upload log: it is pending now, and the database's position moves."""
+        if logged.cancelled() or logged.exception() is not None:
+            return
+        segment = logged.result()
         now = self.clock()
         header = checked.header
         db.pending.append(Pending(header, checked.post, now, segment, data))

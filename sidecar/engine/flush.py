@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import logging
 import math
 import time
 import zlib
@@ -37,6 +38,7 @@ from sidecar.ltx import HEADER_SIZE, Header, LTXError, Version
 from sidecar.storage.layout import set_aside_key
 
 log = structlog.get_logger("sidecar.engine")
+_stdlog = logging.getLogger("sidecar.engine")  # the level log.setup() set
 
 MAX_BATCH = 64 << 20  # bytes of pending uploads in one L0 file
 
@@ -165,9 +167,13 @@ class Flusher:
                 self.log.release(p.segment)
         if self.flushed:
             self.flushed(db, sum(len(p.data) for p in taken), time.perf_counter() - t0)
-        log.info("flushed", cluster=db.cluster, db=db.name, level=0, min_txid=f"{entry.min_txid:016x}",
-                 max_txid=f"{entry.max_txid:016x}", uploads=len(taken), bytes=entry.size,
-                 **({"already_stored": True} if stored else {}))
+        # A routine flush is logged at debug level, as per-second uploads are: one line per database per interval is
+        # noise on a server of thousands (and cost a sixtieth of its CPU per upload). Below debug, none is built.
+        if stored or _stdlog.isEnabledFor(logging.DEBUG):
+            (log.info if stored else log.debug)(
+                "flushed", cluster=db.cluster, db=db.name, level=0, min_txid=f"{entry.min_txid:016x}",
+                max_txid=f"{entry.max_txid:016x}", uploads=len(taken), bytes=entry.size,
+                **({"already_stored": True} if stored else {}))
 
     async def _already_stored(self, db: Database, taken: list[Pending]) -> FileEntry | None:
         """The stored L0 file holding exactly the transactions of `taken`: the same TXIDs and the same database

@@ -254,13 +254,18 @@ class UploadLog:
 
     async def append(self, cluster: str, name: str, data: bytes) -> int:
         """Append one record and return its segment once it is durable (held: `release` it later)."""
+        return await self.enqueue(cluster, name, data)
+
+    def enqueue(self, cluster: str, name: str, data: bytes) -> asyncio.Future[int]:
+        """Append one record: a future of its segment, set once the record is durable (held even if nobody awaits
+        it: `release` it later). A future, not a task: the caller's work after the commit can be its callback."""
         if self._fd < 0:
             raise StorageError("upload log", "closed", retryable=False)
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((encode_record(cluster, name, data), fut))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_loop())
-        return await fut
+        return fut
 
     async def _commit_loop(self) -> None:
         while self._queue:

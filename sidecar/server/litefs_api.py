@@ -83,8 +83,7 @@ class LiteFSAPI:
                 hwm = await self.engine.write_tx(cluster, name, data)
         finally:
             self.inflight -= 1
-        self.metrics.uploads.labels(cluster).inc()
-        self.metrics.upload_bytes.labels(cluster).inc(len(data))
+        self.metrics.accepted(cluster, len(data))
         return web.Response(status=200, headers={HWM_HEADER: txid_hex(hwm)})
 
     async def get_snapshot(self, request: web.Request) -> web.StreamResponse:

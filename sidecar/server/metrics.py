@@ -32,6 +32,23 @@ class Metrics:
         self.build_seconds = Histogram("lfsc_build_seconds", "Engine flushes (level 0) and compactions, by level",
                                        ["level"], registry=r, buckets=(.005, .01, .05, .1, .5, 1, 5, 10, 60, 300))
         self._engine: EngineCollector | None = None
+        # Each request's children, looked up once per label value: `labels()` takes a lock and builds a tuple.
+        self._accepted: dict[str, tuple[Counter, Counter]] = {}
+        self._routes: dict[str, Histogram] = {}
+
+    def accepted(self, cluster: str, nbytes: int) -> None:
+        """One upload of `nbytes` accepted for `cluster`."""
+        children = self._accepted.get(cluster)
+        if children is None:
+            children = self._accepted[cluster] = (self.uploads.labels(cluster), self.upload_bytes.labels(cluster))
+        children[0].inc()
+        children[1].inc(nbytes)
+
+    def observe_request(self, route: str, seconds: float) -> None:
+        child = self._routes.get(route)
+        if child is None:
+            child = self._routes[route] = self.request_seconds.labels(route)
+        child.observe(seconds)
 
     def observe_build(self, level: int, seconds: float) -> None:
         self.build_seconds.labels(str(level)).observe(seconds)
