@@ -66,7 +66,7 @@ TARGETS: tuple[Target, ...] = (
     Target("ltx-compaction", "sidecar/ltx/compactor.py", ("*",),
            ("tests/ltx/test_compactor.py", "tests/ltx/test_properties.py", "tests/ltx/test_golden.py")),
     Target("upload-validation", "sidecar/engine/accept.py",
-           ("check_upload", "check_header", "check_continues", "Intake.accept", "Intake._change", "Intake._log"),
+           ("check_upload", "check_header", "check_continues", "Intake.accept", "Intake._change", "Intake._logged"),
            ("tests/engine/test_write_tx.py", "tests/invariants/test_contiguity.py", "tests/server/test_ingest.py")),
     Target("page-checksums", "sidecar/engine/pagesums.py", ("PageSums.change", "PageSums.apply", "PageSums.from_pages"),
            ("tests/server/test_ingest.py", "tests/invariants/test_contiguity.py", "tests/engine/test_write_tx.py")),
