@@ -132,7 +132,14 @@ class Intake:
             # Once logged, the upload is accepted even if its request is gone: the bookkeeping is the commit's
             # callback (run before this task resumes, and with the lock still held if it was cancelled meanwhile).
             logged = self.log.enqueue(db.cluster, db.name, data)
-            logged.add_done_callback(lambda fut: self._logged(db, checked, change, data, fut))
+            failed: list[Exception] = []
+
+            def done(fut: asyncio.Future[int]) -> None:
+                try:
+                    self._logged(db, checked, change, data, fut)
+                except Exception as err:  # the request fails with it, as it would had this run in the request
+                    failed.append(err)
+            logged.add_done_callback(done)
             try:
                 await asyncio.shield(logged)
             except asyncio.CancelledError:
@@ -141,6 +148,8 @@ class Intake:
                 if not logged.cancelled():
                     logged.exception()
                 raise
+            if failed:
+                raise failed[0]
         return header
 
     def _change(self, db: Database, checked: Checked, what: str) -> Change | None:

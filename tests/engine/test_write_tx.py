@@ -13,6 +13,7 @@ import pytest
 from sidecar.engine import Engine, Levels
 from sidecar.engine.accept import WHOLE_LIMIT, check_upload
 from sidecar.engine.engine import Backpressure
+from sidecar.engine.pagesums import PageSums
 from sidecar.errors import PosMismatch
 from sidecar.ltx import InvalidHeader, LTXError, Pos, Version
 from sidecar.ltx.decoder import decode, decode_v2
@@ -239,6 +240,22 @@ class TestAcceptance:
             await task
         assert engine.pos("c", DB) == history.pos
         assert engine.status("c", DB).pending_files == 2
+
+    async def test_a_failure_after_the_log_commit_fails_the_request(self, history: History,
+                                                                   open_engine: OpenEngine,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        """The bookkeeping after the upload log's commit runs as the commit's callback; an error there reaches the
+        caller of write_tx, not only the event loop's log: the client is not told its upload was accepted."""
+        engine = await open_engine()
+        await ship(engine, history, 1)
+        history.write()
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("page checksums could not be updated")
+        monkeypatch.setattr(PageSums, "apply", broken)
+        with pytest.raises(RuntimeError, match="could not be updated"):
+            await engine.write_tx("c", DB, history.commit(1000))
+        assert engine.status("c", DB).uploading == 0
 
 
     async def test_an_upload_waiting_on_a_deletion_is_refused(self, tmp_path: Path, history: History) -> None:
