@@ -10,7 +10,8 @@ flushes go on meanwhile; restores and retention wait (the database's `maint` loc
 from __future__ import annotations
 
 import asyncio
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 
 import structlog
@@ -106,9 +107,11 @@ class Compactor:
             return None
         storage = self.builder.storage
         keys = [e.key(storage.layout, db.prefix) for e in inputs]
-        self.tmpdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="inputs-", dir=self.tmpdir) as tmp:
-            paths = await storage.local_files(keys, Path(tmp))
+        # Made only by a store that downloads its inputs (a local directory's are read where they are): on a busy
+        # server the compactions of thousands of databases made and removed one each.
+        tmp = self.tmpdir / f"inputs-{secrets.token_hex(8)}"
+        try:
+            paths = await storage.local_files(keys, tmp)
             try:
                 entry = await self.builder.build(db, level, paths, Version.V3)
             except LTXError as err:  # a damaged input: name the object to look at (the merge knows no keys)
@@ -116,6 +119,9 @@ class Compactor:
                 if bad is None:
                     raise
                 raise type(err)(f"{bad}: {err}", field=err.field) from err
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
         db.index.add(entry)
         await self.catalog.stored(db)
         log.info("compacted", cluster=db.cluster, db=db.name, level=level, min_txid=f"{entry.min_txid:016x}",

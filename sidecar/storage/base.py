@@ -110,7 +110,8 @@ class Storage(Protocol):
 
     async def local_files(self, keys: Sequence[str], tmpdir: Path) -> list[Path]:
         """Local files holding the objects' bytes, to map and read (never to change): the stored files
-        themselves where the store is a local directory, otherwise downloads into `tmpdir`. Raises NotFound."""
+        themselves where the store is a local directory, otherwise downloads into `tmpdir`, made (with its parents)
+        if missing: the caller removes it if it exists afterwards. Raises NotFound."""
         ...
 
     async def head(self, key: str) -> ObjectInfo:

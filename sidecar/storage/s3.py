@@ -349,6 +349,7 @@ class S3Storage:
         return n
 
     async def local_files(self, keys: Sequence[str], tmpdir: Path) -> builtins.list[Path]:
+        tmpdir.mkdir(parents=True, exist_ok=True)
         paths = [tmpdir / f"{i:05d}.ltx" for i in range(len(keys))]
         sem = asyncio.Semaphore(self.download_concurrency)
 

@@ -89,6 +89,7 @@ class CountingStorage:
         return await self.inner.head(key)
 
     async def local_files(self, keys: Sequence[str], tmpdir: Path) -> builtins.list[Path]:
+        tmpdir.mkdir(parents=True, exist_ok=True)
         paths = [tmpdir / f"{i:05d}.ltx" for i in range(len(keys))]
         for key, path in zip(keys, paths, strict=True):
             await self.download(key, path)
