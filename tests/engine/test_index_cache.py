@@ -213,3 +213,32 @@ async def test_a_save_under_way_is_not_waited_for_and_its_database_is_saved_the_
     finally:
         history.close()
         await engine.close()
+
+
+def test_page_checksums_are_written_over_themselves_and_a_torn_write_is_not_trusted(tmp_path: Path) -> None:
+    """`pages.bin` is rewritten in place (the same file, no new one per save), longer or shorter; a write torn by a
+    crash (the new table's first bytes over the old one's rest) loads as a table that does not match the position
+    it claims, so the engine rebuilds it from the store instead of trusting it."""
+    import array
+
+    from sidecar.engine.pagesums import FILE, PageSums
+    from sidecar.ltx import Pos
+
+    old = PageSums(4096, array.array("Q", [0x1111 * (i + 1) for i in range(64)]), txid=5)
+    new = PageSums(4096, array.array("Q", [0x2222 * (i + 1) for i in range(64)]), txid=6)
+    PageSums.save(tmp_path, old.dump())
+    inode = (tmp_path / FILE).stat().st_ino
+    PageSums.save(tmp_path, new.dump())
+    assert (tmp_path / FILE).stat().st_ino == inode
+    loaded = PageSums.load(tmp_path)
+    assert loaded is not None and loaded.matches(Pos(6, new.checksum)) and loaded.dump() == new.dump()
+    shorter = PageSums(4096, array.array("Q", [7, 8, 9]), txid=7)
+    PageSums.save(tmp_path, shorter.dump())
+    again = PageSums.load(tmp_path)
+    assert again is not None and again.dump() == shorter.dump()
+
+    PageSums.save(tmp_path, old.dump())
+    cut = len(new.dump()) // 2
+    (tmp_path / FILE).write_bytes(new.dump()[:cut] + old.dump()[cut:])  # as a crash midway would leave it
+    torn = PageSums.load(tmp_path)
+    assert torn is None or not torn.matches(Pos(6, new.checksum))
