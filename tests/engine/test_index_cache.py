@@ -3,6 +3,7 @@ exactly what the full computation gives; the index cache is a journal that reads
 
 from __future__ import annotations
 
+import array
 import json
 import random
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 from sidecar.engine import DbIndex, FileEntry
 from sidecar.engine import head as heads
 from sidecar.engine.index import JOURNAL_MIN, IndexCache
+from sidecar.engine.pagesums import FILE, PageSums
+from sidecar.ltx import Pos
 
 
 def entry(level: int, lo: int, hi: int, t: int = 0, size: int = 100) -> FileEntry:
@@ -219,11 +222,6 @@ def test_page_checksums_are_written_over_themselves_and_a_torn_write_is_not_trus
     """`pages.bin` is rewritten in place (the same file, no new one per save), longer or shorter; a write torn by a
     crash (the new table's first bytes over the old one's rest) loads as a table that does not match the position
     it claims, so the engine rebuilds it from the store instead of trusting it."""
-    import array
-
-    from sidecar.engine.pagesums import FILE, PageSums
-    from sidecar.ltx import Pos
-
     old = PageSums(4096, array.array("Q", [0x1111 * (i + 1) for i in range(64)]), txid=5)
     new = PageSums(4096, array.array("Q", [0x2222 * (i + 1) for i in range(64)]), txid=6)
     PageSums.save(tmp_path, old.dump())
