@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import logging
 import math
 import time
 import zlib
@@ -34,11 +33,11 @@ from sidecar.engine.database import Database, Pending
 from sidecar.engine.index import FileEntry
 from sidecar.engine.uploadlog import UploadLog
 from sidecar.errors import NotFound, PreconditionFailed
+from sidecar.log import debugging
 from sidecar.ltx import HEADER_SIZE, Header, LTXError, Version
 from sidecar.storage.layout import set_aside_key
 
 log = structlog.get_logger("sidecar.engine")
-_stdlog = logging.getLogger("sidecar.engine")  # the level log.setup() set
 
 MAX_BATCH = 64 << 20  # bytes of pending uploads in one L0 file
 
@@ -169,7 +168,7 @@ class Flusher:
             self.flushed(db, sum(len(p.data) for p in taken), time.perf_counter() - t0)
         # A routine flush is logged at debug level, as per-second uploads are: one line per database per interval is
         # noise on a server of thousands (and cost a sixtieth of its CPU per upload). Below debug, none is built.
-        if stored or _stdlog.isEnabledFor(logging.DEBUG):
+        if stored or debugging("sidecar.engine"):
             (log.info if stored else log.debug)(
                 "flushed", cluster=db.cluster, db=db.name, level=0, min_txid=f"{entry.min_txid:016x}",
                 max_txid=f"{entry.max_txid:016x}", uploads=len(taken), bytes=entry.size,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import re
 import socket
 import time
@@ -35,6 +34,7 @@ from yarl import URL
 
 from sidecar.engine import Engine
 from sidecar.errors import PosMismatch, SidecarError, StorageError, validate_cluster_name
+from sidecar.log import debugging
 from sidecar.ltx import LTXError
 from sidecar.ltx.errors import ChecksumMismatch, InvalidHeader
 from sidecar.protocol import INSTANCE_HEADER, REQUEST_ID_HEADER
@@ -50,7 +50,6 @@ from sidecar.server.router import NotHere, Router
 from sidecar.server.ui import Dashboard, SessionError, SignedSessions
 
 log = structlog.get_logger("sidecar.server")
-_stdlog = logging.getLogger("sidecar.server")  # the level log.setup() set, asked without binding a structlog logger
 _EVERY_SECOND = frozenset({("POST", "/db/tx"), ("GET", "/pos")})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -151,7 +150,7 @@ class Server:
             # Below debug level its line is not even built (a tenth of the Python time of an upload's request).
             if status >= 400 or (request.method, route) not in _EVERY_SECOND:
                 _access_line(log.info, request, rid, status, seconds)
-            elif _stdlog.isEnabledFor(logging.DEBUG):
+            elif debugging("sidecar.server"):
                 _access_line(log.debug, request, rid, status, seconds)
 
     @web.middleware
