@@ -239,7 +239,7 @@ class SidecarConfig:
                             check=_cluster_name, example="prod")
     token: str = _secret("auth token for an `http(s)://` upstream", "$(cat /run/secrets/backup-token)")
     batch_interval: float = _duration("1s", "how long to gather LTX files into one upload (sub-second allowed)")
-    max_files_per_upload: int = _setting("int", 256, "most LTX files in one upload", check=_at_least(1, "1"))
+    max_files_per_upload: int = _setting("int", 4096, "most LTX files in one upload", check=_at_least(1, "1"))
     retention: float = _duration("10m", "keep local LTX files at least this long", check=None)
     rescan_interval: float = _duration("5m", "how often `data_dir` is rescanned for files the watcher missed")
     position_interval: float = _duration("10s", "how often upstream's position is re-read (notices operator restores "
@@ -528,9 +528,10 @@ def _contextual_defaults(sections: Sequence[str], given: dict[str, _Given]) -> N
     """Defaults that depend on another setting, given as if from their own source so that checks see them.
 
     `run` on a `file://` upstream: one L0 file a second (`l0_interval` 1 s), so every second is a restore point, as
-    with LiteFS Cloud and Litestream. A local write costs ~0.4 ms. Not 0 (each upload its own L0 file): past 256
-    tx/s the sidecar makes several uploads a second, up to 20 at 5,000 tx/s, and the head object lists every L0
-    file since the last L1 (an L1 interval of them: 6,000, 1.3 MB rewritten after each flush, a quarter of a core).
+    with LiteFS Cloud and Litestream. A local write costs ~0.4 ms. Not 0 (each upload its own L0 file): a backlog
+    is shipped as many uploads a second (and with `max_files_per_upload` at LiteFS's 256, 20 a second at 5,000
+    tx/s), and the head object lists every L0 file since the last L1 (an L1 interval of them: 6,000, 1.3 MB
+    rewritten after each flush, a quarter of a core).
     On S3 (requests cost money) and in `serve` (many databases) uploads are gathered for 10 s.
 
     `run`'s in-process engine keeps its state in `<sidecar.state_dir>/engine` unless `engine.state_dir` is given.

@@ -1,7 +1,8 @@
 """Upload bodies: local LTX files compacted into one LTX v2 file, renumbered into upstream's TXIDs when needed.
 
 LiteFS's own backup client compacts up to 256 per-transaction files into one upload with NodeID 0, zero WAL
-fields and the last transaction's timestamp (docs/litefs.md §10.2). We do the same, and can also give the result
+fields and the last transaction's timestamp (docs/litefs.md §10.2). We do the same (up to 4,096 files by default:
+a second of a busy database in one upload, not one upload per 256 transactions), and can also give the result
 other TXIDs and another pre-apply checksum. That is only sound when the first input holds every page (a
 snapshot, or the transaction LiteFS writes for `POST /import`): such a file takes any state to its own.
 """
@@ -39,19 +40,16 @@ def compact_files(paths: Sequence[str | Path], *, min_txid: int | None = None, m
     """
     changes = {k: v for k, v in (("min_txid", min_txid), ("max_txid", max_txid), ("pre_apply_checksum", pre))
                if v is not None}
+    decoders: list[Decoder] = []
+    merged: list[tuple[int, memoryview]] | None = None
     with ExitStack() as stack:
-        inputs = [_load(stack, path) for path in paths]
-        small = [data for data in inputs if isinstance(data, bytes)]
-        decoders: list[Decoder] = []
-        merged: list[tuple[int, memoryview]] | None = None
-        if len(small) == len(inputs):  # every per-transaction file
-            try:
-                headers, trailers, merged, first_count = merge_v2(small, paths, limit=SMALL_MERGE_PAGES)
-                check_contiguous(headers, trailers)
-            except NotWhole:  # pages far larger than their files (LZ4 expands up to 255 times): streamed instead
-                merged = None
-        if merged is None:  # a big file among them (a snapshot): a streaming merge holding one page per input
-            decoders = [_decoder(path, data) for path, data in zip(paths, inputs, strict=True)]
+        try:  # every per-transaction file, read and decoded one at a time: only the newest pages are kept
+            headers, trailers, merged, first_count = merge_v2(map(_read_small, paths), paths, limit=SMALL_MERGE_PAGES)
+            check_contiguous(headers, trailers)
+        except NotWhole:  # a big file (a snapshot), or pages far larger than their files (LZ4 expands up to 255
+            merged = None  # times): a streaming merge holding one page per input
+        if merged is None:
+            decoders = [_decoder(path, _load(stack, path)) for path in paths]
             headers = [d.header for d in decoders]
             check_contiguous(headers)
         lz4 = headers[0].flags & FLAG_COMPRESS_LZ4 if compress is None else (FLAG_COMPRESS_LZ4 if compress else 0)
@@ -88,8 +86,8 @@ def _close(path: str | Path, d: Decoder) -> Trailer:
         raise type(err)(f"{path}: {err}", field=err.field) from err
 
 
-def _load(stack: ExitStack, path: str | Path) -> bytes | mmap.mmap:
-    """Small files (every per-transaction file) are read; big ones (snapshots) are mapped."""
+def _read_small(path: str | Path) -> bytes:
+    """A per-transaction file's bytes; NotWhole for a big one (a snapshot), which is mapped and streamed instead."""
     # os.open/os.read rather than open().read(), and no fstat for a file that fits the first read: three
     # system calls per file, and the sidecar reads every file. (A regular file's read is short only at its
     # end; were it not, the file checksum would fail and the file be checked again by LocalDB.check.)
@@ -98,13 +96,21 @@ def _load(stack: ExitStack, path: str | Path) -> bytes | mmap.mmap:
         data = os.read(fd, _FIRST_READ)
         if len(data) < _FIRST_READ:
             return data
-        if os.fstat(fd).st_size < _MAP_AT:
-            while more := os.read(fd, 1 << 20):  # to the end, as f.read() does, should the file be longer
-                data += more
-            return data
+        if os.fstat(fd).st_size >= _MAP_AT:
+            raise NotWhole(f"{path} is {_MAP_AT} bytes or more")
+        while more := os.read(fd, 1 << 20):  # to the end, as f.read() does, should the file be longer
+            data += more
+        return data
     finally:
         os.close(fd)
-    return map_files(stack, [Path(path)])[0]
+
+
+def _load(stack: ExitStack, path: str | Path) -> bytes | mmap.mmap:
+    """Small files are read; big ones (snapshots) are mapped."""
+    try:
+        return _read_small(path)
+    except NotWhole:
+        return map_files(stack, [Path(path)])[0]
 
 
 def is_full(header: Header, page_count: int) -> bool:

@@ -366,13 +366,23 @@ class LocalDB:
         """Verify every file past `txid`; returns the bad ones with why (each is then skipped)."""
         return [(f, why) for f in self.above(txid) if self.good(f) and (why := self.check(f)) is not None]
 
-    def chain_from(self, txid: int, limit: int) -> list[LocalFile]:
-        """Up to `limit` files forming an unbroken chain that starts at TXID `txid`; [] if none starts there."""
+    def chain_from(self, txid: int, limit: int, max_bytes: int = 0) -> list[LocalFile]:
+        """Up to `limit` files forming an unbroken chain that starts at TXID `txid`; [] if none starts there. With
+        `max_bytes`, the files after the first stop before their sizes pass it."""
         self._in_step()
         out: list[LocalFile] = []
         packed = self.packed
+        size = 0
+
+        def full(f: LocalFile) -> bool:
+            return bool(max_bytes and out and size + f.size > max_bytes)
+
         while len(out) < limit and txid in packed:  # upstream lost what it had been sent: rare
-            out.append(packed.file(self._dir, txid))
+            old = packed.file(self._dir, txid)
+            if full(old):
+                return out
+            out.append(old)
+            size += old.size
             txid += 1
         while len(out) < limit:
             if txid in self._spans:
@@ -382,9 +392,10 @@ class LocalDB:
                 f = self.files.get(txid)
                 if f is not None and (f.min_txid != txid or not self.good(f)):
                     f = None
-            if f is None:
+            if f is None or full(f):
                 break
             out.append(f)
+            size += f.size
             txid = f.max_txid + 1
         return out
 

@@ -6,7 +6,7 @@ node imports upstream's state as its own next transaction, and from then on upst
 restart continues the same history.
 
     upstream empty                          ship files 1..k if the node still has them, else an export snapshot
-    upstream = a local position             ship the next ≤256 local files, compacted
+    upstream = a local position             ship the next local files (≤ 4,096, ≤ 32 MiB), compacted
     upstream behind, next file gone         ship the node's current state (export) as one transaction
     upstream ahead, or other checksum       never overwrite it: import upstream's state on the primary, ship on
                                             from upstream's head
@@ -30,6 +30,11 @@ from sidecar.errors import PosMismatch, SidecarError
 from sidecar.ltx import LTXError, Pos
 from sidecar.ltx.sqlite import database_checksum_of
 from sidecar.ltx.types import format_txid
+
+# An upload's input bytes, at most (a first file larger than this goes alone). A second of a busy database is far
+# less (5,000 tx/s of small transactions: 17 MB); a backlog after an outage is cut into uploads this size, so that
+# building one never holds more than this of local files (a big file is mapped, not read).
+MAX_UPLOAD_INPUT = 32 << 20
 
 
 class Diverged(SidecarError):
@@ -98,7 +103,8 @@ class DbShipper:
     upstream: Upstream
     node: LiteFSNode | None
     state_path: Path
-    max_files: int = 256
+    max_files: int = 4096
+    max_bytes: int = MAX_UPLOAD_INPUT
     remote: Pos | None = None  # upstream's position, None when it must be re-read
     hwm: int | None = None  # upstream's HWM in upstream TXIDs; None until upstream reports one
     link: Link = field(default_factory=Link)
@@ -145,7 +151,7 @@ class DbShipper:
             return None
         remote, link = self.remote, self.link
         if link.rebase and link.onto == (remote.txid, remote.post_apply_checksum):
-            chain = self.local.chain_from(link.rebase, self.max_files)
+            chain = self.local.chain_from(link.rebase, self.max_files, self.max_bytes)
             if chain:
                 return await self._ship(chain, "import", renumber=True)
             raise Diverged(f"{self.name}: the imported transaction {format_txid(link.rebase)} is gone from "
@@ -155,7 +161,7 @@ class DbShipper:
         if remote.is_zero:
             if link.offset:
                 self._save(Link())
-            chain = self.local.chain_from(1, self.max_files)
+            chain = self.local.chain_from(1, self.max_files, self.max_bytes)
             if chain:
                 try:
                     return await self._ship(chain, "snapshot")
@@ -174,7 +180,7 @@ class DbShipper:
                                        f"{format_txid(remote.txid)}, the node has {at.post:016x}")
         if r_local == head.max_txid:
             return None
-        chain = self.local.chain_from(r_local + 1, self.max_files)
+        chain = self.local.chain_from(r_local + 1, self.max_files, self.max_bytes)
         if chain:
             if self.local.read_header(chain[0])[0].pre_apply_checksum != remote.post_apply_checksum:
                 return await self._recover(fresh, f"the next local transaction {format_txid(chain[0].min_txid)} "
@@ -184,7 +190,7 @@ class DbShipper:
         # (packed files are not looked at: they are below the HWM, so never above upstream's position)
         snap = [f for f in self.local.files.values() if f.min_txid == 1 and f.max_txid > r_local and self.local.good(f)]
         if snap:  # LiteFS replaced ltx/ with a snapshot (a restore, or a replica promoted)
-            chain = self.local.chain_from(1, self.max_files)
+            chain = self.local.chain_from(1, self.max_files, self.max_bytes)
             if chain:
                 return await self._ship(chain, "snapshot", renumber=True)
         bad = self.local.verify_above(r_local)

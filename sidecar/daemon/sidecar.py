@@ -5,8 +5,8 @@
 
 One task watches the directory (watchfiles), one ticks every `batch_interval`. A tick, per database (each its own
 task, so a slow upload holds back no other database): learn upstream's position when it is unknown or stale, ship
-until upstream holds the node's head (≤ 256 files per upload), then delete local files that are older than
-`retention` and at or below the HWM, never the newest.
+until upstream holds the node's head (≤ 4,096 files and 32 MiB of them per upload), then delete local files that
+are older than `retention` and at or below the HWM, never the newest.
 On a replica (`.primary` exists) nothing is shipped; each database's HWM is polled (many at once) and the same
 pruning rule applies.
 Reading upstream's positions (or HWMs) and letting go of it after a demotion are one more task, waited for as the

@@ -12,7 +12,7 @@ Small v2 inputs held in memory (a flush's uploads: `SMALL_MERGE` bytes in all) a
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 from sidecar.ltx.decoder import Decoder, decode_v2
@@ -164,17 +164,22 @@ def compact(inputs: Sequence[BinaryIO | BytesLike], out: BinaryIO, *, version: V
     return out_header, enc.close(last[1])
 
 
-def merge_v2(inputs: Sequence[BytesLike], names: Sequence[object], *, allow_overlap: bool = False, limit: int = 0) \
+def merge_v2(inputs: Iterable[BytesLike], names: Sequence[object], *, allow_overlap: bool = False, limit: int = 0) \
         -> tuple[list[Header], list[Trailer], list[tuple[int, memoryview]], int]:
     """v2 files in memory, each decoded and verified whole (`decode_v2`), their pages merged in a dict (a later
-    file's page replaces an earlier's): ~3x cheaper than the streaming merge. Errors are prefixed with the file's
-    entry in `names`. Returns headers, trailers, the merged pages in order (commit not applied), and how many
-    pages the first file holds. With a `limit`, NotWhole once the pages pass that many bytes (or a file needs the
-    general LZ4 path): nothing is merged, the caller merges streaming."""
+    file's page replaces an earlier's): ~3x cheaper than the streaming merge. `inputs` may be an iterator: each
+    file is then let go once decoded. Errors are prefixed with the file's entry in `names`. Returns headers,
+    trailers, the merged pages in order (commit not applied), and how many pages the first file holds. With a
+    `limit`, NotWhole once the pages held pass that many bytes (or a file needs the general LZ4 path): nothing is
+    merged, the caller merges streaming.
+
+    The pages held: a file's decompressed pages live as long as one of them is the newest of its page number, so
+    they are at most the smaller of every file's pages and (pages merged) x (the largest file's pages). Many
+    small transactions rewriting the same pages, a second of a busy database, hold a few of them."""
     headers: list[Header] = []
     trailers: list[Trailer] = []
     merged: dict[int, memoryview] = {}
-    first_count = held = 0
+    first_count = held = total = biggest = 0
     for name, data in zip(names, inputs, strict=True):
         try:
             header, trailer, pages = decode_v2(data, max(1, limit - held) if limit else 0)
@@ -188,7 +193,10 @@ def merge_v2(inputs: Sequence[BytesLike], names: Sequence[object], *, allow_over
         headers.append(header)
         trailers.append(trailer)
         merged.update(pages)
-        held += len(pages) * header.page_size
+        size = len(pages) * header.page_size
+        total += size
+        biggest = max(biggest, size)
+        held = min(total, len(merged) * biggest)
     return headers, trailers, sorted(merged.items()), first_count
 
 

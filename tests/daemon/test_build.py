@@ -88,3 +88,20 @@ def test_transactions_whose_pages_far_outgrow_their_files_are_merged_streaming(t
     got = decode(body, Version.V2)
     assert len(got[1]) == 12_000 and got[2].post_apply_checksum == F | 9
     assert peak < 48 << 20, f"{peak >> 20} MiB held for 98 MB of pages"  # whole: the 98 MB and more
+
+
+def test_files_are_read_one_at_a_time_and_let_go_once_merged(tmp_path: Path) -> None:
+    """A second of a busy database: 400 files of 8 KiB rewriting the same two pages are never all in memory."""
+    txs = [(4, {p: 1 for p in range(1, 5)})] + [(4, {2: k, 3: k}) for k in range(2, 402)]
+    files, db = build_chain(txs, lz4=False, size=PAGE)
+    paths = write(tmp_path, files)
+    on_disk = sum(len(f) for f in files)
+    tracemalloc.start()
+    try:
+        body, header, post = compact_files(paths, compress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _, pages, trailer = decode(body, Version.V2)
+    assert dict(pages) == db and trailer.post_apply_checksum == post and header.max_txid == 401
+    assert peak < on_disk // 8, f"{peak >> 10} KiB held to compact {on_disk >> 10} KiB of files"

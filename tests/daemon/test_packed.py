@@ -40,6 +40,7 @@ def _same(packed: LocalDB, plain: LocalDB, probes: list[int]) -> None:
         assert packed.has(t) == plain.has(t)
         assert _view(packed.get(t)) == _view(plain.get(t))
         assert [_view(f) for f in packed.chain_from(t, 5)] == [_view(f) for f in plain.chain_from(t, 5)]
+        assert [_view(f) for f in packed.chain_from(t, 9, 12)] == [_view(f) for f in plain.chain_from(t, 9, 12)]
         assert [_view(f) for f in packed.above(t)] == [_view(f) for f in plain.above(t)]
         above = plain.above(t)
         assert packed.backlog(t) == (len(above), sum(f.size for f in above), above[0].mtime if above else None)
@@ -117,3 +118,17 @@ def test_a_packed_file_takes_a_tenth_of_the_memory(tmp_path: Path) -> None:
     assert packed * 10 < held, (packed, held)
     assert local.chain_from(1, 3) == [made(1), made(2), made(3)]
     assert local.get(n) is local.files[n] and local.get(n - 1) == made(n - 1)
+
+
+def test_a_chain_stops_before_its_files_pass_the_byte_limit(tmp_path: Path) -> None:
+    sizes = {1: 10, 2: 10, 3: 10, 4: 50, 5: 10}
+    plain, packed = (LocalDB("db", tmp_path, {t: LocalFile(str(tmp_path), t, t, 0.0, n) for t, n in sizes.items()})
+                     for _ in range(2))
+    assert packed.pack(below=5) == 4
+    for db in (plain, packed):
+        assert [f.max_txid for f in db.chain_from(1, 100, 25)] == [1, 2]
+        assert [f.max_txid for f in db.chain_from(1, 100, 30)] == [1, 2, 3]
+        assert [f.max_txid for f in db.chain_from(4, 100, 25)] == [4]  # a first file larger than the limit goes alone
+        assert [f.max_txid for f in db.chain_from(3, 100, 65)] == [3, 4]
+        assert [f.max_txid for f in db.chain_from(1, 2, 1000)] == [1, 2]
+        assert [f.max_txid for f in db.chain_from(1, 100)] == [1, 2, 3, 4, 5]

@@ -13,10 +13,11 @@ import tracemalloc
 import pytest
 
 from sidecar.ltx import FLAG_COMPRESS_LZ4, FLAG_NO_CHECKSUM, HEADER_SIZE, Header, Trailer, Version
-from sidecar.ltx.compactor import check_contiguous, compact, compacted_header, final_checksum_hint
+from sidecar.ltx.compactor import check_contiguous, compact, compacted_header, final_checksum_hint, merge_v2
 from sidecar.ltx.decoder import decode
 from sidecar.ltx.encoder import Encoder
 from sidecar.ltx.errors import CompactionError, InvalidHeader, LTXError
+from sidecar.ltx.reader import NotWhole
 from tests.ltx.chain import PAGE, build_chain, checksum, page, to_v3_no_checksum
 
 F = 1 << 63  # the checksum flag
@@ -287,3 +288,24 @@ class TestCompact:
         out = io.BytesIO()
         header, trailer = compact(with_ext(files), out, version=Version.V3, flags=0)
         assert not header.no_checksum and trailer.post_apply_checksum == checksum(db)
+
+
+class TestMergeInMemory:
+    """`merge_v2`'s bound on the decompressed pages it holds (LZ4 inputs: uncompressed ones are their own pages):
+    a page replaced in every file counts once."""
+
+    def test_files_rewriting_the_same_pages_stay_in_memory_past_their_total(self) -> None:
+        txs = [(4, {p: 1 for p in range(1, 5)})] + [(4, {2: k, 3: k}) for k in range(2, 62)]
+        files, db = build_chain(txs, lz4=True)
+        limit = 20 * PAGE  # the pages of ten files; sixty rewrite pages 2 and 3
+        headers, trailers, merged, first = merge_v2(iter(files), range(len(files)), limit=limit)
+        assert dict(merged) == db and first == 4 and trailers[-1].post_apply_checksum == checksum(db)
+        assert len(headers) == len(files)
+
+    def test_files_writing_new_pages_pass_the_limit_and_are_not_merged(self) -> None:
+        txs = [(2, {1: 1, 2: 1})] + [(2 * k, {2 * k - 1: k, 2 * k: k}) for k in range(2, 62)]
+        files, _ = build_chain(txs, lz4=True)
+        with pytest.raises(NotWhole):
+            merge_v2(iter(files), range(len(files)), limit=20 * PAGE)
+        _, _, merged, _ = merge_v2(iter(files), range(len(files)))  # no limit
+        assert len(merged) == 122
