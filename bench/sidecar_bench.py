@@ -155,9 +155,10 @@ def _emulator_load(pipe: Connection, barrier: Any, data: str, mount: str, db: st
 def _replay_load(pipe: Connection, data: Path, db: str, rate: float, seconds: float, seed: int,
                  compress: bool) -> None:
     """`--replay`: the same transactions, made by the emulator before the window in a node of this process's own
-    (`stage-<db>/`), then renamed one by one into `data/dbs/<db>/ltx/` at the rate, each read (into the page cache) and its mtime set
-    to that moment first. LiteFS too renames each finished file into place; what the sidecar reads is the same, and
-    the load costs a read, a utime and a rename per transaction instead of a SQLite commit and an LTX encoding."""
+    (`stage-<db>/`), then renamed one by one into `data/dbs/<db>/ltx/` at the rate, each read (into the page cache)
+    and its mtime set to that moment first. LiteFS too renames each finished file into place; what the sidecar
+    reads is the same, and the load costs a read, a utime and a rename per transaction instead of a SQLite commit
+    and an LTX encoding."""
     from sidecar.emulator import EmulatedNode
 
     stage = data.parent / f"stage-{db}"
