@@ -714,7 +714,9 @@ def main() -> None:
     ap.add_argument("--no-litestream", action="store_true", help="skip the Litestream comparison")
     ap.add_argument("--profile", metavar="DIR", help="record the sidecar with py-spy (pip install py-spy) into "
                     "DIR, one file of raw stacks per rate (its CPU figures then include py-spy's pauses)")
-    ap.add_argument("--sidecar-cmd", metavar="CMD", help="run this instead of `python -m sidecar` (A/B of a patch)")
+    ap.add_argument("--sidecar-cmd", metavar="CMD", help="run this instead of `python -m sidecar` (A/B of a patch): "
+                    "a script that cds into the other checkout and runs `exec python -m sidecar \"$@\"` (with -m the "
+                    "current directory comes first on sys.path, so PYTHONPATH alone would run this checkout's code)")
     ap.add_argument("--no-steady", action="store_true", help="skip the steady-state bookkeeping figures")
     ap.add_argument("--retention", type=float, default=600.0, help="steady state: files held = rate × this (s)")
     ap.add_argument("--rescan-interval", type=float, default=SidecarConfig().rescan_interval,
