@@ -120,8 +120,7 @@ class Compactor:
                     raise
                 raise type(err)(f"{bad}: {err}", field=err.field) from err
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # absent unless the store downloaded into it
         db.index.add(entry)
         await self.catalog.stored(db)
         log.info("compacted", cluster=db.cluster, db=db.name, level=level, min_txid=f"{entry.min_txid:016x}",
