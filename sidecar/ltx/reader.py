@@ -25,6 +25,7 @@ _LZ4_WHOLE_OUT = 1 << 20  # into at most this much (python-lz4 is 3× slower wit
 
 
 _FRAME_MAGIC = b"\x04\x22\x4d\x18"
+_END_MARK = bytes(4)  # a block size of 0
 _BLOCK_MAX = {4: 1 << 16, 5: 1 << 18, 6: 1 << 20, 7: 1 << 22}  # BD bits 6–4 → block maximum size
 
 
@@ -53,7 +54,22 @@ def decompress_frame(data: BytesLike, limit: int = 0, *, strict: bool = False) -
         return None
     if strict and (xxh32_intdigest(view[4:6]) >> 8) & 0xFF != view[6]:
         raise CorruptCompression("LZ4 frame descriptor checksum mismatch", offset=6)
-    off, end, out, total = 7, len(view) - 4, [], 0  # the last 4 bytes: the content checksum
+    end = len(view) - 4  # the last 4 bytes: the content checksum
+    first = int.from_bytes(view[7:11], "little")
+    if 0 < first <= block_max and first + 15 == end and view[first + 11:end] == _END_MARK:
+        whole = _block(view[11:first + 11], block_max, 11)  # one block, then the end mark: a transaction's file
+        if limit and len(whole) > limit:
+            raise NotWhole(f"the LZ4 frame decompresses past {limit} bytes")
+    else:
+        whole = _blocks(view, block_max, end, limit)
+    if strict and xxh32_intdigest(whole) != int.from_bytes(view[end:end + 4], "little"):
+        raise CorruptCompression("LZ4 frame content checksum mismatch", offset=end)
+    return whole
+
+
+def _blocks(view: memoryview, block_max: int, end: int, limit: int) -> bytes:
+    """The frame's blocks from byte 7 (after the descriptor) to its end mark, which must be right before `end`."""
+    off, out, total = 7, [], 0
     while True:
         if limit and total > limit:
             raise NotWhole(f"the LZ4 frame decompresses past {limit} bytes")
@@ -66,21 +82,20 @@ def decompress_frame(data: BytesLike, limit: int = 0, *, strict: bool = False) -
         raw, size = size & 0x80000000, size & 0x7FFFFFFF
         if size > block_max or off + size > end:
             raise CorruptCompression(f"LZ4 block of {size} bytes does not fit the frame", offset=off)
-        if raw:
-            out.append(bytes(view[off:off + size]))
-        else:
-            try:
-                out.append(lz4.block.decompress(view[off:off + size], block_max))
-            except lz4.block.LZ4BlockError as err:
-                raise CorruptCompression(f"corrupt LZ4 block: {err}", offset=off) from err
+        out.append(bytes(view[off:off + size]) if raw else _block(view[off:off + size], block_max, off))
         total += len(out[-1])
         off += size
     if off != end:
         raise CorruptCompression("data after the LZ4 frame's end mark", offset=off)
-    whole = out[0] if len(out) == 1 else b"".join(out)
-    if strict and xxh32_intdigest(whole) != int.from_bytes(view[end:end + 4], "little"):
-        raise CorruptCompression("LZ4 frame content checksum mismatch", offset=end)
-    return whole
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _block(data: memoryview, block_max: int, off: int) -> bytes:
+    try:
+        out: bytes = lz4.block.decompress(data, block_max)
+    except lz4.block.LZ4BlockError as err:
+        raise CorruptCompression(f"corrupt LZ4 block: {err}", offset=off) from err
+    return out
 
 
 class Source(Protocol):

@@ -120,6 +120,29 @@ class TestDecompressFrame:
             with pytest.raises(CorruptCompression):
                 decompress_frame(bad)
 
+    def test_one_block_frames_take_the_short_path_with_the_same_checks(self) -> None:
+        """A transaction's frame is one block then the end mark: decoded without the block loop, and refused
+        or cut short (NotWhole) exactly as the loop would."""
+        page = self.BLOCK[:5000]
+        frame = lz4.frame.compress(page, block_size=lz4.frame.BLOCKSIZE_MAX64KB, block_linked=False,
+                                   content_checksum=True, store_size=False)
+        assert int.from_bytes(frame[7:11], "little") + 15 == len(frame) - 4  # one block, as the short path wants
+        assert decompress_frame(frame, strict=True) == page
+        with pytest.raises(NotWhole):
+            decompress_frame(frame, limit=4999)
+        assert decompress_frame(frame, limit=5000) == page
+        trailing = frame[:-4] + bytes(4) + frame[-4:]  # a second end mark: data after the first
+        with pytest.raises(CorruptCompression, match="after the LZ4 frame's end mark"):
+            decompress_frame(trailing)
+        wrong_sum = frame[:-4] + bytes(a ^ 0xFF for a in frame[-4:])
+        assert decompress_frame(wrong_sum) == page  # the LTX file checksum covers the bytes...
+        with pytest.raises(CorruptCompression, match="content checksum"):
+            decompress_frame(wrong_sum, strict=True)  # ...and strict checks the frame's own as well
+        size = int.from_bytes(frame[7:11], "little")
+        broken = frame[:11] + b"\xff" * size + frame[11 + size:]  # literal lengths running past the block's end
+        with pytest.raises(CorruptCompression, match="corrupt LZ4 block"):
+            decompress_frame(bytes(broken))
+
 
 
 def _v2_file(pgnos: list[int], commit: int) -> bytes:
