@@ -45,7 +45,6 @@ def compact_files(paths: Sequence[str | Path], *, min_txid: int | None = None, m
     with ExitStack() as stack:
         try:  # every per-transaction file, read and decoded one at a time: only the newest pages are kept
             headers, trailers, merged, first_count = merge_v2(map(_read_small, paths), paths, limit=SMALL_MERGE_PAGES)
-            check_contiguous(headers, trailers)
         except NotWhole:  # a big file (a snapshot), or pages far larger than their files (LZ4 expands up to 255
             merged = None  # times): a streaming merge holding one page per input
         if merged is None:

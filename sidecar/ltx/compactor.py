@@ -166,9 +166,10 @@ def compact(inputs: Sequence[BinaryIO | BytesLike], out: BinaryIO, *, version: V
 
 def merge_v2(inputs: Iterable[BytesLike], names: Sequence[object], *, allow_overlap: bool = False, limit: int = 0) \
         -> tuple[list[Header], list[Trailer], list[tuple[int, memoryview]], int]:
-    """v2 files in memory, each decoded and verified whole (`decode_v2`), their pages merged in a dict (a later
-    file's page replaces an earlier's): ~3x cheaper than the streaming merge. `inputs` may be an iterator: each
-    file is then let go once decoded. Errors are prefixed with the file's entry in `names`. Returns headers,
+    """v2 files in memory, each decoded and verified whole (`decode_v2`) and checked to continue the one before
+    (`check_contiguous` with trailers), their pages merged in a dict (a later file's page replaces an earlier's):
+    ~3x cheaper than the streaming merge. `inputs` may be an iterator: each file is then let go once decoded.
+    Errors are prefixed with the file's entry in `names`. Returns headers,
     trailers, the merged pages in order (commit not applied), and how many pages the first file holds. With a
     `limit`, NotWhole once the pages held pass that many bytes (or a file needs the general LZ4 path): nothing is
     merged, the caller merges streaming.
@@ -185,9 +186,12 @@ def merge_v2(inputs: Iterable[BytesLike], names: Sequence[object], *, allow_over
             header, trailer, pages = decode_v2(data, max(1, limit - held) if limit else 0)
         except LTXError as err:
             raise type(err)(f"{name}: {err}", field=err.field) from err
-        if headers:
-            # a gap is reported as such, before a later file's damage
-            check_contiguous([headers[-1], header], allow_overlap=allow_overlap)
+        if headers:  # a gap or a checksum break is reported as such, before a later file's damage
+            prev = headers[-1]
+            if header.min_txid != prev.max_txid + 1 or header.page_size != prev.page_size or \
+                    header.pre_apply_checksum != trailers[-1].post_apply_checksum or \
+                    (header.flags | prev.flags) & FLAG_NO_CHECKSUM:  # not the usual chain: judged in full
+                check_contiguous([prev, header], [trailers[-1], trailer], allow_overlap=allow_overlap)
         else:
             first_count = len(pages)
         headers.append(header)
@@ -212,7 +216,6 @@ def _compact_small(inputs: Sequence[BytesLike], out: BinaryIO, flags: int | None
     check_contiguous(headers, allow_overlap=allow_overlap)
     _, trailers, pages, _ = merge_v2(inputs, [f"input {i}" for i in range(len(inputs))], allow_overlap=allow_overlap,
                                      limit=SMALL_MERGE_PAGES)
-    check_contiguous(headers, trailers, allow_overlap=allow_overlap)
     out_header = compacted_header(headers, headers[0].flags if flags is None else flags,
                                   trailers[-1].post_apply_checksum)
     enc = Encoder(out, out_header, out_version)
