@@ -90,7 +90,7 @@ def _read_small(path: str | Path) -> bytes:
     # os.open/os.read rather than open().read(), and no fstat for a file that fits the first read: three
     # system calls per file, and the sidecar reads every file. (A regular file's read is short only at its
     # end; were it not, the file checksum would fail and the file be checked again by LocalDB.check.)
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open(path)
     try:
         data = os.read(fd, _FIRST_READ)
         if len(data) < _FIRST_READ:
@@ -102,6 +102,22 @@ def _read_small(path: str | Path) -> bytes:
         return data
     finally:
         os.close(fd)
+
+
+def _open(path: str | Path) -> int:
+    """Open for reading without updating the access time: LiteFS's files are read once, and the first read of a
+    file written since its last access would otherwise dirty its inode (1.5 µs of a 5 µs open-read-close, and a
+    journal write). O_NOATIME needs the file's owner (or CAP_FOWNER); as anyone else, the plain open."""
+    global _noatime
+    if _noatime:
+        try:
+            return os.open(path, os.O_RDONLY | _noatime)
+        except PermissionError:
+            _noatime = 0
+    return os.open(path, os.O_RDONLY)
+
+
+_noatime = getattr(os, "O_NOATIME", 0)
 
 
 def _load(stack: ExitStack, path: str | Path) -> bytes | mmap.mmap:

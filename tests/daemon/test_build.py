@@ -4,11 +4,13 @@ give the same upload; a broken file or a gap is refused naming it."""
 from __future__ import annotations
 
 import io
+import os
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
+from sidecar.daemon import build
 from sidecar.daemon.build import compact_files
 from sidecar.ltx import FLAG_COMPRESS_LZ4, CompactionError, Header, LTXError, Version
 from sidecar.ltx.decoder import decode
@@ -105,3 +107,37 @@ def test_files_are_read_one_at_a_time_and_let_go_once_merged(tmp_path: Path) -> 
     _, pages, trailer = decode(body, Version.V2)
     assert dict(pages) == db and trailer.post_apply_checksum == post and header.max_txid == 401
     assert peak < on_disk // 8, f"{peak >> 10} KiB held to compact {on_disk >> 10} KiB of files"
+
+
+def test_reading_a_file_leaves_its_access_time_alone(tmp_path: Path) -> None:
+    """LiteFS's files are read once: the sidecar's read must not dirty their inodes (relatime would update an
+    access time older than the modification time)."""
+    files, db = build_chain([(2, {1: 1, 2: 1}), (2, {2: 2})], lz4=True, size=PAGE)
+    paths = write(tmp_path, files)
+    for path in paths:
+        os.utime(path, ns=(1_000_000_000, path.stat().st_mtime_ns))  # read long ago, changed since
+    body = compact_files(paths)[0]
+    assert dict(decode(body, Version.V2)[1]) == db
+    assert [path.stat().st_atime_ns for path in paths] == [1_000_000_000] * len(paths)
+
+
+def test_a_file_it_may_not_open_without_access_time_is_opened_plainly(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """O_NOATIME needs the file's owner: as another user (the kernel's EPERM, here injected), the plain open."""
+    if not getattr(os, "O_NOATIME", 0):
+        pytest.skip("no O_NOATIME on this platform")  # the plain open is the only path there
+    files, db = build_chain([(2, {1: 1, 2: 1})], lz4=True, size=PAGE)
+    paths = write(tmp_path, files)
+    real_open, flags_seen = os.open, []
+
+    def not_the_owner(path: str, flags: int, *args: int) -> int:
+        flags_seen.append(flags)
+        if flags & os.O_NOATIME:
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(build, "_noatime", os.O_NOATIME)
+    monkeypatch.setattr(build.os, "open", not_the_owner)
+    assert dict(decode(compact_files(paths)[0], Version.V2)[1]) == db
+    assert dict(decode(compact_files(paths)[0], Version.V2)[1]) == db
+    assert [bool(f & os.O_NOATIME) for f in flags_seen] == [True, False, False]  # asked once, then not again
